@@ -1,0 +1,188 @@
+"""One pre-norm decoder that every supported family configures (see spec.py).
+
+`DecoderForCausalLM` is a `PreTrainedModel` + `GenerationMixin`, so `generate`, `save_pretrained`,
+PEFT and TRL treat it like any transformers causal LM. It talks to generation through the
+public `Cache.update` API only, and accepts the cache under both names transformers has used
+(`past_key_values` up to 5.2x, `cache` after), so it does not break when that changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .layers import Attention, GatedMLP, make_norm
+from .loss import causal_lm_loss
+from .masks import LayerMasks, mask_inputs
+from .rope import RotaryEmbedding
+from .spec import FAMILIES, FamilySpec, layer_types_of
+
+# The field transformers' output record uses for the KV cache in the installed version.
+_OUTPUT_FIELDS = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+_CACHE_FIELD = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, spec: FamilySpec, layer_idx: int, sliding: bool):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.self_attn = Attention(config, spec, layer_idx, sliding)
+        self.mlp = GatedMLP(config)
+        self.input_layernorm = make_norm(spec, config.hidden_size, eps)
+        self.post_attention_layernorm = make_norm(spec, config.hidden_size, eps)
+        self.sandwich = spec.sandwich_norm
+        if spec.sandwich_norm:
+            # Gemma 2/3: post_attention_layernorm normalises the attention output, and the MLP
+            # gets its own pre and post norms. Elsewhere post_attention_layernorm is the MLP's pre-norm.
+            self.pre_feedforward_layernorm = make_norm(spec, config.hidden_size, eps)
+            self.post_feedforward_layernorm = make_norm(spec, config.hidden_size, eps)
+
+    def forward(self, x, cos_sin, masks, cache=None):  # x (B, T, C)
+        h = self.self_attn(self.input_layernorm(x), cos_sin, masks, cache)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """embed_tokens -> layers -> norm, named as transformers' `*Model` so keys start with `model.`."""
+
+    def __init__(self, config: PretrainedConfig, spec: FamilySpec):
+        super().__init__()
+        self.config = config
+        self.spec = spec
+        self.layer_types = layer_types_of(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, getattr(config, "pad_token_id", None))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, spec, i, kind == "sliding_attention") for i, kind in enumerate(self.layer_types)
+        )
+        self.norm = make_norm(spec, config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = nn.ModuleDict({kind: RotaryEmbedding(config, kind) for kind in sorted(set(self.layer_types))})
+        self.gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)  # (B, T, C)
+        if self.spec.scale_embeddings:
+            # Gemma scales by sqrt(hidden) rounded to the weights' dtype, as its checkpoints expect.
+            h = h * torch.tensor(self.config.hidden_size ** 0.5, dtype=self.embed_tokens.weight.dtype)
+        return h
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T, _ = h.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        explicit_positions = position_ids is not None
+        if position_ids is None:
+            position_ids = self._default_positions(attention_mask, past, T, h.device)
+        masks_in = mask_inputs(attention_mask, position_ids if explicit_positions else None, past, T, h.device)
+        cos_sin = {kind: rope(h, position_ids) for kind, rope in self.rotary_emb.items()}
+        masks = {kind: LayerMasks(masks_in, self.config.sliding_window if kind == "sliding_attention" else None)
+                 for kind in cos_sin}
+        checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer, kind in zip(self.layers, self.layer_types):
+            if checkpoint:
+                h = self._gradient_checkpointing_func(layer.__call__, h, cos_sin[kind], masks[kind], None)
+            else:
+                h = layer(h, cos_sin[kind], masks[kind], cache)
+        return self.norm(h)
+
+    @staticmethod
+    def _default_positions(attention_mask, past: int, T: int, device) -> torch.Tensor:
+        """Position ids count real tokens only, so a left-padded prompt starts at 0 (as generate does)."""
+        if attention_mask is None:
+            return torch.arange(past, past + T, device=device)[None]  # (1, T)
+        positions = attention_mask.long().cumsum(-1) - 1
+        positions = positions.masked_fill(attention_mask == 0, 1)
+        return positions[:, -T:]  # (B, T)
+
+
+class DecoderForCausalLM(PreTrainedModel, GenerationMixin):
+    """Base of our per-family classes; `spec` is set by each subclass."""
+
+    spec: FamilySpec = FAMILIES["llama"]
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["DecoderLayer"]
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__(config)
+        self.model = DecoderModel(config, self.spec)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                nn.init.zeros_(module.weight[module.padding_idx])
+        elif hasattr(module, "variance_epsilon"):
+            nn.init.ones_(module.weight)
+        elif hasattr(module, "eps") and hasattr(module, "weight"):
+            nn.init.zeros_(module.weight)
+
+    def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights under transformers' own names and layout (families with fused checkpoints override)."""
+        return dict(self.state_dict())
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cache=None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        shift_labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Same contract as transformers' `*ForCausalLM.forward`; extra kwargs (cache_position,
+        return_dict, output_attentions=False, ...) are accepted and ignored."""
+        cache = cache if cache is not None else past_key_values
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if not use_cache:
+            cache = None
+        hidden = self.model(input_ids, inputs_embeds, attention_mask, position_ids, cache)  # (B, T, C)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])  # (B, T', V)
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        loss = None
+        if labels is not None or shift_labels is not None:
+            loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})

@@ -1,0 +1,128 @@
+"""One small class per supported family, and the lookup from a config to its class.
+
+The classes differ only in their `FamilySpec` and transformers config class; Phi-3 also
+splits its fused checkpoint tensors on load (so LoRA can target q/k/v and gate/up separately,
+like every other family) and fuses them back in `to_hf_state_dict` for exports.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from .decoder import DecoderForCausalLM
+from .spec import FAMILIES, head_dim_of
+
+
+class LlamaForCausalLM(DecoderForCausalLM):
+    config_class = LlamaConfig
+    spec = FAMILIES["llama"]
+
+
+class MistralForCausalLM(DecoderForCausalLM):
+    config_class = MistralConfig
+    spec = FAMILIES["mistral"]
+
+
+class Qwen2ForCausalLM(DecoderForCausalLM):
+    config_class = Qwen2Config
+    spec = FAMILIES["qwen2"]
+
+
+class Qwen3ForCausalLM(DecoderForCausalLM):
+    config_class = Qwen3Config
+    spec = FAMILIES["qwen3"]
+
+
+class GemmaForCausalLM(DecoderForCausalLM):
+    config_class = GemmaConfig
+    spec = FAMILIES["gemma"]
+
+
+class Gemma2ForCausalLM(DecoderForCausalLM):
+    config_class = Gemma2Config
+    spec = FAMILIES["gemma2"]
+
+
+class Gemma3ForCausalLM(DecoderForCausalLM):
+    config_class = Gemma3TextConfig
+    spec = FAMILIES["gemma3_text"]
+
+
+class Phi3ForCausalLM(DecoderForCausalLM):
+    """Phi-3 with q/k/v and gate/up as separate modules; the checkpoint's fused tensors are split."""
+
+    config_class = Phi3Config
+    spec = FAMILIES["phi3"]
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__(config)
+        self._register_load_state_dict_pre_hook(self._split_fused)
+
+    def _split_sizes(self) -> tuple[list[int], int]:
+        c = self.config
+        d = head_dim_of(c)
+        return [c.num_attention_heads * d, c.num_key_value_heads * d, c.num_key_value_heads * d], c.intermediate_size
+
+    def _split_fused(self, state_dict, prefix, *args, **kwargs) -> None:
+        qkv_sizes, inter = self._split_sizes()
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            if key.endswith("self_attn.qkv_proj.weight"):
+                base = key[: -len("qkv_proj.weight")]
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), state_dict.pop(key).split(qkv_sizes, dim=0)):
+                    state_dict[f"{base}{name}.weight"] = part
+            elif key.endswith("mlp.gate_up_proj.weight"):
+                base = key[: -len("gate_up_proj.weight")]
+                gate, up = state_dict.pop(key).split([inter, inter], dim=0)
+                state_dict[f"{base}gate_proj.weight"] = gate
+                state_dict[f"{base}up_proj.weight"] = up
+
+    def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().to_hf_state_dict()
+        for key in [k for k in state if k.endswith("self_attn.q_proj.weight")]:
+            base = key[: -len("q_proj.weight")]
+            parts = [state.pop(f"{base}{n}_proj.weight") for n in "qkv"]
+            state[f"{base}qkv_proj.weight"] = torch.cat(parts, dim=0)
+        for key in [k for k in state if k.endswith("mlp.gate_proj.weight")]:
+            base = key[: -len("gate_proj.weight")]
+            state[f"{base}gate_up_proj.weight"] = torch.cat([state.pop(key), state.pop(f"{base}up_proj.weight")], 0)
+        return state
+
+
+MODEL_CLASSES: dict[str, type[DecoderForCausalLM]] = {
+    cls.spec.model_type: cls
+    for cls in (
+        LlamaForCausalLM,
+        MistralForCausalLM,
+        Qwen2ForCausalLM,
+        Qwen3ForCausalLM,
+        GemmaForCausalLM,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Phi3ForCausalLM,
+    )
+}
+# Gemma 3 multimodal checkpoints name their text part "gemma3"; text-only ones "gemma3_text".
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(MODEL_CLASSES)
+
+
+def model_class_for(config: PretrainedConfig) -> type[DecoderForCausalLM]:
+    """Our class for a transformers config; ValueError naming the supported families otherwise."""
+    model_type = getattr(config, "model_type", None)
+    try:
+        return MODEL_CLASSES[model_type]
+    except KeyError:
+        raise ValueError(
+            f"velotune has no own implementation of model_type {model_type!r}; "
+            f"supported families: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        ) from None

@@ -1,0 +1,146 @@
+"""Building blocks of the decoder: norms, gated MLP, attention.
+
+Module and parameter names are transformers' (q_proj, gate_proj, input_layernorm, ...), so a
+state dict or a PEFT adapter moves between our model and theirs without renaming. The numerics
+follow theirs step for step (where the upcasts happen matters in bf16).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
+
+from .masks import LayerMasks
+from .rope import apply_rope
+from .spec import FamilySpec, activation_name, attention_scaling, head_dim_of
+
+
+class RMSNorm(nn.Module):
+    """Llama-style RMSNorm: normalise in fp32, cast back, then scale by w."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(dtype)
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: the scale is (1 + w), applied in fp32 before the cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+def make_norm(spec: FamilySpec, dim: int, eps: float) -> nn.Module:
+    return GemmaRMSNorm(dim, eps) if spec.gemma_norm else RMSNorm(dim, eps)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU for silu, GeGLU for the gelu variants."""
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act_fn = ACT2FN[activation_name(config)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scaling: float,
+    softcap: float | None,
+    dropout: float,
+) -> torch.Tensor:
+    """q (B, H, Tq, D), k/v (B, Hkv, Tk, D), mask bool (B, 1, Tq, Tk) or None -> (B, H, Tq, D).
+
+    SDPA (flash / cuDNN / memory-efficient kernels on GPU) unless the logits are soft-capped,
+    which no fused backend supports; then an explicit softmax in fp32 as Gemma 2 specifies.
+    """
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scaling, enable_gqa=True
+        )
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scaling  # (B, H, Tq, Tk)
+    scores = torch.tanh(scores / softcap) * softcap
+    if causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return torch.matmul(probs, v)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: PretrainedConfig, spec: FamilySpec, layer_idx: int, sliding: bool):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = head_dim_of(config)
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.scaling = attention_scaling(config, spec)
+        self.softcap = getattr(config, "attn_logit_softcapping", None)
+        self.sliding_window = config.sliding_window if sliding else None
+        self.attention_dropout = getattr(config, "attention_dropout", 0.0)
+        bias = getattr(config, "attention_bias", False)
+        qkv_bias = bias if spec.qkv_bias is None else spec.qkv_bias
+        hidden, q_out, kv_out = config.hidden_size, self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, q_out, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, kv_out, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, kv_out, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_out, hidden, bias=bias)
+        if spec.qk_norm:
+            self.q_norm = make_norm(spec, self.head_dim, config.rms_norm_eps)
+            self.k_norm = make_norm(spec, self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        masks: LayerMasks,
+        cache=None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), *cos_sin)  # (B, H, T, D)
+        k = apply_rope(k.transpose(1, 2), *cos_sin)  # (B, Hkv, T, D)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, Tk, D)
+        mask, causal = masks.for_keys(k.shape[2])
+        dropout = self.attention_dropout if self.training else 0.0
+        out = _attend(q, k, v, mask, causal, self.scaling, self.softcap, dropout)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

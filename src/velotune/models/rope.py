@@ -1,0 +1,90 @@
+"""Rotary position embeddings for every rope variant a Hugging Face config can name.
+
+The inverse frequencies of the scaled variants (linear, dynamic NTK, YaRN, LongRoPE, Llama 3)
+are computed by transformers' published `ROPE_INIT_FUNCTIONS` (pure functions of the config),
+so our positions are exactly the ones the checkpoint was trained with. The rotation itself is
+ours. Dynamic and LongRoPE pick their frequencies from the longest position in the batch, as
+transformers does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from .spec import head_dim_of
+
+
+def rope_parameters_for(config: PretrainedConfig, layer_type: str) -> tuple[dict, str | None]:
+    """The rope dict for one layer type, and the layer_type key transformers wants (or None)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if layer_type in params and isinstance(params[layer_type], dict):
+        return params[layer_type], layer_type
+    return params, None
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions; no parameters, so state dicts are unaffected."""
+
+    def __init__(self, config: PretrainedConfig, layer_type: str = "full_attention"):
+        super().__init__()
+        self.config = config
+        self.params, self.layer_type_key = rope_parameters_for(config, layer_type)
+        self.rope_type = self.params.get("rope_type", "default")
+        inv_freq, self.attention_scaling = self._frequencies(seq_len=None)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._long_inv_freq: torch.Tensor | None = None
+
+    def _frequencies(self, seq_len: int | None) -> tuple[torch.Tensor, float]:
+        if self.rope_type == "default":
+            partial = self.params.get("partial_rotary_factor", getattr(self.config, "partial_rotary_factor", 1.0))
+            dim = int(head_dim_of(self.config) * partial)
+            base = self.params["rope_theta"]
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+            return inv_freq, 1.0
+        kwargs = {"layer_type": self.layer_type_key} if self.layer_type_key else {}
+        if seq_len is not None:
+            kwargs["seq_len"] = seq_len
+        return ROPE_INIT_FUNCTIONS[self.rope_type](self.config, None, **kwargs)
+
+    def _inv_freq_for(self, position_ids: torch.Tensor) -> torch.Tensor:
+        if self.rope_type not in ("dynamic", "longrope"):
+            return self.inv_freq
+        seq_len = int(position_ids.max()) + 1
+        original = self.params.get("original_max_position_embeddings", self.config.max_position_embeddings)
+        if self.rope_type == "longrope":
+            if seq_len <= original:
+                return self.inv_freq
+            if self._long_inv_freq is None:
+                self._long_inv_freq, _ = self._frequencies(seq_len=original + 1)
+            return self._long_inv_freq.to(self.inv_freq.device)
+        if seq_len <= self.config.max_position_embeddings:
+            return self.inv_freq
+        inv_freq, _ = self._frequencies(seq_len=seq_len)
+        return inv_freq.to(self.inv_freq.device)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self._inv_freq_for(position_ids).float()
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, D_rot/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D_rot)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] features of x (B, H, T, D); the rest pass (partial rotary)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D_rot)
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
