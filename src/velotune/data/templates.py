@@ -78,16 +78,18 @@ class ChatTemplate:
         return self if system_message is None else replace(self, default_system=system_message)
 
     # ------------------------------------------------------------------ Jinja
-    def jinja(self, mapping: dict[str, str] | None = None) -> str:
-        """The Jinja template, optionally reading ShareGPT-style keys given by `mapping`."""
+    def jinja(self, mapping: dict[str, str] | None = None, tagged: bool = True) -> str:
+        """The Jinja template, optionally reading ShareGPT-style keys given by `mapping`.
+        `tagged` prefixes the registry name as a comment (only for registry entries)."""
         body = self.jinja_override if self.jinja_override is not None else _jinja_body(self)
         body = body.replace("__DEFAULT_SYSTEM__", _jinja_default(self.default_system))
-        return f"{NAME_TAG}{self.name} #}}" + _jinja_mapping_prelude(mapping) + body
+        tag = name_tag(self.name, self.default_system) if tagged else ""
+        return tag + _jinja_mapping_prelude(mapping) + body
 
     def render(self, messages, *, bos_token="<s>", eos_token="</s>", add_generation_prompt=False,
                mapping=None, **kwargs) -> str:
         """Render with the same Jinja settings transformers uses (trim/lstrip blocks)."""
-        return render_jinja(self.jinja(mapping), messages, bos_token=bos_token, eos_token=eos_token,
+        return render_jinja(self.jinja(mapping, tagged=False), messages, bos_token=bos_token, eos_token=eos_token,
                             add_generation_prompt=add_generation_prompt, **kwargs)
 
     # --------------------------------------------------------------------- Go
@@ -109,11 +111,19 @@ def render_jinja(template: str, messages, *, bos_token="", eos_token="", add_gen
                                             add_generation_prompt=add_generation_prompt, **kwargs)
 
 
-def template_name(jinja_text: str | None) -> str | None:
-    """The registry name recorded at the top of a template made by velotune, else None."""
+def name_tag(name: str, default_system: str | None) -> str:
+    """A Jinja comment recording which registry entry (and system prompt) made a template, so the
+    exporters can rebuild the matching Ollama template from a saved tokenizer."""
+    payload = json.dumps({"name": name, "system": default_system}).replace("#", "\\u0023")
+    return f"{NAME_TAG}{payload} #}}"
+
+
+def read_name_tag(jinja_text: str | None) -> tuple[str, str | None] | None:
+    """(registry name, default system) recorded by `name_tag`, or None for foreign templates."""
     if not jinja_text or not jinja_text.startswith(NAME_TAG):
         return None
-    return jinja_text[len(NAME_TAG):jinja_text.index(" #}")]
+    info = json.loads(jinja_text[len(NAME_TAG):jinja_text.index(" #}")])
+    return info["name"], info["system"]
 
 
 # ---------------------------------------------------------------------------- Jinja generation
