@@ -1,0 +1,95 @@
+"""Swap ``nn.Linear`` layers for bitsandbytes' ``Linear4bit`` holding our NF4 quantization.
+
+Why bitsandbytes' module classes: PEFT wraps ``bnb.nn.Linear4bit`` with its own LoRA layer,
+TRL and transformers recognise it (``is_loaded_in_4bit`` paths, k-bit training prep), and its
+state dict is the "bnb-4bit" checkpoint format. We only replace *how* the weights are
+quantized (``quantize_nf4``), never bitsandbytes' classes or functions themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from velotune.quant.nf4 import quantize_nf4
+
+
+def to_linear4bit(
+    linear: nn.Linear,
+    compute_dtype: torch.dtype | None = None,
+    compress_statistics: bool = True,
+    blocksize: int = 64,
+    quant_storage: torch.dtype = torch.uint8,
+):
+    """A ``bnb.nn.Linear4bit`` (NF4) with ``linear``'s weight quantized and its bias kept.
+
+    The result lives on ``linear``'s device, is already quantized (``bnb_quantized=True``, so
+    moving it never re-quantizes), and its ``quant_state`` is attached to both the weight and
+    the module, as bitsandbytes expects. ``compute_dtype=None`` computes in the weight's dtype.
+    """
+    import bitsandbytes as bnb
+
+    weight = linear.weight.detach()  # (out, in)
+    out_features, in_features = weight.shape
+    compute_dtype = compute_dtype or weight.dtype
+    packed, state = quantize_nf4(weight, blocksize, compress_statistics, quant_storage)
+    # Built on the meta device so no throwaway fp weight is allocated.
+    module = bnb.nn.Linear4bit(
+        in_features, out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
+        compress_statistics=compress_statistics, quant_type="nf4", quant_storage=quant_storage,
+        device="meta",
+    )  # fmt: skip
+    module.weight = bnb.nn.Params4bit(
+        packed, requires_grad=False, quant_state=state, blocksize=blocksize,
+        compress_statistics=compress_statistics, quant_type="nf4", quant_storage=quant_storage,
+        module=module, bnb_quantized=True,
+    )  # fmt: skip
+    module.quant_state = state
+    if linear.bias is not None:
+        module.bias = linear.bias  # the same Parameter: no copy, trainability unchanged
+    module.train(linear.training)
+    return module
+
+
+def _skipped(name: str, skip_modules: Iterable[str]) -> bool:
+    """True when a skip pattern is one or more whole dotted components of ``name``.
+
+    "lm_head" skips "lm_head"; "vision_tower" skips "model.vision_tower.blocks.0.fc1";
+    "mlp.gate" skips "model.layers.3.mlp.gate" but not "model.layers.3.mlp.gate_proj".
+    """
+    dotted = f".{name}."
+    return any(f".{pattern.strip('.')}." in dotted for pattern in skip_modules)
+
+
+def quantize_model_(
+    model: nn.Module,
+    skip_modules: Iterable[str] = ("lm_head",),
+    compute_dtype: torch.dtype | None = None,
+    compress_statistics: bool = True,
+) -> list[str]:
+    """Replace every ``nn.Linear`` of ``model`` (in place) by an NF4 ``Linear4bit``; return their names.
+
+    One layer at a time: each fp weight is quantized and its module dropped before the next, so
+    peak memory is the 4-bit model plus a single fp layer (unless something else still holds a
+    reference to the old weight, e.g. a weight tied to a skipped module).
+    """
+    import bitsandbytes as bnb
+
+    skip_modules = tuple(skip_modules)
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and not isinstance(module, bnb.nn.Linear4bit)
+        and not _skipped(name, skip_modules)
+    ]
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child_name)
+        setattr(parent, child_name, to_linear4bit(old, compute_dtype, compress_statistics))
+        old.weight = None  # release our reference to the fp weight now, not at the end
+        del old
+    return names
