@@ -1,0 +1,57 @@
+"""Device and precision choices, made in one place so every entry point agrees."""
+
+from __future__ import annotations
+
+import torch
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def is_bfloat16_supported() -> bool:
+    """Whether bf16 training runs here: on CUDA when the GPU has bf16 units (Ampere and newer).
+
+    On the CPU torch's autocast runs bf16, so this is True there too: the seed's
+    `fp16=not is_bfloat16_supported(), bf16=is_bfloat16_supported()` then picks a precision that
+    transformers accepts on a CPU (fp16 mixed precision needs a GPU).
+    """
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return True
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """dtype=None: bf16 on GPUs that have it, else fp16 on GPU, fp32 on the CPU."""
+    if isinstance(dtype, str):
+        names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        if dtype not in names:
+            raise ValueError(f"dtype={dtype!r} is not known; use one of {sorted(names)} or a torch.dtype")
+        dtype = names[dtype]
+    if dtype is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype={dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("dtype=torch.bfloat16 but this GPU has no bf16 support; use torch.float16 or dtype=None")
+    return dtype
+
+
+def resolve_device(device_map) -> torch.device:
+    """device_map as a single device: 'auto'/'sequential'/None -> the default device."""
+    if device_map in (None, "auto", "sequential", "balanced"):
+        return default_device()
+    if isinstance(device_map, dict):
+        targets = set(device_map.values())
+        if len(targets) != 1:
+            raise ValueError(
+                f"device_map spreads the model over {sorted(map(str, targets))}; velotune places a model on one "
+                "device per process (use accelerate/torchrun for several GPUs)"
+            )
+        device_map = targets.pop()
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    return torch.device(device_map)

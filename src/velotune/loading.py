@@ -1,0 +1,330 @@
+"""`FastLanguageModel`: the seed's entry points (from_pretrained, get_peft_model, for_inference,
+for_training) over velotune's own model classes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from .device import resolve_device, resolve_dtype
+from .lora.peft_model import get_peft_model, load_adapter_model
+from .models import SUPPORTED_MODEL_TYPES, model_class_for
+from .models.rope import RotaryEmbedding
+from .quant import dequantize_nf4, load_prequantized, nf4_available, quantize_model_
+from .resolve import Source, resolve_source
+from .tokenizer import fix_tokenizer as fix_pad_token
+from .weights import iter_shards
+
+logger = logging.getLogger("velotune")
+
+FIXTURE_CACHE = Path(os.environ.get("VELOTUNE_CACHE", Path.home() / ".cache" / "velotune")) / "fixtures"
+
+
+class FastLanguageModel:
+    """Namespace of the seed's model functions; never instantiated."""
+
+    @staticmethod
+    def from_pretrained(
+        model_name: str | os.PathLike = "HuggingFaceTB/SmolLM2-135M-Instruct",
+        max_seq_length: int = 2048,
+        dtype: torch.dtype | str | None = None,
+        load_in_4bit: bool = True,
+        load_in_8bit: bool = False,
+        full_finetuning: bool = False,
+        token: str | None = None,
+        device_map="sequential",
+        rope_scaling: dict | None = None,
+        fix_tokenizer: bool = True,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        **kwargs,
+    ):
+        """Load (model, tokenizer). See README for the sources and the precision rules."""
+        if kwargs:
+            logger.warning("velotune: ignoring from_pretrained arguments it does not use: %s", sorted(kwargs))
+        _check_positive("max_seq_length", max_seq_length)
+        device = resolve_device(device_map)
+        dtype = resolve_dtype(dtype, device)
+        source = resolve_source(model_name, token=token, revision=revision)
+        if (source.folder / "adapter_config.json").is_file() and source.gguf_file is None:
+            return load_adapter_model(source.folder, FastLanguageModel.from_pretrained, max_seq_length=max_seq_length,
+                                      dtype=dtype, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+                                      token=token, device_map=device_map, rope_scaling=rope_scaling,
+                                      fix_tokenizer=fix_tokenizer, trust_remote_code=trust_remote_code)
+        if full_finetuning and (load_in_4bit or load_in_8bit):
+            logger.warning("velotune: full_finetuning=True trains every weight, so the model loads in %s, "
+                           "not 4/8-bit", dtype)
+            load_in_4bit = load_in_8bit = False
+        quant = _quantization_mode(load_in_4bit, load_in_8bit, device)
+        if source.fixture is not None:
+            source = _converted_fixture(source)
+
+        config = _load_config(source, trust_remote_code)
+        _apply_rope_scaling(config, max_seq_length, rope_scaling)
+        tokenizer = _load_tokenizer(source, trust_remote_code)
+        model = _load_model(source, config, dtype, device, quant, trust_remote_code)
+        if fix_tokenizer and fix_pad_token(tokenizer):
+            _grow_embeddings(model, len(tokenizer))
+        for cfg in (model.config, model.generation_config):
+            cfg.pad_token_id = tokenizer.pad_token_id
+        model.max_seq_length = max_seq_length
+        model._velotune_full_finetuning = full_finetuning
+        if full_finetuning:
+            model.requires_grad_(True)
+        else:
+            model.requires_grad_(False)  # adapters (get_peft_model) decide what trains
+        return model, tokenizer
+
+    get_peft_model = staticmethod(get_peft_model)
+
+    @staticmethod
+    def for_inference(model):
+        """Evaluation mode with the KV cache on; returns the model (the seed ignores the return)."""
+        model.eval()
+        _base(model).config.use_cache = True
+        return model
+
+    @staticmethod
+    def for_training(model, use_gradient_checkpointing: bool = True):
+        model.train()
+        _base(model).config.use_cache = False
+        return model
+
+
+def _base(model):
+    """The transformers-level model under any PEFT wrapping."""
+    get = getattr(model, "get_base_model", None)
+    return get() if get is not None else model
+
+
+def _check_positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _quantization_mode(load_in_4bit: bool, load_in_8bit: bool, device: torch.device) -> str | None:
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("load_in_4bit and load_in_8bit are both True; choose one (4-bit is QLoRA)")
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    ok, reason = nf4_available(device)
+    if load_in_8bit:
+        if device.type != "cuda":
+            logger.warning("velotune: load_in_8bit needs a CUDA GPU (bitsandbytes int8 matmul); loading 16-bit "
+                           "weights instead on %s", device)
+            return None
+        return "int8"
+    if not ok:
+        logger.warning("velotune: load_in_4bit=True but 4-bit NF4 cannot run here (%s); loading full-precision "
+                       "weights instead. Training works the same, using more memory; pass load_in_4bit=False "
+                       "to silence this.", reason)
+        return None
+    return "nf4"
+
+
+def _load_config(source: Source, trust_remote_code: bool) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code)
+
+
+def _load_tokenizer(source: Source, trust_remote_code: bool):
+    return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code)
+
+
+def _apply_rope_scaling(config: PretrainedConfig, max_seq_length: int, rope_scaling: dict | None) -> None:
+    """Honour rope_scaling, or explain what happens when max_seq_length exceeds trained positions."""
+    trained = getattr(config, "max_position_embeddings", None)
+    if rope_scaling is not None:
+        params = dict(rope_scaling)
+        params["rope_type"] = params.pop("type", params.get("rope_type", "linear"))
+        base = config.rope_parameters or {}
+        params.setdefault("rope_theta", base.get("rope_theta", 10000.0))
+        config.rope_parameters = params
+        return
+    if trained is None or max_seq_length <= trained:
+        return
+    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    if rope_type == "default" and "rope_theta" in (config.rope_parameters or {}):
+        factor = math.ceil(max_seq_length / trained)
+        config.rope_parameters = {**config.rope_parameters, "rope_type": "dynamic", "factor": float(factor)}
+        logger.warning(
+            "velotune: max_seq_length=%d exceeds the %d positions this model was trained on; applying dynamic "
+            "NTK RoPE scaling (factor %d): sequences up to %d tokens behave exactly as before, longer ones use "
+            "stretched positions. Pass rope_scaling=... to choose another scheme.",
+            max_seq_length, trained, factor, trained)
+    else:
+        logger.warning(
+            "velotune: max_seq_length=%d exceeds the %d positions this model supports with its %r RoPE; tokens "
+            "beyond %d get positions it never saw and quality will drop. Pass rope_scaling=... to extend it.",
+            max_seq_length, trained, rope_type, trained)
+
+
+def _load_model(source: Source, config, dtype, device, quant, trust_remote_code):
+    try:
+        cls = model_class_for(config)
+    except ValueError:
+        return _load_generic(source, config, dtype, device, quant, trust_remote_code)
+    if source.gguf_file is not None:
+        # transformers' GGUF reader dequantizes into its own class; we take its weights.
+        reference = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, dtype=dtype)
+        shards = [reference.state_dict()]
+        del reference
+    elif _is_prequantized(config):
+        # A "bnb-4bit" folder: small enough to read whole; its 4-bit layers are built first.
+        shards = [{k: v for shard in iter_shards(source.folder) for k, v in shard.items()}]
+    else:
+        _refuse_foreign_quantization(config)
+        shards = iter_shards(source.folder)
+    with torch.device("meta"):
+        model = cls(config)
+    if _is_prequantized(config):
+        _take_prequantized(model, shards[0], dtype, device, keep_4bit=quant == "nf4")
+    _load_shards(model, shards, dtype)
+    model.to(device)
+    if quant == "nf4":
+        quantize_model_(model, skip_modules=_skip_modules(config), compute_dtype=dtype)
+    elif quant == "int8":
+        _quantize_int8(model)
+    model.eval()
+    return model
+
+
+def _load_shards(model, shards, dtype) -> None:
+    """Assign checkpoint tensors into a meta-device model one shard at a time."""
+    for shard in shards:
+        shard = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in shard.items()}
+        result = model.load_state_dict(shard, strict=False, assign=True)
+        if result.unexpected_keys:
+            logger.warning("velotune: checkpoint tensors not used by the model: %s", result.unexpected_keys[:8])
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:5]}")
+    # Non-persistent buffers (RoPE frequencies) were created on the meta device: rebuild them.
+    rotary = model.model.rotary_emb
+    for kind in list(rotary.keys()):
+        rotary[kind] = RotaryEmbedding(model.config, kind)
+
+
+def _quantization_config(config) -> dict | None:
+    qc = getattr(config, "quantization_config", None)
+    return qc if qc is None or isinstance(qc, dict) else qc.to_dict()
+
+
+def _is_prequantized(config) -> bool:
+    qc = _quantization_config(config)
+    return bool(qc) and qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
+
+
+def _skip_modules(config) -> tuple[str, ...]:
+    """lm_head, plus whatever a pre-quantized checkpoint kept in 16-bit (dynamic 4-bit)."""
+    qc = _quantization_config(config) or {}
+    return ("lm_head", *(qc.get("llm_int8_skip_modules") or ()))
+
+
+def _take_prequantized(model, shard: dict, dtype, device, keep_4bit: bool) -> None:
+    """Replace each Linear whose bnb-4bit tensors are in `shard`, removing those tensors from it.
+
+    keep_4bit=False (4-bit cannot run here, or was not asked for) dequantizes into a plain Linear.
+    """
+    suffix = ".weight.quant_state.bitsandbytes__nf4"
+    for key in [k for k in shard if k.endswith(suffix)]:
+        prefix = key[: -len(suffix)]
+        names = [k for k in shard if k == f"{prefix}.weight" or k.startswith(f"{prefix}.weight.")]
+        tensors = {k: shard.pop(k) for k in names}
+        bias = shard.pop(f"{prefix}.bias", None)
+        module = load_prequantized(tensors, prefix, bias=bias, compute_dtype=dtype, device=device)
+        if not keep_4bit:
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=bias is not None,
+                                     device=device, dtype=dtype)
+            with torch.no_grad():
+                linear.weight.copy_(dequantize_nf4(module.weight.data, module.weight.quant_state).to(dtype))
+                if bias is not None:
+                    linear.bias.copy_(bias)
+            module = linear
+        parent, _, child = prefix.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
+
+
+def _refuse_foreign_quantization(config) -> None:
+    qc = _quantization_config(config)
+    if qc is None:
+        return
+    raise ValueError(
+        f"this checkpoint is quantized with {qc.get('quant_method')!r}, which velotune does not load; use its "
+        "16-bit original or a bitsandbytes 4-bit ('bnb-4bit') version"
+    )
+
+
+def _quantize_int8(model) -> None:
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and f"{name}.{child_name}".lstrip(".") != "lm_head":
+                int8 = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                           has_fp16_weights=False, threshold=6.0)
+                int8.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
+                if child.bias is not None:
+                    int8.bias = child.bias
+                setattr(module, child_name, int8.to(child.weight.device))
+
+
+def _load_generic(source: Source, config, dtype, device, quant, trust_remote_code):
+    """Any other causal LM: transformers' own class (slower, still LoRA/QLoRA-capable)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+        raise ValueError(
+            f"model_type {config.model_type!r} is neither one of velotune's families "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)}) nor a causal LM transformers knows"
+        )
+    logger.warning("velotune: %r is not one of velotune's own families (%s); loading it through transformers' "
+                   "class (generic path: slower, LoRA/QLoRA and export still work)",
+                   config.model_type, ", ".join(SUPPORTED_MODEL_TYPES))
+    extra = {}
+    if quant is not None:
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quant == "nf4", load_in_8bit=quant == "int8", bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        source.folder, config=config, gguf_file=source.gguf_file, dtype=dtype, device_map={"": device},
+        trust_remote_code=trust_remote_code, **extra).eval()
+
+
+def _grow_embeddings(model, vocab_size: int) -> None:
+    """New token rows start at the mean embedding, which keeps the output distribution sane."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old:
+        return
+    model.resize_token_embeddings(vocab_size, mean_resizing=True)
+
+
+def _converted_fixture(source: Source) -> Source:
+    """Convert the bundled GGUF once into a safetensors folder; later loads take seconds."""
+    target = FIXTURE_CACHE / source.fixture.replace("/", "--")
+    if not (target / "config.json").is_file():
+        logger.warning("velotune: converting %s once into %s", source.folder / source.gguf_file, target)
+        config = AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()
+                 if not (config.tie_word_embeddings and k == "lm_head.weight")}
+        partial = target.with_name(target.name + ".partial")
+        partial.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        (partial / "velotune_fixture.json").write_text(json.dumps({"gguf": str(source.folder / source.gguf_file)}))
+        partial.replace(target)  # atomic: a crash mid-conversion never leaves a folder that looks complete
+    return Source(target, None, fixture=source.fixture)

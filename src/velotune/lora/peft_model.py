@@ -1,0 +1,175 @@
+"""LoRA through PEFT: `get_peft_model` with the seed's arguments, checked loudly, and reloading
+of saved adapter folders.
+
+The returned model is a real `peft.PeftModelForCausalLM` (our subclass), so TRL and
+transformers treat it as a PEFT model: adapters are saved as PEFT folders, and preference/RL
+trainers disable the adapter for the reference model instead of copying the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from peft import LoraConfig, PeftModel, PeftModelForCausalLM, load_peft_weights, set_peft_model_state_dict
+
+from ..models.decoder import DecoderModel
+
+logger = logging.getLogger("velotune")
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Named in target_modules by the seed's continued-pretraining page; they train fully (modules_to_save).
+FULLY_TRAINED = ("lm_head", "embed_tokens")
+BIAS_CHOICES = ("none", "all", "lora_only")
+CHECKPOINTING_CHOICES = (True, False, "unsloth")
+
+
+class VelotunePeftModel(PeftModelForCausalLM):
+    """PEFT's causal-LM wrapper; velotune's export and generation methods live here as they land."""
+
+    @property
+    def max_seq_length(self) -> int | None:
+        return getattr(self.get_base_model(), "max_seq_length", None)
+
+
+def _linear_leaf_names(model) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            or type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
+
+
+def _validate(model, r, lora_alpha, lora_dropout, bias, target_modules, use_gradient_checkpointing, max_seq_length):
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r={r!r}: the LoRA rank must be a positive integer (typical: 8, 16, 32, 64, 128)")
+    if not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0:
+        raise ValueError(f"lora_alpha={lora_alpha!r}: must be a positive number (commonly equal to r or 2*r)")
+    if not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora_dropout={lora_dropout!r}: must be in [0, 1) (0 is the optimized setting)")
+    if bias not in BIAS_CHOICES:
+        raise ValueError(f"bias={bias!r}: allowed values are {', '.join(map(repr, BIAS_CHOICES))}")
+    if use_gradient_checkpointing not in CHECKPOINTING_CHOICES or isinstance(use_gradient_checkpointing, int) and \
+            not isinstance(use_gradient_checkpointing, bool):
+        raise ValueError(f"use_gradient_checkpointing={use_gradient_checkpointing!r}: allowed values are "
+                         "True, False and 'unsloth'")
+    if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length <= 0):
+        raise ValueError(f"max_seq_length={max_seq_length!r}: must be a positive integer")
+    if isinstance(target_modules, str):
+        if target_modules != "all-linear":
+            raise ValueError(f"target_modules={target_modules!r}: pass a list of module names or 'all-linear'")
+        return
+    available = _linear_leaf_names(model) | set(FULLY_TRAINED)
+    unknown = [t for t in target_modules if t not in available]
+    if unknown:
+        raise ValueError(f"target_modules has names this model does not have: {unknown}; "
+                         f"its linear layers are {sorted(available - set(FULLY_TRAINED))}, "
+                         f"plus {list(FULLY_TRAINED)} for full training")
+
+
+def get_peft_model(
+    model,
+    r: int = 16,
+    target_modules=DEFAULT_TARGETS,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    bias: str = "none",
+    layers_to_transform=None,
+    layers_pattern=None,
+    use_gradient_checkpointing=True,
+    random_state: int = 3407,
+    max_seq_length: int | None = None,
+    use_rslora: bool = False,
+    modules_to_save=None,
+    init_lora_weights=True,
+    loftq_config=None,
+    temporary_location: str | None = None,
+    **kwargs,
+):
+    """Attach LoRA adapters (the seed's `FastLanguageModel.get_peft_model`)."""
+    if kwargs:
+        logger.warning("velotune: ignoring get_peft_model arguments it does not use: %s", sorted(kwargs))
+    if isinstance(model, PeftModel):
+        raise ValueError("this model already has LoRA adapters; call get_peft_model once, on the base model "
+                         "(to keep training saved adapters, load their folder with from_pretrained)")
+    if getattr(model, "_velotune_full_finetuning", False):
+        logger.warning("velotune: the model was loaded with full_finetuning=True; every weight trains, so no "
+                       "adapters are added")
+        return model
+    target_modules = list(target_modules) if not isinstance(target_modules, str) else target_modules
+    _validate(model, r, lora_alpha, lora_dropout, bias, target_modules, use_gradient_checkpointing, max_seq_length)
+    modules_to_save = list(modules_to_save or [])
+    if not isinstance(target_modules, str):
+        for name in FULLY_TRAINED:
+            if name in target_modules:
+                target_modules.remove(name)
+                modules_to_save.append(name)
+    if loftq_config:
+        if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+            raise ValueError("loftq_config needs the 16-bit weights: load the model with load_in_4bit=False "
+                             "(LoftQ itself initialises the adapters from a 4-bit approximation)")
+        init_lora_weights = "loftq"
+    config = LoraConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias, target_modules=target_modules,
+        layers_to_transform=layers_to_transform, layers_pattern=layers_pattern, use_rslora=use_rslora,
+        modules_to_save=modules_to_save or None, init_lora_weights=init_lora_weights,
+        loftq_config=loftq_config or {}, task_type="CAUSAL_LM",
+    )
+    _seed(random_state)
+    if max_seq_length is not None:
+        model.max_seq_length = max_seq_length
+    _set_checkpointing(model, use_gradient_checkpointing)
+    return VelotunePeftModel(model, config)
+
+
+def _seed(random_state: int) -> None:
+    """Same adapters for the same random_state, whatever ran before."""
+    random.seed(random_state)
+    torch.manual_seed(random_state)
+
+
+def _set_checkpointing(model, mode) -> None:
+    """Checkpoint each decoder layer (non-reentrant, so frozen embeddings need no grad hooks).
+
+    Our models take the flag and the function directly (transformers has renamed its toggle
+    across 5.x); the generic path uses whichever toggle the installed transformers has.
+    "unsloth" (activation offload to CPU) arrives with the GPU fast path; until then it
+    checkpoints like True: the same results, with more GPU memory.
+    """
+    decoder = getattr(model, "model", None)
+    if isinstance(decoder, DecoderModel):
+        decoder.gradient_checkpointing = bool(mode)
+        decoder._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+    elif mode:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mode:
+        model.config.use_cache = False
+
+
+def load_adapter_model(folder: Path, load_base, **base_kwargs):
+    """A saved adapter folder -> (base + trainable adapter, tokenizer), like the seed's
+    "Loading LoRA adapters for continued finetuning"."""
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    base_name = adapter_config.get("base_model_name_or_path")
+    if not base_name:
+        raise ValueError(f"{folder / 'adapter_config.json'} does not name its base model (base_model_name_or_path)")
+    model, tokenizer = load_base(base_name, **base_kwargs)
+    if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        saved = AutoTokenizer.from_pretrained(folder)
+        if len(saved) != len(tokenizer):
+            model.resize_token_embeddings(len(saved))
+        tokenizer = saved
+    _set_checkpointing(model, True)
+    config = LoraConfig.from_pretrained(folder)
+    config.inference_mode = False
+    peft_model = VelotunePeftModel(model, config)
+    result = set_peft_model_state_dict(peft_model, load_peft_weights(str(folder), device=str(model.device)))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing:
+        raise ValueError(f"{folder} does not hold every adapter weight its config describes, e.g. {missing[:3]}")
+    return peft_model, tokenizer
