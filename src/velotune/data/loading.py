@@ -35,7 +35,8 @@ def _text(row: dict, key: str, *, optional: bool = False) -> str | None:
     if key not in row or _missing(row[key]):
         if optional:
             return None
-        raise ValueError(f"missing column {key!r}" if key not in row else f"column {key!r} is empty")
+        # Arrow gives every row every column, so a key absent from one JSON row reads as None.
+        raise ValueError(f"missing column {key!r}" if key not in row else f"column {key!r} is missing or empty")
     value = row[key]
     if not isinstance(value, str):
         raise ValueError(f"column {key!r} must be text, got {type(value).__name__} {value!r}")
@@ -175,6 +176,12 @@ def _diagnose_json(path: str) -> DataFormatError | None:
     return None
 
 
+def _diagnose_csv(path: str) -> DataFormatError | None:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f if line.strip()]
+    return DataFormatError(path, None, "the file holds no rows") if len(lines) <= 1 else None
+
+
 def _read_excel(path: str):
     try:
         import openpyxl  # noqa: F401  (pandas needs it for .xlsx)
@@ -211,7 +218,7 @@ def load_local_dataset(path, format: str | None = None, *, alternate_roles: bool
         try:
             dataset = datasets.load_dataset(kind, data_files=path, split="train")
         except Exception as exc:  # the builders' errors name neither the row nor the problem
-            found = _diagnose_json(path) if kind == "json" else None
+            found = _diagnose_json(path) if kind == "json" else _diagnose_csv(path) if kind == "csv" else None
             if found is not None:
                 raise found from exc
             raise DataFormatError(path, None, f"could not be read as {kind}: {exc}") from exc
