@@ -151,3 +151,16 @@ def test_ollama_template_is_well_formed(name):
     stops = record.stop_tokens("</s>")
     assert stops[0] == (record.stop_token or "</s>")
     assert all(stop in go for stop in stops[:1])
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+@pytest.mark.parametrize("with_system", [True, False])
+def test_ollama_template_renders_like_jinja(name, with_system, conversation):
+    """At inference (conversation ending in a user turn, generation prompt on), the Go template
+    gives exactly the Jinja text; BOS is left to llama.cpp, so Jinja renders with an empty BOS."""
+    from gotemplate import render
+
+    record = CHAT_TEMPLATES[name]
+    messages = conversation[:4] if with_system else conversation[1:4]
+    jinja = record.render(messages, bos_token="", eos_token="</s>", add_generation_prompt=True)
+    assert render(record.ollama_template("</s>"), messages) == jinja
