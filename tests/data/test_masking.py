@@ -183,3 +183,12 @@ def test_marker_inference(tokenizer):
 def test_empty_markers_are_rejected(tokenizer):
     with pytest.raises(ValueError, match="response_part must be a non-empty string"):
         ResponseMasker(tokenizer, "USER:", "")
+
+
+def test_double_bos_is_reported(tokenizer, tiny_llama, tmp_path):
+    """SmolLM2's BOS is <|im_start|>; a text row that opens with two of them gets a warning."""
+    get_chat_template(tokenizer, "chatml")
+    texts = ["<|im_start|>" + tokenizer.apply_chat_template(c, tokenize=False) for c in chat_rows()]
+    trainer = sft_trainer(tiny_llama, tokenizer, Dataset.from_dict({"text": texts}), tmp_path)
+    with pytest.warns(UserWarning, match="starts with two BOS tokens"):
+        train_on_responses_only(trainer)

@@ -14,7 +14,6 @@ the model learns to stop.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -162,7 +161,3 @@ class DataCollatorForResponseOnly:
             labels[b, :len(lbl)] = torch.tensor(lbl)
             attention[b, :len(ids)] = 1
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=3)

@@ -83,6 +83,17 @@ def _mask_dataset(dataset, masker: ResponseMasker, name: str):
     return dataset.select_columns(keep)
 
 
+def _warn_double_bos(tokenizer, ids) -> None:
+    """Templates that write BOS themselves (Llama 3, Gemma, DeepSeek-R1, ...) get a second one when
+    their rendered text is tokenized with special tokens added; the seed warns about exactly this."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:
+        warnings.warn("train_on_responses_only: the first row starts with two BOS tokens: the chat template "
+                      "writes BOS and tokenization added another. Tokenize rendered text with "
+                      "add_special_tokens=False, or give the trainer conversations instead of text.",
+                      UserWarning, stacklevel=3)
+
+
 def _uses_labels_column(collator) -> bool:
     """TRL's SFT collator pads a precomputed `labels` column; others may rebuild labels."""
     cls = type(collator)
@@ -103,6 +114,7 @@ def train_on_responses_only(trainer, instruction_part: str | None = None, respon
         instruction_part = instruction_part if instruction_part is not None else inferred[0]
         response_part = response_part if response_part is not None else inferred[1]
     masker = ResponseMasker(tokenizer, instruction_part, response_part)
+    _warn_double_bos(tokenizer, trainer.train_dataset[0]["input_ids"])
 
     trainer.train_dataset = _mask_dataset(trainer.train_dataset, masker, "train")
     eval_ds = getattr(trainer, "eval_dataset", None)
