@@ -200,6 +200,40 @@ def test_state_dict_names_and_round_trip(family):
     fresh.load_state_dict(back, strict=True)
 
 
+INTERCHANGE_FAMILIES = ["llama", "qwen3", "gemma3", "phi3"]  # untied, tied, per-layer-type rope, fused
+
+
+@pytest.mark.parametrize("family", INTERCHANGE_FAMILIES)
+def test_save_pretrained_loads_in_transformers(family, tmp_path):
+    """DESIGN §3: names identical to transformers' "so checkpoints interchange": ours -> transformers."""
+    from transformers import AutoModelForCausalLM
+
+    hf, ours = hf_ref(family), ours_model(family)
+    ids = tokens((1, 10), seed=10)
+    ours.save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, use_cache=False).logits
+        assert_close_abs(back(input_ids=ids, use_cache=False).logits, ref, f"{family}: ours.save_pretrained -> transformers")
+
+
+@pytest.mark.parametrize("family", INTERCHANGE_FAMILIES)
+def test_from_pretrained_of_transformers_checkpoint(family, tmp_path):
+    """transformers -> ours through our class's own (inherited) `from_pretrained`.
+
+    transformers 5 builds the model on the meta device and materialises only the checkpoint's
+    tensors, so non-persistent buffers (rope inv_freq) must be rebuilt by the model's init hooks.
+    """
+    hf, ours = hf_ref(family), ours_model(family)
+    ids = tokens((1, 10), seed=10)
+    hf.save_pretrained(tmp_path)
+    loaded = type(ours).from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, use_cache=False).logits
+        out = loaded(input_ids=ids, use_cache=False).logits
+        assert_close_abs(out, ref, f"{family}: our from_pretrained(transformers checkpoint)")
+
+
 # ----------------------------------------------------------------------------------------------
 # 1, 2: logits, loss, gradients
 
@@ -230,6 +264,25 @@ def test_gradients(family):
     finally:
         hf.eval(), ours.eval()
     assert_grads_match(family, ours, hf, f"{family} grads")
+
+
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_logits_to_keep_and_inputs_embeds(family):
+    """Two more entry points of transformers' *ForCausalLM that trainers use.
+
+    `logits_to_keep` (TRL's GRPO computes only the completion's logits) and `inputs_embeds` (PEFT
+    prompt tuning, NEFTune); gemma's sqrt(hidden) scaling applies to inputs_embeds too.
+    """
+    ids = tokens((2, 12), seed=9)
+    hf, ours = hf_ref(family), ours_model(family)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, logits_to_keep=3, use_cache=False).logits
+        out = ours(input_ids=ids, logits_to_keep=3, use_cache=False).logits
+        assert_close_abs(out, ref, f"{family} logits_to_keep=3")
+        emb = hf.get_input_embeddings()(ids)
+        ref = hf(inputs_embeds=emb, use_cache=False).logits
+        out = ours(inputs_embeds=emb, use_cache=False).logits
+        assert_close_abs(out, ref, f"{family} inputs_embeds")
 
 
 # ----------------------------------------------------------------------------------------------
