@@ -13,7 +13,7 @@ import dataclasses
 import torch
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .layers import Attention, GatedMLP, make_norm
 from .loss import causal_lm_loss
@@ -22,8 +22,7 @@ from .rope import RotaryEmbedding
 from .spec import FAMILIES, FamilySpec, layer_types_of
 
 # The field transformers' output record uses for the KV cache in the installed version.
-_OUTPUT_FIELDS = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
-_CACHE_FIELD = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 class DecoderLayer(nn.Module):
@@ -73,7 +72,26 @@ class DecoderModel(nn.Module):
             h = h * torch.tensor(self.config.hidden_size ** 0.5, dtype=self.embed_tokens.weight.dtype)
         return h
 
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None):
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cache=None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """transformers' `*Model.forward` contract (TRL calls the backbone directly for its fused
+        loss); unused kwargs (output_attentions, cache_position, ...) are accepted and ignored."""
+        cache = cache if cache is not None else past_key_values
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = DynamicCache(config=self.config)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
@@ -92,7 +110,7 @@ class DecoderModel(nn.Module):
                 h = self._gradient_checkpointing_func(layer.__call__, h, cos_sin[kind], masks[kind], None)
             else:
                 h = layer(h, cos_sin[kind], masks[kind], cache)
-        return self.norm(h)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), **{_CACHE_FIELD: cache})
 
     @staticmethod
     def _default_positions(attention_mask, past: int, T: int, device) -> torch.Tensor:
@@ -169,14 +187,10 @@ class DecoderForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """Same contract as transformers' `*ForCausalLM.forward`; extra kwargs (cache_position,
         return_dict, output_attentions=False, ...) are accepted and ignored."""
-        cache = cache if cache is not None else past_key_values
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        if not use_cache:
-            cache = None
-        hidden = self.model(input_ids, inputs_embeds, attention_mask, position_ids, cache)  # (B, T, C)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, cache=cache if cache is not None
+                         else past_key_values)
+        hidden = out.last_hidden_state  # (B, T, C)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])  # (B, T', V)
         softcap = getattr(self.config, "final_logit_softcapping", None)
@@ -185,4 +199,4 @@ class DecoderForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None or shift_labels is not None:
             loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
