@@ -17,7 +17,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from .device import resolve_device, resolve_dtype
 from .lora.peft_model import get_peft_model, load_adapter_model
 from .models import SUPPORTED_MODEL_TYPES, model_class_for
-from .models.rope import RotaryEmbedding
 from .quant import dequantize_nf4, load_prequantized, nf4_available, quantize_model_
 from .resolve import Source, resolve_source
 from .tokenizer import fix_tokenizer as fix_pad_token
@@ -233,9 +232,8 @@ def _load_shards(model, shards, dtype) -> None:
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:5]}")
     # Non-persistent buffers (RoPE frequencies) were created on the meta device: rebuild them.
-    rotary = model.model.rotary_emb
-    for kind in list(rotary.keys()):
-        rotary[kind] = RotaryEmbedding(model.config, kind)
+    for rope in model.model.rotary_emb.values():
+        rope.reset_frequencies()
 
 
 def _quantization_config(config) -> dict | None:

@@ -153,6 +153,9 @@ class DecoderForCausalLM(PreTrainedModel, GenerationMixin):
             nn.init.ones_(module.weight)
         elif hasattr(module, "eps") and hasattr(module, "weight"):
             nn.init.zeros_(module.weight)
+        elif isinstance(module, RotaryEmbedding):
+            # transformers' from_pretrained builds on the meta device and calls this for buffers too.
+            module.reset_frequencies()
 
     def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights under transformers' own names and layout (families with fused checkpoints override)."""

@@ -8,7 +8,9 @@ like every other family) and fuses them back in `to_hf_state_dict` for exports.
 from __future__ import annotations
 
 import torch
+import transformers
 from transformers import (
+    DynamicCache,
     Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
@@ -86,6 +88,37 @@ class Phi3ForCausalLM(DecoderForCausalLM):
                 gate, up = state_dict.pop(key).split([inter, inter], dim=0)
                 state_dict[f"{base}gate_proj.weight"] = gate
                 state_dict[f"{base}up_proj.weight"] = up
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' loader does not run load hooks, so it cannot split the fused tensors:
+        load through transformers' Phi-3 and take its weights."""
+        reference = transformers.Phi3ForCausalLM.from_pretrained(*args, **kwargs)
+        model = cls(reference.config)
+        model.load_state_dict(reference.state_dict())
+        return model.to(device=reference.device, dtype=reference.dtype).train(reference.training)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save under transformers' fused names, so transformers' Phi-3 loads the folder."""
+        kwargs.setdefault("state_dict", self.to_hf_state_dict())
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        """LongRoPE switches every position to its long factors once the sequence passes the
+        original length, so keys cached with the short factors are stale: at that step, drop the
+        cache and run the whole sequence again (as transformers' Phi-3 does)."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        params = self.config.rope_parameters or {}
+        if params.get("rope_type") != "longrope":
+            return inputs
+        original = params.get("original_max_position_embeddings", self.config.max_position_embeddings)
+        name = "cache" if "cache" in inputs else "past_key_values"
+        cache = inputs.get(name)
+        if cache is not None and input_ids.shape[1] > original >= cache.get_seq_length() > 0:
+            inputs["input_ids"] = input_ids
+            inputs["position_ids"] = None
+            inputs[name] = DynamicCache(config=self.config)
+        return inputs
 
     def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
         state = super().to_hf_state_dict()

@@ -37,6 +37,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._long_inv_freq: torch.Tensor | None = None
 
+    def reset_frequencies(self) -> None:
+        inv_freq, self.attention_scaling = self._frequencies(seq_len=None)
+        device = None if self.inv_freq.is_meta else self.inv_freq.device
+        self.inv_freq = inv_freq.to(device)
+        self._long_inv_freq = None
+
     def _frequencies(self, seq_len: int | None) -> tuple[torch.Tensor, float]:
         if self.rope_type == "default":
             partial = self.params.get("partial_rotary_factor", getattr(self.config, "partial_rotary_factor", 1.0))
