@@ -191,8 +191,8 @@ class DecoderForCausalLM(PreTrainedModel, GenerationMixin):
         """Same contract as transformers' `*ForCausalLM.forward`; extra kwargs (cache_position,
         return_dict, output_attentions=False, ...) are accepted and ignored."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache, cache=cache if cache is not None
-                         else past_key_values)
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, cache=cache,
+                         past_key_values=past_key_values)
         hidden = out.last_hidden_state  # (B, T, C)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])  # (B, T', V)
