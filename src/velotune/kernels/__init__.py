@@ -1,0 +1,15 @@
+"""Triton kernels of the GPU fast path, each with a plain PyTorch reference.
+
+Every public op dispatches to Triton for CUDA tensors (and for CPU tensors under
+``TRITON_INTERPRET=1``) and to its ``*_reference`` otherwise; ``use_triton=True/False`` forces a
+path. One op per file: private ``@triton.jit`` kernels -> launcher -> ``torch.autograd.Function``
+-> reference.
+"""
+
+from .rms_norm import RMSNormFunction, rms_norm, rms_norm_reference
+
+__all__ = [
+    "RMSNormFunction",
+    "rms_norm",
+    "rms_norm_reference",
+]
