@@ -6,9 +6,13 @@ path. One op per file: private ``@triton.jit`` kernels -> launcher -> ``torch.au
 -> reference.
 """
 
+from .rope import RoPEFunction, apply_rope, apply_rope_reference
 from .rms_norm import RMSNormFunction, rms_norm, rms_norm_reference
 
 __all__ = [
+    "RoPEFunction",
+    "apply_rope",
+    "apply_rope_reference",
     "RMSNormFunction",
     "rms_norm",
     "rms_norm_reference",
