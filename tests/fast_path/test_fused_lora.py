@@ -1,0 +1,149 @@
+"""Fused LoRA functions against PEFT's own LoRA layers: outputs and the gradients of x, A and B.
+
+The reference is the real thing: PEFT's `lora.Linear` (dense base) and `lora.bnb.Linear4bit`
+(NF4 base through bitsandbytes, which runs on the CPU). Adapters are initialised with
+`init_lora_weights=False` so B is non-zero and every gradient term is exercised.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+from transformers.activations import ACT2FN
+
+from velotune.lora.fused_linear import lora_projections, projection_of, why_not_fused
+from velotune.lora.fused_mlp import lora_mlp
+
+torch.set_num_threads(2)
+H, I, Q, KV = 32, 48, 32, 16
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-1, rtol=5e-2)}
+
+
+class Block(nn.Module):
+    """The projections of one decoder layer, named as ours (and transformers')."""
+
+    def __init__(self, bias: bool = False):
+        super().__init__()
+        self.q_proj, self.k_proj = nn.Linear(H, Q, bias=bias), nn.Linear(H, KV, bias=bias)
+        self.v_proj, self.o_proj = nn.Linear(H, KV, bias=bias), nn.Linear(Q, H, bias=False)
+        self.gate_proj, self.up_proj = nn.Linear(H, I, bias=False), nn.Linear(H, I, bias=False)
+        self.down_proj = nn.Linear(I, H, bias=False)
+
+
+def _block(dtype=torch.float32, nf4=False, bias=False, targets=None, **lora) -> Block:
+    torch.manual_seed(0)
+    block = Block(bias)
+    if nf4:
+        from velotune.quant.linear import to_linear4bit
+
+        for name, child in list(block.named_children()):
+            setattr(block, name, to_linear4bit(child, compute_dtype=dtype))
+    block = block.to(dtype) if not nf4 else block
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets or list(Block(False)._modules),
+                        init_lora_weights=False, **lora)
+    block = inject_adapter_in_model(config, block)
+    for name, p in block.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return block
+
+
+def _through(out: torch.Tensor, name: str) -> bool:
+    """True when `out` was produced by the autograd node `name` (possibly behind a view)."""
+    fn = out.grad_fn
+    while fn is not None and name not in type(fn).__name__ and fn.next_functions:
+        fn = fn.next_functions[0][0]
+    return fn is not None and name in type(fn).__name__
+
+
+def _adapter_params(block):
+    return [p for n, p in block.named_parameters() if "lora_" in n]
+
+
+def _grads(out_list, params, x):
+    torch.manual_seed(1)
+    loss = sum((o.float() * torch.randn_like(o, dtype=torch.float32)).sum() for o in out_list)
+    return torch.autograd.grad(loss, [x, *params])
+
+
+def _compare(fused, plain, params, x, dtype):
+    assert len(fused) == len(plain)
+    for f, p in zip(fused, plain):
+        torch.testing.assert_close(f.float(), p.float(), **TOL[dtype])
+    for name, gf, gp in zip(["x"] + [f"p{i}" for i in range(len(params))], _grads(fused, params, x),
+                            _grads(plain, params, x)):
+        torch.testing.assert_close(gf.float(), gp.float(), **TOL[dtype], msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_qkv_and_o_match_peft(dtype, nf4):
+    block = _block(dtype, nf4=nf4, bias=not nf4)
+    x = torch.randn(2, 5, H, dtype=dtype, requires_grad=True)  # (B, T, H); T odd on purpose
+    mods = [block.q_proj, block.k_proj, block.v_proj]
+    plain = [m(x) for m in mods]
+    fused = lora_projections(x, mods)
+    assert all(_through(f, "LoraProjections") for f in fused)
+    _compare(fused, plain, _adapter_params(block)[:6], x, dtype)
+    o_in = torch.randn(2, 5, Q, dtype=dtype, requires_grad=True)
+    _compare(lora_projections(o_in, [block.o_proj]), [block.o_proj(o_in)], _adapter_params(block)[6:8], o_in, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh", "gelu"])
+def test_mlp_matches_peft(dtype, nf4, act):
+    block = _block(dtype, nf4=nf4)
+    x = torch.randn(3, 7, H, dtype=dtype, requires_grad=True)
+    mlp = (block.gate_proj, block.up_proj, block.down_proj)
+    plain = block.down_proj(ACT2FN[act](block.gate_proj(x)) * block.up_proj(x))
+    fused = lora_mlp(x, *mlp, act)
+    assert _through(fused, "LoraMLP")
+    _compare([fused], [plain], _adapter_params(block)[8:], x, dtype)
+
+
+def test_mlp_saves_only_x_gate_up_and_adapters():
+    """What the autograd graph keeps: x and the (N, I) gate/up outputs, never a dense weight."""
+    block = _block(torch.float32, nf4=True)
+    x = torch.randn(2, 3, H, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        lora_mlp(x, block.gate_proj, block.up_proj, block.down_proj, "silu")
+    assert sorted(saved) == sorted([(6, H), (6, I), (6, I), (4, H), (I, 4), (4, H), (I, 4), (4, I), (H, 4)])
+    assert not any(s in [(I, H), (H, I)] for s in saved)
+
+
+def test_projections_without_adapter_and_disabled_adapter():
+    """Un-targeted Linear layers and a disabled adapter run the base weight alone, like PEFT."""
+    block = _block(torch.float32, targets=["q_proj"])
+    x = torch.randn(2, 4, H, requires_grad=True)
+    assert projection_of(block.k_proj).lora_A is None
+    fused = lora_projections(x, [block.q_proj, block.k_proj])
+    _compare(fused, [block.q_proj(x), block.k_proj(x)], _adapter_params(block), x, torch.float32)
+    block.q_proj.enable_adapters(False)
+    torch.testing.assert_close(lora_projections(x, [block.q_proj])[0], x @ block.q_proj.base_layer.weight.t())
+
+
+@pytest.mark.parametrize(
+    "lora, expected",
+    [
+        (dict(lora_dropout=0.1), "lora_dropout=0.1"),
+        (dict(use_dora=True), "variant"),
+        (dict(lora_bias=True), "adapter has a bias"),
+    ],
+)
+def test_unsupported_settings_fall_back_with_a_reason(lora, expected):
+    block = _block(torch.float32, **lora)
+    assert expected in why_not_fused(block.q_proj)
+    assert projection_of(block.q_proj) is None
+    x = torch.randn(2, 4, H)
+    block.eval()  # dropout off, so the module's own call is deterministic
+    torch.testing.assert_close(lora_projections(x, [block.q_proj])[0], block.q_proj(x))  # the module's own call
+    assert lora_mlp(x, block.gate_proj, block.up_proj, block.down_proj, "silu") is None
+
+
+def test_trained_base_bias_is_not_fused():
+    block = _block(torch.float32, bias=True)
+    block.q_proj.base_layer.bias.requires_grad_(True)
+    assert "trained" in why_not_fused(block.q_proj)
