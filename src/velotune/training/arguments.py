@@ -1,0 +1,99 @@
+"""`TrainingArguments`: TRL's `SFTConfig` plus the seed's `embedding_learning_rate` and defaults.
+
+Why a subclass and not a patch: the seed passes either transformers' `TrainingArguments` or
+TRL's `SFTConfig` to the trainer; velotune's trainer converts both into this class so that one
+place decides the optimizer fallback, the precision default and the checks that must fail
+before any dataset work starts (a learning rate or batch size of 0 would otherwise surface
+as a silent no-op run or a crash deep inside the data loader).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from trl import SFTConfig
+
+from ..device import is_bfloat16_supported
+
+logger = logging.getLogger("velotune")
+
+# transformers' names of the bitsandbytes 8-bit optimizers, and the plain optimizer each falls back to.
+EIGHT_BIT_FALLBACKS = {
+    "adamw_8bit": "adamw_torch", "adamw_bnb_8bit": "adamw_torch", "paged_adamw_8bit": "adamw_torch",
+    "lion_8bit": "lion_32bit", "paged_lion_8bit": "lion_32bit",
+}
+MEMORY_CHECK_CHOICES = ("error", "warn", "off")
+
+
+@functools.lru_cache(maxsize=None)
+def eight_bit_adamw_works(device_type: str) -> bool:
+    """Whether bitsandbytes' 8-bit AdamW takes a real step on this device type (tried once, cached).
+
+    Asking the library is not enough: builds exist whose optimizer kernels are missing for a device.
+    """
+    try:
+        import bitsandbytes as bnb
+
+        param = torch.nn.Parameter(torch.ones(4096, device=device_type))
+        optimizer = bnb.optim.AdamW8bit([param], lr=1e-3)
+        param.grad = torch.full_like(param, 0.5)
+        optimizer.step()
+        return bool(torch.isfinite(param).all()) and bool((param < 1).all())
+    except Exception:  # noqa: BLE001 - any failure means "not usable here"
+        return False
+
+
+def _check_positive(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name}={value!r}: must be a positive number; nothing was trained. "
+                         f"Set {name} in TrainingArguments to a value > 0")
+
+
+@dataclass
+class TrainingArguments(SFTConfig):
+    """SFTConfig with the seed's defaults (8-bit AdamW, bf16 when supported) and two additions.
+
+    embedding_learning_rate: learning rate of `embed_tokens`/`lm_head` when they train (continued
+        pretraining); the seed recommends 2-10x smaller than `learning_rate`. None: same as it.
+    memory_check: what to do when the memory estimate clearly exceeds the device: "error"
+        (default, before any work), "warn", or "off".
+    """
+
+    embedding_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of embed_tokens/lm_head (None: learning_rate)."})
+    memory_check: str = field(
+        default="error", metadata={"help": "When the estimate clearly exceeds device memory: error, warn or off."})
+    optim: str = field(default="adamw_8bit", metadata={"help": "Optimizer (8-bit AdamW, else AdamW)."})
+    include_num_input_tokens_seen: str | bool = field(
+        default="non_padding", metadata={"help": "Count tokens for tokens/s (all, non_padding or no)."})
+
+    def __post_init__(self):
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r}: must be a positive integer; nothing was trained")
+        _check_positive("learning_rate", self.learning_rate)
+        _check_positive("embedding_learning_rate", self.embedding_learning_rate, allow_none=True)
+        if self.max_length is not None:
+            _check_positive("max_length (max_seq_length)", self.max_length)
+        if self.memory_check not in MEMORY_CHECK_CHOICES:
+            raise ValueError(f"memory_check={self.memory_check!r}: allowed values are {MEMORY_CHECK_CHOICES}")
+        if self.bf16 is None and self.fp16 in (None, False):
+            self.bf16 = is_bfloat16_supported()
+            self.fp16 = not self.bf16
+        super().__post_init__()
+        optim = getattr(self.optim, "value", self.optim)
+        if optim in EIGHT_BIT_FALLBACKS and not eight_bit_adamw_works(self.device.type):
+            fallback = EIGHT_BIT_FALLBACKS[optim]
+            logger.warning("velotune: bitsandbytes has no working 8-bit optimizer on %s; optim=%r falls back to %r",
+                           self.device.type, optim, fallback)
+            self.optim = type(self.optim)(fallback) if not isinstance(self.optim, str) else fallback
+
+
+# The seed's name for the same class.
+UnslothTrainingArguments = TrainingArguments

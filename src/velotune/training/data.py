@@ -1,0 +1,112 @@
+"""Dataset checks, truncation with a count, packing that remembers which rows it packed.
+
+TRL tokenizes and masks the dataset; velotune then truncates/packs it itself so that it can
+(1) say how many rows were cut at max_seq_length instead of cutting silently, (2) fail with a
+clear message when nothing trainable is left, and (3) carry each token's source row
+(`sample_index`) through packing, so a non-finite loss can name the rows of its batch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from datasets import Dataset
+
+logger = logging.getLogger("velotune")
+
+SAMPLE_INDEX = "sample_index"
+IGNORE_INDEX = -100
+TRUNCATION_MODES = ("keep_start", "keep_end")
+
+
+def check_text_field(dataset, text_field: str, formatting_func, name: str) -> None:
+    """Fail before any work when the dataset is empty or lacks the column the trainer will read."""
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError(f"the {name} dataset is empty (0 rows); pass a dataset with at least one example")
+    columns = list(dataset.column_names or [])
+    if formatting_func is not None or not columns:
+        return
+    formats = ("input_ids", "messages", "conversations", "prompt", "text")
+    if text_field in columns or any(c in columns for c in formats if c != "text"):
+        return
+    raise ValueError(
+        f"the {name} dataset has no column {text_field!r} (dataset_text_field); its columns are {columns}. "
+        f"Set dataset_text_field to one of them, map your rows into a {text_field!r} column, or pass "
+        "formatting_func")
+
+
+def _per_token_columns(dataset: Dataset) -> list[str]:
+    """Columns holding one value per token (lists as long as input_ids in the first row)."""
+    first = dataset[0]
+    length = len(first["input_ids"])
+    return [c for c in dataset.column_names
+            if isinstance(first[c], list) and len(first[c]) == length and c != SAMPLE_INDEX]
+
+
+def truncate_and_count(dataset: Dataset, max_length: int, mode: str, name: str, num_proc=None) -> Dataset:
+    """Cut rows longer than max_length (one log line with the count), drop rows left without labels."""
+    if mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode={mode!r}: allowed values are {TRUNCATION_MODES}")
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    too_long = sum(length > max_length for length in lengths)
+    if too_long:
+        logger.warning("velotune: %d of %d %s rows are longer than max_seq_length=%d tokens (longest %d); "
+                       "they are truncated (%s)", too_long, len(lengths), name, max_length, max(lengths), mode)
+        columns = _per_token_columns(dataset)
+        cut = slice(None, max_length) if mode == "keep_start" else slice(-max_length, None)
+        dataset = dataset.map(lambda row: {c: row[c][cut] for c in columns}, num_proc=num_proc,
+                              desc=f"Truncating {name} dataset")
+    if "labels" in dataset.column_names:
+        before = len(dataset)
+        dataset = dataset.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"]), num_proc=num_proc)
+        if len(dataset) < before:
+            logger.warning("velotune: %d %s rows have no trained token (all labels -100) and are skipped",
+                           before - len(dataset), name)
+    return dataset
+
+
+def pack(dataset: Dataset, max_length: int, strategy: str, name: str, num_proc=None) -> Dataset:
+    """TRL's packing over the per-token columns plus a per-token `sample_index` (the source row)."""
+    from trl import pack_dataset
+
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    too_long = sum(length > max_length for length in lengths)
+    if too_long and strategy == "bfd":
+        logger.warning("velotune: %d of %d %s rows are longer than max_seq_length=%d tokens; packing truncates "
+                       "them (packing_strategy='bfd_split' keeps the rest as a new row)",
+                       too_long, len(lengths), name, max_length)
+    columns = _per_token_columns(dataset)
+    dataset = dataset.map(lambda row: {SAMPLE_INDEX: [row[SAMPLE_INDEX]] * len(row["input_ids"])},
+                          num_proc=num_proc)
+    dataset = dataset.select_columns(columns + [SAMPLE_INDEX])
+    map_kwargs = {"num_proc": num_proc, "desc": f"Packing {name} dataset"}
+    return pack_dataset(dataset, max_length, strategy, map_kwargs)
+
+
+def require_rows(dataset, name: str) -> None:
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError(f"the {name} dataset has no rows left after tokenizing, truncating and dropping rows "
+                         "without trained tokens (e.g. every completion was cut off or masked); check the "
+                         "text column, max_seq_length and any response-only masking")
+
+
+class SampleIndexCollator:
+    """Wraps a collator: takes `sample_index` off each example and adds the batch's sorted row numbers."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples):
+        rows: set[int] = set()
+        stripped = []
+        for example in examples:
+            example = dict(example)
+            index = example.pop(SAMPLE_INDEX, None)
+            if index is not None:
+                rows.update(index if isinstance(index, list) else [index])
+            stripped.append(example)
+        batch = self.inner(stripped)
+        if rows:
+            batch[SAMPLE_INDEX] = torch.tensor(sorted(rows), dtype=torch.long)  # (S,)
+        return batch

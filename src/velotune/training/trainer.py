@@ -1,0 +1,290 @@
+"""velotune's SFT trainer: TRL's `SFTTrainer`, accepting the seed's older keyword arguments.
+
+Why a subclass: TRL 1.x moved `dataset_text_field`, `max_seq_length`, `packing`,
+`dataset_num_proc` into `SFTConfig` and renamed `tokenizer` to `processing_class`; the seed
+still passes them to the trainer. We patch nothing in TRL: this class maps them onto
+`TrainingArguments` (our `SFTConfig`) and adds what the seed promises: `embedding_learning_rate`,
+checks before any work, a memory estimate, row counts for truncation, atomic checkpoints,
+Ctrl-C that saves, a stop on a non-finite loss that names its batch, tokens/s and memory in the
+logs, a loss plot and a summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import TrainingArguments as HFTrainingArguments
+from transformers.trainer_callback import ProgressCallback
+from trl import SFTTrainer as TRLSFTTrainer
+
+from . import data as data_helpers
+from .arguments import TrainingArguments
+from .callbacks import LossPlotCallback, ProgressFieldsCallback, SummaryCallback, peak_memory_bytes
+from .checkpoints import STAGING, InterruptCallback, ctrl_c_saves, fsync_tree, publish
+from .memory import check_memory, device_memory, estimate
+
+logger = logging.getLogger("velotune")
+
+# Older trainer keywords (TRL < 0.20 and the seed) that now live in SFTConfig, under their new names.
+RENAMED = {"max_seq_length": "max_length"}
+EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped because a micro-batch's loss was NaN or infinite."""
+
+
+def to_training_arguments(args, overrides: dict, model=None) -> TrainingArguments:
+    """Any TrainingArguments/SFTConfig (or None) plus trainer-level keywords -> our TrainingArguments."""
+    if args is None:
+        name = getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
+        values = {"output_dir": f"outputs/{Path(str(name)).name}-SFT"}
+    elif isinstance(args, HFTrainingArguments):
+        values = _explicit_values(args)
+    else:
+        raise TypeError(f"args must be TrainingArguments or SFTConfig, got {type(args).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    values = {k: v for k, v in values.items() if k in known}
+    values.update(overrides)
+    if type(args) is TrainingArguments and not overrides:
+        return args
+    return TrainingArguments(**values)
+
+
+def _explicit_values(args) -> dict:
+    """The fields of `args` that differ from their defaults (to_dict() would mask every *_token field)."""
+    values = {}
+    for f in dataclasses.fields(args):
+        if not f.init or not hasattr(args, f.name):
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(args, f.name)
+        try:
+            same = bool(value == default)
+        except Exception:  # noqa: BLE001 - e.g. tensors or objects without equality
+            same = False
+        if not same:
+            values[f.name] = value
+    return values
+
+
+def _split_legacy(kwargs: dict) -> dict:
+    """Pop the keywords that belong in TrainingArguments off the trainer's kwargs."""
+    fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    overrides = {}
+    for key in list(kwargs):
+        name = RENAMED.get(key, key)
+        if name in fields:
+            value = kwargs.pop(key)
+            if value is not None:
+                overrides[name] = value
+    return overrides
+
+
+class SFTTrainer(TRLSFTTrainer):
+    """TRL's SFTTrainer with the seed's arguments and velotune's checks and reports.
+
+    Accepts both `SFTTrainer(model, tokenizer=..., dataset_text_field=..., max_seq_length=...,
+    packing=..., dataset_num_proc=..., args=TrainingArguments(...))` (the seed) and TRL 1.x's
+    `SFTTrainer(model, processing_class=..., args=SFTConfig(...))`.
+    """
+
+    def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, tokenizer=None, **kwargs):
+        if tokenizer is not None:
+            if processing_class is not None and processing_class is not tokenizer:
+                raise ValueError("pass the tokenizer once: tokenizer= (older TRL) or processing_class= (TRL 1.x)")
+            processing_class = tokenizer
+        if model is None:
+            raise ValueError("model is required: pass the model FastLanguageModel.from_pretrained returned")
+        args = to_training_arguments(args, _split_legacy(kwargs), model)
+        if train_dataset is None:
+            raise ValueError("train_dataset is required")
+        formatting_func = kwargs.get("formatting_func")
+        data_helpers.check_text_field(train_dataset, args.dataset_text_field, formatting_func, "train")
+        for name, dataset in (eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]):
+            if dataset is not None:
+                data_helpers.check_text_field(dataset, args.dataset_text_field, formatting_func, name)
+        if isinstance(model, torch.nn.Module) and args.memory_check != "off":
+            self.memory_estimate = _estimate_for(model, args)
+            check_memory(self.memory_estimate, device_memory(args.device), args.memory_check, args.device)
+        self._interrupt = InterruptCallback()
+        self.summary = SummaryCallback()
+        self._saving_checkpoint = False
+        self._last_log = None
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        self.data_collator = data_helpers.SampleIndexCollator(self.data_collator)
+        if not self.args.disable_tqdm:
+            self.remove_callback(ProgressCallback)
+            self.add_callback(ProgressFieldsCallback)
+        for callback in (self._interrupt, self.summary, LossPlotCallback()):
+            self.add_callback(callback)
+
+    # ----- data -----
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        if not isinstance(dataset, Dataset):  # streaming: TRL's own path, no counts
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        tokenize_only = copy.copy(args)
+        tokenize_only.max_length = None
+        tokenize_only.shuffle_dataset = False
+        dataset = super()._prepare_dataset(dataset, processing_class, tokenize_only, False, formatting_func,
+                                           dataset_name)
+        data_helpers.require_rows(dataset, dataset_name)
+        if data_helpers.SAMPLE_INDEX not in dataset.column_names:
+            dataset = dataset.map(lambda _, i: {data_helpers.SAMPLE_INDEX: i}, with_indices=True)
+        if packing:
+            if args.max_length is None:
+                raise ValueError("packing=True needs max_seq_length (max_length) to know the packed row length")
+            if args.shuffle_dataset:
+                dataset = dataset.shuffle(seed=args.seed)
+            dataset = data_helpers.pack(dataset, args.max_length, args.packing_strategy, dataset_name,
+                                        args.dataset_num_proc)
+        elif args.max_length is not None:
+            dataset = data_helpers.truncate_and_count(dataset, args.max_length, args.truncation_mode, dataset_name,
+                                                      args.dataset_num_proc)
+        data_helpers.require_rows(dataset, dataset_name)
+        if args.shuffle_dataset:
+            dataset = dataset.shuffle(seed=args.seed)
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and data_helpers.SAMPLE_INDEX not in self._signature_columns:
+            self._signature_columns = list(self._signature_columns) + [data_helpers.SAMPLE_INDEX]
+
+    # ----- loss -----
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs.pop(data_helpers.SAMPLE_INDEX, None)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        rows = inputs.get(data_helpers.SAMPLE_INDEX)
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if not torch.isfinite(loss).all():
+            rows = rows.tolist() if torch.is_tensor(rows) else "unknown"
+            last = _last_checkpoint(self.args.output_dir)
+            raise NonFiniteLossError(
+                f"the training loss became {loss.item()} at step {self.state.global_step + 1} in a batch of "
+                f"train_dataset rows {rows}; training stopped before the optimizer step, so the weights are those "
+                f"of step {self.state.global_step}. Last good checkpoint: {last or 'none saved'}. Check those rows "
+                "(e.g. labels, very long or empty text), lower learning_rate, or use bf16 instead of fp16")
+        return loss
+
+    # ----- optimizer -----
+    def create_optimizer(self, model=None):
+        if self.args.embedding_learning_rate is None or self.optimizer is not None:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups = {}
+        for name, param in opt_model.named_parameters():
+            if not param.requires_grad:
+                continue
+            embedding = any(part in name for part in EMBEDDING_NAMES)
+            key = (embedding, name in decay)
+            groups.setdefault(key, []).append(param)
+        if not any(embedding for embedding, _ in groups):
+            logger.warning("velotune: embedding_learning_rate is set but neither embed_tokens nor lm_head trains; "
+                           "add them to target_modules to train them")
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        param_groups = []
+        for (embedding, decays), params in groups.items():
+            group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
+            if embedding:
+                group["lr"] = self.args.embedding_learning_rate
+            param_groups.append(group)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # ----- reporting -----
+    def log(self, logs, start_time=None):
+        if self.model.training and "loss" in logs:
+            now, tokens = time.perf_counter(), self.state.num_input_tokens_seen
+            if self._last_log is not None and tokens > self._last_log[1]:
+                logs["tokens_per_second"] = round((tokens - self._last_log[1]) / max(now - self._last_log[0], 1e-9), 1)
+            self._last_log = (now, tokens)
+            logs["peak_memory_gb"] = round(peak_memory_bytes(self.args.device) / 1024 ** 3, 3)
+        return super().log(logs, start_time) if start_time is not None else super().log(logs)
+
+    # ----- checkpoints -----
+    def _get_output_dir(self, trial):
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING) if self._saving_checkpoint else run_dir
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        staged = run_dir / STAGING / name
+        if staged.exists():
+            shutil.rmtree(staged)  # left by a crash during an earlier save
+        self._saving_checkpoint = True
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+            self.args.save_total_limit = limit
+        if not self.args.should_save:
+            return
+        fsync_tree(staged)
+        publish(staged, run_dir / name)
+        with contextlib.suppress(OSError):
+            staged.parent.rmdir()  # only when empty
+        if self.state.best_model_checkpoint and STAGING in Path(self.state.best_model_checkpoint).parts:
+            self.state.best_model_checkpoint = str(run_dir / Path(self.state.best_model_checkpoint).name)
+        self._rotate(run_dir, limit)
+
+    def _rotate(self, run_dir: Path, limit) -> None:
+        """Delete checkpoints beyond save_total_limit (a function from transformers 5.2x, a method before)."""
+        try:
+            from transformers.trainer_utils import rotate_checkpoints
+        except ImportError:
+            self._rotate_checkpoints(use_mtime=True, output_dir=str(run_dir))
+            return
+        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    # ----- the run -----
+    def train(self, *args, **kwargs):
+        self._interrupt.requested = False
+        self._last_log = None
+        with ctrl_c_saves(self._interrupt):
+            result = super().train(*args, **kwargs)
+        if self._interrupt.requested:
+            last = _last_checkpoint(self.args.output_dir)
+            print(f"velotune: stopped by Ctrl-C after step {self.state.global_step}; checkpoint {last}. "
+                  "Resume with trainer.train(resume_from_checkpoint=True)", flush=True)
+            raise KeyboardInterrupt(f"training interrupted; checkpoint saved to {last}")
+        return result
+
+
+def _estimate_for(model, args: TrainingArguments):
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else next(model.parameters()).dtype
+    length = args.max_length or getattr(model, "max_seq_length", None) or 2048
+    optim = str(getattr(args.optim, "value", args.optim))
+    checkpointing = None if not args.gradient_checkpointing else True
+    return estimate(model, args.per_device_train_batch_size, length, optim, dtype, checkpointing)
+
+
+def _last_checkpoint(output_dir) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = Path(output_dir)
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+# The seed's and transformers' names for the same trainer.
+Trainer = SFTTrainer
+UnslothTrainer = SFTTrainer
