@@ -42,12 +42,14 @@ def tokenizer(smollm2_tokenizer_session):
     return copy.deepcopy(smollm2_tokenizer_session)
 
 
-SYSTEM, U1, A1, U2, A2 = "Be brief.", "What is 2+2?", "It is 4.", "And 3+3?", "It is 6."
+SYSTEM, U1, A1, U2, A2, U3, A3 = (
+    "Be brief.", "What is 2+2?", "It is 4.", "And 3+3?", "It is 6.", "Now 5+5?", "It is 10.")
 
 
 @pytest.fixture
 def conversation():
-    """System prompt plus two user/assistant exchanges."""
+    """System prompt plus three user/assistant exchanges."""
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": U1},
             {"role": "assistant", "content": A1}, {"role": "user", "content": U2},
-            {"role": "assistant", "content": A2}]
+            {"role": "assistant", "content": A2}, {"role": "user", "content": U3},
+            {"role": "assistant", "content": A3}]

@@ -46,7 +46,9 @@ def test_excel(tmp_path):
     import pandas as pd
 
     pd.DataFrame(GOOD["dpo"]).to_excel(tmp_path / "d.xlsx", index=False)
-    assert load_local_dataset(tmp_path / "d.xlsx")[0]["chosen"] == "4"
+    assert load_local_dataset(tmp_path / "d.xlsx")[0]["chosen"] == "4"  # a number typed in a cell stays text
+    pd.DataFrame(GOOD["kto"]).to_excel(tmp_path / "k.xlsx", index=False)
+    assert load_local_dataset(tmp_path / "k.xlsx")["label"] == [True, False]
 
 
 def test_excel_without_openpyxl_names_the_install(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from conftest import A1, A2, SYSTEM, U1, U2
+from conftest import A1, A2, A3, SYSTEM, U1, U2, U3
 from velotune.chat_templates import CHAT_TEMPLATES, DataCollatorForResponseOnly, get_chat_template, train_on_responses_only
 from velotune.data.masking import IGNORE_INDEX, ResponseMarkerError, ResponseMasker
 from velotune.data.responses import infer_markers
@@ -35,11 +35,11 @@ def test_every_template_trains_only_the_answers(name, tokenizer, conversation):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     result = ResponseMasker(tokenizer, *infer_markers(tokenizer)).mask(ids)
     runs = trained_runs(tokenizer, ids, result.labels)
-    assert len(runs) == 2, runs
-    for run, answer in zip(runs, (A1, A2)):
+    assert len(runs) == 3, runs
+    for run, answer in zip(runs, (A1, A2, A3)):
         assert run.strip().startswith(answer)  # the answer is trained from its first token ...
         assert tokenizer.eos_token in run  # ... through the token that ends the turn
-        assert not any(x in run for x in (U1, U2, SYSTEM))
+        assert not any(x in run for x in (U1, U2, U3, SYSTEM))
 
 
 def test_markers_that_bpe_merges_in_context(tokenizer, conversation):
@@ -51,7 +51,7 @@ def test_markers_that_bpe_merges_in_context(tokenizer, conversation):
     assert not any(ids[i:i + len(marker)] == marker for i in range(len(ids)))
     labels = ResponseMasker(tokenizer, ">>> User: ", ">>> Assistant: ").mask(ids).labels
     runs = trained_runs(tokenizer, ids, labels)
-    assert [r.strip() for r in runs] == [f"{A1}<|im_end|>", f"{A2}<|im_end|>"]
+    assert [r.strip() for r in runs] == [f"{A1}<|im_end|>", f"{A2}<|im_end|>", f"{A3}<|im_end|>"]
 
 
 def test_packed_rows_are_masked_per_sequence(tokenizer):

@@ -1,4 +1,4 @@
-"""Every registry template renders a system prompt plus two exchanges exactly like a reference
+"""Every registry template renders a system prompt plus three exchanges exactly like a reference
 written out by hand here, both with our renderer and through the real tokenizer."""
 
 import re
@@ -6,41 +6,53 @@ import warnings
 
 import pytest
 
-from conftest import A1, A2, SYSTEM, U1, U2
+from conftest import A1, A2, A3, SYSTEM, U1, U2, U3
 from velotune.chat_templates import CHAT_TEMPLATES, get_chat_template, get_template_record
 from velotune.data.registry import (ALPACA_DEFAULT_SYSTEM, LLAMA31_DATE_HEADER, QWEN25_DEFAULT_SYSTEM,
                                     UNSLOTH_DEFAULT_SYSTEM, VICUNA_DEFAULT_SYSTEM, VICUNA_OLD_DEFAULT_SYSTEM)
 
 S = SYSTEM
 CHATML = (f"<|im_start|>system\n{S}<|im_end|>\n<|im_start|>user\n{U1}<|im_end|>\n<|im_start|>assistant\n{A1}"
-          f"<|im_end|>\n<|im_start|>user\n{U2}<|im_end|>\n<|im_start|>assistant\n{A2}<|im_end|>\n")
+          f"<|im_end|>\n<|im_start|>user\n{U2}<|im_end|>\n<|im_start|>assistant\n{A2}<|im_end|>\n"
+          f"<|im_start|>user\n{U3}<|im_end|>\n<|im_start|>assistant\n{A3}<|im_end|>\n")
 LLAMA3_TURNS = (f"<|start_header_id|>user<|end_header_id|>\n\n{U1}<|eot_id|><|start_header_id|>assistant"
                 f"<|end_header_id|>\n\n{A1}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n{U2}<|eot_id|>"
-                f"<|start_header_id|>assistant<|end_header_id|>\n\n{A2}<|eot_id|>")
+                f"<|start_header_id|>assistant<|end_header_id|>\n\n{A2}<|eot_id|>"
+                f"<|start_header_id|>user<|end_header_id|>\n\n{U3}<|eot_id|>"
+                f"<|start_header_id|>assistant<|end_header_id|>\n\n{A3}<|eot_id|>")
 GEMMA = (f"BOS<start_of_turn>user\n{S}\n\n{U1}<end_of_turn>\n<start_of_turn>model\n{A1}<end_of_turn>\n"
-         f"<start_of_turn>user\n{U2}<end_of_turn>\n<start_of_turn>model\n{A2}<end_of_turn>\n")
+         f"<start_of_turn>user\n{U2}<end_of_turn>\n<start_of_turn>model\n{A2}<end_of_turn>\n"
+         f"<start_of_turn>user\n{U3}<end_of_turn>\n<start_of_turn>model\n{A3}<end_of_turn>\n")
 
-# BOS / EOS stand for the tokenizer's own strings.
+# A system prompt and three exchanges, written out by hand. BOS / EOS stand for the tokenizer's own strings.
 REFERENCE = {
     "chatml": CHATML,
     "qwen-2.5": CHATML,
     "qwen3": CHATML,
-    "zephyr": f"<|system|>\n{S}EOS\n<|user|>\n{U1}EOS\n<|assistant|>\n{A1}EOS\n<|user|>\n{U2}EOS\n<|assistant|>\n{A2}EOS\n",
-    "mistral": f"BOS[INST] {S}\n\n{U1} [/INST]{A1}EOS[INST] {U2} [/INST]{A2}EOS",
-    "llama": f"BOS[INST] <<SYS>>\n{S}\n<</SYS>>\n\n{U1} [/INST] {A1} EOSBOS[INST] {U2} [/INST] {A2} EOS",
+    "zephyr": (f"<|system|>\n{S}EOS\n<|user|>\n{U1}EOS\n<|assistant|>\n{A1}EOS\n<|user|>\n{U2}EOS\n<|assistant|>\n{A2}EOS\n"
+               f"<|user|>\n{U3}EOS\n<|assistant|>\n{A3}EOS\n"),
+    "mistral": f"BOS[INST] {S}\n\n{U1} [/INST]{A1}EOS[INST] {U2} [/INST]{A2}EOS[INST] {U3} [/INST]{A3}EOS",
+    "llama": (f"BOS[INST] <<SYS>>\n{S}\n<</SYS>>\n\n{U1} [/INST] {A1} EOSBOS[INST] {U2} [/INST] {A2} EOS"
+              f"BOS[INST] {U3} [/INST] {A3} EOS"),
     "llama-3": f"BOS<|start_header_id|>system<|end_header_id|>\n\n{S}<|eot_id|>" + LLAMA3_TURNS,
     "llama-3.1": f"BOS<|start_header_id|>system<|end_header_id|>\n\n{LLAMA31_DATE_HEADER}{S}<|eot_id|>" + LLAMA3_TURNS,
-    "alpaca": f"{S}\n\n### Instruction:\n{U1}\n\n### Response:\n{A1}EOS\n\n### Instruction:\n{U2}\n\n### Response:\n{A2}EOS\n\n",
-    "vicuna": f"{S} USER: {U1} ASSISTANT: {A1}EOSUSER: {U2} ASSISTANT: {A2}EOS",
-    "vicuna_old": f"{S}\n### Human: {U1}\n### Assistant: {A1}EOS\n### Human: {U2}\n### Assistant: {A2}EOS\n",
-    "unsloth": f"BOS{S}\n>>> User: {U1}\n>>> Assistant: {A1}EOS\n>>> User: {U2}\n>>> Assistant: {A2}EOS\n",
+    "alpaca": (f"{S}\n\n### Instruction:\n{U1}\n\n### Response:\n{A1}EOS\n\n### Instruction:\n{U2}\n\n### Response:\n{A2}EOS\n\n"
+               f"### Instruction:\n{U3}\n\n### Response:\n{A3}EOS\n\n"),
+    "vicuna": f"{S} USER: {U1} ASSISTANT: {A1}EOSUSER: {U2} ASSISTANT: {A2}EOSUSER: {U3} ASSISTANT: {A3}EOS",
+    "vicuna_old": (f"{S}\n### Human: {U1}\n### Assistant: {A1}EOS\n### Human: {U2}\n### Assistant: {A2}EOS\n"
+                   f"### Human: {U3}\n### Assistant: {A3}EOS\n"),
+    "unsloth": (f"BOS{S}\n>>> User: {U1}\n>>> Assistant: {A1}EOS\n>>> User: {U2}\n>>> Assistant: {A2}EOS\n"
+                f">>> User: {U3}\n>>> Assistant: {A3}EOS\n"),
     "gemma": GEMMA,
     "gemma2": GEMMA,
     "gemma3": GEMMA,
-    "phi-3": f"<|system|>\n{S}<|end|>\n<|user|>\n{U1}<|end|>\n<|assistant|>\n{A1}<|end|>\n<|user|>\n{U2}<|end|>\n<|assistant|>\n{A2}<|end|>\n",
+    "phi-3": (f"<|system|>\n{S}<|end|>\n<|user|>\n{U1}<|end|>\n<|assistant|>\n{A1}<|end|>\n<|user|>\n{U2}<|end|>\n"
+              f"<|assistant|>\n{A2}<|end|>\n<|user|>\n{U3}<|end|>\n<|assistant|>\n{A3}<|end|>\n"),
     "phi-4": (f"<|im_start|>system<|im_sep|>{S}<|im_end|><|im_start|>user<|im_sep|>{U1}<|im_end|><|im_start|>assistant"
-              f"<|im_sep|>{A1}<|im_end|><|im_start|>user<|im_sep|>{U2}<|im_end|><|im_start|>assistant<|im_sep|>{A2}<|im_end|>"),
-    "deepseek-r1": f"BOS{S}<｜User｜>{U1}<｜Assistant｜>{A1}<｜end▁of▁sentence｜><｜User｜>{U2}<｜Assistant｜>{A2}<｜end▁of▁sentence｜>",
+              f"<|im_sep|>{A1}<|im_end|><|im_start|>user<|im_sep|>{U2}<|im_end|><|im_start|>assistant<|im_sep|>{A2}<|im_end|>"
+              f"<|im_start|>user<|im_sep|>{U3}<|im_end|><|im_start|>assistant<|im_sep|>{A3}<|im_end|>"),
+    "deepseek-r1": (f"BOS{S}<｜User｜>{U1}<｜Assistant｜>{A1}<｜end▁of▁sentence｜><｜User｜>{U2}<｜Assistant｜>{A2}"
+                    f"<｜end▁of▁sentence｜><｜User｜>{U3}<｜Assistant｜>{A3}<｜end▁of▁sentence｜>"),
 }
 
 # What the format writes when the conversation has no system message.
@@ -156,11 +168,11 @@ def test_ollama_template_is_well_formed(name):
 @pytest.mark.parametrize("name", sorted(REFERENCE))
 @pytest.mark.parametrize("with_system", [True, False])
 def test_ollama_template_renders_like_jinja(name, with_system, conversation):
-    """At inference (conversation ending in a user turn, generation prompt on), the Go template
-    gives exactly the Jinja text; BOS is left to llama.cpp, so Jinja renders with an empty BOS."""
+    """At inference (three user turns, the last one awaiting an answer, generation prompt on), the Go
+    template gives exactly the Jinja text; BOS is left to llama.cpp, so Jinja renders with an empty BOS."""
     from gotemplate import render
 
     record = CHAT_TEMPLATES[name]
-    messages = conversation[:4] if with_system else conversation[1:4]
+    messages = conversation[:6] if with_system else conversation[1:6]
     jinja = record.render(messages, bos_token="", eos_token="</s>", add_generation_prompt=True)
     assert render(record.ollama_template("</s>"), messages) == jinja

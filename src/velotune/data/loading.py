@@ -190,7 +190,12 @@ def _read_excel(path: str):
     import pandas as pd
     from datasets import Dataset
 
-    frame = pd.read_excel(path)
+    # Spreadsheets hold text the user typed: "4" in a cell is an answer, not a number. Read every
+    # cell as text, keep empty cells empty, and give KTO's TRUE/FALSE label column back its booleans.
+    frame = pd.read_excel(path, dtype=str)
+    frame = frame.astype(object).where(frame.notna(), None)
+    if "label" in frame.columns:
+        frame["label"] = frame["label"].map({"True": True, "False": False, "TRUE": True, "FALSE": False}.get)
     return Dataset.from_pandas(frame, preserve_index=False)
 
 
