@@ -36,6 +36,35 @@ class VelotunePeftModel(PeftModelForCausalLM):
     def max_seq_length(self) -> int | None:
         return getattr(self.get_base_model(), "max_seq_length", None)
 
+    # Export (velotune.export): the seed's methods, delegating to functions that take the model.
+    def save_pretrained_merged(self, save_directory, tokenizer=None, save_method="merged_16bit", **kwargs):
+        from ..export import save_pretrained_merged
+
+        return save_pretrained_merged(self, save_directory, tokenizer, save_method=save_method, **kwargs)
+
+    def save_pretrained_gguf(self, save_directory, tokenizer=None, quantization_method="fast_quantized", **kwargs):
+        from ..export import save_pretrained_gguf
+
+        return save_pretrained_gguf(self, save_directory, tokenizer, quantization_method=quantization_method,
+                                    **kwargs)
+
+    def save_pretrained_ollama(self, save_directory, tokenizer=None, quantization_method="q4_k_m", **kwargs):
+        from ..export import save_pretrained_ollama
+
+        return save_pretrained_ollama(self, save_directory, tokenizer, quantization_method=quantization_method,
+                                      **kwargs)
+
+    def push_to_hub_merged(self, repo_id, tokenizer=None, save_method="merged_16bit", token=None, **kwargs):
+        from ..export import push_to_hub_merged
+
+        return push_to_hub_merged(self, repo_id, tokenizer, save_method=save_method, token=token, **kwargs)
+
+    def push_to_hub_gguf(self, repo_id, tokenizer=None, quantization_method="fast_quantized", token=None, **kwargs):
+        from ..export import push_to_hub_gguf
+
+        return push_to_hub_gguf(self, repo_id, tokenizer, quantization_method=quantization_method, token=token,
+                                **kwargs)
+
 
 def _linear_leaf_names(model) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)

@@ -1,0 +1,188 @@
+"""`save_pretrained_gguf`: merged weights straight into one or more GGUF files, in one pass.
+
+No 16-bit folder on disk and no llama.cpp build: the writer announces every tensor's name, type
+and size in each file's header first (sizes follow from shapes), then builds each merged tensor
+once (`weights.materialize`), converts it to llama.cpp's layout, quantizes it for each requested
+method, and appends it to every file. Peak extra memory is one tensor and its quantized copies.
+Files are written as `*.partial` and renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import quants
+from .folders import check_free_space, human_size, prepare_folder, write_marker
+from .gguf_arch import ExtraTensor, TensorNamer, gguf_arch, write_hparams
+from .gguf_vocab import write_tokenizer
+from .ollama import write_modelfile
+from velotune.quant.gguf import FILE_TYPE
+
+from .weights import TensorPlan, base_model_of, materialize, model_dtype, plan_tensors
+
+logger = logging.getLogger("velotune")
+
+Q = gguf.GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of the output files: where it comes from and its GGUF name and shape."""
+
+    gguf_name: str
+    shape: tuple[int, ...]
+    plan: TensorPlan | None = None
+    extra: ExtraTensor | None = None
+
+
+def _methods(quantization_method, dtype: torch.dtype) -> list[str]:
+    given = [quantization_method] if isinstance(quantization_method, str) else list(quantization_method)
+    if not given:
+        raise ValueError("quantization_method is empty; pass a method such as 'q8_0' or a list of them")
+    return list(dict.fromkeys(quants.normalize_method(m, dtype) for m in given))
+
+
+@dataclass(frozen=True)
+class _Mixture:
+    """What llama.cpp's per-tensor type rules need to know about the model."""
+
+    n_layers: int
+    n_gqa: int
+    tied: bool
+
+    def qtype(self, method: str, tensor: GGUFTensor):
+        if len(tensor.shape) < 2 or tensor.extra is not None:
+            return Q.F32
+        return quants.tensor_qtype(method, tensor.gguf_name, self.n_layers, tensor.shape, n_gqa=self.n_gqa,
+                                   tied_embeddings=self.tied)
+
+
+def _tensors(model, namer: TensorNamer, extras: list[ExtraTensor]) -> list[GGUFTensor]:
+    out = []
+    for plan in plan_tensors(model):
+        name = namer.name(plan.name)
+        if name is not None:
+            out.append(GGUFTensor(name, plan.shape, plan=plan))
+    out += [GGUFTensor(e.name, tuple(e.value.shape), extra=e) for e in extras]
+    return out
+
+
+def _open_writer(config, tokenizer, method: str, model_name: str, end_of_turn):
+    writer = gguf.GGUFWriter(None, gguf_arch(config))
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(model_name)
+    writer.add_file_type(int(FILE_TYPE[method]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    extras = write_hparams(writer, config)
+    write_tokenizer(writer, tokenizer, config.vocab_size, end_of_turn)
+    return writer, extras
+
+
+def _end_of_turn(tokenizer) -> str | None:
+    from .ollama import ollama_template
+
+    try:
+        stops = ollama_template(tokenizer).stop_tokens
+    except ValueError:
+        return None
+    return next((s for s in stops if s != tokenizer.eos_token), None)
+
+
+def save_pretrained_gguf(
+    model,
+    save_directory: str | os.PathLike,
+    tokenizer=None,
+    quantization_method: str | list[str] = "fast_quantized",
+    overwrite: bool = False,
+    verify: bool = True,
+    maximum_memory_usage: float = 0.75,
+    **kwargs,
+) -> list[Path]:
+    """Write `<save_directory>/model-<METHOD>.gguf` for each method, a Modelfile beside each, and
+    check every file against the in-memory model. Returns the GGUF paths."""
+    if kwargs:
+        logger.warning("velotune: save_pretrained_gguf ignores arguments it does not use: %s", sorted(kwargs))
+    if tokenizer is None:
+        raise ValueError("save_pretrained_gguf needs the tokenizer (the GGUF file carries the vocabulary)")
+    methods = _methods(quantization_method, model_dtype(model))
+    base = base_model_of(model)
+    config = base.config
+    namer = TensorNamer(config)  # unsupported families fail here, before any file exists
+    folder = prepare_folder(save_directory, overwrite)
+    end_of_turn = _end_of_turn(tokenizer)
+    model_name = str(getattr(config, "_name_or_path", "") or folder.name)
+    paths = [folder / f"model-{m.upper()}.gguf" for m in methods]
+    writers, tensors, mixture = [], None, None
+    for method in methods:
+        writer, extras = _open_writer(config, tokenizer, method, model_name, end_of_turn)
+        if tensors is None:
+            tensors = _tensors(model, namer, extras)
+            heads = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+            mixture = _Mixture(config.num_hidden_layers, heads, not any(t.gguf_name == "output.weight" for t in tensors))
+        for t in tensors:
+            qtype = mixture.qtype(method, t)
+            writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), quants.quantized_nbytes(t.shape, qtype),
+                                   raw_dtype=qtype)
+        writers.append(writer)
+    needed = sum(quants.quantized_nbytes(t.shape, mixture.qtype(m, t)) for m in methods for t in tensors)
+    check_free_space(folder, needed, "the GGUF file(s)")
+
+    partials = [p.with_name(p.name + ".partial") for p in paths]
+    try:
+        for writer, partial in zip(writers, partials):
+            writer.write_header_to_file(path=partial)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+        _write_tensors(model, namer, tensors, methods, writers, mixture, folder)
+        for writer, partial, path in zip(writers, partials, paths):
+            writer.close()
+            os.replace(partial, path)
+        writers = []
+    finally:
+        for writer in writers:
+            writer.close()
+        for partial in partials:
+            if partial.exists():
+                partial.unlink()
+
+    files = [p.name for p in paths]
+    for method, path in zip(methods, paths):
+        name = "Modelfile" if method == methods[0] else f"Modelfile.{method}"
+        write_modelfile(folder / name, path, tokenizer, strict=False)
+        files.append(name)
+    write_marker(folder, "gguf", files, methods=methods)
+    for path in paths:
+        print(f"velotune: wrote {path} ({human_size(path.stat().st_size)})")
+    if verify:
+        from .verify import check_gguf
+
+        for method, path in zip(methods, paths):
+            check_gguf(model, path, tokenizer, method)
+    return paths
+
+
+@torch.no_grad()
+def _write_tensors(model, namer, tensors, methods, writers, mixture, folder) -> None:
+    bar = tqdm(tensors, desc=f"velotune: writing GGUF to {folder}", unit="tensor", leave=False)
+    for t in bar:
+        if t.extra is not None:
+            value = t.extra.value.float()
+        else:
+            value = namer.convert(t.plan.name, materialize(model, t.plan))  # float32, llama.cpp layout
+        done: dict = {}
+        for method, writer in zip(methods, writers):
+            qtype = mixture.qtype(method, t)
+            if qtype not in done:  # same type in several files: quantize once
+                done[qtype] = quants.as_writable(quants.quantize(value.reshape(-1, value.shape[-1]), qtype))
+            writer.write_tensor_data(done[qtype])
+
+
+__all__ = ["GGUFTensor", "save_pretrained_gguf"]
