@@ -10,6 +10,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
+if not torch.cuda.is_available():
+    # Kernel tests run Triton's interpreter on the CPU; it must be on before triton is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 

@@ -1,11 +1,11 @@
 """Kernel tests run the Triton path everywhere: compiled on CUDA, interpreted on the CPU.
 
-On a machine without CUDA this sets ``TRITON_INTERPRET=1`` for the session before any test module
-imports triton (importing torch does not import triton; checked with torch 2.13 / triton 3.9).
-Should something have imported ``velotune.kernels`` earlier in the session (other tests, once the
-model uses the kernels), the launch helper ``velotune.kernels._triton.kernel_for`` re-wraps each
-kernel for the interpreter at launch time, so the order does not matter. With CUDA the variable is
-left alone: the same tests then exercise the compiled kernels.
+On a machine without CUDA, ``TRITON_INTERPRET=1`` must be set before triton is first imported
+(Triton decorates its own ``tl.sum`` etc. at import). ``tests/conftest.py`` sets it at its top,
+before any test module is imported (importing torch does not import triton: torch 2.13 / triton
+3.9); this file repeats it for runs rooted at tests/kernels, and stops with a clear message if
+triton was imported in compiled mode anyway. With CUDA the variable is left alone: the same tests
+then exercise the compiled kernels.
 """
 
 import os
@@ -14,9 +14,18 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton", reason="the Triton path needs triton installed")
+
+if not torch.cuda.is_available():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if os.environ["TRITON_INTERPRET"] != "1" or not isinstance(triton.language.standard.sum, InterpretedFunction):
+        raise pytest.UsageError(
+            "kernel tests on a CPU need Triton's interpreter: run with TRITON_INTERPRET=1 set before "
+            "triton is imported (tests/conftest.py does this unless the variable is already set otherwise)"
+        )
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -6,10 +6,16 @@ path. One op per file: private ``@triton.jit`` kernels -> launcher -> ``torch.au
 -> reference.
 """
 
+from .glu import GatedActivationFunction, geglu, geglu_reference, swiglu, swiglu_reference
 from .rope import RoPEFunction, apply_rope, apply_rope_reference
 from .rms_norm import RMSNormFunction, rms_norm, rms_norm_reference
 
 __all__ = [
+    "GatedActivationFunction",
+    "geglu",
+    "geglu_reference",
+    "swiglu",
+    "swiglu_reference",
     "RoPEFunction",
     "apply_rope",
     "apply_rope_reference",

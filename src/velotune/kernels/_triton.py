@@ -1,11 +1,13 @@
 """Shared plumbing of the kernels: optional Triton import, path choice, launching.
 
-Why a launch helper: Triton decides between compiling and interpreting when a function is
-*decorated* (``TRITON_INTERPRET`` read at import time). If anything imported this package before
-the test session set ``TRITON_INTERPRET=1``, the kernels are compiled ``JITFunction``s that
-cannot run on CPU tensors. ``kernel_for`` re-wraps the same Python function as an
-``InterpretedFunction`` (or back as a ``JITFunction``) according to the variable at *launch*
-time, so import order never matters.
+Interpreter (``TRITON_INTERPRET=1``, how CI runs the Triton path on the CPU): Triton decides
+between compiling and interpreting when a function is *decorated*, and its own library
+(``tl.sum``, ``tl.max``, ...) is decorated when ``triton`` is first imported. So the variable
+must be set before the first ``import triton`` in the process; setting it later cannot be undone
+by re-wrapping our kernels (we tried: ``tl.sum`` then refuses to run). The test suite sets it at
+the top of ``tests/conftest.py`` (CPU machines only), before anything imports triton; importing
+torch does not import triton (torch 2.13 / triton 3.9). ``kernel_for`` turns a late setting into a
+clear error instead of Triton's "Cannot call @triton.jit'd outside of the scope of a kernel".
 """
 
 import os
@@ -60,21 +62,17 @@ def should_use_triton(tensor: torch.Tensor, use_triton: bool | None) -> bool:
     return bool(use_triton)
 
 
-_rewrapped: dict = {}
-
-
 def kernel_for(kernel):
-    """The launchable form of a ``@jit`` kernel under the current ``TRITON_INTERPRET`` setting."""
+    """The kernel to launch; raises a clear error if the interpreter was requested too late."""
     from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
 
-    want_interpreted = interpreting()
-    if isinstance(kernel, InterpretedFunction) == want_interpreted:
-        return kernel
-    key = (kernel.fn, want_interpreted)
-    if key not in _rewrapped:
-        _rewrapped[key] = InterpretedFunction(kernel.fn) if want_interpreted else JITFunction(kernel.fn)
-    return _rewrapped[key]
+    if interpreting() and not isinstance(kernel, InterpretedFunction):
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after triton was imported, so the kernels were compiled for "
+            "a GPU; set TRITON_INTERPRET=1 in the environment before importing triton/velotune "
+            "(the test suite does so in tests/conftest.py)"
+        )
+    return kernel
 
 
 def num_programs_hint(device: torch.device) -> int:
