@@ -144,3 +144,26 @@ def test_missing_empty_and_unknown_files(tmp_path):
 def test_unrecognised_columns(tmp_path):
     with pytest.raises(DataFormatError, match="cannot tell the data format from columns \\['a', 'b'\\]"):
         load_local_dataset(write_jsonl(tmp_path / "x.jsonl", [{"a": 1, "b": 2}]))
+
+
+def test_seed_datasets_101_examples(tmp_path):
+    """The three formats exactly as the seed's "Datasets 101" page writes them: raw text, Alpaca with
+    capitalised keys, and ShareGPT whose assistant turns say "from": "assistant"."""
+    import json
+
+    from velotune.chat_templates import standardize_sharegpt
+
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "Pasta carbonara is a traditional Roman pasta dish."}) + "\n")
+    assert load_local_dataset(tmp_path / "t.jsonl")[0]["text"].startswith("Pasta")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"Instruction": "Task we want the model to perform.",
+                                                  "Input": "Optional", "Output": "The expected result."}) + "\n")
+    alpaca = load_local_dataset(tmp_path / "a.jsonl", format="alpaca")
+    assert alpaca[0] == {"instruction": "Task we want the model to perform.", "input": "Optional",
+                         "output": "The expected result."}
+    convo = {"conversations": [{"from": "human", "value": "Can you help me make pasta carbonara?"},
+                               {"from": "assistant", "value": "Traditional or simple?"},
+                               {"from": "human", "value": "The traditional version please"},
+                               {"from": "assistant", "value": "Pasta, guanciale, eggs, Pecorino, pepper."}]}
+    (tmp_path / "c.json").write_text(json.dumps([convo]))
+    roles = [m["role"] for m in standardize_sharegpt(load_local_dataset(tmp_path / "c.json"))[0]["conversations"]]
+    assert roles == ["user", "assistant", "user", "assistant"]

@@ -199,6 +199,21 @@ def _read_excel(path: str):
     return Dataset.from_pandas(frame, preserve_index=False)
 
 
+_KNOWN_COLUMNS = ("text", "instruction", "input", "output", "conversations", "messages", "prompt", "chosen",
+                  "rejected", "completion", "label", "answer")
+
+
+def _lowercase_known_columns(dataset, source: str):
+    """The seed writes Alpaca columns as "Instruction"/"Input"/"Output"; accept any capitalisation of
+    a known column name by renaming it to the lowercase name the formats use (never over an existing one)."""
+    renames = {c: c.lower() for c in dataset.column_names
+               if c != c.lower() and c.lower() in _KNOWN_COLUMNS and c.lower() not in dataset.column_names}
+    if renames:
+        print(f"velotune: {source}: renamed columns {renames} to the lowercase names the data formats use")
+        dataset = dataset.rename_columns(renames)
+    return dataset
+
+
 def load_local_dataset(path, format: str | None = None, *, alternate_roles: bool = True, validate: bool = True):
     """Load one local file as a `datasets.Dataset` and validate it (see `validate_dataset`).
 
@@ -227,6 +242,7 @@ def load_local_dataset(path, format: str | None = None, *, alternate_roles: bool
             if found is not None:
                 raise found from exc
             raise DataFormatError(path, None, f"could not be read as {kind}: {exc}") from exc
+    dataset = _lowercase_known_columns(dataset, path)
     if validate:
         validate_dataset(dataset, format, source=path, alternate_roles=alternate_roles)
     return dataset
