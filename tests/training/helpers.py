@@ -10,7 +10,7 @@ from datasets import Dataset
 
 from velotune import FastLanguageModel
 
-from ..loading.tiny import write_tiny_llama
+from loading.tiny import write_tiny_llama
 
 
 def tiny_folder(root: Path, seed: int = 0) -> Path:
