@@ -31,16 +31,14 @@ OVERRIDES = {
     ("rms_norm.dweight", torch.bfloat16): Tolerance(atol=1e-1, rtol=5e-2),
     ("rope", torch.bfloat16): Tolerance(atol=3e-2, rtol=2e-2),
     ("glu", torch.bfloat16): Tolerance(atol=3e-2, rtol=2e-2),
-    # Cross-entropy gradients are (softmax - onehot) / N: tiny values, so the absolute floor is the
-    # meaningful one; the loss itself is an fp32 log-sum-exp of bf16 logits.
+    # Cross-entropy: the loss is an fp32 log-sum-exp of bf16 logits. Its gradients are compared
+    # after dividing both sides by the reference's largest magnitude (they scale like 1/N, so a
+    # fixed atol would mean nothing at large N); bf16 logits of d loss/d logits are rounded once
+    # (to 2**-9 relative) before the two bf16 matmuls, hence 1e-2 of the largest value.
     ("cross_entropy.loss", torch.bfloat16): Tolerance(atol=2e-2, rtol=1e-2),
-    ("cross_entropy.grad", torch.bfloat16): Tolerance(atol=2e-2, rtol=5e-2),
-    ("cross_entropy.loss", torch.float32): Tolerance(atol=1e-5, rtol=1e-5),
-    # fp32 gradients of matmuls over H=~100 values and chunked accumulation (different order).
-    ("cross_entropy.grad", torch.float32): Tolerance(atol=2e-5, rtol=1e-4),
+    ("cross_entropy.grad", torch.bfloat16): Tolerance(atol=1e-2, rtol=5e-2),
     ("logprobs", torch.bfloat16): Tolerance(atol=5e-2, rtol=2e-2),
-    ("logprobs.grad", torch.bfloat16): Tolerance(atol=2e-2, rtol=5e-2),
-    ("logprobs.grad", torch.float32): Tolerance(atol=2e-5, rtol=1e-4),
+    ("logprobs.grad", torch.bfloat16): Tolerance(atol=1e-2, rtol=5e-2),  # normalised as above
 }
 
 
@@ -48,9 +46,18 @@ def tolerance(op: str, dtype: torch.dtype) -> Tolerance:
     return OVERRIDES.get((op, dtype), BASE[dtype])
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, op: str, dtype: torch.dtype) -> None:
-    """assert_close with the table's tolerance for (op, dtype); compares in fp32."""
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, op: str, dtype: torch.dtype, normalise: bool = False
+) -> None:
+    """assert_close with the table's tolerance for (op, dtype); compares in fp32.
+
+    ``normalise`` divides both by the largest magnitude of ``expected`` first (for gradients whose
+    scale shrinks with the token count).
+    """
     tol = tolerance(op, dtype)
+    if normalise:
+        peak = expected.float().abs().max().clamp(min=1e-30)
+        actual, expected = actual.float() / peak, expected.float() / peak
     torch.testing.assert_close(
         actual.float(), expected.float(), atol=tol.atol, rtol=tol.rtol, msg=lambda m: f"[{op}, {dtype}] {m}"
     )

@@ -6,11 +6,21 @@ path. One op per file: private ``@triton.jit`` kernels -> launcher -> ``torch.au
 -> reference.
 """
 
+from .cross_entropy import (
+    FusedLinearCrossEntropyFunction,
+    default_chunk_size,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_reference,
+)
 from .glu import GatedActivationFunction, geglu, geglu_reference, swiglu, swiglu_reference
 from .rope import RoPEFunction, apply_rope, apply_rope_reference
 from .rms_norm import RMSNormFunction, rms_norm, rms_norm_reference
 
 __all__ = [
+    "FusedLinearCrossEntropyFunction",
+    "default_chunk_size",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_reference",
     "GatedActivationFunction",
     "geglu",
     "geglu_reference",
