@@ -165,14 +165,22 @@ def test_ollama_template_is_well_formed(name):
     assert all(stop in go for stop in stops[:1])
 
 
+@pytest.fixture(scope="module")
+def go_renderer(tmp_path_factory):
+    from ollama_go import build_renderer
+
+    return build_renderer(str(tmp_path_factory.mktemp("go")))
+
+
 @pytest.mark.parametrize("name", sorted(REFERENCE))
-@pytest.mark.parametrize("with_system", [True, False])
-def test_ollama_template_renders_like_jinja(name, with_system, conversation):
-    """At inference (three user turns, the last one awaiting an answer, generation prompt on), the Go
-    template gives exactly the Jinja text; BOS is left to llama.cpp, so Jinja renders with an empty BOS."""
-    from gotemplate import render
+def test_ollama_template_renders_like_jinja(name, conversation, go_renderer):
+    """Go's text/template (Ollama's engine) renders exactly the Jinja text at inference: one and three
+    user turns, the last awaiting an answer, with and without a system prompt. BOS is left to
+    llama.cpp, so Jinja renders with an empty BOS."""
+    from ollama_go import render_all
 
     record = CHAT_TEMPLATES[name]
-    messages = conversation[:6] if with_system else conversation[1:6]
-    jinja = record.render(messages, bos_token="", eos_token="</s>", add_generation_prompt=True)
-    assert render(record.ollama_template("</s>"), messages) == jinja
+    conversations = [conversation[:2], conversation[:6], conversation[1:2], conversation[1:6]]
+    go = render_all(go_renderer, [(record.ollama_template("</s>"), c) for c in conversations])
+    jinja = [record.render(c, bos_token="", eos_token="</s>", add_generation_prompt=True) for c in conversations]
+    assert go == jinja
