@@ -13,11 +13,15 @@ from .cross_entropy import (
     fused_linear_cross_entropy_reference,
 )
 from .glu import GatedActivationFunction, geglu, geglu_reference, swiglu, swiglu_reference
+from .logprobs import ChunkedLogprobsFunction, chunked_logprobs, chunked_logprobs_reference
 from .nf4 import dequantize_nf4, dequantize_nf4_reference, dequantize_nf4_weight
 from .rope import RoPEFunction, apply_rope, apply_rope_reference
 from .rms_norm import RMSNormFunction, rms_norm, rms_norm_reference
 
 __all__ = [
+    "ChunkedLogprobsFunction",
+    "chunked_logprobs",
+    "chunked_logprobs_reference",
     "dequantize_nf4",
     "dequantize_nf4_reference",
     "dequantize_nf4_weight",
