@@ -22,9 +22,22 @@ def round_half_away(v: torch.Tensor) -> torch.Tensor:
     return torch.where(frac >= 0.5, t + torch.sign(v), t)
 
 
+def fdiv(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+    """IEEE float32 ``a / b`` like C's, also when one side is a Python number.
+
+    torch computes ``number / tensor`` (and, on CUDA, ``tensor / number``) as a multiplication by
+    a reciprocal, which can differ from C's division in the last bit and so flip a rounding.
+    """
+    if not isinstance(a, torch.Tensor):
+        a = torch.full_like(b, a)
+    if not isinstance(b, torch.Tensor):
+        b = torch.full_like(a, b)
+    return torch.div(a, b)
+
+
 def safe_inverse(d: torch.Tensor) -> torch.Tensor:
     """``d ? 1.0f/d : 0.0f`` as ggml writes it."""
-    return torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    return torch.where(d != 0, fdiv(1.0, torch.where(d != 0, d, torch.ones_like(d))), torch.zeros_like(d))
 
 
 def f16_round(v: torch.Tensor) -> torch.Tensor:
@@ -72,3 +85,17 @@ def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = ax.gather(1, idx).squeeze(1)  # (N,)
     signed = x.gather(1, idx).squeeze(1)  # (N,)
     return amax, torch.where(amax > 0, signed, torch.zeros_like(signed))
+
+
+def seq_sum(t: torch.Tensor) -> torch.Tensor:
+    """(n, M) -> (M,): sum over dim 0 in C's left-to-right float32 order.
+
+    ggml's searches accumulate ``sum += ...`` one value at a time; their least-squares step
+    subtracts nearly equal products, so a different summation order (torch's tree reduction)
+    changes which candidate wins in a few percent of sub-blocks. Summing the (contiguous) rows in
+    sequence keeps the result bit-identical to llama.cpp at the cost of n small kernel launches.
+    """
+    acc = t[0].clone()
+    for k in range(1, t.shape[0]):
+        acc.add_(t[k])
+    return acc

@@ -19,6 +19,7 @@ import torch
 from velotune.quant.gguf._bits import (
     f16_bytes,
     f16_from_bytes,
+    fdiv,
     first_absmax,
     pack_bits,
     round_half_away,
@@ -47,7 +48,7 @@ def _five_bit(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
     """(N, 32) float32 -> (N, 34) uint8."""
-    d = x.abs().amax(dim=1) / 127  # (N,)
+    d = fdiv(x.abs().amax(dim=1), 127.0)  # (N,)
     q = round_half_away(x * safe_inverse(d)[:, None]).to(torch.int8)  # (N, 32)
     return torch.cat([f16_bytes(d), q.view(torch.uint8)], dim=1)
 
@@ -61,7 +62,7 @@ def dequantize_q8_0(b: torch.Tensor) -> torch.Tensor:
 def _symmetric(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_0/Q5_0: d = (signed absmax) / -levels, q = min(2*levels - 1, trunc(x/d + levels + 0.5))."""
     _, signed_max = first_absmax(x)
-    d = signed_max / -levels  # (N,)
+    d = fdiv(signed_max, float(-levels))  # (N,)
     v = x * safe_inverse(d)[:, None] + (levels + 0.5)  # (N, 32)
     q = torch.clamp(torch.trunc(v), max=2 * levels - 1)
     return d, q.to(torch.int32)
@@ -71,7 +72,7 @@ def _affine(x: torch.Tensor, levels: int, clamp: bool) -> tuple[torch.Tensor, to
     """Q4_1/Q5_1: d = (max - min) / (levels - 1), q = trunc((x - min)/d + 0.5)."""
     lo = x.amin(dim=1)  # (N,)
     hi = x.amax(dim=1)
-    d = (hi - lo) / (levels - 1)
+    d = fdiv(hi - lo, float(levels - 1))
     q = torch.trunc((x - lo[:, None]) * safe_inverse(d)[:, None] + 0.5)  # (N, 32)
     if clamp:
         q = torch.clamp(q, max=levels - 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from velotune.quant.gguf._bits import f16_bytes, f16_from_bytes, f16_round, nearest_int
+from velotune.quant.gguf._bits import f16_bytes, f16_from_bytes, f16_round, fdiv, nearest_int
 from velotune.quant.gguf._search import make_qkx2_quants
 from velotune.quant.gguf.q3_k import pack_2bit, unpack_2bit
 
@@ -18,18 +18,19 @@ from velotune.quant.gguf.q3_k import pack_2bit, unpack_2bit
 def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
     """(N, 256) float32 -> (N, 84) uint8."""
     n = x.shape[0]
-    xs = x.reshape(n * 16, 16)
+    xs = x.reshape(n * 16, 16).T.contiguous()  # (16, N*16) one sub-block per column
     scales, mins, levels = make_qkx2_quants(xs, xs.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+    levels = levels.T  # (N*16, 16)
     scales, mins = scales.reshape(n, 16), mins.reshape(n, 16)
     max_scale = torch.clamp(scales.amax(dim=1), min=0.0)  # (N,)
     max_min = torch.clamp(mins.amax(dim=1), min=0.0)
     has_s, has_m = max_scale > 0, max_min > 0
-    ls = nearest_int((15.0 / torch.where(has_s, max_scale, 1.0))[:, None] * scales)
+    ls = nearest_int(fdiv(15.0, torch.where(has_s, max_scale, 1.0))[:, None] * scales)
     ls = torch.where(has_s[:, None], ls, torch.zeros_like(ls))
-    lm = nearest_int((15.0 / torch.where(has_m, max_min, 1.0))[:, None] * mins)
+    lm = nearest_int(fdiv(15.0, torch.where(has_m, max_min, 1.0))[:, None] * mins)
     packed = torch.where(has_m[:, None], (ls | (lm << 4)) & 0xFF, ls & 0xFF)  # (N, 16) uint8 semantics
-    d = torch.where(has_s, max_scale / 15.0, 0.0)
-    dmin = torch.where(has_m, max_min / 15.0, 0.0)
+    d = torch.where(has_s, fdiv(max_scale, 15.0), 0.0)
+    dmin = torch.where(has_m, fdiv(max_min, 15.0), 0.0)
     dq = f16_round(d)[:, None] * (packed & 0xF).to(torch.float32)  # (N, 16)
     mq = f16_round(dmin)[:, None] * (packed >> 4).to(torch.float32)
     nz = dq != 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from velotune.quant.gguf._bits import f16_bytes, f16_from_bytes, f16_round, first_absmax, nearest_int, pack_bits, \
+from velotune.quant.gguf._bits import f16_bytes, f16_from_bytes, f16_round, fdiv, first_absmax, nearest_int, pack_bits, \
     unpack_bits
 from velotune.quant.gguf._search import make_q3_quants
 
@@ -53,14 +53,15 @@ def _unpack_scales(b: torch.Tensor) -> torch.Tensor:
 def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
     """(N, 256) float32 -> (N, 110) uint8."""
     n = x.shape[0]
-    scales, levels = make_q3_quants(x.reshape(n * 16, 16), 4)
+    scales, levels = make_q3_quants(x.reshape(n * 16, 16).T.contiguous(), 4)  # columns = sub-blocks
+    levels = levels.T  # (N*16, 16)
     scales = scales.reshape(n, 16)
     _, max_scale = first_absmax(scales)  # (N,)
     has = max_scale != 0
-    iscale = -32.0 / torch.where(has, max_scale, 1.0)
+    iscale = fdiv(-32.0, torch.where(has, max_scale, 1.0))
     ls = torch.clamp(nearest_int(iscale[:, None] * scales), -32, 31) + 32  # (N, 16)
     ls = torch.where(has[:, None], ls, torch.zeros_like(ls))
-    d = torch.where(has, 1 / iscale, 0.0)
+    d = torch.where(has, fdiv(1.0, iscale), 0.0)
     dq = f16_round(d)[:, None] * (ls - 32).to(torch.float32)  # (N, 16) what dequantization reads
     nz = dq != 0
     requant = torch.clamp(nearest_int(x.reshape(n, 16, 16) / torch.where(nz, dq, 1.0)[:, :, None]), -4, 3) + 4

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from velotune.quant.gguf._bits import f16_bytes, f16_from_bytes, f16_round, nearest_int
+from velotune.quant.gguf._bits import f16_bytes, f16_from_bytes, f16_round, fdiv, nearest_int, seq_sum
 from velotune.quant.gguf._search import make_qkx2_quants
 
 QK_K = 256
@@ -40,19 +40,20 @@ def quantize_scale_min(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     Returns d, dmin (N,) float32 (pre-fp16), ls, lm (N, 8) int32 and codes L (N, 256) int32.
     """
     n = x.shape[0]
-    xs = x.reshape(n * 8, 32)  # (N*8, 32) sub-blocks
-    av_x = torch.sqrt((xs * xs).sum(dim=1) / 32)  # (N*8,)
-    weights = av_x[:, None] + xs.abs()
+    xs = x.reshape(n * 8, 32).T.contiguous()  # (32, N*8) one sub-block per column
+    av_x = torch.sqrt(fdiv(seq_sum(xs * xs), 32.0))  # (N*8,)
+    weights = av_x + xs.abs()
     scales, mins, levels = make_qkx2_quants(xs, weights, nmax, rmin, 0.1, nstep, use_mad=False)
+    levels = levels.T  # (N*8, 32)
     scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
     max_scale = torch.clamp(scales.amax(dim=1), min=0.0)  # (N,)
     max_min = torch.clamp(mins.amax(dim=1), min=0.0)
-    inv_scale = torch.where(max_scale > 0, 63.0 / torch.where(max_scale > 0, max_scale, 1.0), 0.0)
-    inv_min = torch.where(max_min > 0, 63.0 / torch.where(max_min > 0, max_min, 1.0), 0.0)
+    inv_scale = torch.where(max_scale > 0, fdiv(63.0, torch.where(max_scale > 0, max_scale, 1.0)), 0.0)
+    inv_min = torch.where(max_min > 0, fdiv(63.0, torch.where(max_min > 0, max_min, 1.0)), 0.0)
     ls = torch.clamp(nearest_int(inv_scale[:, None] * scales) & 0xFF, max=63)  # (N, 8) uint8 semantics
     lm = torch.clamp(nearest_int(inv_min[:, None] * mins) & 0xFF, max=63)
-    d = max_scale / 63.0
-    dmin = max_min / 63.0
+    d = fdiv(max_scale, 63.0)
+    dmin = fdiv(max_min, 63.0)
     dq = f16_round(d)[:, None] * ls.to(torch.float32)  # (N, 8)
     mq = f16_round(dmin)[:, None] * lm.to(torch.float32)
     nz = dq != 0

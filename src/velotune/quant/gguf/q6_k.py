@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from velotune.quant.gguf._bits import f16_bytes, f16_from_bytes, f16_round, first_absmax, nearest_int
+from velotune.quant.gguf._bits import f16_bytes, f16_from_bytes, f16_round, fdiv, first_absmax, nearest_int
 from velotune.quant.gguf._search import GROUP_MAX_EPS, make_qx_quants
 
 QK_K = 256
@@ -20,13 +20,14 @@ QK_K = 256
 def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
     """(N, 256) float32 -> (N, 210) uint8."""
     n = x.shape[0]
-    scales, levels = make_qx_quants(x.reshape(n * 16, 16), 32)
+    scales, levels = make_qx_quants(x.reshape(n * 16, 16).T.contiguous(), 32)  # columns = sub-blocks
+    levels = levels.T  # (N*16, 16)
     scales = scales.reshape(n, 16)
     max_abs, max_scale = first_absmax(scales)  # (N,)
     empty = max_abs < GROUP_MAX_EPS
     safe_max = torch.where(empty, torch.ones_like(max_scale), max_scale)
-    iscale = -128.0 / safe_max  # (N,)
-    d = 1 / iscale
+    iscale = fdiv(-128.0, safe_max)  # (N,)
+    d = fdiv(1.0, iscale)
     sc = torch.clamp(nearest_int(iscale[:, None] * scales), max=127)  # (N, 16)
     dq = f16_round(d)[:, None] * sc.to(torch.float32)  # (N, 16)
     nz = dq != 0
