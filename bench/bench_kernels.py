@@ -1,0 +1,400 @@
+"""Kernel benchmarks: each velotune kernel vs its PyTorch reference (and Liger-Kernel's, when
+``liger_kernel`` is importable, and bitsandbytes' NF4 dequantization, when installed).
+
+Llama-3.1-8B sizes (hidden 4096, MLP 14336, 32/8 heads of 128, vocab 128256), 4096 and 16384
+tokens, bf16; forward+backward time (median of CUDA-event timings) and peak memory above the
+inputs. Prints a markdown table for BENCHMARKS.md.
+
+    PYTHONPATH=src python bench/bench_kernels.py                  # on a CUDA machine
+    PYTHONPATH=src python bench/bench_kernels.py --tokens 4096 --ops rms_norm swiglu
+    PYTHONPATH=src python bench/bench_kernels.py --dry-run        # CPU, tiny sizes, reference only
+
+The dry run checks that every case builds and runs (CI-sized); its timings mean nothing.
+"""
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from velotune import kernels as vk
+
+
+@dataclass(frozen=True)
+class Sizes:
+    hidden: int
+    mlp: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+
+LLAMA_8B = Sizes(hidden=4096, mlp=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256)
+TINY = Sizes(hidden=64, mlp=160, heads=4, kv_heads=2, head_dim=16, vocab=256)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One implementation of one op: ``step()`` runs forward+backward once."""
+
+    op: str
+    impl: str
+    step: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Result:
+    op: str
+    tokens: int
+    impl: str
+    ms: float
+    peak_mib: float | None
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers import functional as liger
+    except ImportError:
+        return None
+    return liger
+
+
+def _backward(out: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+    out.backward(grad)
+
+
+def rms_norm_cases(n: int, s: Sizes, device, dtype, reference_only: bool) -> list[Case]:
+    x = torch.randn(n, s.hidden, device=device, dtype=dtype, requires_grad=True)
+    w = torch.ones(s.hidden, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(n, s.hidden, device=device, dtype=dtype)
+    cases = [Case("rms_norm", "torch reference", lambda: _backward(vk.rms_norm_reference(x, w, 1e-5), dy))]
+    if not reference_only:
+        cases.append(Case("rms_norm", "velotune", lambda: _backward(vk.rms_norm(x, w, 1e-5), dy)))
+        liger = _liger()
+        if liger is not None and hasattr(liger, "liger_rms_norm"):
+            cases.append(Case("rms_norm", "liger", lambda: _backward(liger.liger_rms_norm(x, w, 1e-5, in_place=False), dy)))
+    return cases
+
+
+def rope_cases(n: int, s: Sizes, device, dtype, reference_only: bool) -> list[Case]:
+    q0 = torch.randn(1, s.heads, n, s.head_dim, device=device, dtype=dtype, requires_grad=True)
+    k0 = torch.randn(1, s.kv_heads, n, s.head_dim, device=device, dtype=dtype, requires_grad=True)
+    angles = torch.arange(n, device=device, dtype=torch.float32)[:, None] * torch.rand(s.head_dim // 2, device=device)
+    emb = torch.cat((angles, angles), -1)[None]  # (1, T, Dh), halves duplicated
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def run(fn):
+        q, k = q0 * 1, k0 * 1  # non-leaf inputs (as projections are), same cost for every implementation
+        q, k = fn(q, k)
+        (q.float().sum() + k.float().sum()).backward()
+
+    cases = [Case("rope", "torch reference", lambda: run(lambda q, k: vk.apply_rope_reference(q, k, cos, sin)))]
+    if not reference_only:
+        cases.append(Case("rope", "velotune", lambda: run(lambda q, k: vk.apply_rope(q, k, cos, sin))))
+        liger = _liger()
+        if liger is not None and hasattr(liger, "liger_rope"):
+            cases.append(Case("rope", "liger", lambda: run(lambda q, k: liger.liger_rope(q, k, cos, sin))))
+    return cases
+
+
+def glu_cases(op: str, n: int, s: Sizes, device, dtype, reference_only: bool) -> list[Case]:
+    gate = torch.randn(n, s.mlp, device=device, dtype=dtype, requires_grad=True)
+    up = torch.randn(n, s.mlp, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(n, s.mlp, device=device, dtype=dtype)
+    if op == "swiglu":
+        ours, reference, liger_name = vk.swiglu, vk.swiglu_reference, "liger_swiglu"
+    else:
+        ours, reference, liger_name = vk.geglu, vk.geglu_reference, "liger_geglu"
+    cases = [Case(op, "torch reference", lambda: _backward(reference(gate, up), dy))]
+    if not reference_only:
+        cases.append(Case(op, "velotune", lambda: _backward(ours(gate, up), dy)))
+        liger = _liger()
+        if liger is not None and hasattr(liger, liger_name):
+            fn = getattr(liger, liger_name)
+            cases.append(Case(op, "liger", lambda: _backward(fn(gate, up), dy)))
+    return cases
+
+
+def cross_entropy_cases(n: int, s: Sizes, device, dtype, reference_only: bool) -> list[Case]:
+    """LoRA setting: the LM head is frozen, only the hidden states need a gradient."""
+    hidden = torch.randn(n, s.hidden, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(s.vocab, s.hidden, device=device) * s.hidden**-0.5).to(dtype)
+    labels = torch.randint(0, s.vocab, (n,), device=device)
+    labels[: n // 8] = -100
+    cases = [
+        Case("linear_cross_entropy", "torch reference",
+             lambda: vk.fused_linear_cross_entropy_reference(hidden, weight, labels).backward())
+    ]  # fmt: skip
+    if not reference_only:
+        cases.append(
+            Case("linear_cross_entropy", "velotune", lambda: vk.fused_linear_cross_entropy(hidden, weight, labels).backward())
+        )
+        liger = _liger()
+        if liger is not None and hasattr(liger, "liger_fused_linear_cross_entropy"):
+            cases.append(Case("linear_cross_entropy", "liger",
+                              lambda: liger.liger_fused_linear_cross_entropy(hidden, weight, labels).backward()))  # fmt: skip
+    return cases
+
+
+def logprobs_cases(n: int, s: Sizes, device, dtype, reference_only: bool) -> list[Case]:
+    hidden = torch.randn(1, n, s.hidden, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(s.vocab, s.hidden, device=device) * s.hidden**-0.5).to(dtype)
+    ids = torch.randint(0, s.vocab, (1, n), device=device)
+    cases = [Case("logprobs", "torch reference", lambda: vk.chunked_logprobs_reference(hidden, weight, ids).sum().backward())]
+    if not reference_only:
+        cases.append(Case("logprobs", "velotune", lambda: vk.chunked_logprobs(hidden, weight, ids).sum().backward()))
+    return cases
+
+
+def nf4_cases(n: int, s: Sizes, device, dtype, reference_only: bool) -> list[Case]:
+    """Dequantize one (MLP, hidden) NF4 weight (double-quantized); forward only. ``n`` unused."""
+    from velotune.quant import quantize_nf4
+
+    w = (torch.randn(s.mlp, s.hidden, device=device) * 0.02).to(dtype)
+    packed, st = quantize_nf4(w, compress_statistics=True)
+    args = (packed, st.absmax, st.code)
+    kwargs = dict(
+        nested_absmax=st.state2.absmax, nested_quant_map=st.state2.code, offset=st.offset,
+        blocksize=st.blocksize, shape=st.shape, dtype=st.dtype,
+    )  # fmt: skip
+    cases = [Case("dequantize_nf4", "torch reference", lambda: vk.dequantize_nf4_reference(*args, **kwargs))]
+    if not reference_only:
+        cases.append(Case("dequantize_nf4", "velotune", lambda: vk.dequantize_nf4(*args, **kwargs)))
+        try:
+            import bitsandbytes.functional as bnbF
+
+            cases.append(Case("dequantize_nf4", "bitsandbytes", lambda: bnbF.dequantize_4bit(packed, st)))
+        except ImportError:
+            pass
+    return cases
+
+
+OPS = {
+    "rms_norm": rms_norm_cases,
+    "rope": rope_cases,
+    "swiglu": lambda *a: glu_cases("swiglu", *a),
+    "geglu": lambda *a: glu_cases("geglu", *a),
+    "linear_cross_entropy": cross_entropy_cases,
+    "logprobs": logprobs_cases,
+    "dequantize_nf4": nf4_cases,
+}
+
+
+def measure(case: Case, device: torch.device, warmup: int, iters: int) -> tuple[float, float | None]:
+    """Median milliseconds of ``case.step`` and its peak memory above what was allocated before.
+
+    Leaf gradients accumulate across steps (the same extra add for every implementation); the
+    warm-up allocates them, so the peak counts the op's own temporaries and saved tensors.
+    """
+    for _ in range(warmup):
+        case.step()
+    if device.type != "cuda":
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            case.step()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times), None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        case.step()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end))
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return statistics.median(times), peak
+
+
+def run(fn):
+        q, k = q0 * 1, k0 * 1  # non-leaf inputs (as projections are), same cost for every implementation
+        q, k = fn(q, k)
+        (q.float().sum() + k.float().sum()).backward()
+
+    cases = [Case("rope", "torch reference", lambda: run(lambda q, k: vk.apply_rope_reference(q, k, cos, sin)))]
+    if not reference_only:
+        cases.append(Case("rope", "velotune", lambda: run(lambda q, k: vk.apply_rope(q, k, cos, sin))))
+        liger = _liger()
+        if liger is not None and hasattr(liger, "liger_rope"):
+            cases.append(Case("rope", "liger", lambda: run(lambda q, k: liger.liger_rope(q, k, cos, sin))))
+    return cases
+
+
+def glu_cases(op: str, n: int, s: Sizes, device, dtype, reference_only: bool) -> list[Case]:
+    gate = torch.randn(n, s.mlp, device=device, dtype=dtype, requires_grad=True)
+    up = torch.randn(n, s.mlp, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(n, s.mlp, device=device, dtype=dtype)
+    if op == "swiglu":
+        ours, reference, liger_name = vk.swiglu, vk.swiglu_reference, "liger_swiglu"
+    else:
+        ours, reference, liger_name = vk.geglu, vk.geglu_reference, "liger_geglu"
+    cases = [Case(op, "torch reference", lambda: _backward(reference(gate, up), dy))]
+    if not reference_only:
+        cases.append(Case(op, "velotune", lambda: _backward(ours(gate, up), dy)))
+        liger = _liger()
+        if liger is not None and hasattr(liger, liger_name):
+            fn = getattr(liger, liger_name)
+            cases.append(Case(op, "liger", lambda: _backward(fn(gate, up), dy)))
+    return cases
+
+
+def cross_entropy_cases(n: int, s: Sizes, device, dtype, reference_only: bool) -> list[Case]:
+    """LoRA setting: the LM head is frozen, only the hidden states need a gradient."""
+    hidden = torch.randn(n, s.hidden, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(s.vocab, s.hidden, device=device) * s.hidden**-0.5).to(dtype)
+    labels = torch.randint(0, s.vocab, (n,), device=device)
+    labels[: n // 8] = -100
+    cases = [
+        Case("linear_cross_entropy", "torch reference",
+             lambda: vk.fused_linear_cross_entropy_reference(hidden, weight, labels).backward())
+    ]  # fmt: skip
+    if not reference_only:
+        cases.append(
+            Case("linear_cross_entropy", "velotune", lambda: vk.fused_linear_cross_entropy(hidden, weight, labels).backward())
+        )
+        liger = _liger()
+        if liger is not None and hasattr(liger, "liger_fused_linear_cross_entropy"):
+            cases.append(Case("linear_cross_entropy", "liger",
+                              lambda: liger.liger_fused_linear_cross_entropy(hidden, weight, labels).backward()))  # fmt: skip
+    return cases
+
+
+def logprobs_cases(n: int, s: Sizes, device, dtype, reference_only: bool) -> list[Case]:
+    hidden = torch.randn(1, n, s.hidden, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(s.vocab, s.hidden, device=device) * s.hidden**-0.5).to(dtype)
+    ids = torch.randint(0, s.vocab, (1, n), device=device)
+    cases = [Case("logprobs", "torch reference", lambda: vk.chunked_logprobs_reference(hidden, weight, ids).sum().backward())]
+    if not reference_only:
+        cases.append(Case("logprobs", "velotune", lambda: vk.chunked_logprobs(hidden, weight, ids).sum().backward()))
+    return cases
+
+
+def nf4_cases(n: int, s: Sizes, device, dtype, reference_only: bool) -> list[Case]:
+    """Dequantize one (MLP, hidden) NF4 weight (double-quantized); forward only. ``n`` unused."""
+    from velotune.quant import quantize_nf4
+
+    w = (torch.randn(s.mlp, s.hidden, device=device) * 0.02).to(dtype)
+    packed, st = quantize_nf4(w, compress_statistics=True)
+    args = (packed, st.absmax, st.code)
+    kwargs = dict(
+        nested_absmax=st.state2.absmax, nested_quant_map=st.state2.code, offset=st.offset,
+        blocksize=st.blocksize, shape=st.shape, dtype=st.dtype,
+    )  # fmt: skip
+    cases = [Case("dequantize_nf4", "torch reference", lambda: vk.dequantize_nf4_reference(*args, **kwargs))]
+    if not reference_only:
+        cases.append(Case("dequantize_nf4", "velotune", lambda: vk.dequantize_nf4(*args, **kwargs)))
+        try:
+            import bitsandbytes.functional as bnbF
+
+            cases.append(Case("dequantize_nf4", "bitsandbytes", lambda: bnbF.dequantize_4bit(packed, st)))
+        except ImportError:
+            pass
+    return cases
+
+
+OPS = {
+    "rms_norm": rms_norm_cases,
+    "rope": rope_cases,
+    "swiglu": lambda *a: glu_cases("swiglu", *a),
+    "geglu": lambda *a: glu_cases("geglu", *a),
+    "linear_cross_entropy": cross_entropy_cases,
+    "logprobs": logprobs_cases,
+    "dequantize_nf4": nf4_cases,
+}
+
+
+def measure(case: Case, device: torch.device, warmup: int, iters: int) -> tuple[float, float | None]:
+    """Median milliseconds of ``case.step`` and its peak memory above what was allocated before.
+
+    Leaf gradients accumulate across steps (the same extra add for every implementation); the
+    warm-up allocates them, so the peak counts the op's own temporaries and saved tensors.
+    """
+    for _ in range(warmup):
+        case.step()
+    if device.type != "cuda":
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            case.step()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times), None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        case.step()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end))
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return statistics.median(times), peak
+
+
+def _clear_grads(case_inputs_owner) -> None:
+    for obj in case_inputs_owner:
+        if isinstance(obj, torch.Tensor) and obj.grad is not None:
+            obj.grad = None
+
+
+def run(ops: list[str], token_counts: list[int], dry_run: bool, warmup: int, iters: int) -> list[Result]:
+    device = torch.device("cpu" if dry_run else "cuda")
+    sizes = TINY if dry_run else LLAMA_8B
+    dtype = torch.float32 if dry_run else torch.bfloat16
+    results = []
+    for op in ops:
+        for n in token_counts if op != "dequantize_nf4" else token_counts[:1]:
+            for case in OPS[op](n, sizes, device, dtype, dry_run):
+                try:
+                    ms, peak = measure(case, device, warmup, iters)
+                except torch.cuda.OutOfMemoryError:
+                    ms, peak = float("nan"), float("nan")
+                results.append(Result(op, n, case.impl, ms, peak))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return results
+
+
+def markdown(results: list[Result]) -> str:
+    lines = ["| op | tokens | implementation | fwd+bwd ms | peak extra MiB | vs reference |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+    reference_ms = {(r.op, r.tokens): r.ms for r in results if r.impl == "torch reference"}
+    for r in results:
+        peak = "-" if r.peak_mib is None else f"{r.peak_mib:,.0f}"
+        ref = reference_ms.get((r.op, r.tokens))
+        speedup = f"{ref / r.ms:.2f}x" if ref and r.ms == r.ms and r.ms > 0 else "-"
+        tokens = "-" if r.op == "dequantize_nf4" else f"{r.tokens:,}"
+        lines.append(f"| {r.op} | {tokens} | {r.impl} | {r.ms:.3f} | {peak} | {speedup} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, reference implementations only")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (default 4096 16384)")
+    parser.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS))
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.error("no CUDA device: run on the GPU machine, or pass --dry-run for a CPU smoke run")
+    tokens = args.tokens or ([16] if args.dry_run else [4096, 16384])
+    warmup, iters = (1, 1) if args.dry_run else (args.warmup, args.iters)
+    results = run(args.ops, tokens, args.dry_run, warmup, iters)
+    if not args.dry_run:
+        props = torch.cuda.get_device_properties(0)
+        print(f"{props.name}, torch {torch.__version__}, bf16, Llama-3.1-8B sizes; liger: {'yes' if _liger() else 'no'}\n")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
