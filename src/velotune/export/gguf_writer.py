@@ -93,7 +93,7 @@ def _end_of_turn(tokenizer) -> str | None:
         stops = ollama_template(tokenizer).stop_tokens
     except ValueError:
         return None
-    return next((s for s in stops if s != tokenizer.eos_token), None)
+    return stops[0] if stops else None
 
 
 def save_pretrained_gguf(
