@@ -103,7 +103,7 @@ def test_pytorch_bin_when_safe_serialization_false(tok, tmp_path):
 
 
 def test_peak_memory_is_about_one_shard(tmp_path):
-    """Peak RSS growth while exporting a ~100 MB model in 8 MB shards stays far below the model's size
+    """Peak RSS growth while exporting a ~90 MB model in 8 MB shards stays far below the model's size
     (a non-streaming merge would at least double it). Run in a fresh process for a clean peak."""
     script = textwrap.dedent(f"""
         import resource, sys, torch
@@ -112,7 +112,7 @@ def test_peak_memory_is_about_one_shard(tmp_path):
         from velotune.models import model_class_for
         from velotune.export import save_pretrained_merged
         torch.set_num_threads(2)
-        config = LlamaConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+        config = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
                              num_attention_heads=8, num_key_value_heads=8)
         model = model_class_for(config)(config).eval()
         size = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -123,7 +123,7 @@ def test_peak_memory_is_about_one_shard(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     size, growth = map(int, out.split()[-2:])
-    assert size > 90e6
+    assert size > 80e6
     assert growth < 0.3 * size, f"peak RSS grew by {growth / 1e6:.0f} MB exporting a {size / 1e6:.0f} MB model"
 
 
