@@ -1,0 +1,88 @@
+"""Compile every kernel variant for an H100/H200 (sm_90) without a GPU; run as a script.
+
+Triton's interpreter (how CI runs the kernels) executes Python, so it accepts code the compiler
+rejects (types of loop-carried values, constexpr rules, ...). ``triton.compile`` needs no device,
+only the ptxas bundled with triton, so this catches such errors on a CPU machine. It also checks
+that the NF4 kernel launched with ``enable_fp_fusion=False`` has no fused multiply-add (which
+would break bit-exactness with bitsandbytes). Must run without TRITON_INTERPRET (a fresh process).
+"""
+
+import importlib
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("run without TRITON_INTERPRET=1: the kernels must be compiled, not interpreted")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def _module(name: str):
+    return importlib.import_module(f"velotune.kernels.{name}")
+
+
+def compile_kernel(kernel, types: dict, constexprs: dict, **options):
+    signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+    return triton.compile(ASTSource(kernel, signature, constexprs), target=TARGET, options={"num_warps": 8, **options})
+
+
+def main() -> None:
+    rms, rope, glu = _module("rms_norm"), _module("rope"), _module("glu")
+    ce, nf4, logprobs = _module("cross_entropy"), _module("nf4"), _module("logprobs")
+    i64 = "i64"
+    compile_kernel(
+        rms._rms_norm_forward_kernel,
+        dict(X="*bf16", W="*bf16", Y="*bf16", RSTD="*fp32", stride_x=i64, stride_y=i64, D="i32", eps="fp32", offset="fp32"),
+        dict(BLOCK_D=4096),
+    )
+    compile_kernel(
+        rms._rms_norm_backward_kernel,
+        dict(DY="*bf16", X="*bf16", W="*bf16", RSTD="*fp32", DX="*bf16", DW_PARTIAL="*fp32", stride_dy=i64,
+             stride_x=i64, stride_dx=i64, M="i32", D="i32", offset="fp32", rows_per_program="i32"),
+        dict(BLOCK_D=4096),
+    )  # fmt: skip
+    strides = {k: i64 for k in "sx_b sx_h sx_t sy_b sy_h sy_t sc_b sc_t ss_b ss_t".split()}
+    for backward in (False, True):
+        compile_kernel(
+            rope._rope_kernel,
+            dict(X="*bf16", Y="*bf16", COS="*bf16", SIN="*bf16", T="i32", H="i32", HALF="i32", **strides),
+            dict(BLOCK_H=32, BLOCK_R=64, BACKWARD=backward),
+        )
+        compile_kernel(
+            logprobs._logprobs_chunk_kernel,
+            dict(LOGITS="*bf16", IDS="*i64", LSE="*fp32", LOGP="*fp32", GRAD="*fp32", stride_l=i64, V="i32",
+                 inv_temperature="fp32"),
+            dict(BACKWARD=backward, BLOCK_V=4096),
+        )  # fmt: skip
+        for activation in (0, 1, 2):
+            compile_kernel(
+                glu._glu_kernel,
+                dict(GATE="*bf16", UP="*bf16", OUT="*bf16", DOUT="*bf16", DGATE="*bf16", DUP="*bf16", n=i64),
+                dict(ACT=activation, BACKWARD=backward, BLOCK=1024),
+            )
+    for softcap, grad in ((False, False), (True, True)):
+        compile_kernel(
+            ce._cross_entropy_chunk_kernel,
+            dict(LOGITS="*bf16", LABELS="*i64", LOSS="*fp32", SCALE="*fp32", stride_l=i64, V="i32",
+                 ignore_index="i32", softcap="fp32"),
+            dict(HAS_SOFTCAP=softcap, COMPUTE_GRAD=grad, BLOCK_V=4096),
+        )  # fmt: skip
+    for nested, out in ((True, "bf16"), (False, "fp16")):
+        compiled = compile_kernel(
+            nf4._dequantize_nf4_kernel,
+            dict(PACKED="*u8", ABSMAX="*u8" if nested else "*fp32", QUANT_MAP="*fp32", NESTED_ABSMAX="*fp32",
+                 NESTED_MAP="*fp32", OFFSET="*fp32", OUT=f"*{out}", n=i64, blocksize="i32", nested_blocksize="i32"),
+            dict(NESTED=nested, OUT_BF16=out == "bf16", BLOCK=1024),
+            enable_fp_fusion=False,
+        )  # fmt: skip
+        if "fma.rn.f32" in compiled.asm["ptx"]:
+            sys.exit("dequantize_nf4 kernel contains an FMA despite enable_fp_fusion=False")
+    print("all kernels compiled for sm_90")
+
+
+if __name__ == "__main__":
+    main()
