@@ -32,26 +32,31 @@ def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
     sum_x = seq_sum(weights * x)  # (M,)
     flat = hi == lo
     one = torch.ones_like(hi)
+    scratch = torch.empty_like(x)  # (n, M) reused: this loop is memory-bound
+
+    def quantized_levels(iscale: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+        """clamp(nearest_int(iscale * (x - mn)), 0, nmax) as float32 (n, M)."""
+        lv = torch.sub(x, mn)
+        return lv.mul_(iscale).round_().clamp_(0, nmax)
 
     def err(scale: torch.Tensor, mn: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
-        diff = scale * lv + mn - x  # (n, M)
-        diff = diff.abs() if use_mad else diff * diff
-        return seq_sum(weights * diff)  # (M,)
+        diff = torch.mul(scale, lv, out=scratch).add_(mn).sub_(x)  # scale * L + min - x, (n, M)
+        diff = diff.abs_() if use_mad else diff.mul_(diff)
+        return seq_sum(diff.mul_(weights))  # (M,)
 
     iscale = fdiv(float(nmax), torch.where(flat, one, hi - lo))
     best_scale = fdiv(1.0, iscale)
     best_min = lo
-    levels = torch.clamp(nearest_int(iscale * (x - lo)), 0, nmax)  # (n, M) int32
-    best_err = err(best_scale, best_min, levels.to(torch.float32))
+    levels = quantized_levels(iscale, lo)  # (n, M) float32 codes
+    best_err = err(best_scale, best_min, levels)
     for step in range(nstep + 1):
         factor = float(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax))
-        iscale = fdiv(factor, torch.where(flat, one, hi - best_min))  # (M,)
-        la = torch.clamp(nearest_int(iscale * (x - best_min)), 0, nmax)  # (n, M) int32
-        laf = la.to(torch.float32)
+        iscale = fdiv(factor, torch.where(flat, one, hi - best_min))  # (M,) (max - current min)
+        laf = quantized_levels(iscale, best_min)  # (n, M)
         wl = weights * laf
         sum_l = seq_sum(wl)
-        sum_l2 = seq_sum(wl * laf)
-        sum_xl = seq_sum(wl * x)
+        sum_l2 = seq_sum(torch.mul(wl, laf, out=scratch))
+        sum_xl = seq_sum(wl.mul_(x))
         det = sum_w * sum_l2 - sum_l * sum_l  # (M,)
         ok = det > 0
         safe_det = torch.where(ok, det, one)
@@ -62,13 +67,13 @@ def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
         this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
         cur = err(this_scale, this_min, laf)
         take = ok & (cur < best_err)
-        levels = torch.where(take, la, levels)
+        levels = torch.where(take, laf, levels)
         best_err = torch.where(take, cur, best_err)
         best_scale = torch.where(take, this_scale, best_scale)
         best_min = torch.where(take, this_min, best_min)
     scale = torch.where(flat, torch.zeros_like(best_scale), best_scale)
     the_min = -torch.where(flat, lo, best_min)
-    levels = torch.where(flat, torch.zeros_like(levels), levels)
+    levels = torch.where(flat, torch.zeros_like(levels), levels).to(torch.int32)
     return scale, the_min, levels
 
 
@@ -85,10 +90,14 @@ def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     w = x * x  # (n, M)
     wx = w * x
 
+    scratch = torch.empty_like(x)
+
     def fit(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        lv = torch.clamp(nearest_int(iscale * x), -nmax, nmax - 1)  # (n, M)
-        lf = lv.to(torch.float32)
-        return lv, seq_sum(wx * lf), seq_sum((w * lf) * lf)
+        """Levels clamp(nearest_int(iscale * x), -nmax, nmax - 1) as float32 (n, M), sum w x l, sum w l l."""
+        lv = torch.mul(x, iscale).round_().clamp_(-nmax, nmax - 1)
+        sumlx = seq_sum(torch.mul(wx, lv, out=scratch))
+        suml2 = seq_sum(torch.mul(w, lv, out=scratch).mul_(lv))
+        return lv, sumlx, suml2
 
     lv, sumlx, suml2 = fit(fdiv(float(-nmax), safe_max))
     scale = torch.where(suml2 != 0, fdiv(sumlx, torch.where(suml2 != 0, suml2, one)), torch.zeros_like(sumlx))
@@ -104,7 +113,7 @@ def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
         scale = torch.where(take, fdiv(sumlx, torch.where(suml2 > 0, suml2, one)), scale)
         best = torch.where(take, scale * sumlx, best)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
-    levels = torch.where(zero, torch.zeros_like(levels), levels)
+    levels = torch.where(zero, torch.zeros_like(levels), levels).to(torch.int32)
     return scale, levels
 
 

@@ -55,8 +55,8 @@ CODECS: dict[gguf.GGMLQuantizationType, BlockCodec] = {
     Q.Q6_K: BlockCodec(q6_k.quantize_blocks, q6_k.dequantize_blocks),
 }
 
-# float32 values per chunk: bounds the scratch memory of the k-quant searches
-_CHUNK_VALUES = {"cpu": 1 << 21, "cuda": 1 << 25}
+# float32 values per chunk: bounds the k-quant searches' scratch memory (CPU: small enough to stay in cache)
+_CHUNK_VALUES = {"cpu": 1 << 18, "cuda": 1 << 26}
 
 
 def _check_qtype(qtype) -> gguf.GGMLQuantizationType:
