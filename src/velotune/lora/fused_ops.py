@@ -25,8 +25,9 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float =
     return (h * (weight.float() + offset)).to(x.dtype)
 
 
-def _apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q (B, Hq, T, D), k (B, Hk, T, D), cos/sin (B, T, R) -> rotated (q, k); R < D is partial rotary."""
+def _apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inplace: bool = True):
+    """q (B, Hq, T, D), k (B, Hk, T, D), cos/sin (B, T, R) -> rotated (q, k); R < D is partial
+    rotary. Always out of place here (`inplace` is the kernel's permission to write into q/k)."""
     return _rope_one(q, cos, sin), _rope_one(k, cos, sin)
 
 

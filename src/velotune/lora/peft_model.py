@@ -8,14 +8,12 @@ trainers disable the adapter for the reference model instead of copying the mode
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import random
 from pathlib import Path
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from peft import LoraConfig, PeftModel, PeftModelForCausalLM, load_peft_weights, set_peft_model_state_dict
 
 from ..models.decoder import DecoderModel
@@ -162,15 +160,14 @@ def _seed(random_state: int) -> None:
 def _set_checkpointing(model, mode) -> None:
     """Checkpoint each decoder layer (non-reentrant, so frozen embeddings need no grad hooks).
 
-    Our models take the flag and the function directly (transformers has renamed its toggle
-    across 5.x); the generic path uses whichever toggle the installed transformers has.
-    "unsloth" (activation offload to CPU) arrives with the GPU fast path; until then it
-    checkpoints like True: the same results, with more GPU memory.
+    Our models take the mode directly (transformers has renamed its toggle across 5.x):
+    "unsloth" also parks each layer's input in pinned CPU memory until backward needs it
+    (models/checkpointing.py). The generic path uses whichever toggle the installed
+    transformers has, and checkpoints plainly for "unsloth".
     """
     decoder = getattr(model, "model", None)
     if isinstance(decoder, DecoderModel):
-        decoder.gradient_checkpointing = bool(mode)
-        decoder._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+        decoder.set_checkpointing(mode)
     elif mode:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})

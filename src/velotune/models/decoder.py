@@ -9,14 +9,17 @@ public `Cache.update` API only, and accepts the cache under both names transform
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .. import fast_path as fast_path_switch
+from .checkpointing import OffloadedCheckpointer, checkpoint_function
 from .layers import Attention, GatedMLP, make_norm
-from .loss import causal_lm_loss
+from .loss import causal_lm_loss, fused_causal_lm_loss
 from .masks import LayerMasks, mask_inputs
 from .rope import RotaryEmbedding
 from .spec import FAMILIES, FamilySpec, layer_types_of
@@ -40,13 +43,14 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = make_norm(spec, config.hidden_size, eps)
             self.post_feedforward_layernorm = make_norm(spec, config.hidden_size, eps)
 
-    def forward(self, x, cos_sin, masks, cache=None):  # x (B, T, C)
-        h = self.self_attn(self.input_layernorm(x), cos_sin, masks, cache)
+    def forward(self, x, cos_sin, masks, cache=None, fast: bool = False):  # x (B, T, C)
+        h = self.self_attn(self.input_layernorm(x, fast), cos_sin, masks, cache, fast)
         if self.sandwich:
-            x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            x = x + self.post_attention_layernorm(h, fast)
+            h = self.mlp(self.pre_feedforward_layernorm(x, fast), fast)
+            return x + self.post_feedforward_layernorm(h, fast)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x, fast), fast)
 
 
 class DecoderModel(nn.Module):
@@ -64,6 +68,28 @@ class DecoderModel(nn.Module):
         self.norm = make_norm(spec, config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = nn.ModuleDict({kind: RotaryEmbedding(config, kind) for kind in sorted(set(self.layer_types))})
         self.gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable
+        self.checkpoint_mode: bool | str = False
+        self._checkpoint_function = checkpoint_function(True)
+        self.fast_path: bool | None = None  # None: automatic; see velotune.fast_path.set_fast_path
+
+    def set_checkpointing(self, mode: bool | str) -> None:
+        """get_peft_model's `use_gradient_checkpointing`: False, True (plain per-layer
+        checkpoints) or "unsloth" (per-layer checkpoints whose inputs wait in pinned CPU memory)."""
+        self.checkpoint_mode = mode
+        self.gradient_checkpointing = bool(mode)
+        self._checkpoint_function = checkpoint_function(mode)
+
+    @property
+    def _gradient_checkpointing_func(self):
+        return self._checkpoint_function
+
+    @_gradient_checkpointing_func.setter
+    def _gradient_checkpointing_func(self, function) -> None:
+        """transformers' toggle (which Trainer calls again when training starts with
+        gradient_checkpointing=True) sets this; it must not silently undo "unsloth" offloading."""
+        if isinstance(self._checkpoint_function, OffloadedCheckpointer):
+            return
+        self._checkpoint_function = function
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)  # (B, T, C)
@@ -81,10 +107,14 @@ class DecoderModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cache=None,
+        fast: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """transformers' `*Model.forward` contract (TRL calls the backbone directly for its fused
-        loss); unused kwargs (output_attentions, cache_position, ...) are accepted and ignored."""
+        loss); unused kwargs (output_attentions, cache_position, ...) are accepted and ignored.
+        `fast`: the fast-path decision when the caller already made it (None: ask fast_path.py)."""
+        if fast is None:
+            fast = fast_path_switch.decide(self).enabled
         cache = cache if cache is not None else past_key_values
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
@@ -107,10 +137,11 @@ class DecoderModel(nn.Module):
         checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer, kind in zip(self.layers, self.layer_types):
             if checkpoint:
-                h = self._gradient_checkpointing_func(layer.__call__, h, cos_sin[kind], masks[kind], None)
+                run = functools.partial(layer.__call__, fast=fast)
+                h = self._gradient_checkpointing_func(run, h, cos_sin[kind], masks[kind], None)
             else:
-                h = layer(h, cos_sin[kind], masks[kind], cache)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), **{_CACHE_FIELD: cache})
+                h = layer(h, cos_sin[kind], masks[kind], cache, fast)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h, fast), **{_CACHE_FIELD: cache})
 
     @staticmethod
     def _default_positions(attention_mask, past: int, T: int, device) -> torch.Tensor:
@@ -186,20 +217,46 @@ class DecoderForCausalLM(PreTrainedModel, GenerationMixin):
         cache=None,
         num_items_in_batch: torch.Tensor | int | None = None,
         shift_labels: torch.Tensor | None = None,
+        return_logits: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Same contract as transformers' `*ForCausalLM.forward`; extra kwargs (cache_position,
-        return_dict, output_attentions=False, ...) are accepted and ignored."""
+        return_dict, output_attentions=False, ...) are accepted and ignored.
+
+        On the fast path, a training forward with labels computes the loss with the fused linear
+        cross-entropy and returns `logits=None` (the (B, T, V) logits are never built), unless
+        the caller asks for them: `return_logits=True`, `VELOTUNE_RETURN_LOGITS=1`, or a loaded
+        TRL whose SFTTrainer reads them (see `fast_path.logits_wanted`). Evaluation (eval mode or
+        no grad), generation and calls without labels always return the logits."""
+        fast = fast_path_switch.decide(self.model).enabled
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, cache=cache,
-                         past_key_values=past_key_values)
+                         past_key_values=past_key_values, fast=fast)
         hidden = out.last_hidden_state  # (B, T, C)
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        has_labels = labels is not None or shift_labels is not None
+        head = _lm_head_weight(self.lm_head) if fast and has_labels and self.training else None
+        if head is not None and head.dtype == hidden.dtype and torch.is_grad_enabled() \
+                and not fast_path_switch.logits_wanted(return_logits):
+            loss = fused_causal_lm_loss(hidden, head, labels, num_items_in_batch, shift_labels, softcap)
+            return CausalLMOutputWithPast(loss=loss, logits=None, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])  # (B, T', V)
-        softcap = getattr(self.config, "final_logit_softcapping", None)
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
         loss = None
         if labels is not None or shift_labels is not None:
             loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
+
+
+def _lm_head_weight(lm_head: nn.Module) -> torch.Tensor | None:
+    """The (V, C) output weight the fused cross-entropy can use, or None (a LoRA-wrapped or
+    biased head): a plain Linear, or the active copy of PEFT's modules_to_save wrapper."""
+    if type(lm_head).__name__ == "ModulesToSaveWrapper":
+        active = [a for a in lm_head.active_adapters if a in lm_head.modules_to_save]
+        use_copy = active and not lm_head.disable_adapters
+        lm_head = lm_head.modules_to_save[active[0]] if use_copy else lm_head.original_module
+    if type(lm_head) is nn.Linear and lm_head.bias is None:
+        return lm_head.weight
+    return None

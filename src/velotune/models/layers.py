@@ -18,6 +18,14 @@ from .rope import apply_rope
 from .spec import FamilySpec, activation_name, attention_scaling, head_dim_of
 
 
+def _fast():
+    """The fast path's modules (fused LoRA functions and kernel ops), imported on first use
+    because the `velotune.lora` package itself imports this model package."""
+    from ..lora import fused_linear, fused_mlp, fused_ops
+
+    return fused_linear, fused_mlp, fused_ops
+
+
 class RMSNorm(nn.Module):
     """Llama-style RMSNorm: normalise in fp32, cast back, then scale by w."""
 
@@ -26,7 +34,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.variance_epsilon = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        if fast:
+            return _fast()[2].rms_norm(x, self.weight, self.variance_epsilon)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
@@ -41,7 +51,9 @@ class GemmaRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        if fast:
+            return _fast()[2].rms_norm(x, self.weight, self.eps, offset=1.0)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (h * (1.0 + self.weight.float())).type_as(x)
@@ -60,9 +72,14 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
-        self.act_fn = ACT2FN[activation_name(config)]
+        self.activation = activation_name(config)
+        self.act_fn = ACT2FN[self.activation]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        if fast:  # one fused autograd node (None when a projection or the activation cannot fuse)
+            out = _fast()[1].lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.activation)
+            if out is not None:
+                return out
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -129,18 +146,35 @@ class Attention(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         masks: LayerMasks,
         cache=None,
+        fast: bool = False,
     ) -> torch.Tensor:
+        """`fast`: fused LoRA q/k/v and o (one autograd node each) and the RMSNorm/RoPE kernels;
+        the decision is fast_path.py's."""
+        if fast:
+            fused_linear, _, ops = _fast()
+            q, k, v = fused_linear.lora_projections(x, [self.q_proj, self.k_proj, self.v_proj])
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q = q.view(B, T, -1, self.head_dim)  # (B, T, H, D)
+        k = k.view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), *cos_sin)  # (B, H, T, D)
-        k = apply_rope(k.transpose(1, 2), *cos_sin)  # (B, Hkv, T, D)
+            q, k = self.q_norm(q, fast), self.k_norm(k, fast)
+        if fast:
+            # In place, except on the q/k norm's outputs: those come out of the norm's autograd
+            # Function as views, which autograd forbids modifying in place.
+            inplace = self.q_norm is None
+            q, k = ops.apply_rope(q.transpose(1, 2), k.transpose(1, 2), *cos_sin, inplace=inplace)  # (B, H|Hkv, T, D)
+        else:
+            q = apply_rope(q.transpose(1, 2), *cos_sin)  # (B, H, T, D)
+            k = apply_rope(k.transpose(1, 2), *cos_sin)  # (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, Tk, D)
         mask, causal = masks.for_keys(k.shape[2])
         dropout = self.attention_dropout if self.training else 0.0
         out = _attend(q, k, v, mask, causal, self.scaling, self.softcap, dropout)  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
+        if fast:
+            return fused_linear.lora_projections(out, [self.o_proj])[0]
+        return self.o_proj(out)

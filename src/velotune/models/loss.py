@@ -33,3 +33,23 @@ def causal_lm_loss(
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+def fused_causal_lm_loss(
+    hidden: torch.Tensor,  # (B, T, C), the final norm's output
+    weight: torch.Tensor,  # (V, C), the output embedding
+    labels: torch.Tensor | None = None,  # (B, T), unshifted
+    num_items_in_batch: torch.Tensor | int | None = None,
+    shift_labels: torch.Tensor | None = None,  # (B, T), already shifted
+    softcap: float | None = None,  # Gemma 2's final_logit_softcapping
+) -> torch.Tensor:
+    """`causal_lm_loss(lm_head(hidden), ...)` without building the (B, T, V) logits: the fused
+    linear cross-entropy kernel works through the tokens in chunks."""
+    from ..lora.fused_ops import fused_linear_cross_entropy  # velotune.lora imports this package
+
+    targets = shift_labels if shift_labels is not None else shift_labels_of(labels)
+    targets = targets.reshape(-1).to(hidden.device)  # (B*T,)
+    return fused_linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets, ignore_index=IGNORE_INDEX, softcap=softcap,
+        num_items_in_batch=num_items_in_batch, reduction="mean",
+    )

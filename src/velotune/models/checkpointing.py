@@ -1,0 +1,131 @@
+"""Per-layer gradient checkpointing, and the "unsloth" mode that offloads each layer's input.
+
+Plain checkpointing keeps each decoder layer's input (B, T, C) on the GPU and recomputes the
+layer in backward; at long sequences those inputs are most of what is left in memory (32 layers
+x T x 4096 x 2 bytes for an 8B model). `use_gradient_checkpointing="unsloth"` copies each input to
+pinned CPU memory on a side CUDA stream while the next layers compute, and brings it back when
+that layer's backward needs it. Below `OFFLOAD_MIN_TOKENS` tokens per batch (and off CUDA) the
+copies cost more than the memory is worth, so it checkpoints plainly (non-reentrant).
+
+The offloading checkpoint is a reentrant-style autograd function: the layer runs under no_grad
+in forward and again with grad in backward, where `torch.autograd.backward` accumulates the
+layer's parameter gradients. Like every reentrant checkpoint, that supports `loss.backward()`
+(what trainers call), not `torch.autograd.grad` on the parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+# Provisional: offload only from this many tokens per micro-batch (B*T). Chosen, not yet measured,
+# so that the 8B benchmark shapes (2 x 2048 and 1 x 32768) offload; bench/bench_train.py measures
+# where offloading starts to pay (tokens/s vs peak memory with and without) on the GPU machine.
+OFFLOAD_MIN_TOKENS = 4096
+
+_side_streams: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def plain_checkpoint(function, *args, **kwargs):
+    """Non-reentrant torch checkpointing (frozen embeddings need no input-grad hooks)."""
+    return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+
+class _HostCopy:
+    """A tensor's copy off the compute device, started asynchronously, brought back on demand.
+
+    CUDA: pinned host memory, copied on a side stream that first waits for the producer; the
+    source's memory is not reused before the copy ends (record_stream). CPU tensors (tests):
+    a plain clone, so the same save/restore round trip runs without a GPU.
+    """
+
+    def __init__(self, tensor: torch.Tensor):
+        self.device = tensor.device
+        self.event = None
+        if tensor.is_cuda:
+            stream = _side_streams.get(tensor.device)
+            if stream is None:
+                stream = _side_streams[tensor.device] = torch.cuda.Stream(tensor.device)
+            stream.wait_stream(torch.cuda.current_stream(tensor.device))
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+            with torch.cuda.stream(stream):
+                self.host.copy_(tensor, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record(stream)
+            tensor.record_stream(stream)
+        else:
+            self.host = tensor.detach().clone()
+
+    def restore(self) -> torch.Tensor:
+        if self.event is None:
+            return self.host
+        torch.cuda.current_stream(self.device).wait_event(self.event)
+        return self.host.to(self.device, non_blocking=True)
+
+
+class _OffloadedCheckpointFunction(torch.autograd.Function):
+    """forward(function, hidden, anchor, *args) = function(hidden, *args), keeping only a host
+    copy of `hidden`. `anchor` is an empty tensor that requires grad, so that backward runs (and
+    the layer's adapters get gradients) even when `hidden` itself needs no gradient (layer 0
+    with frozen embeddings)."""
+
+    @staticmethod
+    def forward(ctx, function, hidden, anchor, *args):
+        ctx.function, ctx.args = function, args
+        ctx.hidden_requires_grad = hidden.requires_grad
+        ctx.device_type = hidden.device.type
+        ctx.autocast = (torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type))
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        ctx.saved = _HostCopy(hidden)
+        with torch.no_grad():
+            return function(hidden, *args)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden = ctx.saved.restore().detach().requires_grad_(ctx.hidden_requires_grad)
+        del ctx.saved
+        devices = [hidden.device] if hidden.is_cuda else []
+        enabled, dtype = ctx.autocast
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
+            out = ctx.function(hidden, *ctx.args)
+        if out.requires_grad:
+            torch.autograd.backward(out, grad_out)
+        grad_hidden = hidden.grad if ctx.hidden_requires_grad else None
+        return (None, grad_hidden, None, *([None] * len(ctx.args)))
+
+
+class OffloadedCheckpointer:
+    """The `_gradient_checkpointing_func` of `use_gradient_checkpointing="unsloth"`.
+
+    Called as transformers calls its checkpoint function: `(function, hidden, *args)`. Offloads
+    when `hidden` is on CUDA with at least `min_tokens` tokens; `offload_on_cpu=True` runs the
+    offloading function on CPU tensors too (a host clone stands in for the pinned copy), which is
+    how the CPU tests exercise it. `offloaded` counts the calls that took the offloading route.
+    """
+
+    def __init__(self, min_tokens: int = OFFLOAD_MIN_TOKENS, offload_on_cpu: bool = False):
+        self.min_tokens = min_tokens
+        self.offload_on_cpu = offload_on_cpu
+        self.offloaded = 0
+
+    def __call__(self, function, hidden: torch.Tensor, *args, **kwargs):
+        if kwargs:
+            function = functools.partial(function, **kwargs)
+        on_device = hidden.is_cuda or self.offload_on_cpu
+        if not on_device or hidden.shape[:-1].numel() < self.min_tokens or not torch.is_grad_enabled():
+            return plain_checkpoint(function, hidden, *args)
+        self.offloaded += 1
+        anchor = torch.empty(0, device=hidden.device, requires_grad=True)
+        return _OffloadedCheckpointFunction.apply(function, hidden, anchor, *args)
+
+
+def checkpoint_function(mode):
+    """The per-layer checkpoint function for get_peft_model's `use_gradient_checkpointing`."""
+    return OffloadedCheckpointer() if mode == "unsloth" else plain_checkpoint

@@ -1,0 +1,167 @@
+"""The fast-path switch (velotune.fast_path) and the exactness of the fused path on the CPU.
+
+Forcing the fast path on (`set_fast_path(model, True)`) runs the fused LoRA functions, the
+kernel ops (their CPU references) and the fused cross-entropy; it must give the plain path's
+loss and gradients in fp32. This is the exactness proof CI can run.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from lora_models import batch, loss_and_grads, lora_model
+from velotune import fast_path
+from velotune.fast_path import decide, set_fast_path
+
+FAMILIES = ["llama", "llama3_rope", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "phi3_partial"]
+
+
+def test_decision_table(monkeypatch):
+    monkeypatch.delenv(fast_path.DISABLE_ENV, raising=False)
+    model = lora_model("llama")
+    auto = decide(model)
+    assert not auto.enabled and "on cpu" in auto.reason  # no CUDA -> plain
+    forced = decide(model, fast_path=True)
+    assert forced.enabled and "forced" in forced.reason
+    set_fast_path(model, True)
+    assert decide(model).enabled
+    assert not decide(model, fast_path=False).enabled
+    monkeypatch.setenv(fast_path.DISABLE_ENV, "1")
+    env = decide(model)
+    assert not env.enabled and fast_path.DISABLE_ENV in env.reason  # the variable beats everything
+
+
+@pytest.mark.parametrize(
+    "lora, expected",
+    [
+        (dict(lora_dropout=0.1), "lora_dropout=0.1"),
+        (dict(bias="lora_only"), "bias"),  # qwen2's q/k/v biases train
+        (dict(bias="all"), "bias"),
+    ],
+)
+def test_unsupported_lora_settings_keep_the_plain_path(lora, expected):
+    model = lora_model("qwen2", **lora)
+    decision = decide(model, fast_path=True)
+    assert not decision.enabled
+    assert "model.layers.0.self_attn.q_proj" in decision.reason and expected in decision.reason
+
+
+def test_generic_models_and_bad_settings():
+    plain = torch.nn.Linear(2, 2)
+    assert "not a velotune decoder" in decide(plain).reason
+    with pytest.raises(ValueError, match="no velotune decoder"):
+        set_fast_path(plain, True)
+    with pytest.raises(ValueError, match="allowed values are True, False and None"):
+        set_fast_path(lora_model("llama"), "yes")
+
+
+def test_decision_is_logged_once(caplog):
+    model = lora_model("qwen3")
+    fast_path._logged.clear()
+    with caplog.at_level(logging.INFO, logger="velotune"):
+        for _ in range(3):
+            decide(model, fast_path=True)
+    messages = [r.getMessage() for r in caplog.records if "fast path" in r.getMessage()]
+    assert len(messages) == 1 and "qwen3" in messages[0]
+
+
+# Under Triton's interpreter too: RMSNorm with and without Gemma's offset, SwiGLU and GeGLU, RoPE,
+# soft-capped fused cross-entropy.
+INTERPRETED = ("llama", "gemma2")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_path_matches_plain_fp32(family, request):
+    if family in INTERPRETED:
+        request.getfixturevalue("interpreted")
+    model = lora_model(family)
+    inputs = batch()
+    set_fast_path(model, False)
+    plain, plain_grads = loss_and_grads(model, inputs)
+    set_fast_path(model, True)
+    fused, fused_grads = loss_and_grads(model, inputs)
+    assert fused.logits is None and plain.logits is not None  # no (B, T, V) logits on the fast path
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    assert fused_grads.keys() == plain_grads.keys() and len(plain_grads) == 7 * 2 * model.config.num_hidden_layers
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_path_really_runs_the_fused_functions():
+    model = lora_model("llama")
+    set_fast_path(model, True)
+    seen = []
+    hooks = [m.register_forward_hook(lambda *a: seen.append(1)) for n, m in model.named_modules()
+             if n.endswith(("q_proj", "gate_proj"))]
+    out = model(**batch())
+    for h in hooks:
+        h.remove()
+    assert seen == []  # the projection modules were not called; the fused functions read their weights
+    names, seen_nodes, stack = set(), set(), [out.loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and id(fn) not in seen_nodes:
+            seen_nodes.add(id(fn))
+            names.add(type(fn).__name__)
+            stack += [f for f, _ in fn.next_functions]
+    assert {"LoraProjectionsFunctionBackward", "LoraMLPFunctionBackward"} <= names
+
+
+def test_logits_on_request_in_eval_and_without_labels():
+    model = lora_model("gemma2")  # final-logit soft-capping
+    inputs = batch()
+    set_fast_path(model, False)
+    reference = model(**inputs)
+    set_fast_path(model, True)
+    asked = model(**inputs, return_logits=True)
+    torch.testing.assert_close(asked.logits, reference.logits)
+    torch.testing.assert_close(asked.loss, reference.loss)
+    no_labels = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    torch.testing.assert_close(no_labels.logits, reference.logits, rtol=1e-5, atol=1e-5)
+    model.eval()
+    assert model(**inputs).logits is not None  # evaluation keeps its logits (Trainer metrics)
+    with torch.no_grad():
+        model.train()
+        assert model(**inputs).logits is not None
+
+
+def test_num_items_in_batch_and_shift_labels_on_the_fused_loss():
+    model = lora_model("qwen3")
+    inputs = batch()
+    n = torch.tensor(11)
+    set_fast_path(model, False)
+    plain = model(**inputs, num_items_in_batch=n).loss
+    set_fast_path(model, True)
+    fused = model(**inputs, num_items_in_batch=n).loss
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    shifted = torch.nn.functional.pad(inputs["labels"], (0, 1), value=-100)[:, 1:]
+    fused_shift = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], shift_labels=shifted)
+    torch.testing.assert_close(fused_shift.loss, model(**inputs).loss)
+
+
+def test_greedy_generation_is_unchanged_by_the_fast_path():
+    model = lora_model("llama").eval()
+    ids = batch()["input_ids"][:1, :5]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    set_fast_path(model, False)
+    plain = model.generate(input_ids=ids, **kwargs)
+    set_fast_path(model, True)
+    torch.testing.assert_close(model.generate(input_ids=ids, **kwargs), plain)
+
+
+def test_trl_without_fused_head_gets_logits(monkeypatch):
+    """An imported TRL SFTTrainer that reads outputs.logits (TRL < fused LM head) gets them."""
+    import sys
+    import types
+
+    assert not fast_path.logits_wanted(None) or "trl.trainer.sft_trainer" in sys.modules
+    old_trl = types.ModuleType("trl.trainer.sft_trainer")  # the module as TRL 0.24 has it: no add_fused_lm_head
+    monkeypatch.setitem(sys.modules, "trl.trainer.sft_trainer", old_trl)
+    assert fast_path.logits_wanted(None)
+    assert not fast_path.logits_wanted(False)
+    import trl.trainer.sft_trainer  # noqa: F401  (the installed TRL)
+
+    monkeypatch.setitem(sys.modules, "trl.trainer.sft_trainer", sys.modules["trl.trainer.sft_trainer"])
