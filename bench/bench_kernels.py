@@ -76,7 +76,9 @@ def rms_norm_cases(n: int, s: Sizes, device, dtype, reference_only: bool) -> lis
         cases.append(Case("rms_norm", "velotune", lambda: _backward(vk.rms_norm(x, w, 1e-5), dy)))
         liger = _liger()
         if liger is not None and hasattr(liger, "liger_rms_norm"):
-            cases.append(Case("rms_norm", "liger", lambda: _backward(liger.liger_rms_norm(x, w, 1e-5, in_place=False), dy)))
+            cases.append(
+                Case("rms_norm", "liger", lambda: _backward(liger.liger_rms_norm(x, w, 1e-5, in_place=False), dy))
+            )
     return cases
 
 
@@ -131,12 +133,16 @@ def cross_entropy_cases(n: int, s: Sizes, device, dtype, reference_only: bool) -
     ]  # fmt: skip
     if not reference_only:
         cases.append(
-            Case("linear_cross_entropy", "velotune", lambda: vk.fused_linear_cross_entropy(hidden, weight, labels).backward())
+            Case(
+                "linear_cross_entropy",
+                "velotune",
+                lambda: vk.fused_linear_cross_entropy(hidden, weight, labels).backward(),
+            )
         )
         liger = _liger()
         if liger is not None and hasattr(liger, "liger_fused_linear_cross_entropy"):
-            cases.append(Case("linear_cross_entropy", "liger",
-                              lambda: liger.liger_fused_linear_cross_entropy(hidden, weight, labels).backward()))  # fmt: skip
+            liger_ce = liger.liger_fused_linear_cross_entropy
+            cases.append(Case("linear_cross_entropy", "liger", lambda: liger_ce(hidden, weight, labels).backward()))
     return cases
 
 
@@ -144,7 +150,9 @@ def logprobs_cases(n: int, s: Sizes, device, dtype, reference_only: bool) -> lis
     hidden = torch.randn(1, n, s.hidden, device=device, dtype=dtype, requires_grad=True)
     weight = (torch.randn(s.vocab, s.hidden, device=device) * s.hidden**-0.5).to(dtype)
     ids = torch.randint(0, s.vocab, (1, n), device=device)
-    cases = [Case("logprobs", "torch reference", lambda: vk.chunked_logprobs_reference(hidden, weight, ids).sum().backward())]
+    cases = [
+        Case("logprobs", "torch reference", lambda: vk.chunked_logprobs_reference(hidden, weight, ids).sum().backward())
+    ]
     if not reference_only:
         cases.append(Case("logprobs", "velotune", lambda: vk.chunked_logprobs(hidden, weight, ids).sum().backward()))
     return cases
@@ -233,7 +241,10 @@ def run(ops: list[str], token_counts: list[int], dry_run: bool, warmup: int, ite
 
 
 def markdown(results: list[Result]) -> str:
-    lines = ["| op | tokens | implementation | fwd+bwd ms | peak extra MiB | vs reference |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+    lines = [
+        "| op | tokens | implementation | fwd+bwd ms | peak extra MiB | vs reference |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
     reference_ms = {(r.op, r.tokens): r.ms for r in results if r.impl == "torch reference"}
     for r in results:
         peak = "-" if r.peak_mib is None else f"{r.peak_mib:,.0f}"
@@ -259,7 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     results = run(args.ops, tokens, args.dry_run, warmup, iters)
     if not args.dry_run:
         props = torch.cuda.get_device_properties(0)
-        print(f"{props.name}, torch {torch.__version__}, bf16, Llama-3.1-8B sizes; liger: {'yes' if _liger() else 'no'}\n")
+        print(
+            f"{props.name}, torch {torch.__version__}, bf16, Llama-3.1-8B sizes; liger: {'yes' if _liger() else 'no'}\n"
+        )
     print(markdown(results))
 
 

@@ -36,7 +36,17 @@ def main() -> None:
     i64 = "i64"
     compile_kernel(
         rms._rms_norm_forward_kernel,
-        dict(X="*bf16", W="*bf16", Y="*bf16", RSTD="*fp32", stride_x=i64, stride_y=i64, D="i32", eps="fp32", offset="fp32"),
+        dict(
+            X="*bf16",
+            W="*bf16",
+            Y="*bf16",
+            RSTD="*fp32",
+            stride_x=i64,
+            stride_y=i64,
+            D="i32",
+            eps="fp32",
+            offset="fp32",
+        ),
         dict(BLOCK_D=4096),
     )
     compile_kernel(

@@ -59,7 +59,9 @@ def test_bit_exact_vs_our_quantizer_and_weight_helper(shape, device):
 def test_other_output_dtype_and_quant_storage(device):
     """Storage other than uint8 (bytes reinterpreted) and a compute dtype other than the original."""
     w = torch.randn(48, 64, device=device)
-    packed, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=torch.bfloat16)
+    packed, state = bnbF.quantize_4bit(
+        w, blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=torch.bfloat16
+    )
     want = bnbF.dequantize_4bit(packed, state).to(torch.bfloat16)  # fp32 product, one rounding
     got = dequantize_nf4(packed, state.absmax, state.code, **_kwargs(state, torch.bfloat16), use_triton=True)
     assert torch.equal(got, want)
@@ -71,7 +73,9 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="need 4 absmax entries, got 8"):
         dequantize_nf4(packed, state.absmax, state.code, **{**_kwargs(state), "blocksize": 128})
     with pytest.raises(ValueError, match="needs nested_absmax, nested_quant_map and offset together"):
-        dequantize_nf4(packed, state.absmax, state.code, nested_absmax=state.state2.absmax, shape=(8, 64), dtype=torch.float32)
+        dequantize_nf4(
+            packed, state.absmax, state.code, nested_absmax=state.state2.absmax, shape=(8, 64), dtype=torch.float32
+        )
     with pytest.raises(ValueError, match="carries no bitsandbytes quant_state"):
         dequantize_nf4_weight(torch.nn.Linear(4, 4))
 

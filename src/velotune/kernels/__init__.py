@@ -15,8 +15,8 @@ from .cross_entropy import (
 from .glu import GatedActivationFunction, geglu, geglu_reference, swiglu, swiglu_reference
 from .logprobs import ChunkedLogprobsFunction, chunked_logprobs, chunked_logprobs_reference
 from .nf4 import dequantize_nf4, dequantize_nf4_reference, dequantize_nf4_weight
-from .rope import RoPEFunction, apply_rope, apply_rope_reference
 from .rms_norm import RMSNormFunction, rms_norm, rms_norm_reference
+from .rope import RoPEFunction, apply_rope, apply_rope_reference
 
 __all__ = [
     "ChunkedLogprobsFunction",

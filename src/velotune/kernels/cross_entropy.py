@@ -175,7 +175,10 @@ def _scale(labels, ignore_index, num_items_in_batch, reduction) -> torch.Tensor:
 def _check(hidden, weight, labels, reduction, bias, softcap) -> None:
     H = hidden.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != H:
-        raise ValueError(f"fused_linear_cross_entropy: weight must be (V, {H}) for hidden {tuple(hidden.shape)}, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"fused_linear_cross_entropy: weight must be (V, {H}) for hidden {tuple(hidden.shape)}, "
+            f"got {tuple(weight.shape)}"
+        )
     if labels.numel() != hidden.numel() // max(H, 1) or labels.shape != hidden.shape[:-1]:
         raise ValueError(
             f"fused_linear_cross_entropy: labels {tuple(labels.shape)} must be hidden's leading shape "

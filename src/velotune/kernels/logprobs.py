@@ -77,7 +77,9 @@ class ChunkedLogprobsFunction(torch.autograd.Function):
             for start in range(0, N, chunk_size):
                 end = min(start + chunk_size, N)
                 logits = (hidden[start:end] @ w.t()).contiguous()  # (n, V)
-                _launch(logits, ids[start:end], lse[start:end], logp[start:end], logp[start:end], 1.0 / temperature, False)
+                _launch(
+                    logits, ids[start:end], lse[start:end], logp[start:end], logp[start:end], 1.0 / temperature, False
+                )
         ctx.save_for_backward(hidden, weight, ids, lse)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return logp
@@ -96,7 +98,15 @@ class ChunkedLogprobsFunction(torch.autograd.Function):
                 end = min(start + ctx.chunk_size, N)
                 h = hidden[start:end]  # (n, H)
                 logits = (h @ w.t()).contiguous()  # (n, V)
-                _launch(logits, ids[start:end], lse[start:end], lse[start:end], grad_logp[start:end], 1.0 / ctx.temperature, True)
+                _launch(
+                    logits,
+                    ids[start:end],
+                    lse[start:end],
+                    lse[start:end],
+                    grad_logp[start:end],
+                    1.0 / ctx.temperature,
+                    True,
+                )
                 if need_dh:
                     torch.mm(logits, w, out=dh[start:end])  # (n, H)
                 if need_dw:
@@ -116,9 +126,14 @@ def chunked_logprobs(
     """log p(token_ids) under softmax(hidden (B, T, H) @ weight (V, H).T / temperature): (B, T) fp32."""
     H, V = hidden.shape[-1], weight.shape[0]
     if weight.dim() != 2 or weight.shape[1] != H:
-        raise ValueError(f"chunked_logprobs: weight must be (V, {H}) for hidden {tuple(hidden.shape)}, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"chunked_logprobs: weight must be (V, {H}) for hidden {tuple(hidden.shape)}, got {tuple(weight.shape)}"
+        )
     if token_ids.shape != hidden.shape[:-1]:
-        raise ValueError(f"chunked_logprobs: token_ids {tuple(token_ids.shape)} must be hidden's leading shape {tuple(hidden.shape[:-1])}")
+        raise ValueError(
+            f"chunked_logprobs: token_ids {tuple(token_ids.shape)} must be hidden's leading shape "
+            f"{tuple(hidden.shape[:-1])}"
+        )
     if not temperature > 0:
         raise ValueError(f"chunked_logprobs: temperature must be > 0, got {temperature!r}")
     bad = (token_ids < 0) | (token_ids >= V)

@@ -118,7 +118,9 @@ def rms_norm(
 ) -> torch.Tensor:
     """RMSNorm of x (..., D) with weight (D,): Triton on CUDA (or the interpreter), else the reference."""
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"rms_norm: weight must have shape ({x.shape[-1]},) to match x {tuple(x.shape)}, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"rms_norm: weight must have shape ({x.shape[-1]},) to match x {tuple(x.shape)}, got {tuple(weight.shape)}"
+        )
     if not should_use_triton(x, use_triton):
         return rms_norm_reference(x, weight, eps, offset)
     return RMSNormFunction.apply(x, weight, float(eps), float(offset))
