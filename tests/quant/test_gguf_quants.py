@@ -159,3 +159,31 @@ def test_gpu_bytes_equal_cpu_bytes(qtype):
     data = vg.quantize(w, qtype)
     np.testing.assert_array_equal(vg.dequantize(data, qtype, (64, 2048), device="cuda").cpu().numpy(),
                                   vg.dequantize(data, qtype, (64, 2048)).numpy())
+
+
+def test_bad_input_errors_name_the_problem():
+    w = make_weights("normal", 4, 256)
+    with pytest.raises(ValueError, match=r"2-D \(rows, cols\), got shape \(256,\)"):
+        vg.quantize(w[0], Q.Q4_K)
+    with pytest.raises(ValueError, match=r"2-D \(rows, cols\), got shape \(2, 2, 256\)"):
+        vg.quantize(w[:4].reshape(2, 2, 256), Q.Q8_0)
+    with pytest.raises(ValueError, match=r"Q4_K needs a row length that is a positive multiple of 256, got shape \(4, 96\)"):
+        vg.quantize(w[:, :96], Q.Q4_K)
+    with pytest.raises(ValueError, match="Q4_0 needs a row length that is a positive multiple of 32"):
+        vg.quantize(w[:, :48], Q.Q4_0)
+    with pytest.raises(ValueError, match="float tensor, got dtype torch.int32"):
+        vg.quantize(w.to(torch.int32), Q.Q8_0)
+    with pytest.raises(ValueError, match="must be a torch.Tensor"):
+        vg.quantize(w.numpy(), Q.Q8_0)
+    bad = w.clone()
+    bad[2, 17] = float("nan")
+    with pytest.raises(ValueError, match="row 2 contains NaN or inf"):
+        vg.quantize(bad, Q.Q6_K)
+    for qtype in (Q.IQ2_XXS, 999):
+        with pytest.raises(ValueError, match="not supported; supported types: F32, F16, BF16, Q8_0"):
+            vg.quantize(w, qtype)
+    data = vg.quantize(w, Q.Q4_K)
+    with pytest.raises(ValueError, match=r"Q4_K data of shape \(8, 256\) must have 1152 bytes, got 576"):
+        vg.dequantize(data, Q.Q4_K, (8, 256))
+    with pytest.raises(ValueError, match="last dimension that is a multiple of 256"):
+        vg.dequantize(data, Q.Q4_K, (8, 128))
