@@ -13,6 +13,7 @@ The dry run checks that every case builds and runs (CI-sized); its timings mean 
 """
 
 import argparse
+import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -53,6 +54,7 @@ class Result:
     impl: str
     ms: float
     peak_mib: float | None
+    error: str | None = None  # why this implementation did not run (out of memory, a peer's API changed)
 
 
 def _liger():
@@ -76,9 +78,9 @@ def rms_norm_cases(n: int, s: Sizes, device, dtype, reference_only: bool) -> lis
         cases.append(Case("rms_norm", "velotune", lambda: _backward(vk.rms_norm(x, w, 1e-5), dy)))
         liger = _liger()
         if liger is not None and hasattr(liger, "liger_rms_norm"):
-            cases.append(
-                Case("rms_norm", "liger", lambda: _backward(liger.liger_rms_norm(x, w, 1e-5, in_place=False), dy))
-            )
+            # in_place=False: Liger would otherwise overwrite dy, which the next step reuses
+            options = {"in_place": False} if "in_place" in inspect.signature(liger.liger_rms_norm).parameters else {}
+            cases.append(Case("rms_norm", "liger", lambda: _backward(liger.liger_rms_norm(x, w, 1e-5, **options), dy)))
     return cases
 
 
@@ -232,9 +234,12 @@ def run(ops: list[str], token_counts: list[int], dry_run: bool, warmup: int, ite
             for case in OPS[op](n, sizes, device, dtype, dry_run):
                 try:
                     ms, peak = measure(case, device, warmup, iters)
-                except torch.cuda.OutOfMemoryError:
-                    ms, peak = float("nan"), float("nan")
-                results.append(Result(op, n, case.impl, ms, peak))
+                    results.append(Result(op, n, case.impl, ms, peak))
+                except Exception as error:  # noqa: BLE001 - one failing implementation must not end the run
+                    if dry_run:
+                        raise
+                    reason = "out of memory" if isinstance(error, torch.cuda.OutOfMemoryError) else repr(error)[:80]
+                    results.append(Result(op, n, case.impl, float("nan"), None, reason))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     return results
@@ -247,6 +252,9 @@ def markdown(results: list[Result]) -> str:
     ]
     reference_ms = {(r.op, r.tokens): r.ms for r in results if r.impl == "torch reference"}
     for r in results:
+        if r.error is not None:
+            lines.append(f"| {r.op} | {r.tokens:,} | {r.impl} | failed: {r.error} | - | - |")
+            continue
         peak = "-" if r.peak_mib is None else f"{r.peak_mib:,.0f}"
         ref = reference_ms.get((r.op, r.tokens))
         speedup = f"{ref / r.ms:.2f}x" if ref and r.ms == r.ms and r.ms > 0 else "-"
