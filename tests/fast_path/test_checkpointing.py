@@ -1,0 +1,97 @@
+"""use_gradient_checkpointing="unsloth": the same gradients as no checkpointing.
+
+On the CPU the mode checkpoints plainly (offloading pays only on CUDA). The offloading autograd
+function itself is exercised on the CPU by letting it run on CPU tensors
+(`offload_on_cpu=True`, `min_tokens=0`): the host copy is then a clone instead of a pinned
+copy on a side stream, and everything else (forward under no_grad, recompute under the saved
+RNG and autocast state, gradients of layer 0 whose input needs none) is the code the GPU runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_models import batch, loss_and_grads, lora_model
+from velotune.fast_path import set_fast_path
+from velotune.models.checkpointing import OFFLOAD_MIN_TOKENS, OffloadedCheckpointer
+
+
+def _assert_same(grads, reference):
+    assert grads.keys() == reference.keys() and grads
+    for name, g in reference.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def _offload_everywhere(model) -> OffloadedCheckpointer:
+    checkpointer = model.get_base_model().model._gradient_checkpointing_func
+    assert isinstance(checkpointer, OffloadedCheckpointer)
+    checkpointer.min_tokens, checkpointer.offload_on_cpu = 0, True
+    return checkpointer
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fused"])
+def test_unsloth_mode_on_cpu_equals_no_checkpointing(fast):
+    inputs = batch()
+    reference = lora_model("llama")
+    set_fast_path(reference, fast)
+    _, expected = loss_and_grads(reference, inputs)
+    model = lora_model("llama", checkpointing="unsloth")
+    set_fast_path(model, fast)
+    checkpointer = model.get_base_model().model._gradient_checkpointing_func
+    _, grads = loss_and_grads(model, inputs)
+    assert checkpointer.offloaded == 0  # CPU tensors: plain checkpointing
+    _assert_same(grads, expected)
+
+
+@pytest.mark.parametrize("family, fast", [("llama", True), ("gemma2", False), ("qwen3", True)])
+def test_offloading_function_gives_the_same_gradients(family, fast):
+    inputs = batch()
+    reference = lora_model(family)
+    set_fast_path(reference, fast)
+    expected_loss = loss_and_grads(reference, inputs)
+    model = lora_model(family, checkpointing="unsloth")
+    set_fast_path(model, fast)
+    checkpointer = _offload_everywhere(model)
+    out, grads = loss_and_grads(model, inputs)
+    assert checkpointer.offloaded == model.config.num_hidden_layers
+    torch.testing.assert_close(out.loss, expected_loss[0].loss)
+    _assert_same(grads, expected_loss[1])
+    assert any("layers.0." in n and "lora_A" in n for n in grads)  # layer 0's input needs no grad
+
+
+def test_recomputation_replays_the_random_state():
+    """With dropout, the recomputed layer must draw the same masks as its forward did."""
+    inputs = batch()
+    reference = lora_model("llama", lora_dropout=0.3)
+    torch.manual_seed(5)
+    _, expected = loss_and_grads(reference, inputs)
+    model = lora_model("llama", lora_dropout=0.3, checkpointing="unsloth")
+    _offload_everywhere(model)
+    torch.manual_seed(5)
+    _, grads = loss_and_grads(model, inputs)
+    _assert_same(grads, expected)
+
+
+def test_trainer_reenabling_checkpointing_keeps_offloading():
+    """transformers' Trainer calls gradient_checkpointing_enable at train start; "unsloth" stays."""
+    model = lora_model("llama", checkpointing="unsloth")
+    decoder = model.get_base_model().model
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert isinstance(decoder._gradient_checkpointing_func, OffloadedCheckpointer) and decoder.gradient_checkpointing
+    plain = lora_model("llama", checkpointing=True).get_base_model().model
+    assert not isinstance(plain._gradient_checkpointing_func, OffloadedCheckpointer)
+    decoder.set_checkpointing(True)  # our own switch does change it
+    assert not isinstance(decoder._gradient_checkpointing_func, OffloadedCheckpointer)
+
+
+def test_short_sequences_and_no_grad_do_not_offload():
+    checkpointer = OffloadedCheckpointer(offload_on_cpu=True)
+    layer = torch.nn.Linear(4, 4)
+    x = torch.randn(1, OFFLOAD_MIN_TOKENS - 1, 4, requires_grad=True)
+    checkpointer(layer, x).sum().backward()
+    with torch.no_grad():
+        checkpointer(layer, torch.randn(1, OFFLOAD_MIN_TOKENS, 4))
+    assert checkpointer.offloaded == 0
+    checkpointer(layer, torch.randn(1, OFFLOAD_MIN_TOKENS, 4, requires_grad=True)).sum().backward()
+    assert checkpointer.offloaded == 1
