@@ -85,8 +85,8 @@ def main() -> None:
         compiled = compile_kernel(
             nf4._dequantize_nf4_kernel,
             dict(PACKED="*u8", ABSMAX="*u8" if nested else "*fp32", QUANT_MAP="*fp32", NESTED_ABSMAX="*fp32",
-                 NESTED_MAP="*fp32", OFFSET="*fp32", OUT=f"*{out}", n=i64, blocksize="i32", nested_blocksize="i32"),
-            dict(NESTED=nested, OUT_BF16=out == "bf16", BLOCK=1024),
+                 NESTED_MAP="*fp32", OFFSET="*fp32", OUT=f"*{out}", n=i64),
+            dict(BLOCKSIZE=64, NESTED_BLOCKSIZE=256, NESTED=nested, OUT_BF16=out == "bf16", BLOCK=1024),
             enable_fp_fusion=False,
         )  # fmt: skip
         if "fma.rn.f32" in compiled.asm["ptx"]:

@@ -23,7 +23,8 @@ _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @jit
 def _dequantize_nf4_kernel(
     PACKED, ABSMAX, QUANT_MAP, NESTED_ABSMAX, NESTED_MAP, OFFSET, OUT,  # PACKED (ceil(n/2),) uint8
-    n, blocksize, nested_blocksize,
+    n,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,  # compile-time: divisions become shifts
     NESTED: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -31,11 +32,11 @@ def _dequantize_nf4_kernel(
     byte = tl.load(PACKED + offs // 2, mask=mask, other=0).to(tl.int32)
     nibble = tl.where(offs % 2 == 0, byte >> 4, byte & 15)  # first element in the high nibble
     value = tl.load(QUANT_MAP + nibble, mask=mask, other=0.0)
-    block = offs // blocksize
+    block = offs // BLOCKSIZE
     if NESTED:
         q = tl.load(ABSMAX + block, mask=mask, other=0).to(tl.int32)
         scale = tl.load(NESTED_MAP + q, mask=mask, other=0.0) * tl.load(
-            NESTED_ABSMAX + block // nested_blocksize, mask=mask, other=0.0
+            NESTED_ABSMAX + block // NESTED_BLOCKSIZE, mask=mask, other=0.0
         )
         scale = scale + tl.load(OFFSET)  # a separate rounding, as bitsandbytes (no FMA: see launch)
     else:
@@ -124,6 +125,11 @@ def dequantize_nf4(
     codes when ``nested_*`` and ``offset`` (double quantization) are given. No autograd: frozen
     base weights only.
     """
+    if int(blocksize) < 2 or int(nested_blocksize) < 1:
+        raise ValueError(
+            f"dequantize_nf4: blocksize ({blocksize}) and nested_blocksize ({nested_blocksize}) must be positive"
+        )
+    blocksize, nested_blocksize = int(blocksize), int(nested_blocksize)
     _validate(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape, dtype)
     kwargs = dict(
         nested_absmax=nested_absmax, nested_quant_map=nested_quant_map, offset=offset,
@@ -147,8 +153,9 @@ def dequantize_nf4(
     absmax = absmax.to(device).contiguous()
     if n:
         kernel_for(_dequantize_nf4_kernel)[(-(-n // _BLOCK),)](
-            data, absmax, quant_map, nested_absmax, nested_quant_map, offset, out, n, blocksize,
-            nested_blocksize, NESTED=nested, OUT_BF16=dtype == torch.bfloat16, BLOCK=_BLOCK, enable_fp_fusion=False,
+            data, absmax, quant_map, nested_absmax, nested_quant_map, offset, out, n,
+            BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, NESTED=nested,
+            OUT_BF16=dtype == torch.bfloat16, BLOCK=_BLOCK, enable_fp_fusion=False,
         )  # fmt: skip
     return out
 
