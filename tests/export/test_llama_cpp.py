@@ -1,12 +1,17 @@
 """The real consumer: llama.cpp (llama-cpp-python) loads every file we write and computes what our
 model computes. Tiny random models of every family, and every quantization method.
 
-Tolerances. f16: llama.cpp rounds activations to fp16 for its fp16 matmuls and keeps an fp16 KV
-cache, so its logits differ from fp32 by fp16 rounding (relative ~1e-3 per op): 2e-2 absolute
-on logits of magnitude ~1-5. Quantized files: llama.cpp must compute what our own model computes
-on the weights our `dequantize` reads from the file (same fp16 tolerance), which proves it reads
-the blocks as we wrote them; the distance to the unquantized model may then be no larger than the
-quantization error itself (that dequantized model's distance, plus the fp16 tolerance).
+Tolerances, from how llama.cpp computes on the CPU:
+  * float files: llama.cpp keeps an fp16 KV cache and rounds activations to the weights' type for
+    its matmuls (fp16: 11-bit mantissa, bf16: 8-bit), so logits of magnitude ~1-5 move by ~1e-2
+    (f32/f16) and ~5e-2 (bf16);
+  * quantized files: llama.cpp also quantizes the activations to 8 bits (Q8_0/Q8_K blocks) for
+    its quantized dot products. So against our own model running the weights our `dequantize`
+    reads from the same file, it may differ only by that 8-bit activation rounding: about the
+    relative logit error a q8_0 file itself causes on this model (~3%); 6% allows for it. A block
+    llama.cpp read differently from how we wrote it would cost far more (each method's weight
+    error here is 3-90%). Against the unquantized model, llama.cpp may then be off by at most the
+    weight quantization error plus that activation rounding.
 """
 
 from __future__ import annotations
@@ -23,14 +28,12 @@ from .conftest import IDS, lora
 
 pytest.importorskip("llama_cpp")
 
-F16_ATOL = 2e-2
+FLOAT_ATOL = {"f32": 2e-2, "f16": 2e-2, "bf16": 1e-1}
+F16_ATOL = FLOAT_ATOL["f16"]
+ACTIVATION_ROUNDING = 0.06  # relative logit error of llama.cpp's 8-bit activations (see above)
 PROMPTS = [row.tolist() for row in IDS]
 METHODS = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1",
            "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k"]
-# top-1 agreement with the unquantized model that each bit width keeps on these flat tiny-model
-# distributions (8 bits and up: nearly all; 2-3 bits: a majority)
-MIN_TOP1 = {"f32": 0.95, "f16": 0.95, "bf16": 0.9, "q8_0": 0.9, "q6_k": 0.8, "q2_k": 0.3, "q3_k_s": 0.4,
-            "q3_k_m": 0.4, "q3_k_l": 0.4}
 
 
 @torch.no_grad()
@@ -66,12 +69,13 @@ def _rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def test_every_method_round_trips_through_llama_cpp(method, every_method):
     model, paths = every_method
     cpp = llama_cpp_logits(paths[method], PROMPTS)
-    dequantized = _ours(model_from_gguf(paths[method], model))
-    for d, c in zip(dequantized, cpp):  # llama.cpp reads our blocks as our dequantize does
-        assert (d - c).abs().max() < F16_ATOL, method
     original = _ours(model)
-    quant_error = _rel(dequantized, original)
-    scale = float(torch.cat([o.flatten() for o in original]).norm() / torch.cat([o.flatten() for o in original]).numel() ** 0.5)
-    assert _rel(cpp, original) <= quant_error + F16_ATOL / scale, method
-    top1 = float(torch.cat([(c.argmax(-1) == o.argmax(-1)).float() for c, o in zip(cpp, original)]).mean())
-    assert top1 >= MIN_TOP1.get(method, 0.5), f"{method}: top-1 agreement {top1:.0%}"
+    if method in FLOAT_ATOL:
+        for o, c in zip(original, cpp):
+            assert (o - c).abs().max() < FLOAT_ATOL[method], method
+        return
+    dequantized = _ours(model_from_gguf(paths[method], model))
+    assert _rel(cpp, dequantized) < ACTIVATION_ROUNDING, method  # llama.cpp reads our blocks as we wrote them
+    top1 = float(torch.cat([(c.argmax(-1) == d.argmax(-1)).float() for c, d in zip(cpp, dequantized)]).mean())
+    assert top1 >= 0.75, f"{method}: top-1 agreement with the file's own weights {top1:.0%}"
+    assert _rel(cpp, original) <= _rel(dequantized, original) + ACTIVATION_ROUNDING, method
