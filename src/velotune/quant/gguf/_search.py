@@ -32,11 +32,13 @@ def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
     sum_x = seq_sum(weights * x)  # (M,)
     flat = hi == lo
     one = torch.ones_like(hi)
-    scratch = torch.empty_like(x)  # (n, M) reused: this loop is memory-bound
+    # (n, M) buffers reused by every candidate: the loop is memory-bound, and a fresh large
+    # tensor per operation costs more (page faults) than the arithmetic itself
+    scratch, lv_buf, wl_buf = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
 
-    def quantized_levels(iscale: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    def quantized_levels(iscale: torch.Tensor, mn: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """clamp(nearest_int(iscale * (x - mn)), 0, nmax) as float32 (n, M)."""
-        lv = torch.sub(x, mn)
+        lv = torch.sub(x, mn, out=out) if out is not None else x - mn
         return lv.mul_(iscale).round_().clamp_(0, nmax)
 
     def err(scale: torch.Tensor, mn: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
@@ -47,13 +49,15 @@ def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
     iscale = fdiv(float(nmax), torch.where(flat, one, hi - lo))
     best_scale = fdiv(1.0, iscale)
     best_min = lo
-    levels = quantized_levels(iscale, lo)  # (n, M) float32 codes
-    best_err = err(best_scale, best_min, levels)
+    # the winner's levels are recomputed once at the end from the (iscale, min) that made them
+    best_iscale, best_from = iscale, lo
+    best_err = err(best_scale, best_min, quantized_levels(iscale, lo, out=lv_buf))
     for step in range(nstep + 1):
         factor = float(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax))
         iscale = fdiv(factor, torch.where(flat, one, hi - best_min))  # (M,) (max - current min)
-        laf = quantized_levels(iscale, best_min)  # (n, M)
-        wl = weights * laf
+        from_min = best_min
+        laf = quantized_levels(iscale, from_min, out=lv_buf)  # (n, M)
+        wl = torch.mul(weights, laf, out=wl_buf)
         sum_l = seq_sum(wl)
         sum_l2 = seq_sum(torch.mul(wl, laf, out=scratch))
         sum_xl = seq_sum(wl.mul_(x))
@@ -67,12 +71,14 @@ def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
         this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
         cur = err(this_scale, this_min, laf)
         take = ok & (cur < best_err)
-        levels = torch.where(take, laf, levels)
         best_err = torch.where(take, cur, best_err)
         best_scale = torch.where(take, this_scale, best_scale)
         best_min = torch.where(take, this_min, best_min)
+        best_iscale = torch.where(take, iscale, best_iscale)
+        best_from = torch.where(take, from_min, best_from)
     scale = torch.where(flat, torch.zeros_like(best_scale), best_scale)
     the_min = -torch.where(flat, lo, best_min)
+    levels = quantized_levels(best_iscale, best_from)
     levels = torch.where(flat, torch.zeros_like(levels), levels).to(torch.int32)
     return scale, the_min, levels
 
@@ -90,28 +96,30 @@ def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     w = x * x  # (n, M)
     wx = w * x
 
-    scratch = torch.empty_like(x)
+    scratch, lv_buf = torch.empty_like(x), torch.empty_like(x)  # reused (see make_qkx2_quants)
 
     def fit(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Levels clamp(nearest_int(iscale * x), -nmax, nmax - 1) as float32 (n, M), sum w x l, sum w l l."""
-        lv = torch.mul(x, iscale).round_().clamp_(-nmax, nmax - 1)
+        lv = torch.mul(x, iscale, out=lv_buf).round_().clamp_(-nmax, nmax - 1)
         sumlx = seq_sum(torch.mul(wx, lv, out=scratch))
         suml2 = seq_sum(torch.mul(w, lv, out=scratch).mul_(lv))
         return lv, sumlx, suml2
 
-    lv, sumlx, suml2 = fit(fdiv(float(-nmax), safe_max))
+    best_iscale = fdiv(float(-nmax), safe_max)
+    _, sumlx, suml2 = fit(best_iscale)
     scale = torch.where(suml2 != 0, fdiv(sumlx, torch.where(suml2 != 0, suml2, one)), torch.zeros_like(sumlx))
     best = scale * sumlx
-    levels = lv + nmax
     for step in range(-9, 10):
         if step == 0:
             continue
         factor = float(-(np.float32(nmax) + np.float32(0.1) * np.float32(step)))
-        lv, sumlx, suml2 = fit(fdiv(factor, safe_max))
+        iscale = fdiv(factor, safe_max)
+        _, sumlx, suml2 = fit(iscale)
         take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        levels = torch.where(take, lv + nmax, levels)
+        best_iscale = torch.where(take, iscale, best_iscale)
         scale = torch.where(take, fdiv(sumlx, torch.where(suml2 > 0, suml2, one)), scale)
         best = torch.where(take, scale * sumlx, best)
+    levels = fit(best_iscale)[0] + nmax  # the winner's levels, recomputed once (a new tensor)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     levels = torch.where(zero, torch.zeros_like(levels), levels).to(torch.int32)
     return scale, levels
