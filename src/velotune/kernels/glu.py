@@ -63,7 +63,7 @@ class GatedActivationFunction(torch.autograd.Function):
         out = torch.empty_like(gate)
         n = gate.numel()
         if n:
-            kernel_for(_glu_kernel)[(triton_cdiv(n, _BLOCK),)](
+            kernel_for(_glu_kernel)[(_cdiv(n, _BLOCK),)](
                 gate, up, out, out, out, out, n, ACT=activation, BACKWARD=False, BLOCK=_BLOCK
             )
         ctx.save_for_backward(gate, up)
@@ -77,13 +77,13 @@ class GatedActivationFunction(torch.autograd.Function):
         dgate, dup = torch.empty_like(gate), torch.empty_like(up)
         n = gate.numel()
         if n:
-            kernel_for(_glu_kernel)[(triton_cdiv(n, _BLOCK),)](
+            kernel_for(_glu_kernel)[(_cdiv(n, _BLOCK),)](
                 gate, up, dout, dout, dgate, dup, n, ACT=ctx.activation, BACKWARD=True, BLOCK=_BLOCK
             )
         return dgate, dup, None
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
