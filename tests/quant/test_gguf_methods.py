@@ -71,10 +71,9 @@ def test_tensor_types_equal_llama_quantize(model, method):
     theirs = RULES.types(int(vg.FILE_TYPE[method]), tensors, n_layer=cfg["n_layer"], n_head=cfg["n_head"],
                          n_head_kv=cfg["n_head_kv"], n_embd=cfg["n_embd"], n_ff=cfg["n_ff"])
     n_gqa = cfg["n_head"] // cfg["n_head_kv"]
-    is_70b = cfg["n_layer"] == 80 and n_gqa > 1
     wrong = {}
     for name, shape in tensors:
-        ours = vg.tensor_qtype(method, name, cfg["n_layer"], shape, n_gqa=n_gqa, tied_embeddings=tied, is_70b=is_70b)
+        ours = vg.tensor_qtype(method, name, cfg["n_layer"], shape, n_gqa=n_gqa, tied_embeddings=tied)
         if theirs[name] is None:  # llama.cpp keeps these as the converter wrote them: F32 (1-D)
             expected = Q.F32
         else:

@@ -61,13 +61,14 @@ _CHUNK_VALUES = {"cpu": 1 << 18, "cuda": 1 << 26}
 
 def _check_qtype(qtype) -> gguf.GGMLQuantizationType:
     try:
-        qtype = Q(qtype)
+        checked = Q(qtype)
     except ValueError:
-        qtype = None
-    if qtype not in CODECS:
+        checked = None
+    if checked not in CODECS:
         names = ", ".join(t.name for t in CODECS)
-        raise ValueError(f"GGML type {qtype!r} is not supported; supported types: {names}")
-    return qtype
+        shown = checked.name if checked is not None else repr(qtype)
+        raise ValueError(f"GGML type {shown} is not supported; supported types: {names}")
+    return checked
 
 
 def _rows_per_chunk(cols: int, device: torch.device) -> int:

@@ -108,14 +108,17 @@ def _fallback(qtype: gguf.GGMLQuantizationType, ncols: int) -> gguf.GGMLQuantiza
 
 
 def tensor_qtype(method: str, gguf_tensor_name: str, n_layers: int, shape: tuple[int, ...], *,
-                 n_gqa: int = 1, tied_embeddings: bool = False, is_70b: bool = False) -> gguf.GGMLQuantizationType:
+                 n_gqa: int = 1, tied_embeddings: bool = False, is_70b: bool | None = None) -> gguf.GGMLQuantizationType:
     """The block type llama.cpp would give tensor ``gguf_tensor_name`` under ``method``.
 
     ``shape`` is the torch shape (rows, cols); the row length is ``shape[-1]`` (ggml's ne[0]).
     ``n_gqa`` = n_heads / n_kv_heads (q2_k gives attn_v Q4_K when >= 4); ``tied_embeddings``:
     the file has no ``output.weight`` (token_embd then follows the output rule); ``is_70b``:
-    llama.cpp's LLM_TYPE_70B (llama with 80 layers and GQA) bumps Q3_K/Q4_K attn_v to Q5_K.
+    llama.cpp's LLM_TYPE_70B, which bumps Q3_K/Q4_K attn_v to Q5_K; by default inferred as
+    llama.cpp's loaders do for Llama/Qwen2: 80 layers with grouped-query attention.
     """
+    if is_70b is None:
+        is_70b = n_layers == 80 and n_gqa > 1
     canonical = normalize_method(method)
     shape = tuple(int(s) for s in shape)
     if not shape or any(s <= 0 for s in shape):
