@@ -9,15 +9,25 @@ from velotune.lora import get_peft_model
 from velotune.models import model_class_for
 
 
-def lora_model(family: str, dtype=torch.float32, device="cpu", checkpointing=False, **lora):
-    """Our model of `family` (random weights), LoRA r=4 on q/k/v/o/gate/up/down with non-zero B."""
-    config = make_config(family)
+def lora_model(family: str, dtype=torch.float32, device="cpu", checkpointing=False, nf4=False, config=None,
+               realistic=False, **lora):
+    """Our model of `family` (random weights), LoRA r=4 on q/k/v/o/gate/up/down with non-zero B;
+    `nf4`: every projection quantized to bitsandbytes NF4 first (QLoRA); `realistic`: the
+    models' own init (std 0.02) and PEFT's (B = 0) instead of the parity suite's large weights."""
+    config = config or make_config(family)
     torch.manual_seed(0)
     model = model_class_for(config)(config)
-    randomize_(model)
+    if not realistic:
+        randomize_(model)
     model = model.to(device=device, dtype=dtype)
+    if nf4:
+        from velotune.quant import quantize_model_
+
+        quantize_model_(model, compute_dtype=dtype)
     lora = {"r": 4, "lora_alpha": 8, **lora}
     peft = get_peft_model(model, use_gradient_checkpointing=checkpointing, **lora)
+    if realistic:
+        return peft.train()
     with torch.no_grad():
         gen = torch.Generator().manual_seed(1)
         for name, p in peft.named_parameters():

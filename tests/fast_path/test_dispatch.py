@@ -90,6 +90,20 @@ def test_fused_path_matches_plain_fp32(family, request):
         torch.testing.assert_close(fused_grads[name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+def test_qlora_fused_path_matches_plain():
+    """NF4 base weights (bitsandbytes on the CPU), dequantized just in time by the fused functions."""
+    model = lora_model("llama", nf4=True)
+    assert type(model.get_base_model().model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+    inputs = batch()
+    set_fast_path(model, False)
+    plain, plain_grads = loss_and_grads(model, inputs)
+    set_fast_path(model, True)
+    fused, fused_grads = loss_and_grads(model, inputs)
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_fused_path_really_runs_the_fused_functions():
     model = lora_model("llama")
     set_fast_path(model, True)

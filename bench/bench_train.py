@@ -1,0 +1,163 @@
+"""LoRA / QLoRA training-step benchmark of velotune's fast path against its own plain path.
+
+Llama-3.1-8B or Llama-3.2-1B shapes with random weights, random tokens, LoRA r=32 on every linear
+projection, fused AdamW; tokens/s (median step time after warm-up) and peak GPU memory. Each
+path runs in its own process (a clean allocator and peak counter), `--path both` runs the two
+and prints their ratio.
+
+  PYTHONPATH=src python bench/bench_train.py --shape llama8b --quant nf4 --seq 2048 --batch 2 --accum 4
+  PYTHONPATH=src python bench/bench_train.py --shape llama1b --quant none --checkpointing false
+  PYTHONPATH=src python bench/bench_train.py --dry-run          # tiny shape on the CPU, 2 steps
+
+Offload threshold (models/checkpointing.py OFFLOAD_MIN_TOKENS): compare `--checkpointing unsloth
+--offload-min-tokens 0` (always offload) with `--checkpointing true` at several --seq; offloading
+pays from the length where its tokens/s loss is small next to its memory saving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = {
+    "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=128256),
+    "llama1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CHECKPOINTING = {"unsloth": "unsloth", "true": True, "false": False}
+
+
+def build(args, device: str):
+    """Our Llama of the chosen shape, random init, LoRA r=32 on every projection."""
+    import torch
+    from transformers import LlamaConfig
+
+    from velotune.lora import get_peft_model
+    from velotune.models.families import LlamaForCausalLM
+    from velotune.quant import quantize_model_
+
+    config = LlamaConfig(max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+                         "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192}, **SHAPES[args.shape])  # fmt: skip
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    torch.set_default_dtype(default)
+    if args.quant == "nf4":
+        quantize_model_(model, compute_dtype=dtype)
+    model = get_peft_model(model, r=args.rank, lora_alpha=args.rank, lora_dropout=0, bias="none",
+                           target_modules=TARGETS, use_gradient_checkpointing=CHECKPOINTING[args.checkpointing],
+                           random_state=3407, max_seq_length=args.seq)
+    if args.offload_min_tokens is not None:
+        checkpointer = model.get_base_model().model._gradient_checkpointing_func
+        checkpointer.min_tokens = args.offload_min_tokens
+    return model
+
+
+def run(args) -> dict:
+    import torch
+
+    from velotune.fast_path import decide, set_fast_path
+
+    device = "cpu" if args.dry_run else "cuda"
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model = build(args, device)
+    # On the GPU "fast" is the automatic decision (it must turn on by itself); off it, forced.
+    set_fast_path(model, False if args.path == "plain" else (None if cuda else True))
+    decision = decide(model)
+    if (args.path == "fast") != decision.enabled:
+        raise SystemExit(f"asked for the {args.path} path but the switch says: {decision.reason}")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device=device).manual_seed(0)
+    tokens_per_step = args.batch * args.seq * args.accum
+    load_gib = torch.cuda.memory_allocated() / 2**30 if cuda else None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for step in range(args.warmup + args.steps):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.accum):
+            ids = torch.randint(4, min(vocab, 32000), (args.batch, args.seq), device=device, generator=gen)
+            loss = model(input_ids=ids, labels=ids).loss
+            (loss / args.accum).backward()
+            losses.append(loss.item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    return dict(
+        path=args.path, shape=args.shape, quant=args.quant, seq=args.seq, batch=args.batch, accum=args.accum,
+        rank=args.rank, checkpointing=args.checkpointing, offload_min_tokens=args.offload_min_tokens,
+        tokens_per_s=round(tokens_per_step / step_s, 1), step_s=round(step_s, 4),
+        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        load_gib=round(load_gib, 2) if cuda else None, loss_first=round(losses[0], 4),
+        loss_last=round(losses[-1], 4), trainable=sum(p.numel() for p in params), reason=decision.reason,
+        device=torch.cuda.get_device_name() if cuda else "cpu",
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama8b")
+    parser.add_argument("--quant", choices=["nf4", "none"], default="nf4")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--accum", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3, help="measured optimizer steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--path", choices=["fast", "plain", "both"], default="both")
+    parser.add_argument("--checkpointing", choices=sorted(CHECKPOINTING), default="unsloth")
+    parser.add_argument("--offload-min-tokens", type=int, default=None,
+                        help="override OFFLOAD_MIN_TOKENS (0: offload every layer input)")
+    parser.add_argument("--mem-frac", type=float, default=None, help="cap GPU memory (set_per_process_memory_fraction)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shape on the CPU, 2 steps: checks the script")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        args.shape, args.seq, args.batch, args.accum, args.steps, args.warmup = "tiny", 32, 2, 2, 2, 1
+    if args.path == "both":
+        results = {}
+        for path in ("plain", "fast"):
+            cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--path", path]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+            if out.returncode or not lines:
+                raise SystemExit(f"{path} run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+            print(lines[-1], flush=True)
+            results[path] = json.loads(lines[-1][len("RESULT "):])
+        speedup = results["fast"]["tokens_per_s"] / results["plain"]["tokens_per_s"]
+        print(f"fast/plain tokens/s: {speedup:.2f}x; peak GiB fast {results['fast']['peak_gib']} "
+              f"vs plain {results['plain']['peak_gib']}", flush=True)
+        return
+    if args.mem_frac and not args.dry_run:
+        import torch
+
+        torch.cuda.set_per_process_memory_fraction(args.mem_frac)
+    print("RESULT " + json.dumps(run(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
