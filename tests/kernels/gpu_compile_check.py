@@ -43,17 +43,18 @@ def main() -> None:
             RSTD="*fp32",
             stride_x=i64,
             stride_y=i64,
+            M="i32",
             D="i32",
             eps="fp32",
             offset="fp32",
         ),
-        dict(BLOCK_D=4096),
+        dict(BLOCK_M=32, BLOCK_D=128),
     )
     compile_kernel(
         rms._rms_norm_backward_kernel,
         dict(DY="*bf16", X="*bf16", W="*bf16", RSTD="*fp32", DX="*bf16", DW_PARTIAL="*fp32", stride_dy=i64,
-             stride_x=i64, stride_dx=i64, M="i32", D="i32", offset="fp32", rows_per_program="i32"),
-        dict(BLOCK_D=4096),
+             stride_x=i64, stride_dx=i64, M="i32", D="i32", offset="fp32", tiles_per_program="i32"),
+        dict(BLOCK_M=1, BLOCK_D=4096),
     )  # fmt: skip
     strides = {k: i64 for k in "sx_b sx_h sx_t sy_b sy_h sy_t sc_b sc_t ss_b ss_t".split()}
     for backward in (False, True):

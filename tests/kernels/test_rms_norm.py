@@ -8,7 +8,7 @@ from velotune.models.layers import GemmaRMSNorm, RMSNorm
 
 from .tolerances import assert_close
 
-SHAPES = [(2, 8, 64), (3, 5, 77)]  # aligned, odd D
+SHAPES = [(2, 8, 64), (3, 5, 77), (5, 120, 32)]  # aligned, odd D, many short rows (several tiles and programs)
 
 
 def _run(x, w, eps, offset, use_triton):

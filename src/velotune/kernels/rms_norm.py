@@ -1,58 +1,64 @@
 """RMSNorm forward/backward: y = x / rms(x) * (offset + w), in fp32, output in x's dtype.
 
-``offset=1.0`` is Gemma's (1 + w) scale, whose weight is stored as a delta around zero. One
-Triton program normalises one row in forward (the row is read once); the backward recomputes
-x_hat from the saved per-row 1/rms instead of saving the normalised activations, and
-accumulates dw per program over a run of rows so only (programs, D) partial sums are written,
-not (rows, D).
+``offset=1.0`` is Gemma's (1 + w) scale, whose weight is stored as a delta around zero. Each
+Triton program normalises a tile of BLOCK_M rows in forward (one row for D >= 4096; many for the
+per-head q/k norms of Qwen3/Gemma 3, D = 128, where one row per program would leave the GPU
+idle); the backward recomputes x_hat from the saved per-row 1/rms instead of saving the
+normalised activations, and accumulates dw per program over a run of tiles so only
+(programs, D) partial sums are written, not (rows, D).
 """
 
 import torch
 
 from ._triton import jit, kernel_for, next_power_of_2, num_programs_hint, should_use_triton, tl
 
+_TILE_ELEMENTS = 4096  # rows per tile = max(1, this // padded D)
+
 
 @jit
 def _rms_norm_forward_kernel(
     X, W, Y, RSTD,  # X/Y (M, D) rows with stride_x/stride_y; W (D,); RSTD (M,) fp32
-    stride_x, stride_y, D, eps, offset,
-    BLOCK_D: tl.constexpr,
+    stride_x, stride_y, M, D, eps, offset,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-    y = x * rstd * (w + offset)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + row, rstd)
+    row_mask = rows < M
+    mask = row_mask[:, None] & (cols < D)[None, :]  # (BLOCK_M, BLOCK_D)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)  # (BLOCK_M,)
+    y = x * rstd[:, None] * (w + offset)[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
 @jit
 def _rms_norm_backward_kernel(
     DY, X, W, RSTD, DX, DW_PARTIAL,  # DY/X/DX (M, D); DW_PARTIAL (programs, D) fp32
-    stride_dy, stride_x, stride_dx, M, D, offset, rows_per_program,
-    BLOCK_D: tl.constexpr,
+    stride_dy, stride_x, stride_dx, M, D, offset, tiles_per_program,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+    col_mask = cols < D
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
     dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    start = pid.to(tl.int64) * rows_per_program
-    end = tl.minimum(start + rows_per_program, M)
-    for row in range(start, end):
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
-        x_hat = x * rstd
-        dy_w = dy * w
-        # d/dx of x * rstd(x): rstd * (g - x_hat * mean(g * x_hat)), g = dy * w
-        dx = rstd * (dy_w - x_hat * (tl.sum(dy_w * x_hat, axis=0) / D))
-        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-        dw += dy * x_hat
-    tl.store(DW_PARTIAL + pid * D + cols, dw, mask=mask)
+    first = pid.to(tl.int64) * tiles_per_program
+    for tile in range(first, first + tiles_per_program):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,); tiles past M are fully masked
+        row_mask = rows < M
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        x_hat = x * rstd[:, None]
+        dy_w = dy * w[None, :]
+        # d/dx of x * rstd(x): rstd * (g - x_hat * mean(g * x_hat)), g = dy * w, per row
+        dx = rstd[:, None] * (dy_w - x_hat * (tl.sum(dy_w * x_hat, axis=1) / D)[:, None])
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * x_hat, axis=0)
+    tl.store(DW_PARTIAL + pid * D + cols, dw, mask=col_mask)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
@@ -78,11 +84,11 @@ class RMSNormFunction(torch.autograd.Function):
         M, D = rows.shape
         y = torch.empty((M, D), dtype=x.dtype, device=x.device)
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-        block = next_power_of_2(D)
+        block_m, block_d = _tile(M, D)
         if M > 0:
-            kernel_for(_rms_norm_forward_kernel)[(M,)](
-                rows, weight, y, rstd, rows.stride(0), y.stride(0), D, eps, offset, BLOCK_D=block,
-                num_warps=_num_warps(block),
+            kernel_for(_rms_norm_forward_kernel)[(-(-M // block_m),)](
+                rows, weight, y, rstd, rows.stride(0), y.stride(0), M, D, eps, offset,
+                BLOCK_M=block_m, BLOCK_D=block_d, num_warps=_num_warps(block_m * block_d),
             )  # fmt: skip
         ctx.save_for_backward(rows, weight, rstd)
         ctx.offset = offset
@@ -95,22 +101,29 @@ class RMSNormFunction(torch.autograd.Function):
         M, D = rows.shape
         dy_rows = _as_rows(dy)  # (M, D)
         dx = torch.empty_like(rows)
-        programs = max(1, min(M, num_programs_hint(rows.device)))
-        rows_per_program = -(-M // programs) if M else 0
+        block_m, block_d = _tile(M, D)
+        tiles = -(-M // block_m)
+        programs = max(1, min(tiles, num_programs_hint(rows.device)))
+        tiles_per_program = -(-tiles // programs)
         dw_partial = torch.zeros((programs, D), dtype=torch.float32, device=rows.device)
-        block = next_power_of_2(D)
         if M > 0:
             kernel_for(_rms_norm_backward_kernel)[(programs,)](
                 dy_rows, rows, weight, rstd, dx, dw_partial, dy_rows.stride(0), rows.stride(0),
-                dx.stride(0), M, D, ctx.offset, rows_per_program, BLOCK_D=block,
-                num_warps=_num_warps(block),
+                dx.stride(0), M, D, ctx.offset, tiles_per_program, BLOCK_M=block_m, BLOCK_D=block_d,
+                num_warps=_num_warps(block_m * block_d),
             )  # fmt: skip
         dw = dw_partial.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return dx.view(ctx.x_shape), dw, None, None
 
 
-def _num_warps(block: int) -> int:
-    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+def _tile(M: int, D: int) -> tuple[int, int]:
+    """(rows per tile, padded D): about _TILE_ELEMENTS values per tile, never more rows than exist."""
+    block_d = next_power_of_2(D)
+    return max(1, min(_TILE_ELEMENTS // block_d, next_power_of_2(M))), block_d
+
+
+def _num_warps(elements: int) -> int:
+    return 4 if elements <= 1024 else 8 if elements <= 4096 else 16
 
 
 def rms_norm(
