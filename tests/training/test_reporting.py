@@ -1,0 +1,60 @@
+"""Seeing the run: progress fields, tokens/s and memory in the logs, the loss plot, the summary, report_to."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from velotune.training import SFTTrainer, TrainingArguments
+from velotune.training.callbacks import PLOT_NAME, ProgressFieldsCallback
+
+from .helpers import quiet_args, text_dataset, tiny_lora
+
+
+def test_logs_plot_and_summary(tiny_llama_dir, tmp_path, capsys):
+    model, tokenizer = tiny_lora(tiny_llama_dir)
+    args = TrainingArguments(**quiet_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2,
+                                          per_device_eval_batch_size=2, disable_tqdm=False))
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=text_dataset(12),
+                         eval_dataset=text_dataset(4, seed=9), args=args)
+    assert any(isinstance(c, ProgressFieldsCallback) for c in trainer.callback_handler.callbacks)
+    trainer.train()
+    out = capsys.readouterr()
+
+    train_logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(train_logs) == 4 and all(e["peak_memory_gb"] > 0 for e in train_logs)
+    assert all(e["tokens_per_second"] > 0 for e in train_logs[1:])  # from the second log on
+    assert len([e for e in trainer.state.log_history if "eval_loss" in e]) == 2
+    assert "tok/s" in out.err and "mem GB" in out.err  # on the progress bar
+
+    plot = tmp_path / PLOT_NAME
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
+    summary = trainer.summary.last_summary
+    assert summary in out.out
+    for part in ("4 steps in", "tokens/s", "peak memory", "trainable parameters 8,192 of"):
+        assert part in summary
+
+
+def test_callbacks_work_with_plain_trl_trainer(tiny_llama_dir, tmp_path, capsys):
+    from trl import SFTConfig
+    from trl import SFTTrainer as TRLSFTTrainer
+
+    from velotune.training import LossPlotCallback, SummaryCallback
+
+    model, tokenizer = tiny_lora(tiny_llama_dir)
+    settings = quiet_args(tmp_path, max_steps=2, include_num_input_tokens_seen="non_padding")
+    trainer = TRLSFTTrainer(model=model, processing_class=tokenizer, train_dataset=text_dataset(8),
+                            args=SFTConfig(**settings), callbacks=[LossPlotCallback(), SummaryCallback()])
+    trainer.train()
+    assert (tmp_path / PLOT_NAME).is_file()
+    assert "velotune: trained 2 steps" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+def test_report_to_tensorboard_writes_events(tiny_llama_dir, tmp_path):
+    model, tokenizer = tiny_lora(tiny_llama_dir)
+    args = TrainingArguments(**quiet_args(tmp_path, max_steps=2, report_to="tensorboard",
+                                          logging_dir=str(tmp_path / "tb")))
+    SFTTrainer(model=model, processing_class=tokenizer, train_dataset=text_dataset(8), args=args).train()
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
