@@ -26,8 +26,8 @@ def exported(smollm2, tmp_path_factory):
 
 def test_f16_and_q4_k_m_logits(exported):
     model, tokenizer, f16, q4 = exported
-    ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) else ids
+    text = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         ours = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
     [cpp16] = llama_cpp_logits(f16, [ids])
@@ -36,7 +36,8 @@ def test_f16_and_q4_k_m_logits(exported):
     assert (ours - cpp16).abs().max() < 0.25 and (ours.argmax(-1) == cpp16.argmax(-1)).float().mean() > 0.95
     assert (ours.argmax(-1) == cpp4.argmax(-1)).float().mean() > 0.6
     p, q = torch.log_softmax(ours, -1), torch.log_softmax(cpp4, -1)
-    assert float((p.exp() * (p - q)).sum(-1).mean()) < 0.2  # q4_k_m's usual KL is ~0.02-0.05
+    # q4_k_m's KL is ~0.02-0.05 on 7B models; this 135M model, already 4-bit at its source, gets ~0.1
+    assert float((p.exp() * (p - q)).sum(-1).mean()) < 0.2
 
 
 def test_greedy_chat_through_llama_cpp_equals_ours(exported):

@@ -142,11 +142,9 @@ def llama_cpp_logits(path: Path, prompts: list[list[int]]) -> list[torch.Tensor]
         llm.close()
 
 
-def check_gguf(model, path: Path, tokenizer, method: str, runner: str | None = None) -> Divergence:
+def check_gguf(model, path: Path, tokenizer, method: str, runner: str | None = None) -> Divergence | None:
     """Run the GGUF file (llama.cpp when importable, else our reader) and compare with `model`."""
     base = base_model_of(model)
-    prompts = probe_ids(tokenizer, base.config.vocab_size)
-    reference = reference_logits(model, prompts)
     if runner is None:
         try:
             import llama_cpp  # noqa: F401
@@ -154,6 +152,12 @@ def check_gguf(model, path: Path, tokenizer, method: str, runner: str | None = N
             runner = "llama.cpp"
         except ImportError:
             runner = "velotune"
+    if runner == "velotune" and not _fits(model, 4.0):
+        print(f"velotune: export check of {path.name} skipped: without llama-cpp-python it needs an fp32 copy of "
+              "the model, which would not fit in memory (pip install llama-cpp-python to check it in llama.cpp)")
+        return None
+    prompts = probe_ids(tokenizer, base.config.vocab_size)
+    reference = reference_logits(model, prompts)
     if runner == "llama.cpp":
         exported = llama_cpp_logits(path, prompts)
     else:
