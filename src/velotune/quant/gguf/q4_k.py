@@ -41,7 +41,9 @@ def quantize_scale_min(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     """
     n = x.shape[0]
     xs = x.reshape(n * 8, 32).T.contiguous()  # (32, N*8) one sub-block per column
-    av_x = torch.sqrt(fdiv(seq_sum(xs * xs), 32.0))  # (N*8,)
+    # sqrtf(sum x^2 / 32): torch's vectorised float32 sqrt is not always correctly rounded (an ulp
+    # here flips a candidate choice); the float64 root rounded to float32 is exactly sqrtf's
+    av_x = torch.sqrt(fdiv(seq_sum(xs * xs), 32.0).to(torch.float64)).to(torch.float32)  # (N*8,)
     weights = av_x + xs.abs()
     scales, mins, levels = make_qkx2_quants(xs, weights, nmax, rmin, 0.1, nstep, use_mad=False)
     levels = levels.T  # (N*8, 32)
