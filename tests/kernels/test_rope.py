@@ -130,4 +130,13 @@ def test_real_size_gpu(dtype):
     q_ref, k_ref, dx_ref = _forward_backward(case, x, wq, wk, cos, sin, use_triton=False)
     assert_close(q, q_ref, "rope", dtype)
     assert_close(k, k_ref, "rope", dtype)
-    assert_close(dx, dx_ref, "rope", dtype)
+    if dtype == torch.float32:
+        assert_close(dx, dx_ref, "rope", dtype)
+        return
+    # In bf16, dx sums 5120 products of rotated gradients that the kernel rounds once (fp32 math) and
+    # the reference rounds per op, so the two differ by a few ulps of dx's largest values even where dx
+    # is near 0. Judge both against the fp32 computation instead: the kernel must be as accurate.
+    *_, dx_true = _forward_backward(case, x.float(), wq.float(), wk.float(), cos.float(), sin.float(), use_triton=False)
+    kernel_err = (dx.float() - dx_true).norm() / dx_true.norm()
+    reference_err = (dx_ref.float() - dx_true).norm() / dx_true.norm()
+    assert kernel_err <= 1.1 * reference_err + 1e-4, (kernel_err, reference_err)
