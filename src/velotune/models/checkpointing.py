@@ -16,6 +16,8 @@ layer's parameter gradients. Like every reentrant checkpoint, that supports `los
 from __future__ import annotations
 
 import functools
+import weakref
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -33,21 +35,32 @@ def plain_checkpoint(function, *args, **kwargs):
     return checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    stream = _side_streams.get(device)
+    if stream is None:
+        stream = _side_streams[device] = torch.cuda.Stream(device)
+    return stream
+
+
 class _HostCopy:
     """A tensor's copy off the compute device, started asynchronously, brought back on demand.
 
     CUDA: pinned host memory, copied on a side stream that first waits for the producer; the
-    source's memory is not reused before the copy ends (record_stream). CPU tensors (tests):
+    source's memory is not reused before the copy ends (record_stream). Backward visits the
+    layers in reverse, so restoring one copy starts bringing back the one saved before it
+    (`previous`, a weak reference: a graph that is never backpropagated frees its copies) on the
+    side stream, overlapping that transfer with this layer's recomputation. CPU tensors (tests):
     a plain clone, so the same save/restore round trip runs without a GPU.
     """
 
-    def __init__(self, tensor: torch.Tensor):
+    def __init__(self, tensor: torch.Tensor, previous: "_HostCopy | None" = None):
         self.device = tensor.device
         self.event = None
+        self.previous = weakref.ref(previous) if previous is not None else None
+        self.prefetched: torch.Tensor | None = None
+        self.ready = None
         if tensor.is_cuda:
-            stream = _side_streams.get(tensor.device)
-            if stream is None:
-                stream = _side_streams[tensor.device] = torch.cuda.Stream(tensor.device)
+            stream = _side_stream(tensor.device)
             stream.wait_stream(torch.cuda.current_stream(tensor.device))
             self.host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
             with torch.cuda.stream(stream):
@@ -58,28 +71,58 @@ class _HostCopy:
         else:
             self.host = tensor.detach().clone()
 
+    def prefetch(self) -> None:
+        """Start the host-to-device copy on the side stream (after the device-to-host one)."""
+        if self.event is None or self.prefetched is not None:
+            return
+        stream = _side_stream(self.device)
+        with torch.cuda.stream(stream):
+            stream.wait_event(self.event)
+            self.prefetched = self.host.to(self.device, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
+
     def restore(self) -> torch.Tensor:
+        previous = self.previous() if self.previous is not None else None
         if self.event is None:
             return self.host
-        torch.cuda.current_stream(self.device).wait_event(self.event)
-        return self.host.to(self.device, non_blocking=True)
+        current = torch.cuda.current_stream(self.device)
+        if self.prefetched is not None:
+            current.wait_event(self.ready)
+            tensor, self.prefetched = self.prefetched, None
+            tensor.record_stream(current)  # allocated on the side stream, used on this one
+        else:
+            current.wait_event(self.event)
+            tensor = self.host.to(self.device, non_blocking=True)
+        if previous is not None:
+            previous.prefetch()
+        return tensor
+
+
+@dataclass
+class _Link:
+    """Between consecutive offloaded layers: the copy before (to prefetch) and the one made now."""
+
+    previous: _HostCopy | None
+    copy: _HostCopy | None = None
 
 
 class _OffloadedCheckpointFunction(torch.autograd.Function):
-    """forward(function, hidden, anchor, *args) = function(hidden, *args), keeping only a host
-    copy of `hidden`. `anchor` is an empty tensor that requires grad, so that backward runs (and
-    the layer's adapters get gradients) even when `hidden` itself needs no gradient (layer 0
-    with frozen embeddings)."""
+    """forward(function, hidden, anchor, link, *args) = function(hidden, *args), keeping only a
+    host copy of `hidden` (`link` passes in the previous layer's copy and hands back this one).
+    `anchor` is an empty tensor that requires grad, so that backward runs (and the layer's
+    adapters get gradients) even when `hidden` itself needs no gradient (layer 0 with frozen
+    embeddings)."""
 
     @staticmethod
-    def forward(ctx, function, hidden, anchor, *args):
+    def forward(ctx, function, hidden, anchor, link, *args):
         ctx.function, ctx.args = function, args
         ctx.hidden_requires_grad = hidden.requires_grad
         ctx.device_type = hidden.device.type
         ctx.autocast = (torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type))
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
-        ctx.saved = _HostCopy(hidden)
+        ctx.saved = link.copy = _HostCopy(hidden, link.previous)
         with torch.no_grad():
             return function(hidden, *args)
 
@@ -98,7 +141,7 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
         if out.requires_grad:
             torch.autograd.backward(out, grad_out)
         grad_hidden = hidden.grad if ctx.hidden_requires_grad else None
-        return (None, grad_hidden, None, *([None] * len(ctx.args)))
+        return (None, grad_hidden, None, None, *([None] * len(ctx.args)))
 
 
 class OffloadedCheckpointer:
@@ -114,6 +157,7 @@ class OffloadedCheckpointer:
         self.min_tokens = min_tokens
         self.offload_on_cpu = offload_on_cpu
         self.offloaded = 0
+        self._last_copy: weakref.ref | None = None  # the copy of the previous layer's input
 
     def __call__(self, function, hidden: torch.Tensor, *args, **kwargs):
         if kwargs:
@@ -123,7 +167,13 @@ class OffloadedCheckpointer:
             return plain_checkpoint(function, hidden, *args)
         self.offloaded += 1
         anchor = torch.empty(0, device=hidden.device, requires_grad=True)
-        return _OffloadedCheckpointFunction.apply(function, hidden, anchor, *args)
+        previous = self._last_copy() if self._last_copy is not None else None
+        if previous is not None and previous.device != hidden.device:
+            previous = None
+        link = _Link(previous)
+        out = _OffloadedCheckpointFunction.apply(function, hidden, anchor, link, *args)
+        self._last_copy = weakref.ref(link.copy)
+        return out
 
 
 def checkpoint_function(mode):
