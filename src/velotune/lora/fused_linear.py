@@ -115,14 +115,17 @@ def project_backward(
     p: LoraProjection,
     A: torch.Tensor | None,  # (r, in)
     B: torch.Tensor | None,  # (out, r)
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(dx, dA, dB) of `project`; dA/dB in the adapters' dtype, None without an adapter."""
-    dx = grad @ dense_weight(p.weight, grad.dtype)  # (N, in)
+    need_dx: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dA, dB) of `project`; dA/dB in the adapters' dtype, None without an adapter; dx None
+    when not needed (layer 0's attention input, with frozen embeddings)."""
+    dx = grad @ dense_weight(p.weight, grad.dtype) if need_dx else None  # (N, in)
     if A is None:
         return dx, None, None
     a, b = A.to(grad.dtype), B.to(grad.dtype)
     gb = grad @ b  # (N, r)
-    dx.addmm_(gb, a, alpha=p.scaling)
+    if dx is not None:
+        dx.addmm_(gb, a, alpha=p.scaling)
     dA = (gb.t() @ x).mul_(p.scaling)  # (r, in)
     dB = (grad.t() @ (x @ a.t())).mul_(p.scaling)  # (out, r)
     return dx, dA.to(A.dtype), dB.to(B.dtype)
@@ -152,10 +155,11 @@ class LoraProjectionsFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             for p, A, B, g in zip(ctx.projections, adapters[0::2], adapters[1::2], grads):
                 g = g.reshape(-1, g.shape[-1]).to(x.dtype)
-                dx_i, dA, dB = project_backward(g, x, p, A, B)
-                dx = dx_i if dx is None else dx.add_(dx_i)
+                dx_i, dA, dB = project_backward(g, x, p, A, B, need_dx=ctx.needs_input_grad[0])
+                if dx_i is not None:
+                    dx = dx_i if dx is None else dx.add_(dx_i)
                 adapter_grads += [dA, dB]
-        return (dx if ctx.needs_input_grad[0] else None, None, *adapter_grads)
+        return (dx, None, *adapter_grads)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

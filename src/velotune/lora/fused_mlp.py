@@ -50,10 +50,12 @@ class LoraMLPFunction(torch.autograd.Function):
             dh, dAd, dBd = project_backward(grad_out, h.detach(), down, adapters[4], adapters[5])
             dg, du = torch.autograd.grad(h, (g_leaf, u_leaf), dh)
             del h, g_leaf, u_leaf
-            dx, dAg, dBg = project_backward(dg, x, gate, adapters[0], adapters[1])
-            dx_up, dAu, dBu = project_backward(du, x, up, adapters[2], adapters[3])
-            dx.add_(dx_up)
-        return (dx if ctx.needs_input_grad[0] else None, None, None, None, None, dAg, dBg, dAu, dBu, dAd, dBd)
+            need_dx = ctx.needs_input_grad[0]
+            dx, dAg, dBg = project_backward(dg, x, gate, adapters[0], adapters[1], need_dx)
+            dx_up, dAu, dBu = project_backward(du, x, up, adapters[2], adapters[3], need_dx)
+            if dx is not None:
+                dx.add_(dx_up)
+        return (dx, None, None, None, None, dAg, dBg, dAu, dBu, dAd, dBd)
 
 
 def lora_mlp(
