@@ -38,6 +38,9 @@ _logged: set[str] = set()
 class FastPathDecision:
     enabled: bool
     reason: str
+    # True when a CUDA model loses the fast path to its own settings (dropout, bias, DoRA, ...):
+    # logged as a warning, since that costs speed and memory the user may not expect.
+    warn: bool = False
 
 
 def _env_flag(name: str) -> bool:
@@ -70,7 +73,8 @@ def decide(model: nn.Module, fast_path: bool | None = None) -> FastPathDecision:
     decision = _decide(model, fast_path)
     if decision.reason not in _logged:
         _logged.add(decision.reason)
-        logger.info("velotune: %s path: %s", "fast" if decision.enabled else "plain", decision.reason)
+        level = logging.WARNING if decision.warn else logging.INFO
+        logger.log(level, "velotune: %s path: %s", "fast" if decision.enabled else "plain", decision.reason)
     return decision
 
 
@@ -90,14 +94,15 @@ def _decide(model: nn.Module, fast_path: bool | None) -> FastPathDecision:
     from .lora.fused_mlp import GATED_ACTIVATIONS
     from .lora.fused_ops import FROM_KERNELS
 
+    warn = device.type == "cuda"
     for i, layer in enumerate(decoder.layers):
         if layer.mlp.activation not in GATED_ACTIVATIONS:
             return FastPathDecision(False, f"activation {layer.mlp.activation!r} has no gated kernel "
-                                           f"(fused: {', '.join(GATED_ACTIVATIONS)})")
+                                           f"(fused: {', '.join(GATED_ACTIVATIONS)})", warn)
         for name in PROJECTIONS:
             reason = why_not_fused(layer.get_submodule(name))
             if reason is not None:
-                return FastPathDecision(False, f"model.layers.{i}.{name}: {reason}")
+                return FastPathDecision(False, f"model.layers.{i}.{name}: {reason}", warn)
     kernels = ", ".join(FROM_KERNELS) or "none yet (PyTorch reference ops)"
     where = "CUDA" if device.type == "cuda" else f"{device.type}, forced by fast_path=True"
     return FastPathDecision(True, f"{decoder.config.model_type} on {where}; fused LoRA; kernels: {kernels}")

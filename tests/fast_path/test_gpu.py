@@ -104,3 +104,18 @@ def test_fifty_step_convergence_fast_vs_plain():
     assert plain[-1] < 0.7 * plain[0], f"the plain run did not learn: {plain[0]:.3f} -> {plain[-1]:.3f}"
     for step, (f, p) in enumerate(zip(fast, plain)):
         assert abs(f - p) <= 0.03 * p + 0.02, f"step {step}: fast {f:.4f} vs plain {p:.4f}"
+
+
+def test_lora_dropout_on_cuda_warns_and_keeps_the_plain_path(caplog):
+    import logging
+
+    from velotune import fast_path
+
+    model = lora_model("llama", dtype=torch.bfloat16, device="cuda", lora_dropout=0.1)
+    fast_path._logged.clear()
+    with caplog.at_level(logging.INFO, logger="velotune"):
+        decision = decide(model)
+    assert not decision.enabled and decision.warn and "lora_dropout=0.1" in decision.reason
+    assert any(r.levelno == logging.WARNING and "plain path" in r.getMessage() for r in caplog.records)
+    out = model(**batch("cuda", B=2, T=16))
+    assert out.logits is not None
