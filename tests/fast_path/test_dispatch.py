@@ -179,3 +179,20 @@ def test_trl_without_fused_head_gets_logits(monkeypatch):
     import trl.trainer.sft_trainer  # noqa: F401  (the installed TRL)
 
     monkeypatch.setitem(sys.modules, "trl.trainer.sft_trainer", sys.modules["trl.trainer.sft_trainer"])
+
+
+def test_trained_lm_head_gets_its_gradient_through_the_fused_loss():
+    """lm_head in target_modules trains fully (PEFT modules_to_save): the fused cross-entropy
+    must give its copy the plain path's gradient."""
+    model = lora_model("llama", target_modules=["q_proj", "v_proj", "lm_head"])
+    inputs = batch()
+    set_fast_path(model, False)
+    plain, plain_grads = loss_and_grads(model, inputs)
+    set_fast_path(model, True)
+    fused, fused_grads = loss_and_grads(model, inputs)
+    assert fused.logits is None
+    head = [n for n in plain_grads if "lm_head" in n]
+    assert head and fused_grads.keys() == plain_grads.keys()
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
