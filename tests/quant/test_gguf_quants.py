@@ -201,3 +201,22 @@ def test_bad_input_errors_name_the_problem():
         vg.dequantize(data, Q.Q4_K, (8, 256))
     with pytest.raises(ValueError, match="last dimension that is a multiple of 256"):
         vg.dequantize(data, Q.Q4_K, (8, 128))
+
+
+@needs_ggml
+def test_real_weights_of_the_smollm2_fixture(smollm2):
+    """Real trained weights (the fixture ships as Q4_1, so every 32 values hold at most 16
+    distinct numbers: many exact ties) give llama.cpp's bytes for every type."""
+    model, _ = smollm2
+    layer = model.model.layers[0]
+    weights = {
+        "ffn_down": layer.mlp.down_proj.weight.detach()[:256],  # (256, 1536): 256-blocks fit
+        "attn_q": layer.self_attn.q_proj.weight.detach()[:128],  # (128, 576): 32-blocks only
+    }
+    for qtype in QUANTIZED:
+        for name, w in weights.items():
+            if w.shape[1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+                continue
+            w = w.to(torch.float32).contiguous()
+            np.testing.assert_array_equal(vg.quantize(w, qtype), GGML.quantize(w.numpy(), qtype),
+                                          err_msg=f"{name} {qtype.name}")
