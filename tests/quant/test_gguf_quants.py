@@ -210,7 +210,7 @@ def test_real_weights_of_the_smollm2_fixture(smollm2):
     model, _ = smollm2
     layer = model.model.layers[0]
     weights = {
-        "ffn_down": layer.mlp.down_proj.weight.detach()[:256],  # (256, 1536): 256-blocks fit
+        "ffn_down": layer.mlp.down_proj.weight.detach()[:128],  # (128, 1536): 256-blocks fit
         "attn_q": layer.self_attn.q_proj.weight.detach()[:128],  # (128, 576): 32-blocks only
     }
     for qtype in QUANTIZED:
