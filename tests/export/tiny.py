@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -78,3 +80,27 @@ def model(family: str, seed: int = 0, std: float = 0.05):
             else:
                 p.normal_(0, std)
     return m.eval()
+
+
+def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
+    """A Llama/Gemma-style tokenizer: BPE over U+2581-marked words with byte fallback (<0xNN>
+    tokens in the vocabulary), a space prefixed to the first word, <unk>/<s>/</s> specials."""
+    from tokenizers import Regex  # noqa: F401  (keeps the tokenizers import set in one place)
+
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens],
+                                  show_progress=False)
+    tok.train_from_iterator(_TEXT * 20, trainer)
+    # byte tokens belong to the model's vocabulary (as in Llama's tokenizer.json), not to the added tokens
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in byte_tokens]
+    tok = Tokenizer.from_str(json.dumps(spec))
+    from tokenizers import processors
+
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

@@ -104,15 +104,15 @@ def build_vocab(tokenizer, vocab_size: int) -> Vocab:
         if token is None:
             tokens.append(f"[PAD{i}]")
             types.append(UNUSED)
-        elif i in added:
-            tokens.append(token)
-            types.append(CONTROL if added[i].get("special") else USER_DEFINED)
         elif spm and i == unk:
             tokens.append(token)
             types.append(UNKNOWN)
         elif spm and _BYTE_TOKEN.match(token):
             tokens.append(token)
             types.append(BYTE)
+        elif i in added:
+            tokens.append(token)
+            types.append(CONTROL if added[i].get("special") else USER_DEFINED)
         else:
             tokens.append(token)
             types.append(NORMAL)
