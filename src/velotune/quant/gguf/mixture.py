@@ -107,8 +107,8 @@ def _fallback(qtype: gguf.GGMLQuantizationType, ncols: int) -> gguf.GGMLQuantiza
     return qtype if ncols % block_size(qtype) == 0 else Q.F16
 
 
-def tensor_qtype(method: str, gguf_tensor_name: str, n_layers: int, shape: tuple[int, ...], *,
-                 n_gqa: int = 1, tied_embeddings: bool = False, is_70b: bool | None = None) -> gguf.GGMLQuantizationType:
+def tensor_qtype(method: str, gguf_tensor_name: str, n_layers: int, shape: tuple[int, ...], *, n_gqa: int = 1,
+                 tied_embeddings: bool = False, is_70b: bool | None = None) -> gguf.GGMLQuantizationType:
     """The block type llama.cpp would give tensor ``gguf_tensor_name`` under ``method``.
 
     ``shape`` is the torch shape (rows, cols); the row length is ``shape[-1]`` (ggml's ne[0]).

@@ -11,8 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from velotune.quant.gguf._bits import f16_bytes, f16_from_bytes, f16_round, fdiv, first_absmax, nearest_int, pack_bits, \
-    unpack_bits
+from velotune.quant.gguf._bits import (
+    f16_bytes,
+    f16_from_bytes,
+    f16_round,
+    fdiv,
+    first_absmax,
+    nearest_int,
+    pack_bits,
+    unpack_bits,
+)
 from velotune.quant.gguf._search import make_q3_quants
 
 QK_K = 256
