@@ -5,6 +5,11 @@ type rules of each quantization method.
   dequantize(data, qtype, shape) -> float32 tensor
   ALLOWED_QUANTS / normalize_method(name) -> method names (the seed's table) and their canonical form
   tensor_qtype(method, gguf_name, n_layers, shape) -> the block type llama.cpp's mixture gives a tensor
+
+The output is byte-identical to llama.cpp's own quantizers (``ggml_quantize_chunk`` without an
+importance matrix, i.e. what ``llama-quantize`` writes): the searches follow ggml's float32
+arithmetic step by step, in C's summation order, vectorised over blocks in torch so that they
+run on the GPU when the weights are there. tests/quant checks the bytes against llama.cpp.
 """
 
 from velotune.quant.gguf.codec import CODECS, dequantize, quantize
