@@ -126,3 +126,13 @@ def test_save_pretrained_ollama_writes_template_stops_and_system(tok, tmp_path):
     assert '{{ if eq .Role "user" }}' in text or 'else if eq .Role "user"' in text
     assert 'PARAMETER stop "<|im_end|>"' in text
     assert 'SYSTEM """You answer in one word."""' in text
+
+
+def test_push_to_hub_gguf_offline_keeps_the_local_files(tok, tmp_path, monkeypatch):
+    from velotune.export import HubUploadError, push_to_hub_gguf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubUploadError, match="export itself is complete"):
+        push_to_hub_gguf(tiny.model("llama"), "someone/tiny-gguf", tok, quantization_method="q8_0",
+                         save_directory=tmp_path / "local", verify=False)
+    assert (tmp_path / "local" / "model-Q8_0.gguf").is_file() and (tmp_path / "local" / "Modelfile").is_file()
