@@ -46,6 +46,13 @@ def eight_bit_adamw_works(device_type: str) -> bool:
         return False
 
 
+def _has_accelerator() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return (torch.cuda.is_available() or bool(mps and mps.is_available())
+            or bool(xpu and xpu.is_available()))
+
+
 def _check_positive(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -86,6 +93,9 @@ class TrainingArguments(SFTConfig):
         if self.bf16 is None and self.fp16 in (None, False):
             self.bf16 = is_bfloat16_supported()
             self.fp16 = not self.bf16
+        if (self.bf16 or self.fp16) and not _has_accelerator():
+            # transformers refuses bf16 without a GPU unless use_cpu is set; torch autocasts bf16 on the CPU.
+            self.use_cpu = True
         super().__post_init__()
         optim = getattr(self.optim, "value", self.optim)
         if optim in EIGHT_BIT_FALLBACKS and not eight_bit_adamw_works(self.device.type):

@@ -12,7 +12,7 @@ Terms (bytes):
                (norm inputs/outputs, q/k/v, attention output, gate, up, gate*up) in the compute dtype;
                with gradient checkpointing only each layer's input (hidden values) is kept, plus one
                layer's full set while it is recomputed. The loss adds the logits: tokens x vocab in
-               the compute dtype plus an fp32 copy and its gradient (8 bytes).
+               the compute dtype, an fp32 copy when that dtype is 16-bit, and the fp32 gradient.
 The activation term is an approximation (kernels, LoRA ranks and attention backends move it by
 tens of percent); the unit test checks it against saved-tensor bytes measured on a real model.
 """
@@ -89,7 +89,8 @@ def uses_checkpointing(model: torch.nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
-def activation_bytes(model: torch.nn.Module, tokens: int, dtype: torch.dtype, checkpointing: bool) -> int:
+def activation_parts(model: torch.nn.Module, tokens: int, dtype: torch.dtype, checkpointing: bool) -> tuple[int, int]:
+    """(bytes saved during forward for backward, extra bytes while one checkpointed layer is recomputed)."""
     config = _text_config(model)
     hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     intermediate = getattr(config, "intermediate_size", 4 * hidden)
@@ -97,13 +98,18 @@ def activation_bytes(model: torch.nn.Module, tokens: int, dtype: torch.dtype, ch
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv_width = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
     size = torch.finfo(dtype).bits // 8
-    per_layer = (6 * hidden + 2 * kv_width + 3 * intermediate) * size  # bytes per token
+    per_layer = tokens * (6 * hidden + 2 * kv_width + 3 * intermediate) * size
+    logits = tokens * vocab * (size + (4 if size < 4 else 0))  # plus an fp32 copy for the loss
     if checkpointing:
-        body = tokens * (layers * hidden * size + per_layer)
-    else:
-        body = tokens * layers * per_layer
-    logits = tokens * vocab * (size + 8)
-    return body + logits
+        return tokens * layers * hidden * size + logits, per_layer
+    return layers * per_layer + logits, 0
+
+
+def activation_bytes(model: torch.nn.Module, tokens: int, dtype: torch.dtype, checkpointing: bool) -> int:
+    """Peak activation memory: what forward saves, a recomputed layer, and the logits' fp32 gradient."""
+    saved, recompute = activation_parts(model, tokens, dtype, checkpointing)
+    vocab = _text_config(model).vocab_size
+    return saved + recompute + tokens * vocab * 4
 
 
 def estimate(model, batch_size: int, max_seq_length: int, optim: str, compute_dtype: torch.dtype,
