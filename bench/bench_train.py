@@ -43,6 +43,7 @@ def build(args, device: str):
 
     from velotune.lora import get_peft_model
     from velotune.models.families import LlamaForCausalLM
+    from velotune.models.rope import RotaryEmbedding
     from velotune.quant import quantize_model_
 
     config = LlamaConfig(max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
@@ -54,8 +55,11 @@ def build(args, device: str):
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     with torch.device(device):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config)  # weights made in bf16 directly: no fp32 copy of 8B
     torch.set_default_dtype(default)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.reset_frequencies()  # inverse frequencies in fp32, as loading leaves them
     if args.quant == "nf4":
         quantize_model_(model, compute_dtype=dtype)
     model = get_peft_model(model, r=args.rank, lora_alpha=args.rank, lora_dropout=0, bias="none",
