@@ -96,10 +96,8 @@ def run(args) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
-    for step in range(args.warmup + args.steps):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def train_step() -> None:
         for _ in range(args.accum):
             ids = torch.randint(4, min(vocab, 32000), (args.batch, args.seq), device=device, generator=gen)
             loss = model(input_ids=ids, labels=ids).loss
@@ -109,9 +107,17 @@ def run(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
+
+    for step in range(args.warmup + args.steps):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        train_step()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
+    if args.profile:
+        profile_step(train_step, args.profile, cuda)
     return dict(
         path=args.path, shape=args.shape, quant=args.quant, seq=args.seq, batch=args.batch, accum=args.accum,
         rank=args.rank, checkpointing=args.checkpointing, offload_min_tokens=args.offload_min_tokens,
@@ -121,6 +127,19 @@ def run(args) -> dict:
         loss_last=round(losses[-1], 4), trainable=sum(p.numel() for p in params), reason=decision.reason,
         device=torch.cuda.get_device_name() if cuda else "cpu",
     )
+
+
+def profile_step(train_step, trace_path: str, cuda: bool) -> None:
+    """One more optimizer step under torch.profiler: the top ops by device time (stderr) and a
+    Chrome trace at `trace_path` (where the time of a step goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=False) as prof:
+        train_step()
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=30), file=sys.stderr, flush=True)
+    prof.export_chrome_trace(trace_path)
 
 
 def main(argv=None) -> None:
@@ -138,6 +157,8 @@ def main(argv=None) -> None:
     parser.add_argument("--offload-min-tokens", type=int, default=None,
                         help="override OFFLOAD_MIN_TOKENS (0: offload every layer input)")
     parser.add_argument("--mem-frac", type=float, default=None, help="cap GPU memory (set_per_process_memory_fraction)")
+    parser.add_argument("--profile", metavar="TRACE.json", default=None,
+                        help="profile one extra step: top ops on stderr, Chrome trace to this path")
     parser.add_argument("--dry-run", action="store_true", help="tiny shape on the CPU, 2 steps: checks the script")
     args = parser.parse_args(argv)
     if args.dry_run:
