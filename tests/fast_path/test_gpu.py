@@ -85,7 +85,12 @@ def _convergence_run(fast: bool, steps: int = 50) -> list[float]:
                        checkpointing="unsloth", realistic=True)
     set_fast_path(model, fast)
     gen = torch.Generator().manual_seed(0)
-    corpus = torch.randint(3, 512, (16, 128), generator=gen)  # 16 sequences to memorise
+    # Learnable data: each next token is a fixed permutation of the current one (64 tokens).
+    successor = torch.randperm(64, generator=gen) + 3
+    corpus = torch.empty(16, 128, dtype=torch.long)
+    corpus[:, 0] = torch.randint(3, 67, (16,), generator=gen)
+    for t in range(1, 128):
+        corpus[:, t] = successor[corpus[:, t - 1] - 3]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, fused=True)
     losses = []
     for step in range(steps):
@@ -101,7 +106,7 @@ def _convergence_run(fast: bool, steps: int = 50) -> list[float]:
 def test_fifty_step_convergence_fast_vs_plain():
     """Same init, same data, same optimizer: the loss curves agree within bf16 tolerance."""
     fast, plain = _convergence_run(True), _convergence_run(False)
-    assert plain[-1] < 0.7 * plain[0], f"the plain run did not learn: {plain[0]:.3f} -> {plain[-1]:.3f}"
+    assert plain[-1] < plain[0] - 0.5, f"the plain run did not learn: {plain[0]:.3f} -> {plain[-1]:.3f}"
     for step, (f, p) in enumerate(zip(fast, plain)):
         assert abs(f - p) <= 0.03 * p + 0.02, f"step {step}: fast {f:.4f} vs plain {p:.4f}"
 
