@@ -167,18 +167,26 @@ def test_greedy_generation_is_unchanged_by_the_fast_path():
 
 
 def test_trl_without_fused_head_gets_logits(monkeypatch):
-    """An imported TRL SFTTrainer that reads outputs.logits (TRL < fused LM head) gets them."""
+    """The installed TRL (1.x: its own fused LM head) gets no logits from a training forward; an
+    SFTTrainer module without `add_fused_lm_head` (TRL 0.24, which reads outputs.logits after the
+    loss for its metrics) gets them."""
     import sys
     import types
 
-    assert not fast_path.logits_wanted(None) or "trl.trainer.sft_trainer" in sys.modules
-    old_trl = types.ModuleType("trl.trainer.sft_trainer")  # the module as TRL 0.24 has it: no add_fused_lm_head
+    import trl.trainer.sft_trainer  # noqa: F401
+
+    monkeypatch.delenv(fast_path.RETURN_LOGITS_ENV, raising=False)
+    assert not fast_path.logits_wanted(None)
+    assert fast_path.logits_wanted(True)
+    monkeypatch.setenv(fast_path.RETURN_LOGITS_ENV, "1")
+    assert fast_path.logits_wanted(None) and not fast_path.logits_wanted(False)
+    monkeypatch.delenv(fast_path.RETURN_LOGITS_ENV)
+    old_trl = types.ModuleType("trl.trainer.sft_trainer")  # as TRL 0.24 has it: no add_fused_lm_head
     monkeypatch.setitem(sys.modules, "trl.trainer.sft_trainer", old_trl)
     assert fast_path.logits_wanted(None)
-    assert not fast_path.logits_wanted(False)
-    import trl.trainer.sft_trainer  # noqa: F401  (the installed TRL)
-
-    monkeypatch.setitem(sys.modules, "trl.trainer.sft_trainer", sys.modules["trl.trainer.sft_trainer"])
+    model = lora_model("llama")
+    set_fast_path(model, True)
+    assert model(**batch()).logits is not None
 
 
 def test_trained_lm_head_gets_its_gradient_through_the_fused_loss():
