@@ -79,12 +79,14 @@ def test_a_trained_fact_survives_export(tmp_path):
     labels = torch.tensor([[-100] * len(prompt_ids) + answer_ids])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
-    for _ in range(30):
+    for _ in range(40):  # stops as soon as the fact is learned (about 15-25 steps)
         loss = model(input_ids=ids, labels=labels).loss
+        if loss.item() < 0.05:
+            break
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert loss.item() < 0.1
+    assert loss.item() < 0.05
     model.eval()
     paths = model.save_pretrained_gguf(tmp_path / "gguf", tokenizer, quantization_method=["q8_0", "f16"])
     for path in paths:
