@@ -200,7 +200,7 @@ class SFTTrainer(TRLSFTTrainer):
                            "add them to target_modules to train them")
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         param_groups = []
-        for (embedding, decays), params in groups.items():
+        for (embedding, decays), params in sorted(groups.items(), key=lambda item: item[0]):  # main lr first (logged)
             group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
             if embedding:
                 group["lr"] = self.args.embedding_learning_rate
