@@ -184,7 +184,7 @@ def _write_tensors(model, namer, tensors, methods, writers, mixture, folder) -> 
         for method, writer in zip(methods, writers):
             qtype = mixture.qtype(method, t)
             if qtype not in done:  # same type in several files: quantize once
-                done[qtype] = quants.as_writable(quants.quantize(value.reshape(-1, value.shape[-1]), qtype))
+                done[qtype] = quants.as_writable(quants.encode(value.reshape(-1, value.shape[-1]), qtype))
             writer.write_tensor_data(done[qtype])
 
 
