@@ -10,15 +10,16 @@ def default_device() -> torch.device:
 
 
 def is_bfloat16_supported() -> bool:
-    """Whether bf16 training runs here: on CUDA when the GPU has bf16 units (Ampere and newer).
+    """Whether bf16 mixed-precision training runs here: on CUDA when the GPU has bf16 units (Ampere
+    and newer).
 
-    On the CPU torch's autocast runs bf16, so this is True there too: the seed's
-    `fp16=not is_bfloat16_supported(), bf16=is_bfloat16_supported()` then picks a precision that
-    transformers accepts on a CPU (fp16 mixed precision needs a GPU).
+    False on the CPU: transformers' `TrainingArguments(bf16=True)` refuses a machine without a GPU
+    (unless `use_cpu=True`), while `fp16=True` is accepted there, so the seed's
+    `fp16=not is_bfloat16_supported(), bf16=is_bfloat16_supported()` runs as written on a CPU.
     """
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    return True
+    return False
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

@@ -34,12 +34,12 @@ def test_seed_defaults():
 @pytest.mark.slow
 def test_seed_alpaca_snippet_runs_as_written_on_smollm2(smollm2, tmp_path):
     """The notebook's SFTTrainer call: tokenizer=, dataset_text_field=, max_seq_length=, dataset_num_proc=,
-    packing= on the trainer, TrainingArguments with adamw_8bit and the fp16/bf16 switch.
+    packing= on the trainer, transformers' TrainingArguments with adamw_8bit and the fp16/bf16 switch
+    (is_bfloat16_supported() is False on a CPU, so the switch asks for fp16, which transformers accepts
+    there). SFTTrainer is velotune's: TRL 1.x's no longer takes those keywords."""
+    from transformers import TrainingArguments as HFTrainingArguments  # as the seed imports them
 
-    TrainingArguments is velotune's: transformers' own refuses bf16=True on a machine without a GPU
-    unless use_cpu=True is also given (see the report of issue 4)."""
     from velotune import SFTTrainer as SeedSFTTrainer
-    from velotune import TrainingArguments as HFTrainingArguments
     from velotune.data.bundled import bundled_rows
 
     max_seq_length = 32

@@ -1,0 +1,214 @@
+"""The `velotune` command line: every command is a plain function that is also a Python call.
+
+    velotune train [CONFIG.yaml]          # no config: the embedded default (SmolLM2 + bundled data, CPU-sized)
+    velotune export MODEL_DIR OUT_DIR --gguf q4_k_m q8_0 --merged merged_16bit --ollama
+    velotune chat MODEL_DIR [--prompt TEXT]
+
+A config's sections take the Python arguments' own names, so a notebook's call and a config say
+the same thing: `model` -> `FastLanguageModel.from_pretrained`, `lora` ->
+`FastLanguageModel.get_peft_model`, `training` -> `velotune.TrainingArguments`, `data` -> which
+file (or bundled set) and chat template, `export` -> what to write after training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import inspect
+import sys
+from pathlib import Path
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+DEFAULT_CONFIG = {
+    "model": {"model_name": "HuggingFaceTB/SmolLM2-135M-Instruct", "max_seq_length": 256, "load_in_4bit": False},
+    "lora": {"r": 16, "lora_alpha": 16, "lora_dropout": 0, "bias": "none", "target_modules": ALL_LINEAR,
+             "use_gradient_checkpointing": "unsloth", "random_state": 3407},
+    "data": {"bundled": "instructions"},
+    "training": {"output_dir": "outputs/velotune", "per_device_train_batch_size": 4, "max_steps": 10,
+                 "learning_rate": 2e-4, "warmup_steps": 2, "logging_steps": 1, "report_to": "none",
+                 "save_strategy": "no", "seed": 3407},
+    "export": {},
+}
+DATA_KEYS = ("path", "bundled", "format", "chat_template", "text_field")
+EXPORT_KEYS = ("merged", "gguf", "ollama")
+
+
+class ConfigError(ValueError):
+    """A config key or value the command cannot use; the message names the allowed ones."""
+
+
+def _allowed(section: str) -> set[str]:
+    from . import FastLanguageModel, TrainingArguments
+
+    if section == "model":
+        return set(inspect.signature(FastLanguageModel.from_pretrained).parameters) - {"kwargs"}
+    if section == "lora":
+        return set(inspect.signature(FastLanguageModel.get_peft_model).parameters) - {"model", "kwargs"}
+    if section == "training":
+        return {f.name for f in dataclasses.fields(TrainingArguments)}
+    return set(DATA_KEYS if section == "data" else EXPORT_KEYS)
+
+
+def load_config(path: str | Path | None) -> dict:
+    """The default config updated section by section with the YAML file's; unknown keys are errors."""
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    if path is None:
+        return config
+    import yaml  # transformers depends on PyYAML
+
+    with open(path, encoding="utf-8") as f:
+        given = yaml.safe_load(f) or {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections {sorted(DEFAULT_CONFIG)}")
+    for section, values in given.items():
+        if section not in DEFAULT_CONFIG:
+            raise ConfigError(f"{path}: unknown section {section!r}; sections are {sorted(DEFAULT_CONFIG)}")
+        unknown = set(values or {}) - _allowed(section)
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)} in section {section!r}; "
+                              f"allowed: {sorted(_allowed(section))}")
+        if section == "data" and values:
+            config["data"] = {}  # a new data source replaces the bundled default instead of merging with it
+        config[section].update(values or {})
+    return config
+
+
+def _messages_of(row: dict, fmt: str) -> list[dict]:
+    if fmt == "alpaca":
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    return row["conversations" if fmt == "sharegpt" else "messages"]
+
+
+def prepare_dataset(data: dict, tokenizer):
+    """The configured data as a `text` column rendered with the chat template (raw text stays raw)."""
+    from .chat_templates import get_chat_template, standardize_sharegpt
+    from .data.bundled import load_bundled
+    from .data.loading import load_local_dataset, validate_dataset
+
+    if bool(data.get("path")) == bool(data.get("bundled")):
+        raise ConfigError("data: give exactly one of 'path' (a local file) or 'bundled' (instructions | conversations)")
+    if data.get("path"):
+        dataset = load_local_dataset(data["path"], data.get("format"))
+        fmt = validate_dataset(dataset, data.get("format"), source=data["path"])
+    else:
+        dataset = load_bundled(data["bundled"])
+        fmt = validate_dataset(dataset, data.get("format"), source=f"bundled {data['bundled']}")
+    field = data.get("text_field", "text")
+    if fmt == "text":
+        return dataset, field
+    if fmt not in ("alpaca", "sharegpt", "openai"):
+        raise ConfigError(f"data: {fmt} data is for preference or RL training, not `velotune train` (SFT)")
+    if data.get("chat_template"):
+        tokenizer = get_chat_template(tokenizer, data["chat_template"])
+    elif not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("data: the tokenizer has no chat template; set data.chat_template (e.g. chatml, llama-3)")
+    if fmt == "sharegpt":
+        dataset = standardize_sharegpt(dataset)
+    render = lambda row: {field: tokenizer.apply_chat_template(_messages_of(row, fmt), tokenize=False)}  # noqa: E731
+    return dataset.map(render, remove_columns=dataset.column_names), field
+
+
+def train(config_path: str | None = None) -> Path:
+    """Load, attach LoRA, train with velotune's SFT trainer, save the adapter (and exports); returns
+    the adapter folder."""
+    from . import FastLanguageModel, SFTTrainer, TrainingArguments
+
+    config = load_config(config_path)
+    model, tokenizer = FastLanguageModel.from_pretrained(**config["model"])
+    lora = dict(config["lora"], max_seq_length=config["model"].get("max_seq_length"))
+    model = FastLanguageModel.get_peft_model(model, **lora)
+    dataset, field = prepare_dataset(config["data"], tokenizer)
+    training = dict(config["training"])
+    training.setdefault("max_length", config["model"].get("max_seq_length"))
+    args = TrainingArguments(dataset_text_field=field, **training)
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=args)
+    trainer.train()
+    adapter = Path(args.output_dir) / "lora_model"
+    model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    print(f"velotune: adapter saved to {adapter}")
+    _export(model, tokenizer, Path(args.output_dir), **config["export"])
+    return adapter
+
+
+def _export(model, tokenizer, out: Path, merged: str | None = None, gguf=None, ollama: bool = False) -> None:
+    from . import export
+
+    if merged:
+        export.save_pretrained_merged(model, out / merged, tokenizer, save_method=merged)
+    if gguf:
+        export.save_pretrained_gguf(model, out / "gguf", tokenizer, quantization_method=gguf)
+    if ollama:
+        export.save_pretrained_ollama(model, out / "ollama", tokenizer)
+
+
+def export_model(model_dir: str, out_dir: str, merged: str | None = None, gguf: list[str] | None = None,
+                 ollama: bool = False) -> Path:
+    """Export a trained folder (adapter or full model) into out_dir's subfolders."""
+    from . import FastLanguageModel
+
+    if not (merged or gguf or ollama):
+        raise ConfigError("export: ask for at least one of --merged METHOD, --gguf METHOD..., --ollama")
+    model, tokenizer = FastLanguageModel.from_pretrained(model_dir, load_in_4bit=False)
+    _export(model, tokenizer, Path(out_dir), merged=merged, gguf=gguf, ollama=ollama)
+    return Path(out_dir)
+
+
+def chat(model_dir: str, prompt: str | None = None, max_new_tokens: int = 256) -> str | None:
+    """Talk to a model with its chat template; one answer with `prompt`, else a loop until empty input."""
+    from transformers import TextStreamer
+
+    from . import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(model_dir, load_in_4bit=False)
+    FastLanguageModel.for_inference(model)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    history: list[dict] = []
+    while True:
+        text = prompt if prompt is not None else input("you> ").strip()
+        if not text:
+            return None
+        history.append({"role": "user", "content": text})
+        inputs = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True).to(model.device)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
+        answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        if prompt is not None:
+            return answer
+        history.append({"role": "assistant", "content": answer})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="velotune", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("train", help="train from a YAML config (none: the embedded default)")
+    p.add_argument("config", nargs="?")
+    p = commands.add_parser("export", help="write merged / GGUF / Ollama exports of a trained folder")
+    p.add_argument("model_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--merged", choices=["merged_16bit", "merged_4bit_forced", "lora"])
+    p.add_argument("--gguf", nargs="+", metavar="METHOD")
+    p.add_argument("--ollama", action="store_true")
+    p = commands.add_parser("chat", help="chat with a model folder")
+    p.add_argument("model_dir")
+    p.add_argument("--prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            train(args.config)
+        elif args.command == "export":
+            export_model(args.model_dir, args.out_dir, args.merged, args.gguf, args.ollama)
+        else:
+            chat(args.model_dir, args.prompt, args.max_new_tokens)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"velotune: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
