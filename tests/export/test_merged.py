@@ -178,3 +178,20 @@ def test_push_to_hub_offline_fails_clearly_after_a_complete_folder(tok, tmp_path
     assert str((tmp_path / "local").resolve()) in str(info.value)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "local", device_map="cpu").eval()
     torch.testing.assert_close(logits(loaded), logits(model), atol=2e-5, rtol=1e-5)
+
+
+def test_generic_path_transformers_model_with_plain_peft_exports(tok, tmp_path):
+    """A model on the generic path (transformers' own class, adapters from PEFT directly) exports too."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from velotune.export import save_pretrained_gguf
+
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(tiny.CONFIGS["llama"]()).eval()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    expected = logits(model.eval())
+    folder = save_pretrained_merged(model, tmp_path / "merged", tok)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
+    torch.testing.assert_close(logits(loaded), expected, atol=2e-5, rtol=1e-5)
+    save_pretrained_gguf(model, tmp_path / "gguf", tok, quantization_method="q8_0")  # its check must pass
