@@ -104,13 +104,15 @@ def test_mlp_matches_peft(dtype, nf4, act):
 
 
 def test_mlp_saves_only_x_gate_up_and_adapters():
-    """What the autograd graph keeps: x and the (N, I) gate/up outputs, never a dense weight."""
+    """What the autograd graph keeps: x and the (N, I) gate/up outputs, the adapters (gate's and
+    up's A stacked) and x A^T (N, r), never a dense weight or the (N, I) activation product."""
     block = _block(torch.float32, nf4=True)
     x = torch.randn(2, 3, H, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         lora_mlp(x, block.gate_proj, block.up_proj, block.down_proj, "silu")
-    assert sorted(saved) == sorted([(6, H), (6, I), (6, I), (4, H), (I, 4), (4, H), (I, 4), (4, I), (H, 4)])
+    assert sorted(saved) == sorted([(6, H), (6, I), (6, I), (8, H), (6, 8), (I, 4), (I, 4),  # x, g, u; gate/up LoRA
+                                    (4, I), (6, 4), (H, 4)])  # down's LoRA
     assert not any(s in [(I, H), (H, I)] for s in saved)
 
 

@@ -3,12 +3,17 @@
 Why: PEFT's LoRA layer runs the frozen base layer and the adapter as separate modules, so
 autograd keeps the input once per branch, the adapter's (N, r) intermediate, and (for 4-bit
 bases) bitsandbytes' own saved state. Here several projections that read the same input (q, k,
-v; or o alone) are one autograd node that saves only that input and the adapter weights;
-4-bit base weights are dequantized just in time in forward and again in backward, never kept.
-The base weight and bias are frozen (no gradient); the adapters get dA and dB.
+v; or o alone) are one autograd node that saves that input, the adapters cast to the compute
+dtype and x A^T ((N, R), R = the summed ranks: a few % of x); 4-bit base weights are
+dequantized just in time in forward and again in backward, never kept. The base weight and bias
+are frozen (no gradient); the adapters get dA and dB.
 
 Matmuls are plain torch (cuBLAS); the computation dtype is the input's (or autocast's), and the
-adapter gradients are returned in the adapters' own dtype (PEFT keeps them in fp32).
+adapter gradients are returned in the adapters' own dtype (PEFT keeps them in fp32). On a GPU
+these small ops are bound by launch overhead, so each is counted: the A matrices of a group are
+stacked (one matmul for all x A^T, one for all dA), the casts of A/B made in forward are reused
+in backward, the LoRA scaling rides in the matmuls' alpha, biases in addmm
+(bench/count_fused_ops.py counts the calls per layer).
 """
 
 from __future__ import annotations
@@ -98,37 +103,122 @@ def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weight if weight.dtype == dtype else weight.to(dtype)
 
 
-def project(x: torch.Tensor, p: LoraProjection, A: torch.Tensor | None, B: torch.Tensor | None) -> torch.Tensor:
-    """x (N, in) -> (N, out) = x W^T + b + s (x A^T) B^T, in x's dtype."""
-    y = x @ dense_weight(p.weight, x.dtype).t()  # (N, out)
-    if p.bias is not None:
-        y = y + p.bias.to(x.dtype)
-    if A is not None:
-        xa = x @ A.to(x.dtype).t()  # (N, r)
-        y = y.addmm_(xa, B.to(x.dtype).t(), alpha=p.scaling)
-    return y
+@dataclass(frozen=True)
+class GroupLayout:
+    """Where the adapters of projections sharing one input sit in the stacked A (R = sum of ranks).
+
+    The A matrices (r_i, in) of a group (q/k/v, gate/up, or one projection) are stacked into one
+    (R, in) matrix, so forward computes x @ [A_q; A_k; A_v]^T as one matmul and backward gets
+    every dA from one matmul too; `rows[j]` is adapter j's slice of those R rows.
+    """
+
+    with_adapter: tuple[int, ...]  # indices (into the group) of projections that have an adapter
+    rows: tuple[slice, ...]  # each one's rows of the stacked A / columns of x A^T
+    dtypes: tuple[torch.dtype, ...]  # the adapters' own dtypes (A_0, .., A_k, B_0, .., B_k), for their gradients
 
 
-def project_backward(
-    grad: torch.Tensor,  # (N, out)
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _split(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
+    """Consecutive contiguous views of a flat tensor, one per shape."""
+    views, start = [], 0
+    for shape in shapes:
+        n = shape[0] * shape[1]
+        views.append(flat[start:start + n].view(shape))
+        start += n
+    return views
+
+
+def _adapters_in(dtype: torch.dtype, As, Bs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(A stacked (R, in), [B_j (out_j, r_j)]) in `dtype`. The A's (r_j, in) flattened one after
+    the other are the stacked A in row-major order, so with a cast every adapter of the group
+    goes through one cat and one cast (instead of a cast per tensor) and is viewed back out."""
+    if all(t.dtype == dtype for t in (*As, *Bs)):
+        return (As[0] if len(As) == 1 else torch.cat(As)), list(Bs)
+    flat = torch.cat([t.reshape(-1) for t in (*As, *Bs)]).to(dtype)
+    R = sum(A.shape[0] for A in As)
+    a, *bs = _split(flat, [(R, As[0].shape[1]), *(B.shape for B in Bs)])
+    return a, bs
+
+
+def group_forward(x: torch.Tensor, projections, adapters) -> tuple[list[torch.Tensor], GroupLayout, list[torch.Tensor]]:
+    """x (N, in) -> ([(N, out_i)], layout, tensors backward needs), in x's dtype.
+
+    y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T. Launches per group: one cat + one cast of all its
+    adapters, one matmul for every x A_i^T, then per projection one matmul with W (addmm when
+    biased) and one addmm adding the LoRA term with the scaling as alpha. The adapters' casts and
+    x A^T are returned for backward (saved, not recomputed; x A^T is (N, R), small next to x).
+    """
+    dtype = x.dtype
+    with_adapter = tuple(i for i, A in enumerate(adapters[0::2]) if A is not None)
+    outs = []
+    for p in projections:
+        w = dense_weight(p.weight, dtype)  # (out, in); 4-bit: dequantized now, dropped after use
+        outs.append(x @ w.t() if p.bias is None else torch.addmm(_cast(p.bias, dtype), x, w.t()))  # (N, out)
+        del w
+    if not with_adapter:
+        return outs, GroupLayout((), (), ()), []
+    As = [adapters[2 * i] for i in with_adapter]
+    Bs = [adapters[2 * i + 1] for i in with_adapter]
+    a, bs = _adapters_in(dtype, As, Bs)  # (R, in), [(out_j, r_j)]
+    xa = x @ a.t()  # (N, R)
+    rows, start = [], 0
+    for A in As:
+        rows.append(slice(start, start + A.shape[0]))
+        start += A.shape[0]
+    for i, r, b in zip(with_adapter, rows, bs):
+        outs[i].addmm_(xa[:, r], b.t(), alpha=projections[i].scaling)
+    layout = GroupLayout(with_adapter, tuple(rows), tuple(t.dtype for t in (*As, *Bs)))
+    return outs, layout, [a, xa, *bs]
+
+
+def group_backward(
+    grads: list[torch.Tensor],  # [(N, out_i)] in x's dtype
     x: torch.Tensor,  # (N, in)
-    p: LoraProjection,
-    A: torch.Tensor | None,  # (r, in)
-    B: torch.Tensor | None,  # (out, r)
+    projections,
+    layout: GroupLayout,
+    saved: list[torch.Tensor],  # group_forward's [A stacked (R, in), x A^T (N, R), B_j (out_j, r_j)...]
     need_dx: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(dx, dA, dB) of `project`; dA/dB in the adapters' dtype, None without an adapter; dx None
-    when not needed (layer 0's attention input, with frozen embeddings)."""
-    dx = grad @ dense_weight(p.weight, grad.dtype) if need_dx else None  # (N, in)
-    if A is None:
-        return dx, None, None
-    a, b = A.to(grad.dtype), B.to(grad.dtype)
-    gb = grad @ b  # (N, r)
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """(dx, [dA_0, dB_0, dA_1, dB_1, ...]) of `group_forward`; adapter gradients in the adapters'
+    dtypes, None for projections without an adapter; dx None when not needed.
+
+    The scaling is folded into the matmuls (alpha=s, beta=0): s (g B)^T of every adapter lands in
+    one (R, N) buffer, so dx gets all LoRA terms from one addmm and all dA from one matmul; every
+    dA/dB is written into one flat buffer, cast to the adapters' dtype by one launch.
+    """
+    dtype = x.dtype
+    dx = None
+    if need_dx:
+        for p, g in zip(projections, grads):
+            w = dense_weight(p.weight, dtype)  # (out, in)
+            dx = g @ w if dx is None else dx.addmm_(g, w)  # (N, in)
+            del w
+    adapter_grads: list[torch.Tensor | None] = [None] * (2 * len(projections))
+    if not layout.with_adapter:
+        return dx, adapter_grads
+    a, xa, *bs = saved
+    shapes = [a.shape, *(b.shape for b in bs)]
+    flat = torch.empty(sum(s[0] * s[1] for s in shapes), dtype=dtype, device=x.device)
+    dA, *dBs = _split(flat, shapes)  # (R, in), [(out_j, r_j)]
+    gb_t = torch.empty((a.shape[0], x.shape[0]), dtype=dtype, device=x.device)  # (R, N): s_j (g_j B_j)^T
+    ignored = gb_t.new_empty(())  # addmm's input; beta=0 ignores it (documented: not even NaN propagates)
+    for i, r, b, dB in zip(layout.with_adapter, layout.rows, bs, dBs):
+        g, s = grads[i], projections[i].scaling
+        gb_t[r].addmm_(b.t(), g.t(), beta=0, alpha=s)  # (r, N)
+        torch.addmm(ignored, g.t(), xa[:, r], beta=0, alpha=s, out=dB)  # (out, r)
     if dx is not None:
-        dx.addmm_(gb, a, alpha=p.scaling)
-    dA = (gb.t() @ x).mul_(p.scaling)  # (r, in)
-    dB = (grad.t() @ (x @ a.t())).mul_(p.scaling)  # (out, r)
-    return dx, dA.to(A.dtype), dB.to(B.dtype)
+        dx.addmm_(gb_t.t(), a)  # (N, in)
+    torch.mm(gb_t, x, out=dA)  # (R, in)
+    if len(set(layout.dtypes)) == 1:  # one cast for the group; each adapter gets a contiguous view
+        dA, *dBs = _split(_cast(flat, layout.dtypes[0]), shapes)
+    k = len(layout.with_adapter)
+    for j, (i, r) in enumerate(zip(layout.with_adapter, layout.rows)):
+        adapter_grads[2 * i] = _cast(dA[r], layout.dtypes[j])
+        adapter_grads[2 * i + 1] = _cast(dBs[j], layout.dtypes[k + j])
+    return dx, adapter_grads
 
 
 def adapters_of(projections) -> list[torch.Tensor | None]:
@@ -137,28 +227,23 @@ def adapters_of(projections) -> list[torch.Tensor | None]:
 
 
 class LoraProjectionsFunction(torch.autograd.Function):
-    """Several LoRA projections of one input (q/k/v, or o alone): one node that saves x once."""
+    """Several LoRA projections of one input (q/k/v, or o alone): one node that saves x once,
+    plus the adapters' casts and x A^T (see group_forward)."""
 
     @staticmethod
     def forward(ctx, x, projections, *adapters):  # x (N, in); adapters A0, B0, A1, B1, ...
         with torch.autocast(x.device.type, enabled=False):
-            outs = tuple(project(x, p, A, B) for p, A, B in zip(projections, adapters[0::2], adapters[1::2]))
-        ctx.projections = projections
-        ctx.save_for_backward(x, *adapters)
-        return outs
+            outs, layout, saved = group_forward(x, projections, adapters)
+        ctx.projections, ctx.layout = projections, layout
+        ctx.save_for_backward(x, *saved)
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        x, *adapters = ctx.saved_tensors
-        dx = None
-        adapter_grads: list[torch.Tensor | None] = []
+        x, *saved = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
-            for p, A, B, g in zip(ctx.projections, adapters[0::2], adapters[1::2], grads):
-                g = g.reshape(-1, g.shape[-1]).to(x.dtype)
-                dx_i, dA, dB = project_backward(g, x, p, A, B, need_dx=ctx.needs_input_grad[0])
-                if dx_i is not None:
-                    dx = dx_i if dx is None else dx.add_(dx_i)
-                adapter_grads += [dA, dB]
+            grads = [g.reshape(-1, g.shape[-1]).to(x.dtype) for g in grads]  # (N, out_i)
+            dx, adapter_grads = group_backward(grads, x, ctx.projections, ctx.layout, saved, ctx.needs_input_grad[0])
         return (dx, None, *adapter_grads)
 
 

@@ -1,9 +1,11 @@
 """Fused LoRA gated MLP: down(act(gate(x)) * up(x)) as one autograd node.
 
-It saves x and the gate/up projections (N, I) only. The activation product h = act(g) * u, which
-the down projection's adapter gradient needs, is recomputed in backward by the activation
-kernel itself (one cheap elementwise pass), so neither h nor act(g) is kept; 4-bit base weights
-are dequantized just in time in forward and again in backward (see fused_linear.py).
+It saves x and the gate/up projections (N, I), plus the small LoRA tensors (the adapters' casts
+and x A^T, (N, r)). The activation product h = act(g) * u, which the down projection's adapter
+gradient needs, is recomputed in backward by the activation kernel itself (one cheap elementwise
+pass), so neither h nor act(g) is kept; 4-bit base weights are dequantized just in time in
+forward and again in backward (see fused_linear.py). gate and up share x, so their LoRA A
+matrices are stacked: one matmul computes x [A_gate; A_up]^T (group_forward).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .fused_linear import adapters_of, compute_dtype, project, project_backward, projection_of
+from .fused_linear import adapters_of, compute_dtype, group_backward, group_forward, projection_of
 from .fused_ops import geglu, swiglu
 
 # transformers' activation names (ACT2FN keys) -> the gated kernel computing act(gate) * up.
@@ -30,31 +32,34 @@ class LoraMLPFunction(torch.autograd.Function):
     def forward(ctx, x, activation, gate, up, down, *adapters):  # x (N, H); adapters Ag, Bg, Au, Bu, Ad, Bd
         act = GATED_ACTIVATIONS[activation]
         with torch.autocast(x.device.type, enabled=False):
-            g = project(x, gate, adapters[0], adapters[1])  # (N, I)
-            u = project(x, up, adapters[2], adapters[3])  # (N, I)
-            out = project(act(g, u), down, adapters[4], adapters[5])  # (N, H)
+            (g, u), gate_up, gate_up_saved = group_forward(x, (gate, up), adapters[:4])  # (N, I) each
+            h = act(g, u)  # (N, I)
+            (out,), down_layout, down_saved = group_forward(h, (down,), adapters[4:])  # (N, H)
+            del h
         ctx.activation = activation
         ctx.projections = (gate, up, down)
-        ctx.save_for_backward(x, g, u, *adapters)
+        ctx.layouts = (gate_up, down_layout)
+        ctx.n_gate_up = len(gate_up_saved)
+        ctx.save_for_backward(x, g, u, *gate_up_saved, *down_saved)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, g, u, *adapters = ctx.saved_tensors
+        x, g, u, *saved = ctx.saved_tensors
+        gate_up_saved, down_saved = saved[:ctx.n_gate_up], saved[ctx.n_gate_up:]
         gate, up, down = ctx.projections
+        gate_up, down_layout = ctx.layouts
         with torch.autocast(x.device.type, enabled=False):
             with torch.enable_grad():
                 g_leaf, u_leaf = g.detach().requires_grad_(), u.detach().requires_grad_()
                 h = GATED_ACTIVATIONS[ctx.activation](g_leaf, u_leaf)  # (N, I)
-            grad_out = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)
-            dh, dAd, dBd = project_backward(grad_out, h.detach(), down, adapters[4], adapters[5])
+            grad_out = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)  # (N, H)
+            dh, (dAd, dBd) = group_backward([grad_out], h.detach(), (down,), down_layout, down_saved)
             dg, du = torch.autograd.grad(h, (g_leaf, u_leaf), dh)
-            del h, g_leaf, u_leaf
-            need_dx = ctx.needs_input_grad[0]
-            dx, dAg, dBg = project_backward(dg, x, gate, adapters[0], adapters[1], need_dx)
-            dx_up, dAu, dBu = project_backward(du, x, up, adapters[2], adapters[3], need_dx)
-            if dx is not None:
-                dx.add_(dx_up)
+            del h, g_leaf, u_leaf, dh
+            dx, (dAg, dBg, dAu, dBu) = group_backward(
+                [dg, du], x, (gate, up), gate_up, gate_up_saved, ctx.needs_input_grad[0]
+            )
         return (dx, None, None, None, None, dAg, dBg, dAu, dBu, dAd, dBd)
 
 
