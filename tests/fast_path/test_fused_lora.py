@@ -149,3 +149,42 @@ def test_trained_base_bias_is_not_fused():
     block = _block(torch.float32, bias=True)
     block.q_proj.base_layer.bias.requires_grad_(True)
     assert "trained" in why_not_fused(block.q_proj)
+
+
+def _calls(prof, op: str) -> int:
+    return sum(e.count for e in prof.key_averages() if e.key == op)
+
+
+def test_qkv_launches_adapter_casts_and_matmuls_once_per_group():
+    """Each aten call is a kernel launch on CUDA, where these small LoRA ops are bound by launch
+    overhead. bf16 input, fp32 adapters (as PEFT keeps them): forward casts all six adapter
+    tensors with one cat + one cast and computes x [A_q; A_k; A_v]^T with one matmul; backward
+    reuses those casts, gets every dA from one matmul and casts every adapter gradient at once.
+    The gradients still match PEFT's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    block = _block(torch.bfloat16)
+    params = _adapter_params(block)[:6]
+    for p in params:
+        p.data = p.data.float()
+    mods = [block.q_proj, block.k_proj, block.v_proj]
+    x = torch.randn(2, 5, H, dtype=torch.bfloat16, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as forward:
+        fused = lora_projections(x, mods)
+    grads = [torch.randn_like(o) for o in fused]
+    with profile(activities=[ProfilerActivity.CPU]) as backward:
+        torch.autograd.backward(fused, grads)
+    assert (_calls(forward, "aten::cat"), _calls(forward, "aten::_to_copy")) == (1, 1)
+    assert _calls(forward, "aten::mm") == 4  # x W^T for q, k, v; x [A_q; A_k; A_v]^T
+    assert _calls(forward, "aten::addmm_") == 3  # + s (x A^T) B^T, the scaling as alpha
+    assert _calls(forward, "aten::mul") == 0
+    assert _calls(backward, "aten::_to_copy") == 1  # every dA and dB, cast to fp32 together
+    assert _calls(backward, "aten::mm") == 2  # dx from W_q; every dA from one matmul
+    assert _calls(backward, "aten::mul") + _calls(backward, "aten::mul_") == 0  # scaling as alpha
+    fused_grads = [p.grad.clone() for p in params]
+    assert all(g.dtype == torch.float32 for g in fused_grads)
+    for p in params:
+        p.grad = None
+    torch.autograd.backward([m(x) for m in mods], grads)
+    for f, p in zip(fused_grads, params):
+        torch.testing.assert_close(f, p.grad, **TOL[torch.bfloat16])
