@@ -209,3 +209,31 @@ def test_trained_lm_head_gets_its_gradient_through_the_fused_loss():
     torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-5, atol=1e-6)
     for name, g in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_cpu_tensors_never_reach_compiled_kernels():
+    """A process whose triton was imported compiled (any CUDA machine; here a fresh interpreter
+    without TRITON_INTERPRET) and that sets TRITON_INTERPRET=1 later: the ops' default dispatch
+    keeps CPU tensors on the reference; forcing Triton explains the import order."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import os, torch\n"
+        "from velotune.kernels import rms_norm, rms_norm_reference\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "x, w = torch.randn(3, 8), torch.randn(8)\n"
+        "assert torch.equal(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))\n"
+        "try:\n"
+        "    rms_norm(x, w, 1e-6, use_triton=True)\n"
+        "except RuntimeError as e:\n"
+        "    print('forced:', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "forced: TRITON_INTERPRET=1 was set after triton was imported" in done.stdout

@@ -44,15 +44,35 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def _probe(X):  # never launched: its decorated type says how @jit built this process's kernels
+    pass
+
+
+_PROBE = jit(_probe)
+
+
+def interpreter_active() -> bool:
+    """True when CPU tensors can run the kernels: TRITON_INTERPRET=1 now *and* when triton and our
+    kernels were decorated (a later setting leaves them compiled for a GPU)."""
+    if not (HAS_TRITON and interpreting()):
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_PROBE, InterpretedFunction)
+
+
 def should_use_triton(tensor: torch.Tensor, use_triton: bool | None) -> bool:
     """The dispatch rule shared by every op.
 
-    None (default): Triton for CUDA tensors, and for CPU tensors only under the interpreter.
-    True forces Triton (error if impossible), False forces the PyTorch reference.
+    None (default): Triton for CUDA tensors, and for CPU tensors only when the interpreter is
+    really active (`interpreter_active`): a compiled kernel is never handed CPU tensors, and a
+    TRITON_INTERPRET=1 set after triton's import (e.g. on a CUDA machine) leaves CPU tensors on the
+    reference. True forces Triton (error if impossible; `kernel_for` explains a late
+    TRITON_INTERPRET), False forces the PyTorch reference.
     """
-    possible = HAS_TRITON and (tensor.is_cuda or interpreting())
     if use_triton is None:
-        return possible
+        return HAS_TRITON and (tensor.is_cuda or interpreter_active())
+    possible = HAS_TRITON and (tensor.is_cuda or interpreting())
     if use_triton and not possible:
         why = "Triton is not installed" if not HAS_TRITON else f"tensors are on {tensor.device}"
         raise ValueError(
