@@ -53,8 +53,9 @@ def test_callbacks_work_with_plain_trl_trainer(tiny_llama_dir, tmp_path, capsys)
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
 def test_report_to_tensorboard_writes_events(tiny_llama_dir, tmp_path):
+    """transformers' own TensorBoard callback, as `report_to` selects it; its events land under
+    output_dir (transformers 5.x dropped `logging_dir`; TENSORBOARD_LOGGING_DIR overrides)."""
     model, tokenizer = tiny_lora(tiny_llama_dir)
-    args = TrainingArguments(**quiet_args(tmp_path, max_steps=2, report_to="tensorboard",
-                                          logging_dir=str(tmp_path / "tb")))
+    args = TrainingArguments(**quiet_args(tmp_path, max_steps=2, report_to="tensorboard"))
     SFTTrainer(model=model, processing_class=tokenizer, train_dataset=text_dataset(8), args=args).train()
-    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
