@@ -56,25 +56,14 @@ def _rope_kernel(
         tl.store(y_row + HALF, y2.to(Y.dtype.element_ty), mask=mask)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _rope_one_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, R)
-    rot = cos.shape[-1]
-    if rot == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
-
-
 def apply_rope_reference(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch: the model's own rotation (same ops, same dtype steps), out of place."""
-    return _rope_one_reference(q, cos, sin), _rope_one_reference(k, cos, sin)
+    # Imported here, not at the top: the models package imports the kernels (through the fast path).
+    from ..models.rope import apply_rope
+
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> None:
