@@ -103,6 +103,24 @@ def test_mlp_matches_peft(dtype, nf4, act):
     _compare([fused], [plain], _adapter_params(block)[8:], x, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("targets", [None, ["gate_proj", "up_proj"]], ids=["all", "no-down-adapter"])
+def test_mlp_in_token_chunks_matches_peft(monkeypatch, dtype, nf4, targets):
+    """Long sequences run the per-token part of the MLP in chunks (7 rows here, 3 chunks of 21
+    tokens, the last one short): outputs and every gradient still equal PEFT's."""
+    import velotune.lora.fused_mlp as fused_mlp
+
+    monkeypatch.setattr(fused_mlp, "CHUNK_TOKENS", 7)
+    block = _block(dtype, nf4=nf4, targets=targets)
+    x = torch.randn(3, 7, H, dtype=dtype, requires_grad=True)
+    mlp = (block.gate_proj, block.up_proj, block.down_proj)
+    plain = block.down_proj(ACT2FN["silu"](block.gate_proj(x)) * block.up_proj(x))
+    fused = lora_mlp(x, *mlp, "silu")
+    _compare([fused], [plain], [p for n, p in block.named_parameters() if "lora_" in n and "mlp" not in n
+                                and any(t in n for t in ("gate", "up", "down"))], x, dtype)
+
+
 def test_mlp_saves_only_x_gate_up_and_adapters():
     """What the autograd graph keeps: x and the (N, I) gate/up outputs, the adapters (gate's and
     up's A stacked) and x A^T (N, r), never a dense weight or the (N, I) activation product."""

@@ -6,16 +6,25 @@ gradient needs, is recomputed in backward by the activation kernel itself (one c
 pass), so neither h nor act(g) is kept; 4-bit base weights are dequantized just in time in
 forward and again in backward (see fused_linear.py). gate and up share x, so their LoRA A
 matrices are stacked: one matmul computes x [A_gate; A_up]^T (group_forward).
+
+Long sequences: every step after the gate/up matmuls is independent per token, so h (forward)
+and h, dh, dg, du (backward) are made `CHUNK_TOKENS` rows at a time. Without that, a 32K-token
+8B layer holds four more (N, 14336) bf16 tensors (3.5 GiB) at its backward's peak; with it, the
+peak of the MLP is x, g, u plus one chunk's worth. Below that length there is one chunk and the
+code runs as before (the 4-bit weights are then dequantized one at a time, as a short step's
+peak memory is where the 4-bit path must stay lean; with several chunks each weight is
+dequantized once per backward and shared by the chunks).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import torch
 from torch import nn
 
-from .fused_linear import adapters_of, compute_dtype, group_backward, group_forward, projection_of
+from .fused_linear import adapters_of, compute_dtype, dense_weight, group_backward, group_forward, projection_of
 from .fused_ops import geglu, swiglu
 
 # transformers' activation names (ACT2FN keys) -> the gated kernel computing act(gate) * up.
@@ -26,6 +35,25 @@ GATED_ACTIVATIONS = {
     "gelu": partial(geglu, approximate="none"),
 }
 
+# Token rows per chunk of the per-token part of the MLP (module-level so tests can shrink it).
+CHUNK_TOKENS = 8192
+
+
+def _chunks(n: int) -> list[slice]:
+    return [slice(start, min(start + CHUNK_TOKENS, n)) for start in range(0, n, CHUNK_TOKENS)]
+
+
+def _rows(saved: list[torch.Tensor], rows: slice) -> list[torch.Tensor]:
+    """group_forward's saved [A stacked, x A^T (N, R), B...] for the token rows `rows`."""
+    if not saved:
+        return saved
+    a, xa, *bs = saved
+    return [a, xa[rows], *bs]
+
+
+def _add(total: list, part: list) -> list:
+    return [p if t is None else (t if p is None else t.add_(p)) for t, p in zip(total, part)]
+
 
 class LoraMLPFunction(torch.autograd.Function):
     @staticmethod
@@ -33,11 +61,23 @@ class LoraMLPFunction(torch.autograd.Function):
         act = GATED_ACTIVATIONS[activation]
         with torch.autocast(x.device.type, enabled=False):
             (g, u), gate_up, gate_up_saved = group_forward(x, (gate, up), adapters[:4])  # (N, I) each
-            h = act(g, u)  # (N, I)
-            (out,), down_layout, down_saved = group_forward(h, (down,), adapters[4:])  # (N, H)
-            del h
+            chunks = _chunks(x.shape[0])
+            if len(chunks) == 1:
+                (out,), down_layout, down_saved = group_forward(act(g, u), (down,), adapters[4:])  # (N, H)
+            else:
+                dense_down = dataclasses.replace(down, weight=dense_weight(down.weight, x.dtype))
+                out = x.new_empty(x.shape[0], dense_down.weight.shape[0])  # (N, H)
+                xa_parts = []
+                for rows in chunks:
+                    (out[rows],), down_layout, down_saved = group_forward(
+                        act(g[rows], u[rows]), (dense_down,), adapters[4:]
+                    )
+                    xa_parts.append(down_saved[1] if down_saved else None)
+                del dense_down
+                if down_saved:  # the chunks' h A_down^T, (N, r), as one saved tensor
+                    down_saved[1] = torch.cat(xa_parts)
         ctx.activation = activation
-        ctx.projections = (gate, up, down)
+        ctx.projections = (gate, up, down)  # as given: a 4-bit weight stays packed until backward
         ctx.layouts = (gate_up, down_layout)
         ctx.n_gate_up = len(gate_up_saved)
         ctx.save_for_backward(x, g, u, *gate_up_saved, *down_saved)
@@ -47,20 +87,36 @@ class LoraMLPFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, g, u, *saved = ctx.saved_tensors
         gate_up_saved, down_saved = saved[:ctx.n_gate_up], saved[ctx.n_gate_up:]
-        gate, up, down = ctx.projections
+        projections = ctx.projections
+        chunks = _chunks(x.shape[0])
+        if len(chunks) > 1:  # each 4-bit weight dequantized once, not once per chunk
+            projections = [dataclasses.replace(p, weight=dense_weight(p.weight, x.dtype)) for p in projections]
+        gate, up, down = projections
         gate_up, down_layout = ctx.layouts
+        act = GATED_ACTIVATIONS[ctx.activation]
+        need_dx = ctx.needs_input_grad[0]
+        dx = x.new_empty(x.shape) if need_dx and len(chunks) > 1 else None  # (N, H)
+        totals = [None] * 6  # dAg, dBg, dAu, dBu, dAd, dBd summed over the chunks
         with torch.autocast(x.device.type, enabled=False):
-            with torch.enable_grad():
-                g_leaf, u_leaf = g.detach().requires_grad_(), u.detach().requires_grad_()
-                h = GATED_ACTIVATIONS[ctx.activation](g_leaf, u_leaf)  # (N, I)
             grad_out = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)  # (N, H)
-            dh, (dAd, dBd) = group_backward([grad_out], h.detach(), (down,), down_layout, down_saved)
-            dg, du = torch.autograd.grad(h, (g_leaf, u_leaf), dh)
-            del h, g_leaf, u_leaf, dh
-            dx, (dAg, dBg, dAu, dBu) = group_backward(
-                [dg, du], x, (gate, up), gate_up, gate_up_saved, ctx.needs_input_grad[0]
-            )
-        return (dx, None, None, None, None, dAg, dBg, dAu, dBu, dAd, dBd)
+            for rows in chunks:
+                with torch.enable_grad():
+                    g_leaf, u_leaf = g[rows].detach().requires_grad_(), u[rows].detach().requires_grad_()
+                    h = act(g_leaf, u_leaf)  # (n, I)
+                dh, down_grads = group_backward([grad_out[rows]], h.detach(), (down,), down_layout,
+                                                _rows(down_saved, rows))
+                dg, du = torch.autograd.grad(h, (g_leaf, u_leaf), dh)
+                del h, g_leaf, u_leaf, dh
+                dx_rows, gate_up_grads = group_backward(
+                    [dg, du], x[rows], (gate, up), gate_up, _rows(gate_up_saved, rows), need_dx
+                )
+                del dg, du
+                if dx is None:
+                    dx = dx_rows
+                elif dx_rows is not None:
+                    dx[rows] = dx_rows
+                totals = _add(totals, [*gate_up_grads, *down_grads])
+        return (dx, None, None, None, None, *totals)
 
 
 def lora_mlp(
