@@ -137,8 +137,10 @@ def profile_step(train_step, trace_path: str, cuda: bool) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities, record_shapes=False) as prof:
         train_step()
-    sort = "cuda_time_total" if cuda else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=30), file=sys.stderr, flush=True)
+    averages = prof.key_averages()
+    for sort in (["self_cuda_time_total"] if cuda else []) + ["self_cpu_time_total"]:
+        print(f"-- top ops by {sort}", file=sys.stderr)
+        print(averages.table(sort_by=sort, row_limit=25), file=sys.stderr, flush=True)
     prof.export_chrome_trace(trace_path)
 
 
