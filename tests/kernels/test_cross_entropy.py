@@ -60,6 +60,24 @@ def test_triton_matches_reference(shape, dtype, variant, device):
         assert_close(g, w, "cross_entropy.grad", dtype, normalise=True)
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_vocab_spans_several_blocks(softcap, device):
+    """V > 4096 = the largest BLOCK_V: the online log-sum-exp must rescale its running sum when a
+    later block holds a larger logit (rows alternate between the max in block 1 and block 2)."""
+    N, H, V = 6, 16, 4096 + 37
+    hidden = torch.randn(N, H, device=device)
+    hidden[::2, 0] = 6.0  # even rows: the late vocabulary rows below win
+    hidden[1::2, 0] = -6.0  # odd rows: the early ones win
+    weight = torch.randn(V, H, device=device) * 0.3
+    weight[:, 0] = torch.linspace(-2.0, 2.0, V, device=device)
+    labels = torch.tensor([5, V - 1, 4096, -100, 100, 4100], device=device)
+    got = _run(hidden, weight, labels, None, {"softcap": softcap}, True, 4)
+    want = _run(hidden, weight, labels, None, {"softcap": softcap}, False)
+    assert_close(got[0], want[0], "cross_entropy.loss", torch.float32)
+    for g, w in zip(got[1:3], want[1:3]):
+        assert_close(g, w, "cross_entropy.grad", torch.float32, normalise=True)
+
+
 def test_frozen_weight_and_no_grad(device):
     hidden, weight, labels, _ = _inputs(12, 32, 96, torch.float32, device)
     h = hidden.clone().requires_grad_(True)

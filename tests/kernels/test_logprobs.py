@@ -41,6 +41,24 @@ def test_triton_matches_reference(shape, dtype, temperature, device):
         assert_close(g, w, "logprobs.grad", dtype, normalise=True)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_vocab_spans_several_blocks(temperature, device):
+    """V > 4096 = the largest BLOCK_V: the online log-sum-exp must rescale its running sum when a
+    later block holds a larger logit; ids hit both blocks and the last (partial) one."""
+    H, V = 16, 4096 + 37
+    hidden = torch.randn(1, 6, H, device=device)
+    hidden[0, ::2, 0] = 6.0  # even tokens: the late vocabulary rows below win
+    hidden[0, 1::2, 0] = -6.0  # odd tokens: the early ones win
+    weight = torch.randn(V, H, device=device) * 0.3
+    weight[:, 0] = torch.linspace(-2.0, 2.0, V, device=device)
+    ids = torch.tensor([[5, V - 1, 4096, 0, 100, 4100]], device=device)
+    got = _run(hidden, weight, ids, temperature, True, 4)
+    want = _run(hidden, weight, ids, temperature, False)
+    assert_close(got[0], want[0], "logprobs", torch.float32)
+    for g, w in zip(got[1:], want[1:]):
+        assert_close(g, w, "logprobs.grad", torch.float32, normalise=True)
+
+
 def test_reference_is_full_log_softmax():
     hidden, weight = torch.randn(2, 6, 16), torch.randn(30, 16)
     ids = torch.randint(0, 30, (2, 6))

@@ -15,6 +15,7 @@ Loss = sum of token losses / (num_items_in_batch if given, else the count of non
 import torch
 import torch.nn.functional as F
 
+from ._online_lse import online_logsumexp, store_softmax_grad, transformed_logits
 from ._triton import jit, kernel_for, next_power_of_2, should_use_triton, tl
 
 
@@ -34,38 +35,14 @@ def _cross_entropy_chunk_kernel(
                 offs = v0 + tl.arange(0, BLOCK_V)
                 tl.store(base + offs, tl.zeros((BLOCK_V,), dtype=tl.float32).to(LOGITS.dtype.element_ty), mask=offs < V)
     else:
-        # pass 1: online max / sum of exp over the vocabulary, fp32
-        m = float("-inf")
-        d = 0.0
-        for v0 in range(0, V, BLOCK_V):
-            offs = v0 + tl.arange(0, BLOCK_V)
-            mask = offs < V
-            z = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:  # softcap * tanh(z / softcap), tanh(u) = 2 / (1 + exp(-2u)) - 1
-                z = softcap * (2.0 / (1.0 + tl.exp(-2.0 * z / softcap)) - 1.0)
-            z = tl.where(mask, z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-            m = m_new
-        lse = m + tl.log(d)
-        z_label = tl.load(base + label).to(tl.float32)
-        if HAS_SOFTCAP:
-            z_label = softcap * (2.0 / (1.0 + tl.exp(-2.0 * z_label / softcap)) - 1.0)
+        # pass 1: fp32 log-sum-exp of the (soft-capped) row; no temperature in a training loss
+        lse = online_logsumexp(base, V, 1.0, softcap, HAS_SOFTCAP, False, True, BLOCK_V)
+        z_label, _ = transformed_logits(tl.load(base + label), 1.0, softcap, HAS_SOFTCAP, False)
         tl.store(LOSS + row, lse - z_label)
         if COMPUTE_GRAD:
             # pass 2: (softmax - onehot) * scale, times d(softcap)/dz = 1 - tanh^2, in place
             scale = tl.load(SCALE).to(tl.float32)
-            for v0 in range(0, V, BLOCK_V):
-                offs = v0 + tl.arange(0, BLOCK_V)
-                mask = offs < V
-                z = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-                if HAS_SOFTCAP:
-                    t = 2.0 / (1.0 + tl.exp(-2.0 * z / softcap)) - 1.0
-                    z = softcap * t
-                grad = tl.exp(z - lse) - tl.where(offs == label, 1.0, 0.0)
-                if HAS_SOFTCAP:
-                    grad = grad * (1.0 - t * t)
-                tl.store(base + offs, (grad * scale).to(LOGITS.dtype.element_ty), mask=mask)
+            store_softmax_grad(base, V, label, lse, scale, 1.0, softcap, HAS_SOFTCAP, False, False, BLOCK_V)
 
 
 def fused_linear_cross_entropy_reference(

@@ -11,6 +11,7 @@ cannot be finished in the forward pass.
 import torch
 import torch.nn.functional as F
 
+from ._online_lse import online_logsumexp, store_softmax_grad, transformed_logits
 from ._triton import jit, kernel_for, next_power_of_2, should_use_triton, tl
 from .cross_entropy import default_chunk_size
 
@@ -25,27 +26,16 @@ def _logprobs_chunk_kernel(
     base = LOGITS + row * stride_l
     token = tl.load(IDS + row).to(tl.int64)
     if BACKWARD:
+        # d logp / d z = g / T * (onehot - softmax), in place
         lse = tl.load(LSE + row)
         g = tl.load(GRAD + row) * inv_temperature
-        for v0 in range(0, V, BLOCK_V):
-            offs = v0 + tl.arange(0, BLOCK_V)
-            mask = offs < V
-            z = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32) * inv_temperature
-            grad = g * (tl.where(offs == token, 1.0, 0.0) - tl.exp(z - lse))
-            tl.store(base + offs, grad.to(LOGITS.dtype.element_ty), mask=mask)
+        store_softmax_grad(base, V, token, lse, g, inv_temperature, 0.0, False, True, True, BLOCK_V)
     else:
-        m = float("-inf")
-        d = 0.0
-        for v0 in range(0, V, BLOCK_V):
-            offs = v0 + tl.arange(0, BLOCK_V)
-            mask = offs < V
-            z = tl.load(base + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-            m = m_new
-        lse = m + tl.log(d)
+        lse = online_logsumexp(base, V, inv_temperature, 0.0, False, True, False, BLOCK_V)
         tl.store(LSE + row, lse)
-        tl.store(LOGP + row, tl.load(base + token).to(tl.float32) * inv_temperature - lse)
+        logp_ptr = LOGP + row  # address before the load: the instruction order of the hand-written kernel
+        z_token, _ = transformed_logits(tl.load(base + token), inv_temperature, 0.0, False, True)
+        tl.store(logp_ptr, z_token - lse)
 
 
 def chunked_logprobs_reference(
