@@ -82,13 +82,15 @@ def main() -> None:
                  ignore_index="i32", softcap="fp32"),
             dict(HAS_SOFTCAP=softcap, COMPUTE_GRAD=grad, BLOCK_V=4096),
         )  # fmt: skip
-    for nested, out in ((True, "bf16"), (False, "fp16")):
+    for nested, out, blocksize, even in ((True, "bf16", 64, True), (False, "fp16", 16, False),
+                                         (True, "fp32", 4096, False)):  # fmt: skip
         compiled = compile_kernel(
             nf4._dequantize_nf4_kernel,
             dict(PACKED="*u8", ABSMAX="*u8" if nested else "*fp32", QUANT_MAP="*fp32", NESTED_ABSMAX="*fp32",
-                 NESTED_MAP="*fp32", OFFSET="*fp32", OUT=f"*{out}", n=i64),
-            dict(BLOCKSIZE=64, NESTED_BLOCKSIZE=256, NESTED=nested, OUT_BF16=out == "bf16", BLOCK=1024),
-            enable_fp_fusion=False,
+                 NESTED_MAP="*fp32", OFFSET="*fp32", OUT=f"*{out}", n="i32", n_bytes="i32", n_blocks="i32"),
+            dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=256, NESTED=nested, OUT_BF16=out == "bf16",
+                 ROWS=max(1, 4096 // blocksize), EVEN=even, IDX64=not even),
+            enable_fp_fusion=False, num_warps=4,
         )  # fmt: skip
         if "fma.rn.f32" in compiled.asm["ptx"]:
             sys.exit("dequantize_nf4 kernel contains an FMA despite enable_fp_fusion=False")

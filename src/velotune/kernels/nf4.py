@@ -10,46 +10,79 @@ so both are rounded; the kernel is launched with ``enable_fp_fusion=False`` so t
 fuse them into one FMA (one rounding), which would differ in the last bit. Why a kernel at all:
 the fused LoRA paths dequantize each base weight just in time, every step, in fwd and bwd; one
 pass that reads 0.5 byte + 1/64 absmax per value and writes 2 bytes is the memory-bound floor.
+
+Tiling: a program owns ``ROWS`` whole quantization blocks, a (ROWS, blocksize / 2) tile of packed
+bytes. Each byte is loaded once and gives two outputs (high nibble first), each block's scale
+(and its nested code/absmax) is loaded once per row instead of once per element, and
+``tl.interleave`` puts the two nibbles' values back in order so the store is contiguous.
+
+Per-call cost: QLoRA calls ``dequantize_nf4_weight`` for 7 weights per layer, 3 times per
+micro-batch; on small models the step is bound by the host, so the launch arguments of each
+weight (device-resident fp32 tables, grid, constexprs) are prepared once and cached per
+bitsandbytes ``QuantState`` (see ``_WeightCache``); a repeated call is a look-up, ``torch.empty``
+and one launch.
 """
+
+import weakref
+from dataclasses import dataclass
 
 import torch
 
 from ._triton import jit, kernel_for, should_use_triton, tl
 
-_BLOCK = 1024
+_TILE_VALUES = 4096  # outputs per program: a few thousand keeps every thread busy with 16+ bytes
+_NUM_WARPS = 4
+_MIN_BLOCKSIZE = 16  # the Triton path needs a power of two >= 16 (bitsandbytes uses 32..4096)
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @jit
 def _dequantize_nf4_kernel(
     PACKED, ABSMAX, QUANT_MAP, NESTED_ABSMAX, NESTED_MAP, OFFSET, OUT,  # PACKED (ceil(n/2),) uint8
-    n,
+    n, n_bytes, n_blocks,  # values, packed bytes = ceil(n/2), quantization blocks = ceil(n/BLOCKSIZE)
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,  # compile-time: divisions become shifts
-    NESTED: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    NESTED: tl.constexpr, OUT_BF16: tl.constexpr, ROWS: tl.constexpr,
+    EVEN: tl.constexpr, IDX64: tl.constexpr,  # EVEN: every tile is full (no masks); IDX64: n >= 2**31
 ):  # fmt: skip
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    byte = tl.load(PACKED + offs // 2, mask=mask, other=0).to(tl.int32)
-    nibble = tl.where(offs % 2 == 0, byte >> 4, byte & 15)  # first element in the high nibble
-    value = tl.load(QUANT_MAP + nibble, mask=mask, other=0.0)
-    block = offs // BLOCKSIZE
-    if NESTED:
-        q = tl.load(ABSMAX + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(NESTED_MAP + q, mask=mask, other=0.0) * tl.load(
-            NESTED_ABSMAX + block // NESTED_BLOCKSIZE, mask=mask, other=0.0
-        )
-        scale = scale + tl.load(OFFSET)  # a separate rounding, as bitsandbytes (no FMA: see launch)
+    pid = tl.program_id(0)
+    if IDX64:
+        pid = pid.to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS)  # (R,) quantization block indices
+    byte_offs = rows[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]  # (R, BS/2)
+    out_offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (R, BS)
+    if EVEN:
+        byte = tl.load(PACKED + byte_offs).to(tl.int32)  # (R, BS/2)
+        if NESTED:
+            q = tl.load(ABSMAX + rows).to(tl.int32)  # (R,)
+            nested_absmax = tl.load(NESTED_ABSMAX + rows // NESTED_BLOCKSIZE)
+        else:
+            scale = tl.load(ABSMAX + rows)  # (R,) fp32
     else:
-        scale = tl.load(ABSMAX + block, mask=mask, other=0.0)
-    result = value * scale  # fp32
+        row_ok = rows < n_blocks
+        byte = tl.load(PACKED + byte_offs, mask=byte_offs < n_bytes, other=0).to(tl.int32)
+        if NESTED:
+            q = tl.load(ABSMAX + rows, mask=row_ok, other=0).to(tl.int32)
+            nested_absmax = tl.load(NESTED_ABSMAX + rows // NESTED_BLOCKSIZE, mask=row_ok, other=0.0)
+        else:
+            scale = tl.load(ABSMAX + rows, mask=row_ok, other=0.0)
+    if NESTED:
+        scale = tl.load(NESTED_MAP + q) * nested_absmax  # q in [0, 255]: no mask needed
+        scale = scale + tl.load(OFFSET)  # a separate rounding, as bitsandbytes (no FMA: see launch)
+    hi = tl.load(QUANT_MAP + (byte >> 4)) * scale[:, None]  # (R, BS/2) fp32, the earlier element
+    lo = tl.load(QUANT_MAP + (byte & 15)) * scale[:, None]
+    result = tl.interleave(hi, lo)  # (R, BS): hi0 lo0 hi1 lo1 ..., i.e. row-major order
     if OUT_BF16:
         # Round to nearest even by hand: the GPU's cvt does this, but Triton's interpreter truncates
         # fp32 -> bf16, and CI tests this kernel bit for bit through the interpreter. (No NaN here.)
         bits = result.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        tl.store(OUT + offs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        result = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
-        tl.store(OUT + offs, result.to(OUT.dtype.element_ty), mask=mask)
+        result = result.to(OUT.dtype.element_ty)
+    if EVEN:
+        tl.store(OUT + out_offs, result)
+    else:
+        tl.store(OUT + out_offs, result, mask=out_offs < n)
 
 
 def dequantize_nf4_reference(
@@ -105,6 +138,109 @@ def _validate(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset
         raise ValueError(f"dequantize_nf4: with double quantization absmax must be uint8 codes, got {absmax.dtype}")
 
 
+def _tileable(blocksize: int) -> bool:
+    """The tile kernel's blocks are ``tl.arange`` ranges: a power of two, at least 16 values."""
+    return blocksize >= _MIN_BLOCKSIZE and blocksize & (blocksize - 1) == 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Launch:
+    """One weight's launch, prepared once: device-resident fp32 tables, grid and constexprs.
+
+    Calling it with the packed bytes (a contiguous uint8 tensor on ``device``) allocates the
+    output and launches the kernel: no validation, no conversions, no dicts built.
+    """
+
+    kernel: object
+    grid: tuple
+    absmax: torch.Tensor  # (n_blocks,) fp32, or uint8 codes when nested
+    quant_map: torch.Tensor  # (16,) fp32
+    nested_absmax: torch.Tensor  # (ceil(n_blocks / nested_blocksize),) fp32; placeholders when not nested
+    nested_quant_map: torch.Tensor  # (256,) fp32
+    offset: torch.Tensor  # (1,) fp32
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    cuda_index: int | None  # the kernel must run with the weight's GPU current (device_map over GPUs)
+    n: int
+    n_bytes: int
+    n_blocks: int
+    meta: dict  # constexprs and launch options, passed as keywords
+
+    def __call__(self, packed: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        if self.n == 0:
+            return out
+        if self.cuda_index is not None and self.cuda_index != torch.cuda.current_device():
+            with torch.cuda.device(self.cuda_index):
+                self._run(packed, out)
+        else:
+            self._run(packed, out)
+        return out
+
+    def _run(self, packed: torch.Tensor, out: torch.Tensor) -> None:
+        self.kernel[self.grid](
+            packed, self.absmax, self.quant_map, self.nested_absmax, self.nested_quant_map, self.offset, out,
+            self.n, self.n_bytes, self.n_blocks, **self.meta,
+        )  # fmt: skip
+
+
+def _prepare(
+    device, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, nested_blocksize, shape, dtype,
+    *, tile_values: int = _TILE_VALUES, num_warps: int = _NUM_WARPS,
+) -> _Launch:  # fmt: skip
+    """Validated arguments -> a ``_Launch``. ``tile_values``/``num_warps`` are exposed for the bench's sweep."""
+    shape = torch.Size(shape)
+    n = shape.numel()
+    quant_map = quant_map.to(device=device, dtype=torch.float32).contiguous()
+    nested = nested_absmax is not None
+    if nested:
+        absmax = absmax.to(device).contiguous()  # uint8 codes
+        nested_absmax = nested_absmax.to(device=device, dtype=torch.float32).contiguous()
+        nested_quant_map = nested_quant_map.to(device=device, dtype=torch.float32).contiguous()
+        offset = torch.as_tensor(offset, dtype=torch.float32, device=device).reshape(1)
+    else:
+        absmax = absmax.to(device=device, dtype=torch.float32).contiguous()
+        nested_absmax = nested_quant_map = offset = quant_map  # unused placeholders
+    rows = max(1, tile_values // blocksize)  # quantization blocks per program
+    n_blocks = -(-n // blocksize)
+    meta = dict(
+        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, NESTED=nested, OUT_BF16=dtype == torch.bfloat16,
+        ROWS=rows, EVEN=n % (rows * blocksize) == 0, IDX64=n + rows * blocksize >= 2**31,
+        num_warps=num_warps, enable_fp_fusion=False,
+    )  # fmt: skip
+    return _Launch(
+        kernel=kernel_for(_dequantize_nf4_kernel), grid=(-(-n_blocks // rows),), absmax=absmax, quant_map=quant_map,
+        nested_absmax=nested_absmax, nested_quant_map=nested_quant_map, offset=offset, shape=shape, dtype=dtype,
+        device=device, cuda_index=device.index if device.type == "cuda" else None,
+        n=n, n_bytes=(n + 1) // 2, n_blocks=n_blocks, meta=meta,
+    )  # fmt: skip
+
+
+def _plan(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, nested_blocksize, shape,
+          dtype, use_triton) -> _Launch | None:  # fmt: skip
+    """Validate; the prepared Triton launch, or None when the PyTorch reference is to run."""
+    if int(blocksize) < 2 or int(nested_blocksize) < 1:
+        raise ValueError(
+            f"dequantize_nf4: blocksize ({blocksize}) and nested_blocksize ({nested_blocksize}) must be positive"
+        )
+    blocksize, nested_blocksize = int(blocksize), int(nested_blocksize)
+    _validate(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape, dtype)
+    if not should_use_triton(packed, use_triton):
+        return None
+    if not _tileable(blocksize):
+        if use_triton:
+            raise ValueError(
+                f"dequantize_nf4: the Triton kernel needs a blocksize that is a power of two >= {_MIN_BLOCKSIZE} "
+                f"(bitsandbytes uses 32..4096), got {blocksize}; pass use_triton=None/False for the PyTorch path"
+            )
+        return None
+    return _prepare(
+        packed.device, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, nested_blocksize,
+        shape, dtype,
+    )  # fmt: skip
+
+
 def dequantize_nf4(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -123,45 +259,79 @@ def dequantize_nf4(
 
     ``packed`` is the uint8 (or any quant_storage dtype) data, ``absmax`` fp32 per block, or uint8
     codes when ``nested_*`` and ``offset`` (double quantization) are given. No autograd: frozen
-    base weights only.
+    base weights only. Validates every call; weights held by bitsandbytes modules should go through
+    ``dequantize_nf4_weight``, which prepares the launch once per weight.
     """
-    if int(blocksize) < 2 or int(nested_blocksize) < 1:
-        raise ValueError(
-            f"dequantize_nf4: blocksize ({blocksize}) and nested_blocksize ({nested_blocksize}) must be positive"
-        )
-    blocksize, nested_blocksize = int(blocksize), int(nested_blocksize)
-    _validate(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape, dtype)
-    kwargs = dict(
-        nested_absmax=nested_absmax, nested_quant_map=nested_quant_map, offset=offset,
-        blocksize=blocksize, nested_blocksize=nested_blocksize, shape=shape, dtype=dtype,
+    launch = _plan(
+        packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, nested_blocksize, shape,
+        dtype, use_triton,
     )  # fmt: skip
-    if not should_use_triton(packed, use_triton):
-        return dequantize_nf4_reference(packed, absmax, quant_map, **kwargs)
-    device = packed.device
-    out = torch.empty(torch.Size(shape), dtype=dtype, device=device)
-    n = out.numel()
-    data = packed.reshape(-1).view(torch.uint8).contiguous()  # (ceil(n/2),)
-    quant_map = quant_map.to(device=device, dtype=torch.float32).contiguous()
-    nested = nested_absmax is not None
-    if nested:
-        nested_absmax = nested_absmax.to(device=device, dtype=torch.float32).contiguous()
-        nested_quant_map = nested_quant_map.to(device=device, dtype=torch.float32).contiguous()
-        offset = torch.as_tensor(offset, dtype=torch.float32, device=device).reshape(1)
-    else:
-        absmax = absmax.to(dtype=torch.float32)
-        nested_absmax = nested_quant_map = offset = quant_map  # unused placeholders
-    absmax = absmax.to(device).contiguous()
-    if n:
-        kernel_for(_dequantize_nf4_kernel)[(-(-n // _BLOCK),)](
-            data, absmax, quant_map, nested_absmax, nested_quant_map, offset, out, n,
-            BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, NESTED=nested,
-            OUT_BF16=dtype == torch.bfloat16, BLOCK=_BLOCK, enable_fp_fusion=False,
+    if launch is None:
+        return dequantize_nf4_reference(
+            packed, absmax, quant_map, nested_absmax=nested_absmax, nested_quant_map=nested_quant_map,
+            offset=offset, blocksize=int(blocksize), nested_blocksize=int(nested_blocksize), shape=shape, dtype=dtype,
         )  # fmt: skip
-    return out
+    return launch(packed.reshape(-1).view(torch.uint8).contiguous())  # (ceil(n/2),)
 
 
-def dequantize_nf4_weight(module_or_param, *, use_triton: bool | None = None) -> torch.Tensor:
-    """Dequantize a bitsandbytes ``Params4bit`` (or a ``Linear4bit`` holding one) via its quant_state."""
+@dataclass(frozen=True, slots=True)
+class _CachedWeight:
+    """A prepared launch and what it was prepared from; stale as soon as any of these changed.
+
+    The QuantState is held weakly (its death drops the entry); its tensors are held strongly and
+    compared by identity, so ``state.to(device)`` or a reassigned ``state.absmax`` is noticed.
+    The packed bytes are never cached, only their address: ``param.data = ...`` (or a move)
+    changes it. In-place edits of the packed bytes are always seen; in-place edits of absmax/code
+    are seen too when they needed no conversion (bitsandbytes keeps them fp32 on the weight's
+    device), as the launch then uses the state's own tensors.
+    """
+
+    state_ref: weakref.ref
+    data_ptr: int
+    data_numel: int
+    data_dtype: torch.dtype
+    absmax: torch.Tensor
+    code: torch.Tensor
+    nested_absmax: torch.Tensor | None
+    nested_code: torch.Tensor | None
+    offset: object
+    blocksize: int
+    shape: torch.Size
+    dtype: torch.dtype
+    launch: _Launch
+
+    def fresh(self, state, data: torch.Tensor) -> bool:
+        if not (
+            self.state_ref() is state
+            and data.data_ptr() == self.data_ptr
+            and data.dtype is self.data_dtype
+            and data.numel() == self.data_numel
+            and state.absmax is self.absmax
+            and state.code is self.code
+            and state.offset is self.offset
+            and state.dtype is self.dtype
+            and state.blocksize == self.blocksize
+            and state.shape == self.shape
+        ):
+            return False
+        state2 = state.state2
+        if state2 is None:
+            return self.nested_absmax is None
+        return state2.absmax is self.nested_absmax and state2.code is self.nested_code
+
+
+_CACHE: dict[int, _CachedWeight] = {}  # id(QuantState) -> entry (QuantState defines __eq__, so no __hash__)
+_DISABLE_SUBCLASS = torch._C.DisableTorchFunctionSubclass
+
+
+def _forget(key: int):
+    def callback(_ref) -> None:  # the QuantState died: its id may be reused
+        _CACHE.pop(key, None)
+
+    return callback
+
+
+def _weight_state(module_or_param):
     param = module_or_param.weight if isinstance(module_or_param, torch.nn.Module) else module_or_param
     state = getattr(param, "quant_state", None)
     if state is None and isinstance(module_or_param, torch.nn.Module):
@@ -171,15 +341,47 @@ def dequantize_nf4_weight(module_or_param, *, use_triton: bool | None = None) ->
             f"dequantize_nf4_weight: {type(module_or_param).__name__} carries no bitsandbytes quant_state; "
             "pass a bnb.nn.Linear4bit or its Params4bit weight (after quantization)"
         )
+    # Params4bit overrides __torch_function__, which makes each .data/.data_ptr() cost microseconds
+    with _DISABLE_SUBCLASS():
+        data = param.data  # a plain tensor aliasing the packed bytes
+    return data, state
+
+
+def dequantize_nf4_weight(module_or_param, *, use_triton: bool | None = None) -> torch.Tensor:
+    """Dequantize a bitsandbytes ``Params4bit`` (or a ``Linear4bit`` holding one) via its quant_state.
+
+    The first call on a weight validates and prepares its launch; later calls reuse it (see
+    ``_CachedWeight`` for when it is rebuilt), so the QLoRA hot path is a look-up and one launch.
+    """
+    data, state = _weight_state(module_or_param)
+    if use_triton is not False:
+        cached = _CACHE.get(id(state))
+        if cached is not None and cached.fresh(state, data):
+            return cached.launch(data if cached.data_dtype is torch.uint8 else data.view(torch.uint8))
     if state.quant_type != "nf4":
         raise ValueError(f"dequantize_nf4_weight: only quant_type='nf4' is supported, got {state.quant_type!r}")
-    nested = {}
-    if state.nested:
+    state2 = state.state2
+    nested = dict(nested_absmax=None, nested_quant_map=None, offset=None, nested_blocksize=256)
+    if state2 is not None:
         nested = dict(
-            nested_absmax=state.state2.absmax, nested_quant_map=state.state2.code, offset=state.offset,
-            nested_blocksize=state.state2.blocksize,
+            nested_absmax=state2.absmax, nested_quant_map=state2.code, offset=state.offset,
+            nested_blocksize=state2.blocksize,
         )  # fmt: skip
-    return dequantize_nf4(
-        param.data, state.absmax, state.code, blocksize=state.blocksize, shape=state.shape, dtype=state.dtype,
-        use_triton=use_triton, **nested,
+    launch = _plan(
+        data, state.absmax, state.code, nested["nested_absmax"], nested["nested_quant_map"], nested["offset"],
+        state.blocksize, nested["nested_blocksize"], state.shape, state.dtype, use_triton,
     )  # fmt: skip
+    if launch is None:
+        return dequantize_nf4_reference(
+            data, state.absmax, state.code, blocksize=state.blocksize, shape=state.shape, dtype=state.dtype, **nested
+        )
+    if not data.is_contiguous():  # rare: not worth caching a copy
+        return launch(data.reshape(-1).view(torch.uint8).contiguous())
+    key = id(state)
+    _CACHE[key] = _CachedWeight(
+        state_ref=weakref.ref(state, _forget(key)), data_ptr=data.data_ptr(), data_numel=data.numel(),
+        data_dtype=data.dtype, absmax=state.absmax, code=state.code,
+        nested_absmax=None if state2 is None else state2.absmax, nested_code=None if state2 is None else state2.code,
+        offset=state.offset, blocksize=state.blocksize, shape=state.shape, dtype=state.dtype, launch=launch,
+    )  # fmt: skip
+    return launch(data if data.dtype is torch.uint8 else data.view(torch.uint8))
