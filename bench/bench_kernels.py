@@ -160,12 +160,24 @@ def logprobs_cases(n: int, s: Sizes, device, dtype, reference_only: bool) -> lis
     return cases
 
 
-def nf4_cases(n: int, s: Sizes, device, dtype, reference_only: bool) -> list[Case]:
-    """Dequantize one (MLP, hidden) NF4 weight (double-quantized); forward only. ``n`` unused."""
-    from velotune.quant import quantize_nf4
+def _nf4_linear(rows: int, cols: int, device, dtype):
+    """A real bitsandbytes Linear4bit (double-quantized NF4), as QLoRA holds its base weights."""
+    from velotune.quant.linear import to_linear4bit
 
-    w = (torch.randn(s.mlp, s.hidden, device=device) * 0.02).to(dtype)
-    packed, st = quantize_nf4(w, compress_statistics=True)
+    linear = torch.nn.Linear(cols, rows, bias=False, device=device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.02)
+    return to_linear4bit(linear)
+
+
+def nf4_cases(n: int, s: Sizes, device, dtype, reference_only: bool) -> list[Case]:
+    """Dequantize one (MLP, hidden) NF4 weight (double-quantized); forward only. ``n`` unused.
+
+    "velotune" is the QLoRA hot path (``dequantize_nf4_weight`` on a Params4bit: cached launch);
+    "velotune validating" the general ``dequantize_nf4`` that checks its arguments every call.
+    """
+    weight = _nf4_linear(s.mlp, s.hidden, device, dtype).weight
+    packed, st = weight.data, weight.quant_state
     args = (packed, st.absmax, st.code)
     kwargs = dict(
         nested_absmax=st.state2.absmax, nested_quant_map=st.state2.code, offset=st.offset,
@@ -173,7 +185,8 @@ def nf4_cases(n: int, s: Sizes, device, dtype, reference_only: bool) -> list[Cas
     )  # fmt: skip
     cases = [Case("dequantize_nf4", "torch reference", lambda: vk.dequantize_nf4_reference(*args, **kwargs))]
     if not reference_only:
-        cases.append(Case("dequantize_nf4", "velotune", lambda: vk.dequantize_nf4(*args, **kwargs)))
+        cases.append(Case("dequantize_nf4", "velotune", lambda: vk.dequantize_nf4_weight(weight)))
+        cases.append(Case("dequantize_nf4", "velotune validating", lambda: vk.dequantize_nf4(*args, **kwargs)))
         try:
             import bitsandbytes.functional as bnbF
 
@@ -181,6 +194,78 @@ def nf4_cases(n: int, s: Sizes, device, dtype, reference_only: bool) -> list[Cas
         except ImportError:
             pass
     return cases
+
+
+def _nf4_bytes(numel: int, blocksize: int, dtype: torch.dtype) -> int:
+    """Traffic of one dequantization: packed codes + uint8 absmax codes in, ``dtype`` values out."""
+    return numel // 2 + -(-numel // blocksize) + numel * torch.finfo(dtype).bits // 8
+
+
+def nf4_details(s: Sizes, device, dtype, dry_run: bool, warmup: int, iters: int, host_calls: int) -> str:
+    """GB/s of each NF4 dequantization (and a tile/warps sweep of ours), then host time per call.
+
+    The host table launches ``host_calls`` dequantizations of a small (256 x 256) weight back to
+    back and divides the wall time before the final synchronize: what the QLoRA step pays in
+    Python per base weight when the GPU is not the bottleneck (7 weights x 3 passes per layer).
+    """
+    import bitsandbytes.functional as bnbF
+
+    from velotune.kernels import nf4 as nf4_kernel
+
+    weight = _nf4_linear(s.mlp, s.hidden, device, dtype).weight
+    packed, st = weight.data, weight.quant_state
+    moved = _nf4_bytes(st.shape.numel(), st.blocksize, st.dtype)
+    cases = [
+        Case("dequantize_nf4", "velotune", lambda: vk.dequantize_nf4_weight(weight)),
+        Case("dequantize_nf4", "bitsandbytes", lambda: bnbF.dequantize_4bit(packed, st)),
+    ]
+    if not dry_run:
+        for tile_values in (2048, 4096, 8192, 16384):
+            for num_warps in (2, 4, 8):
+                launch = nf4_kernel._prepare(
+                    device, st.absmax, st.code, st.state2.absmax, st.state2.code, st.offset, st.blocksize,
+                    st.state2.blocksize, st.shape, st.dtype, tile_values=tile_values, num_warps=num_warps,
+                )  # fmt: skip
+                impl = f"velotune tile={tile_values} warps={num_warps}"
+                cases.append(Case("dequantize_nf4", impl, lambda launch=launch: launch(packed)))
+    lines = [
+        f"NF4 dequantization of {st.shape[0]} x {st.shape[1]} -> {str(st.dtype).removeprefix('torch.')}, "
+        f"{moved / 1e6:.1f} MB moved per call (0.5 B + 1/{st.blocksize} B in, {torch.finfo(st.dtype).bits // 8} B out "
+        "per value)",
+        "",
+        "| implementation | ms | GB/s |",
+        "| --- | ---: | ---: |",
+    ]
+    for case in cases:
+        ms, _ = measure(case, device, warmup, iters)
+        lines.append(f"| {case.impl} | {ms:.4f} | {moved / (ms * 1e-3) / 1e9:,.0f} |")
+    small = _nf4_linear(256, 256, device, dtype).weight
+    small_args = (small.data, small.quant_state.absmax, small.quant_state.code)
+    small_state = small.quant_state
+    small_kwargs = dict(
+        nested_absmax=small_state.state2.absmax, nested_quant_map=small_state.state2.code, offset=small_state.offset,
+        blocksize=small_state.blocksize, shape=small_state.shape, dtype=small_state.dtype,
+    )  # fmt: skip
+    host = {
+        "velotune dequantize_nf4_weight (cached)": lambda: vk.dequantize_nf4_weight(small),
+        "velotune dequantize_nf4 (validating)": lambda: vk.dequantize_nf4(*small_args, **small_kwargs),
+        "bitsandbytes dequantize_4bit": lambda: bnbF.dequantize_4bit(small.data, small_state),
+    }
+    lines += ["", f"Host time per call, 256 x 256 weight, {host_calls} calls back to back", "",
+              "| implementation | us per call |", "| --- | ---: |"]  # fmt: skip
+    for impl, call in host.items():
+        for _ in range(10):
+            call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(host_calls):
+            call()
+        elapsed = time.perf_counter() - start
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        lines.append(f"| {impl} | {elapsed / host_calls * 1e6:.1f} |")
+    return "\n".join(lines)
 
 
 OPS = {
@@ -282,6 +367,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{props.name}, torch {torch.__version__}, bf16, Llama-3.1-8B sizes; liger: {'yes' if _liger() else 'no'}\n"
         )
     print(markdown(results))
+    if "dequantize_nf4" in args.ops:
+        sizes, dtype = (TINY, torch.float32) if args.dry_run else (LLAMA_8B, torch.bfloat16)
+        device = torch.device("cpu" if args.dry_run else "cuda")
+        print("\n" + nf4_details(sizes, device, dtype, args.dry_run, warmup, iters, 10 if args.dry_run else 1000))
 
 
 if __name__ == "__main__":

@@ -118,7 +118,9 @@ def _random_nf4(n, blocksize, nested_blocksize, nested, device):
 
 
 @pytest.mark.parametrize("nested", [True, False], ids=["nested", "plain"])
-@pytest.mark.parametrize("blocksize, nested_blocksize, n", [(16, 256, 5001), (16, 3, 4096), (512, 100, 9999), (4096, 2, 8193)])
+@pytest.mark.parametrize(
+    "blocksize, nested_blocksize, n", [(16, 256, 5001), (16, 3, 4096), (512, 100, 9999), (4096, 2, 8193)]
+)
 def test_other_blocksizes_against_reference(blocksize, nested_blocksize, n, nested, device):
     args = _random_nf4(n, blocksize, nested_blocksize, nested, device)
     if not nested:
@@ -182,7 +184,8 @@ def test_weight_cache_reuses_the_launch_and_never_serves_stale_results(device):
     assert got.dtype == torch.float16 and torch.equal(got, _expected(param, state))
     # 4) re-quantized to a new Params4bit (new QuantState): its own entry, the old one freed with it
     module.weight = to_linear4bit(torch.nn.Linear(96, 40, bias=False, device=device)).weight
-    assert torch.equal(dequantize_nf4_weight(module, use_triton=True), _expected(module.weight, module.weight.quant_state))
+    want = _expected(module.weight, module.weight.quant_state)
+    assert torch.equal(dequantize_nf4_weight(module, use_triton=True), want)
 
 
 def test_weight_cache_entry_dies_with_its_weight(device):
@@ -207,6 +210,22 @@ def test_weight_cache_without_double_quant_and_other_storage(device):
     for _ in range(2):
         assert torch.equal(dequantize_nf4_weight(param, use_triton=True), want)
     assert torch.equal(dequantize_nf4_weight(param, use_triton=False), want)  # the PyTorch reference, same bits
+
+
+def test_bench_nf4_section_dry_run(capsys):
+    """bench/bench_kernels.py's NF4 rows (GB/s, host time per call) build and run (here interpreted)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels_nf4", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--dry-run", "--ops", "dequantize_nf4"])
+    out = capsys.readouterr().out
+    assert "| dequantize_nf4 | - | torch reference |" in out
+    assert "| implementation | ms | GB/s |" in out and "| bitsandbytes |" in out
+    assert "| velotune dequantize_nf4_weight (cached) |" in out
 
 
 @pytest.mark.gpu
