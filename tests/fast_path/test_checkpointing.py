@@ -45,7 +45,7 @@ def test_unsloth_mode_on_cpu_equals_no_checkpointing(fast):
 
 
 @pytest.mark.parametrize("family, fast", [("llama", True), ("gemma2", False), ("qwen3", True)])
-def test_offloading_function_gives_the_same_gradients(family, fast):
+def test_offloading_function_gives_the_same_gradients(family, fast, monkeypatch):
     inputs = batch()
     reference = lora_model(family)
     set_fast_path(reference, fast)
@@ -53,8 +53,17 @@ def test_offloading_function_gives_the_same_gradients(family, fast):
     model = lora_model(family, checkpointing="unsloth")
     set_fast_path(model, fast)
     checkpointer = _offload_everywhere(model)
-    out, grads = loss_and_grads(model, inputs)
+    from velotune.lora import fused_mlp
+
+    calls = []
+    with monkeypatch.context() as patch:  # count the recomputations that run the MLP in backward
+        original = fused_mlp.LoraMLPInBackwardFunction.forward
+        patch.setattr(fused_mlp.LoraMLPInBackwardFunction, "forward",
+                      staticmethod(lambda *a: calls.append(1) or original(*a)))
+        out, grads = loss_and_grads(model, inputs)
     assert checkpointer.offloaded == model.config.num_hidden_layers
+    # Fused non-sandwich layers recompute their MLP in backward only; gemma2 (sandwich norms) never.
+    assert len(calls) == (model.config.num_hidden_layers if fast and family != "gemma2" else 0)
     torch.testing.assert_close(out.loss, expected_loss[0].loss)
     _assert_same(grads, expected_loss[1])
     assert any("layers.0." in n and "lora_A" in n for n in grads)  # layer 0's input needs no grad

@@ -117,8 +117,33 @@ def test_mlp_in_token_chunks_matches_peft(monkeypatch, dtype, nf4, targets):
     mlp = (block.gate_proj, block.up_proj, block.down_proj)
     plain = block.down_proj(ACT2FN["silu"](block.gate_proj(x)) * block.up_proj(x))
     fused = lora_mlp(x, *mlp, "silu")
-    _compare([fused], [plain], [p for n, p in block.named_parameters() if "lora_" in n and "mlp" not in n
+    _compare([fused], [plain], [p for n, p in block.named_parameters() if "lora_" in n
                                 and any(t in n for t in ("gate", "up", "down"))], x, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("chunk", [7, 4096], ids=["3-chunks", "1-chunk"])
+@pytest.mark.parametrize("targets", [None, ["gate_proj", "up_proj"]], ids=["all", "no-down-adapter"])
+def test_mlp_computed_in_backward_has_peft_gradients(monkeypatch, dtype, nf4, chunk, targets):
+    """value_unused=True (a checkpoint's recomputation): forward keeps x alone, backward does all
+    the work; the gradients of x and of every adapter equal PEFT's."""
+    import velotune.lora.fused_mlp as fused_mlp
+
+    monkeypatch.setattr(fused_mlp, "CHUNK_TOKENS", chunk)
+    block = _block(dtype, nf4=nf4, targets=targets)
+    x = torch.randn(3, 7, H, dtype=dtype, requires_grad=True)
+    mlp = (block.gate_proj, block.up_proj, block.down_proj)
+    plain = block.down_proj(ACT2FN["silu"](block.gate_proj(x)) * block.up_proj(x))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        fused = lora_mlp(x, *mlp, "silu", value_unused=True)
+    assert _through(fused, "LoraMLPInBackward") and fused.shape == plain.shape
+    assert not any(I in shape for shape in saved if shape not in [(I, 4), (4, I)])  # no (N, I) tensor kept
+    params = [p for n, p in block.named_parameters() if "lora_" in n and any(t in n for t in ("gate", "up", "down"))]
+    for name, gf, gp in zip(["x"] + [f"p{i}" for i in range(len(params))], _grads([fused], params, x),
+                            _grads([plain], params, x)):
+        torch.testing.assert_close(gf.float(), gp.float(), **TOL[dtype], msg=lambda m: f"grad of {name}: {m}")
 
 
 def test_mlp_saves_only_x_gate_up_and_adapters():

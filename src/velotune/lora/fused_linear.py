@@ -143,35 +143,45 @@ def _adapters_in(dtype: torch.dtype, As, Bs) -> tuple[torch.Tensor, list[torch.T
     return a, bs
 
 
+def adapter_inputs(x: torch.Tensor, adapters) -> tuple[GroupLayout, list[torch.Tensor]]:
+    """What group_backward needs of a group's adapters, without the base outputs: (layout,
+    [A stacked (R, in), x A^T (N, R), B_j (out_j, r_j)...]) in x's dtype (empty when no
+    projection of the group has an adapter). One cat + one cast of all the group's adapters,
+    one matmul for every x A_j^T."""
+    with_adapter = tuple(i for i, A in enumerate(adapters[0::2]) if A is not None)
+    if not with_adapter:
+        return GroupLayout((), (), ()), []
+    As = [adapters[2 * i] for i in with_adapter]
+    Bs = [adapters[2 * i + 1] for i in with_adapter]
+    a, bs = _adapters_in(x.dtype, As, Bs)  # (R, in), [(out_j, r_j)]
+    rows, start = [], 0
+    for A in As:
+        rows.append(slice(start, start + A.shape[0]))
+        start += A.shape[0]
+    layout = GroupLayout(with_adapter, tuple(rows), tuple(t.dtype for t in (*As, *Bs)))
+    return layout, [a, x @ a.t(), *bs]  # x A^T: (N, R)
+
+
 def group_forward(x: torch.Tensor, projections, adapters) -> tuple[list[torch.Tensor], GroupLayout, list[torch.Tensor]]:
     """x (N, in) -> ([(N, out_i)], layout, tensors backward needs), in x's dtype.
 
-    y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T. Launches per group: one cat + one cast of all its
-    adapters, one matmul for every x A_i^T, then per projection one matmul with W (addmm when
-    biased) and one addmm adding the LoRA term with the scaling as alpha. The adapters' casts and
-    x A^T are returned for backward (saved, not recomputed; x A^T is (N, R), small next to x).
+    y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T. Launches per group: adapter_inputs, then per
+    projection one matmul with W (addmm when biased) and one addmm adding the LoRA term with the
+    scaling as alpha. The adapters' casts and x A^T are returned for backward (saved, not
+    recomputed; x A^T is (N, R), small next to x).
     """
     dtype = x.dtype
-    with_adapter = tuple(i for i, A in enumerate(adapters[0::2]) if A is not None)
     outs = []
     for p in projections:
         w = dense_weight(p.weight, dtype)  # (out, in); 4-bit: dequantized now, dropped after use
         outs.append(x @ w.t() if p.bias is None else torch.addmm(_cast(p.bias, dtype), x, w.t()))  # (N, out)
         del w
-    if not with_adapter:
-        return outs, GroupLayout((), (), ()), []
-    As = [adapters[2 * i] for i in with_adapter]
-    Bs = [adapters[2 * i + 1] for i in with_adapter]
-    a, bs = _adapters_in(dtype, As, Bs)  # (R, in), [(out_j, r_j)]
-    xa = x @ a.t()  # (N, R)
-    rows, start = [], 0
-    for A in As:
-        rows.append(slice(start, start + A.shape[0]))
-        start += A.shape[0]
-    for i, r, b in zip(with_adapter, rows, bs):
-        outs[i].addmm_(xa[:, r], b.t(), alpha=projections[i].scaling)
-    layout = GroupLayout(with_adapter, tuple(rows), tuple(t.dtype for t in (*As, *Bs)))
-    return outs, layout, [a, xa, *bs]
+    layout, saved = adapter_inputs(x, adapters)
+    if saved:
+        _, xa, *bs = saved
+        for i, r, b in zip(layout.with_adapter, layout.rows, bs):
+            outs[i].addmm_(xa[:, r], b.t(), alpha=projections[i].scaling)
+    return outs, layout, saved
 
 
 def group_backward(

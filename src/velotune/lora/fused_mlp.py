@@ -14,6 +14,13 @@ peak of the MLP is x, g, u plus one chunk's worth. Below that length there is on
 code runs as before (the 4-bit weights are then dequantized one at a time, as a short step's
 peak memory is where the 4-bit path must stay lean; with several chunks each weight is
 dequantized once per backward and shared by the chunks).
+
+Checkpoint recomputation (`value_unused`): when a checkpointed layer is re-run only to be
+differentiated, the MLP's output value is dead (it only feeds the residual sum whose gradient is
+already known). `LoraMLPInBackwardFunction` then saves x alone and returns an unset tensor; its
+backward computes gate/up, the activation and every gradient chunk by chunk. Per layer and
+micro-batch that drops the down projection's recomputed forward matmul, keeps no (N, I) tensor
+between the recomputation and the backward, and dequantizes a 4-bit weight 5 times instead of 6.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from .fused_linear import adapters_of, compute_dtype, dense_weight, group_backward, group_forward, projection_of
+from .fused_linear import (
+    adapter_inputs, adapters_of, compute_dtype, dense_weight, group_backward, group_forward, projection_of,
+)
 from .fused_ops import geglu, swiglu
 
 # transformers' activation names (ACT2FN keys) -> the gated kernel computing act(gate) * up.
@@ -36,7 +45,7 @@ GATED_ACTIVATIONS = {
 }
 
 # Token rows per chunk of the per-token part of the MLP (module-level so tests can shrink it).
-CHUNK_TOKENS = 8192
+CHUNK_TOKENS = 4096
 
 
 def _chunks(n: int) -> list[slice]:
@@ -51,10 +60,6 @@ def _rows(saved: list[torch.Tensor], rows: slice) -> list[torch.Tensor]:
     return [a, xa[rows], *bs]
 
 
-def _add(total: list, part: list) -> list:
-    return [p if t is None else (t if p is None else t.add_(p)) for t, p in zip(total, part)]
-
-
 class LoraMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, activation, gate, up, down, *adapters):  # x (N, H); adapters Ag, Bg, Au, Bu, Ad, Bd
@@ -65,8 +70,8 @@ class LoraMLPFunction(torch.autograd.Function):
             if len(chunks) == 1:
                 (out,), down_layout, down_saved = group_forward(act(g, u), (down,), adapters[4:])  # (N, H)
             else:
-                dense_down = dataclasses.replace(down, weight=dense_weight(down.weight, x.dtype))
-                out = x.new_empty(x.shape[0], dense_down.weight.shape[0])  # (N, H)
+                (dense_down,) = _dense([down], x.dtype)
+                out = torch.empty_like(x)  # (N, H)
                 xa_parts = []
                 for rows in chunks:
                     (out[rows],), down_layout, down_saved = group_forward(
@@ -87,48 +92,101 @@ class LoraMLPFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, g, u, *saved = ctx.saved_tensors
         gate_up_saved, down_saved = saved[:ctx.n_gate_up], saved[ctx.n_gate_up:]
-        projections = ctx.projections
         chunks = _chunks(x.shape[0])
-        if len(chunks) > 1:  # each 4-bit weight dequantized once, not once per chunk
-            projections = [dataclasses.replace(p, weight=dense_weight(p.weight, x.dtype)) for p in projections]
-        gate, up, down = projections
+        # With several chunks each 4-bit weight is dequantized once, not once per chunk.
+        gate, up, down = _dense(ctx.projections, x.dtype) if len(chunks) > 1 else ctx.projections
         gate_up, down_layout = ctx.layouts
-        act = GATED_ACTIVATIONS[ctx.activation]
-        need_dx = ctx.needs_input_grad[0]
-        dx = x.new_empty(x.shape) if need_dx and len(chunks) > 1 else None  # (N, H)
-        totals = [None] * 6  # dAg, dBg, dAu, dBu, dAd, dBd summed over the chunks
+        grads = _ChunkedGrads(x, ctx.needs_input_grad[0], len(chunks))
         with torch.autocast(x.device.type, enabled=False):
             grad_out = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)  # (N, H)
             for rows in chunks:
-                with torch.enable_grad():
-                    g_leaf, u_leaf = g[rows].detach().requires_grad_(), u[rows].detach().requires_grad_()
-                    h = act(g_leaf, u_leaf)  # (n, I)
-                dh, down_grads = group_backward([grad_out[rows]], h.detach(), (down,), down_layout,
-                                                _rows(down_saved, rows))
-                dg, du = torch.autograd.grad(h, (g_leaf, u_leaf), dh)
-                del h, g_leaf, u_leaf, dh
-                dx_rows, gate_up_grads = group_backward(
-                    [dg, du], x[rows], (gate, up), gate_up, _rows(gate_up_saved, rows), need_dx
-                )
-                del dg, du
-                if dx is None:
-                    dx = dx_rows
-                elif dx_rows is not None:
-                    dx[rows] = dx_rows
-                totals = _add(totals, [*gate_up_grads, *down_grads])
-        return (dx, None, None, None, None, *totals)
+                grads.add(rows, *_chunk_backward(
+                    ctx.activation, grad_out[rows], x[rows], g[rows], u[rows], (gate, up, down),
+                    (gate_up, down_layout), _rows(gate_up_saved, rows), _rows(down_saved, rows), grads.need_dx,
+                ))  # fmt: skip
+        return (grads.dx, None, None, None, None, *grads.adapters)
+
+
+class LoraMLPInBackwardFunction(torch.autograd.Function):
+    """The MLP of a layer being recomputed for its backward (see the module docstring): forward
+    saves x and returns an unset (N, H) tensor; backward runs everything, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, x, activation, gate, up, down, *adapters):  # x (N, H)
+        ctx.activation, ctx.projections = activation, (gate, up, down)
+        ctx.save_for_backward(x, *adapters)  # adapters: None where a projection has none
+        return torch.empty_like(x)  # (N, H), as the MLP maps H -> H; its value is never read
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, *adapters = ctx.saved_tensors
+        chunks = _chunks(x.shape[0])
+        gate, up, down = _dense(ctx.projections, x.dtype) if len(chunks) > 1 else ctx.projections
+        act = GATED_ACTIVATIONS[ctx.activation]
+        grads = _ChunkedGrads(x, ctx.needs_input_grad[0], len(chunks))
+        with torch.autocast(x.device.type, enabled=False):
+            grad_out = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)  # (N, H)
+            for rows in chunks:
+                (g, u), gate_up, gate_up_saved = group_forward(x[rows], (gate, up), adapters[:4])  # (n, I) each
+                down_layout, down_saved = adapter_inputs(act(g, u), adapters[4:])  # h A_down^T: (n, r)
+                grads.add(rows, *_chunk_backward(
+                    ctx.activation, grad_out[rows], x[rows], g, u, (gate, up, down), (gate_up, down_layout),
+                    gate_up_saved, down_saved, grads.need_dx,
+                ))  # fmt: skip
+                del g, u, gate_up_saved, down_saved
+        return (grads.dx, None, None, None, None, *grads.adapters)
+
+
+def _dense(projections, dtype: torch.dtype) -> list:
+    """The projections with their weights dense in `dtype` (4-bit ones dequantized once here)."""
+    return [dataclasses.replace(p, weight=dense_weight(p.weight, dtype)) for p in projections]
+
+
+def _chunk_backward(activation, grad_out, x, g, u, projections, layouts, gate_up_saved, down_saved, need_dx):
+    """Gradients of one chunk of token rows: grad_out (n, H), x (n, H), g/u (n, I) -> (dx (n, H)
+    or None, [dAg, dBg, dAu, dBu, dAd, dBd] in the adapters' dtypes, None where no adapter)."""
+    gate, up, down = projections
+    gate_up, down_layout = layouts
+    with torch.enable_grad():
+        g_leaf, u_leaf = g.detach().requires_grad_(), u.detach().requires_grad_()
+        h = GATED_ACTIVATIONS[activation](g_leaf, u_leaf)  # (n, I)
+    dh, down_grads = group_backward([grad_out], h.detach(), (down,), down_layout, down_saved)
+    dg, du = torch.autograd.grad(h, (g_leaf, u_leaf), dh)
+    del h, g_leaf, u_leaf, dh
+    dx, gate_up_grads = group_backward([dg, du], x, (gate, up), gate_up, gate_up_saved, need_dx)
+    return dx, [*gate_up_grads, *down_grads]
+
+
+class _ChunkedGrads:
+    """dx assembled from the chunks' rows, adapter gradients summed over the chunks."""
+
+    def __init__(self, x: torch.Tensor, need_dx: bool, n_chunks: int):
+        self.need_dx = need_dx
+        self.dx = x.new_empty(x.shape) if need_dx and n_chunks > 1 else None  # (N, H)
+        self.single = n_chunks == 1
+        self.adapters: list = [None] * 6
+
+    def add(self, rows: slice, dx, adapter_grads) -> None:
+        if dx is not None:
+            if self.single:
+                self.dx = dx
+            else:
+                self.dx[rows] = dx
+        self.adapters = [p if t is None else (t if p is None else t.add_(p)) for t, p in zip(self.adapters, adapter_grads)]
 
 
 def lora_mlp(
-    x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, activation: str
+    x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, activation: str, value_unused: bool = False
 ) -> torch.Tensor | None:
     """x (..., H) -> (..., H) through the fused function, or None when it cannot run (an
     activation without a gated kernel, or a projection `why_not_fused` rejects): the caller
-    then runs its plain modules."""
+    then runs its plain modules. `value_unused=True` (a checkpoint's recomputation, where the
+    result is only differentiated): the returned tensor's values are unset, its gradient exact."""
     projections = [projection_of(m) for m in (gate, up, down)]
     if activation not in GATED_ACTIVATIONS or any(p is None for p in projections):
         return None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype(x))  # (N, H)
-    out = LoraMLPFunction.apply(x2, activation, *projections, *adapters_of(projections))
+    function = LoraMLPInBackwardFunction if value_unused and torch.is_grad_enabled() else LoraMLPFunction
+    out = function.apply(x2, activation, *projections, *adapters_of(projections))
     return out.view(*lead, out.shape[-1])

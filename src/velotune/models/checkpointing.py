@@ -16,6 +16,7 @@ layer's parameter gradients. Like every reentrant checkpoint, that supports `los
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -28,6 +29,15 @@ from torch.utils.checkpoint import checkpoint
 OFFLOAD_MIN_TOKENS = 4096
 
 _side_streams: dict[torch.device, "torch.cuda.Stream"] = {}
+_recomputation = threading.local()
+
+
+def recomputing() -> bool:
+    """True while `_OffloadedCheckpointFunction.backward` re-runs a layer to backpropagate through
+    it. The layer's output value is then dead: only its autograd graph is used (the gradient
+    arriving from above is already known), so the fast path may skip work whose only product is
+    that value (see DecoderLayer.forward and lora/fused_mlp.py)."""
+    return getattr(_recomputation, "active", False)
 
 
 def plain_checkpoint(function, *args, **kwargs):
@@ -137,7 +147,11 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
-            out = ctx.function(hidden, *ctx.args)
+            _recomputation.active = True
+            try:
+                out = ctx.function(hidden, *ctx.args)
+            finally:
+                _recomputation.active = False
         if out.requires_grad:
             torch.autograd.backward(out, grad_out)
         grad_hidden = hidden.grad if ctx.hidden_requires_grad else None

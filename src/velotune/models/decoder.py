@@ -17,7 +17,7 @@ from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTra
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .. import fast_path as fast_path_switch
-from .checkpointing import OffloadedCheckpointer, checkpoint_function
+from .checkpointing import OffloadedCheckpointer, checkpoint_function, recomputing
 from .layers import Attention, GatedMLP, make_norm
 from .loss import causal_lm_loss, fused_causal_lm_loss
 from .masks import LayerMasks, mask_inputs
@@ -50,7 +50,11 @@ class DecoderLayer(nn.Module):
             h = self.mlp(self.pre_feedforward_layernorm(x, fast), fast)
             return x + self.post_feedforward_layernorm(h, fast)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x, fast), fast)
+        # In a checkpoint's recomputation the sum below is only differentiated, so the fused MLP
+        # may return an unset value and run its whole computation in backward (value_unused).
+        # Not after a sandwich norm: that norm's backward reads the MLP output's value.
+        h = self.mlp(self.post_attention_layernorm(x, fast), fast, value_unused=fast and recomputing())
+        return x + h
 
 
 class DecoderModel(nn.Module):

@@ -75,9 +75,12 @@ class GatedMLP(nn.Module):
         self.activation = activation_name(config)
         self.act_fn = ACT2FN[self.activation]
 
-    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fast: bool = False, value_unused: bool = False) -> torch.Tensor:
+        """`value_unused`: the caller only differentiates the output (see fused_mlp.py); the plain
+        path ignores it."""
         if fast:  # one fused autograd node (None when a projection or the activation cannot fuse)
-            out = _fast()[1].lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.activation)
+            out = _fast()[1].lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.activation,
+                                      value_unused=value_unused)
             if out is not None:
                 return out
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
