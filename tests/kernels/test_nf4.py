@@ -236,3 +236,28 @@ def test_real_size_gpu(double_quant):
     packed, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
     got = dequantize_nf4(packed, state.absmax, state.code, **_kwargs(state), use_triton=True)
     assert torch.equal(got, bnbF.dequantize_4bit(packed, state))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", [(14336, 4096), (4095, 14337)], ids=["aligned", "odd"])
+def test_real_size_weight_path_gpu(shape):
+    """The QLoRA hot path (cached launch) on a real Linear4bit, first call and cache hit."""
+    linear = torch.nn.Linear(shape[1], shape[0], bias=False, device="cuda", dtype=torch.bfloat16)
+    module = to_linear4bit(linear)
+    want = bnbF.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    assert torch.equal(dequantize_nf4_weight(module), want)
+    assert torch.equal(dequantize_nf4_weight(module), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_weight_on_another_gpu_than_the_current_one():
+    """device_map over GPUs: the launch runs on the weight's GPU whatever device is current."""
+    linear = torch.nn.Linear(256, 192, bias=False, device="cuda:1", dtype=torch.bfloat16)
+    module = to_linear4bit(linear)
+    want = bnbF.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    with torch.cuda.device(0):
+        for _ in range(2):
+            got = dequantize_nf4_weight(module)
+            assert got.device == torch.device("cuda:1") and torch.equal(got, want)

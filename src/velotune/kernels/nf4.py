@@ -19,7 +19,7 @@ bytes. Each byte is loaded once and gives two outputs (high nibble first), each 
 Per-call cost: QLoRA calls ``dequantize_nf4_weight`` for 7 weights per layer, 3 times per
 micro-batch; on small models the step is bound by the host, so the launch arguments of each
 weight (device-resident fp32 tables, grid, constexprs) are prepared once and cached per
-bitsandbytes ``QuantState`` (see ``_WeightCache``); a repeated call is a look-up, ``torch.empty``
+bitsandbytes ``QuantState`` (see ``_CachedWeight``); a repeated call is a look-up, ``torch.empty``
 and one launch.
 """
 
