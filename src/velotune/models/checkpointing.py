@@ -52,34 +52,65 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     return stream
 
 
+# Pinned host buffers are cut into pieces whose sizes are powers of two (the last one the
+# remainder below this many elements): PyTorch's pinned-memory cache rounds every allocation up to
+# a power of two, so one 2.8 GB layer input (344K tokens x 4096 x bf16) would take 4 GiB, and 32
+# layers would need 128 GiB of host memory instead of 88 GB.
+MIN_PIECE = 1 << 20
+
+
+def piece_lengths(n: int) -> list[int]:
+    """n elements -> lengths of consecutive pieces: powers of two >= MIN_PIECE, then the rest."""
+    lengths = []
+    while n >= MIN_PIECE:
+        lengths.append(1 << (n.bit_length() - 1))
+        n -= lengths[-1]
+    return lengths + ([n] if n else [])
+
+
 class _HostCopy:
     """A tensor's copy off the compute device, started asynchronously, brought back on demand.
 
-    CUDA: pinned host memory, copied on a side stream that first waits for the producer; the
-    source's memory is not reused before the copy ends (record_stream). Backward visits the
-    layers in reverse, so restoring one copy starts bringing back the one saved before it
-    (`previous`, a weak reference: a graph that is never backpropagated frees its copies) on the
-    side stream, overlapping that transfer with this layer's recomputation. CPU tensors (tests):
-    a plain clone, so the same save/restore round trip runs without a GPU.
+    CUDA: pinned host memory (in power-of-two pieces, see MIN_PIECE), copied on a side stream that
+    first waits for the producer; the source's memory is not reused before the copy ends
+    (record_stream). Backward visits the layers in reverse, so restoring one copy starts bringing
+    back the one saved before it (`previous`, a weak reference: a graph that is never
+    backpropagated frees its copies) on the side stream, overlapping that transfer with this
+    layer's recomputation. CPU tensors (tests): plain clones of the same pieces, so the same
+    save/restore round trip runs without a GPU.
     """
 
     def __init__(self, tensor: torch.Tensor, previous: "_HostCopy | None" = None):
-        self.device = tensor.device
+        self.device, self.shape, self.dtype = tensor.device, tensor.shape, tensor.dtype
         self.event = None
         self.previous = weakref.ref(previous) if previous is not None else None
         self.prefetched: torch.Tensor | None = None
         self.ready = None
-        if tensor.is_cuda:
-            stream = _side_stream(tensor.device)
-            stream.wait_stream(torch.cuda.current_stream(tensor.device))
-            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
-            with torch.cuda.stream(stream):
-                self.host.copy_(tensor, non_blocking=True)
-                self.event = torch.cuda.Event()
-                self.event.record(stream)
-            tensor.record_stream(stream)
-        else:
-            self.host = tensor.detach().clone()
+        flat = tensor.detach().contiguous().view(-1)  # (n,)
+        starts = [0]
+        for length in piece_lengths(flat.numel()):
+            starts.append(starts[-1] + length)
+        self.slices = [slice(a, b) for a, b in zip(starts, starts[1:])]
+        if not tensor.is_cuda:
+            self.pieces = [flat[s].clone() for s in self.slices]
+            return
+        stream = _side_stream(tensor.device)
+        stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        self.pieces = [torch.empty(s.stop - s.start, dtype=tensor.dtype, pin_memory=True) for s in self.slices]
+        with torch.cuda.stream(stream):
+            for piece, s in zip(self.pieces, self.slices):
+                piece.copy_(flat[s], non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(stream)
+        flat.record_stream(stream)
+
+    def _to_device(self) -> torch.Tensor:
+        """The pieces back into one tensor of the original shape (asynchronous on CUDA)."""
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        flat = out.view(-1)
+        for piece, s in zip(self.pieces, self.slices):
+            flat[s].copy_(piece, non_blocking=True)
+        return out
 
     def prefetch(self) -> None:
         """Start the host-to-device copy on the side stream (after the device-to-host one)."""
@@ -88,14 +119,14 @@ class _HostCopy:
         stream = _side_stream(self.device)
         with torch.cuda.stream(stream):
             stream.wait_event(self.event)
-            self.prefetched = self.host.to(self.device, non_blocking=True)
+            self.prefetched = self._to_device()
             self.ready = torch.cuda.Event()
             self.ready.record(stream)
 
     def restore(self) -> torch.Tensor:
         previous = self.previous() if self.previous is not None else None
         if self.event is None:
-            return self.host
+            return self._to_device()
         current = torch.cuda.current_stream(self.device)
         if self.prefetched is not None:
             current.wait_event(self.ready)
@@ -103,7 +134,7 @@ class _HostCopy:
             tensor.record_stream(current)  # allocated on the side stream, used on this one
         else:
             current.wait_event(self.event)
-            tensor = self.host.to(self.device, non_blocking=True)
+            tensor = self._to_device()
         if previous is not None:
             previous.prefetch()
         return tensor
