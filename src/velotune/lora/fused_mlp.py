@@ -92,19 +92,11 @@ class LoraMLPFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, g, u, *saved = ctx.saved_tensors
         gate_up_saved, down_saved = saved[:ctx.n_gate_up], saved[ctx.n_gate_up:]
-        chunks = _chunks(x.shape[0])
-        # With several chunks each 4-bit weight is dequantized once, not once per chunk.
-        gate, up, down = _dense(ctx.projections, x.dtype) if len(chunks) > 1 else ctx.projections
-        gate_up, down_layout = ctx.layouts
-        grads = _ChunkedGrads(x, ctx.needs_input_grad[0], len(chunks))
-        with torch.autocast(x.device.type, enabled=False):
-            grad_out = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)  # (N, H)
-            for rows in chunks:
-                grads.add(rows, *_chunk_backward(
-                    ctx.activation, grad_out[rows], x[rows], g[rows], u[rows], (gate, up, down),
-                    (gate_up, down_layout), _rows(gate_up_saved, rows), _rows(down_saved, rows), grads.need_dx,
-                ))  # fmt: skip
-        return (grads.dx, None, None, None, None, *grads.adapters)
+
+        def chunk(rows, gate, up):  # the forward's saved tensors, sliced to the chunk's rows
+            return g[rows], u[rows], ctx.layouts, _rows(gate_up_saved, rows), _rows(down_saved, rows)
+
+        return _backward_in_chunks(ctx, x, grad_out, chunk)
 
 
 class LoraMLPInBackwardFunction(torch.autograd.Function):
@@ -120,21 +112,39 @@ class LoraMLPInBackwardFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, *adapters = ctx.saved_tensors
-        chunks = _chunks(x.shape[0])
-        gate, up, down = _dense(ctx.projections, x.dtype) if len(chunks) > 1 else ctx.projections
         act = GATED_ACTIVATIONS[ctx.activation]
-        grads = _ChunkedGrads(x, ctx.needs_input_grad[0], len(chunks))
-        with torch.autocast(x.device.type, enabled=False):
-            grad_out = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)  # (N, H)
-            for rows in chunks:
-                (g, u), gate_up, gate_up_saved = group_forward(x[rows], (gate, up), adapters[:4])  # (n, I) each
-                down_layout, down_saved = adapter_inputs(act(g, u), adapters[4:])  # h A_down^T: (n, r)
-                grads.add(rows, *_chunk_backward(
-                    ctx.activation, grad_out[rows], x[rows], g, u, (gate, up, down), (gate_up, down_layout),
-                    gate_up_saved, down_saved, grads.need_dx,
-                ))  # fmt: skip
-                del g, u, gate_up_saved, down_saved
-        return (grads.dx, None, None, None, None, *grads.adapters)
+
+        def chunk(rows, gate, up):  # gate/up and the adapters' inputs computed here, for the rows
+            (g, u), gate_up, gate_up_saved = group_forward(x[rows], (gate, up), adapters[:4])  # (n, I) each
+            down_layout, down_saved = adapter_inputs(act(g, u), adapters[4:])  # h A_down^T: (n, r)
+            return g, u, (gate_up, down_layout), gate_up_saved, down_saved
+
+        return _backward_in_chunks(ctx, x, grad_out, chunk)
+
+
+def _backward_in_chunks(ctx, x: torch.Tensor, grad_out: torch.Tensor, chunk) -> tuple:
+    """Both functions' backward: per chunk of token rows, `chunk(rows, gate, up)` gives (g, u,
+    layouts, gate/up saved, down saved) for those rows; dx is assembled from the chunks and the
+    adapter gradients summed over them. With several chunks each 4-bit weight is dequantized once
+    here instead of once per chunk."""
+    chunks = _chunks(x.shape[0])
+    gate, up, down = _dense(ctx.projections, x.dtype) if len(chunks) > 1 else ctx.projections
+    need_dx = ctx.needs_input_grad[0]
+    dx = x.new_empty(x.shape) if need_dx and len(chunks) > 1 else None  # (N, H)
+    totals: list = [None] * 6  # dAg, dBg, dAu, dBu, dAd, dBd
+    with torch.autocast(x.device.type, enabled=False):
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)  # (N, H)
+        for rows in chunks:
+            g, u, layouts, gate_up_saved, down_saved = chunk(rows, gate, up)
+            dx_rows, grads = _chunk_backward(ctx.activation, grad_out[rows], x[rows], g, u, (gate, up, down),
+                                             layouts, gate_up_saved, down_saved, need_dx)
+            del g, u, gate_up_saved, down_saved
+            if dx_rows is not None and len(chunks) == 1:
+                dx = dx_rows
+            elif dx_rows is not None:
+                dx[rows] = dx_rows
+            totals = [p if t is None else (t if p is None else t.add_(p)) for t, p in zip(totals, grads)]
+    return (dx, None, None, None, None, *totals)
 
 
 def _dense(projections, dtype: torch.dtype) -> list:
@@ -155,24 +165,6 @@ def _chunk_backward(activation, grad_out, x, g, u, projections, layouts, gate_up
     del h, g_leaf, u_leaf, dh
     dx, gate_up_grads = group_backward([dg, du], x, (gate, up), gate_up, gate_up_saved, need_dx)
     return dx, [*gate_up_grads, *down_grads]
-
-
-class _ChunkedGrads:
-    """dx assembled from the chunks' rows, adapter gradients summed over the chunks."""
-
-    def __init__(self, x: torch.Tensor, need_dx: bool, n_chunks: int):
-        self.need_dx = need_dx
-        self.dx = x.new_empty(x.shape) if need_dx and n_chunks > 1 else None  # (N, H)
-        self.single = n_chunks == 1
-        self.adapters: list = [None] * 6
-
-    def add(self, rows: slice, dx, adapter_grads) -> None:
-        if dx is not None:
-            if self.single:
-                self.dx = dx
-            else:
-                self.dx[rows] = dx
-        self.adapters = [p if t is None else (t if p is None else t.add_(p)) for t, p in zip(self.adapters, adapter_grads)]
 
 
 def lora_mlp(
