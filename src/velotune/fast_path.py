@@ -13,6 +13,12 @@ linear cross-entropy. It turns on by itself when all of these hold:
 
 Anything else keeps today's module-by-module code exactly. The decision and its reason are
 logged once per distinct reason.
+
+An enabled decision also carries each layer's projections in the form the fused functions take
+(`LayerPlan`), resolved while checking them: the layers then use these instead of inspecting
+their PEFT modules again on every call (the forward and the checkpoint's recomputation), which on
+a small model's host-bound step was a measurable part of the time. The decision is made once per
+model forward, so adapter switches, merges and `disable_adapter()` between forwards are seen.
 """
 
 from __future__ import annotations
@@ -35,12 +41,22 @@ _logged: set[str] = set()
 
 
 @dataclass(frozen=True)
+class LayerPlan:
+    """One decoder layer's fused projections (lora/fused_linear.py `LoraProjection`s), by group."""
+
+    qkv: tuple  # q, k, v
+    o: tuple  # (o,)
+    mlp: tuple  # gate, up, down
+
+
+@dataclass(frozen=True)
 class FastPathDecision:
     enabled: bool
     reason: str
     # True when a CUDA model loses the fast path to its own settings (dropout, bias, DoRA, ...):
     # logged as a warning, since that costs speed and memory the user may not expect.
     warn: bool = False
+    layers: tuple[LayerPlan, ...] = ()  # one per decoder layer when enabled
 
 
 def _env_flag(name: str) -> bool:
@@ -90,22 +106,28 @@ def _decide(model: nn.Module, fast_path: bool | None) -> FastPathDecision:
     device = decoder.embed_tokens.weight.device
     if device.type != "cuda" and setting is not True:
         return FastPathDecision(False, f"the model is on {device.type}, the fast path runs on CUDA")
-    from .lora.fused_linear import why_not_fused
+    from .lora.fused_linear import fused_view, why_not_fused
     from .lora.fused_mlp import GATED_ACTIVATIONS
     from .lora.fused_ops import FROM_KERNELS
 
     warn = device.type == "cuda"
+    plans = []
     for i, layer in enumerate(decoder.layers):
         if layer.mlp.activation not in GATED_ACTIVATIONS:
             return FastPathDecision(False, f"activation {layer.mlp.activation!r} has no gated kernel "
                                            f"(fused: {', '.join(GATED_ACTIVATIONS)})", warn)
+        views = []
         for name in PROJECTIONS:
-            reason = why_not_fused(layer.get_submodule(name))
+            module = layer.get_submodule(name)
+            reason = why_not_fused(module)
             if reason is not None:
                 return FastPathDecision(False, f"model.layers.{i}.{name}: {reason}", warn)
+            views.append(fused_view(module))
+        plans.append(LayerPlan(qkv=tuple(views[:3]), o=(views[3],), mlp=tuple(views[4:])))
     kernels = ", ".join(FROM_KERNELS) or "none yet (PyTorch reference ops)"
     where = "CUDA" if device.type == "cuda" else f"{device.type}, forced by fast_path=True"
-    return FastPathDecision(True, f"{decoder.config.model_type} on {where}; fused LoRA; kernels: {kernels}")
+    return FastPathDecision(True, f"{decoder.config.model_type} on {where}; fused LoRA; kernels: {kernels}",
+                            layers=tuple(plans))
 
 
 def logits_wanted(return_logits: bool | None) -> bool:

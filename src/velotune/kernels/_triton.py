@@ -10,6 +10,7 @@ torch does not import triton (torch 2.13 / triton 3.9). ``kernel_for`` turns a l
 clear error instead of Triton's "Cannot call @triton.jit'd outside of the scope of a kernel".
 """
 
+import functools
 import os
 
 import torch
@@ -83,16 +84,108 @@ def should_use_triton(tensor: torch.Tensor, use_triton: bool | None) -> bool:
 
 
 def kernel_for(kernel):
-    """The kernel to launch; raises a clear error if the interpreter was requested too late."""
+    """The kernel to launch as ``kernel_for(k)[grid](*args, **meta)``: a compiled kernel comes
+    wrapped in its `FastLaunch` (unless ``VELOTUNE_TRITON_FAST_LAUNCH=0``); raises a clear error if
+    the interpreter was requested too late."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    if interpreting() and not isinstance(kernel, InterpretedFunction):
+    interpreted = isinstance(kernel, InterpretedFunction)
+    if interpreting() and not interpreted:
         raise RuntimeError(
             "TRITON_INTERPRET=1 was set after triton was imported, so the kernels were compiled for "
             "a GPU; set TRITON_INTERPRET=1 in the environment before importing triton/velotune "
             "(the test suite does so in tests/conftest.py)"
         )
-    return kernel
+    if interpreted or not fast_launch_enabled():
+        return kernel
+    fast = _FAST_LAUNCHES.get(id(kernel))
+    if fast is None:
+        fast = _FAST_LAUNCHES[id(kernel)] = FastLaunch(kernel)
+    return fast
+
+
+FAST_LAUNCH_ENV = "VELOTUNE_TRITON_FAST_LAUNCH"
+# Triton versions whose launch internals FastLaunch was written against (3.6: the GPU machine's,
+# 3.9: the CPU machines'); others keep Triton's own launch path.
+_FAST_LAUNCH_VERSIONS = ((3, 6), (3, 10))
+_FAST_LAUNCHES: dict[int, "FastLaunch"] = {}
+
+
+def fast_launch_enabled() -> bool:
+    return _fast_launch_supported() and os.environ.get(FAST_LAUNCH_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+@functools.cache
+def _fast_launch_supported() -> bool:
+    if not HAS_TRITON:
+        return False
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    low, high = _FAST_LAUNCH_VERSIONS
+    return low <= version < high
+
+
+def _spec(arg):
+    """What Triton's specialization can depend on for a non-constexpr argument, or finer: a
+    tensor's dtype and 16-byte alignment, an integer's divisibility by 16, equality to 1 and
+    width, a bool's or other object's value; floats are never specialized."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, bool) or not isinstance(arg, int):
+        return float if isinstance(arg, float) else (type(arg), arg)
+    return int, arg % 16 == 0, arg == 1, -(2**31) <= arg < 2**31, arg < 2**63
+
+
+def _launch_hooked() -> bool:
+    """True when a Triton launch hook is registered (a profiler such as proton wants every launch)."""
+    hook = getattr(triton.knobs.runtime, "launch_enter_hook", None) if hasattr(triton, "knobs") else None
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+class FastLaunch:
+    """``kernel[grid](*args, **meta)`` for a compiled Triton kernel, without Triton's per-call work.
+
+    Why: on a small model's training step the host, not the GPU, sets the pace, and Triton's
+    generic launch (binding the arguments to the signature, reading its environment knobs,
+    building launch metadata for hooks, checking the kernel's globals) costs tens of microseconds
+    per call, a few thousand times per step. The first call of each specialization goes through
+    Triton (which compiles or finds the kernel) and the compiled kernel is kept under a key at
+    least as fine as Triton's own (see `_spec`; plus the constexprs, the launch options and the
+    device); later calls with that key hand the compiled kernel's launcher the same arguments
+    Triton would. A registered launch hook sends every call through Triton again.
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.names = tuple(kernel.arg_names)  # every parameter, in signature order
+        self.constexpr = tuple(bool(p.is_constexpr) for p in kernel.params)
+        self.compiled: dict[tuple, tuple] = {}
+        self._device = self._stream = None  # the driver's current device/stream getters, bound at first launch
+
+    def __getitem__(self, grid):
+        return functools.partial(self._launch, grid)
+
+    def _launch(self, grid, *args, **meta):
+        if self._device is None:
+            from triton.runtime.driver import driver
+
+            self._device, self._stream = driver.active.get_current_device, driver.active.get_current_stream
+        device = self._device()
+        key = (device, *(("constexpr", a) if c else _spec(a) for a, c in zip(args, self.constexpr)), *meta.items())
+        entry = self.compiled.get(key)
+        if entry is None or _launch_hooked():
+            self._first_launch(key, grid, args, meta)
+            return
+        run, function, metadata, tail = entry
+        n = len(grid)
+        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, self._stream(device), function, metadata,
+            None, None, None, *args, *tail)  # fmt: skip
+
+    def _first_launch(self, key, grid, args, meta) -> None:
+        compiled = self.kernel[grid](*args, **meta)
+        rest = self.names[len(args):]
+        if compiled is None or _launch_hooked() or not all(name in meta for name in rest):
+            return  # parameters left to their defaults: keep Triton's binding for this key
+        self.compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata, tuple(meta[n] for n in rest))
 
 
 def num_programs_hint(device: torch.device) -> int:

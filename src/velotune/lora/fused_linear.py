@@ -80,8 +80,11 @@ def why_not_fused(module: nn.Module) -> str | None:
 
 def projection_of(module: nn.Module) -> LoraProjection | None:
     """The fused view of a projection module, or None when it must run as a module call."""
-    if why_not_fused(module) is not None:
-        return None
+    return None if why_not_fused(module) is not None else fused_view(module)
+
+
+def fused_view(module: nn.Module) -> LoraProjection:
+    """The fused view of a module `why_not_fused` accepts (not checked again here)."""
     if _is_base_linear(module):
         return LoraProjection(module.weight, module.bias, None, None, 0.0)
     base = module.base_layer
@@ -265,10 +268,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def lora_projections(x: torch.Tensor, modules: list[nn.Module]) -> list[torch.Tensor]:
+def lora_projections(x: torch.Tensor, modules: list[nn.Module], projections=None) -> list[torch.Tensor]:
     """x (..., in) through each module -> [(..., out_i)], fused when every module allows it,
-    otherwise the modules' own calls (exactly the plain path)."""
-    projections = [projection_of(m) for m in modules]
+    otherwise the modules' own calls (exactly the plain path). `projections`: the modules' fused
+    views when the caller already has them (fast_path.LayerPlan), else they are looked up here."""
+    if projections is None:
+        projections = [projection_of(m) for m in modules]
     if any(p is None for p in projections):
         return [m(x) for m in modules]
     lead = x.shape[:-1]

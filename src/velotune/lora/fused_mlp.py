@@ -168,13 +168,16 @@ def _chunk_backward(activation, grad_out, x, g, u, projections, layouts, gate_up
 
 
 def lora_mlp(
-    x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, activation: str, value_unused: bool = False
+    x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, activation: str, value_unused: bool = False,
+    projections=None,
 ) -> torch.Tensor | None:
     """x (..., H) -> (..., H) through the fused function, or None when it cannot run (an
     activation without a gated kernel, or a projection `why_not_fused` rejects): the caller
     then runs its plain modules. `value_unused=True` (a checkpoint's recomputation, where the
-    result is only differentiated): the returned tensor's values are unset, its gradient exact."""
-    projections = [projection_of(m) for m in (gate, up, down)]
+    result is only differentiated): the returned tensor's values are unset, its gradient exact.
+    `projections`: the three modules' fused views when the caller has them (fast_path.LayerPlan)."""
+    if projections is None:
+        projections = [projection_of(m) for m in (gate, up, down)]
     if activation not in GATED_ACTIVATIONS or any(p is None for p in projections):
         return None
     lead = x.shape[:-1]

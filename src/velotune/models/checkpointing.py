@@ -142,9 +142,11 @@ class _HostCopy:
 
 @dataclass
 class _Link:
-    """Between consecutive offloaded layers: the copy before (to prefetch) and the one made now."""
+    """Between consecutive offloaded layers: the copy before (to prefetch) and the one made now;
+    and whether the recomputation must replay the forward's random numbers (dropout)."""
 
     previous: _HostCopy | None
+    preserve_rng_state: bool = True
     copy: _HostCopy | None = None
 
 
@@ -161,8 +163,8 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.hidden_requires_grad = hidden.requires_grad
         ctx.device_type = hidden.device.type
         ctx.autocast = (torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type))
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        ctx.cpu_rng = torch.get_rng_state() if link.preserve_rng_state else None
+        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda and ctx.cpu_rng is not None else None
         ctx.saved = link.copy = _HostCopy(hidden, link.previous)
         with torch.no_grad():
             return function(hidden, *args)
@@ -173,11 +175,13 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
         del ctx.saved
         devices = [hidden.device] if hidden.is_cuda else []
         enabled, dtype = ctx.autocast
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+        preserve = ctx.cpu_rng is not None
+        with torch.random.fork_rng(devices=devices, enabled=preserve), torch.enable_grad(), \
                 torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
+            if preserve:
+                torch.set_rng_state(ctx.cpu_rng)
+                if ctx.cuda_rng is not None:
+                    torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
             _recomputation.active = True
             try:
                 out = ctx.function(hidden, *ctx.args)
@@ -193,7 +197,10 @@ class OffloadedCheckpointer:
     """The `_gradient_checkpointing_func` of `use_gradient_checkpointing="unsloth"`.
 
     Called as transformers calls its checkpoint function: `(function, hidden, *args)`. Offloads
-    when `hidden` is on CUDA with at least `min_tokens` tokens; `offload_on_cpu=True` runs the
+    when `hidden` is on CUDA with at least `min_tokens` tokens. `preserve_rng_state=False` (as
+    torch's checkpoint takes it) skips saving and replaying the random-number state, for a caller
+    that knows the layer draws none (no dropout); that state round trip costs host time on every
+    layer of a host-bound step. `offload_on_cpu=True` runs the
     offloading function on CPU tensors too (a host clone stands in for the pinned copy), which is
     how the CPU tests exercise it. `offloaded` counts the calls that took the offloading route.
     """
@@ -204,18 +211,18 @@ class OffloadedCheckpointer:
         self.offloaded = 0
         self._last_copy: weakref.ref | None = None  # the copy of the previous layer's input
 
-    def __call__(self, function, hidden: torch.Tensor, *args, **kwargs):
+    def __call__(self, function, hidden: torch.Tensor, *args, preserve_rng_state: bool = True, **kwargs):
         if kwargs:
             function = functools.partial(function, **kwargs)
         on_device = hidden.is_cuda or self.offload_on_cpu
         if not on_device or hidden.shape[:-1].numel() < self.min_tokens or not torch.is_grad_enabled():
-            return plain_checkpoint(function, hidden, *args)
+            return plain_checkpoint(function, hidden, *args, preserve_rng_state=preserve_rng_state)
         self.offloaded += 1
         anchor = torch.empty(0, device=hidden.device, requires_grad=True)
         previous = self._last_copy() if self._last_copy is not None else None
         if previous is not None and previous.device != hidden.device:
             previous = None
-        link = _Link(previous)
+        link = _Link(previous, preserve_rng_state)
         out = _OffloadedCheckpointFunction.apply(function, hidden, anchor, link, *args)
         self._last_copy = weakref.ref(link.copy)
         return out

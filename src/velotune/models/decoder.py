@@ -17,7 +17,7 @@ from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTra
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .. import fast_path as fast_path_switch
-from .checkpointing import OffloadedCheckpointer, checkpoint_function, recomputing
+from .checkpointing import OffloadedCheckpointer, checkpoint_function, plain_checkpoint, recomputing
 from .layers import Attention, GatedMLP, make_norm
 from .loss import causal_lm_loss, fused_causal_lm_loss
 from .masks import LayerMasks, mask_inputs
@@ -43,7 +43,7 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = make_norm(spec, config.hidden_size, eps)
             self.post_feedforward_layernorm = make_norm(spec, config.hidden_size, eps)
 
-    def forward(self, x, cos_sin, masks, cache=None, fast: bool = False):  # x (B, T, C)
+    def forward(self, x, cos_sin, masks, cache=None, fast=False):  # x (B, T, C); fast: False or a LayerPlan
         h = self.self_attn(self.input_layernorm(x, fast), cos_sin, masks, cache, fast)
         if self.sandwich:
             x = x + self.post_attention_layernorm(h, fast)
@@ -53,7 +53,7 @@ class DecoderLayer(nn.Module):
         # In a checkpoint's recomputation the sum below is only differentiated, so the fused MLP
         # may return an unset value and run its whole computation in backward (value_unused).
         # Not after a sandwich norm: that norm's backward reads the MLP output's value.
-        h = self.mlp(self.post_attention_layernorm(x, fast), fast, value_unused=fast and recomputing())
+        h = self.mlp(self.post_attention_layernorm(x, fast), fast, value_unused=bool(fast) and recomputing())
         return x + h
 
 
@@ -111,14 +111,14 @@ class DecoderModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cache=None,
-        fast: bool | None = None,
+        fast: "fast_path_switch.FastPathDecision | None" = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """transformers' `*Model.forward` contract (TRL calls the backbone directly for its fused
         loss); unused kwargs (output_attentions, cache_position, ...) are accepted and ignored.
         `fast`: the fast-path decision when the caller already made it (None: ask fast_path.py)."""
-        if fast is None:
-            fast = fast_path_switch.decide(self).enabled
+        decision = fast_path_switch.decide(self) if fast is None else fast
+        plans = decision.layers if decision.enabled else (False,) * len(self.layers)
         cache = cache if cache is not None else past_key_values
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
@@ -139,13 +139,18 @@ class DecoderModel(nn.Module):
         masks = {kind: LayerMasks(masks_in, self.config.sliding_window if kind == "sliding_attention" else None)
                  for kind in cos_sin}
         checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer, kind in zip(self.layers, self.layer_types):
+        # Our checkpoint functions replay no random numbers where the layers draw none: the fast
+        # path has no LoRA dropout, so only attention dropout could.
+        draws = not decision.enabled or getattr(self.config, "attention_dropout", 0.0) > 0
+        ours = isinstance(self._checkpoint_function, OffloadedCheckpointer) or self._checkpoint_function is plain_checkpoint
+        rng = {} if draws or not ours else {"preserve_rng_state": False}
+        for layer, kind, plan in zip(self.layers, self.layer_types, plans):
             if checkpoint:
-                run = functools.partial(layer.__call__, fast=fast)
-                h = self._gradient_checkpointing_func(run, h, cos_sin[kind], masks[kind], None)
+                run = functools.partial(layer.__call__, fast=plan)
+                h = self._gradient_checkpointing_func(run, h, cos_sin[kind], masks[kind], None, **rng)
             else:
-                h = layer(h, cos_sin[kind], masks[kind], cache, fast)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h, fast), **{_CACHE_FIELD: cache})
+                h = layer(h, cos_sin[kind], masks[kind], cache, plan)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h, decision.enabled), **{_CACHE_FIELD: cache})
 
     @staticmethod
     def _default_positions(attention_mask, past: int, T: int, device) -> torch.Tensor:
@@ -232,10 +237,11 @@ class DecoderForCausalLM(PreTrainedModel, GenerationMixin):
         the caller asks for them: `return_logits=True`, `VELOTUNE_RETURN_LOGITS=1`, or a loaded
         TRL whose SFTTrainer reads them (see `fast_path.logits_wanted`). Evaluation (eval mode or
         no grad), generation and calls without labels always return the logits."""
-        fast = fast_path_switch.decide(self.model).enabled
+        decision = fast_path_switch.decide(self.model)
+        fast = decision.enabled
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, cache=cache,
-                         past_key_values=past_key_values, fast=fast)
+                         past_key_values=past_key_values, fast=decision)
         hidden = out.last_hidden_state  # (B, T, C)
         softcap = getattr(self.config, "final_logit_softcapping", None)
         has_labels = labels is not None or shift_labels is not None

@@ -75,12 +75,13 @@ class GatedMLP(nn.Module):
         self.activation = activation_name(config)
         self.act_fn = ACT2FN[self.activation]
 
-    def forward(self, x: torch.Tensor, fast: bool = False, value_unused: bool = False) -> torch.Tensor:
-        """`value_unused`: the caller only differentiates the output (see fused_mlp.py); the plain
-        path ignores it."""
+    def forward(self, x: torch.Tensor, fast=False, value_unused: bool = False) -> torch.Tensor:
+        """`fast`: truthy for the fast path, a fast_path.LayerPlan when the projections are
+        resolved; `value_unused`: the caller only differentiates the output (see fused_mlp.py);
+        the plain path ignores it."""
         if fast:  # one fused autograd node (None when a projection or the activation cannot fuse)
             out = _fast()[1].lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.activation,
-                                      value_unused=value_unused)
+                                      value_unused=value_unused, projections=getattr(fast, "mlp", None))
             if out is not None:
                 return out
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
@@ -149,13 +150,15 @@ class Attention(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         masks: LayerMasks,
         cache=None,
-        fast: bool = False,
+        fast=False,
     ) -> torch.Tensor:
-        """`fast`: fused LoRA q/k/v and o (one autograd node each) and the RMSNorm/RoPE kernels;
-        the decision is fast_path.py's."""
+        """`fast` (truthy; a fast_path.LayerPlan when the projections are resolved): fused LoRA
+        q/k/v and o (one autograd node each) and the RMSNorm/RoPE kernels; the decision is
+        fast_path.py's."""
         if fast:
             fused_linear, _, ops = _fast()
-            q, k, v = fused_linear.lora_projections(x, [self.q_proj, self.k_proj, self.v_proj])
+            q, k, v = fused_linear.lora_projections(x, [self.q_proj, self.k_proj, self.v_proj],
+                                                    getattr(fast, "qkv", None))
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         B, T, _ = x.shape
@@ -179,5 +182,5 @@ class Attention(nn.Module):
         out = _attend(q, k, v, mask, causal, self.scaling, self.softcap, dropout)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         if fast:
-            return fused_linear.lora_projections(out, [self.o_proj])[0]
+            return fused_linear.lora_projections(out, [self.o_proj], getattr(fast, "o", None))[0]
         return self.o_proj(out)
