@@ -8,6 +8,7 @@ and prints their ratio.
   PYTHONPATH=src python bench/bench_train.py --shape llama8b --quant nf4 --seq 2048 --batch 2 --accum 4
   PYTHONPATH=src python bench/bench_train.py --shape llama1b --quant none --checkpointing false
   PYTHONPATH=src python bench/bench_train.py --dry-run          # tiny shape on the CPU, 2 steps
+  PYTHONPATH=src python bench/bench_train.py --model /tmp/m_llama8b   # a checkpoint, loaded as users load it
 
 Offload threshold (models/checkpointing.py OFFLOAD_MIN_TOKENS): compare `--checkpointing unsloth
 --offload-min-tokens 0` (always offload) with `--checkpointing true` at several --seq; offloading
@@ -37,14 +38,20 @@ CHECKPOINTING = {"unsloth": "unsloth", "true": True, "false": False}
 
 
 def build(args, device: str):
-    """Our Llama of the chosen shape, random init, LoRA r=32 on every projection."""
+    """Our Llama of the chosen shape, random init (or the checkpoint at --model, loaded as a user
+    loads it), LoRA r=32 on every projection."""
     import torch
     from transformers import LlamaConfig
 
-    from velotune.lora import get_peft_model
+    from velotune import FastLanguageModel
     from velotune.models.families import LlamaForCausalLM
     from velotune.models.rope import RotaryEmbedding
     from velotune.quant import quantize_model_
+
+    if args.model:
+        model, _ = FastLanguageModel.from_pretrained(args.model, max_seq_length=args.seq, dtype=torch.bfloat16,
+                                                     load_in_4bit=args.quant == "nf4", device_map=device)
+        return _with_adapters(model, args)
 
     config = LlamaConfig(max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
                          pad_token_id=0, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
@@ -62,6 +69,12 @@ def build(args, device: str):
             module.reset_frequencies()  # inverse frequencies in fp32, as loading leaves them
     if args.quant == "nf4":
         quantize_model_(model, compute_dtype=dtype)
+    return _with_adapters(model, args)
+
+
+def _with_adapters(model, args):
+    from velotune.lora import get_peft_model
+
     model = get_peft_model(model, r=args.rank, lora_alpha=args.rank, lora_dropout=0, bias="none",
                            target_modules=TARGETS, use_gradient_checkpointing=CHECKPOINTING[args.checkpointing],
                            random_state=3407, max_seq_length=args.seq)
@@ -119,7 +132,7 @@ def run(args) -> dict:
     if args.profile:
         profile_step(train_step, args.profile, cuda)
     return dict(
-        path=args.path, shape=args.shape, quant=args.quant, seq=args.seq, batch=args.batch, accum=args.accum,
+        path=args.path, shape=args.model or args.shape, quant=args.quant, seq=args.seq, batch=args.batch, accum=args.accum,
         rank=args.rank, checkpointing=args.checkpointing, offload_min_tokens=args.offload_min_tokens,
         tokens_per_s=round(tokens_per_step / step_s, 1), step_s=round(step_s, 4),
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
@@ -147,6 +160,8 @@ def profile_step(train_step, trace_path: str, cuda: bool) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama8b")
+    parser.add_argument("--model", default=None, help="load this checkpoint with FastLanguageModel.from_pretrained "
+                        "instead of building --shape with random weights (e.g. the peers' harness model)")
     parser.add_argument("--quant", choices=["nf4", "none"], default="nf4")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=2)
