@@ -132,7 +132,8 @@ def run(args) -> dict:
     if args.profile:
         profile_step(train_step, args.profile, cuda)
     return dict(
-        path=args.path, shape=args.model or args.shape, quant=args.quant, seq=args.seq, batch=args.batch, accum=args.accum,
+        path=args.path, shape=args.model or args.shape, quant=args.quant, seq=args.seq, batch=args.batch,
+        accum=args.accum,
         rank=args.rank, checkpointing=args.checkpointing, offload_min_tokens=args.offload_min_tokens,
         tokens_per_s=round(tokens_per_step / step_s, 1), step_s=round(step_s, 4),
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,

@@ -112,7 +112,8 @@ _FAST_LAUNCHES: dict[int, "FastLaunch"] = {}
 
 
 def fast_launch_enabled() -> bool:
-    return _fast_launch_supported() and os.environ.get(FAST_LAUNCH_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+    off = os.environ.get(FAST_LAUNCH_ENV, "1").strip().lower() in ("0", "false", "off", "no")
+    return _fast_launch_supported() and not off
 
 
 @functools.cache

@@ -142,7 +142,8 @@ class DecoderModel(nn.Module):
         # Our checkpoint functions replay no random numbers where the layers draw none: the fast
         # path has no LoRA dropout, so only attention dropout could.
         draws = not decision.enabled or getattr(self.config, "attention_dropout", 0.0) > 0
-        ours = isinstance(self._checkpoint_function, OffloadedCheckpointer) or self._checkpoint_function is plain_checkpoint
+        function = self._checkpoint_function
+        ours = isinstance(function, OffloadedCheckpointer) or function is plain_checkpoint
         rng = {} if draws or not ours else {"preserve_rng_state": False}
         for layer, kind, plan in zip(self.layers, self.layer_types, plans):
             if checkpoint:
