@@ -82,6 +82,36 @@ def test_recomputation_replays_the_random_state():
     _assert_same(grads, expected)
 
 
+def _with_attention_dropout(model, p: float):
+    decoder = model.get_base_model().model
+    decoder.config.attention_dropout = p
+    for layer in decoder.layers:
+        layer.self_attn.attention_dropout = p
+    return model
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fast_path_replays_the_random_state_only_where_drawn(dropout, monkeypatch):
+    """Fast path: no LoRA dropout, so the RNG state is saved and replayed only for attention
+    dropout; with it, the recomputation draws the forward's masks (gradients equal)."""
+    inputs = batch()
+    reference = _with_attention_dropout(lora_model("llama"), dropout)
+    set_fast_path(reference, True)
+    torch.manual_seed(5)
+    _, expected = loss_and_grads(reference, inputs)
+    model = _with_attention_dropout(lora_model("llama", checkpointing="unsloth"), dropout)
+    set_fast_path(model, True)
+    checkpointer = _offload_everywhere(model)
+    saves = []
+    original = torch.get_rng_state
+    monkeypatch.setattr(torch, "get_rng_state", lambda: saves.append(1) or original())
+    torch.manual_seed(5)
+    _, grads = loss_and_grads(model, inputs)
+    assert checkpointer.offloaded == model.config.num_hidden_layers
+    assert len(saves) == (0 if dropout == 0 else 2 * model.config.num_hidden_layers)  # forward + fork in backward
+    _assert_same(grads, expected)
+
+
 def test_trainer_reenabling_checkpointing_keeps_offloading():
     """transformers' Trainer calls gradient_checkpointing_enable at train start; "unsloth" stays."""
     model = lora_model("llama", checkpointing="unsloth")
