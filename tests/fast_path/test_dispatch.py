@@ -237,3 +237,34 @@ def test_cpu_tensors_never_reach_compiled_kernels():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "forced: TRITON_INTERPRET=1 was set after triton was imported" in done.stdout
+
+
+def test_plan_is_resolved_per_forward_and_follows_disable_adapter(monkeypatch):
+    """The enabled decision carries each layer's fused projections; the layers use them instead of
+    looking the modules up again, and a `disable_adapter()` block between forwards is seen."""
+    from velotune.lora import fused_linear, fused_mlp
+
+    model = lora_model("llama")
+    set_fast_path(model, True)
+    decision = decide(model)
+    decoder = fast_path.find_decoder(model)
+    assert len(decision.layers) == len(decoder.layers)
+    q = decision.layers[0].qkv[0]
+    assert q.lora_A is decoder.layers[0].self_attn.q_proj.lora_A["default"].weight
+    assert [p.weight.shape[0] for p in decision.layers[0].mlp] == [
+        decoder.config.intermediate_size, decoder.config.intermediate_size, decoder.config.hidden_size]
+    inputs = batch()
+    lookups = []
+    original = fused_linear.projection_of
+    for module in (fused_linear, fused_mlp):
+        monkeypatch.setattr(module, "projection_of", lambda m: lookups.append(m) or original(m))
+    with_adapters = model(**inputs).loss
+    with model.disable_adapter():
+        assert all(p.lora_A is None for p in decide(model).layers[0].qkv)
+        without = model(**inputs).loss
+        set_fast_path(model, False)
+        plain_without = model(**inputs).loss
+        set_fast_path(model, True)
+    assert lookups == []  # every projection came from the plan
+    torch.testing.assert_close(without, plain_without)
+    assert not torch.allclose(with_adapters, without)  # the adapters' B are non-zero here
