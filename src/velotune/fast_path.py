@@ -106,7 +106,7 @@ def _decide(model: nn.Module, fast_path: bool | None) -> FastPathDecision:
     device = decoder.embed_tokens.weight.device
     if device.type != "cuda" and setting is not True:
         return FastPathDecision(False, f"the model is on {device.type}, the fast path runs on CUDA")
-    from .lora.fused_linear import fused_view, why_not_fused
+    from .lora.fused_linear import inspect_projection
     from .lora.fused_mlp import GATED_ACTIVATIONS
     from .lora.fused_ops import FROM_KERNELS
 
@@ -118,11 +118,10 @@ def _decide(model: nn.Module, fast_path: bool | None) -> FastPathDecision:
                                            f"(fused: {', '.join(GATED_ACTIVATIONS)})", warn)
         views = []
         for name in PROJECTIONS:
-            module = layer.get_submodule(name)
-            reason = why_not_fused(module)
+            reason, view = inspect_projection(layer.get_submodule(name))
             if reason is not None:
                 return FastPathDecision(False, f"model.layers.{i}.{name}: {reason}", warn)
-            views.append(fused_view(module))
+            views.append(view)
         plans.append(LayerPlan(qkv=tuple(views[:3]), o=(views[3],), mlp=tuple(views[4:])))
     kernels = ", ".join(FROM_KERNELS) or "none yet (PyTorch reference ops)"
     where = "CUDA" if device.type == "cuda" else f"{device.type}, forced by fast_path=True"

@@ -18,6 +18,7 @@ in backward, the LoRA scaling rides in the matmuls' alpha, biases in addmm
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -50,53 +51,48 @@ def _is_base_linear(module: nn.Module) -> bool:
 
 def why_not_fused(module: nn.Module) -> str | None:
     """None when `module` can run through the fused functions, else the reason it cannot."""
-    if _is_base_linear(module):
-        if module.weight.requires_grad or (module.bias is not None and module.bias.requires_grad):
-            return "its base weight or bias is trained (the fused path trains adapters only)"
-        return None
-    base = getattr(module, "base_layer", None)
-    if base is None or not hasattr(module, "lora_A"):
-        return f"it is a {type(module).__name__}, not a Linear/Linear4bit or PEFT LoRA layer over one"
-    if not _is_base_linear(base):
-        return f"its base layer is a {type(base).__name__} (only Linear and bitsandbytes Linear4bit fuse)"
-    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-        return "its base weight or bias is trained (bias='all'/'lora_only' or a trainable base)"
-    if module.disable_adapters or module.merged:
-        return None  # the base layer alone computes the output
-    active = [name for name in module.active_adapters if name in module.lora_A]
-    if len(active) > 1:
-        return f"{len(active)} adapters are active at once ({active}); the fused path runs one"
-    if not active:
-        return None
-    name = active[0]
-    if not isinstance(module.lora_dropout[name], nn.Identity):
-        return f"lora_dropout={module.lora_dropout[name].p} (the fused path needs lora_dropout=0)"
-    if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False):
-        return "it uses a LoRA variant (DoRA or similar) the fused path does not implement"
-    if module.lora_B[name].bias is not None:
-        return "its adapter has a bias (lora_bias=True)"
-    return None
+    return inspect_projection(module)[0]
 
 
 def projection_of(module: nn.Module) -> LoraProjection | None:
     """The fused view of a projection module, or None when it must run as a module call."""
-    return None if why_not_fused(module) is not None else fused_view(module)
+    return inspect_projection(module)[1]
 
 
-def fused_view(module: nn.Module) -> LoraProjection:
-    """The fused view of a module `why_not_fused` accepts (not checked again here)."""
+def inspect_projection(module: nn.Module) -> tuple[str | None, LoraProjection | None]:
+    """(None, the fused view) when `module` can run through the fused functions, else (the reason
+    it cannot, None). One walk over the module's attributes serves both (fast_path.decide runs it
+    for every projection on every forward)."""
     if _is_base_linear(module):
-        return LoraProjection(module.weight, module.bias, None, None, 0.0)
-    base = module.base_layer
-    active = [] if module.disable_adapters or module.merged else [
-        name for name in module.active_adapters if name in module.lora_A
-    ]
+        if module.weight.requires_grad or (module.bias is not None and module.bias.requires_grad):
+            return "its base weight or bias is trained (the fused path trains adapters only)", None
+        return None, LoraProjection(module.weight, module.bias, None, None, 0.0)
+    base = getattr(module, "base_layer", None)
+    lora_A = getattr(module, "lora_A", None)
+    if base is None or lora_A is None:
+        return f"it is a {type(module).__name__}, not a Linear/Linear4bit or PEFT LoRA layer over one", None
+    if not _is_base_linear(base):
+        return f"its base layer is a {type(base).__name__} (only Linear and bitsandbytes Linear4bit fuse)", None
+    weight, bias = base.weight, base.bias
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return "its base weight or bias is trained (bias='all'/'lora_only' or a trainable base)", None
+    base_only = LoraProjection(weight, bias, None, None, 0.0)
+    if module.disable_adapters or module.merged:
+        return None, base_only  # the base layer alone computes the output
+    active = [name for name in module.active_adapters if name in lora_A]
+    if len(active) > 1:
+        return f"{len(active)} adapters are active at once ({active}); the fused path runs one", None
     if not active:
-        return LoraProjection(base.weight, base.bias, None, None, 0.0)
+        return None, base_only
     name = active[0]
-    return LoraProjection(
-        base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name])
-    )
+    dropout, lora_B = module.lora_dropout[name], module.lora_B[name]
+    if not isinstance(dropout, nn.Identity):
+        return f"lora_dropout={dropout.p} (the fused path needs lora_dropout=0)", None
+    if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False):
+        return "it uses a LoRA variant (DoRA or similar) the fused path does not implement", None
+    if lora_B.bias is not None:
+        return "its adapter has a bias (lora_bias=True)", None
+    return None, LoraProjection(weight, bias, lora_A[name].weight, lora_B.weight, float(module.scaling[name]))
 
 
 def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -245,7 +241,7 @@ class LoraProjectionsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, projections, *adapters):  # x (N, in); adapters A0, B0, A1, B1, ...
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x):
             outs, layout, saved = group_forward(x, projections, adapters)
         ctx.projections, ctx.layout = projections, layout
         ctx.save_for_backward(x, *saved)
@@ -254,10 +250,18 @@ class LoraProjectionsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         x, *saved = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x):
             grads = [g.reshape(-1, g.shape[-1]).to(x.dtype) for g in grads]  # (N, out_i)
             dx, adapter_grads = group_backward(grads, x, ctx.projections, ctx.layout, saved, ctx.needs_input_grad[0])
         return (dx, None, *adapter_grads)
+
+
+def autocast_off(x: torch.Tensor):
+    """A context with autocast off for x's device: the fused functions pick their dtypes
+    themselves. Nothing to enter when it is off already, the usual case (a few host
+    microseconds per call, several calls per layer)."""
+    device = x.device.type
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from .fused_linear import (
-    adapter_inputs, adapters_of, compute_dtype, dense_weight, group_backward, group_forward, projection_of,
+    adapter_inputs, adapters_of, autocast_off, compute_dtype, dense_weight, group_backward, group_forward,
+    projection_of,
 )
 from .fused_ops import geglu, swiglu
 
@@ -64,7 +65,7 @@ class LoraMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, activation, gate, up, down, *adapters):  # x (N, H); adapters Ag, Bg, Au, Bu, Ad, Bd
         act = GATED_ACTIVATIONS[activation]
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x):
             (g, u), gate_up, gate_up_saved = group_forward(x, (gate, up), adapters[:4])  # (N, I) each
             chunks = _chunks(x.shape[0])
             if len(chunks) == 1:
@@ -132,7 +133,7 @@ def _backward_in_chunks(ctx, x: torch.Tensor, grad_out: torch.Tensor, chunk) -> 
     need_dx = ctx.needs_input_grad[0]
     dx = x.new_empty(x.shape) if need_dx and len(chunks) > 1 else None  # (N, H)
     totals: list = [None] * 6  # dAg, dBg, dAu, dBu, dAd, dBd
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x):
         grad_out = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)  # (N, H)
         for rows in chunks:
             g, u, layouts, gate_up_saved, down_saved = chunk(rows, gate, up)

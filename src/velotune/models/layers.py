@@ -18,12 +18,18 @@ from .rope import apply_rope
 from .spec import FamilySpec, activation_name, attention_scaling, head_dim_of
 
 
+_FAST_MODULES: tuple = ()
+
+
 def _fast():
     """The fast path's modules (fused LoRA functions and kernel ops), imported on first use
     because the `velotune.lora` package itself imports this model package."""
-    from ..lora import fused_linear, fused_mlp, fused_ops
+    global _FAST_MODULES
+    if not _FAST_MODULES:
+        from ..lora import fused_linear, fused_mlp, fused_ops
 
-    return fused_linear, fused_mlp, fused_ops
+        _FAST_MODULES = (fused_linear, fused_mlp, fused_ops)
+    return _FAST_MODULES
 
 
 class RMSNorm(nn.Module):
