@@ -26,9 +26,9 @@ from torch.utils.checkpoint import checkpoint
 # Offload from this many tokens per micro-batch (B*T). Measured on the H200 (8B QLoRA, batch 1,
 # bench/bench_train.py, BENCHMARKS.md): at 1,024 tokens the offloading function ran 1.49x faster
 # than torch's checkpoint at the same peak (6.96 vs 6.94 GiB), at 16,384 tokens 1.05x faster in
-# 3.9 GiB less. Its recomputation skips the MLP's forward (see `recomputing`) and replays no RNG
-# state where none is drawn, which is why it wins even where the copy saves little. Shorter
-# micro-batches were not measured, so they keep torch's checkpoint.
+# 3.9 GiB less: its recomputation skips the MLP's forward matmul (see `recomputing`), and at short
+# lengths its host path costs less (not profiled). Shorter micro-batches were not measured, so
+# they keep torch's checkpoint.
 OFFLOAD_MIN_TOKENS = 1024
 
 _side_streams: dict[torch.device, "torch.cuda.Stream"] = {}
