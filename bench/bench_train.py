@@ -133,8 +133,7 @@ def run(args) -> dict:
         profile_step(train_step, args.profile, cuda)
     return dict(
         path=args.path, shape=args.model or args.shape, quant=args.quant, seq=args.seq, batch=args.batch,
-        accum=args.accum,
-        rank=args.rank, checkpointing=args.checkpointing, offload_min_tokens=args.offload_min_tokens,
+        accum=args.accum, rank=args.rank, checkpointing=args.checkpointing, offload_min_tokens=args.offload_min_tokens,
         tokens_per_s=round(tokens_per_step / step_s, 1), step_s=round(step_s, 4),
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         load_gib=round(load_gib, 2) if cuda else None, loss_first=round(losses[0], 4),
