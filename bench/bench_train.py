@@ -136,6 +136,7 @@ def run(args) -> dict:
         accum=args.accum, rank=args.rank, checkpointing=args.checkpointing, offload_min_tokens=args.offload_min_tokens,
         tokens_per_s=round(tokens_per_step / step_s, 1), step_s=round(step_s, 4),
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
         load_gib=round(load_gib, 2) if cuda else None, loss_first=round(losses[0], 4),
         loss_last=round(losses[-1], 4), trainable=sum(p.numel() for p in params), reason=decision.reason,
         device=torch.cuda.get_device_name() if cuda else "cpu",

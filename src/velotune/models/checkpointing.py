@@ -15,6 +15,7 @@ layer's parameter gradients. Like every reentrant checkpoint, that supports `los
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import weakref
@@ -41,6 +42,16 @@ def recomputing() -> bool:
     arriving from above is already known), so the fast path may skip work whose only product is
     that value (see DecoderLayer.forward and lora/fused_mlp.py)."""
     return getattr(_recomputation, "active", False)
+
+
+@contextlib.contextmanager
+def recomputation():
+    """Marks a layer's re-run for its backward (see `recomputing`)."""
+    _recomputation.active = True
+    try:
+        yield
+    finally:
+        _recomputation.active = False
 
 
 def plain_checkpoint(function, *args, **kwargs):
@@ -185,15 +196,32 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
                 torch.set_rng_state(ctx.cpu_rng)
                 if ctx.cuda_rng is not None:
                     torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
-            _recomputation.active = True
-            try:
+            with recomputation():
                 out = ctx.function(hidden, *ctx.args)
-            finally:
-                _recomputation.active = False
         if out.requires_grad:
             torch.autograd.backward(out, grad_out)
         grad_hidden = hidden.grad if ctx.hidden_requires_grad else None
         return (None, grad_hidden, None, None, *([None] * len(ctx.args)))
+
+
+class _GraphedCheckpointFunction(torch.autograd.Function):
+    """The offloading checkpoint of a layer run through CUDA graphs (layer_graphs.py):
+    forward(run, hidden, link, *params) = run.forward(hidden), keeping a host copy of `hidden`;
+    backward replays the recomputation and backward, and returns the gradients of `hidden` and of
+    the layer's trainable `params` (autograd accumulates those into `.grad`)."""
+
+    @staticmethod
+    def forward(ctx, run, hidden, link, *params):
+        ctx.run = run
+        ctx.saved = link.copy = _HostCopy(hidden, link.previous)
+        return run.forward(hidden)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden = ctx.saved.restore()
+        del ctx.saved
+        grad_hidden, grads = ctx.run.backward(hidden, grad_out)
+        return (None, grad_hidden, None, *grads)
 
 
 class OffloadedCheckpointer:
@@ -203,7 +231,8 @@ class OffloadedCheckpointer:
     when `hidden` is on CUDA with at least `min_tokens` tokens. `preserve_rng_state=False` (as
     torch's checkpoint takes it) skips saving and replaying the random-number state, for a caller
     that knows the layer draws none (no dropout); that state round trip costs host time on every
-    layer of a host-bound step. `offload_on_cpu=True` runs the
+    layer of a host-bound step. `graphed`: a layer_graphs.LayerRun, which then runs the layer (CUDA
+    graphs; `function` and `args` are not called). `offload_on_cpu=True` runs the
     offloading function on CPU tensors too (a host clone stands in for the pinned copy), which is
     how the CPU tests exercise it. `offloaded` counts the calls that took the offloading route.
     """
@@ -214,19 +243,23 @@ class OffloadedCheckpointer:
         self.offloaded = 0
         self._last_copy: weakref.ref | None = None  # the copy of the previous layer's input
 
-    def __call__(self, function, hidden: torch.Tensor, *args, preserve_rng_state: bool = True, **kwargs):
+    def __call__(self, function, hidden: torch.Tensor, *args, preserve_rng_state: bool = True, graphed=None,
+                 **kwargs):  # fmt: skip
         if kwargs:
             function = functools.partial(function, **kwargs)
         on_device = hidden.is_cuda or self.offload_on_cpu
         if not on_device or hidden.shape[:-1].numel() < self.min_tokens or not torch.is_grad_enabled():
             return plain_checkpoint(function, hidden, *args, preserve_rng_state=preserve_rng_state)
         self.offloaded += 1
-        anchor = torch.empty(0, device=hidden.device, requires_grad=True)
         previous = self._last_copy() if self._last_copy is not None else None
         if previous is not None and previous.device != hidden.device:
             previous = None
         link = _Link(previous, preserve_rng_state)
-        out = _OffloadedCheckpointFunction.apply(function, hidden, anchor, link, *args)
+        if graphed is not None:
+            out = _GraphedCheckpointFunction.apply(graphed, hidden, link, *graphed.params)
+        else:
+            anchor = torch.empty(0, device=hidden.device, requires_grad=True)
+            out = _OffloadedCheckpointFunction.apply(function, hidden, anchor, link, *args)
         self._last_copy = weakref.ref(link.copy)
         return out
 

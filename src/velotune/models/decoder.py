@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .. import fast_path as fast_path_switch
 from .checkpointing import OffloadedCheckpointer, checkpoint_function, plain_checkpoint, recomputing
+from .layer_graphs import ModelGraphs, graphs_enabled
 from .layers import Attention, GatedMLP, make_norm
 from .loss import causal_lm_loss, fused_causal_lm_loss
 from .masks import LayerMasks, mask_inputs
@@ -75,6 +76,7 @@ class DecoderModel(nn.Module):
         self.checkpoint_mode: bool | str = False
         self._checkpoint_function = checkpoint_function(True)
         self.fast_path: bool | None = None  # None: automatic; see velotune.fast_path.set_fast_path
+        self._graphs = ModelGraphs()  # CUDA graphs of the checkpointed layers (layer_graphs.py)
 
     def set_checkpointing(self, mode: bool | str) -> None:
         """get_peft_model's `use_gradient_checkpointing`: False, True (plain per-layer
@@ -145,13 +147,31 @@ class DecoderModel(nn.Module):
         function = self._checkpoint_function
         ours = isinstance(function, OffloadedCheckpointer) or function is plain_checkpoint
         rng = {} if draws or not ours else {"preserve_rng_state": False}
-        for layer, kind, plan in zip(self.layers, self.layer_types, plans):
+        graphs = self._graph_buffers(h, checkpoint and decision.enabled and not draws and cache is None)
+        for index, (layer, kind, plan) in enumerate(zip(self.layers, self.layer_types, plans)):
             if checkpoint:
                 run = functools.partial(layer.__call__, fast=plan)
-                h = self._gradient_checkpointing_func(run, h, cos_sin[kind], masks[kind], None, **rng)
+                graphed = {}
+                if graphs is not None and masks[kind].tensor_free():
+                    params = tuple(p for p in layer.parameters() if p.requires_grad)
+                    if params:
+                        graphed["graphed"] = self._graphs.layer(graphs, index, run, plan, params, kind, cos_sin[kind],
+                                                                masks[kind], h.requires_grad)
+                h = self._gradient_checkpointing_func(run, h, cos_sin[kind], masks[kind], None, **rng, **graphed)
             else:
                 h = layer(h, cos_sin[kind], masks[kind], cache, plan)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h, decision.enabled), **{_CACHE_FIELD: cache})
+
+    def _graph_buffers(self, h: torch.Tensor, eligible: bool):
+        """The CUDA-graph buffers for this forward (layer_graphs.py), or None when its layers run
+        eagerly: `eligible` (a fast-path training forward through our checkpoint, no random
+        numbers drawn, no cache) and the offloading checkpoint takes these layers."""
+        function = self._checkpoint_function
+        if not (eligible and isinstance(function, OffloadedCheckpointer) and graphs_enabled()):
+            return None
+        if not (h.is_cuda or function.offload_on_cpu) or h.shape[:-1].numel() < function.min_tokens:
+            return None
+        return self._graphs.begin(h)
 
     @staticmethod
     def _default_positions(attention_mask, past: int, T: int, device) -> torch.Tensor:

@@ -72,6 +72,13 @@ class LayerMasks:
         self.window = window
         self._built: dict[int, tuple[torch.Tensor | None, bool]] = {}
 
+    def tensor_free(self) -> bool:
+        """True when these masks hold no tensor (plain causal attention over the whole input, no
+        cache): nothing in them differs between batches, which CUDA graphs of a layer rely on."""
+        m = self.inputs
+        window_active = self.window is not None and m.past_len + m.q_len > self.window
+        return m.past_len == 0 and m.padding is None and m.segments is None and not window_active
+
     def for_keys(self, k_len: int) -> tuple[torch.Tensor | None, bool]:
         if k_len not in self._built:
             self._built[k_len] = build_mask(self.inputs, k_len, self.window)

@@ -1,0 +1,298 @@
+"""CUDA graphs of the checkpointed decoder layers: each layer's no-grad forward, and its
+recomputation together with its backward, replayed by one call each.
+
+Why: on a small model the fast path's training step is bound by the host, not the GPU (BENCHMARKS.md:
+a Llama-3.2-1B step held about 0.3 s of GPU work in 0.48 s). Under the offloading checkpoint every
+layer runs twice per micro-batch, forward and recomputation + backward, which is a few hundred
+PyTorch calls and Triton launches per layer whose host cost is larger than their GPU time. A
+captured graph replays the same kernels on the same memory without any of that Python.
+
+When (`ModelGraphs.begin` and `LayerMasks.tensor_free` decide): the fast path is on, on CUDA, the
+layer goes through the offloading checkpoint, nothing draws random numbers (no attention dropout),
+attention is plain causal (padding, packing and sliding-window masks are tensors built per batch,
+so such batches run eagerly), no KV cache, and the same shapes come back: the first call of a
+shape runs eagerly (Triton compiles, cuBLAS picks its kernels: neither may happen during capture),
+the second captures, later ones replay. `VELOTUNE_CUDA_GRAPHS=0` turns graphs off.
+
+Exactness: a replay launches the kernels the eager call launched, on the same inputs, so it gives
+the same values. A graph also bakes in every address it read: the layer's weights, adapters and
+biases (by identity and data pointer), its trainable parameters, the shapes and the autocast
+state form each layer's key, and any change means an eager call, then a new capture.
+
+Memory: all graphs of a model share one memory pool. Each graph's intermediates are dead when it
+ends, so the pool holds about one layer's working memory. The graphs read their inputs from, and
+write their outputs to, buffers shared by every layer of one shape (`_Buffers`: the layer input,
+its output or input gradient, the output gradient, RoPE tables, the parameter gradients): the
+caller's tensors are copied in, and results cloned out, so what a caller holds is never
+overwritten by a later replay. Shape sets are capped (`MAX_SHAPES`, least recently used dropped);
+when shapes keep changing, capturing stops after `MAX_CAPTURED_SHAPES` shapes and everything
+runs eagerly (padding batches to a few fixed lengths brings the graphs back).
+
+Gradients: the backward graph computes the gradients of the layer input and of the layer's
+trainable parameters with `torch.autograd.grad`; `_GraphedCheckpointFunction` (checkpointing.py)
+returns the parameters' ones as its inputs' gradients, so they reach `.grad` through autograd's
+own accumulation (and its hooks, which distributed training relies on).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger("velotune")
+
+GRAPHS_ENV = "VELOTUNE_CUDA_GRAPHS"
+MAX_SHAPES = 2  # shape sets (buffers + every layer's graphs) kept at once
+MAX_CAPTURED_SHAPES = 8  # distinct shapes captured over a model's life before capturing stops
+_WARMUP_CALLS = 1  # eager calls of a key before it is captured
+
+
+def graphs_enabled() -> bool:
+    return os.environ.get(GRAPHS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _tensor_key(t: torch.Tensor | None):
+    return None if t is None else (id(t), t.data_ptr(), t.dtype, tuple(t.shape))
+
+
+def layer_signature(plan, params: tuple[torch.Tensor, ...]) -> tuple:
+    """What a layer's graphs bake in: every projection's weight, bias and adapter tensors (by
+    identity and data pointer; `param.data = ...` moves the pointer), scalings, and the layer's
+    trainable parameters. Params4bit's __torch_function__ is bypassed: data_ptr() through it costs
+    microseconds, and there are dozens per layer."""
+    with torch._C.DisableTorchFunctionSubclass():
+        parts = [
+            (_tensor_key(p.weight), _tensor_key(p.bias), _tensor_key(p.lora_A), _tensor_key(p.lora_B), p.scaling)
+            for p in (*plan.qkv, *plan.o, *plan.mlp)
+        ]
+        parts.append(tuple(_tensor_key(t) for t in params))
+    return tuple(parts)
+
+
+@dataclass
+class _LayerGraphs:
+    """One layer's graphs for one shape set, valid while its signature holds."""
+
+    signature: tuple
+    forward: "torch.cuda.CUDAGraph | None" = None
+    backward: "torch.cuda.CUDAGraph | None" = None
+    forward_calls: int = 0
+    backward_calls: int = 0
+    grad_views: list = field(default_factory=list)  # per parameter: (flat buffer, slice, shape) or None (unused)
+
+
+class _Buffers:
+    """The tensors every layer's graphs of one shape read and write (allocated outside the pool)."""
+
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = torch.empty_like(hidden)  # (B, T, C) the layer's input
+        self.out = torch.empty_like(hidden)  # (B, T, C) forward: its output; backward: the input's gradient
+        self.grad = torch.empty_like(hidden)  # (B, T, C) the output's gradient
+        self.rope: dict[str, tuple] = {}  # layer kind -> (static cos, static sin, the tuple last copied in)
+        self.flats: dict[tuple, torch.Tensor] = {}  # (dtype, numel) -> flat parameter-gradient buffer
+        self.layers: dict[int, _LayerGraphs] = {}
+
+    def rope_for(self, kind: str, cos_sin: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """The static (cos, sin) of `kind`, refreshed when `cos_sin` is not the tuple last copied in
+        (one new tuple per model forward; the strong reference keeps its identity unambiguous)."""
+        entry = self.rope.get(kind)
+        if entry is None:
+            entry = (torch.empty_like(cos_sin[0]), torch.empty_like(cos_sin[1]), None)
+        if entry[2] is not cos_sin:
+            entry[0].copy_(cos_sin[0])
+            entry[1].copy_(cos_sin[1])
+            entry = self.rope[kind] = (entry[0], entry[1], cos_sin)
+        return entry[0], entry[1]
+
+    def flat(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        key = (dtype, numel)
+        if key not in self.flats:
+            self.flats[key] = torch.empty(numel, dtype=dtype, device=self.hidden.device)
+        return self.flats[key]
+
+
+class ModelGraphs:
+    """The CUDA graphs of one decoder's layers (see the module docstring). Not copied with the
+    model: a deep copy (TRL's reference model) gets an empty one."""
+
+    def __init__(self):
+        self.pool = None
+        self.shapes: OrderedDict[tuple, _Buffers] = OrderedDict()
+        self.captured_shapes = 0
+        self.captures = 0  # graphs captured (tests and logs read these)
+        self.replays = 0
+        self.failed: str | None = None  # why capturing stopped, once it has
+        self._stream = None
+        # Tests: run the same code on CPU tensors, every call eagerly (CUDA graphs need CUDA).
+        self.cpu_rehearsal = False
+
+    def __deepcopy__(self, memo):
+        return ModelGraphs()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def begin(self, hidden: torch.Tensor) -> _Buffers | None:
+        """The buffers for this forward's shape (a training forward whose layers are eligible,
+        see DecoderModel.forward), or None when it runs eagerly."""
+        if not (hidden.is_cuda or self.cpu_rehearsal) or self.failed is not None:
+            return None
+        if hidden.is_cuda and torch.cuda.is_current_stream_capturing():  # the caller captures the whole step
+            return None
+        key = (tuple(hidden.shape), hidden.dtype, hidden.device, _autocast_state(hidden.device.type))
+        buffers = self.shapes.get(key)
+        if buffers is not None:
+            self.shapes.move_to_end(key)
+            return buffers
+        if self.captured_shapes >= MAX_CAPTURED_SHAPES:
+            self.failed = f"{MAX_CAPTURED_SHAPES} batch shapes captured already; the shapes keep changing"
+            logger.info("velotune: CUDA graphs off for this model: %s (pad batches to fixed lengths to keep "
+                        "them)", self.failed)
+            return None
+        self.captured_shapes += 1
+        while len(self.shapes) >= MAX_SHAPES:
+            self.shapes.popitem(last=False)
+        buffers = self.shapes[key] = _Buffers(hidden)
+        return buffers
+
+    def layer(self, buffers: _Buffers, index: int, function, plan, params, kind: str, cos_sin, masks,
+              hidden_grad: bool) -> "LayerRun":  # fmt: skip
+        """Layer `index`'s run for this forward; its graphs are kept while its signature holds."""
+        signature = (layer_signature(plan, params), hidden_grad, kind)
+        graphs = buffers.layers.get(index)
+        if graphs is None or graphs.signature != signature:
+            graphs = buffers.layers[index] = _LayerGraphs(signature)
+        return LayerRun(self, buffers, graphs, function, params, kind, cos_sin, masks, hidden_grad)
+
+    def capture(self, body) -> "torch.cuda.CUDAGraph | None":
+        """`body` recorded into a new graph of the shared pool, or None (capturing stops for this
+        model, with the reason logged) when something in it cannot be captured."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, stream=self._stream):
+                body()
+        except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
+            self.failed = f"capturing a layer failed ({type(error).__name__}: {error})"
+            self.shapes.clear()
+            logger.warning("velotune: CUDA graphs off for this model: %s; training continues eagerly", self.failed)
+            return None
+        self.captures += 1
+        return graph
+
+
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+class LayerRun:
+    """One layer call under the offloading checkpoint: eager, captured or replayed."""
+
+    def __init__(self, owner: ModelGraphs, buffers: _Buffers, graphs: _LayerGraphs, function, params, kind,
+                 cos_sin, masks, hidden_grad: bool):  # fmt: skip
+        self.owner, self.buffers, self.graphs = owner, buffers, graphs
+        self.function, self.params, self.kind = function, params, kind
+        self.cos_sin, self.masks, self.hidden_grad = cos_sin, masks, hidden_grad
+        self.autocast = _autocast_state(buffers.hidden.device.type)  # the recomputation runs under the same
+
+    def _static_args(self):
+        return self.buffers.rope_for(self.kind, self.cos_sin), self.masks, None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer's output for `hidden` (B, T, C), without autograd."""
+        graphs, buffers = self.graphs, self.buffers
+        if graphs.forward is None and self.owner.failed is None:
+            graphs.forward_calls += 1
+            if graphs.forward_calls > _WARMUP_CALLS and hidden.is_cuda:
+                args = self._static_args()
+
+                def body():
+                    with torch.no_grad():
+                        buffers.out.copy_(self.function(buffers.hidden, *args))
+
+                graphs.forward = self.owner.capture(body)
+        if graphs.forward is None or self.owner.failed is not None:
+            with torch.no_grad():
+                return self.function(hidden, self.cos_sin, self.masks, None)
+        self._static_args()  # RoPE tables of this forward
+        buffers.hidden.copy_(hidden)
+        graphs.forward.replay()
+        self.owner.replays += 1
+        return buffers.out.clone()
+
+    def backward(self, hidden: torch.Tensor, grad_out: torch.Tensor) -> tuple:
+        """(gradient of `hidden` or None, [gradient of each parameter or None]) of the layer
+        recomputed at `hidden`, given its output's gradient `grad_out`."""
+        graphs, buffers = self.graphs, self.buffers
+        if graphs.backward is None and self.owner.failed is None:
+            graphs.backward_calls += 1
+            if graphs.backward_calls > _WARMUP_CALLS and hidden.is_cuda:
+                graphs.backward = self._capture_backward()
+        if graphs.backward is None or self.owner.failed is not None:
+            return self._differentiate(hidden, (self.cos_sin, self.masks, None), grad_out)
+        self._static_args()
+        buffers.hidden.copy_(hidden)
+        buffers.grad.copy_(grad_out)
+        graphs.backward.replay()
+        self.owner.replays += 1
+        grad_hidden = buffers.out.clone() if self.hidden_grad else None
+        copies = {}  # one clone per flat buffer: autograd may keep the returned tensors as .grad
+        grads = []
+        for view in graphs.grad_views:
+            if view is None:
+                grads.append(None)
+                continue
+            flat, where, shape = view
+            if id(flat) not in copies:
+                copies[id(flat)] = flat.clone()
+            grads.append(copies[id(flat)][where].view(shape))
+        return grad_hidden, grads
+
+    def _differentiate(self, hidden, args, grad_out) -> tuple:
+        from .checkpointing import recomputation
+
+        leaf = hidden.detach().requires_grad_(self.hidden_grad)
+        enabled, dtype = self.autocast
+        with torch.enable_grad(), recomputation(), torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
+            out = self.function(leaf, *args)
+        inputs = ([leaf] if self.hidden_grad else []) + list(self.params)
+        grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+        return (grads[0] if self.hidden_grad else None), list(grads[self.hidden_grad:])
+
+    def _capture_backward(self):
+        """The backward graph. Its static tensors (RoPE tables, one flat gradient buffer per
+        parameter dtype) are made before capturing: inside, they would come from the graph's pool."""
+        buffers = self.buffers
+        args = self._static_args()
+        sizes: dict[torch.dtype, int] = {}
+        views = []
+        for p in self.params:
+            start = sizes.get(p.dtype, 0)
+            sizes[p.dtype] = start + p.numel()
+            views.append((p.dtype, slice(start, start + p.numel()), p.shape))
+        flats = {dtype: buffers.flat(dtype, n) for dtype, n in sizes.items()}
+        views = [(flats[dtype], where, shape) for dtype, where, shape in views]
+
+        def body():
+            grad_hidden, grads = self._differentiate(buffers.hidden, args, buffers.grad)
+            if grad_hidden is not None:
+                buffers.out.copy_(grad_hidden)
+            for i, g in enumerate(grads):
+                if g is None:  # a parameter the layer does not use: no gradient, as eagerly
+                    views[i] = None
+                else:
+                    flat, where, shape = views[i]
+                    flat[where].view(shape).copy_(g)
+
+        graph = self.owner.capture(body)
+        self.graphs.grad_views = views
+        return graph
