@@ -151,13 +151,11 @@ class DecoderModel(nn.Module):
         for index, (layer, kind, plan) in enumerate(zip(self.layers, self.layer_types, plans)):
             if checkpoint:
                 run = functools.partial(layer.__call__, fast=plan)
-                graphed = {}
+                graphed = None
                 if graphs is not None and masks[kind].tensor_free():
-                    params = tuple(p for p in layer.parameters() if p.requires_grad)
-                    if params:
-                        graphed["graphed"] = self._graphs.layer(graphs, index, run, plan, params, kind, cos_sin[kind],
-                                                                masks[kind], h.requires_grad)
-                h = self._gradient_checkpointing_func(run, h, cos_sin[kind], masks[kind], None, **rng, **graphed)
+                    graphed = self._graphs.layer(graphs, index, layer, plan, kind, cos_sin[kind], masks[kind], h)
+                extra = {} if graphed is None else {"graphed": graphed}
+                h = self._gradient_checkpointing_func(run, h, cos_sin[kind], masks[kind], None, **rng, **extra)
             else:
                 h = layer(h, cos_sin[kind], masks[kind], cache, plan)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h, decision.enabled), **{_CACHE_FIELD: cache})

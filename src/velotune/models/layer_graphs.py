@@ -36,6 +36,8 @@ own accumulation (and its hooks, which distributed training relies on).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 from collections import OrderedDict
@@ -57,6 +59,21 @@ def graphs_enabled() -> bool:
 
 def _tensor_key(t: torch.Tensor | None):
     return None if t is None else (id(t), t.data_ptr(), t.dtype, tuple(t.shape))
+
+
+def adapter_tensors(plan) -> list[torch.Tensor]:
+    """The plan's LoRA A and B tensors, projection by projection."""
+    return [t for p in (*plan.qkv, *plan.o, *plan.mlp) for t in (p.lora_A, p.lora_B) if t is not None]
+
+
+def _with_adapters(plan, replace: dict):
+    """`plan` with the adapter tensors in `replace` (id -> tensor) swapped in."""
+    def swap(p):
+        A, B = replace.get(id(p.lora_A), p.lora_A), replace.get(id(p.lora_B), p.lora_B)
+        return dataclasses.replace(p, lora_A=A, lora_B=B)
+
+    return dataclasses.replace(plan, qkv=tuple(map(swap, plan.qkv)), o=tuple(map(swap, plan.o)),
+                               mlp=tuple(map(swap, plan.mlp)))
 
 
 def layer_signature(plan, params: tuple[torch.Tensor, ...]) -> tuple:
@@ -162,16 +179,22 @@ class ModelGraphs:
         buffers = self.shapes[key] = _Buffers(hidden)
         return buffers
 
-    def layer(self, buffers: _Buffers, index: int, function, plan, params, kind: str, cos_sin, masks,
-              hidden_grad: bool) -> "LayerRun":  # fmt: skip
-        """Layer `index`'s run for this forward; its graphs are kept while its signature holds."""
-        signature = (layer_signature(plan, params), hidden_grad, kind)
+    def layer(self, buffers: _Buffers, index: int, layer, plan, kind: str, cos_sin, masks,
+              hidden: torch.Tensor) -> "LayerRun | None":  # fmt: skip
+        """Layer `index`'s run for this forward (its graphs are kept while its signature holds), or
+        None when it runs eagerly: a trainable parameter other than the plan's adapters (a norm
+        weight) or nothing to differentiate."""
+        params = tuple(p for p in layer.parameters() if p.requires_grad)
+        adapters = tuple(t for t in adapter_tensors(plan) if t.requires_grad)
+        if not (params or hidden.requires_grad) or {id(p) for p in params} != {id(t) for t in adapters}:
+            return None
+        signature = (layer_signature(plan, adapters), hidden.requires_grad, kind)
         graphs = buffers.layers.get(index)
         if graphs is None or graphs.signature != signature:
             graphs = buffers.layers[index] = _LayerGraphs(signature)
-        return LayerRun(self, buffers, graphs, function, params, kind, cos_sin, masks, hidden_grad)
+        return LayerRun(self, buffers, graphs, layer, plan, adapters, kind, cos_sin, masks, hidden.requires_grad)
 
-    def capture(self, body) -> "torch.cuda.CUDAGraph | None":
+    def capture(self, body, what: str) -> "torch.cuda.CUDAGraph | None":
         """`body` recorded into a new graph of the shared pool, or None (capturing stops for this
         model, with the reason logged) when something in it cannot be captured."""
         if self.pool is None:
@@ -182,9 +205,10 @@ class ModelGraphs:
             with torch.cuda.graph(graph, pool=self.pool, stream=self._stream):
                 body()
         except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
-            self.failed = f"capturing a layer failed ({type(error).__name__}: {error})"
+            self.failed = f"capturing a layer's {what} failed ({type(error).__name__}: {error})"
             self.shapes.clear()
-            logger.warning("velotune: CUDA graphs off for this model: %s; training continues eagerly", self.failed)
+            logger.warning("velotune: CUDA graphs off for this model: %s; training continues eagerly", self.failed,
+                           exc_info=True)
             return None
         self.captures += 1
         return graph
@@ -197,10 +221,11 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
 class LayerRun:
     """One layer call under the offloading checkpoint: eager, captured or replayed."""
 
-    def __init__(self, owner: ModelGraphs, buffers: _Buffers, graphs: _LayerGraphs, function, params, kind,
+    def __init__(self, owner: ModelGraphs, buffers: _Buffers, graphs: _LayerGraphs, layer, plan, params, kind,
                  cos_sin, masks, hidden_grad: bool):  # fmt: skip
         self.owner, self.buffers, self.graphs = owner, buffers, graphs
-        self.function, self.params, self.kind = function, params, kind
+        self.layer, self.plan, self.params, self.kind = layer, plan, params, kind
+        self.function = functools.partial(layer.__call__, fast=plan)
         self.cos_sin, self.masks, self.hidden_grad = cos_sin, masks, hidden_grad
         self.autocast = _autocast_state(buffers.hidden.device.type)  # the recomputation runs under the same
 
@@ -219,7 +244,7 @@ class LayerRun:
                     with torch.no_grad():
                         buffers.out.copy_(self.function(buffers.hidden, *args))
 
-                graphs.forward = self.owner.capture(body)
+                graphs.forward = self.owner.capture(body, "forward")
         if graphs.forward is None or self.owner.failed is not None:
             with torch.no_grad():
                 return self.function(hidden, self.cos_sin, self.masks, None)
@@ -257,14 +282,14 @@ class LayerRun:
             grads.append(copies[id(flat)][where].view(shape))
         return grad_hidden, grads
 
-    def _differentiate(self, hidden, args, grad_out) -> tuple:
+    def _differentiate(self, hidden, args, grad_out, function=None, params=None) -> tuple:
         from .checkpointing import recomputation
 
         leaf = hidden.detach().requires_grad_(self.hidden_grad)
         enabled, dtype = self.autocast
         with torch.enable_grad(), recomputation(), torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
-            out = self.function(leaf, *args)
-        inputs = ([leaf] if self.hidden_grad else []) + list(self.params)
+            out = (function or self.function)(leaf, *args)
+        inputs = ([leaf] if self.hidden_grad else []) + list(self.params if params is None else params)
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
         return (grads[0] if self.hidden_grad else None), list(grads[self.hidden_grad:])
 
@@ -282,8 +307,16 @@ class LayerRun:
         flats = {dtype: buffers.flat(dtype, n) for dtype, n in sizes.items()}
         views = [(flats[dtype], where, shape) for dtype, where, shape in views]
 
+        # The capture differentiates with respect to aliases of the adapters (same memory, new
+        # leaves): the adapters' own gradient accumulators were made on the default stream by the
+        # forward, and autograd would make the capture stream wait on that stream, which a
+        # capture cannot record.
+        aliases = {id(p): p.detach().requires_grad_() for p in self.params}
+        function = functools.partial(self.layer.__call__, fast=_with_adapters(self.plan, aliases))
+        alias_params = [aliases[id(p)] for p in self.params]
+
         def body():
-            grad_hidden, grads = self._differentiate(buffers.hidden, args, buffers.grad)
+            grad_hidden, grads = self._differentiate(buffers.hidden, args, buffers.grad, function, alias_params)
             if grad_hidden is not None:
                 buffers.out.copy_(grad_hidden)
             for i, g in enumerate(grads):
@@ -293,6 +326,6 @@ class LayerRun:
                     flat, where, shape = views[i]
                     flat[where].view(shape).copy_(g)
 
-        graph = self.owner.capture(body)
+        graph = self.owner.capture(body, "recomputation and backward")
         self.graphs.grad_views = views
         return graph
