@@ -121,26 +121,48 @@ def run(args) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
+    peak_with_warmup = 0
     for step in range(args.warmup + args.steps):
         if cuda:
             torch.cuda.synchronize()
+            if step == args.warmup:  # CUDA graphs are captured by now: later steps allocate outside their pool
+                peak_with_warmup = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         train_step()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
+    steady_peak = torch.cuda.max_memory_allocated() if cuda else 0
     if args.profile:
         profile_step(train_step, args.profile, cuda)
     return dict(
         path=args.path, shape=args.model or args.shape, quant=args.quant, seq=args.seq, batch=args.batch,
         accum=args.accum, rank=args.rank, checkpointing=args.checkpointing, offload_min_tokens=args.offload_min_tokens,
         tokens_per_s=round(tokens_per_step / step_s, 1), step_s=round(step_s, 4),
-        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-        reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
+        **(memory_record(peak_with_warmup, steady_peak) if cuda else {"peak_gib": None}),
         load_gib=round(load_gib, 2) if cuda else None, loss_first=round(losses[0], 4),
         loss_last=round(losses[-1], 4), trainable=sum(p.numel() for p in params), reason=decision.reason,
         device=torch.cuda.get_device_name() if cuda else "cpu",
     )
+
+
+def memory_record(peak_with_warmup: int, steady: int) -> dict:
+    """Peak GPU memory, in GiB. `peak_gib`: the largest allocation of the whole run, the figure the
+    peers' harness reports (max_memory_allocated). With CUDA graphs that figure misses the graphs'
+    private memory pool, which stays reserved and which replays use without the allocator seeing
+    it, so `peak_with_graphs_gib` adds the pool's size to the measured steps' own peak: the memory
+    the process needs at its peak (an upper bound: the pool counted whole)."""
+    import torch
+
+    segments = torch.cuda.memory_snapshot()
+    if any("segment_pool_id" not in s for s in segments):
+        raise SystemExit("this torch's memory_snapshot() does not say which pool a segment belongs to")
+    pool = sum(s["total_size"] for s in segments if tuple(s["segment_pool_id"]) != (0, 0))
+    gib = 2**30
+    return dict(peak_gib=round(max(peak_with_warmup, steady) / gib, 2), graph_pool_gib=round(pool / gib, 2),
+                peak_with_graphs_gib=round((steady + pool) / gib, 2),
+                reserved_gib=round(torch.cuda.max_memory_reserved() / gib, 2))
 
 
 def profile_step(train_step, trace_path: str, cuda: bool) -> None:
