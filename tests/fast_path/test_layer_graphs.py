@@ -87,6 +87,16 @@ def test_padding_dropout_and_the_switch_keep_the_layers_eager(monkeypatch):
     assert _calls(graphs) == model.config.num_hidden_layers
 
 
+def test_large_layer_inputs_stay_eager(monkeypatch):
+    model, graphs = _graphed_model()
+    monkeypatch.setattr(layer_graphs, "MAX_GRAPHED_ELEMENTS", 2 * 9 * 64 - 1)  # B x T x hidden of the batch
+    model(**_unpadded()).loss.backward()
+    assert not graphs.shapes
+    monkeypatch.setattr(layer_graphs, "MAX_GRAPHED_ELEMENTS", 2 * 9 * 64)
+    model(**_unpadded()).loss.backward()
+    assert _calls(graphs) == model.config.num_hidden_layers
+
+
 def test_a_layer_with_new_adapter_data_gets_new_graphs():
     model, graphs = _graphed_model()
     model(**_unpadded()).loss.backward()

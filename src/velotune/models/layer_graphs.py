@@ -8,7 +8,8 @@ PyTorch calls and Triton launches per layer whose host cost is larger than their
 captured graph replays the same kernels on the same memory without any of that Python.
 
 When (`ModelGraphs.begin` and `LayerMasks.tensor_free` decide): the fast path is on, on CUDA, the
-layer goes through the offloading checkpoint, nothing draws random numbers (no attention dropout),
+layer goes through the offloading checkpoint, its input is small enough that launching its kernels
+takes longer than running them (`MAX_GRAPHED_ELEMENTS`), nothing draws random numbers (no attention dropout),
 attention is plain causal (padding, packing and sliding-window masks are tensors built per batch,
 so such batches run eagerly), no KV cache, and the same shapes come back: the first call of a
 shape runs eagerly (Triton compiles, cuBLAS picks its kernels: neither may happen during capture),
@@ -48,6 +49,13 @@ import torch
 logger = logging.getLogger("velotune")
 
 GRAPHS_ENV = "VELOTUNE_CUDA_GRAPHS"
+# Graphs where the layers' launches outlast their GPU work: up to this many elements in a layer
+# input (tokens per micro-batch x hidden size). Measured (BENCHMARKS.md): a Llama-3.2-1B layer at
+# 4,096 tokens (2048 hidden, 8.4M) took about 7 ms of host time for 4.7 ms of GPU work, and graphs
+# doubled the step's tokens/s; a Llama-3.1-8B layer at 4,096 tokens (4096 hidden) is bound by the
+# GPU, where graphs gained nothing and their pool cost 1.1 GiB. The GPU work grows with this
+# product (and the width) while the host's does not, so above it graphs stop paying.
+MAX_GRAPHED_ELEMENTS = 2048 * 4096
 MAX_SHAPES = 2  # shape sets (buffers + every layer's graphs) kept at once
 MAX_CAPTURED_SHAPES = 8  # distinct shapes captured over a model's life before capturing stops
 _WARMUP_CALLS = 1  # eager calls of a key before it is captured
@@ -160,6 +168,8 @@ class ModelGraphs:
         """The buffers for this forward's shape (a training forward whose layers are eligible,
         see DecoderModel.forward), or None when it runs eagerly."""
         if not (hidden.is_cuda or self.cpu_rehearsal) or self.failed is not None:
+            return None
+        if hidden.numel() > MAX_GRAPHED_ELEMENTS:  # bound by the GPU: graphs would only cost memory
             return None
         if hidden.is_cuda and torch.cuda.is_current_stream_capturing():  # the caller captures the whole step
             return None
