@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checkpointing import recomputation
+
 logger = logging.getLogger("velotune")
 
 GRAPHS_ENV = "VELOTUNE_CUDA_GRAPHS"
@@ -63,6 +65,10 @@ _WARMUP_CALLS = 1  # eager calls of a key before it is captured
 
 def graphs_enabled() -> bool:
     return os.environ.get(GRAPHS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.dtype
 
 
 def _tensor_key(t: torch.Tensor | None):
@@ -125,7 +131,9 @@ class _Buffers:
         """The static (cos, sin) of `kind`, refreshed when `cos_sin` is not the tuple last copied in
         (one new tuple per model forward; the strong reference keeps its identity unambiguous)."""
         entry = self.rope.get(kind)
-        if entry is None:
+        if entry is None or any(_layout(a) != _layout(b) for a, b in zip(entry, cos_sin)):
+            # First use, or tables of another shape (explicit position ids): the layers' signatures
+            # hold that layout, so graphs reading the old tables are captured again.
             entry = (torch.empty_like(cos_sin[0]), torch.empty_like(cos_sin[1]), None)
         if entry[2] is not cos_sin:
             entry[0].copy_(cos_sin[0])
@@ -198,7 +206,7 @@ class ModelGraphs:
         adapters = tuple(t for t in adapter_tensors(plan) if t.requires_grad)
         if not (params or hidden.requires_grad) or {id(p) for p in params} != {id(t) for t in adapters}:
             return None
-        signature = (layer_signature(plan, adapters), hidden.requires_grad, kind)
+        signature = (layer_signature(plan, adapters), hidden.requires_grad, kind, *map(_layout, cos_sin))
         graphs = buffers.layers.get(index)
         if graphs is None or graphs.signature != signature:
             graphs = buffers.layers[index] = _LayerGraphs(signature)
@@ -293,8 +301,6 @@ class LayerRun:
         return grad_hidden, grads
 
     def _differentiate(self, hidden, args, grad_out, function=None, params=None) -> tuple:
-        from .checkpointing import recomputation
-
         leaf = hidden.detach().requires_grad_(self.hidden_grad)
         enabled, dtype = self.autocast
         with torch.enable_grad(), recomputation(), torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
