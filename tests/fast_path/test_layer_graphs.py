@@ -108,6 +108,22 @@ def test_a_layer_with_new_adapter_data_gets_new_graphs():
     assert after[0] is before[0] and after[1] is not before[1]
 
 
+def test_rope_tables_of_another_layout_get_new_graphs():
+    model, graphs = _graphed_model()
+    inputs = _unpadded()
+    model(**inputs).loss.backward()  # default positions: (1, T) tables
+    before = dict(_layers(graphs))
+    B, T = inputs["input_ids"].shape
+    positions = torch.arange(T).repeat(B, 1)  # (B, T): the same positions, tables of another shape
+    reference = lora_model("llama")
+    set_fast_path(reference, True)
+    _, expected = loss_and_grads(reference, {**inputs, "position_ids": positions})
+    _, grads = loss_and_grads(model, {**inputs, "position_ids": positions})
+    assert all(_layers(graphs)[i] is not g for i, g in before.items())
+    for name, g in expected.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
 def test_copies_and_pickles_of_a_model_start_without_graphs():
     model, graphs = _graphed_model()
     model(**_unpadded()).loss.backward()
