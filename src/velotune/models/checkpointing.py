@@ -10,7 +10,9 @@ it checkpoints plainly (torch's non-reentrant checkpoint).
 The offloading checkpoint is a reentrant-style autograd function: the layer runs under no_grad
 in forward and again with grad in backward, where `torch.autograd.backward` accumulates the
 layer's parameter gradients. Like every reentrant checkpoint, that supports `loss.backward()`
-(what trainers call), not `torch.autograd.grad` on the parameters.
+(what trainers call), not `torch.autograd.grad` on the parameters. Layers that replay as CUDA
+graphs (layer_graphs.py) go through `_GraphedCheckpointFunction` instead, which returns the
+parameters' gradients to autograd.
 """
 
 from __future__ import annotations

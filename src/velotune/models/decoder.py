@@ -147,7 +147,9 @@ class DecoderModel(nn.Module):
         function = self._checkpoint_function
         ours = isinstance(function, OffloadedCheckpointer) or function is plain_checkpoint
         rng = {} if draws or not ours else {"preserve_rng_state": False}
-        graphs = self._graph_buffers(h, checkpoint and decision.enabled and not draws and cache is None)
+        # Graphs need masks that are no tensors (padding and packing masks are built per batch).
+        graphable = any(m.tensor_free() for m in masks.values())
+        graphs = self._graph_buffers(h, checkpoint and decision.enabled and not draws and cache is None and graphable)
         for index, (layer, kind, plan) in enumerate(zip(self.layers, self.layer_types, plans)):
             if checkpoint:
                 run = functools.partial(layer.__call__, fast=plan)
