@@ -39,10 +39,11 @@ _recomputation = threading.local()
 
 
 def recomputing() -> bool:
-    """True while `_OffloadedCheckpointFunction.backward` re-runs a layer to backpropagate through
-    it. The layer's output value is then dead: only its autograd graph is used (the gradient
-    arriving from above is already known), so the fast path may skip work whose only product is
-    that value (see DecoderLayer.forward and lora/fused_mlp.py)."""
+    """True while a layer is re-run to backpropagate through it (`_OffloadedCheckpointFunction.
+    backward`, or a graphed layer's recomputation in layer_graphs.py). The layer's output value is
+    then dead: only its autograd graph is used (the gradient arriving from above is already
+    known), so the fast path may skip work whose only product is that value (see
+    DecoderLayer.forward and lora/fused_mlp.py)."""
     return getattr(_recomputation, "active", False)
 
 
