@@ -18,7 +18,7 @@ from .device import resolve_device, resolve_dtype
 from .lora.peft_model import get_peft_model, load_adapter_model
 from .models import SUPPORTED_MODEL_TYPES, model_class_for
 from .quant import dequantize_nf4, load_prequantized, nf4_available, quantize_model_
-from .resolve import Source, resolve_source
+from .resolve import Source, resolve_source, travel_name
 from .tokenizer import fix_tokenizer as fix_pad_token
 from .weights import iter_shards
 
@@ -78,6 +78,9 @@ class FastLanguageModel:
             _grow_embeddings(model, len(tokenizer))
         for cfg in (model.config, model.generation_config):
             cfg.pad_token_id = tokenizer.pad_token_id
+        # The name that travels (adapter_config.json, model cards, GGUF general.name): what the user
+        # loaded ("org/name"), never the cache or fixture folder it was read from on this machine.
+        model.config._name_or_path = travel_name(model_name)
         model.max_seq_length = max_seq_length
         model._velotune_full_finetuning = full_finetuning
         if full_finetuning:
@@ -100,6 +103,17 @@ class FastLanguageModel:
         model.train()
         _base(model).config.use_cache = False
         return model
+
+
+def load_weights(folder: str | os.PathLike, dtype: torch.dtype, device) -> torch.nn.Module:
+    """The model in `folder` through from_pretrained's own path (same file choice, same classes),
+    without tokenizer or quantization: what the export check loads to see what users will get."""
+    source = resolve_source(folder)
+    config = _load_config(source, False)
+    cls = _model_class(config, False)
+    if cls is None:
+        return _load_generic(source, config, dtype, torch.device(device), None, False)
+    return _load_own(cls, source, config, dtype, torch.device(device), None)
 
 
 def _base(model):

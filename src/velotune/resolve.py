@@ -52,6 +52,20 @@ def fixture_path(model_name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def travel_name(model_name: str | os.PathLike) -> str:
+    """The name to record for a model: "org/name" for a folder of the Hugging Face cache
+    (`.../models--org--name/snapshots/<hash>`) or of velotune's fixture cache (`.../fixtures/org--name`),
+    which exist only on this machine; anything else as the user wrote it."""
+    text = os.fspath(model_name)
+    parts = Path(text).parts
+    for i, part in enumerate(parts):
+        if part.startswith("models--") and part.count("--") >= 2 and i + 1 < len(parts) and parts[i + 1] == "snapshots":
+            return part[len("models--"):].replace("--", "/", 1)
+        if part == "fixtures" and i + 1 < len(parts) and parts[i + 1].replace("--", "/", 1).lower() in FIXTURES:
+            return parts[i + 1].replace("--", "/", 1)
+    return text
+
+
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
@@ -75,6 +89,8 @@ def resolve_source(model_name: str | os.PathLike, token: str | None = None, revi
     search.looked.append(f"local path {path.resolve()} (does not exist)")
 
     name = str(model_name)
+    if travel_name(name) != name:  # a cache folder recorded on another machine: the hub id it holds
+        name = travel_name(name)
     if name.count("/") == 1 and not name.startswith((".", "/")):
         folder = _from_hub(name, token, revision, search)
         if folder is not None:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import quants
-from .folders import check_free_space, human_size, prepare_folder, write_marker
+from .folders import ExportRecord, check_free_space, human_size, prepare_folder, write_failure
 from .gguf_arch import ExtraTensor, TensorNamer, gguf_arch, write_hparams
 from .gguf_vocab import write_tokenizer
 from .ollama import write_modelfile
@@ -96,6 +96,33 @@ def _end_of_turn(tokenizer) -> str | None:
     return stops[0] if stops else None
 
 
+def model_name_of(config, folder: Path) -> str:
+    """`general.name`: the name the model was loaded by (loading records the hub id there)."""
+    return str(getattr(config, "_name_or_path", "") or folder.name)
+
+
+def plan_gguf(model, tokenizer, methods: list[str], model_name: str):
+    """(writers with every key/value and tensor info announced, the tensors, the type rules): all
+    of a file but its tensor data. The check rebuilds this to know what a file must hold."""
+    config = base_model_of(model).config
+    namer = TensorNamer(config)
+    end_of_turn = _end_of_turn(tokenizer)
+    writers, tensors, mixture = [], None, None
+    for method in methods:
+        writer, extras = _open_writer(config, tokenizer, method, model_name, end_of_turn)
+        if tensors is None:
+            tensors = _tensors(model, namer, extras)
+            kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            tied = not any(t.gguf_name == "output.weight" for t in tensors)
+            mixture = _Mixture(config.num_hidden_layers, config.num_attention_heads // kv, tied)
+        for t in tensors:
+            qtype = mixture.qtype(method, t)
+            writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), quants.quantized_nbytes(t.shape, qtype),
+                                   raw_dtype=qtype)
+        writers.append(writer)
+    return writers, tensors, mixture
+
+
 def save_pretrained_gguf(
     model,
     save_directory: str | os.PathLike,
@@ -116,28 +143,17 @@ def save_pretrained_gguf(
     if tokenizer is None:
         raise ValueError("save_pretrained_gguf needs the tokenizer (the GGUF file carries the vocabulary)")
     methods = _methods(quantization_method, model_dtype(model))
-    base = base_model_of(model)
-    config = base.config
+    config = base_model_of(model).config
     namer = TensorNamer(config)  # unsupported families fail here, before any file exists
     folder = prepare_folder(save_directory, overwrite)
-    end_of_turn = _end_of_turn(tokenizer)
-    model_name = str(getattr(config, "_name_or_path", "") or folder.name)
     paths = [folder / f"model-{m.upper()}.gguf" for m in methods]
-    writers, tensors, mixture = [], None, None
-    for method in methods:
-        writer, extras = _open_writer(config, tokenizer, method, model_name, end_of_turn)
-        if tensors is None:
-            tensors = _tensors(model, namer, extras)
-            heads = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-            mixture = _Mixture(config.num_hidden_layers, heads, not any(t.gguf_name == "output.weight" for t in tensors))
-        for t in tensors:
-            qtype = mixture.qtype(method, t)
-            writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), quants.quantized_nbytes(t.shape, qtype),
-                                   raw_dtype=qtype)
-        writers.append(writer)
+    writers, tensors, mixture = plan_gguf(model, tokenizer, methods, model_name=model_name_of(config, folder))
     needed = sum(quants.quantized_nbytes(t.shape, mixture.qtype(m, t)) for m in methods for t in tensors)
     check_free_space(folder, needed, "the GGUF file(s)")
 
+    record = ExportRecord(folder, "gguf")
+    modelfiles = ["Modelfile" if m == methods[0] else f"Modelfile.{m}" for m in methods]
+    record.begin([p.name for p in paths] + modelfiles)
     partials = [p.with_name(p.name + ".partial") for p in paths]
     try:
         for writer, partial in zip(writers, partials):
@@ -149,6 +165,12 @@ def save_pretrained_gguf(
             writer.close()
             os.replace(partial, path)
         writers = []
+    except Exception as error:
+        for partial, path in zip(partials, paths):
+            named = write_failure(path, partial, error)
+            if named is not None:
+                raise named from error
+        raise
     finally:
         for writer in writers:
             writer.close()
@@ -157,13 +179,12 @@ def save_pretrained_gguf(
                 partial.unlink()
 
     files = [p.name for p in paths]
-    for method, path in zip(methods, paths):
-        name = "Modelfile" if method == methods[0] else f"Modelfile.{method}"
+    for name, path in zip(modelfiles, paths):
         write_modelfile(folder / name, path, tokenizer, strict=False)
         files.append(name)
-    write_marker(folder, "gguf", files, methods=methods)
+    record.finish(files, methods=methods)
     for path in paths:
-        print(f"velotune: wrote {path} ({human_size(path.stat().st_size)})")
+        logger.info("velotune: wrote %s (%s)", path, human_size(path.stat().st_size))
     if verify:
         from .verify import check_gguf
 

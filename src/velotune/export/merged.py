@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .folders import atomic_path, check_free_space, human_size, parse_size, prepare_folder, write_marker
+from .folders import ExportRecord, atomic_path, check_free_space, human_size, parse_size, prepare_folder
 from .weights import TensorPlan, base_model_of, is_tied, materialize, model_dtype, plan_tensors
 
 logger = logging.getLogger("velotune")
@@ -128,8 +128,9 @@ def save_pretrained_merged(
         logger.warning("velotune: save_pretrained_merged ignores arguments it does not use: %s", sorted(kwargs))
     method = _check_method(save_method)
     folder = prepare_folder(save_directory, overwrite)
+    record = ExportRecord(folder, method)
     if method == "lora":
-        return _save_lora(model, folder, tokenizer)
+        return _save_lora(model, folder, tokenizer, record)
     base = base_model_of(model)
     dtype = dtype or model_dtype(model)
     quant_4bit = method == "merged_4bit_forced"
@@ -142,6 +143,8 @@ def save_pretrained_merged(
     stem, ext = ("model", "safetensors") if safetensors else ("pytorch_model", "bin")
     names = [f"{stem}.{ext}"] if len(shards) == 1 else \
         [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
+    index_name = f"{stem}.{ext}.index.json"
+    record.begin(names + ([index_name] if len(names) > 1 else []) + ["config.json", "generation_config.json"])
     weight_map: dict[str, str] = {}
     written_bytes = 0
     bar = tqdm(total=len(plans), desc=f"velotune: merging into {folder}", unit="tensor", leave=False)
@@ -166,13 +169,13 @@ def save_pretrained_merged(
     files = list(names)
     if len(names) > 1:
         index = {"metadata": {"total_size": written_bytes}, "weight_map": weight_map}
-        index_name = f"{stem}.{ext}.index.json"
         with atomic_path(folder / index_name) as partial:
             partial.write_text(json.dumps(index, indent=2) + "\n")
         files.append(index_name)
     files += _write_config_and_tokenizer(base, folder, tokenizer, _export_config(base, dtype, quant_4bit, is_tied(base)))
-    write_marker(folder, method, files, dtype=str(dtype).removeprefix("torch."))
-    print(f"velotune: saved {method} model to {folder} ({len(names)} shard(s), {human_size(written_bytes)})")
+    record.finish(files, dtype=str(dtype).removeprefix("torch."))
+    logger.info("velotune: saved %s model to %s (%d shard(s), %s)", method, folder, len(names),
+                human_size(written_bytes))
     if verify:
         from .verify import check_merged
 
@@ -192,14 +195,15 @@ def _write_config_and_tokenizer(base, folder: Path, tokenizer, config) -> list[s
     return files
 
 
-def _save_lora(model, folder: Path, tokenizer) -> Path:
+def _save_lora(model, folder: Path, tokenizer, record: ExportRecord) -> Path:
     if not hasattr(model, "peft_config"):
         raise ValueError("save_method='lora' needs a model with LoRA adapters (from get_peft_model); this model "
                          "has none. Use save_method='merged_16bit' to save all of its weights.")
+    record.begin(["adapter_config.json", "adapter_model.safetensors"])
     model.save_pretrained(folder)
     files = [p.name for p in folder.iterdir() if p.name.startswith("adapter_")]
     if tokenizer is not None:
         files += [Path(f).name for f in tokenizer.save_pretrained(folder)]
-    write_marker(folder, "lora", files)
-    print(f"velotune: saved the LoRA adapter to {folder}")
+    record.finish(files)
+    logger.info("velotune: saved the LoRA adapter to %s", folder)
     return folder
