@@ -59,7 +59,7 @@ def test_dataset_empty_after_filtering_is_refused(tiny_llama_dir, tmp_path):
     """Prompt-completion rows whose prompt fills max_seq_length keep no trained token: nothing is left."""
     model, tokenizer = tiny_lora(tiny_llama_dir)
     dataset = Dataset.from_dict({"prompt": ["x" * 40, "y" * 50], "completion": ["ok", "no"]})
-    with pytest.raises(ValueError, match="no rows left"):
+    with pytest.raises(ValueError, match="none of the 2 rows of the train dataset has a token to train on"):
         SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
                    args=TrainingArguments(**quiet_args(tmp_path, max_length=16)))
 

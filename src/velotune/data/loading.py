@@ -145,6 +145,9 @@ def validate_dataset(dataset, format: str | None = None, *, source="dataset", al
 
 def _diagnose_json(path: str) -> DataFormatError | None:
     """Find the row that made the JSON loader fail: bad JSON, or a column whose type changes."""
+    bad = _first_non_utf8(path)
+    if bad is not None:
+        return bad
     with open(path, encoding="utf-8") as f:
         raw = f.read()
     try:
@@ -176,7 +179,24 @@ def _diagnose_json(path: str) -> DataFormatError | None:
     return None
 
 
+def _first_non_utf8(path: str, header_lines: int = 0) -> DataFormatError | None:
+    """The first line holding bytes that are not UTF-8 (the loaders' bare UnicodeDecodeError names neither).
+    The row is the line number less the header lines (a CSV's header is not a data row)."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return DataFormatError(path, max(n - header_lines, 1), f"line {n} is not valid UTF-8 (byte {line[exc.start]:#04x} at "
+                                                f"column {exc.start + 1}); save the file as UTF-8, e.g. "
+                                                "iconv -f latin1 -t utf-8")
+    return None
+
+
 def _diagnose_csv(path: str) -> DataFormatError | None:
+    bad = _first_non_utf8(path, header_lines=1)
+    if bad is not None:
+        return bad
     with open(path, encoding="utf-8", errors="replace") as f:
         lines = [line for line in f if line.strip()]
     return DataFormatError(path, None, "the file holds no rows") if len(lines) <= 1 else None
@@ -230,6 +250,10 @@ def load_local_dataset(path, format: str | None = None, *, alternate_roles: bool
     if os.path.getsize(path) == 0:
         raise DataFormatError(path, None, "the file is empty")
     kind = _EXTENSIONS[ext]
+    if kind in ("json", "csv"):  # Arrow reads bad bytes without complaint and fails on first access
+        bad = _first_non_utf8(path, header_lines=1 if kind == "csv" else 0)
+        if bad is not None:
+            raise bad
     if kind == "excel":
         dataset = _read_excel(path)
     else:

@@ -41,7 +41,18 @@ def infer_markers(tokenizer, sample_ids=None) -> tuple[str, str]:
                      "pass instruction_part=... and response_part=... as they appear in the rendered text")
 
 
-def _mask_dataset(dataset, masker: ResponseMasker, name: str):
+def _truncation_note(dataset, n_check: int, max_length) -> str:
+    """When the checked rows are all exactly max_seq_length long, truncation cut the marker off."""
+    if not max_length or n_check == 0:
+        return ""
+    cut = sum(len(dataset[i]["input_ids"]) >= max_length for i in range(n_check))
+    if cut < n_check:
+        return ""
+    return (f" Every one of those rows is max_seq_length={max_length} tokens long: they were truncated, so the "
+            "response marker was cut off with the answer. Raise max_seq_length (or shorten the prompts).")
+
+
+def _mask_dataset(dataset, masker: ResponseMasker, name: str, max_length=None):
     """Add response-only labels; raise if no row matches, warn and drop rows that do not."""
     columns = dataset.column_names
 
@@ -55,7 +66,7 @@ def _mask_dataset(dataset, masker: ResponseMasker, name: str):
                 else "no token follows a response marker")
         raise ResponseMarkerError(masker.describe_failure(
             dataset[0]["input_ids"], f"train_on_responses_only: in the first {n_check} rows of the {name} "
-            f"dataset {what}; every label would be -100."))
+            f"dataset {what}; every label would be -100." + _truncation_note(dataset, n_check, max_length)))
     if not any(r.instructions for r in checks) and any(r.responses > 1 for r in checks):
         raise ResponseMarkerError(masker.describe_failure(
             dataset[0]["input_ids"], f"train_on_responses_only: the instruction marker never occurs in the "
@@ -116,12 +127,14 @@ def train_on_responses_only(trainer, instruction_part: str | None = None, respon
     masker = ResponseMasker(tokenizer, instruction_part, response_part)
     _warn_double_bos(tokenizer, trainer.train_dataset[0]["input_ids"])
 
-    trainer.train_dataset = _mask_dataset(trainer.train_dataset, masker, "train")
+    args = getattr(trainer, "args", None)
+    max_length = getattr(args, "max_length", None) or getattr(args, "max_seq_length", None)
+    trainer.train_dataset = _mask_dataset(trainer.train_dataset, masker, "train", max_length)
     eval_ds = getattr(trainer, "eval_dataset", None)
     if isinstance(eval_ds, dict):
-        trainer.eval_dataset = {k: _mask_dataset(v, masker, f"eval[{k}]") for k, v in eval_ds.items()}
+        trainer.eval_dataset = {k: _mask_dataset(v, masker, f"eval[{k}]", max_length) for k, v in eval_ds.items()}
     elif eval_ds is not None:
-        trainer.eval_dataset = _mask_dataset(eval_ds, masker, "eval")
+        trainer.eval_dataset = _mask_dataset(eval_ds, masker, "eval", max_length)
     if not _uses_labels_column(trainer.data_collator):
         trainer.data_collator = DataCollatorForResponseOnly(tokenizer, instruction_part, response_part)
     return trainer

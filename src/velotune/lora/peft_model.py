@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, PeftModelForCausalLM, load_peft_weights, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..models.decoder import DecoderModel
+from ..quant.linear import is_linear4bit
 
 logger = logging.getLogger("velotune")
 
@@ -33,6 +36,21 @@ class VelotunePeftModel(PeftModelForCausalLM):
     @property
     def max_seq_length(self) -> int | None:
         return getattr(self.get_base_model(), "max_seq_length", None)
+
+    def generate(self, *args, **kwargs):
+        """PEFT's generate, also given a tokenizer's BatchEncoding as `inputs`/`input_ids` (the docs'
+        inference cell on transformers 5; models/generation.py), whatever the base model's class."""
+        from ..models.generation import unpack_generate_inputs
+
+        args, kwargs = unpack_generate_inputs(args, kwargs)
+        return super().generate(*args, **kwargs)
+
+    def save_pretrained(self, save_directory, safe_serialization=True, **kwargs):
+        """PEFT's save_pretrained, always as safetensors (models/saving.py: the docs' None means safetensors)."""
+        from ..models.saving import safetensors_only
+
+        safe = safetensors_only(safe_serialization, "the LoRA adapter")
+        return super().save_pretrained(save_directory, safe_serialization=safe, **kwargs)
 
     # Export (velotune.export): the seed's methods, delegating to functions that take the model.
     def save_pretrained_merged(self, save_directory, tokenizer=None, save_method="merged_16bit", **kwargs):
@@ -66,15 +84,16 @@ class VelotunePeftModel(PeftModelForCausalLM):
 
 def _linear_leaf_names(model) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-            or type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
+            or is_linear4bit(m) or type(m).__name__ == "Linear8bitLt"}
 
 
 def _validate(model, r, lora_alpha, lora_dropout, bias, target_modules, use_gradient_checkpointing, max_seq_length):
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r={r!r}: the LoRA rank must be a positive integer (typical: 8, 16, 32, 64, 128)")
-    if not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0:
-        raise ValueError(f"lora_alpha={lora_alpha!r}: must be a positive number (commonly equal to r or 2*r)")
-    if not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha) \
+            or lora_alpha <= 0:
+        raise ValueError(f"lora_alpha={lora_alpha!r}: must be a finite positive number (commonly equal to r or 2*r)")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
         raise ValueError(f"lora_dropout={lora_dropout!r}: must be in [0, 1) (0 is the optimized setting)")
     if bias not in BIAS_CHOICES:
         raise ValueError(f"bias={bias!r}: allowed values are {', '.join(map(repr, BIAS_CHOICES))}")
@@ -119,8 +138,17 @@ def get_peft_model(
     if kwargs:
         logger.warning("velotune: ignoring get_peft_model arguments it does not use: %s", sorted(kwargs))
     if isinstance(model, PeftModel):
-        raise ValueError("this model already has LoRA adapters; call get_peft_model once, on the base model "
-                         "(to keep training saved adapters, load their folder with from_pretrained)")
+        config = getattr(model, "peft_config", {}).get("default")
+        settings = f" (r={config.r}, lora_alpha={config.lora_alpha})" if config is not None else ""
+        raise ValueError(f"this model already has LoRA adapters{settings}: get_peft_model was called on it before, "
+                         "or it was loaded from an adapter folder. It trains as it is: pass it to the trainer without "
+                         "calling get_peft_model again; for other LoRA settings reload the base model with "
+                         "FastLanguageModel.from_pretrained and call get_peft_model once")
+    injected = next((name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)), None)
+    if injected is not None:
+        raise ValueError(f"this model already holds LoRA layers ({injected}): an earlier get_peft_model call added "
+                         "them to it in place. Use the model that call returned (it trains as it is), or reload "
+                         "the base model with FastLanguageModel.from_pretrained to start over with new settings")
     if getattr(model, "_velotune_full_finetuning", False):
         logger.warning("velotune: the model was loaded with full_finetuning=True; every weight trains, so no "
                        "adapters are added")
@@ -134,7 +162,7 @@ def get_peft_model(
                 target_modules.remove(name)
                 modules_to_save.append(name)
     if loftq_config:
-        if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        if any(is_linear4bit(m) for m in model.modules()):
             raise ValueError("loftq_config needs the 16-bit weights: load the model with load_in_4bit=False "
                              "(LoftQ itself initialises the adapters from a 4-bit approximation)")
         init_lora_weights = "loftq"

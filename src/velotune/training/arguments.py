@@ -9,8 +9,10 @@ as a silent no-op run or a crash deep inside the data loader).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -56,9 +58,19 @@ def _has_accelerator() -> bool:
 def _check_positive(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name}={value!r}: must be a positive number; nothing was trained. "
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r}: must be a finite positive number; nothing was trained. "
                          f"Set {name} in TrainingArguments to a value > 0")
+
+
+def _check_finite(args) -> None:
+    """NaN/inf in any numeric argument (a typo, a computed value) would surface later as a non-finite
+    loss blamed on dataset rows; name the argument instead."""
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name}={value!r}: must be a finite number; nothing was trained. "
+                             f"Set {f.name} in TrainingArguments to a real value")
 
 
 @dataclass
@@ -85,6 +97,10 @@ class TrainingArguments(SFTConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r}: must be a positive integer; nothing was trained")
         _check_positive("learning_rate", self.learning_rate)
+        _check_finite(self)
+        if self.max_steps == 0:
+            raise ValueError("max_steps=0: would train nothing (transformers would silently take one step). "
+                             "Set max_steps to a positive number of steps, or to -1 to train num_train_epochs")
         _check_positive("embedding_learning_rate", self.embedding_learning_rate, allow_none=True)
         if self.max_length is not None:
             _check_positive("max_length (max_seq_length)", self.max_length)

@@ -75,8 +75,25 @@ def write_loss_plot(log_history: list[dict], folder: Path) -> Path | None:
     axes.grid(alpha=0.3)
     axes.legend()
     folder.mkdir(parents=True, exist_ok=True)
+    path = plot_path(folder)
+    figure.savefig(path, metadata={"Software": PLOT_SIGNATURE})
+    return path
+
+
+PLOT_SIGNATURE = "velotune loss plot"
+
+
+def plot_path(folder: Path) -> Path:
+    """`training_loss.png`, unless a file of that name is not a velotune plot: then the first free
+    `training_loss-N.png` (a user's image is never overwritten)."""
     path = folder / PLOT_NAME
-    figure.savefig(path)
+    n = 1
+    while path.exists() and PLOT_SIGNATURE.encode() not in path.read_bytes()[:4096]:
+        n += 1
+        path = folder / f"{Path(PLOT_NAME).stem}-{n}.png"
+    if n > 1:
+        logger.warning("velotune: %s was not written by velotune, so the loss plot goes to %s", folder / PLOT_NAME,
+                       path)
     return path
 
 

@@ -36,6 +36,59 @@ def check_text_field(dataset, text_field: str, formatting_func, name: str) -> No
         "formatting_func")
 
 
+def check_text_values(dataset, text_field: str, formatting_func, name: str) -> None:
+    """A text row that is None or not a string fails here, naming the row (TRL's error would not)."""
+    if formatting_func is not None or not isinstance(dataset, Dataset) or text_field not in dataset.column_names:
+        return
+    if any(c in dataset.column_names for c in ("input_ids", "messages", "prompt")):
+        return  # TRL reads those instead of the text column
+    for i, value in enumerate(dataset[text_field]):
+        if not isinstance(value, str):
+            raise ValueError(f"row {i} (0-based) of the {name} dataset: {text_field!r} is "
+                             f"{'None' if value is None else type(value).__name__ + ' ' + repr(value)[:60]}, "
+                             f"not text. Fill or drop that row, e.g. dataset.filter(lambda r: r[{text_field!r}] "
+                             "is not None)")
+
+
+STANDARD_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _needs_standardizing(conversations) -> bool:
+    for conversation in conversations:
+        for message in conversation or ():
+            if not isinstance(message, dict):
+                return False  # not messages at all: TRL's own error applies
+            role = message.get("role")
+            if role is None or message.get("content") is None or role not in STANDARD_ROLES:
+                return True
+    return False
+
+
+def standardize_roles(dataset, name: str):
+    """Raw ShareGPT rows (`from`/`value`, `human`/`gpt`) -> `messages` with role/content and the
+    roles chat templates know, with a one-line notice; an unknown role is an error naming the fix.
+    Without this TRL would render `human`/`gpt` turns (or none) and train on them silently."""
+    if not isinstance(dataset, Dataset) or len(dataset) == 0:
+        return dataset
+    column = next((c for c in ("messages", "conversations") if c in dataset.column_names), None)
+    if column is None or not _needs_standardizing(dataset[column]):
+        return dataset
+    from ..data.sharegpt import standardize_sharegpt
+
+    try:
+        dataset = standardize_sharegpt(dataset, column=column)
+    except ValueError as exc:
+        raise ValueError(f"the {name} dataset's {column!r} column holds ShareGPT-style messages that cannot be "
+                         f"mapped to system/user/assistant: {exc}. Map its roles yourself with "
+                         "velotune.chat_templates.standardize_sharegpt(dataset, aliases_for_user=[...], "
+                         "aliases_for_assistant=[...]) before building the trainer") from None
+    if column != "messages" and "messages" not in dataset.column_names:
+        dataset = dataset.rename_column(column, "messages")
+    logger.warning("velotune: the %s dataset's %r column holds ShareGPT messages (from/value); standardized them "
+                   "to role/content with standardize_sharegpt (as 'messages')", name, column)
+    return dataset
+
+
 def _per_token_columns(dataset: Dataset) -> list[str]:
     """Columns holding one value per token (lists as long as input_ids in the first row)."""
     first = dataset[0]
@@ -64,6 +117,46 @@ def truncate_and_count(dataset: Dataset, max_length: int, mode: str, name: str, 
             logger.warning("velotune: %d %s rows have no trained token (all labels -100) and are skipped",
                            before - len(dataset), name)
     return dataset
+
+
+def trainable_tokens(row: dict, cut: int | None, mode: str, completion_only_loss, assistant_only_loss) -> int:
+    """Tokens of one tokenized row that get a loss: not masked, inside max_length, and not the first
+    (the label shift: token 0 is never predicted)."""
+    n = len(row["input_ids"])
+    trained = [True] * n
+    if row.get("labels") is not None:
+        trained = [t != IGNORE_INDEX for t in row["labels"]]
+    if completion_only_loss is not False and row.get("completion_mask") is not None:
+        trained = [t and bool(m) for t, m in zip(trained, row["completion_mask"])]
+    if assistant_only_loss and row.get("assistant_masks") is not None:
+        trained = [t and bool(m) for t, m in zip(trained, row["assistant_masks"])]
+    if cut is not None and n > cut:
+        trained = trained[:cut] if mode != "keep_end" else trained[-cut:]
+    return sum(trained[1:])
+
+
+def drop_untrainable(dataset: Dataset, name: str, cut: int | None, mode: str, completion_only_loss=None,
+                     assistant_only_loss=False) -> Dataset:
+    """Count the rows with no trained token; all of them: an error before training; some: a notice with
+    the count and the first row numbers, and those rows are skipped."""
+    def count(row):
+        return {"_velotune_trained": trainable_tokens(row, cut, mode, completion_only_loss, assistant_only_loss)}
+
+    counted = dataset.map(count, desc=f"Counting trained tokens of {name} dataset")
+    empty = [row for row, n in zip(counted[SAMPLE_INDEX], counted["_velotune_trained"]) if n == 0]
+    if not empty:
+        return dataset
+    shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+    if len(empty) == len(dataset):
+        raise ValueError(
+            f"none of the {len(dataset)} rows of the {name} dataset has a token to train on after tokenizing, "
+            f"masking and the label shift (rows {shown}, 0-based); nothing was trained. Typical causes: empty "
+            "text, rows of one token, prompts without completions, or max_seq_length cutting off every completion")
+    logger.warning("velotune: %d of %d %s rows have no token to train on after tokenizing, masking and the label "
+                   "shift (e.g. empty text); they are skipped: rows %s (0-based)", len(empty), len(dataset), name,
+                   shown)
+    keep = counted.filter(lambda row: row["_velotune_trained"] > 0)
+    return keep.remove_columns("_velotune_trained")
 
 
 def pack(dataset: Dataset, max_length: int, strategy: str, name: str, num_proc=None) -> Dataset:

@@ -30,14 +30,20 @@ from trl import SFTTrainer as TRLSFTTrainer
 from . import data as data_helpers
 from .arguments import TrainingArguments
 from .callbacks import LossPlotCallback, ProgressFieldsCallback, SummaryCallback, peak_memory_bytes
-from .checkpoints import STAGING, InterruptCallback, ctrl_c_saves, fsync_tree, publish
+from . import resume as resume_checks
+from .checkpoints import (STAGING, InterruptCallback, clear_stale_staging, ctrl_c_saves, fsync_tree, publish, rotate,
+                          write_marker)
 from .memory import check_memory, device_memory, estimate
+from .run_lock import RunLock, check_free
 
 logger = logging.getLogger("velotune")
 
 # Older trainer keywords (TRL < 0.20 and the seed) that now live in SFTConfig, under their new names.
 RENAMED = {"max_seq_length": "max_length"}
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+# Arguments that hold credentials: never pickled into a checkpoint's training_args.bin.
+SECRET_FIELDS = ("hub_token", "push_to_hub_token")
+MODEL_CARD_SIGNATURE = "model card written by velotune"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -108,17 +114,25 @@ class SFTTrainer(TRLSFTTrainer):
         if model is None:
             raise ValueError("model is required: pass the model FastLanguageModel.from_pretrained returned")
         args = to_training_arguments(args, _split_legacy(kwargs), model)
+        check_free(args.output_dir)  # a second run into a folder in use fails before any work
         if train_dataset is None:
             raise ValueError("train_dataset is required")
+        train_dataset = data_helpers.standardize_roles(train_dataset, "train")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: data_helpers.standardize_roles(v, f"eval[{k}]") for k, v in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = data_helpers.standardize_roles(eval_dataset, "eval")
         formatting_func = kwargs.get("formatting_func")
-        data_helpers.check_text_field(train_dataset, args.dataset_text_field, formatting_func, "train")
-        for name, dataset in (eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]):
+        for name, dataset in [("train", train_dataset)] + (list(eval_dataset.items()) if isinstance(
+                eval_dataset, dict) else [("eval", eval_dataset)]):
             if dataset is not None:
                 data_helpers.check_text_field(dataset, args.dataset_text_field, formatting_func, name)
+                data_helpers.check_text_values(dataset, args.dataset_text_field, formatting_func, name)
         if isinstance(model, torch.nn.Module) and args.memory_check != "off":
             self.memory_estimate = _estimate_for(model, args)
             check_memory(self.memory_estimate, device_memory(args.device), args.memory_check, args.device)
         self._interrupt = InterruptCallback()
+        self._lock = RunLock(args.output_dir)
         self.summary = SummaryCallback()
         self._saving_checkpoint = False
         self._last_log = None
@@ -143,6 +157,9 @@ class SFTTrainer(TRLSFTTrainer):
         data_helpers.require_rows(dataset, dataset_name)
         if data_helpers.SAMPLE_INDEX not in dataset.column_names:
             dataset = dataset.map(lambda _, i: {data_helpers.SAMPLE_INDEX: i}, with_indices=True)
+        cut = None if packing and args.packing_strategy != "bfd" else args.max_length
+        dataset = data_helpers.drop_untrainable(dataset, dataset_name, cut, args.truncation_mode,
+                                                args.completion_only_loss, args.assistant_only_loss)
         if packing:
             if args.max_length is None:
                 raise ValueError("packing=True needs max_seq_length (max_length) to know the packed row length")
@@ -221,14 +238,14 @@ class SFTTrainer(TRLSFTTrainer):
     # ----- checkpoints -----
     def _get_output_dir(self, trial):
         run_dir = super()._get_output_dir(trial)
-        return os.path.join(run_dir, STAGING) if self._saving_checkpoint else run_dir
+        return os.path.join(run_dir, STAGING, self._lock.run_id) if self._saving_checkpoint else run_dir
 
     def _save_checkpoint(self, model, trial):
         run_dir = Path(super()._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
-        staged = run_dir / STAGING / name
+        staged = run_dir / STAGING / self._lock.run_id / name
         if staged.exists():
-            shutil.rmtree(staged)  # left by a crash during an earlier save
+            shutil.rmtree(staged)  # this run's own, left by a failed save
         self._saving_checkpoint = True
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
@@ -238,30 +255,59 @@ class SFTTrainer(TRLSFTTrainer):
             self.args.save_total_limit = limit
         if not self.args.should_save:
             return
+        write_marker(staged, self._lock.run_id, self.state.global_step)
         fsync_tree(staged)
         publish(staged, run_dir / name)
-        with contextlib.suppress(OSError):
-            staged.parent.rmdir()  # only when empty
+        for empty in (staged.parent, staged.parent.parent):
+            with contextlib.suppress(OSError):
+                empty.rmdir()  # only when empty
         if self.state.best_model_checkpoint and STAGING in Path(self.state.best_model_checkpoint).parts:
             self.state.best_model_checkpoint = str(run_dir / Path(self.state.best_model_checkpoint).name)
-        self._rotate(run_dir, limit)
+        rotate(run_dir, limit, self.state.best_model_checkpoint)
 
-    def _rotate(self, run_dir: Path, limit) -> None:
-        """Delete checkpoints beyond save_total_limit (a function from transformers 5.2x, a method before)."""
+    def _save(self, output_dir=None, state_dict=None):
+        """transformers pickles the whole arguments object into training_args.bin: blank the secrets first."""
+        secrets = {name: getattr(self.args, name) for name in SECRET_FIELDS if getattr(self.args, name, None)}
         try:
-            from transformers.trainer_utils import rotate_checkpoints
-        except ImportError:
-            self._rotate_checkpoints(use_mtime=True, output_dir=str(run_dir))
-            return
-        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
-                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            for name in secrets:
+                setattr(self.args, name, None)
+            return super()._save(output_dir, state_dict=state_dict)
+        finally:
+            for name, value in secrets.items():
+                setattr(self.args, name, value)
+
+    def create_model_card(self, *args, **kwargs):
+        """TRL writes output_dir/README.md at every checkpoint; a README velotune did not write stays."""
+        path = Path(self.args.output_dir) / "README.md"
+        if path.is_file() and MODEL_CARD_SIGNATURE not in path.read_text(errors="replace"):
+            if not getattr(self, "_card_notice", False):
+                self._card_notice = True
+                logger.warning("velotune: %s was not written by velotune; it is left as it is (no model card "
+                               "written there)", path)
+            return None
+        result = super().create_model_card(*args, **kwargs)
+        if path.is_file():
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(f"\n<!-- {MODEL_CARD_SIGNATURE} -->\n")
+        return result
 
     # ----- the run -----
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self._interrupt.requested = False
         self._last_log = None
-        with ctrl_c_saves(self._interrupt):
-            result = super().train(*args, **kwargs)
+        self._lock.acquire()
+        try:
+            clear_stale_staging(Path(self.args.output_dir), self._lock.run_id)
+            checkpoint = resume_checks.resolve(resume_from_checkpoint, self.args.output_dir)
+            if checkpoint is not None:
+                resume_checks.check_adapter_matches(self.model, checkpoint)
+                finished = resume_checks.finished_output(self, checkpoint)
+                if finished is not None:
+                    return finished
+            with ctrl_c_saves(self._interrupt):
+                result = super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._lock.release()
         if self._interrupt.requested:
             last = _last_checkpoint(self.args.output_dir)
             print(f"velotune: stopped by Ctrl-C after step {self.state.global_step}; checkpoint {last}. "
