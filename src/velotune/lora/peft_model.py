@@ -19,7 +19,6 @@ from peft import LoraConfig, PeftModel, PeftModelForCausalLM, load_peft_weights,
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..models.decoder import DecoderModel
-from ..quant.linear import is_linear4bit
 
 logger = logging.getLogger("velotune")
 
@@ -36,21 +35,6 @@ class VelotunePeftModel(PeftModelForCausalLM):
     @property
     def max_seq_length(self) -> int | None:
         return getattr(self.get_base_model(), "max_seq_length", None)
-
-    def generate(self, *args, **kwargs):
-        """PEFT's generate, also given a tokenizer's BatchEncoding as `inputs`/`input_ids` (the docs'
-        inference cell on transformers 5; models/generation.py), whatever the base model's class."""
-        from ..models.generation import unpack_generate_inputs
-
-        args, kwargs = unpack_generate_inputs(args, kwargs)
-        return super().generate(*args, **kwargs)
-
-    def save_pretrained(self, save_directory, safe_serialization=True, **kwargs):
-        """PEFT's save_pretrained, always as safetensors (models/saving.py: the docs' None means safetensors)."""
-        from ..models.saving import safetensors_only
-
-        safe = safetensors_only(safe_serialization, "the LoRA adapter")
-        return super().save_pretrained(save_directory, safe_serialization=safe, **kwargs)
 
     # Export (velotune.export): the seed's methods, delegating to functions that take the model.
     def save_pretrained_merged(self, save_directory, tokenizer=None, save_method="merged_16bit", **kwargs):
@@ -84,7 +68,7 @@ class VelotunePeftModel(PeftModelForCausalLM):
 
 def _linear_leaf_names(model) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-            or is_linear4bit(m) or type(m).__name__ == "Linear8bitLt"}
+            or type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
 
 
 def _validate(model, r, lora_alpha, lora_dropout, bias, target_modules, use_gradient_checkpointing, max_seq_length):
@@ -162,7 +146,7 @@ def get_peft_model(
                 target_modules.remove(name)
                 modules_to_save.append(name)
     if loftq_config:
-        if any(is_linear4bit(m) for m in model.modules()):
+        if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
             raise ValueError("loftq_config needs the 16-bit weights: load the model with load_in_4bit=False "
                              "(LoftQ itself initialises the adapters from a 4-bit approximation)")
         init_lora_weights = "loftq"
