@@ -323,9 +323,14 @@ def _load_generic(source: Source, config, dtype, device, quant, trust_remote_cod
         extra["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=quant == "nf4", load_in_8bit=quant == "int8", bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         source.folder, config=config, gguf_file=source.gguf_file, dtype=dtype, device_map={"": device},
-        trust_remote_code=trust_remote_code, **extra).eval()
+        trust_remote_code=trust_remote_code, **extra)
+    if quant == "nf4":  # transformers built bitsandbytes' own Linear4bit: ours computes the same on every CPU
+        from .quant.nf4_linear import adopt_linear4bit_layers_
+
+        adopt_linear4bit_layers_(model)
+    return model.eval()
 
 
 def _grow_embeddings(model, vocab_size: int) -> None:

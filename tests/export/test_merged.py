@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from velotune.export import SAVE_METHODS, HubUploadError, save_pretrained_merged
 from velotune.export.folders import MARKER
+from velotune.quant import is_linear4bit
 
 from . import tiny
 from .conftest import IDS, logits, lora
@@ -73,7 +74,7 @@ def test_merged_4bit_is_refused_and_forced_writes_a_bnb_folder(tok, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     assert config["quantization_config"]["load_in_4bit"] and config["quantization_config"]["quant_method"] == "bitsandbytes"
     loaded = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
-    assert any(type(m).__name__ == "Linear4bit" for m in loaded.modules())
+    assert any(is_linear4bit(m) for m in loaded.modules())
     # the same weights: merge in 16-bit, then our NF4 on every decoder Linear -> identical logits
     from velotune.quant import quantize_model_
 

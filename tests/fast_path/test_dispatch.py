@@ -15,6 +15,7 @@ import torch
 from lora_models import batch, loss_and_grads, lora_model
 from velotune import fast_path
 from velotune.fast_path import decide, set_fast_path
+from velotune.quant import is_linear4bit
 
 FAMILIES = ["llama", "llama3_rope", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "phi3_partial"]
 
@@ -92,7 +93,7 @@ def test_fused_path_matches_plain_fp32(family, request):
 def test_qlora_fused_path_matches_plain():
     """NF4 base weights (bitsandbytes on the CPU), dequantized just in time by the fused functions."""
     model = lora_model("llama", nf4=True)
-    assert type(model.get_base_model().model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+    assert is_linear4bit(model.get_base_model().model.layers[0].mlp.up_proj.base_layer)
     inputs = batch()
     set_fast_path(model, False)
     plain, plain_grads = loss_and_grads(model, inputs)

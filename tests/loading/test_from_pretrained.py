@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from velotune import FastLanguageModel
 from velotune.models import DecoderForCausalLM
-from velotune.quant import linear4bit_state_dict, nf4_available, quantize_model_
+from velotune.quant import is_linear4bit, linear4bit_state_dict, nf4_available, quantize_model_
 
 from .tiny import tiny_llama_config, tiny_tokenizer, write_tiny_llama
 
@@ -180,7 +180,7 @@ def test_prequantized_bnb_folder_loads(tmp_path):
         expected = quantized(IDS).logits
     model4, _ = FastLanguageModel.from_pretrained(str(folder), device_map="cpu", load_in_4bit=True)
     model16, _ = FastLanguageModel.from_pretrained(str(folder), device_map="cpu", load_in_4bit=False)
-    assert type(model4.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert is_linear4bit(model4.model.layers[0].mlp.up_proj)
     assert type(model16.model.layers[0].mlp.up_proj) is torch.nn.Linear
     with torch.no_grad():
         assert (model4(IDS).logits - expected).abs().max().item() < 1e-4

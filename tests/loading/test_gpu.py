@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from velotune import FastLanguageModel, is_bfloat16_supported
+from velotune.quant import is_linear4bit
 
 from .tiny import write_tiny_llama
 
@@ -21,7 +22,7 @@ def test_load_train_generate_on_cuda(tmp_path, load_in_4bit):
     assert model.device.type == "cuda"
     assert model.dtype == (torch.bfloat16 if is_bfloat16_supported() else torch.float16)
     if load_in_4bit:
-        assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+        assert is_linear4bit(model.model.layers[0].mlp.up_proj)
     with torch.no_grad():
         ours = model(IDS.cuda()).logits.float().cpu()
         theirs = reference(IDS).logits

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..quant.linear import is_linear4bit
+
 
 @dataclass(frozen=True)
 class TensorPlan:
@@ -46,10 +48,6 @@ def _is_saved_copy(module) -> bool:
     return hasattr(module, "modules_to_save") and hasattr(module, "original_module")
 
 
-def _is_4bit(module) -> bool:
-    return type(module).__name__ == "Linear4bit"
-
-
 def _clean(name: str) -> str | None:
     """A PEFT-wrapped parameter name -> the plain model's name; None for adapter-only tensors."""
     parts = name.split(".")
@@ -67,7 +65,7 @@ def _owner(base: nn.Module, clean_param: str) -> tuple[nn.Module, str]:
 def _raw_shape(module, leaf: str) -> tuple[int, ...]:
     while _is_lora_layer(module) or _is_saved_copy(module):
         module = module.base_layer if _is_lora_layer(module) else module.original_module
-    if _is_4bit(module) and leaf == "weight":
+    if is_linear4bit(module) and leaf == "weight":
         return tuple(module.weight.quant_state.shape)
     return tuple(getattr(module, leaf).shape)
 
@@ -127,7 +125,7 @@ def plan_tensors(model) -> list[TensorPlan]:
 
 
 def _plain_value(module, leaf: str) -> torch.Tensor:
-    if _is_4bit(module) and leaf == "weight":
+    if is_linear4bit(module) and leaf == "weight":
         from velotune.quant import dequantize_nf4
 
         return dequantize_nf4(module.weight.data, module.weight.quant_state)
@@ -180,7 +178,7 @@ def model_dtype(model) -> torch.dtype:
     """The precision the model computes in: its floating weights', or the 4-bit layers' compute dtype."""
     base = base_model_of(model)
     for module in base.modules():
-        if _is_4bit(module):
+        if is_linear4bit(module):
             return module.weight.quant_state.dtype
     for p in base.parameters():
         if p.is_floating_point():
@@ -189,4 +187,4 @@ def model_dtype(model) -> torch.dtype:
 
 
 def is_4bit_model(model) -> bool:
-    return any(_is_4bit(m) for m in base_model_of(model).modules())
+    return any(is_linear4bit(m) for m in base_model_of(model).modules())

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..quant.linear import is_linear4bit
 from .fused_ops import dequantize_nf4_weight
 
 
@@ -45,7 +46,7 @@ def _is_4bit(weight: torch.Tensor) -> bool:
 
 def _is_base_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (
-        type(module).__name__ == "Linear4bit" and _is_4bit(getattr(module, "weight", None))
+        is_linear4bit(module) and _is_4bit(getattr(module, "weight", None))
     )
 
 

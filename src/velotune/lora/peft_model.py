@@ -19,6 +19,7 @@ from peft import LoraConfig, PeftModel, PeftModelForCausalLM, load_peft_weights,
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..models.decoder import DecoderModel
+from ..quant.linear import is_linear4bit
 
 logger = logging.getLogger("velotune")
 
@@ -68,7 +69,7 @@ class VelotunePeftModel(PeftModelForCausalLM):
 
 def _linear_leaf_names(model) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-            or type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
+            or is_linear4bit(m) or type(m).__name__ == "Linear8bitLt"}
 
 
 def _validate(model, r, lora_alpha, lora_dropout, bias, target_modules, use_gradient_checkpointing, max_seq_length):
@@ -146,7 +147,7 @@ def get_peft_model(
                 target_modules.remove(name)
                 modules_to_save.append(name)
     if loftq_config:
-        if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        if any(is_linear4bit(m) for m in model.modules()):
             raise ValueError("loftq_config needs the 16-bit weights: load the model with load_in_4bit=False "
                              "(LoftQ itself initialises the adapters from a 4-bit approximation)")
         init_lora_weights = "loftq"

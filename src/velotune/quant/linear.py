@@ -1,9 +1,10 @@
-"""Swap ``nn.Linear`` layers for bitsandbytes' ``Linear4bit`` holding our NF4 quantization.
+"""Swap ``nn.Linear`` layers for 4-bit layers (``NF4Linear``, a bitsandbytes ``Linear4bit``) holding our NF4.
 
 Why bitsandbytes' module classes: PEFT wraps ``bnb.nn.Linear4bit`` with its own LoRA layer,
 TRL and transformers recognise it (``is_loaded_in_4bit`` paths, k-bit training prep), and its
-state dict is the "bnb-4bit" checkpoint format. We only replace *how* the weights are
-quantized (``quantize_nf4``), never bitsandbytes' classes or functions themselves.
+state dict is the "bnb-4bit" checkpoint format. We replace *how* the weights are quantized
+(``quantize_nf4``) and, through our subclass ``NF4Linear``, how they compute on the CPU (see
+``nf4_linear.py`` for why), never bitsandbytes' classes or functions themselves.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def to_linear4bit(
     blocksize: int = 64,
     quant_storage: torch.dtype = torch.uint8,
 ):
-    """A ``bnb.nn.Linear4bit`` (NF4) with ``linear``'s weight quantized and its bias kept.
+    """An ``NF4Linear`` (a ``bnb.nn.Linear4bit``) with ``linear``'s weight quantized and its bias kept.
 
     The result lives on ``linear``'s device, is already quantized (``bnb_quantized=True``, so
     moving it never re-quantizes), and its ``quant_state`` is attached to both the weight and
@@ -31,12 +32,14 @@ def to_linear4bit(
     """
     import bitsandbytes as bnb
 
+    from velotune.quant.nf4_linear import NF4Linear
+
     weight = linear.weight.detach()  # (out, in)
     out_features, in_features = weight.shape
     compute_dtype = compute_dtype or weight.dtype
     packed, state = quantize_nf4(weight, blocksize, compress_statistics, quant_storage)
     # Built on the meta device so no throwaway fp weight is allocated.
-    module = bnb.nn.Linear4bit(
+    module = NF4Linear(
         in_features, out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
         compress_statistics=compress_statistics, quant_type="nf4", quant_storage=quant_storage,
         device="meta",
@@ -51,6 +54,12 @@ def to_linear4bit(
         module.bias = linear.bias  # the same Parameter: no copy, trainability unchanged
     module.train(linear.training)
     return module
+
+
+def is_linear4bit(module) -> bool:
+    """Whether ``module`` is bitsandbytes' ``Linear4bit`` or a subclass (ours), without importing bitsandbytes."""
+    return any(cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes")
+               for cls in type(module).__mro__)
 
 
 def _skipped(name: str, skip_modules: Iterable[str]) -> bool:
@@ -75,14 +84,12 @@ def quantize_model_(
     peak memory is the 4-bit model plus a single fp layer (unless something else still holds a
     reference to the old weight, e.g. a weight tied to a skipped module).
     """
-    import bitsandbytes as bnb
-
     skip_modules = tuple(skip_modules)
     names = [
         name
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
-        and not isinstance(module, bnb.nn.Linear4bit)
+        and not is_linear4bit(module)
         and not _skipped(name, skip_modules)
     ]
     for name in names:

@@ -27,17 +27,13 @@ def linear4bit_state_dict(module, prefix: str = "") -> dict[str, torch.Tensor]:
 
     ``prefix`` is the module's dotted name, with or without the trailing dot.
     """
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    from velotune.quant.nf4_linear import restore_nf4_layout_
 
     prefix = _normalize(prefix)
-    weight = module.weight
-    state = weight.quant_state
-    if state is None:
+    if getattr(module.weight, "quant_state", None) is None:
         raise ValueError(f"{prefix or 'module'}: weight is not quantized (no quant_state)")
-    data = weight.data
-    if getattr(state, "packing_format_for_cpu", False):
-        # bitsandbytes repacks weights for its AVX512-BF16 inference kernel; undo it in a copy.
-        data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+    restore_nf4_layout_(module)  # a layer bitsandbytes repacked elsewhere: back to the NF4 layout, in place
+    data, state = module.weight.data, module.weight.quant_state
     out = {prefix + "weight": data.detach()}
     for key, value in state.as_dict(packed=True).items():  # bnb's own packing: same JSON bytes
         out[prefix + "weight." + key] = value.detach()
@@ -51,13 +47,15 @@ def load_prequantized(
     compute_dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
 ):
-    """Build a ``bnb.nn.Linear4bit`` from bnb-format tensors (ours or transformers+bitsandbytes').
+    """Build an ``NF4Linear`` (a ``bnb.nn.Linear4bit``) from bnb-format tensors (ours or transformers+bitsandbytes').
 
     Only the ``{prefix}weight`` and ``{prefix}weight.*`` entries are read; ``bias`` comes from
     the caller (it is an ordinary tensor in the checkpoint). ``compute_dtype=None`` uses the
     dtype the weight was quantized from.
     """
     import bitsandbytes as bnb
+
+    from velotune.quant.nf4_linear import NF4Linear
 
     prefix = _normalize(prefix)
     data = state_dict[prefix + "weight"]
@@ -71,7 +69,7 @@ def load_prequantized(
     if state.quant_type != "nf4":
         raise NotImplementedError(f"{prefix}weight: quant_type {state.quant_type!r}, only nf4 is supported")
     out_features, in_features = state.shape
-    module = bnb.nn.Linear4bit(
+    module = NF4Linear(
         in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype or state.dtype,
         compress_statistics=state.nested, quant_type="nf4", quant_storage=data.dtype, device="meta",
     )  # fmt: skip
