@@ -19,6 +19,8 @@ import inspect
 import sys
 from pathlib import Path
 
+from .cli_checks import ConfigError  # raised by the checks and by this module; `velotune.cli.ConfigError`
+
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 DEFAULT_CONFIG = {
@@ -33,10 +35,6 @@ DEFAULT_CONFIG = {
 }
 DATA_KEYS = ("path", "bundled", "format", "chat_template", "text_field")
 EXPORT_KEYS = ("merged", "gguf", "ollama")
-
-
-class ConfigError(ValueError):
-    """A config key or value the command cannot use; the message names the allowed ones."""
 
 
 def _allowed(section: str) -> set[str]:
@@ -58,13 +56,16 @@ def load_config(path: str | Path | None) -> dict:
         return config
     import yaml  # transformers depends on PyYAML
 
-    with open(path, encoding="utf-8") as f:
-        given = yaml.safe_load(f) or {}
+    from .cli_checks import read_yaml
+
+    given = read_yaml(path) or {}  # YAML 1.2 numbers (2e-4); syntax errors name line and column
     if not isinstance(given, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections {sorted(DEFAULT_CONFIG)}")
     for section, values in given.items():
         if section not in DEFAULT_CONFIG:
             raise ConfigError(f"{path}: unknown section {section!r}; sections are {sorted(DEFAULT_CONFIG)}")
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping of keys to values, got {values!r}")
         unknown = set(values or {}) - _allowed(section)
         if unknown:
             raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)} in section {section!r}; "
@@ -116,14 +117,23 @@ def train(config_path: str | None = None) -> Path:
     the adapter folder."""
     from . import FastLanguageModel, SFTTrainer, TrainingArguments
 
+    from .cli_checks import check_data, check_export, check_types
+    from .training.run_lock import check_free
+
     config = load_config(config_path)
+    # Every check that needs no model runs first: a config mistake costs a second, not a model load.
+    where = config_path or "default config"
+    check_types(config, where)
+    training = dict(config["training"])
+    training.setdefault("max_length", config["model"].get("max_seq_length"))
+    args = TrainingArguments(dataset_text_field=config["data"].get("text_field", "text"), **training)
+    check_export(config["export"], where)
+    check_data(config["data"])
+    check_free(args.output_dir)
     model, tokenizer = FastLanguageModel.from_pretrained(**config["model"])
     lora = dict(config["lora"], max_seq_length=config["model"].get("max_seq_length"))
     model = FastLanguageModel.get_peft_model(model, **lora)
     dataset, field = prepare_dataset(config["data"], tokenizer)
-    training = dict(config["training"])
-    training.setdefault("max_length", config["model"].get("max_seq_length"))
-    args = TrainingArguments(dataset_text_field=field, **training)
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=args)
     trainer.train()
     adapter = Path(args.output_dir) / "lora_model"
@@ -152,6 +162,9 @@ def export_model(model_dir: str, out_dir: str, merged: str | None = None, gguf: 
 
     if not (merged or gguf or ollama):
         raise ConfigError("export: ask for at least one of --merged METHOD, --gguf METHOD..., --ollama")
+    from .cli_checks import check_export
+
+    check_export({"gguf": gguf}, "velotune export")  # before the model loads
     model, tokenizer = FastLanguageModel.from_pretrained(model_dir, load_in_4bit=False)
     _export(model, tokenizer, Path(out_dir), merged=merged, gguf=gguf, ollama=ollama)
     return Path(out_dir)
@@ -182,7 +195,12 @@ def chat(model_dir: str, prompt: str | None = None, max_new_tokens: int = 256) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, before or after the command
+    argv = [a for a in argv if a != "--debug"]
     parser = argparse.ArgumentParser(prog="velotune", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the full traceback instead of one line (also accepted after COMMAND)")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("train", help="train from a YAML config (none: the embedded default)")
     p.add_argument("config", nargs="?")
@@ -204,8 +222,12 @@ def main(argv: list[str] | None = None) -> int:
             export_model(args.model_dir, args.out_dir, args.merged, args.gguf, args.ollama)
         else:
             chat(args.model_dir, args.prompt, args.max_new_tokens)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"velotune: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # a user's mistake (config, data, folders): one line, exit code 2
+        if debug:
+            raise
+        from .cli_checks import one_line
+
+        print(f"velotune: error: {one_line(exc)} (--debug shows the traceback)", file=sys.stderr)
         return 2
     return 0
 
