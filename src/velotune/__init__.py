@@ -5,16 +5,25 @@ from .loading import FastLanguageModel
 from .lora import VelotunePeftModel
 
 __version__ = "0.1.0"
-__all__ = ["FastLanguageModel", "VelotunePeftModel", "is_bfloat16_supported"]
-__all__ += ["SFTTrainer", "Trainer", "TrainingArguments", "UnslothTrainer", "UnslothTrainingArguments"]
 
 _TRAINING = ("SFTTrainer", "Trainer", "TrainingArguments", "UnslothTrainer", "UnslothTrainingArguments")
+# The seed imports these from the top level too (`from unsloth import to_sharegpt, ...`), as
+# unsloth re-exports its chat_templates module there.
+_CHAT_TEMPLATES = ("apply_chat_template", "get_chat_template", "standardize_sharegpt", "to_sharegpt",
+                   "train_on_responses_only")
+
+__all__ = ["FastLanguageModel", "VelotunePeftModel", "is_bfloat16_supported", *_TRAINING, *_CHAT_TEMPLATES]
 
 
 def __getattr__(name):
-    """Training names load on first use: they import TRL, which inference-only installs may lack."""
+    """Training and data names load on first use: they import TRL and datasets, which
+    inference-only installs may lack."""
     if name in _TRAINING:
         from . import training
 
         return getattr(training, name)
+    if name in _CHAT_TEMPLATES:
+        from . import chat_templates
+
+        return getattr(chat_templates, name)
     raise AttributeError(f"module 'velotune' has no attribute {name!r}")

@@ -19,6 +19,7 @@ import torch
 from trl import SFTConfig
 
 from ..device import is_bfloat16_supported
+from .compat import LEGACY_HELP, apply_legacy
 
 logger = logging.getLogger("velotune")
 
@@ -90,8 +91,13 @@ class TrainingArguments(SFTConfig):
     optim: str = field(default="adamw_8bit", metadata={"help": "Optimizer (8-bit AdamW, else AdamW)."})
     include_num_input_tokens_seen: str | bool = field(
         default="non_padding", metadata={"help": "Count tokens for tokens/s (all, non_padding or no)."})
+    # Keywords the seed passes that transformers 5 / TRL 1.x dropped; compat.apply_legacy maps them.
+    warmup_ratio: float | None = field(default=None, metadata={"help": LEGACY_HELP["warmup_ratio"]})
+    max_seq_length: int | None = field(default=None, metadata={"help": LEGACY_HELP["max_seq_length"]})
+    evaluation_strategy: str | None = field(default=None, metadata={"help": LEGACY_HELP["evaluation_strategy"]})
 
     def __post_init__(self):
+        apply_legacy(self)
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
