@@ -80,7 +80,7 @@ class FastLanguageModel:
             cfg.pad_token_id = tokenizer.pad_token_id
         # The name that travels (adapter_config.json, model cards, GGUF general.name): what the user
         # loaded ("org/name"), never the cache or fixture folder it was read from on this machine.
-        model.config._name_or_path = travel_name(model_name)
+        model.config._name_or_path = model.name_or_path = travel_name(model_name)  # PEFT reads the attribute
         model.max_seq_length = max_seq_length
         model._velotune_full_finetuning = full_finetuning
         if full_finetuning:

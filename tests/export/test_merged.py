@@ -22,7 +22,8 @@ from .conftest import IDS, logits, lora
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", "phi3"])
-def test_merged_16bit_loads_in_transformers_with_equal_logits(family, tok, tmp_path, capsys):
+def test_merged_16bit_loads_in_transformers_with_equal_logits(family, tok, tmp_path, caplog):
+    caplog.set_level("INFO", logger="velotune")
     model = lora(tiny.model(family), target_modules="all-linear")
     expected = logits(model)
     folder = model.save_pretrained_merged(tmp_path / "out", tok, save_method="merged_16bit")
@@ -33,7 +34,7 @@ def test_merged_16bit_loads_in_transformers_with_equal_logits(family, tok, tmp_p
     assert type(loaded).__module__.startswith("transformers.")  # transformers' own class, not ours
     torch.testing.assert_close(logits(loaded), expected, atol=2e-5, rtol=1e-5)
     assert AutoTokenizer.from_pretrained(folder)("Hello")["input_ids"] == tok("Hello")["input_ids"]
-    assert "export check (transformers)" in capsys.readouterr().out  # exported=trained check ran
+    assert "export check (transformers)" in caplog.text and "export check (velotune)" in caplog.text
 
 
 def test_lora_on_embeddings_and_trained_lm_head_untie(tok, tmp_path):

@@ -9,12 +9,19 @@ value on a rounding boundary then lands in the neighbouring code), each differin
 against the model's values must stay within `ROUNDING_SLACK` x the error of the block our
 quantizer writes, so only a file that holds something the model does not is refused.
 
+Right after an export the writer hands over a digest of the bytes it computed for each tensor
+(from the model's tensor, by the same deterministic quantizer), so the check hashes the file
+instead of quantizing everything a second time; only a tensor whose digest differs is
+quantized again to say what is wrong with it. A check run later (`check_gguf` on a file)
+quantizes every tensor.
+
 Metadata: every key/value the writer would write for this model and tokenizer (hyperparameters,
 vocabulary, merges, special token ids, chat template) must be in the file with the same value.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +32,7 @@ import torch
 
 from . import quants
 from .gguf_arch import TensorNamer
-from .gguf_layout import read_layout
+from .gguf_layout import GGUFLayout, read_layout
 from .weights import base_model_of, materialize
 
 logger = logging.getLogger("velotune")
@@ -69,18 +76,21 @@ def _first_difference(want, got) -> str:
     return f"{got!r} in the file, {want!r} expected"
 
 
-def check_metadata(writer: gguf.GGUFWriter, reader: gguf.GGUFReader, path: Path) -> int:
+def digest(data: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(data).view(np.uint8).data, digest_size=16).digest()
+
+
+def check_metadata(writer: gguf.GGUFWriter, layout: GGUFLayout, path: Path) -> int:
     """Every key the writer announces must be in the file with the same value; returns the count."""
     problems = []
     expected = writer.kv_data[0]
     for key, item in expected.items():
         if key in _IGNORED_KEYS:
             continue
-        field = reader.fields.get(key)
-        if field is None:
+        if key not in layout.metadata:
             problems.append(f"{key} is missing")
             continue
-        want, got = _plain(item.value), _plain(field.contents())
+        want, got = _plain(item.value), _plain(layout.metadata[key])
         if want != got:
             problems.append(f"{key}: {_first_difference(want, got)}")
     if problems:
@@ -123,11 +133,13 @@ def compare_tensor(name: str, qtype, value: torch.Tensor, data: np.ndarray) -> t
 
 
 @torch.no_grad()
-def check_tensors(model, reader: gguf.GGUFReader, plan, method: str, path: Path) -> TensorReport:
+def check_tensors(model, layout: GGUFLayout, plan, method: str, digests: dict[str, bytes] | None = None
+                  ) -> TensorReport:
     """Every tensor of the file against the model's (see the module docstring)."""
     tensors, mixture = plan
+    path = layout.path
     namer = TensorNamer(base_model_of(model).config)
-    in_file = {t.name: t for t in reader.tensors}
+    in_file = {t.name: t for t in layout.tensors}
     expected = {t.gguf_name for t in tensors}
     problems = [f"{n} is in the file but not in the model" for n in in_file if n not in expected]
     exact = rounding = 0
@@ -137,16 +149,20 @@ def check_tensors(model, reader: gguf.GGUFReader, plan, method: str, path: Path)
         if found is None:
             problems.append(f"{t.gguf_name} is missing")
             continue
-        shape = tuple(int(d) for d in reversed(found.shape.tolist()))
-        if found.tensor_type != qtype or shape != tuple(t.shape):
-            problems.append(f"{t.gguf_name} is {found.tensor_type.name} {shape} in the file; a {method} export of "
+        shape = tuple(reversed(found.dims))
+        if found.qtype != qtype or shape != tuple(t.shape):
+            problems.append(f"{t.gguf_name} is {found.qtype.name} {shape} in the file; a {method} export of "
                             f"this model writes {qtype.name} {tuple(t.shape)}")
+            continue
+        data = layout.data(found)
+        if digests is not None and digests.get(t.gguf_name) == digest(data):
+            exact += 1  # the bytes the quantizer computed from the model's tensor, as written
             continue
         if t.extra is not None:
             value = t.extra.value.float()
         else:
             value = namer.convert(t.plan.name, materialize(model, t.plan))
-        same, differing, problem = compare_tensor(t.gguf_name, qtype, value, found.data)
+        same, differing, problem = compare_tensor(t.gguf_name, qtype, value, data)
         exact += same
         rounding += differing if problem is None else 0
         if problem is not None:
@@ -160,13 +176,13 @@ def check_tensors(model, reader: gguf.GGUFReader, plan, method: str, path: Path)
     return TensorReport(len(tensors), exact, rounding)
 
 
-def check_file(model, path: Path, tokenizer, method: str) -> TensorReport:
-    """Size, metadata and every tensor of the GGUF file `path` written by a `method` export of `model`."""
+def check_file(model, path: Path, tokenizer, method: str, digests: dict[str, bytes] | None = None) -> TensorReport:
+    """Size, metadata and every tensor of the GGUF file `path` written by a `method` export of `model`;
+    `digests` (gguf name -> `digest` of the bytes written) lets an export skip quantizing again."""
     from .gguf_writer import model_name_of, plan_gguf
 
-    read_layout(path)  # a truncated file is named as such before anything maps it
-    reader = gguf.GGUFReader(path)
+    layout = read_layout(path)  # a truncated file is named as such before anything maps it
     config = base_model_of(model).config
     [writer], tensors, mixture = plan_gguf(model, tokenizer, [method], model_name_of(config, path.parent))
-    check_metadata(writer, reader, path)
-    return check_tensors(model, reader, (tensors, mixture), method, path)
+    check_metadata(writer, layout, path)
+    return check_tensors(model, layout, (tensors, mixture), method, digests)

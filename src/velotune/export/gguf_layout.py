@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import mmap
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 MAGIC = b"GGUF"
 _SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
 _STRING, _ARRAY = 8, 9
+_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32, 7: np.bool_,
+          10: np.uint64, 11: np.int64, 12: np.float64}
 
 
 class GGUFFileError(ValueError):
@@ -35,10 +38,17 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class GGUFLayout:
+    path: Path
     tensors: tuple[TensorInfo, ...]
     data_start: int
     expected_size: int  # data_start + the end of the last tensor, padded to the alignment
     actual_size: int
+    metadata: dict = field(default_factory=dict)  # key -> value (str, int/float/bool, or a list of them)
+
+    def data(self, tensor: TensorInfo) -> np.ndarray:
+        """The tensor's bytes, mapped from the file (read-only)."""
+        return np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_start + tensor.offset,
+                         shape=(tensor.nbytes,))
 
 
 class _Cursor:
@@ -61,21 +71,18 @@ class _Cursor:
     def string(self, what: str) -> bytes:
         return self.take(self.unpack("Q", what), what)
 
-    def skip_value(self, vtype: int, what: str) -> object:
+    def value(self, vtype: int, what: str) -> object:
         if vtype == _STRING:
-            return self.string(what)
+            return self.string(what).decode("utf-8", "replace")
         if vtype == _ARRAY:
             item_type, count = self.unpack("I", what), self.unpack("Q", what)
-            if item_type in _SCALARS:
-                self.take(_SCALARS[item_type] * count, what)
-            else:
-                for _ in range(count):
-                    self.skip_value(item_type, what)
-            return None
-        if vtype not in _SCALARS:
+            if item_type in _NUMPY:
+                raw = self.take(_SCALARS[item_type] * count, what)
+                return np.frombuffer(raw, dtype=_NUMPY[item_type]).tolist()
+            return [self.value(item_type, what) for _ in range(count)]
+        if vtype not in _NUMPY:
             raise GGUFFileError(f"{self.path}: unknown value type {vtype} in {what}; the file is damaged")
-        raw = self.take(_SCALARS[vtype], what)
-        return int.from_bytes(raw, "little") if vtype in (4, 10) else None
+        return np.frombuffer(self.take(_SCALARS[vtype], what), dtype=_NUMPY[vtype])[0].item()
 
 
 def read_layout(path: str | Path) -> GGUFLayout:
@@ -90,12 +97,11 @@ def read_layout(path: str | Path) -> GGUFLayout:
             raise GGUFFileError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
         cur.unpack("I", "the version")
         n_tensors, n_kv = cur.unpack("Q", "the tensor count"), cur.unpack("Q", "the key count")
-        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+        metadata = {}
         for i in range(n_kv):
             key = cur.string(f"key {i}").decode("utf-8", "replace")
-            value = cur.skip_value(cur.unpack("I", f"the type of {key}"), key)
-            if key == "general.alignment" and isinstance(value, int):
-                alignment = value
+            metadata[key] = cur.value(cur.unpack("I", f"the type of {key}"), key)
+        alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
         infos = []
         for i in range(n_tensors):
             name = cur.string(f"tensor info {i}").decode("utf-8", "replace")
@@ -117,4 +123,4 @@ def read_layout(path: str | Path) -> GGUFLayout:
             f"{path} is truncated: its header describes {expected:,} bytes but the file has {size:,} "
             f"({expected - size:,} missing; {len(cut)} tensor(s) incomplete, e.g. {cut[0]}, last {last.name}). "
             "It was cut short (interrupted copy or download, full disk); export or copy it again.")
-    return GGUFLayout(tuple(infos), data_start, data_start + -(-end // alignment) * alignment, size)
+    return GGUFLayout(path, tuple(infos), data_start, data_start + -(-end // alignment) * alignment, size, metadata)

@@ -7,22 +7,18 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import gguf
 import numpy as np
 import torch
 
 from . import quants
 from .gguf_arch import TensorNamer
+from .gguf_layout import read_layout
 from .weights import is_tied, plan_tensors
 
-Q = gguf.GGMLQuantizationType
 
-
-def read_tensor(tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """One `GGUFReader` tensor as float32 of `shape` (transformers' row-major order)."""
-    if tensor.tensor_type in (Q.F32, Q.F16):
-        return torch.from_numpy(np.array(tensor.data, dtype=np.float32)).reshape(shape)
-    return quants.dequantize(np.array(tensor.data), tensor.tensor_type, shape).float().reshape(shape)
+def read_tensor(data: np.ndarray, qtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """One tensor's file bytes as float32 of `shape` (transformers' row-major order)."""
+    return quants.dequantize(np.asarray(data), qtype, shape).float().reshape(shape)
 
 
 @torch.no_grad()
@@ -40,10 +36,11 @@ def model_from_gguf(path: Path, like) -> torch.nn.Module:
             delattr(config, attr)
     model = type(like)(config).float().eval()
     state = {}
-    for tensor in gguf.GGUFReader(path).tensors:
+    layout = read_layout(path)  # names a truncated file as such
+    for tensor in layout.tensors:
         plan = by_gguf.get(tensor.name)
         if plan is not None:
-            state[plan.name] = namer.revert(plan.name, read_tensor(tensor, plan.shape))
+            state[plan.name] = namer.revert(plan.name, read_tensor(layout.data(tensor), tensor.qtype, plan.shape))
     missing = set(by_gguf.values()) - {p for p in by_gguf.values() if p.name in state}
     if missing:
         raise ValueError(f"{path} lacks tensors the model needs, e.g. {[p.name for p in missing][:3]}")

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import quants
 from .folders import ExportRecord, check_free_space, human_size, prepare_folder, write_failure
 from .gguf_arch import ExtraTensor, TensorNamer, gguf_arch, write_hparams
+from .gguf_check import digest
 from .gguf_vocab import write_tokenizer
 from .ollama import write_modelfile
 from velotune.quant.gguf import FILE_TYPE
@@ -155,12 +156,13 @@ def save_pretrained_gguf(
     modelfiles = ["Modelfile" if m == methods[0] else f"Modelfile.{m}" for m in methods]
     record.begin([p.name for p in paths] + modelfiles)
     partials = [p.with_name(p.name + ".partial") for p in paths]
+    digests: list[dict] = [{} for _ in methods]
     try:
         for writer, partial in zip(writers, partials):
             writer.write_header_to_file(path=partial)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-        _write_tensors(model, namer, tensors, methods, writers, mixture, folder)
+        _write_tensors(model, namer, tensors, methods, writers, mixture, folder, digests)
         for writer, partial, path in zip(writers, partials, paths):
             writer.close()
             os.replace(partial, path)
@@ -188,13 +190,15 @@ def save_pretrained_gguf(
     if verify:
         from .verify import check_gguf
 
-        for method, path in zip(methods, paths):
-            check_gguf(model, path, tokenizer, method)
+        for method, path, written in zip(methods, paths, digests):
+            check_gguf(model, path, tokenizer, method, digests=written)
     return paths
 
 
 @torch.no_grad()
-def _write_tensors(model, namer, tensors, methods, writers, mixture, folder) -> None:
+def _write_tensors(model, namer, tensors, methods, writers, mixture, folder, digests: list[dict]) -> None:
+    """Each tensor built once, quantized once per type, appended to every file; `digests` gets, per
+    file, the digest of each tensor's bytes (the check compares the file with them)."""
     bar = tqdm(tensors, desc=f"velotune: writing GGUF to {folder}", unit="tensor", leave=False)
     for t in bar:
         if t.extra is not None:
@@ -202,11 +206,13 @@ def _write_tensors(model, namer, tensors, methods, writers, mixture, folder) -> 
         else:
             value = namer.convert(t.plan.name, materialize(model, t.plan))  # float32, llama.cpp layout
         done: dict = {}
-        for method, writer in zip(methods, writers):
+        for method, writer, written in zip(methods, writers, digests):
             qtype = mixture.qtype(method, t)
             if qtype not in done:  # same type in several files: quantize once
-                done[qtype] = quants.as_writable(quants.encode(value.reshape(-1, value.shape[-1]), qtype))
-            writer.write_tensor_data(done[qtype])
+                data = quants.as_writable(quants.encode(value.reshape(-1, value.shape[-1]), qtype))
+                done[qtype] = (data, digest(data))
+            writer.write_tensor_data(done[qtype][0])
+            written[t.gguf_name] = done[qtype][1]
 
 
 __all__ = ["GGUFTensor", "save_pretrained_gguf"]

@@ -175,7 +175,8 @@ class GGUFCheck:
     quantization: Divergence | None  # the file's weights vs the trained model (reported only)
 
 
-def check_gguf(model, path: Path, tokenizer, method: str, runner: str | None = None) -> GGUFCheck:
+def check_gguf(model, path: Path, tokenizer, method: str, runner: str | None = None,
+               digests: dict[str, bytes] | None = None) -> GGUFCheck:
     """Check the GGUF file `path` of a `method` export of `model`: its size, metadata and every
     tensor (exactly), then how llama.cpp runs it (when installed). Raises ExportMismatchError."""
     from .gguf_check import GGUFContentError, check_file
@@ -183,11 +184,11 @@ def check_gguf(model, path: Path, tokenizer, method: str, runner: str | None = N
 
     path = Path(path)
     try:
-        tensors = check_file(model, path, tokenizer, method)
+        tensors = check_file(model, path, tokenizer, method, digests)
     except (GGUFContentError, GGUFFileError) as error:
         raise ExportMismatchError(f"{error}. The file was kept for inspection.") from error
-    logger.info("velotune: export check %s: %d tensors (%d byte-identical to a fresh %s quantization) and the "
-                "metadata match the model", path.name, tensors.tensors, tensors.exact, method)
+    logger.info("velotune: export check %s: %d tensors (%d byte-identical to the %s quantization of the model's) "
+                "and the metadata match the model", path.name, tensors.tensors, tensors.exact, method)
     if runner is None:
         try:
             import llama_cpp  # noqa: F401
