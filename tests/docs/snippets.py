@@ -64,11 +64,12 @@ def code_blocks(text: str | None = None) -> list[Block]:
     return blocks
 
 
-def find_block(marker: str) -> Block:
-    """The one distinct block containing `marker` (identical copies on other pages count once)."""
+def find_block(marker: str, exact: bool = False) -> Block:
+    """The one distinct block containing `marker` (identical copies on other pages count once);
+    `exact`: the block's whole text is `marker` (one-line parameter blocks recur inside others)."""
     found = {}
     for block in code_blocks():
-        if marker in block.text:
+        if (block.text.strip() == marker.strip()) if exact else (marker in block.text):
             found.setdefault(block.text, block)
     if len(found) != 1:
         lines = [b.line for b in found.values()]
