@@ -1,6 +1,10 @@
 """velotune: fast, memory-lean fine-tuning of large language models."""
 
-from .device import is_bfloat16_supported
+from . import quiet
+
+quiet.install()  # before anything imports bitsandbytes (quiet.py says why)
+
+from .device import is_bfloat16_supported  # noqa: E402
 from .loading import FastLanguageModel
 from .lora import VelotunePeftModel
 

@@ -84,6 +84,7 @@ def get_chat_template(tokenizer, chat_template=None, mapping: dict | None = None
         if "eos_token" in template and tokenizer.eos_token is None:
             raise ValueError(f"chat template {record.name!r} ends turns with EOS, but the tokenizer has none")
         tokenizer.chat_template = template
+        _set_ollama_modelfile(tokenizer)
         return tokenizer
 
     if not (isinstance(chat_template, (tuple, list)) and len(chat_template) == 2
@@ -100,6 +101,7 @@ def get_chat_template(tokenizer, chat_template=None, mapping: dict | None = None
             raise ValueError(f"custom chat template: the EOS token {eos!r} must appear inside the template")
         template = _map_end_token(tokenizer, template, eos, map_eos_token, "custom chat template")
     tokenizer.chat_template = _jinja_mapping_prelude(mapping) + _system_prelude(system_message) + template
+    tokenizer.__dict__.pop("_ollama_modelfile", None)  # a custom template has no Ollama form (no record)
     return tokenizer
 
 
@@ -110,6 +112,41 @@ class OllamaTemplate:
     template: str
     stop_tokens: tuple[str, ...]
     system: str | None
+
+
+# Where the GGUF goes in a Modelfile made before any file exists (Unsloth's placeholder, kept so
+# the text the docs print looks the same).
+FILE_LOCATION = "{__FILE_LOCATION__}"
+
+
+def _quoted_block(text: str, what: str) -> str:
+    if '"""' in text:
+        raise ValueError(f"the {what} contains '\"\"\"', which a Modelfile cannot quote")
+    return f'"""{text}"""'
+
+
+def modelfile_text(location: str, info: OllamaTemplate | None, extra_stops=(), note: str | None = None) -> str:
+    """An Ollama Modelfile: FROM `location`, TEMPLATE, a `PARAMETER stop` per end token, SYSTEM
+    (info None: FROM and `extra_stops` only, with `note` as a comment saying why)."""
+    lines = [f"FROM {location}"]
+    if info is not None:
+        lines.append(f"TEMPLATE {_quoted_block(info.template, 'chat template')}")
+    stops = dict.fromkeys([*(info.stop_tokens if info else ()), *extra_stops])
+    lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stops if s]
+    if info is not None and info.system:
+        lines.append(f"SYSTEM {_quoted_block(info.system, 'system prompt')}")
+    if note:
+        lines.insert(0, f"# {note}")
+    return "\n".join(lines) + "\n"
+
+
+def _set_ollama_modelfile(tokenizer) -> None:
+    """`tokenizer._ollama_modelfile`, which the docs print (Unsloth sets it in get_chat_template):
+    the Modelfile for this format, FROM a placeholder until a GGUF export writes the real one."""
+    try:
+        tokenizer._ollama_modelfile = modelfile_text(FILE_LOCATION, ollama_template_for(tokenizer))
+    except ValueError:  # a format Ollama cannot express: the GGUF export says why and writes FROM/stop only
+        tokenizer.__dict__.pop("_ollama_modelfile", None)
 
 
 def ollama_template_for(tokenizer) -> OllamaTemplate:

@@ -10,12 +10,15 @@ no TEMPLATE can be generated and the error says so.
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 
 from velotune.data.chat import OllamaTemplate, ollama_template_for
+from velotune.data.chat import modelfile_text as _modelfile_text
 from velotune.data.registry import CHAT_TEMPLATES
 from velotune.data.templates import ChatTemplate
+
+logger = logging.getLogger("velotune")
 
 _PROBES = (
     [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
@@ -94,23 +97,9 @@ def ollama_template(tokenizer) -> OllamaTemplate:
                           system=record.default_system)
 
 
-def _quoted_block(text: str, what: str) -> str:
-    if '"""' in text:
-        raise ValueError(f"the {what} contains '\"\"\"', which a Modelfile cannot quote")
-    return f'"""{text}"""'
-
-
 def modelfile_text(gguf_name: str, info: OllamaTemplate | None, extra_stops=(), note: str | None = None) -> str:
-    lines = [f"FROM ./{gguf_name}"]
-    if info is not None:
-        lines.append(f"TEMPLATE {_quoted_block(info.template, 'chat template')}")
-    stops = dict.fromkeys([*(info.stop_tokens if info else ()), *extra_stops])
-    lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stops if s]
-    if info is not None and info.system:
-        lines.append(f"SYSTEM {_quoted_block(info.system, 'system prompt')}")
-    if note:
-        lines.insert(0, f"# {note}")
-    return "\n".join(lines) + "\n"
+    """The Modelfile for a GGUF file next to it (see `velotune.data.chat.modelfile_text`)."""
+    return _modelfile_text(f"./{gguf_name}", info, extra_stops, note)
 
 
 def write_modelfile(path: Path, gguf_file: Path, tokenizer, strict: bool) -> Path:
@@ -122,7 +111,10 @@ def write_modelfile(path: Path, gguf_file: Path, tokenizer, strict: bool) -> Pat
         if strict:
             raise
         info, note = None, str(error)
-        print(f"velotune: {error}")
+        logger.warning("velotune: %s", error)
     eos = [tokenizer.eos_token] if getattr(tokenizer, "eos_token", None) else []
-    path.write_text(modelfile_text(gguf_file.name, info, extra_stops=() if info else eos, note=note))
+    text = modelfile_text(gguf_file.name, info, extra_stops=() if info else eos, note=note)
+    path.write_text(text)
+    if path.name == "Modelfile":  # the first method's (gguf_writer); the docs print it after the export
+        tokenizer._ollama_modelfile = text
     return path

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import random
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,9 +34,32 @@ CHECKPOINTING_CHOICES = (True, False, "unsloth")
 class VelotunePeftModel(PeftModelForCausalLM):
     """PEFT's causal-LM wrapper; velotune's export and generation methods live here as they land."""
 
+    def __init__(self, model, peft_config, *args, **kwargs):
+        # PEFT's constructor reads `model.is_gradient_checkpointing`, which transformers 5.2x deprecated:
+        # one FutureWarning per model, about a call that is not the user's. Silenced here only.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            super().__init__(model, peft_config, *args, **kwargs)
+
     @property
     def max_seq_length(self) -> int | None:
         return getattr(self.get_base_model(), "max_seq_length", None)
+
+    def generate(self, *args, **kwargs):
+        """PEFT's generate, also given a tokenizer's BatchEncoding as `inputs`/`input_ids` (the docs'
+        inference cell on transformers 5; models/generation.py), whatever the base model's class."""
+        from ..models.generation import unpack_generate_inputs
+
+        args, kwargs = unpack_generate_inputs(args, kwargs)
+        return super().generate(*args, **kwargs)
+
+    def save_pretrained(self, save_directory, safe_serialization=True, **kwargs):
+        """PEFT's save_pretrained, always as safetensors (models/saving.py: the docs' None means safetensors)."""
+        from ..models.saving import safetensors_only
+
+        safe = safetensors_only(safe_serialization, "the LoRA adapter")
+        return super().save_pretrained(save_directory, safe_serialization=safe, **kwargs)
 
     # Export (velotune.export): the seed's methods, delegating to functions that take the model.
     def save_pretrained_merged(self, save_directory, tokenizer=None, save_method="merged_16bit", **kwargs):

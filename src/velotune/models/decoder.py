@@ -18,11 +18,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .. import fast_path as fast_path_switch
 from .checkpointing import OffloadedCheckpointer, checkpoint_function, plain_checkpoint, recomputing
+from .generation import unpack_generate_inputs
 from .layer_graphs import ModelGraphs, graphs_enabled
 from .layers import Attention, GatedMLP, make_norm
 from .loss import causal_lm_loss, fused_causal_lm_loss
 from .masks import LayerMasks, mask_inputs
 from .rope import RotaryEmbedding
+from .saving import safetensors_only
 from .spec import FAMILIES, FamilySpec, layer_types_of
 
 # The field transformers' output record uses for the KV cache in the installed version.
@@ -221,6 +223,17 @@ class DecoderForCausalLM(PreTrainedModel, GenerationMixin):
     def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights under transformers' own names and layout (families with fused checkpoints override)."""
         return dict(self.state_dict())
+
+    def generate(self, *args, **kwargs):
+        """GenerationMixin.generate, also given a tokenizer's BatchEncoding as `inputs`/`input_ids`
+        (the docs' `model.generate(input_ids=inputs, ...)` on transformers 5; see generation.py)."""
+        args, kwargs = unpack_generate_inputs(args, kwargs)
+        return super().generate(*args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, safe_serialization=True, **kwargs):
+        """transformers' save_pretrained (always safetensors in 5.x); a notice when .bin was asked for."""
+        safetensors_only(safe_serialization, "the model")
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
