@@ -4,6 +4,7 @@ for_training) over velotune's own model classes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -159,7 +160,23 @@ def _load_config(source: Source, trust_remote_code: bool) -> PretrainedConfig:
         ) from error
 
 
+# Files one of which every saved tokenizer has (fast, sentencepiece, BPE, WordPiece, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tiktoken.model")
+
+
 def _load_tokenizer(source: Source, trust_remote_code: bool):
+    folder = Path(source.folder)
+    if source.gguf_file is None and folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        # transformers would try to build one from nothing and ask for sentencepiece instead.
+        base = ""
+        with contextlib.suppress(OSError, ValueError):
+            base = json.loads((folder / "config.json").read_text()).get("_name_or_path") or ""
+        hint = f" (its config names {base!r})" if base and Path(base) != folder else ""
+        raise FileNotFoundError(
+            f"{folder} holds a model but no tokenizer files (none of {', '.join(TOKENIZER_FILES)}). Save the tokenizer "
+            f"beside the weights with tokenizer.save_pretrained({str(folder)!r}), or copy the tokenizer files of the "
+            f"model it was trained from{hint} into the folder")
     return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code)
 
 

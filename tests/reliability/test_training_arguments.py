@@ -55,3 +55,15 @@ def test_second_get_peft_model_says_what_happened_and_what_to_do(tiny_dir):
     # The base object the first call modified in place (a notebook cell run twice on `model`).
     with pytest.raises(ValueError, match=r"already holds LoRA layers.*earlier get_peft_model call"):
         FastLanguageModel.get_peft_model(model, r=16)
+
+
+def test_a_model_folder_without_tokenizer_files_says_what_to_do(tmp_path):
+    from loading.tiny import write_tiny_llama
+
+    folder = tmp_path / "weights-only"
+    write_tiny_llama(folder)
+    for path in folder.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens")) or path.name in ("vocab.json", "merges.txt"):
+            path.unlink()
+    with pytest.raises(FileNotFoundError, match=r"holds a model but no tokenizer files.*tokenizer.save_pretrained"):
+        FastLanguageModel.from_pretrained(str(folder), load_in_4bit=False, device_map="cpu")

@@ -85,7 +85,8 @@ SERVER = textwrap.dedent('''
 class Server:
     def __init__(self, tiny_dir: Path):
         tests = Path(__file__).resolve().parents[1]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent / "src"), os.environ.get("PYTHONPATH", "")]))
+        path = os.pathsep.join([str(tests.parent / "src"), os.environ.get("PYTHONPATH", "")])
+        env = dict(os.environ, PYTHONPATH=path)
         self.proc = subprocess.Popen([sys.executable, "-c", SERVER, str(tiny_dir), str(tests)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
         assert self.line() == "ready"

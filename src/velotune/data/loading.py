@@ -187,9 +187,9 @@ def _first_non_utf8(path: str, header_lines: int = 0) -> DataFormatError | None:
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as exc:
-                return DataFormatError(path, max(n - header_lines, 1), f"line {n} is not valid UTF-8 (byte {line[exc.start]:#04x} at "
-                                                f"column {exc.start + 1}); save the file as UTF-8, e.g. "
-                                                "iconv -f latin1 -t utf-8")
+                problem = (f"line {n} is not valid UTF-8 (byte {line[exc.start]:#04x} at column {exc.start + 1}); "
+                           "save the file as UTF-8, e.g. iconv -f latin1 -t utf-8")
+                return DataFormatError(path, max(n - header_lines, 1), problem)
     return None
 
 
