@@ -106,7 +106,9 @@ def run(args) -> dict:
     gen = torch.Generator(device=device).manual_seed(0)
     tokens_per_step = args.batch * args.seq * args.accum
     load_gib = torch.cuda.memory_allocated() / 2**30 if cuda else None
+    est = _estimate(model, args, device)
     if cuda:
+        torch.cuda.empty_cache()  # loading's cached blocks are not the step's: reserved starts at allocated
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
 
@@ -141,10 +143,23 @@ def run(args) -> dict:
         accum=args.accum, rank=args.rank, checkpointing=args.checkpointing, offload_min_tokens=args.offload_min_tokens,
         tokens_per_s=round(tokens_per_step / step_s, 1), step_s=round(step_s, 4),
         **(memory_record(peak_with_warmup, steady_peak) if cuda else {"peak_gib": None}),
-        load_gib=round(load_gib, 2) if cuda else None, loss_first=round(losses[0], 4),
+        load_gib=round(load_gib, 2) if cuda else None, estimate_gib=round(est.total / 2**30, 2),
+        estimate_host_gib=round(est.host / 2**30, 2), loss_first=round(losses[0], 4),
         loss_last=round(losses[-1], 4), trainable=sum(p.numel() for p in params), reason=decision.reason,
         device=torch.cuda.get_device_name() if cuda else "cpu",
     )
+
+
+def _estimate(model, args, device: str):
+    """velotune's memory estimate of this step, as the trainer computes it before training (bench's optimizer:
+    torch AdamW, whose moments take the adapters' fp32)."""
+    import torch
+
+    from velotune.training.memory import estimate
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return estimate(model, args.batch, args.seq, "adamw_torch", dtype, checkpointing=args.checkpointing != "false",
+                    device=device)
 
 
 def memory_record(peak_with_warmup: int, steady: int) -> dict:

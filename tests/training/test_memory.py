@@ -92,3 +92,58 @@ def test_trainer_refuses_a_run_that_clearly_cannot_fit(tiny_llama_dir, tmp_path)
     args = TrainingArguments(**quiet_args(tmp_path, per_device_train_batch_size=4096, max_length=1_000_000))
     with pytest.raises(MemoryError, match="per_device_train_batch_size"):
         SFTTrainer(model=model, processing_class=tokenizer, train_dataset=text_dataset(4), args=args)
+
+
+def test_fast_path_term_is_within_a_factor_of_two_of_measured(tiny_llama_dir):
+    """The fused layers' saved tensors (fast path forced on the CPU) against the fast-path formula."""
+    from velotune.fast_path import set_fast_path
+    from velotune.training.memory import fast_path_activations
+
+    model, _ = tiny_lora(tiny_llama_dir)
+    set_fast_path(model, True)
+    model.train()
+    ids = torch.randint(4, 90, (2, 48))
+    measured = _saved_tensor_bytes(model, ids)
+    formula = fast_path_activations(model, ids.numel(), torch.float32, checkpointing=False, offload=False,
+                                    graphs=False, four_bit=False)
+    assert 0.5 * measured <= formula.device <= 2.0 * measured, (formula.device, measured)
+    assert formula.host == 0
+
+
+@pytest.fixture(scope="module")
+def llama8b_qlora_on_meta():
+    """Llama-3.1-8B's shape in NF4 with LoRA r=32 on every projection, built on the meta device (no memory)."""
+    from transformers import LlamaConfig
+
+    from velotune.lora import get_peft_model
+    from velotune.models.families import LlamaForCausalLM
+    from velotune.quant import quantize_model_
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    quantize_model_(model, compute_dtype=torch.bfloat16)
+    return get_peft_model(model, r=32, lora_alpha=32, use_gradient_checkpointing="unsloth", max_seq_length=32768,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def test_8b_qlora_at_32k_tokens_is_not_refused_on_a_24_gib_gpu(llama8b_qlora_on_meta):
+    """Measured on the H200: 14.04 GiB reserved (10.68 allocated; BENCHMARKS.md). The plain-path formula said
+    about 51 GiB and refused it."""
+    cuda = torch.device("cuda")
+    est = estimate(llama8b_qlora_on_meta, 1, 32768, "adamw_torch", torch.bfloat16, device=cuda)
+    assert est.fast_path and est.checkpointing and est.host == 32 * 32768 * 4096 * 2  # every layer input, bf16
+    assert abs(est.total / (14.04 * GIB) - 1) < 0.15, est.describe()
+    check_memory(est, available=24 * GIB, mode="error", device=cuda)  # no MemoryError
+    plain = estimate(llama8b_qlora_on_meta, 1, 32768, "adamw_torch", torch.bfloat16, device=cuda, fast_path=False)
+    with pytest.raises(MemoryError):  # what the estimate said before it knew the fast path
+        check_memory(plain, available=24 * GIB, mode="error", device=cuda)
+
+
+def test_a_run_that_cannot_fit_a_24_gib_gpu_is_refused(llama8b_qlora_on_meta):
+    cuda = torch.device("cuda")
+    est = estimate(llama8b_qlora_on_meta, 1, 32768, "adamw_torch", torch.bfloat16, checkpointing=False, device=cuda)
+    assert est.fast_path and est.host == 0
+    with pytest.raises(MemoryError, match="use_gradient_checkpointing"):
+        check_memory(est, available=24 * GIB, mode="error", device=cuda)

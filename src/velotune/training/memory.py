@@ -7,14 +7,27 @@ Terms (bytes):
   gradients    one gradient per trainable parameter, in its dtype.
   optimizer    AdamW keeps two moments per trainable parameter: 2 x its bytes (torch AdamW keeps
                them in the parameter's dtype); bitsandbytes' 8-bit variants keep 2 x 1 byte.
-  activations  what backward needs, for tokens = batch x max_seq_length:
-               per decoder layer and token, about 6*hidden + 2*kv_width + 3*intermediate values
-               (norm inputs/outputs, q/k/v, attention output, gate, up, gate*up) in the compute dtype;
-               with gradient checkpointing only each layer's input (hidden values) is kept, plus one
-               layer's full set while it is recomputed. The loss adds the logits: tokens x vocab in
-               the compute dtype, an fp32 copy when that dtype is 16-bit, and the fp32 gradient.
+  activations  what backward needs, for tokens = batch x max_seq_length (T), in the compute dtype,
+               with H hidden, Q query width, K key/value width, I intermediate, V vocab, L layers.
+    plain path (CPU, generic transformers models, LoRA settings the fused path does not take):
+               per layer and token 6H + 2K + 3I values (norm inputs/outputs, q/k/v, attention
+               output, gate, up, gate*up); with gradient checkpointing only each layer's input (H)
+               is kept, plus one layer's full set while it is recomputed. The loss adds the
+               logits: T x V in the compute dtype, an fp32 copy when that dtype is 16-bit, and
+               the fp32 gradient.
+    fast path (fast_path.py decides: our decoder on CUDA, fusable LoRA): the fused layer keeps
+               4H + 2Q + 2K + 2I per token (no act(g)*u); the fused cross-entropy never builds
+               the logits (its d hidden, one chunk of logits and the final norm's input: 3H per
+               token); the checkpointed MLP recomputes in token chunks (CHUNK_TOKENS rows of 6I);
+               "unsloth" checkpointing from OFFLOAD_MIN_TOKENS tokens moves each layer's input to
+               pinned host memory (counted in `host`, two layers' inputs in flight on the GPU);
+               the CUDA graphs' pool holds about one more layer's working set; 4-bit weights are
+               dequantized just in time (one (I, H) weight, three when the MLP runs in chunks);
+               with offloading the caching allocator keeps about two attention working sets of
+               freed blocks besides (measured: the estimate is of reserved memory, not allocated).
 The activation term is an approximation (kernels, LoRA ranks and attention backends move it by
-tens of percent); the unit test checks it against saved-tensor bytes measured on a real model.
+tens of percent); the unit tests check the plain path against saved-tensor bytes measured on a real
+model, and BENCHMARKS.md holds the fast path's estimate against measured peaks on the GPU.
 """
 
 from __future__ import annotations
@@ -38,17 +51,22 @@ class MemoryEstimate:
     activations: int
     tokens: int
     checkpointing: bool
+    host: int = 0  # pinned host memory: layer inputs offloaded by "unsloth" checkpointing
+    fast_path: bool = False
 
     @property
     def total(self) -> int:
+        """Device memory (the host term is checked against the machine's RAM on its own)."""
         return self.weights + self.gradients + self.optimizer + self.activations
 
     def describe(self) -> str:
         gb = lambda n: f"{n / GIB:.2f}"  # noqa: E731
+        host = f"; pinned host memory {gb(self.host)} GiB" if self.host else ""
         return (f"weights {gb(self.weights)} + gradients {gb(self.gradients)} + optimizer {gb(self.optimizer)} + "
-                f"activations {gb(self.activations)} ({self.tokens} tokens/micro-batch, gradient checkpointing "
+                f"activations {gb(self.activations)} ({self.tokens} tokens/micro-batch, "
+                f"{'fast' if self.fast_path else 'plain'} path, gradient checkpointing "
                 f"{'on' if self.checkpointing else 'off'}) = {gb(self.total)} GiB; trainable parameters "
-                f"{gb(self.trainable)} GiB")
+                f"{gb(self.trainable)} GiB{host}")
 
 
 def _quant_state_bytes(param) -> int:
@@ -89,45 +107,131 @@ def uses_checkpointing(model: torch.nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
+@dataclass(frozen=True)
+class _Shape:
+    hidden: int
+    layers: int
+    vocab: int
+    intermediate: int
+    q_width: int
+    kv_width: int
+
+    @classmethod
+    def of(cls, model) -> "_Shape":
+        config = _text_config(model)
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(hidden, config.num_hidden_layers, config.vocab_size,
+                   getattr(config, "intermediate_size", None) or 4 * hidden, heads * head_dim, kv_heads * head_dim)
+
+
 def activation_parts(model: torch.nn.Module, tokens: int, dtype: torch.dtype, checkpointing: bool) -> tuple[int, int]:
-    """(bytes saved during forward for backward, extra bytes while one checkpointed layer is recomputed)."""
-    config = _text_config(model)
-    hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    intermediate = getattr(config, "intermediate_size", 4 * hidden)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv_width = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    """Plain path: (bytes saved during forward for backward, extra bytes while one checkpointed layer is recomputed)."""
+    m = _Shape.of(model)
     size = torch.finfo(dtype).bits // 8
-    per_layer = tokens * (6 * hidden + 2 * kv_width + 3 * intermediate) * size
-    logits = tokens * vocab * (size + (4 if size < 4 else 0))  # plus an fp32 copy for the loss
+    per_layer = tokens * (6 * m.hidden + 2 * m.kv_width + 3 * m.intermediate) * size
+    logits = tokens * m.vocab * (size + (4 if size < 4 else 0))  # plus an fp32 copy for the loss
     if checkpointing:
-        return tokens * layers * hidden * size + logits, per_layer
-    return layers * per_layer + logits, 0
+        return tokens * m.layers * m.hidden * size + logits, per_layer
+    return m.layers * per_layer + logits, 0
 
 
 def activation_bytes(model: torch.nn.Module, tokens: int, dtype: torch.dtype, checkpointing: bool) -> int:
-    """Peak activation memory: what forward saves, a recomputed layer, and the logits' fp32 gradient."""
+    """Plain path's peak activation memory: what forward saves, a recomputed layer, the logits' fp32 gradient."""
     saved, recompute = activation_parts(model, tokens, dtype, checkpointing)
-    vocab = _text_config(model).vocab_size
-    return saved + recompute + tokens * vocab * 4
+    return saved + recompute + tokens * _Shape.of(model).vocab * 4
+
+
+@dataclass(frozen=True)
+class FastPathMemory:
+    """The fast path's activation terms, in bytes (see the module docstring)."""
+
+    device: int  # GPU: saved tensors, one recomputed layer, loss, dequantized weights, graph pool
+    host: int  # pinned host memory of the offloaded layer inputs
+
+
+def fast_path_activations(model, tokens: int, dtype: torch.dtype, checkpointing: bool, offload: bool,
+                          graphs: bool, four_bit: bool) -> FastPathMemory:
+    from ..lora.fused_mlp import CHUNK_TOKENS
+
+    m = _Shape.of(model)
+    size = torch.finfo(dtype).bits // 8
+    layer_input = tokens * m.hidden * size  # (T, H)
+    attention = tokens * (4 * m.hidden + 2 * m.q_width + 2 * m.kv_width) * size
+    full_layer = attention + tokens * 2 * m.intermediate * size  # norms, q/k/v, attention out, gate, up
+    chunked = tokens > CHUNK_TOKENS
+    loss = 3 * layer_input  # d hidden kept from the fused loss's forward, one chunk of logits, final norm input
+    dequantized = (3 if chunked else 1) * m.intermediate * m.hidden * size if four_bit else 0
+    if not checkpointing:
+        return FastPathMemory(m.layers * full_layer + loss + dequantized, 0)
+    recomputed = attention + min(tokens, CHUNK_TOKENS) * 6 * m.intermediate * size
+    kept = 2 * layer_input if offload else m.layers * layer_input
+    pool = recomputed if graphs else 0
+    # Offloading overlaps a layer's recomputation with the next input's copy on a side stream; the caching
+    # allocator then holds about two more attention working sets of freed blocks (measured on the H200,
+    # BENCHMARKS.md: reserved - allocated = 1.8-2.1 GiB at 1B and 3.4-4.1 GiB at 8B for 32K tokens).
+    cache = 2 * attention if offload else 0
+    return FastPathMemory(kept + recomputed + loss + dequantized + pool + cache,
+                          m.layers * layer_input if offload else 0)
+
+
+def _runtime(model, tokens: int, checkpointing: bool, fast_path: bool | None, device) -> tuple[bool, bool, bool]:
+    """(fast path, offloaded checkpointing, CUDA graphs) as the forward will decide them on `device`."""
+    from ..fast_path import decide, find_decoder
+    from ..models.checkpointing import OffloadedCheckpointer
+    from ..models.layer_graphs import MAX_GRAPHED_ELEMENTS, graphs_enabled
+
+    decoder = find_decoder(model)
+    if decoder is None or device.type != "cuda":
+        return False, False, False
+    setting = decoder.fast_path if fast_path is None else fast_path
+    if setting is None and decoder.embed_tokens.weight.device.type != "cuda":
+        setting = True  # not on CUDA yet: decide as the forward on CUDA will
+    fast = decide(model, setting).enabled
+    checkpointer = getattr(decoder, "_gradient_checkpointing_func", None)
+    offload = checkpointing and isinstance(checkpointer, OffloadedCheckpointer) and tokens >= checkpointer.min_tokens
+    graphs = fast and offload and graphs_enabled() and tokens * _Shape.of(model).hidden <= MAX_GRAPHED_ELEMENTS
+    return fast, offload, graphs
 
 
 def estimate(model, batch_size: int, max_seq_length: int, optim: str, compute_dtype: torch.dtype,
-             checkpointing: bool | None = None) -> MemoryEstimate:
+             checkpointing: bool | None = None, fast_path: bool | None = None,
+             device: torch.device | str | None = None) -> MemoryEstimate:
+    """The memory one training step of `model` needs on `device` (default: where its weights are).
+
+    `device="cuda"` for a model still elsewhere (e.g. built on the meta device) estimates it as it
+    will run there: the fast path's decision (`fast_path` overrides it), offloading and graphs.
+    """
+    from .. import fast_path as dispatch
+
     checkpointing = uses_checkpointing(model) if checkpointing is None else checkpointing
     tokens = batch_size * max_seq_length
     trainable = trainable_bytes(model)
+    decoder = dispatch.find_decoder(model)
+    if device is None:
+        device = decoder.embed_tokens.weight.device if decoder is not None else next(model.parameters()).device
+    fast, offload, graphs = _runtime(model, tokens, checkpointing, fast_path, torch.device(device))
+    if fast:
+        four_bit = any(getattr(p, "quant_state", None) is not None for p in model.parameters())
+        parts = fast_path_activations(model, tokens, compute_dtype, checkpointing, offload, graphs, four_bit)
+        activations, host = parts.device, parts.host
+    else:
+        activations, host = activation_bytes(model, tokens, compute_dtype, checkpointing), 0
     return MemoryEstimate(weights=weight_bytes(model), trainable=trainable, gradients=trainable,
-                          optimizer=optimizer_bytes(model, optim),
-                          activations=activation_bytes(model, tokens, compute_dtype, checkpointing),
-                          tokens=tokens, checkpointing=checkpointing)
+                          optimizer=optimizer_bytes(model, optim), activations=activations, tokens=tokens,
+                          checkpointing=checkpointing, host=host, fast_path=fast)
+
+
+def host_memory() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def device_memory(device: torch.device) -> int:
     """Total memory of the device that trains (GPU memory, else the machine's RAM)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return host_memory()
 
 
 def advice(est: MemoryEstimate) -> str:
@@ -154,6 +258,13 @@ def check_memory(est: MemoryEstimate, available: int, mode: str, device: torch.d
     print(line)
     if mode == "off":
         return line
+    if est.host > 0.8 * host_memory():
+        message = (f"offloaded checkpointing needs about {est.host / GIB:.1f} GiB of pinned host memory but the "
+                   f"machine has {host_memory() / GIB:.1f} GiB; change: lower per_device_train_batch_size or "
+                   "max_seq_length, or use_gradient_checkpointing=True (layer inputs stay on the GPU)")
+        if mode == "error":
+            raise MemoryError(message)
+        logger.warning("velotune: %s", message)
     if est.total > 1.2 * available:
         message = (f"training needs about {est.total / GIB:.1f} GiB but the {device.type} has "
                    f"{available / GIB:.1f} GiB; change: {advice(est)} (memory_check='warn' to try anyway)")

@@ -321,7 +321,7 @@ def _estimate_for(model, args: TrainingArguments):
     length = args.max_length or getattr(model, "max_seq_length", None) or 2048
     optim = str(getattr(args.optim, "value", args.optim))
     checkpointing = None if not args.gradient_checkpointing else True
-    return estimate(model, args.per_device_train_batch_size, length, optim, dtype, checkpointing)
+    return estimate(model, args.per_device_train_batch_size, length, optim, dtype, checkpointing, device=args.device)
 
 
 def _last_checkpoint(output_dir) -> str | None:
