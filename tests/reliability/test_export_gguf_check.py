@@ -51,10 +51,10 @@ def smollm2_lora():
 
 @pytest.mark.slow
 def test_smollm2_lossy_methods_pass_and_flipped_q8_0_bytes_are_caught(smollm2_lora, tmp_path):
-    """q4_0 and q5_1 of SmolLM2 (16-bit load + fresh adapter) were refused (mean KL 0.61 and 0.21 against
-    7B-model budgets) though their bytes equal llama.cpp's; 4 KB flipped in one q8_0 tensor passed."""
+    """q4_0 of SmolLM2 (16-bit load + fresh adapter) was refused (mean KL 0.61 against
+    a 7B-model budget) though its bytes equal llama.cpp's; 4 KB flipped in one q8_0 tensor passed."""
     model, tokenizer = smollm2_lora
-    paths = save_pretrained_gguf(model, tmp_path / "out", tokenizer, quantization_method=["q4_0", "q5_1", "q8_0"])
+    paths = save_pretrained_gguf(model, tmp_path / "out", tokenizer, quantization_method=["q4_0", "q8_0"])
     q8 = paths[-1]
     _flip(q8, "blk.0.attn_q.weight", 4096)
     with pytest.raises(ExportMismatchError, match=r"blk\.0\.attn_q\.weight \(Q8_0\): \d+ of .* blocks differ"):

@@ -109,13 +109,22 @@ class ExportRecord:
         record = dict(self.previous, writing=sorted(set(self.previous["writing"]) | set(planned)))
         _write_json(self.folder / MARKER, record)
 
+    def abort(self) -> None:
+        """A failed export (its partial files already removed): put the previous marker back, or
+        remove ours when there was none, so a failed first export leaves the folder as it was."""
+        marker = self.folder / MARKER
+        if self.previous["files"] or self.previous["groups"]:
+            _write_json(marker, dict(self.previous))
+        elif marker.is_file():
+            marker.unlink()
+
     def finish(self, written: list[str], **details) -> list[str]:
         """Record the export; returns the stale files it removed."""
         old_group = self.previous["groups"].get(self.group, {})
         old_files = set(old_group.get("files", []))
         removed = []
-        if self.group == "weights":
-            for name in sorted(old_files - set(written)):
+        if self.group == "weights":  # also what a failed export of ours left under its final names
+            for name in sorted((old_files | set(self.previous["writing"])) - set(written)):
                 path = self.folder / name
                 if name != MARKER and not name.endswith(".gguf") and not name.startswith("Modelfile") \
                         and path.parent == self.folder and path.is_file():

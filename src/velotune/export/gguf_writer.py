@@ -167,11 +167,15 @@ def save_pretrained_gguf(
             writer.close()
             os.replace(partial, path)
         writers = []
-    except Exception as error:
-        for partial, path in zip(partials, paths):
-            named = write_failure(path, partial, error)
-            if named is not None:
-                raise named from error
+    except BaseException as error:
+        named = next((n for n in (write_failure(path, partial, error) for partial, path in zip(partials, paths))
+                      if n is not None), None)
+        for partial in partials:
+            if partial.exists():
+                partial.unlink()
+        record.abort()
+        if named is not None:
+            raise named from error
         raise
     finally:
         for writer in writers:
