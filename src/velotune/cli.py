@@ -115,6 +115,8 @@ def prepare_dataset(data: dict, tokenizer):
 def train(config_path: str | None = None) -> Path:
     """Load, attach LoRA, train with velotune's SFT trainer, save the adapter (and exports); returns
     the adapter folder."""
+    import torch
+
     from . import FastLanguageModel, SFTTrainer, TrainingArguments
 
     from .cli_checks import check_data, check_export, check_types
@@ -126,6 +128,10 @@ def train(config_path: str | None = None) -> Path:
     check_types(config, where)
     training = dict(config["training"])
     training.setdefault("max_length", config["model"].get("max_seq_length"))
+    if not torch.cuda.is_available() and "fp16" not in training and "bf16" not in training:
+        # The default mixed precision is fp16 where bf16 is missing; on a CPU fp16 autocast ran 18x
+        # slower than fp32 (SmolLM2 LoRA step, torch 2.13), so the command trains a CPU in fp32.
+        training.update(fp16=False, bf16=False)
     args = TrainingArguments(dataset_text_field=config["data"].get("text_field", "text"), **training)
     check_export(config["export"], where)
     check_data(config["data"])
@@ -171,7 +177,9 @@ def export_model(model_dir: str, out_dir: str, merged: str | None = None, gguf: 
 
 
 def chat(model_dir: str, prompt: str | None = None, max_new_tokens: int = 256) -> str | None:
-    """Talk to a model with its chat template; one answer with `prompt`, else a loop until empty input."""
+    """Talk to a model with its chat template: one answer with `prompt`; else a loop that reads
+    questions from standard input until an empty line, end of input (Ctrl-D, or the end of a
+    piped file) or Ctrl-C, all of which end the conversation normally."""
     from transformers import TextStreamer
 
     from . import FastLanguageModel
@@ -181,40 +189,70 @@ def chat(model_dir: str, prompt: str | None = None, max_new_tokens: int = 256) -
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     history: list[dict] = []
     while True:
-        text = prompt if prompt is not None else input("you> ").strip()
+        if prompt is not None:
+            text = prompt
+        else:
+            try:
+                text = input("you> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()  # leave the terminal on a fresh line
+                return None
         if not text:
             return None
         history.append({"role": "user", "content": text})
         inputs = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt",
                                                return_dict=True).to(model.device)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
+        try:
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
+        except KeyboardInterrupt:  # Ctrl-C while answering ends the conversation, not with a traceback
+            print()
+            return None
         answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         if prompt is not None:
             return answer
         history.append({"role": "assistant", "content": answer})
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv  # accepted anywhere on the line, before or after the command
-    argv = [a for a in argv if a != "--debug"]
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; every argument says what it does (`velotune COMMAND --help`)."""
     parser = argparse.ArgumentParser(prog="velotune", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true",
                         help="on an error, show the full traceback instead of one line (also accepted after COMMAND)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("train", help="train from a YAML config (none: the embedded default)")
-    p.add_argument("config", nargs="?")
-    p = commands.add_parser("export", help="write merged / GGUF / Ollama exports of a trained folder")
-    p.add_argument("model_dir")
-    p.add_argument("out_dir")
-    p.add_argument("--merged", choices=["merged_16bit", "merged_4bit_forced", "lora"])
-    p.add_argument("--gguf", nargs="+", metavar="METHOD")
-    p.add_argument("--ollama", action="store_true")
-    p = commands.add_parser("chat", help="chat with a model folder")
-    p.add_argument("model_dir")
-    p.add_argument("--prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    args = parser.parse_args(argv)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = commands.add_parser("train", help="train from a YAML config (none: the embedded default)",
+                            description="Load a model, attach LoRA, train with velotune's SFT trainer, save the "
+                                        "adapter to OUTPUT_DIR/lora_model and write the configured exports.")
+    p.add_argument("config", nargs="?", metavar="CONFIG.yaml",
+                   help="YAML file with sections model / lora / data / training / export, whose keys are the Python "
+                        "arguments' names; omitted: the embedded default (SmolLM2-135M-Instruct, bundled data, "
+                        "10 CPU-sized steps)")
+    p = commands.add_parser("export", help="write merged / GGUF / Ollama exports of a trained folder",
+                            description="Export a trained folder (LoRA adapter or full model) into subfolders of "
+                                        "OUT_DIR; each export is checked against the model in memory.")
+    p.add_argument("model_dir", help="the trained folder: a saved LoRA adapter (e.g. outputs/velotune/lora_model) "
+                                     "or a full model folder")
+    p.add_argument("out_dir", help="folder that receives the exports (one subfolder per kind)")
+    p.add_argument("--merged", choices=["merged_16bit", "merged_4bit_forced", "lora"],
+                   help="write a Hugging Face folder: base and adapter merged in 16-bit, merged in NF4 4-bit, or "
+                        "the adapter alone")
+    p.add_argument("--gguf", nargs="+", metavar="METHOD",
+                   help="write GGUF files for llama.cpp, one per quantization method (e.g. q4_k_m q8_0 f16)")
+    p.add_argument("--ollama", action="store_true",
+                   help="write a q4_k_m GGUF plus an Ollama Modelfile carrying the chat template")
+    p = commands.add_parser("chat", help="chat with a model folder",
+                            description="Chat with a model using its chat template. Without --prompt it reads "
+                                        "questions from standard input until an empty line, end of input (Ctrl-D) "
+                                        "or Ctrl-C.")
+    p.add_argument("model_dir", help="a trained folder (LoRA adapter or full model) or a model name")
+    p.add_argument("--prompt", help="ask this one question, print the answer and exit")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per answer (default: 256)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, before or after the command
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         if args.command == "train":
             train(args.config)
@@ -229,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"velotune: error: {one_line(exc)} (--debug shows the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # train has saved a resumable checkpoint by then (training/checkpoints.py)
+        print("velotune: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -118,6 +118,12 @@ class TrainingArguments(SFTConfig):
         if (self.bf16 or self.fp16) and not _has_accelerator():
             # transformers refuses bf16 without a GPU unless use_cpu is set; torch autocasts bf16 on the CPU.
             self.use_cpu = True
+        # TRL's configs default gradient_checkpointing=True, which transformers 5.24 renamed
+        # activation_checkpointing: move the values to the new names so no FutureWarning is raised.
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if getattr(self, new, False) is None and getattr(self, old, None) is not None:
+                setattr(self, new, getattr(self, old))
         super().__post_init__()
         optim = getattr(self.optim, "value", self.optim)
         if optim in EIGHT_BIT_FALLBACKS and not eight_bit_adamw_works(self.device.type):
