@@ -61,6 +61,25 @@ def test_rotation_and_model_card_leave_user_files_alone(tiny_dir, tmp_path):
     assert not (tmp_path / STAGING).exists()
 
 
+def test_keeping_only_the_best_checkpoint_leaves_user_folders_alone(tiny_dir, tmp_path):
+    """save_total_limit=1 with load_best_model_at_end: transformers' end-of-run cleanup would delete every
+    folder matching checkpoint-<n>*; velotune keeps the best of its own checkpoints and touches nothing else."""
+    backup = tmp_path / "checkpoint-2-backup"
+    backup.mkdir()
+    (backup / "keep.txt").write_text("mine")
+    model, tokenizer = tiny_lora(tiny_dir)
+    args = TrainingArguments(**quiet_args(tmp_path, max_steps=3, save_strategy="steps", save_steps=1,
+                                          eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+                                          metric_for_best_model="loss", save_total_limit=1))
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=text_dataset(12, seed=5),
+                         eval_dataset=text_dataset(4, seed=9), args=args)
+    trainer.train()
+    assert (backup / "keep.txt").read_text() == "mine"
+    ours = [p.name for p in tmp_path.glob("checkpoint-*") if (p / MARKER).is_file()]
+    assert ours == [os.path.basename(trainer.state.best_model_checkpoint)]
+    assert trainer.args.save_total_limit == 1
+
+
 def test_a_model_card_velotune_wrote_is_rewritten(tiny_dir, tmp_path):
     from velotune.training.trainer import MODEL_CARD_SIGNATURE
 

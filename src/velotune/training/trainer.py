@@ -31,8 +31,8 @@ from . import data as data_helpers
 from .arguments import TrainingArguments
 from .callbacks import LossPlotCallback, ProgressFieldsCallback, SummaryCallback, peak_memory_bytes
 from . import resume as resume_checks
-from .checkpoints import (STAGING, InterruptCallback, clear_stale_staging, ctrl_c_saves, fsync_tree, publish, rotate,
-                          write_marker)
+from .checkpoints import (STAGING, InterruptCallback, clear_stale_staging, ctrl_c_saves, fsync_tree, ours, publish,
+                          rotate, write_marker)
 from .memory import check_memory, device_memory, estimate
 from .run_lock import RunLock, check_free
 
@@ -247,12 +247,13 @@ class SFTTrainer(TRLSFTTrainer):
         if staged.exists():
             shutil.rmtree(staged)  # this run's own, left by a failed save
         self._saving_checkpoint = True
-        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        limit, before = self._rotation_limit(), self.args.save_total_limit
+        self.args.save_total_limit = None  # velotune rotates (below), over its own checkpoints only
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._saving_checkpoint = False
-            self.args.save_total_limit = limit
+            self.args.save_total_limit = before
         if not self.args.should_save:
             return
         write_marker(staged, self._lock.run_id, self.state.global_step)
@@ -264,6 +265,20 @@ class SFTTrainer(TRLSFTTrainer):
         if self.state.best_model_checkpoint and STAGING in Path(self.state.best_model_checkpoint).parts:
             self.state.best_model_checkpoint = str(run_dir / Path(self.state.best_model_checkpoint).name)
         rotate(run_dir, limit, self.state.best_model_checkpoint)
+
+    def _rotation_limit(self):
+        """save_total_limit as the user set it: train() hides it from transformers, whose end-of-run cleanup
+        (save_total_limit=1 with a best model) deletes any folder matching `checkpoint-<n>*`."""
+        hidden = getattr(self, "_hidden_limit", None)
+        return hidden if hidden is not None else self.args.save_total_limit
+
+    def _keep_only_best(self) -> None:
+        """transformers' end of run with save_total_limit=1 and a best model, over velotune's checkpoints only."""
+        best = self.state.best_model_checkpoint
+        if self._rotation_limit() == 1 and best and self.args.should_save:
+            for _, path in ours(Path(self.args.output_dir)):
+                if path.resolve() != Path(best).resolve():
+                    shutil.rmtree(path, ignore_errors=True)
 
     def _save(self, output_dir=None, state_dict=None):
         """transformers pickles the whole arguments object into training_args.bin: blank the secrets first."""
@@ -304,8 +319,13 @@ class SFTTrainer(TRLSFTTrainer):
                 finished = resume_checks.finished_output(self, checkpoint)
                 if finished is not None:
                     return finished
-            with ctrl_c_saves(self._interrupt):
-                result = super().train(resume_from_checkpoint, *args, **kwargs)
+            self._hidden_limit, self.args.save_total_limit = self.args.save_total_limit, None
+            try:
+                with ctrl_c_saves(self._interrupt):
+                    result = super().train(resume_from_checkpoint, *args, **kwargs)
+                self._keep_only_best()
+            finally:
+                self.args.save_total_limit, self._hidden_limit = self._hidden_limit, None
         finally:
             self._lock.release()
         if self._interrupt.requested:
