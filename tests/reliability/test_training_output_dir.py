@@ -51,6 +51,7 @@ def test_rotation_and_model_card_leave_user_files_alone(tiny_dir, tmp_path):
 
     trainer = _trainer(tiny_dir, tmp_path, max_steps=3, save_strategy="steps", save_steps=1, save_total_limit=1)
     trainer.train()
+    trainer.save_model()  # PEFT's save_pretrained would rewrite README.md as its model card
 
     assert (notes / "ideas.txt").read_text() == "mine"
     assert (foreign / "weights.bin").read_text() == "mine too"

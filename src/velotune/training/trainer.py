@@ -283,6 +283,11 @@ class SFTTrainer(TRLSFTTrainer):
     def _save(self, output_dir=None, state_dict=None):
         """transformers pickles the whole arguments object into training_args.bin: blank the secrets first."""
         secrets = {name: getattr(self.args, name) for name in SECRET_FIELDS if getattr(self.args, name, None)}
+        # PEFT's save_pretrained rewrites an existing README.md as its model card; a user's README stays as it was.
+        readme = Path(output_dir if output_dir is not None else self.args.output_dir) / "README.md"
+        users = readme.read_bytes() if readme.is_file() else None
+        if users is not None and MODEL_CARD_SIGNATURE.encode() in users:
+            users = None
         try:
             for name in secrets:
                 setattr(self.args, name, None)
@@ -290,6 +295,8 @@ class SFTTrainer(TRLSFTTrainer):
         finally:
             for name, value in secrets.items():
                 setattr(self.args, name, value)
+            if users is not None and (not readme.is_file() or readme.read_bytes() != users):
+                readme.write_bytes(users)
 
     def create_model_card(self, *args, **kwargs):
         """TRL writes output_dir/README.md at every checkpoint; a README velotune did not write stays."""
@@ -310,6 +317,8 @@ class SFTTrainer(TRLSFTTrainer):
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self._interrupt.requested = False
         self._last_log = None
+        if self._lock.folder != Path(self.args.output_dir):  # output_dir changed since __init__
+            self._lock = RunLock(self.args.output_dir)
         self._lock.acquire()
         try:
             clear_stale_staging(Path(self.args.output_dir), self._lock.run_id)
