@@ -8,12 +8,11 @@ import json
 from pathlib import Path
 
 import gguf
-import pytest
 
 from velotune.export import ALLOWED_QUANTS, HubUploadError
 from velotune.quant.gguf.methods import UNSUPPORTED_QUANTS, normalize_method
 
-from .snippets import find_block, run_snippet, run_statements
+from .snippets import Sub, find_block, run_snippet, run_statements
 
 
 def notebook(tiny_lora) -> dict:
@@ -80,7 +79,7 @@ def test_save_merged_4bit(tiny_lora):
     results = run_statements(find_block('save_method = "merged_4bit", token = "")'), namespace=notebook(tiny_lora))
     for source, error in results:
         assert isinstance(error, ValueError) and "merged_4bit_forced" in str(error), (source, error)
-    assert not list(Path("model").glob("*.safetensors")) if Path("model").exists() else True
+    assert not Path("model").exists() or not list(Path("model").glob("*.safetensors"))
 
 
 def test_save_lora(tiny_lora):
@@ -96,8 +95,6 @@ def test_save_lora(tiny_lora):
 def test_save_adapter_and_tokenizer(tiny_lora):
     """Pseudo-code in the docs (`(...)` and `AND`): the substitutions make it the two calls it names."""
     block = find_block("model.save_pretrained(...) AND tokenizer.save_pretrained(...)")
-    from .snippets import Sub
-
     run_snippet(block, [Sub("save_pretrained(...) AND tokenizer", 'save_pretrained("lora_model")\ntokenizer',
                             "the docs write `AND` between the two calls"),
                         Sub("tokenizer.save_pretrained(...)", 'tokenizer.save_pretrained("lora_model")',
