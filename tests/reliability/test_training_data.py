@@ -114,3 +114,14 @@ def test_responses_only_error_names_truncation_when_it_is_the_cause(tiny_dir, tm
     trainer = _trainer(tiny_dir, tmp_path, data)
     with pytest.raises(ResponseMarkerError, match=r"max_seq_length=64 tokens long: they were truncated"):
         train_on_responses_only(trainer, instruction_part="<u>", response_part="<a>")
+
+
+def test_standard_messages_pass_untouched_and_human_gpt_roles_are_mapped():
+    from velotune.training.data import standardize_roles
+
+    standard = Dataset.from_dict({"messages": [[{"role": "user", "content": "hi"},
+                                                {"role": "assistant", "content": None},
+                                                {"role": "tool", "content": "42"}]]})
+    assert standardize_roles(standard, "train") is standard
+    aliased = Dataset.from_dict({"messages": [[{"role": "human", "content": "hi"}, {"role": "gpt", "content": "yo"}]]})
+    assert [m["role"] for m in standardize_roles(aliased, "train")[0]["messages"]] == ["user", "assistant"]

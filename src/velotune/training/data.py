@@ -58,9 +58,11 @@ def _needs_standardizing(conversations) -> bool:
         for message in conversation or ():
             if not isinstance(message, dict):
                 return False  # not messages at all: TRL's own error applies
+            if message.get("from") is not None or message.get("value") is not None:
+                return True  # ShareGPT keys (Arrow gives every message every key, so look at the values)
             role = message.get("role")
-            if role is None or message.get("content") is None or role not in STANDARD_ROLES:
-                return True
+            if role is not None and role not in STANDARD_ROLES:
+                return True  # e.g. human/gpt under "role"; a tool call's content may be None, that is fine
     return False
 
 

@@ -28,9 +28,9 @@ from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer as TRLSFTTrainer
 
 from . import data as data_helpers
+from . import resume as resume_checks
 from .arguments import TrainingArguments
 from .callbacks import LossPlotCallback, ProgressFieldsCallback, SummaryCallback, peak_memory_bytes
-from . import resume as resume_checks
 from .checkpoints import (STAGING, InterruptCallback, clear_stale_staging, ctrl_c_saves, fsync_tree, ours, publish,
                           rotate, write_marker)
 from .memory import check_memory, device_memory, estimate
@@ -133,6 +133,7 @@ class SFTTrainer(TRLSFTTrainer):
             check_memory(self.memory_estimate, device_memory(args.device), args.memory_check, args.device)
         self._interrupt = InterruptCallback()
         self._lock = RunLock(args.output_dir)
+        self._hidden_limit = None  # save_total_limit while train() keeps it from transformers
         self.summary = SummaryCallback()
         self._saving_checkpoint = False
         self._last_log = None
@@ -269,8 +270,7 @@ class SFTTrainer(TRLSFTTrainer):
     def _rotation_limit(self):
         """save_total_limit as the user set it: train() hides it from transformers, whose end-of-run cleanup
         (save_total_limit=1 with a best model) deletes any folder matching `checkpoint-<n>*`."""
-        hidden = getattr(self, "_hidden_limit", None)
-        return hidden if hidden is not None else self.args.save_total_limit
+        return self._hidden_limit if self._hidden_limit is not None else self.args.save_total_limit
 
     def _keep_only_best(self) -> None:
         """transformers' end of run with save_total_limit=1 and a best model, over velotune's checkpoints only."""
