@@ -82,3 +82,14 @@ def test_resuming_with_another_rank_names_both_and_the_fix(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match=r"r=8 \(the model has 4\).*get_peft_model with r=8"):
         other.train(resume_from_checkpoint=True)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_resume_true_picks_velotunes_newest_checkpoint_not_a_users_folder(tiny_dir, tmp_path):
+    _trainer(tiny_dir, tmp_path, max_steps=2).train()
+    foreign = tmp_path / "checkpoint-1000"  # a user's folder; transformers would resume from it
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    resumed = _trainer(tiny_dir, tmp_path, max_steps=4)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4 and (tmp_path / "checkpoint-4").is_dir()
+    assert (foreign / "notes.txt").read_text() == "mine"

@@ -25,8 +25,13 @@ def resolve(resume_from_checkpoint, output_dir) -> Path | None:
     if resume_from_checkpoint is True:
         from transformers.trainer_utils import get_last_checkpoint
 
+        from .checkpoints import ours
+
+        mine = ours(Path(output_dir))
+        if mine:  # a folder of the user's named checkpoint-<n> is not this run's checkpoint
+            return mine[-1][1]
         found = get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
-        return Path(found) if found else None
+        return Path(found) if found else None  # checkpoints of transformers or an older velotune
     path = Path(resume_from_checkpoint)
     return path if path.is_dir() else None
 

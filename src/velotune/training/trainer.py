@@ -331,7 +331,8 @@ class SFTTrainer(TRLSFTTrainer):
             self._hidden_limit, self.args.save_total_limit = self.args.save_total_limit, None
             try:
                 with ctrl_c_saves(self._interrupt):
-                    result = super().train(resume_from_checkpoint, *args, **kwargs)
+                    result = super().train(str(checkpoint) if checkpoint is not None else resume_from_checkpoint,
+                                           *args, **kwargs)
                 self._keep_only_best()
             finally:
                 self.args.save_total_limit, self._hidden_limit = self._hidden_limit, None
