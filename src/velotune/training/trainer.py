@@ -355,10 +355,9 @@ def _estimate_for(model, args: TrainingArguments):
 
 
 def _last_checkpoint(output_dir) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    folder = Path(output_dir)
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    """The checkpoint `train(resume_from_checkpoint=True)` would resume from (velotune's newest first)."""
+    found = resume_checks.resolve(True, output_dir)
+    return str(found) if found is not None else None
 
 
 # The seed's and transformers' names for the same trainer.
