@@ -72,3 +72,10 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
     config.write_text(MISSING_MODEL + "training:\n  per_device_train_batch_size: four\n")
     with pytest.raises(ConfigError, match="per_device_train_batch_size"):
         main(["train", str(config), "--debug"])
+
+
+def test_export_names_an_unknown_quantization_before_loading(tmp_path, capsys):
+    code = main(["export", str(tmp_path / "no-such-model"), str(tmp_path / "out"), "--gguf", "q4_k_m", "q9_z"])
+    line = _one_line(capsys.readouterr().err)
+    assert code == 2 and "unknown quantization 'q9_z'" in line
+    assert not (tmp_path / "out").exists()
