@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> QuickstartResult:
     before = ask(model, tokenizer, args.question)
     model = FastLanguageModel.get_peft_model(
         model, r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        lora_alpha=16, lora_dropout=0, bias="none", use_gradient_checkpointing=False, random_state=3407,
+        lora_alpha=16, lora_dropout=0, bias="none", use_gradient_checkpointing="unsloth", random_state=3407,
     )
 
     def to_text(row):

@@ -118,6 +118,8 @@ class TrainingArguments(SFTConfig):
         if (self.bf16 or self.fp16) and not _has_accelerator():
             # transformers refuses bf16 without a GPU unless use_cpu is set; torch autocasts bf16 on the CPU.
             self.use_cpu = True
+        if self.dataloader_pin_memory and not _has_accelerator():
+            self.dataloader_pin_memory = False  # nothing to pin for; torch warns on every dataloader otherwise
         # TRL's configs default gradient_checkpointing=True, which transformers 5.24 renamed
         # activation_checkpointing: move the values to the new names so no FutureWarning is raised.
         for old, new in (("gradient_checkpointing", "activation_checkpointing"),
