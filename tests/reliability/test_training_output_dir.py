@@ -92,15 +92,20 @@ def test_a_model_card_velotune_wrote_is_rewritten(tiny_dir, tmp_path):
     assert card.read_text().count(MODEL_CARD_SIGNATURE) == 1 and "--- " not in card.read_text()
 
 
+# Another process holding the lock; run_lock.py is loaded by path (stdlib only), so it starts in a blink.
 HOLDER = textwrap.dedent("""
-    import sys, time
-    from velotune.training.run_lock import RunLock
-    lock = RunLock(sys.argv[1]); lock.acquire(); print("locked", flush=True); time.sleep(120)
+    import importlib.util, sys, time
+    spec = importlib.util.spec_from_file_location("run_lock", sys.argv[2])
+    run_lock = importlib.util.module_from_spec(spec); spec.loader.exec_module(run_lock)
+    lock = run_lock.RunLock(sys.argv[1]); lock.acquire(); print("locked", flush=True); time.sleep(120)
 """)
 
 
 def test_second_run_into_a_folder_in_use_fails_at_once_naming_folder_and_pid(tiny_dir, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    import velotune.training.run_lock as run_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), run_lock.__file__], stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(OutputDirInUseError) as caught:
