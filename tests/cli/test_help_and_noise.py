@@ -103,3 +103,21 @@ def test_our_calls_raise_no_future_warning(tmp_path):
         TrainingArguments(output_dir=str(tmp_path), report_to="none", gradient_checkpointing=False)
     future = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
     assert future == []
+
+
+@pytest.mark.parametrize("near_the_limit", [False, True])
+def test_memory_estimate_line_is_shown_once(near_the_limit, capsys, caplog):
+    """Logged as a warning near the device's memory, printed otherwise; never both (both reached
+    the terminal: the line twice)."""
+    import torch
+
+    from velotune.training.memory import GIB, MemoryEstimate, check_memory
+
+    est = MemoryEstimate(weights=GIB, trainable=0, gradients=0, optimizer=0, activations=0, tokens=64,
+                         checkpointing=False)
+    available = int(1.05 * GIB) if near_the_limit else 16 * GIB
+    with caplog.at_level(logging.INFO, logger="velotune"):
+        check_memory(est, available, "warn", torch.device("cpu"))
+    printed = capsys.readouterr().out.count("velotune memory estimate:")
+    logged = sum("velotune memory estimate:" in r.getMessage() for r in caplog.records)
+    assert printed + logged == 1
