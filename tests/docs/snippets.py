@@ -20,15 +20,30 @@ REPO = Path(__file__).resolve().parents[2]
 PYTHON_LINE = re.compile(r"^\s*(from [\w.]+ import |import [\w.]+|[\w.\[\]\"']+ = .*\(|[\w.]+\.\w+\(|\w+\()", re.M)
 
 
+VENDORED = Path(__file__).with_name("docs_code_blocks.md")
+VENDORED_HEADER = (
+    "# The fenced code blocks of the Unsloth documentation ({seed}), in order, nothing else.\n"
+    "# Test data for tests/docs: CI has no copy of the documentation beside the checkout. Written by\n"
+    "# `python tests/docs/snippets.py` from ../shared/seed/; test_coverage.py checks it still equals them.\n"
+)
+
+
 def seed_path() -> Path:
-    """The Unsloth documentation (`shared/seed/` beside the checkout, or VELOTUNE_DOCS_SEED)."""
+    """The Unsloth documentation (VELOTUNE_DOCS_SEED, or `shared/seed/` beside the checkout), else the copy of
+    its code blocks kept in the repository (all the tests read)."""
     candidates = [os.environ.get("VELOTUNE_DOCS_SEED"), REPO.parent / "shared" / "seed" / SEED_NAME,
-                  REPO / "shared" / "seed" / SEED_NAME]
+                  REPO / "shared" / "seed" / SEED_NAME, VENDORED]
     for candidate in candidates:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
-    raise FileNotFoundError(f"the documentation {SEED_NAME} is not in ../shared/seed/ or shared/seed/; "
-                            "set VELOTUNE_DOCS_SEED=/path/to/it")
+    raise FileNotFoundError(f"neither the documentation {SEED_NAME} (../shared/seed/ or shared/seed/) nor "
+                            f"{VENDORED} exists; set VELOTUNE_DOCS_SEED=/path/to/it")
+
+
+def vendored_text(seed_text: str) -> str:
+    """The repository's copy: the header, then each fenced block of `seed_text` as a fenced block."""
+    blocks = code_blocks(seed_text)
+    return VENDORED_HEADER.format(seed=SEED_NAME) + "".join(f"\n```\n{b.text}\n```\n" for b in blocks)
 
 
 @dataclass(frozen=True)
@@ -124,3 +139,9 @@ def run_statements(block: Block, subs=(), namespace: dict | None = None) -> list
         except Exception as error:  # noqa: BLE001 - returned to the test, which decides
             results.append((source, error))
     return results
+
+
+if __name__ == "__main__":  # refresh the repository's copy from the documentation beside the checkout
+    source = REPO.parent / "shared" / "seed" / SEED_NAME
+    VENDORED.write_text(vendored_text(source.read_text(encoding="utf-8")), encoding="utf-8")
+    print(f"{VENDORED}: {len(code_blocks(source.read_text(encoding='utf-8')))} blocks from {source}")

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 from .registry import FRAGMENTS, NOT_VELOTUNE, SNIPPETS
-from .snippets import code_blocks
+from .snippets import REPO, SEED_NAME, VENDORED, code_blocks, vendored_text
 
 HERE = Path(__file__).parent
 
@@ -55,3 +55,15 @@ def test_named_tests_exist_and_read_their_block():
 
 def test_not_velotune_reasons_are_written():
     assert all(len(reason) > 20 for reason in NOT_VELOTUNE.values())
+
+
+def test_the_repository_copy_equals_the_documentation():
+    """CI reads docs_code_blocks.md; where the documentation itself is at hand, the copy must equal its blocks."""
+    import pytest
+
+    seed = REPO.parent / "shared" / "seed" / SEED_NAME
+    if not seed.is_file():
+        pytest.skip("the documentation is not beside this checkout (CI): the copy is what the tests read")
+    expected = vendored_text(seed.read_text(encoding="utf-8"))
+    assert VENDORED.read_text(encoding="utf-8") == expected, "refresh it: python tests/docs/snippets.py"
+    assert [b.text for b in code_blocks(expected)] == [b.text for b in code_blocks(seed.read_text(encoding="utf-8"))]
