@@ -61,13 +61,20 @@ def test_smollm2_lossy_methods_pass_and_flipped_q8_0_bytes_are_caught(smollm2_lo
         check_gguf(model, q8, tokenizer, "q8_0")
 
 
+# The KL budgets the check used to judge lossy files by (export/verify.py before issue 14).
+OLD_KL_BUDGET = {"q4_0": 0.25, "q5_0": 0.1, "q5_1": 0.1, "q5_k_s": 0.1}
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_tensor_of_a_lossy_export_checks_exactly(method, tok, tmp_path):
-    model = lora(tiny.model("llama", std=0.08))
+    """Weights of std 0.3 make the tiny model's logits large, so these methods cost it more KL than
+    the old per-method budgets (as on SmolLM2): the old check refused these exports, whose bytes are
+    exactly llama.cpp's."""
+    model = lora(tiny.model("llama", std=0.3))
     [path] = save_pretrained_gguf(model, tmp_path / "out", tok, quantization_method=method)  # its check passes
     result = check_gguf(model, path, tok, method, runner="velotune")
     assert result.tensors.tensors == len(gguf.GGUFReader(path).tensors) == result.tensors.exact
-    assert result.quantization.mean_kl > 0  # reported, not judged
+    assert result.quantization.mean_kl > OLD_KL_BUDGET[method]  # reported, not judged
 
 
 def test_flipped_bytes_are_named_with_the_tensor(tok, tmp_path):
