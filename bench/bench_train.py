@@ -10,7 +10,7 @@ and prints their ratio.
   PYTHONPATH=src python bench/bench_train.py --dry-run          # tiny shape on the CPU, 2 steps
   PYTHONPATH=src python bench/bench_train.py --model /tmp/m_llama8b   # a checkpoint, loaded as users load it
 
-Offload threshold (models/checkpointing.py OFFLOAD_MIN_TOKENS): compare `--checkpointing unsloth
+Offload threshold (fast/checkpointing.py OFFLOAD_MIN_TOKENS): compare `--checkpointing unsloth
 --offload-min-tokens 0` (always offload) with `--checkpointing true` at several --seq; offloading
 pays from the length where its tokens/s loss is small next to its memory saving.
 """
@@ -87,7 +87,7 @@ def _with_adapters(model, args):
 def run(args) -> dict:
     import torch
 
-    from velotune.fast_path import decide, set_fast_path
+    from velotune.fast.plan import decide, set_fast_path
 
     device = "cpu" if args.dry_run else "cuda"
     cuda = device == "cuda"

@@ -25,7 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig
 
-from velotune.fast_path import set_fast_path
+from velotune.fast.plan import set_fast_path
 from velotune.lora import get_peft_model
 from velotune.models.families import LlamaForCausalLM
 

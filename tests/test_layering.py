@@ -1,9 +1,8 @@
 """The package's import directions (DESIGN.md section 2, issue 15): each layer imports only the layers below it.
 
 Every `import` of a velotune module, function-local ones included, is read from the source (AST, nothing
-is imported) and checked against the layer map below. The map is the target layout: modules that still
-live elsewhere are placed where they are going (the fused LoRA functions, the offloading checkpoint and
-the layer graphs are `fast/` machinery). `KNOWN_UPWARD` lists the upward imports that exist today; a new
+is imported) and checked against the layer map below, the layout of DESIGN.md section 2 (the package map
+in docs/decisions.md, "Architecture", says what each layer holds). `KNOWN_UPWARD` lists the upward imports that exist today; a new
 one fails, and so does a listed one that is gone (delete it from the list: the ratchet only tightens).
 """
 
@@ -20,11 +19,11 @@ LAYERS = [
     ("velotune.chat_templates", 85),
     ("velotune.training", 80), ("velotune.rl", 80),
     ("velotune.loading", 70), ("velotune.vision", 70),
-    ("velotune.lora.fused_", 20), ("velotune.lora", 60),
+    ("velotune.lora", 60),
     ("velotune.export", 50),
     ("velotune.inference", 40),
-    ("velotune.models.checkpointing", 20), ("velotune.models.layer_graphs", 20), ("velotune.models", 30),
-    ("velotune.fast_path", 20), ("velotune.fast", 20),
+    ("velotune.models", 30),
+    ("velotune.fast", 20),
     ("velotune.kernels", 10), ("velotune.quant", 10),
     ("velotune.data", 0), ("velotune.resolve", 0), ("velotune.settings", 0), ("velotune.device", 0),
     ("velotune.tokenizer", 0), ("velotune.weights", 0), ("velotune.quiet", 0),
@@ -32,9 +31,9 @@ LAYERS = [
 
 # (importer, imported) pairs that go upward today; issue 15 removes them.
 KNOWN_UPWARD = {
-    ("velotune.fast_path", "velotune.models.decoder"),
-    ("velotune.lora.fused_ops", "velotune.models.loss"),
-    ("velotune.lora.fused_ops", "velotune.models.rope"),
+    ("velotune.fast.plan", "velotune.models.decoder"),
+    ("velotune.fast.ops", "velotune.models.loss"),
+    ("velotune.fast.ops", "velotune.models.rope"),
     ("velotune.kernels.rope", "velotune.models.rope"),
     ("velotune.export.verify", "velotune.loading"),
 }
@@ -107,7 +106,7 @@ def test_known_upward_imports_still_exist():
 
 def test_the_checker_sees_function_local_and_relative_imports(tmp_path):
     """The checker itself: a relative, function-local import is resolved to the module it names."""
-    source = PACKAGE / "fast_path.py"
-    assert "def _decide" in source.read_text()  # its `from .lora.fused_linear import ...` is function-local
-    assert "velotune.lora.fused_linear" in imported_modules(source)
-    assert layer_of("velotune.models.decoder") > layer_of("velotune.fast_path")
+    source = PACKAGE / "fast" / "plan.py"
+    assert "def _decide" in source.read_text()  # its `from .lora_linear import ...` is function-local
+    assert "velotune.fast.lora_linear" in imported_modules(source)
+    assert layer_of("velotune.models.decoder") > layer_of("velotune.fast.plan")

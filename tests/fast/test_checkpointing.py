@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from lora_models import batch, loss_and_grads, lora_model
-from velotune.fast_path import set_fast_path
-from velotune.models.checkpointing import OFFLOAD_MIN_TOKENS, OffloadedCheckpointer
+from velotune.fast.plan import set_fast_path
+from velotune.fast.checkpointing import OFFLOAD_MIN_TOKENS, OffloadedCheckpointer
 
 
 def _assert_same(grads, reference):
@@ -53,12 +53,12 @@ def test_offloading_function_gives_the_same_gradients(family, fast, monkeypatch)
     model = lora_model(family, checkpointing="unsloth")
     set_fast_path(model, fast)
     checkpointer = _offload_everywhere(model)
-    from velotune.lora import fused_mlp
+    from velotune.fast import lora_mlp
 
     calls = []
     with monkeypatch.context() as patch:  # count the recomputations that run the MLP in backward
-        original = fused_mlp.LoraMLPInBackwardFunction.forward
-        patch.setattr(fused_mlp.LoraMLPInBackwardFunction, "forward",
+        original = lora_mlp.LoraMLPInBackwardFunction.forward
+        patch.setattr(lora_mlp.LoraMLPInBackwardFunction, "forward",
                       staticmethod(lambda *a: calls.append(1) or original(*a)))
         out, grads = loss_and_grads(model, inputs)
     assert checkpointer.offloaded == model.config.num_hidden_layers
@@ -138,7 +138,7 @@ def test_short_sequences_and_no_grad_do_not_offload():
 
 @pytest.mark.parametrize("n", [0, 1, 5, 1 << 20, (1 << 20) + 3, 344064 * 4096, 3 * (1 << 21) + 17])
 def test_host_copy_pieces_are_powers_of_two_and_cover_the_tensor(n):
-    from velotune.models.checkpointing import MIN_PIECE, piece_lengths
+    from velotune.fast.checkpointing import MIN_PIECE, piece_lengths
 
     lengths = piece_lengths(n)
     assert sum(lengths) == n
@@ -152,7 +152,7 @@ def test_host_copy_pieces_are_powers_of_two_and_cover_the_tensor(n):
 def test_offloaded_round_trip_in_several_pieces(monkeypatch):
     """The layer input goes off and comes back in pieces (a 5-element minimum here): gradients
     still equal the uncheckpointed model's."""
-    import velotune.models.checkpointing as checkpointing
+    import velotune.fast.checkpointing as checkpointing
 
     monkeypatch.setattr(checkpointing, "MIN_PIECE", 5)
     inputs = batch()

@@ -1,4 +1,4 @@
-"""The fast-path switch (velotune.fast_path) and the exactness of the fused path on the CPU.
+"""The fast-path switch (velotune.fast.plan) and the exactness of the fused path on the CPU.
 
 Forcing the fast path on (`set_fast_path(model, True)`) runs the fused LoRA functions, the
 kernel ops (their CPU references) and the fused cross-entropy; it must give the plain path's
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from lora_models import batch, loss_and_grads, lora_model
-from velotune import fast_path
-from velotune.fast_path import decide, set_fast_path
+from velotune.fast import plan as fast_path
+from velotune.fast.plan import decide, set_fast_path
 from velotune.quant import is_linear4bit
 
 FAMILIES = ["llama", "llama3_rope", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "phi3_partial"]
@@ -243,7 +243,7 @@ def test_cpu_tensors_never_reach_compiled_kernels():
 def test_plan_is_resolved_per_forward_and_follows_disable_adapter(monkeypatch):
     """The enabled decision carries each layer's fused projections; the layers use them instead of
     looking the modules up again, and a `disable_adapter()` block between forwards is seen."""
-    from velotune.lora import fused_linear, fused_mlp
+    from velotune.fast import lora_linear, lora_mlp
 
     model = lora_model("llama")
     set_fast_path(model, True)
@@ -256,8 +256,8 @@ def test_plan_is_resolved_per_forward_and_follows_disable_adapter(monkeypatch):
         decoder.config.intermediate_size, decoder.config.intermediate_size, decoder.config.hidden_size]
     inputs = batch()
     lookups = []
-    original = fused_linear.projection_of
-    for module in (fused_linear, fused_mlp):
+    original = lora_linear.projection_of
+    for module in (lora_linear, lora_mlp):
         monkeypatch.setattr(module, "projection_of", lambda m: lookups.append(m) or original(m))
     with_adapters = model(**inputs).loss
     with model.disable_adapter():

@@ -13,8 +13,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers.activations import ACT2FN
 
-from velotune.lora.fused_linear import lora_projections, projection_of, why_not_fused
-from velotune.lora.fused_mlp import lora_mlp
+from velotune.fast.lora_linear import lora_projections, projection_of, why_not_fused
+from velotune.fast.lora_mlp import lora_mlp
 
 torch.set_num_threads(2)
 H, I, Q, KV = 32, 48, 32, 16
@@ -109,9 +109,9 @@ def test_mlp_matches_peft(dtype, nf4, act):
 def test_mlp_in_token_chunks_matches_peft(monkeypatch, dtype, nf4, targets):
     """Long sequences run the per-token part of the MLP in chunks (7 rows here, 3 chunks of 21
     tokens, the last one short): outputs and every gradient still equal PEFT's."""
-    import velotune.lora.fused_mlp as fused_mlp
+    import velotune.fast.lora_mlp as mlp_module
 
-    monkeypatch.setattr(fused_mlp, "CHUNK_TOKENS", 7)
+    monkeypatch.setattr(mlp_module, "CHUNK_TOKENS", 7)
     block = _block(dtype, nf4=nf4, targets=targets)
     x = torch.randn(3, 7, H, dtype=dtype, requires_grad=True)
     mlp = (block.gate_proj, block.up_proj, block.down_proj)
@@ -128,9 +128,9 @@ def test_mlp_in_token_chunks_matches_peft(monkeypatch, dtype, nf4, targets):
 def test_mlp_computed_in_backward_has_peft_gradients(monkeypatch, dtype, nf4, chunk, targets):
     """value_unused=True (a checkpoint's recomputation): forward keeps x alone, backward does all
     the work; the gradients of x and of every adapter equal PEFT's."""
-    import velotune.lora.fused_mlp as fused_mlp
+    import velotune.fast.lora_mlp as mlp_module
 
-    monkeypatch.setattr(fused_mlp, "CHUNK_TOKENS", chunk)
+    monkeypatch.setattr(mlp_module, "CHUNK_TOKENS", chunk)
     block = _block(dtype, nf4=nf4, targets=targets)
     x = torch.randn(3, 7, H, dtype=dtype, requires_grad=True)
     mlp = (block.gate_proj, block.up_proj, block.down_proj)

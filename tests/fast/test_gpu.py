@@ -1,7 +1,7 @@
 """The fast path on CUDA (skipped without a GPU): on by itself, close to the plain path in bf16
 (dense and NF4 bases), offloaded checkpointing exact, and a 50-step convergence run.
 
-Run on the GPU machine: `PYTHONPATH=src python -m pytest -q tests/fast_path/test_gpu.py`.
+Run on the GPU machine: `PYTHONPATH=src python -m pytest -q tests/fast/test_gpu.py`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 from transformers import LlamaConfig
 
 from lora_models import batch, loss_and_grads, lora_model
-from velotune.fast_path import decide, set_fast_path
-from velotune.models.checkpointing import OffloadedCheckpointer
+from velotune.fast.plan import decide, set_fast_path
+from velotune.fast.checkpointing import OffloadedCheckpointer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -114,7 +114,7 @@ def test_fifty_step_convergence_fast_vs_plain():
 def test_lora_dropout_on_cuda_warns_and_keeps_the_plain_path(caplog):
     import logging
 
-    from velotune import fast_path
+    from velotune.fast import plan as fast_path
 
     model = lora_model("llama", dtype=torch.bfloat16, device="cuda", lora_dropout=0.1)
     fast_path._logged.clear()

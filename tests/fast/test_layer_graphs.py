@@ -1,4 +1,4 @@
-"""CUDA graphs of the checkpointed layers (models/layer_graphs.py).
+"""CUDA graphs of the checkpointed layers (fast/layer_graphs.py).
 
 On the CPU the same code runs with every call eager (`cpu_rehearsal`): which forwards are
 eligible, the gradients returned through `_GraphedCheckpointFunction`, their accumulation over
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from lora_models import batch, loss_and_grads, lora_model
-from velotune.fast_path import set_fast_path
-from velotune.models import layer_graphs
-from velotune.models.checkpointing import OffloadedCheckpointer
+from velotune.fast.plan import set_fast_path
+from velotune.fast import layer_graphs
+from velotune.fast.checkpointing import OffloadedCheckpointer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 from lora_models import lora_model
 from tiny_models import VOCAB
-from velotune.fast_path import set_fast_path
+from velotune.fast.plan import set_fast_path
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:

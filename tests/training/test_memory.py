@@ -96,7 +96,7 @@ def test_trainer_refuses_a_run_that_clearly_cannot_fit(tiny_llama_dir, tmp_path)
 
 def test_fast_path_term_is_within_a_factor_of_two_of_measured(tiny_llama_dir):
     """The fused layers' saved tensors (fast path forced on the CPU) against the fast-path formula."""
-    from velotune.fast_path import set_fast_path
+    from velotune.fast.plan import set_fast_path
     from velotune.training.memory import fast_path_activations
 
     model, _ = tiny_lora(tiny_llama_dir)

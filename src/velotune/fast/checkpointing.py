@@ -43,7 +43,7 @@ def recomputing() -> bool:
     backward`, or a graphed layer's recomputation in layer_graphs.py). The layer's output value is
     then dead: only its autograd graph is used (the gradient arriving from above is already
     known), so the fast path may skip work whose only product is that value (see
-    DecoderLayer.forward and lora/fused_mlp.py)."""
+    DecoderLayer.forward and lora_mlp.py)."""
     return getattr(_recomputation, "active", False)
 
 

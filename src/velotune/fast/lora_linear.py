@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..quant.linear import is_linear4bit
-from .fused_ops import dequantize_nf4_weight
+from .ops import dequantize_nf4_weight
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,7 +62,7 @@ def projection_of(module: nn.Module) -> LoraProjection | None:
 
 def inspect_projection(module: nn.Module) -> tuple[str | None, LoraProjection | None]:
     """(None, the fused view) when `module` can run through the fused functions, else (the reason
-    it cannot, None). One walk over the module's attributes serves both (fast_path.decide runs it
+    it cannot, None). One walk over the module's attributes serves both (plan.decide runs it
     for every projection on every forward)."""
     if _is_base_linear(module):
         if module.weight.requires_grad or (module.bias is not None and module.bias.requires_grad):
@@ -276,7 +276,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def lora_projections(x: torch.Tensor, modules: list[nn.Module], projections=None) -> list[torch.Tensor]:
     """x (..., in) through each module -> [(..., out_i)], fused when every module allows it,
     otherwise the modules' own calls (exactly the plain path). `projections`: the modules' fused
-    views when the caller already has them (fast_path.LayerPlan), else they are looked up here."""
+    views when the caller already has them (plan.LayerPlan), else they are looked up here."""
     if projections is None:
         projections = [projection_of(m) for m in modules]
     if any(p is None for p in projections):

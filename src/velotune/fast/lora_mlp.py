@@ -4,7 +4,7 @@ It saves x and the gate/up projections (N, I), plus the small LoRA tensors (the 
 and x A^T, (N, r)). The activation product h = act(g) * u, which the down projection's adapter
 gradient needs, is recomputed in backward by the activation kernel itself (one cheap elementwise
 pass), so neither h nor act(g) is kept; 4-bit base weights are dequantized just in time in
-forward and again in backward (see fused_linear.py). gate and up share x, so their LoRA A
+forward and again in backward (see lora_linear.py). gate and up share x, so their LoRA A
 matrices are stacked: one matmul computes x [A_gate; A_up]^T (group_forward).
 
 Long sequences: every step after the gate/up matmuls is independent per token, so h (forward)
@@ -31,11 +31,11 @@ from functools import partial
 import torch
 from torch import nn
 
-from .fused_linear import (
+from .lora_linear import (
     adapter_inputs, adapters_of, autocast_off, compute_dtype, dense_weight, group_backward, group_forward,
     projection_of,
 )
-from .fused_ops import geglu, swiglu
+from .ops import geglu, swiglu
 
 # transformers' activation names (ACT2FN keys) -> the gated kernel computing act(gate) * up.
 GATED_ACTIVATIONS = {
@@ -176,7 +176,7 @@ def lora_mlp(
     activation without a gated kernel, or a projection `why_not_fused` rejects): the caller
     then runs its plain modules. `value_unused=True` (a checkpoint's recomputation, where the
     result is only differentiated): the returned tensor's values are unset, its gradient exact.
-    `projections`: the three modules' fused views when the caller has them (fast_path.LayerPlan)."""
+    `projections`: the three modules' fused views when the caller has them (plan.LayerPlan)."""
     if projections is None:
         projections = [projection_of(m) for m in (gate, up, down)]
     if activation not in GATED_ACTIVATIONS or any(p is None for p in projections):

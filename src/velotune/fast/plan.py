@@ -1,6 +1,6 @@
 """The one place that decides whether a model runs the GPU fast path or the exact plain path.
 
-Fast path: our decoder layers run the fused LoRA autograd functions (lora/fused_*.py) and the
+Fast path: our decoder layers run the fused LoRA autograd functions (lora_linear.py, lora_mlp.py) and the
 kernels (RMSNorm, RoPE, SwiGLU/GeGLU), and the causal-LM loss in training goes through the fused
 linear cross-entropy. It turns on by itself when all of these hold:
 
@@ -42,7 +42,7 @@ _logged: set[str] = set()
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One decoder layer's fused projections (lora/fused_linear.py `LoraProjection`s), by group."""
+    """One decoder layer's fused projections (lora_linear.py `LoraProjection`s), by group."""
 
     qkv: tuple  # q, k, v
     o: tuple  # (o,)
@@ -65,7 +65,7 @@ def _env_flag(name: str) -> bool:
 
 def find_decoder(model: nn.Module):
     """Our `DecoderModel` inside `model` (a PEFT wrapper, a causal LM or the backbone), or None."""
-    from .models.decoder import DecoderModel
+    from ..models.decoder import DecoderModel
 
     if isinstance(model, DecoderModel):
         return model
@@ -106,9 +106,9 @@ def _decide(model: nn.Module, fast_path: bool | None) -> FastPathDecision:
     device = decoder.embed_tokens.weight.device
     if device.type != "cuda" and setting is not True:
         return FastPathDecision(False, f"the model is on {device.type}, the fast path runs on CUDA")
-    from .lora.fused_linear import inspect_projection
-    from .lora.fused_mlp import GATED_ACTIVATIONS
-    from .lora.fused_ops import FROM_KERNELS
+    from .lora_linear import inspect_projection
+    from .lora_mlp import GATED_ACTIVATIONS
+    from .ops import FROM_KERNELS
 
     warn = device.type == "cuda"
     plans = []

@@ -199,7 +199,7 @@ def _set_checkpointing(model, mode) -> None:
 
     Our models take the mode directly (transformers has renamed its toggle across 5.x):
     "unsloth" also parks each layer's input in pinned CPU memory until backward needs it
-    (models/checkpointing.py). The generic path uses whichever toggle the installed
+    (fast/checkpointing.py). The generic path uses whichever toggle the installed
     transformers has, and checkpoints plainly for "unsloth".
     """
     decoder = getattr(model, "model", None)

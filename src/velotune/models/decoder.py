@@ -16,10 +16,10 @@ from torch import nn
 from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .. import fast_path as fast_path_switch
-from .checkpointing import OffloadedCheckpointer, checkpoint_function, plain_checkpoint, recomputing
+from ..fast import plan as fast_plan
+from ..fast.checkpointing import OffloadedCheckpointer, checkpoint_function, plain_checkpoint, recomputing
 from .generation import unpack_generate_inputs
-from .layer_graphs import ModelGraphs, graphs_enabled
+from ..fast.layer_graphs import ModelGraphs, graphs_enabled
 from .layers import Attention, GatedMLP, make_norm
 from .loss import causal_lm_loss, fused_causal_lm_loss
 from .masks import LayerMasks, mask_inputs
@@ -77,8 +77,8 @@ class DecoderModel(nn.Module):
         self.gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable
         self.checkpoint_mode: bool | str = False
         self._checkpoint_function = checkpoint_function(True)
-        self.fast_path: bool | None = None  # None: automatic; see velotune.fast_path.set_fast_path
-        self._graphs = ModelGraphs()  # CUDA graphs of the checkpointed layers (layer_graphs.py)
+        self.fast_path: bool | None = None  # None: automatic; see velotune.fast.plan.set_fast_path
+        self._graphs = ModelGraphs()  # CUDA graphs of the checkpointed layers (fast/layer_graphs.py)
 
     def set_checkpointing(self, mode: bool | str) -> None:
         """get_peft_model's `use_gradient_checkpointing`: False, True (plain per-layer
@@ -115,13 +115,13 @@ class DecoderModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cache=None,
-        fast: "fast_path_switch.FastPathDecision | None" = None,
+        fast: "fast_plan.FastPathDecision | None" = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """transformers' `*Model.forward` contract (TRL calls the backbone directly for its fused
         loss); unused kwargs (output_attentions, cache_position, ...) are accepted and ignored.
-        `fast`: the fast-path decision when the caller already made it (None: ask fast_path.py)."""
-        decision = fast_path_switch.decide(self) if fast is None else fast
+        `fast`: the fast-path decision when the caller already made it (None: ask fast/plan.py)."""
+        decision = fast_plan.decide(self) if fast is None else fast
         plans = decision.layers if decision.enabled else (False,) * len(self.layers)
         cache = cache if cache is not None else past_key_values
         if use_cache is None:
@@ -165,7 +165,7 @@ class DecoderModel(nn.Module):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h, decision.enabled), **{_CACHE_FIELD: cache})
 
     def _graph_buffers(self, h: torch.Tensor, eligible: bool):
-        """The CUDA-graph buffers for this forward (layer_graphs.py), or None when its layers run
+        """The CUDA-graph buffers for this forward (fast/layer_graphs.py), or None when its layers run
         eagerly: `eligible` (a fast-path training forward through our checkpoint, no random
         numbers drawn, no cache) and the offloading checkpoint takes these layers."""
         function = self._checkpoint_function
@@ -269,9 +269,9 @@ class DecoderForCausalLM(PreTrainedModel, GenerationMixin):
         On the fast path, a training forward with labels computes the loss with the fused linear
         cross-entropy and returns `logits=None` (the (B, T, V) logits are never built), unless
         the caller asks for them: `return_logits=True`, `VELOTUNE_RETURN_LOGITS=1`, or a loaded
-        TRL whose SFTTrainer reads them (see `fast_path.logits_wanted`). Evaluation (eval mode or
+        TRL whose SFTTrainer reads them (see `fast.plan.logits_wanted`). Evaluation (eval mode or
         no grad), generation and calls without labels always return the logits."""
-        decision = fast_path_switch.decide(self.model)
+        decision = fast_plan.decide(self.model)
         fast = decision.enabled
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, cache=cache,
@@ -281,7 +281,7 @@ class DecoderForCausalLM(PreTrainedModel, GenerationMixin):
         has_labels = labels is not None or shift_labels is not None
         head = _lm_head_weight(self.lm_head) if fast and has_labels and self.training else None
         if head is not None and head.dtype == hidden.dtype and torch.is_grad_enabled() \
-                and not fast_path_switch.logits_wanted(return_logits):
+                and not fast_plan.logits_wanted(return_logits):
             loss = fused_causal_lm_loss(hidden, head, labels, num_items_in_batch, shift_labels, softcap)
             return CausalLMOutputWithPast(loss=loss, logits=None, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

@@ -26,9 +26,9 @@ def _fast():
     because the `velotune.lora` package itself imports this model package."""
     global _FAST_MODULES
     if not _FAST_MODULES:
-        from ..lora import fused_linear, fused_mlp, fused_ops
+        from ..fast import lora_linear, lora_mlp, ops
 
-        _FAST_MODULES = (fused_linear, fused_mlp, fused_ops)
+        _FAST_MODULES = (lora_linear, lora_mlp, ops)
     return _FAST_MODULES
 
 
@@ -82,8 +82,8 @@ class GatedMLP(nn.Module):
         self.act_fn = ACT2FN[self.activation]
 
     def forward(self, x: torch.Tensor, fast=False, value_unused: bool = False) -> torch.Tensor:
-        """`fast`: truthy for the fast path, a fast_path.LayerPlan when the projections are
-        resolved; `value_unused`: the caller only differentiates the output (see fused_mlp.py);
+        """`fast`: truthy for the fast path, a fast.plan.LayerPlan when the projections are
+        resolved; `value_unused`: the caller only differentiates the output (see fast/lora_mlp.py);
         the plain path ignores it."""
         if fast:  # one fused autograd node (None when a projection or the activation cannot fuse)
             out = _fast()[1].lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.activation,
@@ -158,9 +158,9 @@ class Attention(nn.Module):
         cache=None,
         fast=False,
     ) -> torch.Tensor:
-        """`fast` (truthy; a fast_path.LayerPlan when the projections are resolved): fused LoRA
+        """`fast` (truthy; a fast.plan.LayerPlan when the projections are resolved): fused LoRA
         q/k/v and o (one autograd node each) and the RMSNorm/RoPE kernels; the decision is
-        fast_path.py's."""
+        fast/plan.py's."""
         if fast:
             fused_linear, _, ops = _fast()
             q, k, v = fused_linear.lora_projections(x, [self.q_proj, self.k_proj, self.v_proj],

@@ -45,7 +45,7 @@ def fused_causal_lm_loss(
 ) -> torch.Tensor:
     """`causal_lm_loss(lm_head(hidden), ...)` without building the (B, T, V) logits: the fused
     linear cross-entropy kernel works through the tokens in chunks."""
-    from ..lora.fused_ops import fused_linear_cross_entropy  # velotune.lora imports this package
+    from ..fast.ops import fused_linear_cross_entropy  # velotune.fast.ops imports this module
 
     targets = shift_labels if shift_labels is not None else shift_labels_of(labels)
     targets = targets.reshape(-1).to(hidden.device)  # (B*T,)

@@ -15,7 +15,7 @@ Terms (bytes):
                is kept, plus one layer's full set while it is recomputed. The loss adds the
                logits: T x V in the compute dtype, an fp32 copy when that dtype is 16-bit, and
                the fp32 gradient.
-    fast path (fast_path.py decides: our decoder on CUDA, fusable LoRA): the fused layer keeps
+    fast path (fast/plan.py decides: our decoder on CUDA, fusable LoRA): the fused layer keeps
                4H + 2Q + 2K + 2I per token (no act(g)*u); the fused cross-entropy never builds
                the logits (its d hidden, one chunk of logits and the final norm's input: 3H per
                token); the checkpointed MLP recomputes in token chunks (CHUNK_TOKENS rows of 6I);
@@ -153,7 +153,7 @@ class FastPathMemory:
 
 def fast_path_activations(model, tokens: int, dtype: torch.dtype, checkpointing: bool, offload: bool,
                           graphs: bool, four_bit: bool) -> FastPathMemory:
-    from ..lora.fused_mlp import CHUNK_TOKENS
+    from ..fast.lora_mlp import CHUNK_TOKENS
 
     m = _Shape.of(model)
     size = torch.finfo(dtype).bits // 8
@@ -178,9 +178,9 @@ def fast_path_activations(model, tokens: int, dtype: torch.dtype, checkpointing:
 
 def _runtime(model, tokens: int, checkpointing: bool, fast_path: bool | None, device) -> tuple[bool, bool, bool]:
     """(fast path, offloaded checkpointing, CUDA graphs) as the forward will decide them on `device`."""
-    from ..fast_path import decide, find_decoder
-    from ..models.checkpointing import OffloadedCheckpointer
-    from ..models.layer_graphs import MAX_GRAPHED_ELEMENTS, graphs_enabled
+    from ..fast.plan import decide, find_decoder
+    from ..fast.checkpointing import OffloadedCheckpointer
+    from ..fast.layer_graphs import MAX_GRAPHED_ELEMENTS, graphs_enabled
 
     decoder = find_decoder(model)
     if decoder is None or device.type != "cuda":
@@ -203,7 +203,7 @@ def estimate(model, batch_size: int, max_seq_length: int, optim: str, compute_dt
     `device="cuda"` for a model still elsewhere (e.g. built on the meta device) estimates it as it
     will run there: the fast path's decision (`fast_path` overrides it), offloading and graphs.
     """
-    from .. import fast_path as dispatch
+    from ..fast import plan as dispatch
 
     checkpointing = uses_checkpointing(model) if checkpointing is None else checkpointing
     tokens = batch_size * max_seq_length
