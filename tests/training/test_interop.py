@@ -24,9 +24,19 @@ def test_aliases_are_the_same_classes():
     assert UnslothTrainer is Trainer is SFTTrainer and UnslothTrainingArguments is TrainingArguments
 
 
+def test_fp16_on_a_cpu_only_machine_trains_in_fp32():
+    if torch.cuda.is_available():
+        pytest.skip("the CPU-only rule")
+    args = TrainingArguments(output_dir="unused", report_to="none", fp16=True)
+    assert args.fp16 is False and args.bf16 is False
+    assert TrainingArguments(output_dir="unused", report_to="none", bf16=True).bf16 is True
+
+
 def test_seed_defaults():
     args = TrainingArguments(output_dir="unused", report_to="none")
-    assert args.bf16 is is_bfloat16_supported() and args.fp16 is (not is_bfloat16_supported())
+    assert args.bf16 is is_bfloat16_supported()
+    # fp16 where the GPU lacks bf16; never on a CPU-only machine, where fp16 is emulated and ~18x slower
+    assert args.fp16 is (not is_bfloat16_supported() and torch.cuda.is_available())
     assert args.optim in ("adamw_8bit", "adamw_torch")  # adamw_8bit wherever bitsandbytes can step it
     assert args.embedding_learning_rate is None
 
