@@ -96,10 +96,13 @@ def test_sharded_streaming_export(tok, tmp_path):
     torch.testing.assert_close(logits(loaded), logits(model), atol=2e-5, rtol=1e-5)
 
 
-def test_pytorch_bin_when_safe_serialization_false(tok, tmp_path):
+def test_safetensors_even_when_safe_serialization_false(tok, tmp_path, caplog):
+    """The docs say saves are safetensors; .bin pickles run code when loaded (issue 13 item 5)."""
     model = lora(tiny.model("llama"))
-    folder = save_pretrained_merged(model, tmp_path / "out", tok, safe_serialization=False, verify=False)
-    assert (folder / "pytorch_model.bin").is_file() and not (folder / "model.safetensors").exists()
+    with caplog.at_level("WARNING", logger="velotune"):
+        folder = save_pretrained_merged(model, tmp_path / "out", tok, safe_serialization=False, verify=False)
+    assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))
+    assert "safe_serialization=False" in caplog.text
     loaded = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
     torch.testing.assert_close(logits(loaded), logits(model), atol=2e-5, rtol=1e-5)
 

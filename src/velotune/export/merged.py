@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models.saving import safetensors_only
 from .folders import ExportRecord, atomic_path, check_free_space, human_size, parse_size, prepare_folder
 from .weights import TensorPlan, base_model_of, is_tied, materialize, model_dtype, plan_tensors
 
@@ -122,8 +123,8 @@ def save_pretrained_merged(
     **kwargs,
 ) -> Path:
     """Write a merged (or adapter-only) folder; see SAVE_METHODS. Works on a LoRA model and on a
-    fully fine-tuned plain model alike. `safe_serialization=False` writes PyTorch .bin shards
-    (True or None: safetensors). Returns the folder."""
+    fully fine-tuned plain model alike. Always safetensors (`safe_serialization=False` gets a notice:
+    see models/saving.py). Returns the folder."""
     if kwargs:
         logger.warning("velotune: save_pretrained_merged ignores arguments it does not use: %s", sorted(kwargs))
     method = _check_method(save_method)
@@ -139,8 +140,8 @@ def save_pretrained_merged(
     total = sum(p.numel for p in plans) * itemsize
     check_free_space(folder, total // (3 if quant_4bit else 1), "the merged model")
     shards = _group_shards(plans, itemsize, _shard_budget(max_shard_size, maximum_memory_usage))
-    safetensors = safe_serialization is not False
-    stem, ext = ("model", "safetensors") if safetensors else ("pytorch_model", "bin")
+    safetensors_only(safe_serialization, "the merged model")
+    stem, ext = "model", "safetensors"
     names = [f"{stem}.{ext}"] if len(shards) == 1 else \
         [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
     index_name = f"{stem}.{ext}.index.json"
@@ -158,10 +159,7 @@ def save_pretrained_merged(
                 tensors[plan.name] = value.to("cpu").contiguous()
             bar.update(1)
         with atomic_path(folder / file_name) as partial:
-            if safetensors:
-                save_file(tensors, str(partial), metadata={"format": "pt"})
-            else:
-                torch.save(tensors, partial)
+            save_file(tensors, str(partial), metadata={"format": "pt"})
         written_bytes += (folder / file_name).stat().st_size
         weight_map.update({k: file_name for k in tensors})
         del tensors
