@@ -155,29 +155,73 @@ def check_free_space(folder: Path, needed_bytes: int, what: str) -> None:
                       f"{human_size(free)} free. Free some space or choose another save_directory.")
 
 
-def write_failure(path: Path, partial: Path, error: BaseException) -> OSError | None:
-    """An OSError naming `path` when writing it failed for lack of room (full disk, quota, or the
-    process's file-size limit), else None. Writers report these differently (OSError errno 28/27,
-    safetensors' "FileTooLarge", torch's "file write failed"), so the cause is read off the system."""
-    size = partial.stat().st_size if partial.exists() else 0
+def no_room(path: Path, size: int, error: BaseException, fix_limit: str = "pass a smaller max_shard_size",
+            where: str = "save_directory") -> tuple[int, str] | None:
+    """(errno, why) when writing `path` (`size` bytes so far) failed for lack of room (full disk, quota,
+    or the process's file-size limit), else None. Writers report these differently (OSError errno
+    28/27, safetensors' "FileTooLarge", torch's "file write failed" or "unexpected pos"), so the
+    cause is read off the system."""
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     code = getattr(error, "errno", None)
     text = str(error)
     if code == errno.EFBIG or "FileTooLarge" in text or "File too large" in text or \
             (limit != resource.RLIM_INFINITY and size >= limit - 4096):
         shown = human_size(limit) if limit != resource.RLIM_INFINITY else "the file system's maximum"
-        why = (f"the file reached the file-size limit ({shown}; see `ulimit -f`). Raise the limit or pass a "
-               "smaller max_shard_size")
-        number = errno.EFBIG
-    elif code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "StorageFull" in text or \
+        return errno.EFBIG, f"the file reached the file-size limit ({shown}; see `ulimit -f`). Raise the limit or " \
+                            f"{fix_limit}"
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "StorageFull" in text or \
             "Disk quota" in text or shutil.disk_usage(path.parent).free < 1 << 20:
-        why = f"the disk is full ({human_size(shutil.disk_usage(path.parent).free)} free). Free some space or " \
-              "choose another save_directory"
-        number = errno.ENOSPC
-    else:
+        return errno.ENOSPC, f"the disk is full ({human_size(shutil.disk_usage(path.parent).free)} free). Free " \
+                             f"some space or choose another {where}"
+    return None
+
+
+def write_failure(path: Path, partial: Path, error: BaseException) -> OSError | None:
+    """An OSError naming `path` when writing it (as `partial`) failed for lack of room, else None."""
+    size = partial.stat().st_size if partial.exists() else 0
+    cause = no_room(path, size, error)
+    if cause is None:
         return None
-    return OSError(number, f"writing {path} failed after {human_size(size)}: {why}. The half-written file was "
-                           "removed; files already in the folder are unchanged")
+    return OSError(cause[0], f"writing {path} failed after {human_size(size)}: {cause[1]}. The half-written file "
+                             "was removed; files already in the folder are unchanged")
+
+
+def file_states(folder: Path) -> dict[Path, tuple[int, int]]:
+    """{file: (mtime_ns, size)} under `folder`: taken before a save, so `failed_file` can tell what it wrote."""
+    folder = Path(folder)
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*") if p.is_file()} \
+        if folder.is_dir() else {}
+
+
+def failed_file(folder: Path, before: dict[Path, tuple[int, int]], error: BaseException,
+                weights: tuple[str, ...] = ()) -> Path | None:
+    """The file a save into `folder` that failed was writing: a library (PEFT, transformers, torch)
+    writes its files one by one straight under their names and does not say which one failed.
+    A file at the file-size limit is it; safetensors deletes the file it failed to write, so after
+    its error it is the first of `weights` (names, in `folder`) that was not written; otherwise the
+    file written last (new or changed since `before`; on equal times the largest)."""
+    folder = Path(folder)
+    changed = [(state, path) for path, state in file_states(folder).items() if before.get(path) != state]
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    at_limit = [item for item in changed if limit != resource.RLIM_INFINITY and item[0][1] >= limit - 4096]
+    if not at_limit and "SafetensorError" in (type(error).__name__, type(error.__cause__).__name__):
+        unwritten = [folder / n for n in weights if (folder / n) not in {path for _, path in changed}]
+        if unwritten:
+            return unwritten[0]
+    return max(at_limit or changed, key=lambda item: item[0])[1] if changed else None
+
+
+def save_failure(folder: Path, before: dict[Path, tuple[int, int]], error: BaseException, then: str,
+                 fix_limit: str, where: str, weights: tuple[str, ...] = ()) -> OSError | None:
+    """An OSError naming the file being written when a save by another library into `folder` ran out of
+    room (else None); `then` says what became of the save and what to do; `weights`: the safetensors
+    files the save writes (see failed_file)."""
+    path = failed_file(folder, before, error, weights) or Path(folder)
+    size = path.stat().st_size if path.is_file() else 0
+    cause = no_room(path if path.is_file() else path / "x", size, error, fix_limit, where)
+    if cause is None:
+        return None
+    return OSError(cause[0], f"writing {path} failed after {human_size(size)}: {cause[1]}. {then}")
 
 
 @contextmanager

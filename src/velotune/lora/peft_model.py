@@ -56,10 +56,20 @@ class VelotunePeftModel(PeftModelForCausalLM):
 
     def save_pretrained(self, save_directory, safe_serialization=True, **kwargs):
         """PEFT's save_pretrained, always as safetensors (models/saving.py: the docs' None means safetensors)."""
+        from ..export.folders import file_states, save_failure
         from ..models.saving import safetensors_only
 
         safe = safetensors_only(safe_serialization, "the LoRA adapter")
-        return super().save_pretrained(save_directory, safe_serialization=safe, **kwargs)
+        before = file_states(Path(save_directory))
+        try:
+            return super().save_pretrained(save_directory, safe_serialization=safe, **kwargs)
+        except Exception as error:  # a full disk or the file-size limit: PEFT's error does not name the file
+            named = save_failure(Path(save_directory), before, error, "The adapter in this folder is incomplete; "
+                                 "make room and save it again", "save it where larger files are allowed",
+                                 "save_directory", weights=("adapter_model.safetensors",))
+            if named is None:
+                raise
+            raise named from error
 
     # Export (velotune.export): the seed's methods, delegating to functions that take the model.
     def save_pretrained_merged(self, save_directory, tokenizer=None, save_method="merged_16bit", **kwargs):

@@ -105,6 +105,23 @@ def publish(staged: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def save_failed(error: BaseException, folder: Path, before: dict, what: str, last: str | None,
+                note: str = "", weights: tuple[str, ...] = ()) -> OSError | None:
+    """An OSError naming the file being written and the last good checkpoint when a save (`what`) into
+    `folder` ran out of disk space or hit the file-size limit; None for any other error. Training
+    stops, but nothing already on disk was touched: the last good checkpoint resumes the run."""
+    from ..export.folders import save_failure
+
+    if last:
+        then = (f"{what} was not saved{note}; the last good checkpoint is {last}. Make room (or raise the limit), "
+                "then resume with trainer.train(resume_from_checkpoint=True)")
+    else:
+        then = f"{what} was not saved{note}; no checkpoint was saved before it"
+    return save_failure(folder, before, error, then, fix_limit="save less per checkpoint (save_only_model=True "
+                        "skips the optimizer state, but such checkpoints cannot resume)", where="output_dir",
+                        weights=weights)
+
+
 def fsync_tree(folder: Path) -> None:
     """Flush the checkpoint's files to disk before the rename makes them visible."""
     for path in folder.rglob("*"):

@@ -27,12 +27,13 @@ from transformers import TrainingArguments as HFTrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer as TRLSFTTrainer
 
+from ..export.folders import file_states
 from . import data as data_helpers
 from . import resume as resume_checks
 from .arguments import TrainingArguments
 from .callbacks import LossPlotCallback, ProgressFieldsCallback, SummaryCallback, peak_memory_bytes
 from .checkpoints import (STAGING, InterruptCallback, clear_stale_staging, ctrl_c_saves, fsync_tree, ours, publish,
-                          rotate, write_marker)
+                          rotate, save_failed, write_marker)
 from .memory import check_memory, device_memory, estimate
 from .run_lock import RunLock, check_free
 
@@ -252,13 +253,24 @@ class SFTTrainer(TRLSFTTrainer):
         self.args.save_total_limit = None  # velotune rotates (below), over its own checkpoints only
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                write_marker(staged, self._lock.run_id, self.state.global_step)
+                fsync_tree(staged)
+        except Exception as error:  # a full disk or the file-size limit: name the file and the last good checkpoint
+            named = save_failed(error, staged, {}, name, _last_checkpoint(run_dir),
+                                note=" (its half-written folder was removed)", weights=self._weights_files())
+            if named is None:
+                raise
+            shutil.rmtree(staged, ignore_errors=True)
+            for empty in (staged.parent, staged.parent.parent):
+                with contextlib.suppress(OSError):
+                    empty.rmdir()  # only when empty
+            raise named from error
         finally:
             self._saving_checkpoint = False
             self.args.save_total_limit = before
         if not self.args.should_save:
             return
-        write_marker(staged, self._lock.run_id, self.state.global_step)
-        fsync_tree(staged)
         publish(staged, run_dir / name)
         for empty in (staged.parent, staged.parent.parent):
             with contextlib.suppress(OSError):
@@ -266,6 +278,10 @@ class SFTTrainer(TRLSFTTrainer):
         if self.state.best_model_checkpoint and STAGING in Path(self.state.best_model_checkpoint).parts:
             self.state.best_model_checkpoint = str(run_dir / Path(self.state.best_model_checkpoint).name)
         rotate(run_dir, limit, self.state.best_model_checkpoint)
+
+    def _weights_files(self) -> tuple[str, ...]:
+        """The safetensors file a save writes first (named when safetensors fails and deletes it)."""
+        return ("adapter_model.safetensors",) if hasattr(self.model, "peft_config") else ("model.safetensors",)
 
     def _rotation_limit(self):
         """save_total_limit as the user set it: train() hides it from transformers, whose end-of-run cleanup
@@ -288,10 +304,18 @@ class SFTTrainer(TRLSFTTrainer):
         users = readme.read_bytes() if readme.is_file() else None
         if users is not None and MODEL_CARD_SIGNATURE.encode() in users:
             users = None
+        before = {} if self._saving_checkpoint else file_states(readme.parent)
         try:
             for name in secrets:
                 setattr(self.args, name, None)
             return super()._save(output_dir, state_dict=state_dict)
+        except Exception as error:  # the final save_model ran out of room: name the file, point at the checkpoint
+            named = None if self._saving_checkpoint else save_failed(
+                error, readme.parent, before, f"the model in {readme.parent}", _last_checkpoint(self.args.output_dir),
+                weights=self._weights_files())
+            if named is None:
+                raise
+            raise named from error
         finally:
             for name, value in secrets.items():
                 setattr(self.args, name, value)
