@@ -69,3 +69,19 @@ def test_bad_weight_shape_is_named():
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 def test_real_size_gpu(dtype, offset):
     _check((2, 2048, 4096), dtype, offset, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
+def test_cast_before_scale_is_transformers_llama_norm(weight_dtype):
+    """The reference's Llama convention (cast x_hat back, then scale in w's dtype) is transformers'
+    LlamaRMSNorm bit for bit in bf16, output dtype included; the default scales in fp32, casts once."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    hf = LlamaRMSNorm(40, eps=1e-6).to(weight_dtype)
+    with torch.no_grad():
+        hf.weight.copy_(torch.randn(40) * 0.3 + 1)
+    x = (torch.randn(4, 40) * 3).to(torch.bfloat16)
+    out = rms_norm_reference(x, hf.weight, 1e-6, cast_before_scale=True)
+    assert out.dtype == hf(x).dtype and torch.equal(out, hf(x))
+    assert rms_norm_reference(x, hf.weight, 1e-6).dtype == torch.bfloat16

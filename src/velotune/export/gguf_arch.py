@@ -1,12 +1,12 @@
 """What llama.cpp needs to know about each family: GGUF architecture, hyperparameters, tensor
 names, and the few layout changes between transformers' tensors and llama.cpp's.
 
-Facts encoded here (from llama.cpp's model loader and converter):
-  * Mistral is llama.cpp's `llama` architecture; llama/mistral rotate q/k in interleaved pairs
-    while transformers rotates halves, so their q/k rows are permuted per head on export.
-  * Gemma's norms scale by (1 + w); llama.cpp's scale by w, so +1 is baked into every norm.
-  * Phi-3 takes the fused qkv and gate_up tensors (our plan already fuses them).
-  * Llama 3 rope scaling travels as a `rope_freqs` tensor; Phi-3 LongRoPE as two factor tensors.
+Every per-family fact comes from the family's record (`velotune.models.spec.GGUFSpec`, read by
+`family_of`): the architecture name, q/k row permutation for llama.cpp's pairwise rope, the norm
+offset baked into Gemma's norms (llama.cpp scales by w, Gemma by 1 + w), a tied output, the
+soft-capping and sliding-window keys. Phi-3's fused qkv and gate_up come fused from
+`weights.plan_tensors`. Llama 3 rope scaling travels as a `rope_freqs` tensor; Phi-3 LongRoPE as
+two factor tensors.
 """
 
 from __future__ import annotations
@@ -18,23 +18,25 @@ from dataclasses import dataclass
 import gguf
 import torch
 
-from velotune.models.spec import head_dim_of, layer_types_of
+from velotune.models.spec import FAMILIES, FamilySpec, family_of, head_dim_of, layer_types_of
 
 logger = logging.getLogger("velotune")
 
-ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
-          "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3", "phi3": "phi3"}
-_GEMMA = ("gemma", "gemma2", "gemma3_text", "gemma3")
+
+def gguf_family(config) -> FamilySpec:
+    """The family record of a model llama.cpp can run; ValueError (before anything is written) otherwise."""
+    spec = family_of(config)
+    if spec is None or spec.gguf is None:
+        supported = sorted(name for name, s in FAMILIES.items() if s.gguf is not None)
+        raise ValueError(f"GGUF export supports the families {', '.join(supported)}; this model is "
+                         f"{getattr(config, 'model_type', None)!r}. Save it with save_pretrained_merged and convert "
+                         "it with llama.cpp's convert_hf_to_gguf.py if llama.cpp supports it.")
+    return spec
 
 
 def gguf_arch(config) -> str:
     """The GGUF architecture name; ValueError (before anything is written) for other families."""
-    try:
-        return ARCHES[config.model_type]
-    except KeyError:
-        raise ValueError(f"GGUF export supports the families {', '.join(sorted(set(ARCHES)))}; this model is "
-                         f"{config.model_type!r}. Save it with save_pretrained_merged and convert it with "
-                         "llama.cpp's convert_hf_to_gguf.py if llama.cpp supports it.") from None
+    return gguf_family(config).gguf.arch
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def _rope(config) -> tuple[dict, dict]:
 
 def write_hparams(writer: gguf.GGUFWriter, config) -> list[ExtraTensor]:
     """Add the architecture's key/values; return rope tables to write as tensors."""
-    mt = config.model_type
+    family = gguf_family(config).gguf
     n_head, head_dim = config.num_attention_heads, head_dim_of(config)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -66,7 +68,7 @@ def write_hparams(writer: gguf.GGUFWriter, config) -> list[ExtraTensor]:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    if mt in ("llama", "mistral"):
+    if family.vocab_size_key:
         writer.add_vocab_size(config.vocab_size)
     full, sliding = _rope(config)
     writer.add_rope_freq_base(full.get("rope_theta", 10000.0))
@@ -75,7 +77,7 @@ def write_hparams(writer: gguf.GGUFWriter, config) -> list[ExtraTensor]:
     extras = _rope_scaling(writer, config, full, rotary)
     if sliding.get("rope_theta") is not None:
         writer.add_rope_freq_base_swa(sliding["rope_theta"])
-    _attention_specials(writer, config)
+    _attention_specials(writer, config, family)
     return extras
 
 
@@ -130,29 +132,25 @@ def _longrope(writer, config, params: dict) -> list[ExtraTensor]:
             ExtraTensor("rope_factors_short.weight", torch.tensor(params["short_factor"], dtype=torch.float32))]
 
 
-def _attention_specials(writer, config) -> None:
-    mt = config.model_type
+def _attention_specials(writer, config, family) -> None:
+    """Soft-capping and sliding-window keys, as the family's `GGUFSpec` says llama.cpp reads them."""
     window = getattr(config, "sliding_window", None)
-    if mt == "gemma2":
+    if family.softcapping == "both":
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping or 0.0)
         writer.add_final_logit_softcapping(config.final_logit_softcapping or 0.0)
+    elif family.softcapping == "final" and getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    shorter = bool(window) and window < config.max_position_embeddings
+    if family.sliding_window == "always":
         writer.add_sliding_window(window or 0)
-    elif mt in ("gemma3_text", "gemma3"):
-        if getattr(config, "final_logit_softcapping", None):
-            writer.add_final_logit_softcapping(config.final_logit_softcapping)
-        if window:
-            writer.add_sliding_window(window)
-            writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types_of(config)])
-    elif mt == "phi3":
-        if window and window < config.max_position_embeddings:
-            writer.add_sliding_window(window)
-        else:
-            writer.add_sliding_window(0)
-    elif mt == "mistral" and window and window < config.max_position_embeddings:
-        logger.warning("velotune: llama.cpp runs Mistral without its %d-token sliding window; outputs match the "
-                       "model only for contexts up to that length", window)
-    elif mt == "qwen2" and getattr(config, "use_sliding_window", False):
-        logger.warning("velotune: llama.cpp ignores Qwen2's sliding window; long contexts may differ")
+    elif family.sliding_window == "pattern" and window:
+        writer.add_sliding_window(window)
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types_of(config)])
+    elif family.sliding_window == "bounded":
+        writer.add_sliding_window(window if shorter else 0)
+    elif family.sliding_window == "ignored" and shorter and getattr(config, "use_sliding_window", True):
+        logger.warning("velotune: llama.cpp runs %s without its %d-token sliding window; outputs match the "
+                       "model only for contexts up to that length", config.model_type, window)
 
 
 class TensorNamer:
@@ -160,43 +158,44 @@ class TensorNamer:
 
     def __init__(self, config):
         self.config = config
-        self.arch_name = gguf_arch(config)
+        self.spec = gguf_family(config)
+        self.arch_name = self.spec.gguf.arch
         arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.arch_name)
         self.map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
 
     def name(self, hf_name: str) -> str | None:
         """The GGUF name, or None for tensors llama.cpp does not read (a tied or Gemma lm_head)."""
-        if hf_name == "lm_head.weight" and self.config.model_type in _GEMMA:
+        if hf_name == "lm_head.weight" and self.spec.gguf.tied_output:
             return None
         out = self.map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if out is None:
             raise ValueError(f"GGUF export: no llama.cpp tensor for {hf_name!r} in architecture {self.arch_name!r}")
         return out
 
+    def _qk_heads(self, hf_name: str) -> int | None:
+        """Heads of a q/k projection llama.cpp wants interleaved, None for every other tensor."""
+        if not self.spec.gguf.permute_qk:
+            return None
+        if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+            return self.config.num_attention_heads
+        if hf_name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+            return self.config.num_key_value_heads
+        return None
+
     def convert(self, hf_name: str, value: torch.Tensor) -> torch.Tensor:
         """transformers layout -> llama.cpp layout (float32)."""
         value = value.float()
-        mt = self.config.model_type
-        if mt in _GEMMA and hf_name.endswith("norm.weight"):
-            return value + 1.0
-        if mt in ("llama", "mistral"):
-            if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
-                return _interleave_heads(value, self.config.num_attention_heads)
-            if hf_name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
-                return _interleave_heads(value, self.config.num_key_value_heads)
-        return value
+        if self.spec.norm_offset and hf_name.endswith("norm.weight"):
+            return value + self.spec.norm_offset
+        heads = self._qk_heads(hf_name)
+        return value if heads is None else _interleave_heads(value, heads)
 
     def revert(self, hf_name: str, value: torch.Tensor) -> torch.Tensor:
         """llama.cpp layout -> transformers layout (the inverse of `convert`)."""
-        mt = self.config.model_type
-        if mt in _GEMMA and hf_name.endswith("norm.weight"):
-            return value - 1.0
-        if mt in ("llama", "mistral"):
-            if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
-                return _halve_heads(value, self.config.num_attention_heads)
-            if hf_name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
-                return _halve_heads(value, self.config.num_key_value_heads)
-        return value
+        if self.spec.norm_offset and hf_name.endswith("norm.weight"):
+            return value - self.spec.norm_offset
+        heads = self._qk_heads(hf_name)
+        return value if heads is None else _halve_heads(value, heads)
 
 
 def _halve_heads(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -45,8 +45,8 @@ def model_from_gguf(path: Path, like) -> torch.nn.Module:
     if missing:
         raise ValueError(f"{path} lacks tensors the model needs, e.g. {[p.name for p in missing][:3]}")
     result = model.load_state_dict(state, strict=False)
-    absent = [k for k in result.missing_keys if not (k == "lm_head.weight" and (is_tied(like) or "gemma" in
-                                                                                   config.model_type))]
+    head_optional = is_tied(like) or namer.spec.gguf.tied_output
+    absent = [k for k in result.missing_keys if not (k == "lm_head.weight" and head_optional)]
     if absent:
         raise ValueError(f"{path}: weights missing after loading: {absent[:5]}")
     if "lm_head.weight" in result.missing_keys:

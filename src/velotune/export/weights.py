@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..models.spec import FamilySpec, fused_group_of
 from ..quant.linear import is_linear4bit
 
 
@@ -70,17 +71,12 @@ def _raw_shape(module, leaf: str) -> tuple[int, ...]:
     return tuple(getattr(module, leaf).shape)
 
 
-def _fused_groups(base) -> dict[str, tuple[str, ...]]:
-    """Phi-3 keeps q/k/v and gate/up apart in our model; its checkpoints fuse them."""
+def _fused_group(base, name: str) -> tuple[str, tuple[str, ...]] | None:
+    """(checkpoint name, our names) when `name` is part of a tensor the checkpoint stores fused
+    (Phi-3's q/k/v and gate/up), from the family's record; models without a spec (transformers'
+    own classes) already hold the checkpoint's tensors."""
     spec = getattr(base, "spec", None)
-    if spec is None or not getattr(spec, "fused_checkpoint", False):
-        return {}
-    groups = {}
-    for i in range(base.config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        groups[p + "self_attn.qkv_proj.weight"] = tuple(p + f"self_attn.{n}_proj.weight" for n in "qkv")
-        groups[p + "mlp.gate_up_proj.weight"] = (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
-    return groups
+    return fused_group_of(spec, name) if isinstance(spec, FamilySpec) else None
 
 
 def is_tied(base) -> bool:
@@ -109,18 +105,17 @@ def plan_tensors(model) -> list[TensorPlan]:
         clean = _clean(name)
         if clean is not None and clean not in names and name not in non_persistent:
             names.append(clean)
-    groups = _fused_groups(base)
-    member_of = {part: fused for fused, parts in groups.items() for part in parts}
     plans: list[TensorPlan] = []
     emitted: set[str] = set()
     for clean in names:
-        fused = member_of.get(clean)
-        if fused is None:
+        group = _fused_group(base, clean)
+        if group is None:
             plans.append(TensorPlan(clean, _raw_shape(*_owner(base, clean)), (clean,)))
-        elif fused not in emitted:
+        elif group[0] not in emitted:
+            fused, parts = group
             emitted.add(fused)
-            shapes = [_raw_shape(*_owner(base, p)) for p in groups[fused]]
-            plans.append(TensorPlan(fused, (sum(s[0] for s in shapes), *shapes[0][1:]), groups[fused]))
+            shapes = [_raw_shape(*_owner(base, p)) for p in parts]
+            plans.append(TensorPlan(fused, (sum(s[0] for s in shapes), *shapes[0][1:]), parts))
     return plans
 
 

@@ -61,10 +61,23 @@ def _rms_norm_backward_kernel(
     tl.store(DW_PARTIAL + pid * D + cols, dw, mask=col_mask)
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    """Plain PyTorch RMSNorm with the same numerics contract (fp32 math, one cast at the end)."""
+def rms_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0, *, cast_before_scale: bool = False
+) -> torch.Tensor:
+    """The one plain PyTorch RMSNorm: the CPU path of `rms_norm`, the models' plain path, the
+    fast path's fallback. x / rms(x) is always computed in fp32; then
+
+    * ``cast_before_scale=False`` (the kernel's contract, Gemma's norm in transformers): scaled by
+      (offset + w) in fp32, one cast to x's dtype at the end;
+    * ``cast_before_scale=True`` (transformers' Llama norm, shared by Mistral, Qwen2/3, Phi-3):
+      cast back to x's dtype first, then multiplied by (offset + w) in w's dtype, so the result has
+      the promoted dtype (an fp32 norm weight on bf16 activations gives fp32). Bit for bit what
+      transformers computes, which matters in bf16.
+    """
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., D)
+    if cast_before_scale:
+        return (weight if offset == 0 else offset + weight) * h.to(x.dtype)
     return (h * (offset + weight.float())).to(x.dtype)
 
 

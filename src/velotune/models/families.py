@@ -2,7 +2,8 @@
 
 The classes differ only in their `FamilySpec` and transformers config class; Phi-3 also
 splits its fused checkpoint tensors on load (so LoRA can target q/k/v and gate/up separately,
-like every other family) and fuses them back in `to_hf_state_dict` for exports.
+like every other family) and fuses them back in `to_hf_state_dict`, both through the spec's
+`fused_groups` (spec.py), which the exporters use too.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from transformers import (
 )
 
 from .decoder import DecoderForCausalLM
-from .spec import FAMILIES, head_dim_of
+from .spec import FAMILIES, fuse_state_dict, split_state_dict
 
 
 class LlamaForCausalLM(DecoderForCausalLM):
@@ -71,23 +72,8 @@ class Phi3ForCausalLM(DecoderForCausalLM):
         super().__init__(config)
         self._register_load_state_dict_pre_hook(self._split_fused)
 
-    def _split_sizes(self) -> tuple[list[int], int]:
-        c = self.config
-        d = head_dim_of(c)
-        return [c.num_attention_heads * d, c.num_key_value_heads * d, c.num_key_value_heads * d], c.intermediate_size
-
     def _split_fused(self, state_dict, prefix, *args, **kwargs) -> None:
-        qkv_sizes, inter = self._split_sizes()
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            if key.endswith("self_attn.qkv_proj.weight"):
-                base = key[: -len("qkv_proj.weight")]
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), state_dict.pop(key).split(qkv_sizes, dim=0)):
-                    state_dict[f"{base}{name}.weight"] = part
-            elif key.endswith("mlp.gate_up_proj.weight"):
-                base = key[: -len("gate_up_proj.weight")]
-                gate, up = state_dict.pop(key).split([inter, inter], dim=0)
-                state_dict[f"{base}gate_proj.weight"] = gate
-                state_dict[f"{base}up_proj.weight"] = up
+        split_state_dict(self.spec, self.config, state_dict, prefix)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -121,15 +107,7 @@ class Phi3ForCausalLM(DecoderForCausalLM):
         return inputs
 
     def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
-        state = super().to_hf_state_dict()
-        for key in [k for k in state if k.endswith("self_attn.q_proj.weight")]:
-            base = key[: -len("q_proj.weight")]
-            parts = [state.pop(f"{base}{n}_proj.weight") for n in "qkv"]
-            state[f"{base}qkv_proj.weight"] = torch.cat(parts, dim=0)
-        for key in [k for k in state if k.endswith("mlp.gate_proj.weight")]:
-            base = key[: -len("gate_proj.weight")]
-            state[f"{base}gate_up_proj.weight"] = torch.cat([state.pop(key), state.pop(f"{base}up_proj.weight")], 0)
-        return state
+        return fuse_state_dict(self.spec, super().to_hf_state_dict())
 
 
 MODEL_CLASSES: dict[str, type[DecoderForCausalLM]] = {

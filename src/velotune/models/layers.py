@@ -13,6 +13,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
+from ..kernels.rms_norm import rms_norm_reference
 from .masks import LayerMasks
 from .rope import apply_rope
 from .spec import FamilySpec, activation_name, attention_scaling, head_dim_of
@@ -43,14 +44,13 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
         if fast:
             return _fast()[2].rms_norm(x, self.weight, self.variance_epsilon)
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * h.to(dtype)
+        return rms_norm_reference(x, self.weight, self.variance_epsilon, cast_before_scale=True)
 
 
 class GemmaRMSNorm(nn.Module):
     """Gemma's RMSNorm: the scale is (1 + w), applied in fp32 before the cast back."""
+
+    offset = 1.0  # the weight is stored as a delta around zero (llama.cpp's files hold 1 + w)
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -60,13 +60,16 @@ class GemmaRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
         if fast:
             return _fast()[2].rms_norm(x, self.weight, self.eps, offset=1.0)
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).type_as(x)
+        return rms_norm_reference(x, self.weight, self.eps, self.offset)
 
 
 def make_norm(spec: FamilySpec, dim: int, eps: float) -> nn.Module:
-    return GemmaRMSNorm(dim, eps) if spec.gemma_norm else RMSNorm(dim, eps)
+    """transformers' two RMSNorms: Llama's (scale w, after the cast back) and Gemma's (1 + w, in fp32)."""
+    if spec.norm_offset == GemmaRMSNorm.offset:
+        return GemmaRMSNorm(dim, eps)
+    if spec.norm_offset:
+        raise ValueError(f"{spec.model_type}: no RMSNorm with offset {spec.norm_offset} (0 or 1 exist)")
+    return RMSNorm(dim, eps)
 
 
 class GatedMLP(nn.Module):

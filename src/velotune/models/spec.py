@@ -2,14 +2,43 @@
 
 Every supported family is the same pre-norm decoder with a handful of switches. Keeping the
 switches in one frozen record (instead of one model file per family) means a new family is a
-few lines here, and the parity tests exercise one code path for all of them.
+few lines here, and the parity tests exercise one code path for all of them. The record is also
+everything the exporters know about a family (llama.cpp's architecture, the checkpoint's fused
+tensors): code outside `velotune.models` asks `family_of(config)` and never tests `model_type`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from transformers import PretrainedConfig
+
+
+@dataclass(frozen=True)
+class FusedGroup:
+    """One checkpoint tensor our model keeps as separate projections, so LoRA can target each
+    (Phi-3's qkv_proj, gate_up_proj): the parts concatenated along dim 0, in `parts` order.
+    Names are relative to a decoder layer."""
+
+    fused: str                # "self_attn.qkv_proj"
+    parts: tuple[str, ...]    # ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+@dataclass(frozen=True)
+class GGUFSpec:
+    """How llama.cpp takes the family (from its model loader and convert_hf_to_gguf.py)."""
+
+    arch: str                      # llama.cpp's architecture name (gguf.MODEL_ARCH_NAMES)
+    permute_qk: bool = False       # llama.cpp's `llama` rope rotates adjacent pairs, transformers the
+                                   # two halves of a head: q/k rows are interleaved per head on export
+    tied_output: bool = False      # llama.cpp's Gemma reads the output from token_embd: no lm_head written
+    vocab_size_key: bool = False   # `{arch}.vocab_size` is written (convert_hf_to_gguf does for llama)
+    softcapping: str = ""          # "both": attention and final keys, 0 when off (Gemma 2);
+                                   # "final": the final key when the config sets it (Gemma 3)
+    sliding_window: str = ""       # "always": window or 0 (Gemma 2); "pattern": window and the per-layer
+                                   # pattern (Gemma 3); "bounded": window if shorter than the context,
+                                   # else 0 (Phi-3); "ignored": llama.cpp runs without it (warned)
 
 
 @dataclass(frozen=True)
@@ -17,27 +46,45 @@ class FamilySpec:
     """Architecture knobs of one family. Values that vary per checkpoint come from the config."""
 
     model_type: str
-    gemma_norm: bool = False          # RMSNorm scales by (1 + w), computed in fp32, zero-init w
+    norm_offset: float = 0.0          # RMSNorm scales by (offset + w): 1.0 for Gemma (zero-init w, fp32 scale)
     qk_norm: bool = False             # RMSNorm over head_dim on q and k before RoPE (Qwen3, Gemma 3)
     sandwich_norm: bool = False       # extra norms after attention and after the MLP (Gemma 2/3)
     scale_embeddings: bool = False    # embeddings multiplied by sqrt(hidden_size) (Gemma)
+    query_pre_attn_scalar: bool = False  # attention scaled by config.query_pre_attn_scalar ** -0.5 (Gemma 2/3)
     qkv_bias: bool | None = None      # None: follow config.attention_bias
-    fused_checkpoint: bool = False    # Phi-3 stores qkv_proj and gate_up_proj fused
+    fused_groups: tuple[FusedGroup, ...] = ()  # checkpoint tensors split on load, fused on save (Phi-3)
+    gguf: GGUFSpec | None = None      # None: llama.cpp has no architecture for it
 
+
+_PHI3_FUSED = (
+    FusedGroup("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    FusedGroup("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+)
 
 FAMILIES: dict[str, FamilySpec] = {
     spec.model_type: spec
     for spec in (
-        FamilySpec("llama"),
-        FamilySpec("mistral"),
-        FamilySpec("qwen2", qkv_bias=True),
-        FamilySpec("qwen3", qk_norm=True),
-        FamilySpec("gemma", gemma_norm=True, scale_embeddings=True),
-        FamilySpec("gemma2", gemma_norm=True, sandwich_norm=True, scale_embeddings=True),
-        FamilySpec("gemma3_text", gemma_norm=True, qk_norm=True, sandwich_norm=True, scale_embeddings=True),
-        FamilySpec("phi3", fused_checkpoint=True),
+        FamilySpec("llama", gguf=GGUFSpec("llama", permute_qk=True, vocab_size_key=True)),
+        FamilySpec("mistral", gguf=GGUFSpec("llama", permute_qk=True, vocab_size_key=True, sliding_window="ignored")),
+        FamilySpec("qwen2", qkv_bias=True, gguf=GGUFSpec("qwen2", sliding_window="ignored")),
+        FamilySpec("qwen3", qk_norm=True, gguf=GGUFSpec("qwen3")),
+        FamilySpec("gemma", norm_offset=1.0, scale_embeddings=True, gguf=GGUFSpec("gemma", tied_output=True)),
+        FamilySpec("gemma2", norm_offset=1.0, sandwich_norm=True, scale_embeddings=True, query_pre_attn_scalar=True,
+                   gguf=GGUFSpec("gemma2", tied_output=True, softcapping="both", sliding_window="always")),
+        FamilySpec("gemma3_text", norm_offset=1.0, qk_norm=True, sandwich_norm=True, scale_embeddings=True,
+                   query_pre_attn_scalar=True,
+                   gguf=GGUFSpec("gemma3", tied_output=True, softcapping="final", sliding_window="pattern")),
+        FamilySpec("phi3", fused_groups=_PHI3_FUSED, gguf=GGUFSpec("phi3", sliding_window="bounded")),
     )
 }
+# Gemma 3 multimodal checkpoints name their text part "gemma3"; text-only ones "gemma3_text".
+_ALIASES = {"gemma3": "gemma3_text"}
+
+
+def family_of(config: PretrainedConfig) -> FamilySpec | None:
+    """The family record of a transformers config (our classes' or transformers' own), None if unknown."""
+    model_type = getattr(config, "model_type", None)
+    return FAMILIES.get(_ALIASES.get(model_type, model_type))
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
@@ -59,6 +106,58 @@ def activation_name(config: PretrainedConfig) -> str:
 
 
 def attention_scaling(config: PretrainedConfig, spec: FamilySpec) -> float:
-    if spec.sandwich_norm or spec.model_type == "gemma3_text":
+    if spec.query_pre_attn_scalar:
         return config.query_pre_attn_scalar ** -0.5
     return head_dim_of(config) ** -0.5
+
+
+# Fused checkpoint tensors. One implementation for the model (split on load, fuse on save) and
+# the exporters (which fuse while streaming, one tensor at a time).
+
+
+def fused_group_of(spec: FamilySpec, name: str) -> tuple[str, tuple[str, ...]] | None:
+    """For one of our weight names inside a fused group: (the checkpoint's fused name, every one of
+    our names that make it, in order); None for any other name."""
+    for group in spec.fused_groups:
+        for part in group.parts:
+            suffix = f"{part}.weight"
+            if name == suffix or name.endswith("." + suffix):
+                layer = name[: -len(suffix)]  # "model.layers.3."
+                return f"{layer}{group.fused}.weight", tuple(f"{layer}{p}.weight" for p in group.parts)
+    return None
+
+
+def fuse_state_dict(spec: FamilySpec, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our split weights -> the checkpoint's fused ones (in place; returns `state`)."""
+    for name in list(state):
+        found = fused_group_of(spec, name)
+        if found is not None and all(p in state for p in found[1]):
+            state[found[0]] = torch.cat([state.pop(p) for p in found[1]], dim=0)
+    return state
+
+
+def _rows(config: PretrainedConfig, part: str) -> int:
+    """Output rows of one projection of a decoder layer (its share of a fused tensor)."""
+    leaf = part.rpartition(".")[2]
+    if leaf == "q_proj":
+        return config.num_attention_heads * head_dim_of(config)
+    if leaf in ("k_proj", "v_proj"):
+        return (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim_of(config)
+    if leaf in ("gate_proj", "up_proj"):
+        return config.intermediate_size
+    raise ValueError(f"no row count known for the fused part {part!r}: add it to velotune.models.spec._rows")
+
+
+def split_state_dict(spec: FamilySpec, config: PretrainedConfig, state: dict, prefix: str = "") -> None:
+    """The checkpoint's fused weights under `prefix` -> our split ones (in place)."""
+    for key in [k for k in state if k.startswith(prefix)]:
+        for group in spec.fused_groups:
+            suffix = f"{group.fused}.weight"
+            if key == prefix + suffix or key.endswith("." + suffix):
+                layer = key[: -len(suffix)]
+                sizes = [_rows(config, p) for p in group.parts]
+                if sum(sizes) != state[key].shape[0]:
+                    raise ValueError(f"{key} has {state[key].shape[0]} rows; the config's {', '.join(group.parts)} "
+                                     f"need {sizes} (sum {sum(sizes)}): the checkpoint does not match its config.json")
+                for part, value in zip(group.parts, state.pop(key).split(sizes, dim=0)):
+                    state[f"{layer}{part}.weight"] = value
