@@ -29,12 +29,8 @@ LAYERS = [
     ("velotune.tokenizer", 0), ("velotune.weights", 0), ("velotune.quiet", 0),
 ]
 
-# (importer, imported) pairs that go upward today; issue 15 removes them.
+# (importer, imported) pairs that go upward today; issue 15 removes them (the fast path's four are gone).
 KNOWN_UPWARD = {
-    ("velotune.fast.plan", "velotune.models.decoder"),
-    ("velotune.fast.ops", "velotune.models.loss"),
-    ("velotune.fast.ops", "velotune.models.rope"),
-    ("velotune.kernels.rope", "velotune.models.rope"),
     ("velotune.export.verify", "velotune.loading"),
 }
 

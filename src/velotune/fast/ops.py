@@ -14,21 +14,20 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from ..models.loss import IGNORE_INDEX
-from ..models.rope import apply_rope as _rope_one
+from ..kernels.cross_entropy import IGNORE_INDEX
+from ..kernels.rms_norm import rms_norm_reference
+from ..kernels.rope import apply_rope_reference
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    """x / rms(x) * (offset + w), normalised in fp32, returned in x's dtype."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return (h * (weight.float() + offset)).to(x.dtype)
+    """x / rms(x) * (offset + w), normalised in fp32, returned in x's dtype (the one reference)."""
+    return rms_norm_reference(x, weight, eps, offset)
 
 
 def _apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inplace: bool = True):
     """q (B, Hq, T, D), k (B, Hk, T, D), cos/sin (B, T, R) -> rotated (q, k); R < D is partial
     rotary. Always out of place here (`inplace` is the kernel's permission to write into q/k)."""
-    return _rope_one(q, cos, sin), _rope_one(k, cos, sin)
+    return apply_rope_reference(q, k, cos, sin)
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -63,13 +63,21 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in _TRUE
 
 
-def find_decoder(model: nn.Module):
-    """Our `DecoderModel` inside `model` (a PEFT wrapper, a causal LM or the backbone), or None."""
-    from ..models.decoder import DecoderModel
+class FastPathDecoder(nn.Module):
+    """Base of the decoders the fast path can run (velotune.models.decoder.DecoderModel).
 
-    if isinstance(model, DecoderModel):
+    Declared here and subclassed there, so the plan recognises our decoder without importing the
+    models package, which sits above this one (tests/test_layering.py). A subclass has
+    `embed_tokens`, `layers` (each with `mlp.activation` and the PROJECTIONS) and `config`."""
+
+    fast_path: bool | None = None  # None: automatic; see set_fast_path
+
+
+def find_decoder(model: nn.Module):
+    """Our decoder (a `FastPathDecoder`) inside `model` (a PEFT wrapper, a causal LM or the backbone), or None."""
+    if isinstance(model, FastPathDecoder):
         return model
-    return next((m for m in model.modules() if isinstance(m, DecoderModel)), None)
+    return next((m for m in model.modules() if isinstance(m, FastPathDecoder)), None)
 
 
 def set_fast_path(model: nn.Module, enabled: bool | None) -> None:

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from ._online_lse import online_logsumexp, store_softmax_grad, transformed_logits
 from ._triton import jit, kernel_for, next_power_of_2, should_use_triton, tl
 
+IGNORE_INDEX = -100  # labels never scored (transformers' convention); velotune.models.loss uses this one
+
 
 @jit
 def _cross_entropy_chunk_kernel(
@@ -50,7 +52,7 @@ def fused_linear_cross_entropy_reference(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     softcap: float | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     reduction: str = "mean",
@@ -185,7 +187,7 @@ def fused_linear_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     softcap: float | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     reduction: str = "mean",

@@ -1,6 +1,7 @@
 """Rotate-half rotary embedding on q and k, forward/backward, in place on the Triton path.
 
-Layout and semantics are those of ``velotune.models.rope.apply_rope``: q (B, Hq, T, Dh) and
+Layout and semantics are those of ``rope_reference`` below (the models' own rotation, which
+``velotune.models`` imports from here): q (B, Hq, T, Dh) and
 k (B, Hk, T, Dh) (any strides with unit stride along Dh, e.g. the transposed view of a
 projection), cos/sin (B, T, R) (B may be 1) with the two halves of the last dim duplicated, as
 ``RotaryEmbedding`` returns them (Llama 3 / YaRN / linear scaling already folded in). The first R
@@ -56,14 +57,30 @@ def _rope_kernel(
         tl.store(y_row + HALF, y2.to(Y.dtype.element_ty), mask=mask)
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dim (transformers' rotate_half)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] features of x (B, H, T, D); the rest pass (partial rotary).
+
+    The models' plain-path rotation (velotune.models imports it from here, so the kernel and the
+    model share one reference and the kernels package needs nothing above it)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D_rot)
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
 def apply_rope_reference(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch: the model's own rotation (same ops, same dtype steps), out of place."""
-    # Imported here, not at the top: the models package imports the kernels (through the fast path).
-    from ..models.rope import apply_rope
-
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return rope_reference(q, cos, sin), rope_reference(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> None:

@@ -60,7 +60,7 @@ class DecoderLayer(nn.Module):
         return x + h
 
 
-class DecoderModel(nn.Module):
+class DecoderModel(fast_plan.FastPathDecoder):
     """embed_tokens -> layers -> norm, named as transformers' `*Model` so keys start with `model.`."""
 
     def __init__(self, config: PretrainedConfig, spec: FamilySpec):

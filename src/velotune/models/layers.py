@@ -14,8 +14,8 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
 from ..kernels.rms_norm import rms_norm_reference
+from ..kernels.rope import rope_reference
 from .masks import LayerMasks
-from .rope import apply_rope
 from .spec import FamilySpec, activation_name, attention_scaling, head_dim_of
 
 
@@ -23,8 +23,8 @@ _FAST_MODULES: tuple = ()
 
 
 def _fast():
-    """The fast path's modules (fused LoRA functions and kernel ops), imported on first use
-    because the `velotune.lora` package itself imports this model package."""
+    """The fast path's modules (velotune.fast: fused LoRA functions and kernel ops), imported on
+    first use; `velotune.fast` never imports this package, so a top-level import would also work."""
     global _FAST_MODULES
     if not _FAST_MODULES:
         from ..fast import lora_linear, lora_mlp, ops
@@ -182,8 +182,8 @@ class Attention(nn.Module):
             inplace = self.q_norm is None
             q, k = ops.apply_rope(q.transpose(1, 2), k.transpose(1, 2), *cos_sin, inplace=inplace)  # (B, H|Hkv, T, D)
         else:
-            q = apply_rope(q.transpose(1, 2), *cos_sin)  # (B, H, T, D)
-            k = apply_rope(k.transpose(1, 2), *cos_sin)  # (B, Hkv, T, D)
+            q = rope_reference(q.transpose(1, 2), *cos_sin)  # (B, H, T, D)
+            k = rope_reference(k.transpose(1, 2), *cos_sin)  # (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, Tk, D)
         mask, causal = masks.for_keys(k.shape[2])

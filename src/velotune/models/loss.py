@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from ..fast.ops import fused_linear_cross_entropy
+from ..kernels.cross_entropy import IGNORE_INDEX
 
 
 def shift_labels_of(labels: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,6 @@ def fused_causal_lm_loss(
 ) -> torch.Tensor:
     """`causal_lm_loss(lm_head(hidden), ...)` without building the (B, T, V) logits: the fused
     linear cross-entropy kernel works through the tokens in chunks."""
-    from ..fast.ops import fused_linear_cross_entropy  # velotune.fast.ops imports this module
 
     targets = shift_labels if shift_labels is not None else shift_labels_of(labels)
     targets = targets.reshape(-1).to(hidden.device)  # (B*T,)

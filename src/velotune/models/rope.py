@@ -3,8 +3,8 @@
 The inverse frequencies of the scaled variants (linear, dynamic NTK, YaRN, LongRoPE, Llama 3)
 are computed by transformers' published `ROPE_INIT_FUNCTIONS` (pure functions of the config),
 so our positions are exactly the ones the checkpoint was trained with. The rotation itself is
-ours. Dynamic and LongRoPE pick their frequencies from the longest position in the batch, as
-transformers does.
+ours: `velotune.kernels.rope.rope_reference`, also the RoPE kernel's plain path. Dynamic and
+LongRoPE pick their frequencies from the longest position in the batch, as transformers does.
 """
 
 from __future__ import annotations
@@ -80,17 +80,3 @@ class RotaryEmbedding(nn.Module):
         sin = emb.sin() * self.attention_scaling
         return cos.to(x.dtype), sin.to(x.dtype)
 
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] features of x (B, H, T, D); the rest pass (partial rotary)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D_rot)
-    rot = cos.shape[-1]
-    if rot == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
