@@ -21,7 +21,7 @@ from .models import SUPPORTED_MODEL_TYPES, model_class_for
 from .quant import dequantize_nf4, load_prequantized, nf4_available, quantize_model_
 from .resolve import Source, resolve_source, travel_name
 from .tokenizer import fix_tokenizer as fix_pad_token
-from .weights import iter_shards
+from .weights import check_finite, iter_shards
 
 logger = logging.getLogger("velotune")
 
@@ -240,7 +240,7 @@ def _load_own(cls, source: Source, config, dtype, device, quant):
         model = cls(config)
     if _is_prequantized(config):
         _take_prequantized(model, shards[0], dtype, device, keep_4bit=quant == "nf4")
-    _load_shards(model, shards, dtype)
+    _load_shards(model, shards, dtype, source.folder)
     model.to(device)
     if quant == "nf4":
         quantize_model_(model, skip_modules=_skip_modules(config), compute_dtype=dtype)
@@ -250,10 +250,13 @@ def _load_own(cls, source: Source, config, dtype, device, quant):
     return model
 
 
-def _load_shards(model, shards, dtype) -> None:
+def _load_shards(model, shards, dtype, where=None) -> None:
     """Assign checkpoint tensors into a meta-device model one shard at a time."""
     for shard in shards:
         shard = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in shard.items()}
+        if dtype == torch.float16:  # the file's values were finite (iter_shards checked); float16 ends at 65504
+            check_finite(shard, where, why="they exceed float16's range (65504) once loaded in float16: a damaged "
+                         "file (flipped bytes), or weights that need dtype=torch.bfloat16 or torch.float32")
         result = model.load_state_dict(shard, strict=False, assign=True)
         if result.unexpected_keys:
             logger.warning("velotune: checkpoint tensors not used by the model: %s", result.unexpected_keys[:8])
@@ -343,6 +346,7 @@ def _load_generic(source: Source, config, dtype, device, quant, trust_remote_cod
     model = AutoModelForCausalLM.from_pretrained(
         source.folder, config=config, gguf_file=source.gguf_file, dtype=dtype, device_map={"": device},
         trust_remote_code=trust_remote_code, **extra)
+    check_finite(model.state_dict(), source.folder)  # transformers' loader does not look: name a NaN/inf weight
     if quant == "nf4":  # transformers built bitsandbytes' own Linear4bit: ours computes the same on every CPU
         from .quant.nf4_linear import adopt_linear4bit_layers_
 

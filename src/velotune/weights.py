@@ -66,17 +66,18 @@ def _read(file: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"cannot read {file}: {error}. The file is damaged; download or save it again.") from error
 
 
-def check_finite(tensors: dict[str, torch.Tensor], file: Path) -> None:
+def check_finite(tensors: dict[str, torch.Tensor], file: Path, why: str | None = None) -> None:
     """Refuse NaN/inf weights (flipped bytes, a diverged save) by name, before anything computes with them.
-    One float64 sum per tensor (no mask the size of the tensor); only a non-finite sum is looked into."""
+    One float64 sum per tensor (no mask the size of the tensor); only a non-finite sum is looked into.
+    `why` replaces the explanation (loading.py: values that overflow float16 when the weights are cast)."""
     for name, value in tensors.items():
         if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value.sum(dtype=torch.float64))):
             bad = (~torch.isfinite(value)).nonzero()
             if len(bad):
                 where = tuple(int(i) for i in bad[0])
                 raise ValueError(
-                    f"{file}: tensor {name!r} holds {len(bad):,} NaN/inf values (first at index {where}); the file "
-                    "is damaged or was saved from a diverged model. Download or save it again.")
+                    f"{file}: tensor {name!r} holds {len(bad):,} NaN/inf values (first at index {where}); " + (why or
+                    "the file is damaged or was saved from a diverged model. Download or save it again."))
 
 
 def iter_shards(folder: Path) -> Iterator[dict[str, torch.Tensor]]:

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,3 +101,38 @@ def test_nan_weights_after_loading_name_the_tensor(tok, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=rf"tensor '{name}' holds 2 NaN/inf values"):
         FastLanguageModel.from_pretrained(str(folder), load_in_4bit=False, device_map="cpu")
+
+
+def _poke(weights: Path, name: str, value: float) -> None:
+    """Write `value` into the first float32 of tensor `name` in a safetensors file (a flipped byte's effect)."""
+    header_len = int.from_bytes(weights.read_bytes()[:8], "little")
+    header = json.loads(weights.read_bytes()[8:8 + header_len])
+    assert header[name]["dtype"] == "F32"
+    start = 8 + header_len + header[name]["data_offsets"][0]
+    data = bytearray(weights.read_bytes())
+    data[start:start + 4] = np.float32(value).tobytes()
+    weights.write_bytes(bytes(data))
+
+
+def test_weights_that_overflow_float16_when_loaded_name_the_tensor(tok, tmp_path):
+    """Finite in the float32 file, inf once loaded in float16 (a flipped exponent bit): the tensor is named
+    with the dtype's limit, not found later as a NaN loss."""
+    folder = save_pretrained_merged(tiny.model("llama"), tmp_path / "m", tok, verify=False)
+    name = "model.layers.0.self_attn.v_proj.weight"
+    _poke(folder / "model.safetensors", name, 3.0e5)
+    FastLanguageModel.from_pretrained(str(folder), load_in_4bit=False, device_map="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match=rf"tensor '{name}' holds 1 NaN/inf values .*float16's range \(65504\)"):
+        FastLanguageModel.from_pretrained(str(folder), load_in_4bit=False, device_map="cpu", dtype=torch.float16)
+
+
+def test_nan_weights_of_a_generic_path_model_name_the_tensor(tmp_path):
+    """Models of other families load through transformers' classes, which do not look at the values."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=96, n_positions=64)).save_pretrained(
+        tmp_path)
+    tiny.tokenizer().save_pretrained(tmp_path)
+    _poke(tmp_path / "model.safetensors", "transformer.h.1.mlp.c_fc.weight", float("nan"))
+    with pytest.raises(ValueError, match=r"tensor '.*h\.1\.mlp\.c_fc\.weight' holds 1 NaN/inf values"):
+        FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False, device_map="cpu")
