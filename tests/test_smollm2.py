@@ -20,9 +20,10 @@ def test_answers_capital_of_france(smollm2):
     assert "Paris" in answer
 
 
-def test_logits_equal_transformers_llama(smollm2):
+def test_logits_equal_transformers_llama(smollm2, smollm2_folder):
     model, tokenizer = smollm2
-    reference = LlamaForCausalLM.from_pretrained(model.name_or_path, dtype=torch.float32).eval()
+    assert model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the user loaded, not a cache path
+    reference = LlamaForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32).eval()
     batch = tokenizer(["The quick brown fox jumps over the lazy dog.", "Hello"], padding=True, return_tensors="pt")
     model.eval()
     with torch.no_grad():

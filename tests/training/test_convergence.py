@@ -75,8 +75,8 @@ def _reference_curve(folder, tokenizer, tmp_path, steps, load_in_4bit):
     return _curve(trainer)
 
 
-def test_lora_loss_curve_equals_transformers_peft(smollm2, tmp_path):
-    folder = smollm2[0].name_or_path
+def test_lora_loss_curve_equals_transformers_peft(smollm2_folder, tmp_path):
+    folder = smollm2_folder
     ours, tokenizer = _velotune_curve(folder, tmp_path, 30, load_in_4bit=False)
     theirs = _reference_curve(folder, tokenizer, tmp_path, 30, load_in_4bit=False)
     assert len(ours) == len(theirs) == 30
@@ -86,7 +86,7 @@ def test_lora_loss_curve_equals_transformers_peft(smollm2, tmp_path):
     assert max(differences) < 1e-3, differences
 
 
-def test_qlora_loss_curve_equals_transformers_peft_bitsandbytes(smollm2, tmp_path):
+def test_qlora_loss_curve_equals_transformers_peft_bitsandbytes(smollm2_folder, tmp_path):
     """NF4 is bit-exact with bitsandbytes, so the base weights are identical; the adapters are not computed alike.
 
     TRL casts QLoRA adapters to bf16 on both sides. PEFT's reference runs the LoRA branch in bf16 (input and
@@ -94,7 +94,7 @@ def test_qlora_loss_curve_equals_transformers_peft_bitsandbytes(smollm2, tmp_pat
     fp32, so the curves differ at the bf16 rounding level: measured max 4.2e-3 over 30 steps (2026-11-28,
     CPU); the bound 1e-2 is about 2.5x that measured gap.
     """
-    folder = smollm2[0].name_or_path
+    folder = smollm2_folder
     ours, tokenizer = _velotune_curve(folder, tmp_path, 30, load_in_4bit=True)
     theirs = _reference_curve(folder, tokenizer, tmp_path, 30, load_in_4bit=True)
     assert len(ours) == len(theirs) == 30
