@@ -27,6 +27,8 @@ def test_logs_plot_and_summary(tiny_llama_dir, tmp_path, capsys):
     assert all(e["tokens_per_second"] > 0 for e in train_logs[1:])  # from the second log on
     assert len([e for e in trainer.state.log_history if "eval_loss" in e]) == 2
     assert "tok/s" in out.err and "mem GB" in out.err  # on the progress bar
+    assert "'grad_norm'" not in out.err + out.out  # no per-step dict printed under the bar (issue 13: noise)
+    assert "'eval_loss'" in out.err + out.out  # evaluation results are still printed
 
     plot = tmp_path / PLOT_NAME
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000

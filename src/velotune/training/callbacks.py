@@ -40,7 +40,11 @@ class ProgressFieldsCallback(ProgressCallback):
         if state.is_world_process_zero and bar is not None and logs:
             bar.set_postfix({short: fmt.format(logs[key]) for key, short, fmt in self.FIELDS
                              if isinstance(logs.get(key), (int, float))}, refresh=False)
-        return super().on_log(args, state, control, logs=logs, **kwargs)
+        if logs and ("loss" in logs or "train_runtime" in logs):
+            if bar is not None:
+                bar.refresh()  # the bar shows each step, the summary ends the run: no dict under the bar per step
+            return None
+        return super().on_log(args, state, control, logs=logs, **kwargs)  # evaluation results are printed
 
 
 class LossPlotCallback(TrainerCallback):
