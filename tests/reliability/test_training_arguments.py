@@ -10,12 +10,7 @@ import pytest
 from velotune import FastLanguageModel
 from velotune.training import TrainingArguments
 
-from training.helpers import quiet_args, tiny_folder
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return tiny_folder(tmp_path_factory.mktemp("reliability-args"))
+from training.helpers import quiet_args
 
 
 @pytest.fixture(scope="module")

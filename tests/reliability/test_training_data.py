@@ -7,26 +7,15 @@ import json
 import logging
 
 import pytest
-import torch
 from datasets import Dataset
 
 from velotune.data.loading import DataFormatError, load_local_dataset
 from velotune.training import SFTTrainer, TrainingArguments
 
-from training.helpers import quiet_args, text_rows, tiny_folder, tiny_lora
+from training.helpers import quiet_args, text_rows, tiny_lora
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return tiny_folder(tmp_path_factory.mktemp("reliability-data"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _trainer(folder, output_dir, dataset, tokenizer_hook=None, **overrides):

@@ -11,26 +11,15 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 from velotune.training import SFTTrainer, TrainingArguments
 from velotune.training.checkpoints import MARKER, STAGING
 from velotune.training.run_lock import LOCK_NAME, OutputDirInUseError
 
-from training.helpers import quiet_args, text_dataset, tiny_folder, tiny_lora
+from training.helpers import quiet_args, text_dataset, tiny_lora
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return tiny_folder(tmp_path_factory.mktemp("reliability-output"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _trainer(folder, output_dir, **overrides):

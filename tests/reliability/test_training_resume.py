@@ -12,20 +12,10 @@ from safetensors.torch import load_file
 from velotune import FastLanguageModel
 from velotune.training import SFTTrainer, TrainingArguments
 
-from training.helpers import quiet_args, text_dataset, tiny_folder, tiny_lora
+from training.helpers import quiet_args, text_dataset, tiny_lora
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return tiny_folder(tmp_path_factory.mktemp("reliability-resume"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _lora(folder, r):
