@@ -203,17 +203,15 @@ def estimate(model, batch_size: int, max_seq_length: int, optim: str, compute_dt
     `device="cuda"` for a model still elsewhere (e.g. built on the meta device) estimates it as it
     will run there: the fast path's decision (`fast_path` overrides it), offloading and graphs.
     """
-    from ..fast import plan as dispatch
+    from ..quant.linear import is_linear4bit
 
     checkpointing = uses_checkpointing(model) if checkpointing is None else checkpointing
     tokens = batch_size * max_seq_length
     trainable = trainable_bytes(model)
-    decoder = dispatch.find_decoder(model)
-    if device is None:
-        device = decoder.embed_tokens.weight.device if decoder is not None else next(model.parameters()).device
+    device = next(model.parameters()).device if device is None else device
     fast, offload, graphs = _runtime(model, tokens, checkpointing, fast_path, torch.device(device))
     if fast:
-        four_bit = any(getattr(p, "quant_state", None) is not None for p in model.parameters())
+        four_bit = any(is_linear4bit(m) for m in model.modules())
         parts = fast_path_activations(model, tokens, compute_dtype, checkpointing, offload, graphs, four_bit)
         activations, host = parts.device, parts.host
     else:
