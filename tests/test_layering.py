@@ -18,7 +18,7 @@ LAYERS = [
     ("velotune.cli", 90), ("velotune.cli_checks", 90),
     ("velotune.chat_templates", 85),
     ("velotune.training", 80), ("velotune.rl", 80),
-    ("velotune.loading", 70), ("velotune.vision", 70),
+    ("velotune.fast_language_model", 70), ("velotune.vision", 70),
     ("velotune.lora", 60),
     ("velotune.export", 50),
     ("velotune.inference", 40),
@@ -26,13 +26,13 @@ LAYERS = [
     ("velotune.fast", 20),
     ("velotune.kernels", 10), ("velotune.quant", 10),
     ("velotune.data", 0), ("velotune.resolve", 0), ("velotune.settings", 0), ("velotune.device", 0),
-    ("velotune.tokenizer", 0), ("velotune.weights", 0), ("velotune.quiet", 0),
+    ("velotune.tokenizer", 0), ("velotune.checkpoint_shards", 0), ("velotune.quiet", 0),
     ("velotune.rewards", 0),
 ]
 
 # (importer, imported) pairs that go upward today; issue 15 removes them (the fast path's four are gone).
 KNOWN_UPWARD = {
-    ("velotune.export.verify", "velotune.loading"),
+    ("velotune.export.verify", "velotune.fast_language_model"),
 }
 
 

@@ -5,7 +5,7 @@ from . import quiet
 quiet.install()  # before anything imports bitsandbytes (quiet.py says why)
 
 from .device import is_bfloat16_supported  # noqa: E402
-from .loading import FastLanguageModel
+from .fast_language_model import FastLanguageModel
 from .lora import VelotunePeftModel
 
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ sys.modules["velotune"] = package
 
 class Above(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.startswith(("velotune.models", "velotune.lora", "velotune.loading", "velotune.training")):
+        if name.startswith(("velotune.models", "velotune.lora", "velotune.fast_language_model", "velotune.training")):
             raise ImportError(f"{name} is above fast/ and kernels/")
 
 sys.meta_path.insert(0, Above())

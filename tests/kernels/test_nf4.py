@@ -9,7 +9,7 @@ import torch
 from velotune.kernels import dequantize_nf4, dequantize_nf4_reference, dequantize_nf4_weight
 from velotune.kernels import nf4 as nf4_module
 from velotune.quant import NF4_CODE, quantize_nf4
-from velotune.quant import dequantize_nf4 as quant_dequantize_nf4
+from velotune.quant import dequantize_nf4_state
 from velotune.quant.linear import to_linear4bit
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -49,12 +49,12 @@ def test_bit_exact_vs_our_quantizer_and_weight_helper(shape, device):
     w = torch.randn(shape, device=device, dtype=torch.bfloat16)
     packed, state = quantize_nf4(w, compress_statistics=True)
     got = dequantize_nf4(packed, state.absmax, state.code, **_kwargs(state), use_triton=True)
-    assert torch.equal(got, quant_dequantize_nf4(packed, state))
+    assert torch.equal(got, dequantize_nf4_state(packed, state))
     linear = torch.nn.Linear(shape[1], shape[0], bias=False, device=device, dtype=torch.bfloat16)
     with torch.no_grad():
         linear.weight.copy_(w)
     module = to_linear4bit(linear)
-    want = quant_dequantize_nf4(module.weight.data, module.weight.quant_state)
+    want = dequantize_nf4_state(module.weight.data, module.weight.quant_state)
     assert torch.equal(dequantize_nf4_weight(module, use_triton=True), want)
     assert torch.equal(dequantize_nf4_weight(module.weight, use_triton=True), want)
 
@@ -147,7 +147,7 @@ def _linear4bit(shape, device, seed, double_quant=True):
 
 
 def _expected(param, state):
-    return quant_dequantize_nf4(param.data, state)
+    return dequantize_nf4_state(param.data, state)
 
 
 def test_weight_cache_reuses_the_launch_and_never_serves_stale_results(device):
@@ -206,7 +206,7 @@ def test_weight_cache_without_double_quant_and_other_storage(device):
     linear = torch.nn.Linear(80, 24, bias=False, device=device, dtype=torch.bfloat16)
     param = to_linear4bit(linear, quant_storage=torch.bfloat16).weight
     assert param.data.dtype == torch.bfloat16
-    want = quant_dequantize_nf4(param.data, param.quant_state)
+    want = dequantize_nf4_state(param.data, param.quant_state)
     for _ in range(2):
         assert torch.equal(dequantize_nf4_weight(param, use_triton=True), want)
     assert torch.equal(dequantize_nf4_weight(param, use_triton=False), want)  # the PyTorch reference, same bits

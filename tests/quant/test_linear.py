@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
-from velotune.quant import dequantize_nf4, nf4_available, quantize_model_, quantize_nf4, to_linear4bit  # noqa: E402
+from velotune.quant import (  # noqa: E402
+    dequantize_nf4_state, nf4_available, quantize_model_, quantize_nf4, to_linear4bit)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
@@ -23,7 +24,7 @@ def test_to_linear4bit_forward_equals_dequantized_linear(dtype, bias):
     assert layer.bias is linear.bias
     packed, state = quantize_nf4(linear.weight.detach())
     assert torch.equal(layer.weight.data, packed)
-    w = dequantize_nf4(layer.weight.data, layer.weight.quant_state)  # (33, 70)
+    w = dequantize_nf4_state(layer.weight.data, layer.weight.quant_state)  # (33, 70)
     x = torch.randn(2, 5, 70, dtype=dtype, requires_grad=True)
     layer.train()
     y = layer(x)

@@ -1,4 +1,4 @@
-"""quantize_nf4 / dequantize_nf4 against bitsandbytes itself (its CPU paths run here)."""
+"""quantize_nf4 / dequantize_nf4_state against bitsandbytes itself (its CPU paths run here)."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbF  # noqa: E402
 
-from velotune.quant import NF4_CODE, dequantize_nf4, quantize_nf4
+from velotune.quant import NF4_CODE, dequantize_nf4_state, quantize_nf4
 from velotune.quant.blockwise8 import dynamic_map, quantize_blockwise_8bit
 
 
@@ -56,7 +56,7 @@ def test_dequantize_bit_exact_vs_bitsandbytes(shape, dtype):
     for compress_statistics in (True, False):
         ref_packed, ref_state = bnb_quantize(w, compress_statistics)
         ref = bnbF.dequantize_4bit(ref_packed, ref_state)
-        ours = dequantize_nf4(ref_packed, ref_state)
+        ours = dequantize_nf4_state(ref_packed, ref_state)
         assert ours.dtype == ref.dtype == dtype and ours.shape == w.shape
         assert torch.equal(ours, ref)
 
@@ -68,7 +68,7 @@ def test_quant_storage(storage):
     ref_packed, ref_state = bnb_quantize(w, True, quant_storage=storage)
     assert packed.dtype == storage and packed.shape == ref_packed.shape
     assert torch.equal(packed.view(torch.uint8), ref_packed.view(torch.uint8))
-    assert torch.equal(dequantize_nf4(packed, state), bnbF.dequantize_4bit(ref_packed, ref_state))
+    assert torch.equal(dequantize_nf4_state(packed, state), bnbF.dequantize_4bit(ref_packed, ref_state))
 
 
 def test_zero_blocks_and_extremes():
@@ -83,7 +83,7 @@ def test_zero_blocks_and_extremes():
         ref_packed, ref_state = bnb_quantize(w, cs)
         assert torch.equal(packed, ref_packed)
         _assert_same_state(state, ref_state)
-        assert torch.equal(dequantize_nf4(packed, state)[1], torch.zeros(128))
+        assert torch.equal(dequantize_nf4_state(packed, state)[1], torch.zeros(128))
 
 
 def test_layout_high_nibble_first_and_thresholds():
@@ -121,7 +121,7 @@ def test_cuda_semantics_on_cpu():
     w[0] = 0
     packed, state = quantize_nf4(w, compress_statistics=False, backend="cuda")
     assert torch.equal(packed[:32], torch.zeros(32, 1, dtype=torch.uint8))  # code 0 = -1.0 ...
-    assert torch.equal(dequantize_nf4(packed, state)[0], torch.zeros(64))  # ... times absmax 0
+    assert torch.equal(dequantize_nf4_state(packed, state)[0], torch.zeros(64))  # ... times absmax 0
     packed, state = quantize_nf4(w, compress_statistics=True, backend="cuda")
     assert torch.equal(packed[:32], torch.zeros(32, 1, dtype=torch.uint8))
     cpu_packed, _ = quantize_nf4(w, compress_statistics=True, backend="cpu")
@@ -132,7 +132,7 @@ def test_reconstruction_error_is_nf4_sized():
     torch.manual_seed(0)
     w = torch.randn(256, 256)
     packed, state = quantize_nf4(w, compress_statistics=False)
-    err = (dequantize_nf4(packed, state) - w).abs()
+    err = (dequantize_nf4_state(packed, state) - w).abs()
     # half the widest NF4 gap (-1 .. -0.6961928) times the block absmax bounds the error
     half_gap = (NF4_CODE[1:] - NF4_CODE[:-1]).max() / 2
     absmax = w.view(-1, 64).abs().amax(1, keepdim=True)
@@ -150,4 +150,4 @@ def test_bit_exact_vs_bitsandbytes_cuda(shape, dtype):
         ref_packed, ref_state = bnb_quantize(w, cs)
         assert torch.equal(packed, ref_packed)
         _assert_same_state(state, ref_state)
-        assert torch.equal(dequantize_nf4(packed, state), bnbF.dequantize_4bit(ref_packed, ref_state))
+        assert torch.equal(dequantize_nf4_state(packed, state), bnbF.dequantize_4bit(ref_packed, ref_state))

@@ -16,7 +16,7 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from velotune.quant import dequantize_nf4, linear4bit_state_dict, to_linear4bit  # noqa: E402
+from velotune.quant import dequantize_nf4_state, linear4bit_state_dict, to_linear4bit  # noqa: E402
 from velotune.quant.nf4_linear import NF4Linear, adopt_linear4bit, adopt_linear4bit_layers_  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def test_our_layer_never_repacks_and_computes_exactly(bias):
     layer = _layer(bias=bias)
     assert isinstance(layer, NF4Linear) and isinstance(layer, bnb.nn.Linear4bit)
     packed = layer.weight.data.clone()
-    w = dequantize_nf4(packed, layer.weight.quant_state)  # (64, 128)
+    w = dequantize_nf4_state(packed, layer.weight.quant_state)  # (64, 128)
     _as_avx512bf16_cpu(layer)
     x = torch.randn(2, 5, 128)
     layer.eval()
@@ -97,8 +97,8 @@ def test_a_layer_repacked_elsewhere_is_restored_when_adopted():
     adopted = adopt_linear4bit(plain)
     assert isinstance(adopted, NF4Linear) and adopted.weight is plain.weight  # no copy
     assert torch.equal(adopted.weight.data, ours.weight.data)  # the codes come back exactly
-    expected = dequantize_nf4(ours.weight.data, ours.weight.quant_state)
-    restored = dequantize_nf4(adopted.weight.data, adopted.weight.quant_state)
+    expected = dequantize_nf4_state(ours.weight.data, ours.weight.quant_state)
+    restored = dequantize_nf4_state(adopted.weight.data, adopted.weight.quant_state)
     torch.testing.assert_close(restored, expected, rtol=1e-2, atol=1e-3)  # scales keep the bf16 rounding
     tensors = linear4bit_state_dict(adopted, "proj")
     assert tensors["proj.weight"].shape == ours.weight.data.shape

@@ -9,7 +9,7 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 
 from velotune.quant import (  # noqa: E402
-    dequantize_nf4,
+    dequantize_nf4_state,
     linear4bit_state_dict,
     load_prequantized,
     quantize_nf4,
@@ -42,8 +42,8 @@ def test_state_dict_keys_and_round_trip(dtype, compress_statistics):
     assert isinstance(loaded, bnb.nn.Linear4bit) and loaded.weight.bnb_quantized
     assert torch.equal(loaded.weight.data, layer.weight.data)
     assert torch.equal(
-        dequantize_nf4(loaded.weight.data, loaded.weight.quant_state),
-        dequantize_nf4(layer.weight.data, layer.weight.quant_state),
+        dequantize_nf4_state(loaded.weight.data, loaded.weight.quant_state),
+        dequantize_nf4_state(layer.weight.data, layer.weight.quant_state),
     )
     x = torch.randn(3, 70, dtype=dtype)
     loaded.train(), layer.train()
@@ -59,8 +59,8 @@ def test_safetensors_file_round_trip(tmp_path):
     loaded = load_prequantized(load_file(tmp_path / "m.safetensors"), "fc")
     assert loaded.bias is None
     assert torch.equal(
-        dequantize_nf4(loaded.weight.data, loaded.weight.quant_state),
-        dequantize_nf4(layer.weight.data, layer.weight.quant_state),
+        dequantize_nf4_state(loaded.weight.data, loaded.weight.quant_state),
+        dequantize_nf4_state(layer.weight.data, layer.weight.quant_state),
     )
 
 
@@ -102,7 +102,7 @@ def test_loads_transformers_bnb_4bit_checkpoint(transformers_bnb_checkpoint):
         ours = load_prequantized(saved, prefix, compute_dtype=torch.float32)
         theirs = model.get_submodule(prefix)
         their_w = bnb.functional.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state)
-        assert torch.equal(dequantize_nf4(ours.weight.data, ours.weight.quant_state), their_w)
+        assert torch.equal(dequantize_nf4_state(ours.weight.data, ours.weight.quant_state), their_w)
         # and quantizing the same fp weight ourselves gives their file bit for bit
         packed, state = quantize_nf4(source[prefix + ".weight"])
         assert torch.equal(packed, saved[prefix + ".weight"])

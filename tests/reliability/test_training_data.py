@@ -106,7 +106,7 @@ def test_responses_only_error_names_truncation_when_it_is_the_cause(tiny_dir, tm
 
 
 def test_standard_messages_pass_untouched_and_human_gpt_roles_are_mapped():
-    from velotune.training.data import standardize_roles
+    from velotune.training.dataset_prep import standardize_roles
 
     standard = Dataset.from_dict({"messages": [[{"role": "user", "content": "hi"},
                                                 {"role": "assistant", "content": None},

@@ -121,9 +121,9 @@ def plan_tensors(model) -> list[TensorPlan]:
 
 def _plain_value(module, leaf: str) -> torch.Tensor:
     if is_linear4bit(module) and leaf == "weight":
-        from velotune.quant import dequantize_nf4
+        from velotune.quant import dequantize_nf4_state
 
-        return dequantize_nf4(module.weight.data, module.weight.quant_state)
+        return dequantize_nf4_state(module.weight.data, module.weight.quant_state)
     return getattr(module, leaf).detach()
 
 

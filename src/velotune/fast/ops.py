@@ -63,10 +63,10 @@ def _fused_linear_cross_entropy(
 
 def _dequantize_nf4_weight(param_or_module) -> torch.Tensor:
     """A bitsandbytes 4-bit weight (Params4bit, or a module holding one) -> dense (out, in) tensor."""
-    from ..quant.nf4 import dequantize_nf4  # our exact torch path: the same bytes on every device and CPU
+    from ..quant.nf4 import dequantize_nf4_state  # our exact torch path: the same bytes on every device and CPU
 
     weight = getattr(param_or_module, "weight", param_or_module)
-    return dequantize_nf4(weight.data, weight.quant_state)
+    return dequantize_nf4_state(weight.data, weight.quant_state)
 
 
 _FALLBACKS = {

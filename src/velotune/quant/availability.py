@@ -41,7 +41,7 @@ def _check(device: str) -> tuple[bool, str]:
         from torch import nn
 
         from velotune.quant.linear import to_linear4bit
-        from velotune.quant.nf4 import dequantize_nf4
+        from velotune.quant.nf4 import dequantize_nf4_state
 
         gen = torch.Generator().manual_seed(0)
         linear = nn.Linear(64, 8, dtype=torch.float32)
@@ -52,7 +52,7 @@ def _check(device: str) -> tuple[bool, str]:
         x = torch.randn(3, 64, generator=gen).to(dev)
         with torch.no_grad():
             got = layer(x)
-            ref = torch.nn.functional.linear(x, dequantize_nf4(layer.weight.data, layer.weight.quant_state))
+            ref = torch.nn.functional.linear(x, dequantize_nf4_state(layer.weight.data, layer.weight.quant_state))
         if not torch.allclose(got.float(), ref, atol=1e-3, rtol=1e-3):
             return False, f"bitsandbytes {version}'s 4-bit matmul on {device} gives wrong results"
     except Exception as exc:

@@ -21,7 +21,7 @@ reproduce (``"auto"``: the one bitsandbytes would itself run for the tensor's de
      (0.0); both dequantize to exactly 0;
   3. the last, partial block: CPU divides by its absmax instead of multiplying by the
      reciprocal (can differ by one ulp, so rarely one code).
-``dequantize_nf4`` has no such choice: both backends compute code * absmax in fp32, then cast.
+``dequantize_nf4_state`` has no such choice: both backends compute code * absmax in fp32, then cast.
 """
 
 from __future__ import annotations
@@ -155,10 +155,12 @@ def block_absmax(quant_state) -> torch.Tensor:
     return absmax + quant_state.offset.to(absmax.device)  # separate add, as bitsandbytes does
 
 
-def dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
+def dequantize_nf4_state(packed: torch.Tensor, quant_state) -> torch.Tensor:
     """NF4 -> ``quant_state.dtype`` tensor of ``quant_state.shape``; equals bitsandbytes' dequantize_4bit.
 
-    Like bitsandbytes' kernels it uses the built-in NF4 table, not ``quant_state.code``.
+    The inverse of ``quantize_nf4``, driven by the bitsandbytes ``QuantState`` it returned (hence the
+    name: ``velotune.kernels.dequantize_nf4`` is the Triton op over the raw block tensors). Like
+    bitsandbytes' kernels it uses the built-in NF4 table, not ``quant_state.code``.
     """
     if quant_state.quant_type != "nf4":
         raise NotImplementedError(f"only nf4 is implemented, got quant_type={quant_state.quant_type!r}")

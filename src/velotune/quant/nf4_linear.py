@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from velotune.quant.nf4 import dequantize_nf4
+from velotune.quant.nf4 import dequantize_nf4_state
 
 logger = logging.getLogger("velotune")
 
@@ -43,7 +43,7 @@ class NF4Linear(bnb.nn.Linear4bit):
             self.compute_type_is_set = True
         dtype = self.compute_dtype or x.dtype
         state = self.weight.quant_state
-        weight = dequantize_nf4(self.weight.data, state).to(dtype)  # (out, in), no grad: frozen
+        weight = dequantize_nf4_state(self.weight.data, state).to(dtype)  # (out, in), no grad: frozen
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.linear(x.to(dtype), weight, bias).to(x.dtype)  # (..., out_features)
 

@@ -26,9 +26,11 @@ from datasets import Dataset
 from transformers import TrainingArguments as HFTrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer as TRLSFTTrainer
+from trl.trainer import sft_trainer as trl_sft_module
 
 from ..export.folders import file_states
-from . import data as data_helpers
+from ..fast.plan import find_decoder
+from . import dataset_prep
 from . import resume as resume_checks
 from .arguments import TrainingArguments
 from .callbacks import LossPlotCallback, ProgressFieldsCallback, SummaryCallback, peak_memory_bytes
@@ -49,6 +51,12 @@ MODEL_CARD_SIGNATURE = "model card written by velotune"
 
 class NonFiniteLossError(FloatingPointError):
     """Training stopped because a micro-batch's loss was NaN or infinite."""
+
+
+# TRL before its own fused LM head (0.24) reads `outputs.logits` after the loss for its entropy and
+# accuracy metrics, so this trainer asks our model for them (its fast path builds none otherwise).
+# TRL 1.x runs our backbone through its fused head (`add_fused_lm_head`) and reads no logits of ours.
+TRL_READS_LOGITS = not hasattr(trl_sft_module, "add_fused_lm_head")
 
 
 def to_training_arguments(args, overrides: dict, model=None) -> TrainingArguments:
@@ -118,17 +126,17 @@ class SFTTrainer(TRLSFTTrainer):
         check_free(args.output_dir)  # a second run into a folder in use fails before any work
         if train_dataset is None:
             raise ValueError("train_dataset is required")
-        train_dataset = data_helpers.standardize_roles(train_dataset, "train")
+        train_dataset = dataset_prep.standardize_roles(train_dataset, "train")
         if isinstance(eval_dataset, dict):
-            eval_dataset = {k: data_helpers.standardize_roles(v, f"eval[{k}]") for k, v in eval_dataset.items()}
+            eval_dataset = {k: dataset_prep.standardize_roles(v, f"eval[{k}]") for k, v in eval_dataset.items()}
         elif eval_dataset is not None:
-            eval_dataset = data_helpers.standardize_roles(eval_dataset, "eval")
+            eval_dataset = dataset_prep.standardize_roles(eval_dataset, "eval")
         formatting_func = kwargs.get("formatting_func")
         for name, dataset in [("train", train_dataset)] + (list(eval_dataset.items()) if isinstance(
                 eval_dataset, dict) else [("eval", eval_dataset)]):
             if dataset is not None:
-                data_helpers.check_text_field(dataset, args.dataset_text_field, formatting_func, name)
-                data_helpers.check_text_values(dataset, args.dataset_text_field, formatting_func, name)
+                dataset_prep.check_text_field(dataset, args.dataset_text_field, formatting_func, name)
+                dataset_prep.check_text_values(dataset, args.dataset_text_field, formatting_func, name)
         if isinstance(model, torch.nn.Module) and args.memory_check != "off":
             self.memory_estimate = _estimate_for(model, args)
             check_memory(self.memory_estimate, device_memory(args.device), args.memory_check, args.device)
@@ -140,7 +148,7 @@ class SFTTrainer(TRLSFTTrainer):
         self._last_log = None
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
-        self.data_collator = data_helpers.SampleIndexCollator(self.data_collator)
+        self.data_collator = dataset_prep.SampleIndexCollator(self.data_collator)
         if not self.args.disable_tqdm:
             self.remove_callback(ProgressCallback)
             self.add_callback(ProgressFieldsCallback)
@@ -156,40 +164,42 @@ class SFTTrainer(TRLSFTTrainer):
         tokenize_only.shuffle_dataset = False
         dataset = super()._prepare_dataset(dataset, processing_class, tokenize_only, False, formatting_func,
                                            dataset_name)
-        data_helpers.require_rows(dataset, dataset_name)
-        if data_helpers.SAMPLE_INDEX not in dataset.column_names:
-            dataset = dataset.map(lambda _, i: {data_helpers.SAMPLE_INDEX: i}, with_indices=True)
+        dataset_prep.require_rows(dataset, dataset_name)
+        if dataset_prep.SAMPLE_INDEX not in dataset.column_names:
+            dataset = dataset.map(lambda _, i: {dataset_prep.SAMPLE_INDEX: i}, with_indices=True)
         cut = None if packing and args.packing_strategy != "bfd" else args.max_length
-        dataset = data_helpers.drop_untrainable(dataset, dataset_name, cut, args.truncation_mode,
+        dataset = dataset_prep.drop_untrainable(dataset, dataset_name, cut, args.truncation_mode,
                                                 args.completion_only_loss, args.assistant_only_loss)
         if packing:
             if args.max_length is None:
                 raise ValueError("packing=True needs max_seq_length (max_length) to know the packed row length")
             if args.shuffle_dataset:
                 dataset = dataset.shuffle(seed=args.seed)
-            dataset = data_helpers.pack(dataset, args.max_length, args.packing_strategy, dataset_name,
+            dataset = dataset_prep.pack(dataset, args.max_length, args.packing_strategy, dataset_name,
                                         args.dataset_num_proc)
         elif args.max_length is not None:
-            dataset = data_helpers.truncate_and_count(dataset, args.max_length, args.truncation_mode, dataset_name,
+            dataset = dataset_prep.truncate_and_count(dataset, args.max_length, args.truncation_mode, dataset_name,
                                                       args.dataset_num_proc)
-        data_helpers.require_rows(dataset, dataset_name)
+        dataset_prep.require_rows(dataset, dataset_name)
         if args.shuffle_dataset:
             dataset = dataset.shuffle(seed=args.seed)
         return dataset
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if self._signature_columns is not None and data_helpers.SAMPLE_INDEX not in self._signature_columns:
-            self._signature_columns = list(self._signature_columns) + [data_helpers.SAMPLE_INDEX]
+        if self._signature_columns is not None and dataset_prep.SAMPLE_INDEX not in self._signature_columns:
+            self._signature_columns = list(self._signature_columns) + [dataset_prep.SAMPLE_INDEX]
 
     # ----- loss -----
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs.pop(data_helpers.SAMPLE_INDEX, None)
+        inputs.pop(dataset_prep.SAMPLE_INDEX, None)
+        if TRL_READS_LOGITS and find_decoder(model) is not None:
+            inputs["return_logits"] = True
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
     def training_step(self, model, inputs, *args, **kwargs):
-        rows = inputs.get(data_helpers.SAMPLE_INDEX)
+        rows = inputs.get(dataset_prep.SAMPLE_INDEX)
         loss = super().training_step(model, inputs, *args, **kwargs)
         if not torch.isfinite(loss).all():
             rows = rows.tolist() if torch.is_tensor(rows) else "unknown"

@@ -18,10 +18,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from .device import resolve_device, resolve_dtype
 from .lora.peft_model import get_peft_model, load_adapter_model
 from .models import SUPPORTED_MODEL_TYPES, model_class_for
-from .quant import dequantize_nf4, load_prequantized, nf4_available, quantize_model_
+from .quant import dequantize_nf4_state, load_prequantized, nf4_available, quantize_model_
 from .resolve import Source, resolve_source, travel_name
 from .tokenizer import fix_tokenizer as fix_pad_token
-from .weights import check_finite, iter_shards
+from .checkpoint_shards import check_finite, iter_shards
 
 logger = logging.getLogger("velotune")
 
@@ -302,7 +302,7 @@ def _take_prequantized(model, shard: dict, dtype, device, keep_4bit: bool) -> No
             linear = torch.nn.Linear(module.in_features, module.out_features, bias=bias is not None,
                                      device=device, dtype=dtype)
             with torch.no_grad():
-                linear.weight.copy_(dequantize_nf4(module.weight.data, module.weight.quant_state).to(dtype))
+                linear.weight.copy_(dequantize_nf4_state(module.weight.data, module.weight.quant_state).to(dtype))
                 if bias is not None:
                     linear.bias.copy_(bias)
             module = linear

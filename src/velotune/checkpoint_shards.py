@@ -69,7 +69,8 @@ def _read(file: Path) -> dict[str, torch.Tensor]:
 def check_finite(tensors: dict[str, torch.Tensor], file: Path, why: str | None = None) -> None:
     """Refuse NaN/inf weights (flipped bytes, a diverged save) by name, before anything computes with them.
     One float64 sum per tensor (no mask the size of the tensor); only a non-finite sum is looked into.
-    `why` replaces the explanation (loading.py: values that overflow float16 when the weights are cast)."""
+    `why` replaces the explanation (fast_language_model.py: values that overflow float16 when the
+    weights are cast)."""
     for name, value in tensors.items():
         if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value.sum(dtype=torch.float64))):
             bad = (~torch.isfinite(value)).nonzero()
