@@ -79,15 +79,14 @@ def _with_adapters(model, args):
                            target_modules=TARGETS, use_gradient_checkpointing=CHECKPOINTING[args.checkpointing],
                            random_state=3407, max_seq_length=args.seq)
     if args.offload_min_tokens is not None:
-        checkpointer = model.get_base_model().model._gradient_checkpointing_func
-        checkpointer.min_tokens = args.offload_min_tokens
+        model.get_base_model().model.runtime.offload_min_tokens = args.offload_min_tokens
     return model
 
 
 def run(args) -> dict:
     import torch
 
-    from velotune.fast.plan import decide, set_fast_path
+    from velotune.fast.plan import plan_step, set_fast_path
 
     device = "cpu" if args.dry_run else "cuda"
     cuda = device == "cuda"
@@ -96,8 +95,8 @@ def run(args) -> dict:
     model = build(args, device)
     # On the GPU "fast" is the automatic decision (it must turn on by itself); off it, forced.
     set_fast_path(model, False if args.path == "plain" else (None if cuda else True))
-    decision = decide(model)
-    if (args.path == "fast") != decision.enabled:
+    decision = plan_step(model)
+    if (args.path == "fast") != decision.fast:
         raise SystemExit(f"asked for the {args.path} path but the switch says: {decision.reason}")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -44,8 +44,8 @@ def _counts(layers: int, checkpointing: str) -> Counter:
     mode = "unsloth" if checkpointing == "unsloth" else False
     model = get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=mode).train()
     if mode:
-        checkpointer = model.get_base_model().model._gradient_checkpointing_func
-        checkpointer.min_tokens, checkpointer.offload_on_cpu = 0, True
+        runtime = model.get_base_model().model.runtime
+        runtime.offload_min_tokens, runtime.offload_on_cpu = 0, True
     set_fast_path(model, True)
     ids = torch.randint(0, 128, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()  # warm-up

@@ -1,8 +1,8 @@
 """use_gradient_checkpointing="unsloth": the same gradients as no checkpointing.
 
 On the CPU the mode checkpoints plainly (offloading pays only on CUDA). The offloading autograd
-function itself is exercised on the CPU by letting it run on CPU tensors
-(`offload_on_cpu=True`, `min_tokens=0`): the host copy is then a clone instead of a pinned
+function itself is exercised on the CPU by letting it run on CPU tensors (RuntimeSettings
+`offload_on_cpu=True`, `offload_min_tokens=0`): the host copy is then a clone instead of a pinned
 copy on a side stream, and everything else (forward under no_grad, recompute under the saved
 RNG and autocast state, gradients of layer 0 whose input needs none) is the code the GPU runs.
 """
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from lora_models import batch, loss_and_grads, lora_model
-from velotune.fast.plan import set_fast_path
 from velotune.fast.checkpointing import OFFLOAD_MIN_TOKENS, OffloadedCheckpointer
+from velotune.fast.plan import plan_step, runtime_settings, set_fast_path
 
 
 def _assert_same(grads, reference):
@@ -24,10 +24,10 @@ def _assert_same(grads, reference):
 
 
 def _offload_everywhere(model) -> OffloadedCheckpointer:
-    checkpointer = model.get_base_model().model._gradient_checkpointing_func
-    assert isinstance(checkpointer, OffloadedCheckpointer)
-    checkpointer.min_tokens, checkpointer.offload_on_cpu = 0, True
-    return checkpointer
+    settings = runtime_settings(model)
+    assert settings.checkpointing == "unsloth"
+    settings.offload_min_tokens, settings.offload_on_cpu = 0, True
+    return model.get_base_model().model._offloader
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["plain", "fused"])
@@ -38,7 +38,7 @@ def test_unsloth_mode_on_cpu_equals_no_checkpointing(fast):
     _, expected = loss_and_grads(reference, inputs)
     model = lora_model("llama", checkpointing="unsloth")
     set_fast_path(model, fast)
-    checkpointer = model.get_base_model().model._gradient_checkpointing_func
+    checkpointer = model.get_base_model().model._offloader
     _, grads = loss_and_grads(model, inputs)
     assert checkpointer.offloaded == 0  # CPU tensors: plain checkpointing
     _assert_same(grads, expected)
@@ -124,16 +124,21 @@ def test_trainer_reenabling_checkpointing_keeps_offloading():
     assert not isinstance(decoder._gradient_checkpointing_func, OffloadedCheckpointer)
 
 
-def test_short_sequences_and_no_grad_do_not_offload():
-    checkpointer = OffloadedCheckpointer(offload_on_cpu=True)
-    layer = torch.nn.Linear(4, 4)
-    x = torch.randn(1, OFFLOAD_MIN_TOKENS - 1, 4, requires_grad=True)
-    checkpointer(layer, x).sum().backward()
-    with torch.no_grad():
-        checkpointer(layer, torch.randn(1, OFFLOAD_MIN_TOKENS, 4))
-    assert checkpointer.offloaded == 0
-    checkpointer(layer, torch.randn(1, OFFLOAD_MIN_TOKENS, 4, requires_grad=True)).sum().backward()
-    assert checkpointer.offloaded == 1
+def test_the_plan_offloads_long_training_micro_batches_only():
+    """The checkpoint mode is the plan's: offload from OFFLOAD_MIN_TOKENS tokens on the device
+    (CUDA, or the CPU when a test asks), plain below, none without grad, in eval or with a cache."""
+    model = lora_model("llama", checkpointing="unsloth")
+    step = dict(training=True, grad=True, tokens=OFFLOAD_MIN_TOKENS)
+    assert plan_step(model, **step).checkpoint == "plain"  # CPU tensors
+    assert plan_step(model, **step, device="cuda").checkpoint == "offload"
+    runtime_settings(model).offload_on_cpu = True
+    assert plan_step(model, **step).checkpoint == "offload"
+    assert plan_step(model, **{**step, "tokens": OFFLOAD_MIN_TOKENS - 1}).checkpoint == "plain"
+    assert plan_step(model, **{**step, "grad": False}).checkpoint == "off"
+    assert plan_step(model, **{**step, "training": False}).checkpoint == "off"
+    assert plan_step(model, **step, cache=True).checkpoint == "off"
+    assert plan_step(model, **step, checkpointing=False).checkpoint == "off"
+    assert plan_step(lora_model("llama", checkpointing=True), **step, device="cuda").checkpoint == "plain"
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 1 << 20, (1 << 20) + 3, 344064 * 4096, 3 * (1 << 21) + 17])

@@ -14,7 +14,7 @@ import torch
 
 from lora_models import batch, loss_and_grads, lora_model
 from velotune.fast import plan as fast_path
-from velotune.fast.plan import decide, set_fast_path
+from velotune.fast.plan import plan_step, set_fast_path
 from velotune.quant import is_linear4bit
 
 FAMILIES = ["llama", "llama3_rope", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "phi3_partial"]
@@ -23,16 +23,16 @@ FAMILIES = ["llama", "llama3_rope", "mistral", "qwen2", "qwen3", "gemma", "gemma
 def test_decision_table(monkeypatch):
     monkeypatch.delenv(fast_path.DISABLE_ENV, raising=False)
     model = lora_model("llama")
-    auto = decide(model)
-    assert not auto.enabled and "on cpu" in auto.reason  # no CUDA -> plain
-    forced = decide(model, fast_path=True)
-    assert forced.enabled and "forced" in forced.reason
+    auto = plan_step(model)
+    assert not auto.fast and "on cpu" in auto.reason  # no CUDA -> plain
+    forced = plan_step(model, fast_path=True)
+    assert forced.fast and "forced" in forced.reason
     set_fast_path(model, True)
-    assert decide(model).enabled
-    assert not decide(model, fast_path=False).enabled
+    assert plan_step(model).fast
+    assert not plan_step(model, fast_path=False).fast
     monkeypatch.setenv(fast_path.DISABLE_ENV, "1")
-    env = decide(model)
-    assert not env.enabled and fast_path.DISABLE_ENV in env.reason  # the variable beats everything
+    env = plan_step(model)
+    assert not env.fast and fast_path.DISABLE_ENV in env.reason  # the variable beats everything
 
 
 @pytest.mark.parametrize(
@@ -45,14 +45,14 @@ def test_decision_table(monkeypatch):
 )
 def test_unsupported_lora_settings_keep_the_plain_path(lora, expected):
     model = lora_model("qwen2", **lora)
-    decision = decide(model, fast_path=True)
-    assert not decision.enabled
+    decision = plan_step(model, fast_path=True)
+    assert not decision.fast
     assert "model.layers.0.self_attn.q_proj" in decision.reason and expected in decision.reason
 
 
 def test_generic_models_and_bad_settings():
     plain = torch.nn.Linear(2, 2)
-    assert "not a velotune decoder" in decide(plain).reason
+    assert "not a velotune decoder" in plan_step(plain).reason
     with pytest.raises(ValueError, match="no velotune decoder"):
         set_fast_path(plain, True)
     with pytest.raises(ValueError, match="allowed values are True, False and None"):
@@ -64,7 +64,7 @@ def test_decision_is_logged_once(caplog):
     fast_path._logged.clear()
     with caplog.at_level(logging.INFO, logger="velotune"):
         for _ in range(3):
-            decide(model, fast_path=True)
+            plan_step(model, fast_path=True)
     messages = [r.getMessage() for r in caplog.records if "fast path" in r.getMessage()]
     assert len(messages) == 1 and "qwen3" in messages[0]
 
@@ -172,27 +172,45 @@ def test_greedy_generation_is_unchanged_by_the_fast_path():
     torch.testing.assert_close(model.generate(input_ids=ids, **kwargs), plain)
 
 
-def test_trl_without_fused_head_gets_logits(monkeypatch):
-    """The installed TRL (1.x: its own fused LM head) gets no logits from a training forward; an
-    SFTTrainer module without `add_fused_lm_head` (TRL 0.24, which reads outputs.logits after the
-    loss for its metrics) gets them."""
-    import sys
-    import types
-
-    import trl.trainer.sft_trainer  # noqa: F401
-
-    monkeypatch.delenv(fast_path.RETURN_LOGITS_ENV, raising=False)
-    assert not fast_path.logits_wanted(None)
-    assert fast_path.logits_wanted(True)
-    monkeypatch.setenv(fast_path.RETURN_LOGITS_ENV, "1")
-    assert fast_path.logits_wanted(None) and not fast_path.logits_wanted(False)
-    monkeypatch.delenv(fast_path.RETURN_LOGITS_ENV)
-    old_trl = types.ModuleType("trl.trainer.sft_trainer")  # as TRL 0.24 has it: no add_fused_lm_head
-    monkeypatch.setitem(sys.modules, "trl.trainer.sft_trainer", old_trl)
-    assert fast_path.logits_wanted(None)
+def test_the_plan_fuses_the_loss_unless_the_caller_asks_for_logits(monkeypatch):
+    """The loss mode is the plan's, from explicit hints: a training forward with labels fuses the
+    loss (no logits) unless the caller asks (`return_logits=True`, or VELOTUNE_RETURN_LOGITS=1
+    when it does not say); never in evaluation, without grad or without labels."""
     model = lora_model("llama")
     set_fast_path(model, True)
+    monkeypatch.delenv(fast_path.RETURN_LOGITS_ENV, raising=False)
+    step = dict(training=True, grad=True, labels=True)
+    assert plan_step(model, **step).fused_loss
+    assert not plan_step(model, **step, return_logits=True).fused_loss
+    assert not plan_step(model, **{**step, "training": False}).fused_loss
+    assert not plan_step(model, **{**step, "grad": False}).fused_loss
+    assert not plan_step(model, **{**step, "labels": False}).fused_loss
+    monkeypatch.setenv(fast_path.RETURN_LOGITS_ENV, "1")
+    assert not plan_step(model, **step).fused_loss
+    assert plan_step(model, **step, return_logits=False).fused_loss
     assert model(**batch()).logits is not None
+    monkeypatch.setenv(fast_path.RETURN_LOGITS_ENV, "maybe")
+    with pytest.raises(ValueError, match="VELOTUNE_RETURN_LOGITS='maybe'"):
+        plan_step(model, **step)
+
+
+def test_a_trl_that_reads_logits_gets_them_from_our_trainer(monkeypatch):
+    """TRL before its fused LM head (0.24) reads outputs.logits after the loss: velotune's
+    SFTTrainer asks the model for them explicitly (no guessing from imported modules)."""
+    from velotune.training import trainer as trainer_module
+
+    model = lora_model("llama")
+    set_fast_path(model, True)
+    seen = []
+    monkeypatch.setattr(trainer_module, "TRL_READS_LOGITS", True)
+    monkeypatch.setattr(trainer_module.TRLSFTTrainer, "compute_loss",
+                        lambda self, model, inputs, **kw: seen.append(model(**inputs).logits))
+    trainer = trainer_module.SFTTrainer.__new__(trainer_module.SFTTrainer)  # only compute_loss runs
+    trainer.compute_loss(model, dict(batch()))
+    assert seen[0] is not None
+    monkeypatch.setattr(trainer_module, "TRL_READS_LOGITS", False)
+    trainer.compute_loss(model, dict(batch()))
+    assert seen[1] is None
 
 
 def test_trained_lm_head_gets_its_gradient_through_the_fused_loss():
@@ -247,7 +265,7 @@ def test_plan_is_resolved_per_forward_and_follows_disable_adapter(monkeypatch):
 
     model = lora_model("llama")
     set_fast_path(model, True)
-    decision = decide(model)
+    decision = plan_step(model)
     decoder = fast_path.find_decoder(model)
     assert len(decision.layers) == len(decoder.layers)
     q = decision.layers[0].qkv[0]
@@ -261,7 +279,7 @@ def test_plan_is_resolved_per_forward_and_follows_disable_adapter(monkeypatch):
         monkeypatch.setattr(module, "projection_of", lambda m: lookups.append(m) or original(m))
     with_adapters = model(**inputs).loss
     with model.disable_adapter():
-        assert all(p.lora_A is None for p in decide(model).layers[0].qkv)
+        assert all(p.lora_A is None for p in plan_step(model).layers[0].qkv)
         without = model(**inputs).loss
         set_fast_path(model, False)
         plain_without = model(**inputs).loss

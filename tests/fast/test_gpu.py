@@ -11,8 +11,7 @@ import torch
 from transformers import LlamaConfig
 
 from lora_models import batch, loss_and_grads, lora_model
-from velotune.fast.plan import decide, set_fast_path
-from velotune.fast.checkpointing import OffloadedCheckpointer
+from velotune.fast.plan import plan_step, set_fast_path
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -38,8 +37,8 @@ def _compare_bf16(fast, plain, fast_grads, plain_grads, tol=3e-2):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fast_path_turns_on_and_matches_plain_in_bf16(family):
     model = lora_model(family, dtype=torch.bfloat16, device="cuda")
-    decision = decide(model)
-    assert decision.enabled and "on CUDA" in decision.reason, decision.reason
+    decision = plan_step(model)
+    assert decision.fast and "on CUDA" in decision.reason, decision.reason
     inputs = batch("cuda", B=2, T=64)
     fast, fast_grads = loss_and_grads(model, inputs)
     assert fast.logits is None
@@ -51,7 +50,7 @@ def test_fast_path_turns_on_and_matches_plain_in_bf16(family):
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_qlora_fast_path_matches_plain(family):
     model = lora_model(family, dtype=torch.bfloat16, device="cuda", nf4=True)
-    assert decide(model).enabled
+    assert plan_step(model).fast
     inputs = batch("cuda", B=2, T=64)
     fast, fast_grads = loss_and_grads(model, inputs)
     set_fast_path(model, False)
@@ -67,9 +66,8 @@ def test_offloaded_checkpointing_on_cuda_matches_no_checkpointing(fast):
     out_ref, expected = loss_and_grads(reference, inputs)
     model = lora_model("llama", dtype=torch.bfloat16, device="cuda", checkpointing="unsloth")
     set_fast_path(model, fast)
-    checkpointer = model.get_base_model().model._gradient_checkpointing_func
-    assert isinstance(checkpointer, OffloadedCheckpointer)
-    checkpointer.min_tokens = 0  # offload these short sequences too
+    checkpointer = model.get_base_model().model._offloader
+    model.get_base_model().model.runtime.offload_min_tokens = 0  # offload these short sequences too
     out, grads = loss_and_grads(model, inputs)
     assert checkpointer.offloaded == model.config.num_hidden_layers
     torch.testing.assert_close(out.loss, out_ref.loss)
@@ -119,8 +117,8 @@ def test_lora_dropout_on_cuda_warns_and_keeps_the_plain_path(caplog):
     model = lora_model("llama", dtype=torch.bfloat16, device="cuda", lora_dropout=0.1)
     fast_path._logged.clear()
     with caplog.at_level(logging.INFO, logger="velotune"):
-        decision = decide(model)
-    assert not decision.enabled and decision.warn and "lora_dropout=0.1" in decision.reason
+        decision = plan_step(model)
+    assert not decision.fast and decision.warn and "lora_dropout=0.1" in decision.reason
     assert any(r.levelno == logging.WARNING and "plain path" in r.getMessage() for r in caplog.records)
     out = model(**batch("cuda", B=2, T=16))
     assert out.logits is not None

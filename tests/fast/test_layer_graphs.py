@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from lora_models import batch, loss_and_grads, lora_model
+from velotune.fast import layer_graphs, plan
 from velotune.fast.plan import set_fast_path
-from velotune.fast import layer_graphs
-from velotune.fast.checkpointing import OffloadedCheckpointer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -31,10 +30,8 @@ def _graphed_model(family="llama", device="cpu", **kwargs):
     model = lora_model(family, device=device, checkpointing="unsloth", **kwargs)
     set_fast_path(model, True if device == "cpu" else None)
     decoder = model.get_base_model().model
-    checkpointer = decoder._gradient_checkpointing_func
-    assert isinstance(checkpointer, OffloadedCheckpointer)
-    checkpointer.min_tokens = 0
-    checkpointer.offload_on_cpu = device == "cpu"
+    decoder.runtime.offload_min_tokens = 0
+    decoder.runtime.offload_on_cpu = device == "cpu"
     decoder._graphs.cpu_rehearsal = device == "cpu"
     return model, decoder._graphs
 
@@ -75,10 +72,10 @@ def test_padding_dropout_and_the_switch_keep_the_layers_eager(monkeypatch):
     model, graphs = _graphed_model()
     model(**batch()).loss.backward()  # a left-padded batch: its mask is a tensor
     assert not graphs.shapes  # no buffers made for it either
-    monkeypatch.setenv(layer_graphs.GRAPHS_ENV, "0")
+    monkeypatch.setenv(plan.GRAPHS_ENV, "0")
     model(**_unpadded()).loss.backward()
     assert _calls(graphs) == 0
-    monkeypatch.delenv(layer_graphs.GRAPHS_ENV)
+    monkeypatch.delenv(plan.GRAPHS_ENV)
     model.get_base_model().config.attention_dropout = 0.1  # random numbers drawn: replayed eagerly
     model(**_unpadded()).loss.backward()
     assert _calls(graphs) == 0
@@ -89,10 +86,10 @@ def test_padding_dropout_and_the_switch_keep_the_layers_eager(monkeypatch):
 
 def test_large_layer_inputs_stay_eager(monkeypatch):
     model, graphs = _graphed_model()
-    monkeypatch.setattr(layer_graphs, "MAX_GRAPHED_ELEMENTS", 2 * 9 * 64 - 1)  # B x T x hidden of the batch
+    monkeypatch.setattr(plan, "MAX_GRAPHED_ELEMENTS", 2 * 9 * 64 - 1)  # B x T x hidden of the batch
     model(**_unpadded()).loss.backward()
     assert not graphs.shapes
-    monkeypatch.setattr(layer_graphs, "MAX_GRAPHED_ELEMENTS", 2 * 9 * 64)
+    monkeypatch.setattr(plan, "MAX_GRAPHED_ELEMENTS", 2 * 9 * 64)
     model(**_unpadded()).loss.backward()
     assert _calls(graphs) == model.config.num_hidden_layers
 
@@ -153,9 +150,9 @@ def test_replayed_graphs_equal_the_eager_layers_on_cuda(nf4, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model, graphs = _graphed_model(device="cuda", dtype=torch.bfloat16, nf4=nf4)
     micro_batches = [_unpadded("cuda", B=2, T=64, seed=s) for s in range(3)]
-    monkeypatch.setenv(layer_graphs.GRAPHS_ENV, "0")
+    monkeypatch.setenv(plan.GRAPHS_ENV, "0")
     expected = [_step_grads(model, b) for b in micro_batches]
-    monkeypatch.delenv(layer_graphs.GRAPHS_ENV)
+    monkeypatch.delenv(plan.GRAPHS_ENV)
     got = [_step_grads(model, b) for b in micro_batches]  # eager, captured + replayed, replayed
     layers = model.config.num_hidden_layers
     assert graphs.failed is None and graphs.captures == 2 * layers and graphs.replays == 4 * layers
@@ -177,7 +174,7 @@ def test_replayed_graphs_follow_new_adapter_data_on_cuda(monkeypatch):
     lora_A = model.get_base_model().model.layers[0].mlp.up_proj.lora_A["default"].weight
     lora_A.data = lora_A.data * 2
     got = [_step_grads(model, inputs) for _ in range(2)]  # eager (new signature), then captured again
-    monkeypatch.setenv(layer_graphs.GRAPHS_ENV, "0")
+    monkeypatch.setenv(plan.GRAPHS_ENV, "0")
     loss_ref, grads_ref = _step_grads(model, inputs)
     for loss, grads in got:
         assert torch.equal(loss, loss_ref)

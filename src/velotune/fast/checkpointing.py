@@ -5,7 +5,7 @@ layer in backward; at long sequences those inputs are most of what is left in me
 x T x 4096 x 2 bytes for an 8B model). `use_gradient_checkpointing="unsloth"` copies each input to
 pinned CPU memory on a side CUDA stream while the next layers compute, and brings it back when
 that layer's backward needs it. Below `OFFLOAD_MIN_TOKENS` tokens per micro-batch (and off CUDA)
-it checkpoints plainly (torch's non-reentrant checkpoint).
+the step's plan (plan.py) checkpoints plainly instead (torch's non-reentrant checkpoint).
 
 The offloading checkpoint is a reentrant-style autograd function: the layer runs under no_grad
 in forward and again with grad in backward, where `torch.autograd.backward` accumulates the
@@ -17,9 +17,7 @@ parameters' gradients to autograd.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
 import weakref
 from dataclasses import dataclass
 
@@ -29,32 +27,12 @@ from torch.utils.checkpoint import checkpoint
 # Offload from this many tokens per micro-batch (B*T). Measured on the H200 (8B QLoRA, batch 1,
 # bench/bench_train.py, BENCHMARKS.md): at 1,024 tokens the offloading function ran 1.49x faster
 # than torch's checkpoint at the same peak (6.96 vs 6.94 GiB), at 16,384 tokens 1.05x faster in
-# 3.9 GiB less: its recomputation skips the MLP's forward matmul (see `recomputing`), and at short
+# 3.9 GiB less: its recomputation skips the MLP's forward matmul (plan.StepPlan.recompute), and at short
 # lengths its host path costs less (not profiled). Shorter micro-batches were not measured, so
 # they keep torch's checkpoint.
 OFFLOAD_MIN_TOKENS = 1024
 
 _side_streams: dict[torch.device, "torch.cuda.Stream"] = {}
-_recomputation = threading.local()
-
-
-def recomputing() -> bool:
-    """True while a layer is re-run to backpropagate through it (`_OffloadedCheckpointFunction.
-    backward`, or a graphed layer's recomputation in layer_graphs.py). The layer's output value is
-    then dead: only its autograd graph is used (the gradient arriving from above is already
-    known), so the fast path may skip work whose only product is that value (see
-    DecoderLayer.forward and lora_mlp.py)."""
-    return getattr(_recomputation, "active", False)
-
-
-@contextlib.contextmanager
-def recomputation():
-    """Marks a layer's re-run for its backward (see `recomputing`)."""
-    _recomputation.active = True
-    try:
-        yield
-    finally:
-        _recomputation.active = False
 
 
 def plain_checkpoint(function, *args, **kwargs):
@@ -168,15 +146,17 @@ class _Link:
 
 
 class _OffloadedCheckpointFunction(torch.autograd.Function):
-    """forward(function, hidden, anchor, link, *args) = function(hidden, *args), keeping only a
-    host copy of `hidden` (`link` passes in the previous layer's copy and hands back this one).
+    """forward(functions, hidden, anchor, link, *args) = functions[0](hidden, *args), keeping only
+    a host copy of `hidden` (`link` passes in the previous layer's copy and hands back this one);
+    backward re-runs functions[1] (the layer told it is a recomputation) at the restored input.
     `anchor` is an empty tensor that requires grad, so that backward runs (and the layer's
     adapters get gradients) even when `hidden` itself needs no gradient (layer 0 with frozen
     embeddings)."""
 
     @staticmethod
-    def forward(ctx, function, hidden, anchor, link, *args):
-        ctx.function, ctx.args = function, args
+    def forward(ctx, functions, hidden, anchor, link, *args):
+        function, ctx.recompute = functions
+        ctx.args = args
         ctx.hidden_requires_grad = hidden.requires_grad
         ctx.device_type = hidden.device.type
         ctx.autocast = (torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type))
@@ -199,8 +179,7 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
                 torch.set_rng_state(ctx.cpu_rng)
                 if ctx.cuda_rng is not None:
                     torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
-            with recomputation():
-                out = ctx.function(hidden, *ctx.args)
+            out = ctx.recompute(hidden, *ctx.args)
         if out.requires_grad:
             torch.autograd.backward(out, grad_out)
         grad_hidden = hidden.grad if ctx.hidden_requires_grad else None
@@ -228,31 +207,25 @@ class _GraphedCheckpointFunction(torch.autograd.Function):
 
 
 class OffloadedCheckpointer:
-    """The `_gradient_checkpointing_func` of `use_gradient_checkpointing="unsloth"`.
+    """Runs one model call's offloaded layer checkpoints (the plan's checkpoint mode "offload").
 
-    Called as transformers calls its checkpoint function: `(function, hidden, *args)`. Offloads
-    when `hidden` is on CUDA with at least `min_tokens` tokens. `preserve_rng_state=False` (as
-    torch's checkpoint takes it) skips saving and replaying the random-number state, for a caller
-    that knows the layer draws none (no dropout); that state round trip costs host time on every
-    layer of a host-bound step. `graphed`: a layer_graphs.LayerRun, which then runs the layer (CUDA
-    graphs; `function` and `args` are not called). `offload_on_cpu=True` runs the
-    offloading function on CPU tensors too (a host clone stands in for the pinned copy), which is
-    how the CPU tests exercise it. `offloaded` counts the calls that took the offloading route.
+    `__call__(function, hidden, *args, recompute=..., preserve_rng_state=..., graphed=...)` is
+    function(hidden, *args) keeping only a host copy of `hidden`; backward calls `recompute` (the
+    same layer, told by its plan that it is a recomputation) at the restored input. Whether a
+    call offloads is the plan's decision (plan.plan_step: the threshold, the device), not this
+    object's. `preserve_rng_state=False` skips saving and replaying the random-number state, for a
+    layer that draws none (no dropout); that round trip costs host time on every layer of a
+    host-bound step. `graphed`: a layer_graphs.LayerRun, which then runs the layer (CUDA graphs;
+    `function` and `args` are not called). It remembers the previous layer's host copy, so
+    backward can prefetch it; `offloaded` counts the calls.
     """
 
-    def __init__(self, min_tokens: int = OFFLOAD_MIN_TOKENS, offload_on_cpu: bool = False):
-        self.min_tokens = min_tokens
-        self.offload_on_cpu = offload_on_cpu
+    def __init__(self):
         self.offloaded = 0
         self._last_copy: weakref.ref | None = None  # the copy of the previous layer's input
 
-    def __call__(self, function, hidden: torch.Tensor, *args, preserve_rng_state: bool = True, graphed=None,
-                 **kwargs):  # fmt: skip
-        if kwargs:
-            function = functools.partial(function, **kwargs)
-        on_device = hidden.is_cuda or self.offload_on_cpu
-        if not on_device or hidden.shape[:-1].numel() < self.min_tokens or not torch.is_grad_enabled():
-            return plain_checkpoint(function, hidden, *args, preserve_rng_state=preserve_rng_state)
+    def __call__(self, function, hidden: torch.Tensor, *args, recompute=None, preserve_rng_state: bool = True,
+                 graphed=None):  # fmt: skip
         self.offloaded += 1
         previous = self._last_copy() if self._last_copy is not None else None
         if previous is not None and previous.device != hidden.device:
@@ -262,11 +235,7 @@ class OffloadedCheckpointer:
             out = _GraphedCheckpointFunction.apply(graphed, hidden, link, *graphed.params)
         else:
             anchor = torch.empty(0, device=hidden.device, requires_grad=True)
-            out = _OffloadedCheckpointFunction.apply(function, hidden, anchor, link, *args)
+            functions = (function, recompute or function)
+            out = _OffloadedCheckpointFunction.apply(functions, hidden, anchor, link, *args)
         self._last_copy = weakref.ref(link.copy)
         return out
-
-
-def checkpoint_function(mode):
-    """The per-layer checkpoint function for get_peft_model's `use_gradient_checkpointing`."""
-    return OffloadedCheckpointer() if mode == "unsloth" else plain_checkpoint

@@ -9,11 +9,12 @@ captured graph replays the same kernels on the same memory without any of that P
 
 When (`ModelGraphs.begin` and `LayerMasks.tensor_free` decide): the fast path is on, on CUDA, the
 layer goes through the offloading checkpoint, its input is small enough that launching its kernels
-takes longer than running them (`MAX_GRAPHED_ELEMENTS`), nothing draws random numbers (no attention dropout),
+takes longer than running them (plan.MAX_GRAPHED_ELEMENTS), nothing draws random numbers (no attention dropout),
 attention is plain causal (padding, packing and sliding-window masks are tensors built per batch,
 so such batches run eagerly), no KV cache, and the same shapes come back: the first call of a
 shape runs eagerly (Triton compiles, cuBLAS picks its kernels: neither may happen during capture),
-the second captures, later ones replay. `VELOTUNE_CUDA_GRAPHS=0` turns graphs off.
+the second captures, later ones replay. `VELOTUNE_CUDA_GRAPHS=0` turns graphs off. The step's
+plan (plan.py, `StepPlan.graphs`) makes every decision that does not depend on the batch's masks.
 
 Exactness: a replay launches the kernels the eager call launched, on the same inputs, so it gives
 the same values. A graph also bakes in every address it read: the layer's weights, adapters and
@@ -40,31 +41,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
-from .checkpointing import recomputation
-
 logger = logging.getLogger("velotune")
 
-GRAPHS_ENV = "VELOTUNE_CUDA_GRAPHS"
-# Graphs where the layers' launches outlast their GPU work: up to this many elements in a layer
-# input (tokens per micro-batch x hidden size). Measured (BENCHMARKS.md): a Llama-3.2-1B layer at
-# 4,096 tokens (2048 hidden, 8.4M) took about 7 ms of host time for 4.7 ms of GPU work, and graphs
-# doubled the step's tokens/s; a Llama-3.1-8B layer at 4,096 tokens (4096 hidden) is bound by the
-# GPU, where graphs gained nothing and their pool cost 1.1 GiB. The GPU work grows with this
-# product (and the width) while the host's does not, so above it graphs stop paying.
-MAX_GRAPHED_ELEMENTS = 2048 * 4096
 MAX_SHAPES = 2  # shape sets (buffers + every layer's graphs) kept at once
 MAX_CAPTURED_SHAPES = 8  # distinct shapes captured over a model's life before capturing stops
 _WARMUP_CALLS = 1  # eager calls of a key before it is captured
-
-
-def graphs_enabled() -> bool:
-    return os.environ.get(GRAPHS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _layout(t: torch.Tensor) -> tuple:
@@ -76,12 +62,12 @@ def _tensor_key(t: torch.Tensor | None):
 
 
 def adapter_tensors(plan) -> list[torch.Tensor]:
-    """The plan's LoRA A and B tensors, projection by projection."""
+    """A LayerPlan's LoRA A and B tensors, projection by projection."""
     return [t for p in (*plan.qkv, *plan.o, *plan.mlp) for t in (p.lora_A, p.lora_B) if t is not None]
 
 
 def _with_adapters(plan, replace: dict):
-    """`plan` with the adapter tensors in `replace` (id -> tensor) swapped in."""
+    """LayerPlan `plan` with the adapter tensors in `replace` (id -> tensor) swapped in."""
     def swap(p):
         A, B = replace.get(id(p.lora_A), p.lora_A), replace.get(id(p.lora_B), p.lora_B)
         return dataclasses.replace(p, lora_A=A, lora_B=B)
@@ -177,8 +163,6 @@ class ModelGraphs:
         see DecoderModel.forward), or None when it runs eagerly."""
         if not (hidden.is_cuda or self.cpu_rehearsal) or self.failed is not None:
             return None
-        if hidden.numel() > MAX_GRAPHED_ELEMENTS:  # bound by the GPU: graphs would only cost memory
-            return None
         if hidden.is_cuda and torch.cuda.is_current_stream_capturing():  # the caller captures the whole step
             return None
         key = (tuple(hidden.shape), hidden.dtype, hidden.device, _autocast_state(hidden.device.type))
@@ -199,18 +183,19 @@ class ModelGraphs:
 
     def layer(self, buffers: _Buffers, index: int, layer, plan, kind: str, cos_sin, masks,
               hidden: torch.Tensor) -> "LayerRun | None":  # fmt: skip
-        """Layer `index`'s run for this forward (its graphs are kept while its signature holds), or
-        None when it runs eagerly: a trainable parameter other than the plan's adapters (a norm
-        weight) or nothing to differentiate."""
+        """Layer `index`'s run for this forward under the step's `plan` (its graphs are kept while
+        its signature holds), or None when it runs eagerly: a trainable parameter other than the
+        plan's adapters (a norm weight) or nothing to differentiate."""
         params = tuple(p for p in layer.parameters() if p.requires_grad)
-        adapters = tuple(t for t in adapter_tensors(plan) if t.requires_grad)
+        adapters = tuple(t for t in adapter_tensors(plan.layer(index)) if t.requires_grad)
         if not (params or hidden.requires_grad) or {id(p) for p in params} != {id(t) for t in adapters}:
             return None
-        signature = (layer_signature(plan, adapters), hidden.requires_grad, kind, *map(_layout, cos_sin))
+        signature = (layer_signature(plan.layer(index), adapters), hidden.requires_grad, kind, *map(_layout, cos_sin))
         graphs = buffers.layers.get(index)
         if graphs is None or graphs.signature != signature:
             graphs = buffers.layers[index] = _LayerGraphs(signature)
-        return LayerRun(self, buffers, graphs, layer, plan, adapters, kind, cos_sin, masks, hidden.requires_grad)
+        return LayerRun(self, buffers, graphs, layer, index, plan, adapters, kind, cos_sin, masks,
+                        hidden.requires_grad)
 
     def capture(self, body, what: str) -> "torch.cuda.CUDAGraph | None":
         """`body` recorded into a new graph of the shared pool, or None (capturing stops for this
@@ -239,11 +224,12 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
 class LayerRun:
     """One layer call under the offloading checkpoint: eager, captured or replayed."""
 
-    def __init__(self, owner: ModelGraphs, buffers: _Buffers, graphs: _LayerGraphs, layer, plan, params, kind,
-                 cos_sin, masks, hidden_grad: bool):  # fmt: skip
+    def __init__(self, owner: ModelGraphs, buffers: _Buffers, graphs: _LayerGraphs, layer, index: int, plan,
+                 params, kind, cos_sin, masks, hidden_grad: bool):  # fmt: skip
         self.owner, self.buffers, self.graphs = owner, buffers, graphs
-        self.layer, self.plan, self.params, self.kind = layer, plan, params, kind
-        self.function = functools.partial(layer.__call__, fast=plan)
+        self.layer, self.index, self.plan, self.params, self.kind = layer, index, plan, params, kind
+        self.function = functools.partial(layer.__call__, plan=plan)
+        self.recompute = functools.partial(layer.__call__, plan=plan.for_recomputation())
         self.cos_sin, self.masks, self.hidden_grad = cos_sin, masks, hidden_grad
         self.autocast = _autocast_state(buffers.hidden.device.type)  # the recomputation runs under the same
 
@@ -303,8 +289,8 @@ class LayerRun:
     def _differentiate(self, hidden, args, grad_out, function=None, params=None) -> tuple:
         leaf = hidden.detach().requires_grad_(self.hidden_grad)
         enabled, dtype = self.autocast
-        with torch.enable_grad(), recomputation(), torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
-            out = (function or self.function)(leaf, *args)
+        with torch.enable_grad(), torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
+            out = (function or self.recompute)(leaf, *args)
         inputs = ([leaf] if self.hidden_grad else []) + list(self.params if params is None else params)
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
         return (grads[0] if self.hidden_grad else None), list(grads[self.hidden_grad:])
@@ -328,7 +314,9 @@ class LayerRun:
         # forward, and autograd would make the capture stream wait on that stream, which a
         # capture cannot record.
         aliases = {id(p): p.detach().requires_grad_() for p in self.params}
-        function = functools.partial(self.layer.__call__, fast=_with_adapters(self.plan, aliases))
+        plan = self.plan.for_recomputation()
+        plan = plan.with_layer(self.index, _with_adapters(plan.layer(self.index), aliases))
+        function = functools.partial(self.layer.__call__, plan=plan)
         alias_params = [aliases[id(p)] for p in self.params]
 
         def body():

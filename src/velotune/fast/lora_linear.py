@@ -62,8 +62,8 @@ def projection_of(module: nn.Module) -> LoraProjection | None:
 
 def inspect_projection(module: nn.Module) -> tuple[str | None, LoraProjection | None]:
     """(None, the fused view) when `module` can run through the fused functions, else (the reason
-    it cannot, None). One walk over the module's attributes serves both (plan.decide runs it
-    for every projection on every forward)."""
+    it cannot, None). One walk over the module's attributes serves both (plan.plan_step runs
+    it for every projection on every forward)."""
     if _is_base_linear(module):
         if module.weight.requires_grad or (module.bias is not None and module.bias.requires_grad):
             return "its base weight or bias is trained (the fused path trains adapters only)", None

@@ -1,8 +1,14 @@
-"""The one place that decides whether a model runs the GPU fast path or the exact plain path.
+"""The one place that decides how a model call runs: the runtime plan of one step.
 
-Fast path: our decoder layers run the fused LoRA autograd functions (lora_linear.py, lora_mlp.py) and the
-kernels (RMSNorm, RoPE, SwiGLU/GeGLU), and the causal-LM loss in training goes through the fused
-linear cross-entropy. It turns on by itself when all of these hold:
+`plan_step` builds an immutable `StepPlan` from three things and nothing else: the model's
+runtime settings (`RuntimeSettings`: what the user chose through `set_fast_path` and
+get_peft_model's `use_gradient_checkpointing`), the model itself (which layers can fuse), and the
+caller's explicit hints (training or not, labels or not, logits wanted or not, tokens per
+micro-batch, a KV cache or not). The decoder passes the plan down to every layer; nothing below
+it decides again, and no module keeps a flag of its own. Inference builds its plans here too.
+
+The fast path (fused LoRA autograd functions in lora_linear.py / lora_mlp.py, the kernels for
+RMSNorm, RoPE and the gated activations, the fused linear cross-entropy) turns on when all hold:
 
   * `VELOTUNE_DISABLE_KERNELS` is not set to 1 and the model's `fast_path` setting is not False;
   * the model is one of our own decoders (the generic transformers path never is);
@@ -11,32 +17,41 @@ linear cross-entropy. It turns on by itself when all of these hold:
     over one with one active adapter, lora_dropout 0, no bias training and no LoRA variant (DoRA);
   * the MLP activation has a gated kernel (SwiGLU, GeGLU tanh/exact).
 
-Anything else keeps today's module-by-module code exactly. The decision and its reason are
-logged once per distinct reason.
-
-An enabled decision also carries each layer's projections in the form the fused functions take
-(`LayerPlan`), resolved while checking them: the layers then use these instead of inspecting
-their PEFT modules again on every call (the forward and the checkpoint's recomputation), which on
-a small model's host-bound step was a measurable part of the time. The decision is made once per
-model forward, so adapter switches, merges and `disable_adapter()` between forwards are seen.
+Anything else keeps the module-by-module code exactly. The fast/plain decision and its reason
+are logged once per distinct reason. An enabled plan carries each layer's projections in the form
+the fused functions take (`LayerPlan`), resolved while checking them, so the layers do not
+inspect their PEFT modules again on every call (measurable on a small model's host-bound step).
+A plan is made per model call, so adapter switches, merges and `disable_adapter()` between calls
+are seen.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import sys
 from dataclasses import dataclass
 
 from torch import nn
+
+from .checkpointing import OFFLOAD_MIN_TOKENS
 
 logger = logging.getLogger("velotune")
 
 DISABLE_ENV = "VELOTUNE_DISABLE_KERNELS"
 RETURN_LOGITS_ENV = "VELOTUNE_RETURN_LOGITS"
+GRAPHS_ENV = "VELOTUNE_CUDA_GRAPHS"
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+CHECKPOINT_MODES = ("off", "plain", "offload")
+# CUDA graphs where a layer's launches outlast its GPU work: up to this many elements in a layer
+# input (tokens per micro-batch x hidden size). Measured (BENCHMARKS.md): a Llama-3.2-1B layer at
+# 4,096 tokens (2048 hidden, 8.4M) took about 7 ms of host time for 4.7 ms of GPU work, and graphs
+# doubled the step's tokens/s; a Llama-3.1-8B layer at 4,096 tokens (4096 hidden) is bound by the
+# GPU, where graphs gained nothing and their pool cost 1.1 GiB.
+MAX_GRAPHED_ELEMENTS = 2048 * 4096
 _TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 _logged: set[str] = set()
 
 
@@ -49,18 +64,67 @@ class LayerPlan:
     mlp: tuple  # gate, up, down
 
 
+@dataclass
+class RuntimeSettings:
+    """A model's runtime choices, as the user made them; `plan_step` reads them, nothing else does.
+
+    `fast_path`: True (fast path wherever the LoRA settings allow, even off CUDA), False (always
+    the plain path), None (automatic). `checkpointing`: get_peft_model's
+    `use_gradient_checkpointing` (False, True, or "unsloth": offload each layer's input to pinned
+    host memory, from `offload_min_tokens` tokens per micro-batch). `offload_on_cpu`: run the
+    offloading checkpoint on CPU tensors too (a host clone stands in for the pinned copy), how tests
+    exercise it without a GPU."""
+
+    fast_path: bool | None = None
+    checkpointing: bool | str = False
+    offload_min_tokens: int = OFFLOAD_MIN_TOKENS
+    offload_on_cpu: bool = False
+
+
 @dataclass(frozen=True)
-class FastPathDecision:
-    enabled: bool
-    reason: str
-    # True when a CUDA model loses the fast path to its own settings (dropout, bias, DoRA, ...):
-    # logged as a warning, since that costs speed and memory the user may not expect.
-    warn: bool = False
-    layers: tuple[LayerPlan, ...] = ()  # one per decoder layer when enabled
+class StepPlan:
+    """How one model call runs. Built by `plan_step`; never changed (a recomputation uses a copy).
+
+    fast: fused LoRA functions and kernels (`layers` holds each layer's fused projections).
+    fused_loss: the causal-LM loss through the fused linear cross-entropy; logits are not built.
+    checkpoint: "off", "plain" (torch's checkpoint per layer) or "offload" (fast/checkpointing.py).
+    replay_rng: checkpoint recomputations replay the random state (a layer draws random numbers).
+    graphs: checkpointed layers may replay CUDA graphs (fast/layer_graphs.py; each layer still
+      needs a mask without tensors).
+    recompute: this call re-runs a checkpointed layer for its backward; the layer's output value
+      is then dead (only its autograd graph is used), so the fused MLP may skip its forward matmul.
+    """
+
+    fast: bool = False
+    reason: str = "plain path"
+    warn: bool = False  # a CUDA model lost the fast path to its own settings (dropout, bias, DoRA)
+    layers: tuple[LayerPlan, ...] = ()
+    fused_loss: bool = False
+    checkpoint: str = "off"
+    replay_rng: bool = True
+    graphs: bool = False
+    recompute: bool = False
+
+    def layer(self, index: int) -> LayerPlan | None:
+        return self.layers[index] if self.fast else None
+
+    def for_recomputation(self) -> "StepPlan":
+        return dataclasses.replace(self, recompute=True)
+
+    def with_layer(self, index: int, layer: LayerPlan) -> "StepPlan":
+        return dataclasses.replace(self, layers=self.layers[:index] + (layer,) + self.layers[index + 1:])
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in _TRUE
+PLAIN = StepPlan()  # what a module called on its own (outside a decoder call) runs
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in _TRUE + _FALSE:
+        raise ValueError(f"{name}={os.environ[name]!r}: allowed values are 1/true/yes/on and 0/false/no/off")
+    return value in _TRUE
 
 
 class FastPathDecoder(nn.Module):
@@ -68,9 +132,10 @@ class FastPathDecoder(nn.Module):
 
     Declared here and subclassed there, so the plan recognises our decoder without importing the
     models package, which sits above this one (tests/test_layering.py). A subclass has
-    `embed_tokens`, `layers` (each with `mlp.activation` and the PROJECTIONS) and `config`."""
+    `embed_tokens`, `layers` (each with `mlp.activation` and the PROJECTIONS), `config` and
+    `runtime` (its RuntimeSettings)."""
 
-    fast_path: bool | None = None  # None: automatic; see set_fast_path
+    runtime: RuntimeSettings
 
 
 def find_decoder(model: nn.Module):
@@ -80,74 +145,94 @@ def find_decoder(model: nn.Module):
     return next((m for m in model.modules() if isinstance(m, FastPathDecoder)), None)
 
 
+def runtime_settings(model: nn.Module) -> RuntimeSettings:
+    """The RuntimeSettings of the velotune decoder inside `model` (an error for other models)."""
+    decoder = find_decoder(model)
+    if decoder is None:
+        raise ValueError(f"{type(model).__name__} holds no velotune decoder; the fast path exists for the "
+                         "families velotune implements itself (llama, mistral, qwen2/3, gemma/2/3, phi3)")
+    return decoder.runtime
+
+
 def set_fast_path(model: nn.Module, enabled: bool | None) -> None:
     """True: fast path wherever the LoRA settings allow, even off CUDA (tests, debugging);
     False: always the plain path; None (default): decide automatically."""
     if enabled not in (True, False, None):
         raise ValueError(f"fast_path={enabled!r}: allowed values are True, False and None (automatic)")
+    runtime_settings(model).fast_path = enabled
+
+
+def plan_step(model: nn.Module, *, training: bool = False, grad: bool = False, labels: bool = False,
+              return_logits: bool | None = None, tokens: int = 0, cache: bool = False, device=None,
+              fast_path: bool | None = None, checkpointing: bool | str | None = None) -> StepPlan:
+    """The plan of one call of `model` (any wrapper of our decoder).
+
+    Caller hints: `training` (module in training mode), `grad` (autograd on), `labels` (a loss is
+    computed), `return_logits` (the caller reads the logits even with a loss; None: only if
+    VELOTUNE_RETURN_LOGITS=1), `tokens` (per micro-batch), `cache` (a KV cache is read/written).
+    `device` (default: where the weights are), `fast_path` and `checkpointing` override the
+    model's settings, which is how the memory estimate plans a run before the model is on the GPU.
+    """
     decoder = find_decoder(model)
+    settings = decoder.runtime if decoder is not None else RuntimeSettings()
+    fast = _fast_plan(model, decoder, settings.fast_path if fast_path is None else fast_path, device)
+    if fast.reason not in _logged:
+        _logged.add(fast.reason)
+        level = logging.WARNING if fast.warn else logging.INFO
+        logger.log(level, "velotune: %s path: %s", "fast" if fast.fast else "plain", fast.reason)
     if decoder is None:
-        raise ValueError(f"{type(model).__name__} holds no velotune decoder; the fast path exists for the "
-                         "families velotune implements itself (llama, mistral, qwen2/3, gemma/2/3, phi3)")
-    decoder.fast_path = enabled
+        return fast
+    mode = settings.checkpointing if checkpointing is None else checkpointing
+    checkpoint = "off"
+    if mode and training and grad and not cache:
+        on_device = _device(decoder, device).type == "cuda" or settings.offload_on_cpu
+        offload = mode == "unsloth" and on_device and tokens >= settings.offload_min_tokens
+        checkpoint = "offload" if offload else "plain"
+    # Layers draw random numbers only through dropout: the fast path has no LoRA dropout, so only
+    # attention dropout could; without it no recomputation needs the random state replayed.
+    draws = not fast.fast or getattr(decoder.config, "attention_dropout", 0.0) > 0
+    asked = env_flag(RETURN_LOGITS_ENV) if return_logits is None else bool(return_logits)
+    graphs = (checkpoint == "offload" and fast.fast and not draws and env_flag(GRAPHS_ENV, default=True)
+              and tokens * decoder.config.hidden_size <= MAX_GRAPHED_ELEMENTS)
+    return dataclasses.replace(fast, fused_loss=fast.fast and training and grad and labels and not asked,
+                               checkpoint=checkpoint, replay_rng=draws, graphs=graphs)
 
 
-def decide(model: nn.Module, fast_path: bool | None = None) -> FastPathDecision:
-    """The decision for `model` (any wrapper of our decoder); `fast_path` overrides the model's setting."""
-    decision = _decide(model, fast_path)
-    if decision.reason not in _logged:
-        _logged.add(decision.reason)
-        level = logging.WARNING if decision.warn else logging.INFO
-        logger.log(level, "velotune: %s path: %s", "fast" if decision.enabled else "plain", decision.reason)
-    return decision
+def _device(decoder, device):
+    import torch
+
+    return torch.device(device) if device is not None else decoder.embed_tokens.weight.device
 
 
-def _decide(model: nn.Module, fast_path: bool | None) -> FastPathDecision:
-    if _env_flag(DISABLE_ENV):
-        return FastPathDecision(False, f"{DISABLE_ENV}={os.environ[DISABLE_ENV]} forces the plain path")
-    decoder = find_decoder(model)
+def _fast_plan(model: nn.Module, decoder, setting: bool | None, device) -> StepPlan:
+    """The fast/plain part of the plan: whether the layers fuse, and their fused projections."""
+    if env_flag(DISABLE_ENV):
+        return StepPlan(reason=f"{DISABLE_ENV}={os.environ[DISABLE_ENV]} forces the plain path")
     if decoder is None:
-        return FastPathDecision(False, f"{type(model).__name__} is not a velotune decoder (generic transformers path)")
-    setting = decoder.fast_path if fast_path is None else fast_path
+        return StepPlan(reason=f"{type(model).__name__} is not a velotune decoder (generic transformers path)")
     if setting is False:
-        return FastPathDecision(False, "fast_path=False forces the plain path")
-    device = decoder.embed_tokens.weight.device
-    if device.type != "cuda" and setting is not True:
-        return FastPathDecision(False, f"the model is on {device.type}, the fast path runs on CUDA")
+        return StepPlan(reason="fast_path=False forces the plain path")
+    where = _device(decoder, device)
+    if where.type != "cuda" and setting is not True:
+        return StepPlan(reason=f"the model is on {where.type}, the fast path runs on CUDA")
     from .lora_linear import inspect_projection
     from .lora_mlp import GATED_ACTIVATIONS
     from .ops import FROM_KERNELS
 
-    warn = device.type == "cuda"
+    warn = where.type == "cuda"
     plans = []
     for i, layer in enumerate(decoder.layers):
         if layer.mlp.activation not in GATED_ACTIVATIONS:
-            return FastPathDecision(False, f"activation {layer.mlp.activation!r} has no gated kernel "
-                                           f"(fused: {', '.join(GATED_ACTIVATIONS)})", warn)
+            return StepPlan(reason=f"activation {layer.mlp.activation!r} has no gated kernel "
+                                   f"(fused: {', '.join(GATED_ACTIVATIONS)})", warn=warn)
         views = []
         for name in PROJECTIONS:
             reason, view = inspect_projection(layer.get_submodule(name))
             if reason is not None:
-                return FastPathDecision(False, f"model.layers.{i}.{name}: {reason}", warn)
+                return StepPlan(reason=f"model.layers.{i}.{name}: {reason}", warn=warn)
             views.append(view)
         plans.append(LayerPlan(qkv=tuple(views[:3]), o=(views[3],), mlp=tuple(views[4:])))
     kernels = ", ".join(FROM_KERNELS) or "none yet (PyTorch reference ops)"
-    where = "CUDA" if device.type == "cuda" else f"{device.type}, forced by fast_path=True"
-    return FastPathDecision(True, f"{decoder.config.model_type} on {where}; fused LoRA; kernels: {kernels}",
-                            layers=tuple(plans))
-
-
-def logits_wanted(return_logits: bool | None) -> bool:
-    """Whether a training forward with labels must still build the full logits.
-
-    The caller asks with `return_logits=True` (or `VELOTUNE_RETURN_LOGITS=1`). Without asking,
-    they are built anyway when an imported TRL SFTTrainer reads `outputs.logits` after the loss
-    for its entropy/accuracy metrics (TRL before its own fused LM head, e.g. 0.24); TRL versions
-    with `add_fused_lm_head` (1.x) compute those metrics themselves and never read our logits.
-    """
-    if return_logits is not None:
-        return bool(return_logits)
-    if _env_flag(RETURN_LOGITS_ENV):
-        return True
-    sft = sys.modules.get("trl.trainer.sft_trainer")
-    return sft is not None and not hasattr(sft, "add_fused_lm_head")
+    where_text = "CUDA" if where.type == "cuda" else f"{where.type}, forced by fast_path=True"
+    return StepPlan(fast=True, reason=f"{decoder.config.model_type} on {where_text}; fused LoRA; kernels: {kernels}",
+                    layers=tuple(plans))

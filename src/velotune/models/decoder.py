@@ -16,10 +16,10 @@ from torch import nn
 from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ..fast import plan as fast_plan
-from ..fast.checkpointing import OffloadedCheckpointer, checkpoint_function, plain_checkpoint, recomputing
+from ..fast.checkpointing import OffloadedCheckpointer, plain_checkpoint
+from ..fast.layer_graphs import ModelGraphs
+from ..fast.plan import PLAIN, FastPathDecoder, RuntimeSettings, StepPlan, plan_step
 from .generation import unpack_generate_inputs
-from ..fast.layer_graphs import ModelGraphs, graphs_enabled
 from .layers import Attention, GatedMLP, make_norm
 from .loss import causal_lm_loss, fused_causal_lm_loss
 from .masks import LayerMasks, mask_inputs
@@ -36,7 +36,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         eps = config.rms_norm_eps
         self.self_attn = Attention(config, spec, layer_idx, sliding)
-        self.mlp = GatedMLP(config)
+        self.mlp = GatedMLP(config, layer_idx)
         self.input_layernorm = make_norm(spec, config.hidden_size, eps)
         self.post_attention_layernorm = make_norm(spec, config.hidden_size, eps)
         self.sandwich = spec.sandwich_norm
@@ -46,22 +46,26 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = make_norm(spec, config.hidden_size, eps)
             self.post_feedforward_layernorm = make_norm(spec, config.hidden_size, eps)
 
-    def forward(self, x, cos_sin, masks, cache=None, fast=False):  # x (B, T, C); fast: False or a LayerPlan
-        h = self.self_attn(self.input_layernorm(x, fast), cos_sin, masks, cache, fast)
+    def forward(self, x, cos_sin, masks, cache=None, plan: StepPlan = PLAIN):  # x (B, T, C)
+        h = self.self_attn(self.input_layernorm(x, plan), cos_sin, masks, cache, plan)
         if self.sandwich:
-            x = x + self.post_attention_layernorm(h, fast)
-            h = self.mlp(self.pre_feedforward_layernorm(x, fast), fast)
-            return x + self.post_feedforward_layernorm(h, fast)
+            x = x + self.post_attention_layernorm(h, plan)
+            h = self.mlp(self.pre_feedforward_layernorm(x, plan), plan)
+            return x + self.post_feedforward_layernorm(h, plan)
         x = x + h
         # In a checkpoint's recomputation the sum below is only differentiated, so the fused MLP
         # may return an unset value and run its whole computation in backward (value_unused).
         # Not after a sandwich norm: that norm's backward reads the MLP output's value.
-        h = self.mlp(self.post_attention_layernorm(x, fast), fast, value_unused=bool(fast) and recomputing())
+        h = self.mlp(self.post_attention_layernorm(x, plan), plan, value_unused=plan.fast and plan.recompute)
         return x + h
 
 
-class DecoderModel(fast_plan.FastPathDecoder):
-    """embed_tokens -> layers -> norm, named as transformers' `*Model` so keys start with `model.`."""
+class DecoderModel(FastPathDecoder):
+    """embed_tokens -> layers -> norm, named as transformers' `*Model` so keys start with `model.`.
+
+    Holds architecture and weights; the user's runtime choices are one record, `runtime`
+    (fast/plan.py's RuntimeSettings), which each call's plan reads. Besides that it keeps two
+    runtime caches: the offloading checkpoint's link between layers and the layers' CUDA graphs."""
 
     def __init__(self, config: PretrainedConfig, spec: FamilySpec):
         super().__init__()
@@ -74,30 +78,38 @@ class DecoderModel(fast_plan.FastPathDecoder):
         )
         self.norm = make_norm(spec, config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = nn.ModuleDict({kind: RotaryEmbedding(config, kind) for kind in sorted(set(self.layer_types))})
-        self.gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable
-        self.checkpoint_mode: bool | str = False
-        self._checkpoint_function = checkpoint_function(True)
-        self.fast_path: bool | None = None  # None: automatic; see velotune.fast.plan.set_fast_path
+        self.runtime = RuntimeSettings()
+        self._plain_checkpoint = plain_checkpoint  # transformers' toggle may install its own
+        self._offloader = OffloadedCheckpointer()
         self._graphs = ModelGraphs()  # CUDA graphs of the checkpointed layers (fast/layer_graphs.py)
+
+    # transformers' checkpointing toggle (gradient_checkpointing_enable / disable, which Trainer
+    # calls again when training starts with gradient_checkpointing=True) sets these two
+    # attributes on every module that has them; they map onto `runtime`, and never undo "unsloth".
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return bool(self.runtime.checkpointing)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        if not enable:
+            self.runtime.checkpointing = False
+        elif not self.runtime.checkpointing:
+            self.runtime.checkpointing = True
+
+    @property
+    def _gradient_checkpointing_func(self):
+        return self._offloader if self.runtime.checkpointing == "unsloth" else self._plain_checkpoint
+
+    @_gradient_checkpointing_func.setter
+    def _gradient_checkpointing_func(self, function) -> None:
+        self._plain_checkpoint = function
 
     def set_checkpointing(self, mode: bool | str) -> None:
         """get_peft_model's `use_gradient_checkpointing`: False, True (plain per-layer
         checkpoints) or "unsloth" (per-layer checkpoints whose inputs wait in pinned CPU memory)."""
-        self.checkpoint_mode = mode
-        self.gradient_checkpointing = bool(mode)
-        self._checkpoint_function = checkpoint_function(mode)
-
-    @property
-    def _gradient_checkpointing_func(self):
-        return self._checkpoint_function
-
-    @_gradient_checkpointing_func.setter
-    def _gradient_checkpointing_func(self, function) -> None:
-        """transformers' toggle (which Trainer calls again when training starts with
-        gradient_checkpointing=True) sets this; it must not silently undo "unsloth" offloading."""
-        if isinstance(self._checkpoint_function, OffloadedCheckpointer):
-            return
-        self._checkpoint_function = function
+        self.runtime.checkpointing = mode
+        self._plain_checkpoint = plain_checkpoint
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)  # (B, T, C)
@@ -115,14 +127,12 @@ class DecoderModel(fast_plan.FastPathDecoder):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cache=None,
-        fast: "fast_plan.FastPathDecision | None" = None,
+        plan: StepPlan | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """transformers' `*Model.forward` contract (TRL calls the backbone directly for its fused
         loss); unused kwargs (output_attentions, cache_position, ...) are accepted and ignored.
-        `fast`: the fast-path decision when the caller already made it (None: ask fast/plan.py)."""
-        decision = fast_plan.decide(self) if fast is None else fast
-        plans = decision.layers if decision.enabled else (False,) * len(self.layers)
+        `plan`: the call's plan when the caller made it (DecoderForCausalLM), else made here."""
         cache = cache if cache is not None else past_key_values
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
@@ -134,6 +144,9 @@ class DecoderModel(fast_plan.FastPathDecoder):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = h.shape
+        if plan is None:
+            plan = plan_step(self, training=self.training, grad=torch.is_grad_enabled(), tokens=B * T,
+                             cache=cache is not None)
         past = cache.get_seq_length() if cache is not None else 0
         explicit_positions = position_ids is not None
         if position_ids is None:
@@ -142,38 +155,25 @@ class DecoderModel(fast_plan.FastPathDecoder):
         cos_sin = {kind: rope(h, position_ids) for kind, rope in self.rotary_emb.items()}
         masks = {kind: LayerMasks(masks_in, self.config.sliding_window if kind == "sliding_attention" else None)
                  for kind in cos_sin}
-        checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        # Our checkpoint functions replay no random numbers where the layers draw none: the fast
-        # path has no LoRA dropout, so only attention dropout could.
-        draws = not decision.enabled or getattr(self.config, "attention_dropout", 0.0) > 0
-        function = self._checkpoint_function
-        ours = isinstance(function, OffloadedCheckpointer) or function is plain_checkpoint
-        rng = {} if draws or not ours else {"preserve_rng_state": False}
-        # Graphs need masks that are no tensors (padding and packing masks are built per batch).
-        graphable = any(m.tensor_free() for m in masks.values())
-        graphs = self._graph_buffers(h, checkpoint and decision.enabled and not draws and cache is None and graphable)
-        for index, (layer, kind, plan) in enumerate(zip(self.layers, self.layer_types, plans)):
-            if checkpoint:
-                run = functools.partial(layer.__call__, fast=plan)
-                graphed = None
-                if graphs is not None and masks[kind].tensor_free():
-                    graphed = self._graphs.layer(graphs, index, layer, plan, kind, cos_sin[kind], masks[kind], h)
-                extra = {} if graphed is None else {"graphed": graphed}
-                h = self._gradient_checkpointing_func(run, h, cos_sin[kind], masks[kind], None, **rng, **extra)
-            else:
+        ours = plan.checkpoint == "offload" or self._plain_checkpoint is plain_checkpoint
+        rng = {} if plan.replay_rng or not ours else {"preserve_rng_state": False}
+        graphs = None
+        if plan.graphs and any(m.tensor_free() for m in masks.values()):  # padding/packing masks: eager
+            graphs = self._graphs.begin(h)
+        for index, (layer, kind) in enumerate(zip(self.layers, self.layer_types)):
+            if plan.checkpoint == "off":
                 h = layer(h, cos_sin[kind], masks[kind], cache, plan)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h, decision.enabled), **{_CACHE_FIELD: cache})
-
-    def _graph_buffers(self, h: torch.Tensor, eligible: bool):
-        """The CUDA-graph buffers for this forward (fast/layer_graphs.py), or None when its layers run
-        eagerly: `eligible` (a fast-path training forward through our checkpoint, no random
-        numbers drawn, no cache) and the offloading checkpoint takes these layers."""
-        function = self._checkpoint_function
-        if not (eligible and isinstance(function, OffloadedCheckpointer) and graphs_enabled()):
-            return None
-        if not (h.is_cuda or function.offload_on_cpu) or h.shape[:-1].numel() < function.min_tokens:
-            return None
-        return self._graphs.begin(h)
+                continue
+            run = functools.partial(layer.__call__, plan=plan)
+            if plan.checkpoint == "plain":
+                h = self._plain_checkpoint(run, h, cos_sin[kind], masks[kind], None, **rng)
+                continue
+            graphed = None
+            if graphs is not None and masks[kind].tensor_free():
+                graphed = self._graphs.layer(graphs, index, layer, plan, kind, cos_sin[kind], masks[kind], h)
+            recompute = functools.partial(layer.__call__, plan=plan.for_recomputation())
+            h = self._offloader(run, h, cos_sin[kind], masks[kind], None, recompute=recompute, graphed=graphed, **rng)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h, plan), **{_CACHE_FIELD: cache})
 
     @staticmethod
     def _default_positions(attention_mask, past: int, T: int, device) -> torch.Tensor:
@@ -268,20 +268,21 @@ class DecoderForCausalLM(PreTrainedModel, GenerationMixin):
 
         On the fast path, a training forward with labels computes the loss with the fused linear
         cross-entropy and returns `logits=None` (the (B, T, V) logits are never built), unless
-        the caller asks for them: `return_logits=True`, `VELOTUNE_RETURN_LOGITS=1`, or a loaded
-        TRL whose SFTTrainer reads them (see `fast.plan.logits_wanted`). Evaluation (eval mode or
-        no grad), generation and calls without labels always return the logits."""
-        decision = fast_plan.decide(self.model)
-        fast = decision.enabled
+        the caller asks for them: `return_logits=True` or `VELOTUNE_RETURN_LOGITS=1` (the plan's
+        `fused_loss`). Evaluation (eval mode or no grad), generation and calls without labels
+        always return the logits."""
+        has_labels = labels is not None or shift_labels is not None
+        tokens = (input_ids if input_ids is not None else inputs_embeds[..., 0]).numel()
+        cached = bool(use_cache if use_cache is not None else self.config.use_cache and not self.training)
+        plan = plan_step(self.model, training=self.training, grad=torch.is_grad_enabled(), labels=has_labels,
+                         return_logits=return_logits, tokens=tokens, cache=cached)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, cache=cache,
-                         past_key_values=past_key_values, fast=decision)
+                         past_key_values=past_key_values, plan=plan)
         hidden = out.last_hidden_state  # (B, T, C)
         softcap = getattr(self.config, "final_logit_softcapping", None)
-        has_labels = labels is not None or shift_labels is not None
-        head = _lm_head_weight(self.lm_head) if fast and has_labels and self.training else None
-        if head is not None and head.dtype == hidden.dtype and torch.is_grad_enabled() \
-                and not fast_plan.logits_wanted(return_logits):
+        head = _lm_head_weight(self.lm_head) if plan.fused_loss else None
+        if head is not None and head.dtype == hidden.dtype:
             loss = fused_causal_lm_loss(hidden, head, labels, num_items_in_batch, shift_labels, softcap)
             return CausalLMOutputWithPast(loss=loss, logits=None, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

@@ -13,24 +13,12 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
+from ..fast import lora_linear, lora_mlp, ops
+from ..fast.plan import PLAIN, StepPlan
 from ..kernels.rms_norm import rms_norm_reference
 from ..kernels.rope import rope_reference
 from .masks import LayerMasks
 from .spec import FamilySpec, activation_name, attention_scaling, head_dim_of
-
-
-_FAST_MODULES: tuple = ()
-
-
-def _fast():
-    """The fast path's modules (velotune.fast: fused LoRA functions and kernel ops), imported on
-    first use; `velotune.fast` never imports this package, so a top-level import would also work."""
-    global _FAST_MODULES
-    if not _FAST_MODULES:
-        from ..fast import lora_linear, lora_mlp, ops
-
-        _FAST_MODULES = (lora_linear, lora_mlp, ops)
-    return _FAST_MODULES
 
 
 class RMSNorm(nn.Module):
@@ -41,9 +29,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.variance_epsilon = eps
 
-    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
-        if fast:
-            return _fast()[2].rms_norm(x, self.weight, self.variance_epsilon)
+    def forward(self, x: torch.Tensor, plan: StepPlan = PLAIN) -> torch.Tensor:
+        if plan.fast:
+            return ops.rms_norm(x, self.weight, self.variance_epsilon)
         return rms_norm_reference(x, self.weight, self.variance_epsilon, cast_before_scale=True)
 
 
@@ -57,9 +45,9 @@ class GemmaRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
-        if fast:
-            return _fast()[2].rms_norm(x, self.weight, self.eps, offset=1.0)
+    def forward(self, x: torch.Tensor, plan: StepPlan = PLAIN) -> torch.Tensor:
+        if plan.fast:
+            return ops.rms_norm(x, self.weight, self.eps, offset=1.0)
         return rms_norm_reference(x, self.weight, self.eps, self.offset)
 
 
@@ -75,8 +63,9 @@ def make_norm(spec: FamilySpec, dim: int, eps: float) -> nn.Module:
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU for silu, GeGLU for the gelu variants."""
 
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx  # which of the plan's layers holds this MLP's fused projections
         bias = getattr(config, "mlp_bias", False)
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
@@ -84,15 +73,13 @@ class GatedMLP(nn.Module):
         self.activation = activation_name(config)
         self.act_fn = ACT2FN[self.activation]
 
-    def forward(self, x: torch.Tensor, fast=False, value_unused: bool = False) -> torch.Tensor:
-        """`fast`: truthy for the fast path, a fast.plan.LayerPlan when the projections are
-        resolved; `value_unused`: the caller only differentiates the output (see fast/lora_mlp.py);
-        the plain path ignores it."""
-        if fast:  # one fused autograd node (None when a projection or the activation cannot fuse)
-            out = _fast()[1].lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.activation,
-                                      value_unused=value_unused, projections=getattr(fast, "mlp", None))
-            if out is not None:
-                return out
+    def forward(self, x: torch.Tensor, plan: StepPlan = PLAIN, value_unused: bool = False) -> torch.Tensor:
+        """`value_unused`: the caller only differentiates the output (see fast/lora_mlp.py); the
+        plain path ignores it."""
+        if plan.fast:  # one fused autograd node with the plan's resolved projections
+            projections = plan.layer(self.layer_idx).mlp
+            return lora_mlp.lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.activation,
+                                     value_unused=value_unused, projections=projections)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -159,15 +146,14 @@ class Attention(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         masks: LayerMasks,
         cache=None,
-        fast=False,
+        plan: StepPlan = PLAIN,
     ) -> torch.Tensor:
-        """`fast` (truthy; a fast.plan.LayerPlan when the projections are resolved): fused LoRA
-        q/k/v and o (one autograd node each) and the RMSNorm/RoPE kernels; the decision is
-        fast/plan.py's."""
+        """On the plan's fast path: fused LoRA q/k/v and o (one autograd node each) and the
+        RMSNorm/RoPE kernels."""
+        fast = plan.fast
         if fast:
-            fused_linear, _, ops = _fast()
-            q, k, v = fused_linear.lora_projections(x, [self.q_proj, self.k_proj, self.v_proj],
-                                                    getattr(fast, "qkv", None))
+            q, k, v = lora_linear.lora_projections(x, [self.q_proj, self.k_proj, self.v_proj],
+                                                   plan.layer(self.layer_idx).qkv)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         B, T, _ = x.shape
@@ -175,7 +161,7 @@ class Attention(nn.Module):
         k = k.view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if self.q_norm is not None:
-            q, k = self.q_norm(q, fast), self.k_norm(k, fast)
+            q, k = self.q_norm(q, plan), self.k_norm(k, plan)
         if fast:
             # In place, except on the q/k norm's outputs: those come out of the norm's autograd
             # Function as views, which autograd forbids modifying in place.
@@ -191,5 +177,5 @@ class Attention(nn.Module):
         out = _attend(q, k, v, mask, causal, self.scaling, self.softcap, dropout)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         if fast:
-            return fused_linear.lora_projections(out, [self.o_proj], getattr(fast, "o", None))[0]
+            return lora_linear.lora_projections(out, [self.o_proj], plan.layer(self.layer_idx).o)[0]
         return self.o_proj(out)

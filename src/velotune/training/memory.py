@@ -177,22 +177,16 @@ def fast_path_activations(model, tokens: int, dtype: torch.dtype, checkpointing:
 
 
 def _runtime(model, tokens: int, checkpointing: bool, fast_path: bool | None, device) -> tuple[bool, bool, bool]:
-    """(fast path, offloaded checkpointing, CUDA graphs) as the forward will decide them on `device`."""
-    from ..fast.plan import decide, find_decoder
-    from ..fast.checkpointing import OffloadedCheckpointer
-    from ..fast.layer_graphs import MAX_GRAPHED_ELEMENTS, graphs_enabled
+    """(fast path, offloaded checkpointing, CUDA graphs) of a training step's plan on `device`."""
+    from ..fast.plan import find_decoder, plan_step
 
     decoder = find_decoder(model)
     if decoder is None or device.type != "cuda":
         return False, False, False
-    setting = decoder.fast_path if fast_path is None else fast_path
-    if setting is None and decoder.embed_tokens.weight.device.type != "cuda":
-        setting = True  # not on CUDA yet: decide as the forward on CUDA will
-    fast = decide(model, setting).enabled
-    checkpointer = getattr(decoder, "_gradient_checkpointing_func", None)
-    offload = checkpointing and isinstance(checkpointer, OffloadedCheckpointer) and tokens >= checkpointer.min_tokens
-    graphs = fast and offload and graphs_enabled() and tokens * _Shape.of(model).hidden <= MAX_GRAPHED_ELEMENTS
-    return fast, offload, graphs
+    mode = (decoder.runtime.checkpointing or True) if checkpointing else False
+    plan = plan_step(model, training=True, grad=True, labels=True, tokens=tokens, device=device,
+                     fast_path=fast_path, checkpointing=mode)
+    return plan.fast, plan.checkpoint == "offload", plan.graphs
 
 
 def estimate(model, batch_size: int, max_seq_length: int, optim: str, compute_dtype: torch.dtype,
