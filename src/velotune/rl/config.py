@@ -1,0 +1,158 @@
+"""`GRPOConfig`: TRL's `GRPOConfig` (same field names and meaning) plus what the docs' notebooks pass.
+
+Why a subclass of TRL's config and not our `TrainingArguments`: GRPO's fields (num_generations,
+beta, epsilon, loss_type, ...) are TRL's, and users move between TRL's documentation and ours.
+Added: `max_prompt_length` (TRL 1.x dropped it; the docs' notebooks set it), and
+`sample_completions_steps` (print sample completions every N steps, as the docs' runs show).
+The same defaults and checks as velotune's SFT arguments apply: 8-bit AdamW falls back where
+bitsandbytes cannot step it, fp16 on a CPU-only machine trains in fp32, and a generation batch
+that cannot hold whole groups fails here, saying which values work.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig as TRLGRPOConfig
+
+from ..device import is_bfloat16_supported
+from ..training.arguments import EIGHT_BIT_FALLBACKS, _has_accelerator, eight_bit_adamw_works
+
+logger = logging.getLogger("velotune")
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+IMPORTANCE_LEVELS = ("token", "sequence")
+SCALE_REWARDS = ("group", "batch", "none")
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+
+
+def _divisors(n: int, low: int = 2) -> list[int]:
+    return [d for d in range(low, n + 1) if n % d == 0]
+
+
+def _batch_sizes_that_work(num_generations: int, steps: int, count: int = 4) -> list[int]:
+    """Per-device batch sizes b for which b * steps holds whole groups of num_generations."""
+    step = num_generations // math.gcd(num_generations, steps)
+    return [step * k for k in range(1, count + 1)]
+
+
+def check_generation_batch(per_device_train_batch_size: int, steps_per_generation: int, num_generations: int,
+                           world_size: int = 1) -> None:
+    """Every prompt's num_generations completions must sit in one generation batch (their rewards are
+    compared with each other), so the generation batch must be a multiple of num_generations."""
+    if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 2:
+        raise ValueError(f"num_generations={num_generations!r}: GRPO compares completions of the same prompt, so it "
+                         "needs at least 2 (the docs use 6 or 8)")
+    batch = per_device_train_batch_size * steps_per_generation * world_size
+    if batch % num_generations == 0:
+        return
+    raise ValueError(
+        f"the generation batch (per_device_train_batch_size={per_device_train_batch_size} x "
+        f"steps_per_generation={steps_per_generation}"
+        + (f" x {world_size} processes" if world_size > 1 else "")
+        + f" = {batch} completions) must be a multiple of num_generations={num_generations}, so that every prompt's "
+        f"completions are scored together. Values that work: num_generations in {_divisors(batch) or 'none'}, "
+        f"or per_device_train_batch_size in "
+        f"{_batch_sizes_that_work(num_generations, steps_per_generation * world_size)} (with "
+        f"gradient_accumulation_steps={steps_per_generation}). Note: per_device_train_batch_size counts completions, "
+        f"not prompts, in TRL 1.x and velotune")
+
+
+@dataclass
+class GRPOConfig(TRLGRPOConfig):
+    """TRL's GRPOConfig, with `max_prompt_length` and `sample_completions_steps`.
+
+    max_prompt_length: prompts longer than this many tokens keep their last tokens (the question
+        usually ends a prompt); the run logs how many rows were cut. None: no limit.
+    sample_completions_steps: print a few sampled completions with their rewards every this many
+        steps (0: only with TRL's `log_completions=True`, at every logging step).
+    use_vllm: accepted for the docs' settings; generation always runs on velotune's own engine
+        with the adapters being trained (colocated, no weight sync), vLLM or not.
+    """
+
+    max_prompt_length: int | None = field(
+        default=512, metadata={"help": "Longer prompts keep their last tokens (None: no limit)."})
+    sample_completions_steps: int = field(
+        default=0, metadata={"help": "Print sample completions every N steps (0: off unless log_completions)."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Off: get_peft_model's use_gradient_checkpointing decides (TRL: True)."})
+
+    def __post_init__(self):
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r}: must be a positive integer; nothing was trained")
+        if self.generation_batch_size is None:
+            steps = self.steps_per_generation or self.gradient_accumulation_steps
+            check_generation_batch(self.per_device_train_batch_size, steps, self.num_generations)
+        elif self.generation_batch_size % max(int(self.num_generations or 1), 1):
+            raise ValueError(f"generation_batch_size={self.generation_batch_size} must be a multiple of "
+                             f"num_generations={self.num_generations}; values of num_generations that work: "
+                             f"{_divisors(self.generation_batch_size)}")
+        self._check_choices()
+        if self.max_steps == 0:
+            raise ValueError("max_steps=0: would train nothing. Set max_steps > 0, or -1 to train num_train_epochs")
+        if self.bf16 is None and not self.fp16:
+            self.bf16 = is_bfloat16_supported()
+        if self.fp16 and not _has_accelerator():
+            self.fp16, self.bf16 = False, bool(self.bf16)
+            logger.info("velotune: no GPU, so fp16=True trains in fp32 (fp16 is emulated on the CPU and slow)")
+        if self.bf16 and not _has_accelerator():
+            self.use_cpu = True  # transformers refuses bf16 without a GPU unless use_cpu is set
+        if self.dataloader_pin_memory and not _has_accelerator():
+            self.dataloader_pin_memory = False
+        # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (as TrainingArguments does)
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if getattr(self, new, False) is None and getattr(self, old, None) is not None:
+                setattr(self, new, getattr(self, old))
+        super().__post_init__()
+        optim = getattr(self.optim, "value", self.optim)
+        if optim in EIGHT_BIT_FALLBACKS and not eight_bit_adamw_works(self.device.type):
+            fallback = EIGHT_BIT_FALLBACKS[optim]
+            logger.warning("velotune: bitsandbytes has no working 8-bit optimizer on %s; optim=%r falls back to %r",
+                           self.device.type, optim, fallback)
+            self.optim = type(self.optim)(fallback) if not isinstance(self.optim, str) else fallback
+
+    def _check_choices(self) -> None:
+        scale = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
+        choices = (("loss_type", self.loss_type, LOSS_TYPES),
+                   ("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_LEVELS),
+                   ("scale_rewards", scale, SCALE_REWARDS),
+                   ("multi_objective_aggregation", self.multi_objective_aggregation, AGGREGATIONS))
+        for name, value, allowed in choices:
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}: velotune's GRPOTrainer supports {list(allowed)}")
+        for name in ("temperature", "learning_rate", "epsilon"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value!r}: must be a finite number > 0")
+        if self.epsilon_high is not None and not self.epsilon_high > 0:
+            raise ValueError(f"epsilon_high={self.epsilon_high!r}: must be > 0 (or None: same as epsilon)")
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"beta={self.beta!r}: the KL coefficient must be >= 0 (0 skips the reference pass)")
+        if not (isinstance(self.num_iterations, int) and self.num_iterations >= 1):
+            raise ValueError(f"num_iterations={self.num_iterations!r}: must be an integer >= 1")
+        if self.max_completion_length is None or self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length={self.max_completion_length!r}: must be >= 1 token")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length={self.max_prompt_length!r}: must be >= 1 token, or None")
+        unsupported = {"top_entropy_quantile": (self.top_entropy_quantile, 1.0),
+                       "off_policy_mask_threshold": (self.off_policy_mask_threshold, None),
+                       "entropy_coef": (getattr(self, "entropy_coef", 0.0), 0.0),
+                       "use_adaptive_entropy": (getattr(self, "use_adaptive_entropy", False), False),
+                       "sync_ref_model": (self.sync_ref_model, False)}
+        for name, (value, default) in unsupported.items():
+            if value != default:
+                raise ValueError(f"{name}={value!r} is not supported by velotune's GRPOTrainer yet; leave it at "
+                                 f"{default!r} (TRL's own GRPOTrainer supports it)")
+
+    @property
+    def epsilon_low(self) -> float:
+        return self.epsilon
+
+    @property
+    def epsilon_upper(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high

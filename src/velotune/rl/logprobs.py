@@ -1,0 +1,75 @@
+"""Per-token log-probabilities (and entropies) of completion tokens without the full logits tensor.
+
+The backbone's hidden states of the completion positions go through the chunked log-prob kernel
+(`kernels/logprobs.py`): only a chunk of (tokens, vocabulary) logits exists at once, in forward and
+backward. That is where GRPO's memory goes at long completions (the docs: 8 generations x 20K tokens
+x 128K vocabulary is 78 GB of logits in standard implementations).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..fast.plan import FastPathDecoder
+from ..kernels.logprobs import chunked_logprobs
+
+ENTROPY_CHUNK = 1024  # tokens per chunk for the (no-grad) entropy
+
+
+def causal_lm_parts(model):
+    """(backbone, lm_head) of a causal LM, through a PEFT wrapper; lm_head None when it is not a plain
+    Linear (a LoRA on lm_head, soft-capped logits): then the model's own forward is used."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    plain = isinstance(head, torch.nn.Linear) and type(head) is torch.nn.Linear and head.bias is None
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    if backbone is None or backbone is base or not plain or softcap:
+        return None, None
+    return backbone, head
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting real tokens only (a left-padded prompt starts at 0), as generate numbers them."""
+    positions = attention_mask.long().cumsum(-1) - 1  # (B, L)
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_length: int,
+                        temperature: float = 1.0, entropy: bool = False):
+    """input_ids (B, P + C) = left-padded prompt + right-padded completion; returns (logps (B, C) fp32,
+    entropies (B, C) fp32 or None). Token t's log-probability comes from position t - 1."""
+    backbone, head = causal_lm_parts(model)
+    targets = input_ids[:, -completion_length:]  # (B, C)
+    positions = _position_ids(attention_mask)
+    if backbone is None:  # the model's own logits (a LoRA/biased/soft-capped head): full logits of the completion
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        extra = {} if isinstance(getattr(base, "model", None), FastPathDecoder) else {"position_ids": positions}
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                    logits_to_keep=completion_length + 1, **extra)
+        logits = out.logits[:, -completion_length - 1:-1].float() / temperature  # (B, C, V)
+        logp_all = logits.log_softmax(-1)
+        logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        ent = -(logp_all.exp() * logp_all).sum(-1).detach() if entropy else None
+        return logps, ent
+    # Our decoder numbers positions from the mask itself (explicit ids would mean packed sequences to it).
+    extra = {} if isinstance(backbone, FastPathDecoder) else {"position_ids": positions}
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                      **extra).last_hidden_state  # (B, P + C, H)
+    hidden = hidden[:, -completion_length - 1:-1]  # (B, C, H): the positions that predict the completion
+    logps = chunked_logprobs(hidden, head.weight, targets, temperature=temperature)  # (B, C)
+    ent = chunked_entropy(hidden.detach(), head.weight, temperature) if entropy else None
+    return logps, ent
+
+
+@torch.no_grad()
+def chunked_entropy(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(hidden @ weight.T / T) per token, ENTROPY_CHUNK tokens at a time: (B, C) fp32."""
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    w = weight.to(flat.dtype)
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.shape[0], ENTROPY_CHUNK):
+        logits = (flat[start:start + ENTROPY_CHUNK] @ w.t()).float() / temperature  # (n, V)
+        logp = logits.log_softmax(-1)
+        out[start:start + ENTROPY_CHUNK] = -(logp.exp() * logp).sum(-1)
+    return out.view(hidden.shape[:-1])
