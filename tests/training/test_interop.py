@@ -171,3 +171,23 @@ def test_continued_pretraining_embedding_learning_rate(tiny_llama_dir, tmp_path)
     assert all(lr == pytest.approx(5e-6) for lr in embedding.values())
     assert all(lr == pytest.approx(5e-5) for lr in others.values())
     assert _changed(model, {n: before[n] for n in before if "embed_tokens" in n})
+
+
+def test_from_pretrained_max_seq_length_is_the_trainers_default_max_length(tmp_path):
+    """The docs give the length once, to from_pretrained; the trainer cuts rows there unless
+    max_length (or the old max_seq_length) is set explicitly."""
+    from .helpers import tiny_folder
+
+    model, tokenizer = tiny_lora(tiny_folder(tmp_path))  # from_pretrained(max_seq_length=64)
+    dataset = text_dataset(4)
+    settings = quiet_args(tmp_path / "out", max_steps=1)
+    del settings["max_length"]
+    inherited = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
+                           args=TrainingArguments(**settings))
+    assert inherited.args.max_length == 64 != TrainingArguments(output_dir="unused", report_to="none").max_length
+    explicit = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
+                          args=TrainingArguments(**settings, max_length=16))
+    assert explicit.args.max_length == 16
+    legacy = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, max_seq_length=24,
+                        args=TrainingArguments(**settings))
+    assert legacy.args.max_length == 24

@@ -71,7 +71,14 @@ def to_training_arguments(args, overrides: dict, model=None) -> TrainingArgument
     known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     values = {k: v for k, v in values.items() if k in known}
     values.update(overrides)
-    if type(args) is TrainingArguments and not overrides:
+    # The docs set the sequence length once, in from_pretrained(max_seq_length=...), and expect the
+    # trainer to cut rows there: it is the default max_length when the user sets none.
+    model_length = getattr(model, "max_seq_length", None)
+    inherit = model_length is not None and not {"max_length", "max_seq_length"} & values.keys()
+    if inherit:
+        values["max_length"] = model_length
+        logger.info("velotune: max_length=%d, the max_seq_length given to from_pretrained", model_length)
+    if type(args) is TrainingArguments and not overrides and not inherit:
         return args
     return TrainingArguments(**values)
 
