@@ -97,48 +97,60 @@ class TrainingArguments(SFTConfig):
     evaluation_strategy: str | None = field(default=None, metadata={"help": LEGACY_HELP["evaluation_strategy"]})
 
     def __post_init__(self):
-        apply_legacy(self)
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}={value!r}: must be a positive integer; nothing was trained")
-        _check_positive("learning_rate", self.learning_rate)
-        _check_finite(self)
-        if self.max_steps == 0:
-            raise ValueError("max_steps=0: would train nothing (transformers would silently take one step). "
-                             "Set max_steps to a positive number of steps, or to -1 to train num_train_epochs")
+        before_post_init(self)
         _check_positive("embedding_learning_rate", self.embedding_learning_rate, allow_none=True)
-        if self.max_length is not None:
-            _check_positive("max_length (max_seq_length)", self.max_length)
         if self.memory_check not in MEMORY_CHECK_CHOICES:
             raise ValueError(f"memory_check={self.memory_check!r}: allowed values are {MEMORY_CHECK_CHOICES}")
-        if self.bf16 is None and self.fp16 in (None, False):
-            self.bf16 = is_bfloat16_supported()
-            self.fp16 = not self.bf16
-        if self.fp16 and not _has_accelerator():
-            # The docs' `fp16 = not is_bfloat16_supported()` asks for fp16 on every CPU-only machine, where
-            # fp16 autocast is emulated: one SmolLM2 LoRA step took 167 s in fp16 against 9 s in fp32.
-            self.fp16, self.bf16 = False, bool(self.bf16)
-            logger.info("velotune: no GPU, so fp16=True trains in fp32 (fp16 is emulated on the CPU and about "
-                        "18x slower); bf16=True keeps bf16 autocast on the CPU")
-        if self.bf16 and not _has_accelerator():
-            # transformers refuses bf16 without a GPU unless use_cpu is set; torch autocasts bf16 on the CPU.
-            self.use_cpu = True
-        if self.dataloader_pin_memory and not _has_accelerator():
-            self.dataloader_pin_memory = False  # nothing to pin for; torch warns on every dataloader otherwise
-        # TRL's configs default gradient_checkpointing=True, which transformers 5.24 renamed
-        # activation_checkpointing: move the values to the new names so no FutureWarning is raised.
-        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
-                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
-            if getattr(self, new, False) is None and getattr(self, old, None) is not None:
-                setattr(self, new, getattr(self, old))
         super().__post_init__()
-        optim = getattr(self.optim, "value", self.optim)
-        if optim in EIGHT_BIT_FALLBACKS and not eight_bit_adamw_works(self.device.type):
-            fallback = EIGHT_BIT_FALLBACKS[optim]
-            logger.warning("velotune: bitsandbytes has no working 8-bit optimizer on %s; optim=%r falls back to %r",
-                           self.device.type, optim, fallback)
-            self.optim = type(self.optim)(fallback) if not isinstance(self.optim, str) else fallback
+        after_post_init(self)
+
+
+def before_post_init(args) -> None:
+    """The checks and device defaults every velotune arguments class runs before transformers' own
+    `__post_init__` (TrainingArguments here; the preference configs in rl/preference_args.py)."""
+    apply_legacy(args)
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}={value!r}: must be a positive integer; nothing was trained")
+    _check_positive("learning_rate", args.learning_rate)
+    _check_finite(args)
+    if args.max_steps == 0:
+        raise ValueError("max_steps=0: would train nothing (transformers would silently take one step). "
+                         "Set max_steps to a positive number of steps, or to -1 to train num_train_epochs")
+    if getattr(args, "max_length", None) is not None:
+        _check_positive("max_length (max_seq_length)", args.max_length)
+    if args.bf16 is None and args.fp16 in (None, False):
+        args.bf16 = is_bfloat16_supported()
+        args.fp16 = not args.bf16
+    if args.fp16 and not _has_accelerator():
+        # The docs' `fp16 = not is_bfloat16_supported()` asks for fp16 on every CPU-only machine, where
+        # fp16 autocast is emulated: one SmolLM2 LoRA step took 167 s in fp16 against 9 s in fp32.
+        args.fp16, args.bf16 = False, bool(args.bf16)
+        logger.info("velotune: no GPU, so fp16=True trains in fp32 (fp16 is emulated on the CPU and about "
+                    "18x slower); bf16=True keeps bf16 autocast on the CPU")
+    if args.bf16 and not _has_accelerator():
+        # transformers refuses bf16 without a GPU unless use_cpu is set; torch autocasts bf16 on the CPU.
+        args.use_cpu = True
+    if args.dataloader_pin_memory and not _has_accelerator():
+        args.dataloader_pin_memory = False  # nothing to pin for; torch warns on every dataloader otherwise
+    # TRL's configs default gradient_checkpointing=True, which transformers 5.24 renamed
+    # activation_checkpointing: move the values to the new names so no FutureWarning is raised.
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if getattr(args, new, False) is None and getattr(args, old, None) is not None:
+            setattr(args, new, getattr(args, old))
+
+
+def after_post_init(args) -> None:
+    """After transformers' `__post_init__` (the device is known): an 8-bit optimizer that cannot step
+    on this device falls back to its plain twin, with one warning."""
+    optim = getattr(args.optim, "value", args.optim)
+    if optim in EIGHT_BIT_FALLBACKS and not eight_bit_adamw_works(args.device.type):
+        fallback = EIGHT_BIT_FALLBACKS[optim]
+        logger.warning("velotune: bitsandbytes has no working 8-bit optimizer on %s; optim=%r falls back to %r",
+                       args.device.type, optim, fallback)
+        args.optim = type(args.optim)(fallback) if not isinstance(args.optim, str) else fallback
 
 
 # The seed's name for the same class.
