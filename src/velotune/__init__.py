@@ -15,8 +15,12 @@ _TRAINING = ("SFTTrainer", "Trainer", "TrainingArguments", "UnslothTrainer", "Un
 # unsloth re-exports its chat_templates module there.
 _CHAT_TEMPLATES = ("apply_chat_template", "get_chat_template", "standardize_sharegpt", "to_sharegpt",
                    "train_on_responses_only")
+# Preference training through TRL's trainers, taking the docs' older keywords (rl/preference.py).
+_PREFERENCE = ("CPOConfig", "CPOTrainer", "DPOConfig", "DPOTrainer", "KTOConfig", "KTOTrainer", "ORPOConfig",
+               "ORPOTrainer", "PatchDPOTrainer")
 
-__all__ = ["FastLanguageModel", "VelotunePeftModel", "is_bfloat16_supported", *_TRAINING, *_CHAT_TEMPLATES]
+__all__ = ["FastLanguageModel", "VelotunePeftModel", "is_bfloat16_supported", *_TRAINING, *_CHAT_TEMPLATES,
+           *_PREFERENCE]
 
 
 def __getattr__(name):
@@ -30,4 +34,8 @@ def __getattr__(name):
         from . import chat_templates
 
         return getattr(chat_templates, name)
+    if name in _PREFERENCE:
+        from .rl import preference
+
+        return getattr(preference, name)
     raise AttributeError(f"module 'velotune' has no attribute {name!r}")
