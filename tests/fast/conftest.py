@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import velotune.fast.ops  # noqa: E402,F401  (imports triton now, while TRITON_INTERPRET=1)
+import velotune.kernels  # noqa: E402,F401  (imports triton now, while TRITON_INTERPRET=1)
 
 _MODELS = str(Path(__file__).resolve().parents[1] / "models")
 if _MODELS not in sys.path:

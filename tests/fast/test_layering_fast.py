@@ -21,11 +21,11 @@ class Above(importlib.abc.MetaPathFinder):
             raise ImportError(f"{name} is above fast/ and kernels/")
 
 sys.meta_path.insert(0, Above())
-import velotune.kernels, velotune.fast.plan, velotune.fast.ops, velotune.fast.lora_mlp
+import velotune.kernels, velotune.fast.plan, velotune.fast.lora_linear, velotune.fast.lora_mlp
 q = torch.randn(1, 2, 3, 4)
 cos, sin = torch.ones(1, 3, 4), torch.zeros(1, 3, 4)
 assert torch.equal(velotune.kernels.apply_rope_reference(q, q, cos, sin)[0], q)
-assert torch.equal(velotune.fast.ops.apply_rope(q, q, cos, sin)[0], q)
+assert torch.equal(velotune.kernels.apply_rope(q, q, cos, sin)[0], q)
 assert velotune.fast.plan.find_decoder(torch.nn.Linear(2, 2)) is None
 print(sorted(m for m in sys.modules if m.startswith(("velotune.models", "velotune.lora"))))
 """

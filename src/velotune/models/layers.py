@@ -13,8 +13,9 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
-from ..fast import lora_linear, lora_mlp, ops
+from ..fast import lora_linear, lora_mlp
 from ..fast.plan import PLAIN, StepPlan
+from ..kernels import apply_rope, rms_norm
 from ..kernels.rms_norm import rms_norm_reference
 from ..kernels.rope import rope_reference
 from .masks import LayerMasks
@@ -31,7 +32,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: StepPlan = PLAIN) -> torch.Tensor:
         if plan.fast:
-            return ops.rms_norm(x, self.weight, self.variance_epsilon)
+            return rms_norm(x, self.weight, self.variance_epsilon)
         return rms_norm_reference(x, self.weight, self.variance_epsilon, cast_before_scale=True)
 
 
@@ -47,7 +48,7 @@ class GemmaRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: StepPlan = PLAIN) -> torch.Tensor:
         if plan.fast:
-            return ops.rms_norm(x, self.weight, self.eps, offset=1.0)
+            return rms_norm(x, self.weight, self.eps, offset=1.0)
         return rms_norm_reference(x, self.weight, self.eps, self.offset)
 
 
@@ -166,7 +167,7 @@ class Attention(nn.Module):
             # In place, except on the q/k norm's outputs: those come out of the norm's autograd
             # Function as views, which autograd forbids modifying in place.
             inplace = self.q_norm is None
-            q, k = ops.apply_rope(q.transpose(1, 2), k.transpose(1, 2), *cos_sin, inplace=inplace)  # (B, H|Hkv, T, D)
+            q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), *cos_sin, inplace=inplace)  # (B, H|Hkv, T, D)
         else:
             q = rope_reference(q.transpose(1, 2), *cos_sin)  # (B, H, T, D)
             k = rope_reference(k.transpose(1, 2), *cos_sin)  # (B, Hkv, T, D)

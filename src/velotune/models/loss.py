@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..fast.ops import fused_linear_cross_entropy
+from ..kernels import fused_linear_cross_entropy
 from ..kernels.cross_entropy import IGNORE_INDEX
 
 
