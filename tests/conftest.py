@@ -32,8 +32,8 @@ def smollm2():
 def smollm2_folder(smollm2):
     """The local safetensors folder the SmolLM2 fixture was converted into, for transformers' own loaders
     (the model records the hub id the user loaded, which transformers cannot reach offline)."""
-    from velotune.fast_language_model import FIXTURE_CACHE
+    from velotune.fast_language_model import fixture_cache
 
-    folder = FIXTURE_CACHE / SMOLLM2.replace("/", "--")
+    folder = fixture_cache() / SMOLLM2.replace("/", "--")
     assert (folder / "config.json").is_file(), folder
     return str(folder)

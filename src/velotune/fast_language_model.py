@@ -1,5 +1,5 @@
-"""`FastLanguageModel`: the seed's entry points (from_pretrained, get_peft_model, for_inference,
-for_training) over velotune's own model classes.
+"""`FastLanguageModel`: the Unsloth API's entry points (from_pretrained, get_peft_model,
+for_inference, for_training) over velotune's own model classes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from . import settings
 from .device import resolve_device, resolve_dtype
+from .kernels import set_fast_launch
 from .lora.peft_model import get_peft_model, load_adapter_model
 from .models import SUPPORTED_MODEL_TYPES, model_class_for
 from .quant import dequantize_nf4_state, load_prequantized, nf4_available, quantize_model_
@@ -25,11 +27,14 @@ from .checkpoint_shards import check_finite, iter_shards
 
 logger = logging.getLogger("velotune")
 
-FIXTURE_CACHE = Path(os.environ.get("VELOTUNE_CACHE", Path.home() / ".cache" / "velotune")) / "fixtures"
+
+def fixture_cache() -> Path:
+    """Where the bundled fixture model is converted once (`VELOTUNE_CACHE`/fixtures; settings.py)."""
+    return settings.current().cache_dir / "fixtures"
 
 
 class FastLanguageModel:
-    """Namespace of the seed's model functions; never instantiated."""
+    """Namespace of the Unsloth API's model functions; never instantiated."""
 
     @staticmethod
     def from_pretrained(
@@ -51,6 +56,8 @@ class FastLanguageModel:
         if kwargs:
             logger.warning("velotune: ignoring from_pretrained arguments it does not use: %s", sorted(kwargs))
         _check_positive("max_seq_length", max_seq_length)
+        # kernels/ reads no velotune module: the Triton launch switch is pushed to it here (and by each step's plan).
+        set_fast_launch(settings.current().triton_fast_launch)
         device = resolve_device(device_map)
         dtype = resolve_dtype(dtype, device)
         source = resolve_source(model_name, token=token, revision=revision)
@@ -94,13 +101,15 @@ class FastLanguageModel:
 
     @staticmethod
     def for_inference(model):
-        """Evaluation mode with the KV cache on; returns the model (the seed ignores the return)."""
+        """Evaluation mode with the KV cache on; returns the model (the docs ignore the return)."""
         model.eval()
         _base(model).config.use_cache = True
         return model
 
     @staticmethod
-    def for_training(model, use_gradient_checkpointing: bool = True):
+    def for_training(model):
+        """Training mode with the KV cache off; returns the model. Gradient checkpointing is chosen once,
+        by get_peft_model(use_gradient_checkpointing=...)."""
         model.train()
         _base(model).config.use_cache = False
         return model
@@ -364,7 +373,7 @@ def _grow_embeddings(model, vocab_size: int) -> None:
 
 def _converted_fixture(source: Source) -> Source:
     """Convert the bundled GGUF once into a safetensors folder; later loads take seconds."""
-    target = FIXTURE_CACHE / source.fixture.replace("/", "--")
+    target = fixture_cache() / source.fixture.replace("/", "--")
     if not (target / "config.json").is_file():
         logger.warning("velotune: converting %s once into %s", source.folder / source.gguf_file, target)
         config = AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file)

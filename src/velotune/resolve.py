@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import settings
+
 logger = logging.getLogger("velotune")
 
 # Hub ids that a registry package can stand in for when the hub is unreachable.
@@ -66,10 +68,6 @@ def travel_name(model_name: str | os.PathLike) -> str:
     return text
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
 def resolve_source(model_name: str | os.PathLike, token: str | None = None, revision: str | None = None) -> Source:
     search = _Search()
     path = Path(model_name).expanduser()
@@ -118,7 +116,7 @@ def _from_hub(repo_id: str, token, revision, search: _Search) -> Path | None:
                                       local_files_only=True))
     except Exception:  # noqa: BLE001 - any cache miss means "not in the cache"
         search.looked.append(f"Hugging Face cache {HF_HUB_CACHE} (no snapshot of {repo_id})")
-    if _hub_offline():
+    if settings.current().hub_offline:
         search.looked.append(f"Hugging Face hub {repo_id} (skipped: HF_HUB_OFFLINE is set)")
         return None
     try:

@@ -98,10 +98,15 @@ def test_defaults_left_unbound_and_hooks_keep_tritons_path(launch, monkeypatch):
 
 def test_switch_and_version_gate(monkeypatch):
     monkeypatch.setattr(_triton, "_fast_launch_supported", lambda: True)
-    monkeypatch.setenv(_triton.FAST_LAUNCH_ENV, "0")
+    monkeypatch.setattr(_triton, "_fast_launch_wanted", True)
+    _triton.set_fast_launch(False)
     assert not _triton.fast_launch_enabled()
-    monkeypatch.setenv(_triton.FAST_LAUNCH_ENV, "1")
+    _triton.set_fast_launch(True)
     assert _triton.fast_launch_enabled()
+    monkeypatch.setattr(_triton, "_fast_launch_supported", lambda: False)
+    assert not _triton.fast_launch_enabled()
+    with pytest.raises(TypeError, match="pass True or False"):
+        _triton.set_fast_launch("0")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -114,8 +119,9 @@ def test_real_kernels_match_tritons_launch(monkeypatch):
     w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
     g, u = torch.randn(2, 300, 1000, device="cuda", dtype=torch.bfloat16)
     results = {}
+    monkeypatch.setattr(_triton, "_fast_launch_wanted", True)
     for flag in ("0", "1"):
-        monkeypatch.setenv(_triton.FAST_LAUNCH_ENV, flag)
+        _triton.set_fast_launch(flag == "1")
         # x[1:]: a view starting one row (8 KB) in, so another tensor under the same specialization
         results[flag] = [(rms_norm(x, w, 1e-5), swiglu(g, u), rms_norm(x[1:], w, 1e-5)) for _ in range(3)]
     for fast_run in results["1"]:

@@ -4,9 +4,9 @@ offline machine or a bad token loses nothing: the error says where the files are
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from .. import settings
 from .gguf_writer import save_pretrained_gguf
 from .merged import save_pretrained_merged
 
@@ -31,7 +31,7 @@ def upload_folder(folder: Path, repo_id: str, token: str | None = None, private:
         api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message)
     except Exception as error:  # noqa: BLE001 - any hub/network failure gets the same actionable message
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        offline = settings.current().hub_offline
         reason = "the Hugging Face hub is switched off here (HF_HUB_OFFLINE=1)" if offline else str(error)
         raise HubUploadError(
             f"could not upload to {repo_id!r}: {reason}. The export itself is complete in {folder.resolve()}; "

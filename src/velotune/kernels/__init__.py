@@ -6,6 +6,7 @@ path. One op per file: private ``@triton.jit`` kernels -> launcher -> ``torch.au
 -> reference.
 """
 
+from ._triton import set_fast_launch
 from .cross_entropy import (
     FusedLinearCrossEntropyFunction,
     default_chunk_size,
@@ -40,4 +41,5 @@ __all__ = [
     "RMSNormFunction",
     "rms_norm",
     "rms_norm_reference",
+    "set_fast_launch",
 ]

@@ -41,8 +41,16 @@ def jit(fn):
 
 
 def interpreting() -> bool:
-    """True when Triton's interpreter is requested (``TRITON_INTERPRET=1``), read at each call."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    """True when Triton's interpreter is requested (``TRITON_INTERPRET=1``), read at each call.
+
+    ``TRITON_INTERPRET`` is Triton's own switch, so Triton's own parser answers (``triton.knobs``,
+    Triton >= 3.4: 1/true/yes/on/y), never a second one of ours that could disagree with it."""
+    if not HAS_TRITON:
+        return False
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:  # Triton < 3.4 read the variable with os.environ, "1" meaning on
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
 
 
 def _probe(X):  # never launched: its decorated type says how @jit built this process's kernels
@@ -85,8 +93,8 @@ def should_use_triton(tensor: torch.Tensor, use_triton: bool | None) -> bool:
 
 def kernel_for(kernel):
     """The kernel to launch as ``kernel_for(k)[grid](*args, **meta)``: a compiled kernel comes
-    wrapped in its `FastLaunch` (unless ``VELOTUNE_TRITON_FAST_LAUNCH=0``); raises a clear error if
-    the interpreter was requested too late."""
+    wrapped in its `FastLaunch` (unless `set_fast_launch(False)`, which ``VELOTUNE_TRITON_FAST_LAUNCH=0``
+    asks for); raises a clear error if the interpreter was requested too late."""
     from triton.runtime.interpreter import InterpretedFunction
 
     interpreted = isinstance(kernel, InterpretedFunction)
@@ -104,16 +112,27 @@ def kernel_for(kernel):
     return fast
 
 
-FAST_LAUNCH_ENV = "VELOTUNE_TRITON_FAST_LAUNCH"
 # Triton versions whose launch internals FastLaunch was written against (3.6: the GPU machine's,
 # 3.9: the CPU machines'); others keep Triton's own launch path.
 _FAST_LAUNCH_VERSIONS = ((3, 6), (3, 10))
 _FAST_LAUNCHES: dict[int, "FastLaunch"] = {}
+# Whether FastLaunch is wanted. kernels/ imports nothing from velotune, so it does not read the
+# environment switch (VELOTUNE_TRITON_FAST_LAUNCH) itself: velotune.settings parses it and whoever
+# plans the work pushes the answer here with set_fast_launch (the package at import, the step plan
+# at each step). A flag, not a read per launch: `kernel_for` runs at every launch of a small model.
+_fast_launch_wanted = True
+
+
+def set_fast_launch(enabled: bool) -> None:
+    """Launch compiled kernels through `FastLaunch` (True, the default) or Triton's own launcher."""
+    global _fast_launch_wanted
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_fast_launch(enabled={enabled!r}): pass True or False")
+    _fast_launch_wanted = enabled
 
 
 def fast_launch_enabled() -> bool:
-    off = os.environ.get(FAST_LAUNCH_ENV, "1").strip().lower() in ("0", "false", "off", "no")
-    return _fast_launch_supported() and not off
+    return _fast_launch_wanted and _fast_launch_supported()
 
 
 @functools.cache
