@@ -170,3 +170,25 @@ def test_precomputed_reference_log_probs_give_the_same_step(tiny_dir, tmp_path):
     assert pre_loss == pytest.approx(live_loss, rel=1e-5)
     for name, grad in live_grads.items():
         torch.testing.assert_close(pre_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_disabled_adapter_as_trl_calls_it_is_the_base_model(tiny_dir):
+    """TRL's reference pass (`trl.trainer.utils.use_adapter(model, None)` -> PEFT's `disable_adapter()`) on a
+    velotune model with a non-zero adapter computes transformers' Llama without the adapter; afterwards the
+    adapter is back."""
+    from trl.trainer.utils import use_adapter
+
+    ours, _ = velotune_lora(tiny_dir)
+    perturb_lora_b(ours)
+    base = LlamaForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 17, 33, 60, 8, 41]])
+    ours.eval()
+    with torch.no_grad():
+        adapted = ours(input_ids=ids).logits
+        with use_adapter(ours, adapter_name=None):
+            disabled = ours(input_ids=ids).logits
+        again = ours(input_ids=ids).logits
+        expected = base(input_ids=ids).logits
+    torch.testing.assert_close(disabled, expected, rtol=1e-5, atol=1e-5)
+    assert (adapted - expected).abs().max() > 1e-3
+    torch.testing.assert_close(again, adapted, rtol=0, atol=0)
