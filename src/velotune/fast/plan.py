@@ -29,15 +29,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 
 from torch import nn
 
+from .. import settings as env
 from .checkpointing import OFFLOAD_MIN_TOKENS
 
 logger = logging.getLogger("velotune")
 
+# The switches this module reads (settings.py parses them; tests set them by these names).
 DISABLE_ENV = "VELOTUNE_DISABLE_KERNELS"
 RETURN_LOGITS_ENV = "VELOTUNE_RETURN_LOGITS"
 GRAPHS_ENV = "VELOTUNE_CUDA_GRAPHS"
@@ -50,8 +51,6 @@ CHECKPOINT_MODES = ("off", "plain", "offload")
 # doubled the step's tokens/s; a Llama-3.1-8B layer at 4,096 tokens (4096 hidden) is bound by the
 # GPU, where graphs gained nothing and their pool cost 1.1 GiB.
 MAX_GRAPHED_ELEMENTS = 2048 * 4096
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
 _logged: set[str] = set()
 
 
@@ -118,15 +117,6 @@ class StepPlan:
 PLAIN = StepPlan()  # what a module called on its own (outside a decoder call) runs
 
 
-def env_flag(name: str, default: bool = False) -> bool:
-    value = os.environ.get(name, "").strip().lower()
-    if not value:
-        return default
-    if value not in _TRUE + _FALSE:
-        raise ValueError(f"{name}={os.environ[name]!r}: allowed values are 1/true/yes/on and 0/false/no/off")
-    return value in _TRUE
-
-
 class FastPathDecoder(nn.Module):
     """Base of the decoders the fast path can run (velotune.models.decoder.DecoderModel).
 
@@ -191,8 +181,9 @@ def plan_step(model: nn.Module, *, training: bool = False, grad: bool = False, l
     # Layers draw random numbers only through dropout: the fast path has no LoRA dropout, so only
     # attention dropout could; without it no recomputation needs the random state replayed.
     draws = not fast.fast or getattr(decoder.config, "attention_dropout", 0.0) > 0
-    asked = env_flag(RETURN_LOGITS_ENV) if return_logits is None else bool(return_logits)
-    graphs = (checkpoint == "offload" and fast.fast and not draws and env_flag(GRAPHS_ENV, default=True)
+    switches = env.current()
+    asked = switches.return_logits if return_logits is None else bool(return_logits)
+    graphs = (checkpoint == "offload" and fast.fast and not draws and switches.cuda_graphs
               and tokens * decoder.config.hidden_size <= MAX_GRAPHED_ELEMENTS)
     return dataclasses.replace(fast, fused_loss=fast.fast and training and grad and labels and not asked,
                                checkpoint=checkpoint, replay_rng=draws, graphs=graphs)
@@ -206,8 +197,8 @@ def _device(decoder, device):
 
 def _fast_plan(model: nn.Module, decoder, setting: bool | None, device) -> StepPlan:
     """The fast/plain part of the plan: whether the layers fuse, and their fused projections."""
-    if env_flag(DISABLE_ENV):
-        return StepPlan(reason=f"{DISABLE_ENV}={os.environ[DISABLE_ENV]} forces the plain path")
+    if env.current().disable_kernels:
+        return StepPlan(reason=f"{DISABLE_ENV}=1 forces the plain path")
     if decoder is None:
         return StepPlan(reason=f"{type(model).__name__} is not a velotune decoder (generic transformers path)")
     if setting is False:
