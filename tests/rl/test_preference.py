@@ -192,3 +192,27 @@ def test_disabled_adapter_as_trl_calls_it_is_the_base_model(tiny_dir):
     torch.testing.assert_close(disabled, expected, rtol=1e-5, atol=1e-5)
     assert (adapted - expected).abs().max() > 1e-3
     torch.testing.assert_close(again, adapted, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto", "orpo", "simpo"])
+def test_a_few_steps_raise_the_preference_margin(tiny_dir, tmp_path, method):
+    """Training learns: after 12 steps the model's log-probability margin of chosen over rejected answers
+    (paired methods) or of desirable over undesirable ones (KTO) has grown."""
+    rows = UNPAIRED if method == "kto" else PAIRS
+    model, tokenizer = velotune_lora(tiny_dir)
+    args = getattr(velotune, TRL_CLASSES[method][1])(
+        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=len(rows), learning_rate=2e-2,
+        logging_steps=1, save_strategy="no", report_to="none", bf16=False, fp16=False, use_cpu=True,
+        disable_tqdm=True, gradient_checkpointing=False, seed=0, **SETTINGS[method])
+    trainer = getattr(velotune, VELOTUNE_TRAINERS[method])(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                                           processing_class=tokenizer)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    if method == "kto":
+        first, last = logs[0], logs[-1]
+        assert last["loss"] < first["loss"]
+        assert last["logps/chosen"] - first["logps/chosen"] > last["logps/rejected"] - first["logps/rejected"]
+    else:
+        margin = [entry["logps/chosen"] - entry["logps/rejected"] for entry in logs]
+        assert margin[-1] > margin[0] + 0.25, margin  # ORPO/SimPO log-probs are per-token means: smaller
+        assert logs[-1]["loss"] < logs[0]["loss"]
