@@ -196,6 +196,10 @@ class GRPOTrainer(Trainer):
     def _tokenize_prompt(self, prompt) -> list[int]:
         tokenizer = self.processing_class
         if is_conversational(prompt):
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError("conversational prompts need the tokenizer's chat template, and this tokenizer has "
+                                 "none: tokenizer = get_chat_template(tokenizer, chat_template='chatml') (from "
+                                 "velotune.chat_templates), or give plain-text prompts")
             text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
                                                  **(self.args.chat_template_kwargs or {}))
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
