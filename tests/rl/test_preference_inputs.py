@@ -86,6 +86,19 @@ def test_kto_empty_completion(tiny, tmp_path):
                    processing_class=tokenizer)
 
 
+def test_kto_takes_paired_rows_and_checks_them(tiny, tmp_path):
+    """TRL's KTO unpairs chosen/rejected rows itself: those are accepted, and checked as pairs."""
+    model, tokenizer = tiny
+    trainer = KTOTrainer(model=model, args=config(tmp_path, velotune.KTOConfig), processing_class=tokenizer,
+                         train_dataset=Dataset.from_list(PAIRS))
+    assert sorted(trainer.train_dataset["label"]) == [False] * 3 + [True] * 3
+    rows = [dict(r) for r in PAIRS]
+    rows[1]["chosen"] = ""
+    with pytest.raises(ValueError, match=r"train_dataset row 1: the 'chosen' answer is empty"):
+        KTOTrainer(model=model, args=config(tmp_path, velotune.KTOConfig), train_dataset=Dataset.from_list(rows),
+                   processing_class=tokenizer)
+
+
 # ----- the docs' keywords -----
 def test_transformers_arguments_and_trainer_keywords_become_a_dpo_config(tiny, tmp_path):
     """The docs' cell under TRL < 1.0: transformers' TrainingArguments (its learning rate 5e-5, no gradient

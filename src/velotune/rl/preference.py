@@ -161,13 +161,18 @@ def check_answers(dataset, dataset_name: str, columns: tuple[str, ...]) -> None:
 
 
 def check_datasets(kwargs: dict, columns: tuple[str, ...]) -> None:
-    check_answers(kwargs.get("train_dataset"), "train_dataset", columns)
+    """Every split's answers; `columns` are the answers the trainer needs, except that paired rows
+    (chosen and rejected) are also what KTO takes (TRL unpairs them)."""
+    named = [("train_dataset", kwargs.get("train_dataset"))]
     evaluation = kwargs.get("eval_dataset")
     if isinstance(evaluation, dict):
-        for key, dataset in evaluation.items():
-            check_answers(dataset, f"eval_dataset[{key!r}]", columns)
+        named += [(f"eval_dataset[{key!r}]", dataset) for key, dataset in evaluation.items()]
     else:
-        check_answers(evaluation, "eval_dataset", columns)
+        named.append(("eval_dataset", evaluation))
+    for name, dataset in named:
+        found = getattr(dataset, "column_names", None) or []
+        paired = "chosen" in found and "rejected" in found
+        check_answers(dataset, name, ("chosen", "rejected") if paired else columns)
 
 
 # ----- the reference model -----
