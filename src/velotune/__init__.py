@@ -6,6 +6,7 @@ quiet.install()  # before anything imports bitsandbytes (quiet.py says why)
 
 from .device import is_bfloat16_supported  # noqa: E402
 from .fast_language_model import FastLanguageModel
+from .inference import LoRARequest, SamplingParams  # vLLM's names, for the docs' GRPO notebooks
 from .lora import VelotunePeftModel
 
 __version__ = "0.1.0"
@@ -19,8 +20,8 @@ _CHAT_TEMPLATES = ("apply_chat_template", "get_chat_template", "standardize_shar
 _PREFERENCE = ("CPOConfig", "CPOTrainer", "DPOConfig", "DPOTrainer", "KTOConfig", "KTOTrainer", "ORPOConfig",
                "ORPOTrainer", "PatchDPOTrainer")
 
-__all__ = ["FastLanguageModel", "VelotunePeftModel", "is_bfloat16_supported", *_TRAINING, *_CHAT_TEMPLATES,
-           *_PREFERENCE]
+__all__ = ["FastLanguageModel", "LoRARequest", "SamplingParams", "VelotunePeftModel", "is_bfloat16_supported",
+           *_TRAINING, *_CHAT_TEMPLATES, *_PREFERENCE]
 
 
 def __getattr__(name):

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from . import settings
 from .device import resolve_device, resolve_dtype
+from .inference import GenerationEngine, InferenceSettings, release
 from .kernels import set_fast_launch
 from .lora.peft_model import get_peft_model, load_adapter_model
 from .models import SUPPORTED_MODEL_TYPES, model_class_for
@@ -53,6 +54,7 @@ class FastLanguageModel:
         **kwargs,
     ):
         """Load (model, tokenizer). See README for the sources and the precision rules."""
+        engine = _generation_engine(kwargs)
         if kwargs:
             logger.warning("velotune: ignoring from_pretrained arguments it does not use: %s", sorted(kwargs))
         _check_positive("max_seq_length", max_seq_length)
@@ -62,10 +64,13 @@ class FastLanguageModel:
         dtype = resolve_dtype(dtype, device)
         source = resolve_source(model_name, token=token, revision=revision)
         if (source.folder / "adapter_config.json").is_file() and source.gguf_file is None:
-            return load_adapter_model(source.folder, FastLanguageModel.from_pretrained, max_seq_length=max_seq_length,
-                                      dtype=dtype, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
-                                      token=token, device_map=device_map, rope_scaling=rope_scaling,
-                                      fix_tokenizer=fix_tokenizer, trust_remote_code=trust_remote_code)
+            model, tokenizer = load_adapter_model(
+                source.folder, FastLanguageModel.from_pretrained, max_seq_length=max_seq_length, dtype=dtype,
+                load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, token=token, device_map=device_map,
+                rope_scaling=rope_scaling, fix_tokenizer=fix_tokenizer, trust_remote_code=trust_remote_code)
+            engine.tokenizer = tokenizer
+            model.get_base_model().generation_engine = engine
+            return model, tokenizer
         if full_finetuning and (load_in_4bit or load_in_8bit):
             logger.warning("velotune: full_finetuning=True trains every weight, so the model loads in %s, "
                            "not 4/8-bit", dtype)
@@ -90,6 +95,8 @@ class FastLanguageModel:
         # loaded ("org/name"), never the cache or fixture folder it was read from on this machine.
         model.config._name_or_path = model.name_or_path = travel_name(model_name)  # PEFT reads the attribute
         model.max_seq_length = max_seq_length
+        engine.tokenizer = tokenizer
+        model.generation_engine = engine  # fast_generate, save_lora/load_lora, generate after for_inference
         model._velotune_full_finetuning = full_finetuning
         if full_finetuning:
             model.requires_grad_(True)
@@ -104,6 +111,7 @@ class FastLanguageModel:
         """Evaluation mode with the KV cache on; returns the model (the docs ignore the return)."""
         model.eval()
         _base(model).config.use_cache = True
+        _engine(model).serves_generate = True  # model.generate runs on velotune's engine (inference/)
         return model
 
     @staticmethod
@@ -112,6 +120,8 @@ class FastLanguageModel:
         by get_peft_model(use_gradient_checkpointing=...)."""
         model.train()
         _base(model).config.use_cache = False
+        _engine(model).serves_generate = False
+        release(model)  # the engine's KV cache and graphs give their memory back to training
         return model
 
 
@@ -124,6 +134,22 @@ def load_weights(folder: str | os.PathLike, dtype: torch.dtype, device) -> torch
     if cls is None:
         return _load_generic(source, config, dtype, torch.device(device), None, False)
     return _load_own(cls, source, config, dtype, torch.device(device), None)
+
+
+def _generation_engine(kwargs: dict) -> GenerationEngine:
+    """The engine object for the model, from the inference arguments the docs pass for vLLM
+    (fast_inference, gpu_memory_utilization, max_lora_rank, float8_kv_cache), taken out of `kwargs`."""
+    names = ("fast_inference", "gpu_memory_utilization", "max_lora_rank", "float8_kv_cache")
+    given = {name: kwargs.pop(name) for name in names if name in kwargs}
+    return GenerationEngine(InferenceSettings(**given))
+
+
+def _engine(model) -> GenerationEngine:
+    """The model's engine object, attached now if the model was built elsewhere (not by from_pretrained)."""
+    base = _base(model)
+    if not isinstance(getattr(base, "generation_engine", None), GenerationEngine):
+        base.generation_engine = GenerationEngine()
+    return base.generation_engine
 
 
 def _base(model):

@@ -4,11 +4,11 @@ Layering: above models/ and fast/ (it runs our decoder's layers and takes the fa
 decisions), below lora/ and loading.py (which expose it as model methods)."""
 
 from .adapters import LoRARequest, load_lora, save_lora
-from .api import fast_generate, generate_batch, hf_generate
+from .api import GenerationEngine, engine_of, fast_generate, generate_batch, hf_generate
 from .cache import InferenceSettings
 from .engine import release
 from .outputs import CompletionOutput, RequestOutput
 from .sampling import SamplingParams
 
-__all__ = ["CompletionOutput", "InferenceSettings", "LoRARequest", "RequestOutput", "SamplingParams", "fast_generate",
+__all__ = ["CompletionOutput", "GenerationEngine", "InferenceSettings", "engine_of", "LoRARequest", "RequestOutput", "SamplingParams", "fast_generate",
            "generate_batch", "hf_generate", "load_lora", "release", "save_lora"]

@@ -10,7 +10,8 @@ import logging
 import torch
 
 from . import engine
-from .adapters import LoRARequest, using_lora
+from .adapters import LoRARequest, load_lora, save_lora, using_lora
+from .cache import InferenceSettings
 from .outputs import CompletionOutput, RequestOutput
 from .sampling import SamplingParams
 
@@ -58,9 +59,52 @@ def _completion(seq: engine.Sequence, params: SamplingParams, tokenizer) -> Comp
     return CompletionOutput(seq.index, text, list(seq.tokens), seq.finish_reason, seq.logprobs, seq.stop_reason)
 
 
+class GenerationEngine:
+    """What `from_pretrained` attaches to a model as `model.generation_engine`: the inference
+    settings it was given, the tokenizer it loaded (fast_generate decodes text with it), and
+    whether `generate` runs on the engine (`FastLanguageModel.for_inference` turns that on,
+    `for_training` off). The model classes' `fast_generate`, `save_lora`, `load_lora` and
+    `generate` delegate here, so they work the same on our causal LM and on its PEFT wrapper."""
+
+    def __init__(self, settings: InferenceSettings | None = None, tokenizer=None):
+        self.settings = settings or InferenceSettings()
+        self.tokenizer = tokenizer
+        self.serves_generate = False
+
+    def generate(self, model, fallback, *args, **kwargs):
+        """transformers' `generate` on the engine when switched on and the arguments allow it, else `fallback`."""
+        inputs = args[0] if args else kwargs.pop("inputs", None)
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        unsupported = engine_handles(kwargs) if len(args) <= 1 else "positional arguments"
+        if not self.serves_generate or inputs is None or unsupported is not None:
+            if self.serves_generate and unsupported is not None:
+                logger.info("velotune: generate(%s=...) runs on transformers' loop, not the engine", unsupported)
+            if inputs is not None:
+                kwargs["input_ids"] = inputs
+            return fallback(*args[1:], **kwargs)
+        return hf_generate(model, inputs, **kwargs)
+
+    def fast_generate(self, model, *args, **kwargs):
+        kwargs.setdefault("tokenizer", self.tokenizer)
+        return fast_generate(model, *args, **kwargs)
+
+    def save_lora(self, model, path) -> None:
+        save_lora(model, path)
+
+    def load_lora(self, model, path, load_tensors: bool = True) -> LoRARequest:
+        return load_lora(model, path, self.settings)
+
+
+def engine_of(model) -> GenerationEngine:
+    """The engine object attached to `model` (or its base model), or a default one."""
+    attached = getattr(engine.base_model(model), "generation_engine", None)
+    return attached if isinstance(attached, GenerationEngine) else GenerationEngine()
+
+
 def tokenizer_of(model, tokenizer=None):
     """The tokenizer given, else the one from_pretrained loaded with the model."""
-    return tokenizer if tokenizer is not None else getattr(engine.base_model(model), "velotune_tokenizer", None)
+    return tokenizer if tokenizer is not None else engine_of(model).tokenizer
 
 
 def fast_generate(model, prompts=None, sampling_params: SamplingParams | None = None, use_tqdm: bool = False,

@@ -56,7 +56,9 @@ def context_limit(causal) -> int:
 
 
 def settings_of(model) -> InferenceSettings:
-    return getattr(base_model(model), "inference_settings", None) or InferenceSettings()
+    """from_pretrained's inference settings, held by the engine object it attaches (api.GenerationEngine)."""
+    attached = getattr(base_model(model), "generation_engine", None)
+    return getattr(attached, "settings", None) or InferenceSettings()
 
 
 def check_prompts(prompts, params: SamplingParams, limit: int, vocab: int) -> list[list[int]]:
@@ -137,7 +139,7 @@ def _resident(runner: DecoderRunner, rows: int, length: int, dtype, device, sett
     old = _RESIDENT.get(decoder)
     fp8 = settings.float8_kv_cache
     if old is not None and old.cache.fits(rows, length, dtype, fp8):
-        if old.signature != signature:
+        if old.signature != signature or old.graphs.use_graphs != (graphable and device.type == "cuda"):
             old.graphs = DecodeGraphs(runner, old.cache, old.valid, graphable)
             old.signature = signature
         return old

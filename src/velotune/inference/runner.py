@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..fast.plan import StepPlan, plan_step
 from .cache import CacheStep, StaticKVCache
 
 
@@ -44,8 +45,11 @@ def step_mask(valid: torch.Tensor, q_slots: torch.Tensor, visible: int, window: 
 class DecoderRunner:
     """Forward passes of one causal LM (ours) over a StaticKVCache."""
 
-    def __init__(self, causal, decoder):
+    def __init__(self, causal, decoder, plan: StepPlan | None = None):
+        """`plan`: the fast path's plan for these calls (default: `plan_step` for a cached, no-grad
+        evaluation call: fused kernels and LoRA on CUDA, the plain path elsewhere)."""
         self.causal, self.decoder = causal, decoder
+        self.plan = plan if plan is not None else plan_step(decoder, cache=True)
         self.windows = {kind: decoder.config.sliding_window if kind == "sliding_attention" else None
                         for kind in decoder.rotary_emb}
         self.softcap = getattr(causal.config, "final_logit_softcapping", None)
@@ -60,8 +64,8 @@ class DecoderRunner:
         h = decoder.embed(ids)  # (b, T, C)
         cos_sin = {kind: rope(h, positions) for kind, rope in decoder.rotary_emb.items()}
         for layer, kind in zip(decoder.layers, decoder.layer_types):
-            h = layer(h, cos_sin[kind], masks[kind], step)
-        h = decoder.norm(h[:, -1:])  # (b, 1, C)
+            h = layer(h, cos_sin[kind], masks[kind], step, self.plan)
+        h = decoder.norm(h[:, -1:], self.plan)  # (b, 1, C)
         logits = self.causal.lm_head(h)[:, 0].float()  # (b, V)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap

@@ -49,10 +49,28 @@ class VelotunePeftModel(PeftModelForCausalLM):
     def generate(self, *args, **kwargs):
         """PEFT's generate, also given a tokenizer's BatchEncoding as `inputs`/`input_ids` (the docs'
         inference cell on transformers 5; models/generation.py), whatever the base model's class."""
+        from ..inference import engine_of
         from ..models.generation import unpack_generate_inputs
 
         args, kwargs = unpack_generate_inputs(args, kwargs)
-        return super().generate(*args, **kwargs)
+        # After FastLanguageModel.for_inference, velotune's engine runs it (inference/api.py).
+        return engine_of(self).generate(self, super().generate, *args, **kwargs)
+
+    # Generation as the docs' GRPO notebooks call it (vLLM's API; velotune's engine, inference/).
+    def fast_generate(self, *args, **kwargs):
+        from ..inference import engine_of
+
+        return engine_of(self).fast_generate(self, *args, **kwargs)
+
+    def save_lora(self, save_directory) -> None:
+        from ..inference import engine_of
+
+        engine_of(self).save_lora(self, save_directory)
+
+    def load_lora(self, save_directory, load_tensors: bool = True):
+        from ..inference import engine_of
+
+        return engine_of(self).load_lora(self, save_directory)
 
     def save_pretrained(self, save_directory, safe_serialization=True, **kwargs):
         """PEFT's save_pretrained, always as safetensors (models/saving.py: the docs' None means safetensors)."""
