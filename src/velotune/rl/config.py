@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig as TRLGRPOConfig
 
 from ..device import is_bfloat16_supported
+from ..training.compat import LEGACY_HELP, apply_legacy
 from ..training.arguments import EIGHT_BIT_FALLBACKS, _has_accelerator, eight_bit_adamw_works
 
 logger = logging.getLogger("velotune")
@@ -76,10 +77,13 @@ class GRPOConfig(TRLGRPOConfig):
         default=512, metadata={"help": "Longer prompts keep their last tokens (None: no limit)."})
     sample_completions_steps: int = field(
         default=0, metadata={"help": "Print sample completions every N steps (0: off unless log_completions)."})
+    # The docs' notebooks pass warmup_ratio, which transformers 5 dropped (training/compat.py maps it).
+    warmup_ratio: float | None = field(default=None, metadata={"help": LEGACY_HELP["warmup_ratio"]})
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Off: get_peft_model's use_gradient_checkpointing decides (TRL: True)."})
 
     def __post_init__(self):
+        apply_legacy(self)
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
