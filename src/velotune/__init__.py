@@ -19,9 +19,11 @@ _CHAT_TEMPLATES = ("apply_chat_template", "get_chat_template", "standardize_shar
 # Preference training through TRL's trainers, taking the docs' older keywords (rl/preference.py).
 _PREFERENCE = ("CPOConfig", "CPOTrainer", "DPOConfig", "DPOTrainer", "KTOConfig", "KTOTrainer", "ORPOConfig",
                "ORPOTrainer", "PatchDPOTrainer")
+# GRPO (issue 17): velotune's own trainer with TRL's GRPOConfig fields; PatchFastRL is the docs' no-op.
+_RL = ("GRPOConfig", "GRPOTrainer", "PatchFastRL")
 
 __all__ = ["FastLanguageModel", "LoRARequest", "SamplingParams", "VelotunePeftModel", "is_bfloat16_supported",
-           *_TRAINING, *_CHAT_TEMPLATES, *_PREFERENCE]
+           *_TRAINING, *_CHAT_TEMPLATES, *_PREFERENCE, *_RL]
 
 
 def __getattr__(name):
@@ -39,4 +41,8 @@ def __getattr__(name):
         from .rl import preference
 
         return getattr(preference, name)
+    if name in _RL:
+        from . import rl
+
+        return getattr(rl, name)
     raise AttributeError(f"module 'velotune' has no attribute {name!r}")
