@@ -74,6 +74,7 @@ class Sampler:
             return None
         params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                 top_k=sampling.top_k, min_p=sampling.min_p or 0.0, max_tokens=sampling.max_tokens,
+                                repetition_penalty=sampling.repetition_penalty,
                                 seed=sampling.seed)
         try:
             outputs = generate_batch(model, prompts, params, tokenizer=tokenizer)
