@@ -1,5 +1,5 @@
 """Load local JSON / JSONL / CSV / Parquet / Excel files through `datasets`, and check each row
-against one of the seed's formats, so a bad row fails with its file, row number and problem
+against one of the docs' formats, so a bad row fails with its file, row number and problem
 instead of a shape error deep inside training.
 
 Row numbers are 1-based data rows (the header of a CSV/Excel file is not counted; for JSONL they
@@ -9,9 +9,12 @@ are the line numbers when the file has no blank lines).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable
+
+logger = logging.getLogger("velotune")
 
 FORMATS = ("text", "alpaca", "sharegpt", "openai", "dpo", "kto", "grpo")
 _EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet",
@@ -115,7 +118,7 @@ _CHECKS: dict[str, Callable[[dict, bool], None]] = {
 
 
 def detect_format(columns) -> str:
-    """Guess the seed format from column names (first match wins)."""
+    """Guess the docs' format from column names (first match wins)."""
     cols = set(columns)
     for fmt, needed in (("dpo", {"prompt", "chosen", "rejected"}), ("kto", {"prompt", "completion", "label"}),
                         ("grpo", {"prompt", "answer"}), ("sharegpt", {"conversations"}), ("openai", {"messages"}),
@@ -224,12 +227,12 @@ _KNOWN_COLUMNS = ("text", "instruction", "input", "output", "conversations", "me
 
 
 def _lowercase_known_columns(dataset, source: str):
-    """The seed writes Alpaca columns as "Instruction"/"Input"/"Output"; accept any capitalisation of
+    """The docs write Alpaca columns as "Instruction"/"Input"/"Output"; accept any capitalisation of
     a known column name by renaming it to the lowercase name the formats use (never over an existing one)."""
     renames = {c: c.lower() for c in dataset.column_names
                if c != c.lower() and c.lower() in _KNOWN_COLUMNS and c.lower() not in dataset.column_names}
     if renames:
-        print(f"velotune: {source}: renamed columns {renames} to the lowercase names the data formats use")
+        logger.info("velotune: %s: renamed columns %s to the lowercase names the data formats use", source, renames)
         dataset = dataset.rename_columns(renames)
     return dataset
 

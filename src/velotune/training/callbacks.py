@@ -55,7 +55,7 @@ class LossPlotCallback(TrainerCallback):
             return
         path = write_loss_plot(state.log_history, Path(args.output_dir))
         if path is not None:
-            print(f"velotune: loss plot written to {path}")
+            logger.info("velotune: loss plot written to %s", path)
 
 
 def write_loss_plot(log_history: list[dict], folder: Path) -> Path | None:
@@ -129,4 +129,4 @@ class SummaryCallback(TrainerCallback):
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             parts.append(f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
         self.last_summary = "velotune: trained " + "; ".join(parts)
-        print(self.last_summary)
+        logger.info(self.last_summary)

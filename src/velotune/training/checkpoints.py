@@ -155,8 +155,8 @@ def ctrl_c_saves(callback: InterruptCallback):
         if callback.requested:
             raise KeyboardInterrupt
         callback.requested = True
-        print("\nvelotune: Ctrl-C: saving a checkpoint at the end of this step, then stopping "
-              "(press Ctrl-C again to stop without saving)", flush=True)
+        logger.warning("velotune: Ctrl-C: saving a checkpoint at the end of this step, then stopping "
+                       "(press Ctrl-C again to stop without saving)")
 
     signal.signal(signal.SIGINT, handler)
     try:

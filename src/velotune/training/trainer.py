@@ -1,9 +1,9 @@
-"""velotune's SFT trainer: TRL's `SFTTrainer`, accepting the seed's older keyword arguments.
+"""velotune's SFT trainer: TRL's `SFTTrainer`, accepting the Unsloth API's older keyword arguments.
 
 Why a subclass: TRL 1.x moved `dataset_text_field`, `max_seq_length`, `packing`,
-`dataset_num_proc` into `SFTConfig` and renamed `tokenizer` to `processing_class`; the seed
-still passes them to the trainer. We patch nothing in TRL: this class maps them onto
-`TrainingArguments` (our `SFTConfig`) and adds what the seed promises: `embedding_learning_rate`,
+`dataset_num_proc` into `SFTConfig` and renamed `tokenizer` to `processing_class`; the docs
+still pass them to the trainer. We patch nothing in TRL: this class maps them onto
+`TrainingArguments` (our `SFTConfig`) and adds what the docs promise: `embedding_learning_rate`,
 checks before any work, a memory estimate, row counts for truncation, atomic checkpoints,
 Ctrl-C that saves, a stop on a non-finite loss that names its batch, tokens/s and memory in the
 logs, a loss plot and a summary.
@@ -114,7 +114,7 @@ def _split_legacy(kwargs: dict) -> dict:
 
 
 class SFTTrainer(TRLSFTTrainer):
-    """TRL's SFTTrainer with the seed's arguments and velotune's checks and reports.
+    """TRL's SFTTrainer with the Unsloth API's arguments and velotune's checks and reports.
 
     Accepts both `SFTTrainer(model, tokenizer=..., dataset_text_field=..., max_seq_length=...,
     packing=..., dataset_num_proc=..., args=TrainingArguments(...))` (the seed) and TRL 1.x's
@@ -381,8 +381,8 @@ class SFTTrainer(TRLSFTTrainer):
             self._lock.release()
         if self._interrupt.requested:
             last = _last_checkpoint(self.args.output_dir)
-            print(f"velotune: stopped by Ctrl-C after step {self.state.global_step}; checkpoint {last}. "
-                  "Resume with trainer.train(resume_from_checkpoint=True)", flush=True)
+            logger.warning("velotune: stopped by Ctrl-C after step %d; checkpoint %s. Resume with "
+                           "trainer.train(resume_from_checkpoint=True)", self.state.global_step, last)
             raise KeyboardInterrupt(f"training interrupted; checkpoint saved to {last}")
         return result
 
@@ -401,6 +401,6 @@ def _last_checkpoint(output_dir) -> str | None:
     return str(found) if found is not None else None
 
 
-# The seed's and transformers' names for the same trainer.
+# The Unsloth API's and transformers' names for the same trainer.
 Trainer = SFTTrainer
 UnslothTrainer = SFTTrainer
