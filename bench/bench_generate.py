@@ -35,6 +35,7 @@ VOCAB = [32000]  # the prompts' token range, set by build
 def build(preset: str):
     from transformers import LlamaConfig
 
+    from velotune.inference import GenerationEngine, InferenceSettings
     from velotune.models import model_class_for
 
     cfg = LlamaConfig(**PRESETS[preset], max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=1,
@@ -48,6 +49,7 @@ def build(preset: str):
     VOCAB[0] = cfg.vocab_size
     model.requires_grad_(False)
     model.max_seq_length = 8192
+    model.generation_engine = GenerationEngine(InferenceSettings(gpu_memory_utilization=0.9))  # as from_pretrained does
     return model.eval()
 
 
@@ -90,7 +92,7 @@ def step_time(model, batch: int) -> dict:
     """One decode step as replayed from its graph, and the bandwidth bound of the bytes it must read."""
     from velotune.inference import engine
 
-    resident = engine._RESIDENT[engine.base_model(model).model]
+    resident = engine.resident_of(model)
     graphs = resident.graphs
     graphs.run(batch)
     sync()
@@ -117,7 +119,7 @@ def profile_step(model, batch: int) -> None:
         return
     from velotune.inference import engine
 
-    resident = engine._RESIDENT[engine.base_model(model).model]
+    resident = engine.resident_of(model)
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         resident.graphs._eager(batch)
         sync()
@@ -135,7 +137,7 @@ def ttft(model, length: int = 4096) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama8b")
-    ap.add_argument("--only", default="b1,b16,step,ttft,grpo,nf4")
+    ap.add_argument("--only", default="b1,b16,step,ttft,grpo,nf4,nf4plain")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -175,6 +177,15 @@ def main():
                 step_time(model, 1)
             if args.profile:
                 profile_step(model, 1)
+            if "nf4plain" in only:  # the plain path: bitsandbytes' own 4-bit GEMV per projection
+                from velotune.fast.plan import set_fast_path
+                from velotune.inference import release
+
+                release(model)
+                set_fast_path(model, False)
+                decode_row(model, "NF4 greedy, plain path (bitsandbytes GEMV)", 1)
+                if "step" in only:
+                    step_time(model, 1)
 
 
 if __name__ == "__main__":

@@ -101,12 +101,12 @@ def test_for_inference_generate_streams_the_same_text(smollm2):
     ids = torch.tensor([PROMPTS[0]])
     streamer = _Collect(tokenizer)
     out = model.generate(input_ids=ids, streamer=streamer, max_new_tokens=12, use_cache=True, do_sample=False)
-    assert engine.base_model(model).model in engine._RESIDENT  # it ran on the engine
+    assert engine.resident_of(model) is not None  # it ran on the engine, which keeps its cache
     assert streamer.text == tokenizer.decode(out[0, ids.shape[1]:])
     plain = model.generate(input_ids=ids, max_new_tokens=12, use_cache=True, do_sample=False)
     assert plain.tolist() == out.tolist()
     FastLanguageModel.for_training(model)
-    assert engine.base_model(model).model not in engine._RESIDENT  # training gets the memory back
+    assert engine.resident_of(model) is None  # training gets the memory back
 
 
 @pytest.mark.slow
@@ -163,3 +163,18 @@ def test_cache_that_cannot_fit_says_what_to_lower():
     with pytest.raises(MemoryError, match="lower max_tokens, n or the number of prompts"):
         StaticKVCache([(1 << 20, 1 << 20)], rows=1 << 10, length=1 << 10, dtype=torch.float32,
                       device=torch.device("cpu"))
+
+
+def test_float8_kv_cache_halves_the_cache_and_still_generates():
+    from velotune.inference import GenerationEngine, InferenceSettings
+
+    model = _tiny_peft()
+    model.get_base_model().generation_engine = GenerationEngine(InferenceSettings(float8_kv_cache=True))
+    params = SamplingParams(temperature=0, max_tokens=8)
+    fp8 = [o.outputs[0].token_ids for o in generate_batch(model, PROMPTS, params)]
+    fp8_bytes = engine.resident_of(model).cache.nbytes
+    model.get_base_model().generation_engine = GenerationEngine()
+    full = [o.outputs[0].token_ids for o in generate_batch(model, PROMPTS, params)]
+    assert engine.resident_of(model).cache.nbytes == 4 * fp8_bytes  # fp32 model here: 4 bytes -> 1
+    same = sum(a == b for x, y in zip(fp8, full) for a, b in zip(x, y))
+    assert same >= 8, f"fp8 cache {fp8} vs full {full}"  # e4m3 keeps 3 mantissa bits: the first tokens agree

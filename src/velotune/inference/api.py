@@ -70,6 +70,7 @@ class GenerationEngine:
         self.settings = settings or InferenceSettings()
         self.tokenizer = tokenizer
         self.serves_generate = False
+        self.resident = None  # the KV cache and CUDA graphs kept between calls (engine.py)
 
     def generate(self, model, fallback, *args, **kwargs):
         """transformers' `generate` on the engine when switched on and the arguments allow it, else `fallback`."""

@@ -14,7 +14,6 @@ sampling stay on the device.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -116,41 +115,52 @@ def _weights_signature(causal) -> tuple:
 
 
 class _Resident:
-    """The cache and graphs kept with a model between calls (repeated GRPO generations reuse them)."""
+    """The cache and graphs kept with a model between calls (repeated GRPO generations reuse them).
+
+    Held by the model's engine object (`model.generation_engine.resident`, api.GenerationEngine),
+    so they live and die with the model; a model without one allocates per call."""
 
     def __init__(self, cache: StaticKVCache, graphs: DecodeGraphs, valid: torch.Tensor, signature: tuple):
         self.cache, self.graphs, self.valid, self.signature = cache, graphs, valid, signature
 
 
-_RESIDENT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+def _holder(model):
+    return getattr(base_model(model), "generation_engine", None)
+
+
+def resident_of(model) -> _Resident | None:
+    """The cache and graphs kept for `model`, if any."""
+    return getattr(_holder(model), "resident", None)
 
 
 def release(model) -> None:
     """Free the KV cache and CUDA graphs kept for `model` (training needs the memory back)."""
-    decoder = find_decoder(base_model(model))
-    if decoder is not None:
-        _RESIDENT.pop(decoder, None)
+    holder = _holder(model)
+    if holder is not None:
+        holder.resident = None
 
 
 def _resident(runner: DecoderRunner, rows: int, length: int, dtype, device, settings: InferenceSettings,
               graphable: bool) -> _Resident:
-    decoder = runner.decoder
+    holder = _holder(runner.causal)
     signature = _weights_signature(runner.causal)
-    old = _RESIDENT.get(decoder)
+    old = getattr(holder, "resident", None)
     fp8 = settings.float8_kv_cache
     if old is not None and old.cache.fits(rows, length, dtype, fp8):
         if old.signature != signature or old.graphs.use_graphs != (graphable and device.type == "cuda"):
             old.graphs = DecodeGraphs(runner, old.cache, old.valid, graphable)
             old.signature = signature
         return old
-    _RESIDENT.pop(decoder, None)  # free the old buffers before allocating larger ones
+    if holder is not None:
+        holder.resident = None  # free the old buffers before allocating larger ones
     if device.type == "cuda":
         length = -(-length // LENGTH_QUANTUM) * LENGTH_QUANTUM
         rows = _bucket(rows, 1 << 30)
     cache = StaticKVCache(runner.kv_shapes(), rows, length, dtype, device, fp8, settings.gpu_memory_utilization)
     valid = torch.zeros(rows, length, dtype=torch.bool, device=device)
     resident = _Resident(cache, DecodeGraphs(runner, cache, valid, graphable), valid, signature)
-    _RESIDENT[decoder] = resident
+    if holder is not None:
+        holder.resident = resident
     return resident
 
 
@@ -233,21 +243,41 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_ids: s
         layout: list[int | None] = list(range(rows))  # sequence in each cache row
         b, step = rows, 0
         refill_at = _longrope_switch(decoder)
+        # Run one step ahead: the next decode step is launched before the host reads this step's
+        # tokens, so the host's bookkeeping overlaps the GPU (a finished row costs one extra step).
+        ahead = refill_at is None
         suppress = sorted(stopper.eos | stopper.stop_ids)
+        host = _HostCopy(rows, device)
+
+        def decode(tokens, positions):
+            graphs.ids[:b, 0].copy_(tokens[:b])
+            graphs.positions[:b, 0].copy_(positions[:b])
+            graphs.slot.fill_(P + step)
+            return graphs.run(b)
+
         while True:
             if params.min_tokens and step < params.min_tokens and suppress:
                 logits[:, suppress] = float("-inf")
             tokens = sample(logits, params, generator, None if seen is None else seen[:b],
                             None if counts is None else counts[:b])  # (b,)
-            logps = chosen_logprobs(logits, tokens).tolist() if params.logprobs is not None else None
+            logps = chosen_logprobs(logits, tokens) if params.logprobs is not None else None
+            if seen is not None:
+                seen[:b].scatter_(1, tokens[:, None], True)
+            if counts is not None:
+                counts[:b].scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=counts.dtype))
+            host.start(tokens, logps)
+            if ahead:
+                logits = decode(tokens, positions)
+                positions, step = positions + 1, step + 1
+            host_tokens, host_logps = host.wait()
             alive = []
-            for row, (s, token) in enumerate(zip(layout, tokens.tolist())):
+            for row, (s, token) in enumerate(zip(layout, host_tokens)):
                 if s is None or seqs[s].finish_reason is not None:
                     continue
                 seq = seqs[s]
                 seq.tokens.append(token)
-                if logps is not None:
-                    seq.logprobs.append(logps[row])
+                if host_logps is not None:
+                    seq.logprobs.append(host_logps[row])
                 if on_token is not None:
                     on_token(s, token)
                 stopper.finish(seq)
@@ -255,30 +285,50 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_ids: s
                     alive.append(row)
             if not alive:
                 break
-            if seen is not None:
-                seen[:b].scatter_(1, tokens[:, None], True)
-            if counts is not None:
-                counts[:b].scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=counts.dtype))
             smaller = _bucket(len(alive), rows)
             if smaller < b:
                 order = torch.tensor(alive + [alive[0]] * (smaller - len(alive)), device=device)
                 cache.gather_rows(order)
                 valid[:smaller] = valid.index_select(0, order)
                 tokens, positions = tokens.index_select(0, order), positions.index_select(0, order)
+                logits = logits.index_select(0, order) if ahead else logits
                 seen = None if seen is None else seen.index_select(0, order)
                 counts = None if counts is None else counts.index_select(0, order)
                 layout = [layout[r] for r in alive] + [None] * (smaller - len(alive))
                 b = smaller
-            if P + step == refill_at:
-                logits = _refill(runner, cache, valid, prompts, seqs, layout, P, device)
-            else:
-                graphs.ids[:b, 0].copy_(tokens[:b])
-                graphs.positions[:b, 0].copy_(positions[:b])
-                graphs.slot.fill_(P + step)
-                logits = graphs.run(b)
-            positions = positions + 1
-            step += 1
+            if not ahead:
+                if P + step == refill_at:
+                    logits = _refill(runner, cache, valid, prompts, seqs, layout, P, device)
+                else:
+                    logits = decode(tokens, positions)
+                positions, step = positions + 1, step + 1
     return seqs
+
+
+class _HostCopy:
+    """The sampled tokens (and log-probabilities) copied to the host without waiting for work queued after them."""
+
+    def __init__(self, rows: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        pin = self.cuda
+        self.tokens = torch.empty(rows, dtype=torch.long, pin_memory=pin)
+        self.logps = torch.empty(rows, dtype=torch.float32, pin_memory=pin)
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.count, self.with_logps = 0, False
+
+    def start(self, tokens: torch.Tensor, logps: torch.Tensor | None) -> None:
+        self.count, self.with_logps = tokens.shape[0], logps is not None
+        self.tokens[:self.count].copy_(tokens, non_blocking=self.cuda)
+        if logps is not None:
+            self.logps[:self.count].copy_(logps, non_blocking=self.cuda)
+        if self.cuda:
+            self.event.record()
+
+    def wait(self) -> tuple[list[int], list[float] | None]:
+        if self.cuda:
+            self.event.synchronize()
+        logps = self.logps[:self.count].tolist() if self.with_logps else None
+        return self.tokens[:self.count].tolist(), logps
 
 
 def _prefill(runner: DecoderRunner, cache: StaticKVCache, valid: torch.Tensor, prompts: list[list[int]], P: int,
