@@ -125,7 +125,8 @@ class GRPOConfig(TRLGRPOConfig):
         choices = (("loss_type", self.loss_type, LOSS_TYPES),
                    ("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_LEVELS),
                    ("scale_rewards", scale, SCALE_REWARDS),
-                   ("multi_objective_aggregation", self.multi_objective_aggregation, AGGREGATIONS))
+                   ("multi_objective_aggregation", getattr(self, "multi_objective_aggregation", AGGREGATIONS[0]),
+                    AGGREGATIONS))
         for name, value, allowed in choices:
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}: velotune's GRPOTrainer supports {list(allowed)}")
@@ -143,11 +144,11 @@ class GRPOConfig(TRLGRPOConfig):
             raise ValueError(f"max_completion_length={self.max_completion_length!r}: must be >= 1 token")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise ValueError(f"max_prompt_length={self.max_prompt_length!r}: must be >= 1 token, or None")
-        unsupported = {"top_entropy_quantile": (self.top_entropy_quantile, 1.0),
-                       "off_policy_mask_threshold": (self.off_policy_mask_threshold, None),
+        unsupported = {"top_entropy_quantile": (getattr(self, "top_entropy_quantile", 1.0), 1.0),
+                       "off_policy_mask_threshold": (getattr(self, "off_policy_mask_threshold", None), None),
                        "entropy_coef": (getattr(self, "entropy_coef", 0.0), 0.0),
                        "use_adaptive_entropy": (getattr(self, "use_adaptive_entropy", False), False),
-                       "sync_ref_model": (self.sync_ref_model, False)}
+                       "sync_ref_model": (getattr(self, "sync_ref_model", False), False)}
         for name, (value, default) in unsupported.items():
             if value != default:
                 raise ValueError(f"{name}={value!r} is not supported by velotune's GRPOTrainer yet; leave it at "

@@ -201,7 +201,7 @@ class GRPOTrainer(Trainer):
                                  "none: tokenizer = get_chat_template(tokenizer, chat_template='chatml') (from "
                                  "velotune.chat_templates), or give plain-text prompts")
             text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
-                                                 **(self.args.chat_template_kwargs or {}))
+                                                 **(getattr(self.args, "chat_template_kwargs", None) or {}))
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         elif isinstance(prompt, str):
             ids = tokenizer(prompt)["input_ids"]
@@ -263,8 +263,9 @@ class GRPOTrainer(Trainer):
         scores, names = call_reward_functions(self.reward_funcs, prompts, completions, columns, step,
                                               extra={"completion_ids": completion_lists, "trainer_state": self.state})
         nan_counts = self._nan.record(scores, names, step)
-        advantages, rewards, zero_std = group_advantages(scores, self.reward_weights, G, args.scale_rewards,
-                                                         args.multi_objective_aggregation)
+        advantages, rewards, zero_std = group_advantages(
+            scores, self.reward_weights, G, args.scale_rewards,
+            getattr(args, "multi_objective_aggregation", "sum_then_normalize"))
 
         batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
                  "completion_attention": attention, "loss_mask": loss_mask, "advantages": advantages.to(device)}
@@ -322,7 +323,8 @@ class GRPOTrainer(Trainer):
         args = self.args
         return LossSettings(loss_type=args.loss_type, epsilon_low=args.epsilon_low, epsilon_high=args.epsilon_upper,
                             beta=args.beta, importance_sampling_level=args.importance_sampling_level,
-                            delta=args.delta, use_bias_correction_kl=args.use_bias_correction_kl,
+                            delta=getattr(args, "delta", None),  # getattr: fields TRL 1.15 (the GPU machine's) lacks
+                            use_bias_correction_kl=getattr(args, "use_bias_correction_kl", False),
                             max_completion_length=args.max_completion_length,
                             gradient_accumulation_steps=self.current_gradient_accumulation_steps,
                             steps_per_generation=args.steps_per_generation,
