@@ -87,6 +87,10 @@ class FastLanguageModel:
             model = _load_generic(source, config, dtype, device, quant, trust_remote_code)
         else:
             model = _load_own(cls, source, config, dtype, device, quant)
+        if device.type == "cuda":
+            # Loading holds 16-bit shards while it quantizes; the allocator would keep that transient
+            # reserved for the whole run (8B NF4 measured: 18.1 GiB reserved for a 7.7 GiB training peak).
+            torch.cuda.empty_cache()
         if fix_tokenizer and fix_pad_token(tokenizer):
             _grow_embeddings(model, len(tokenizer))
         for cfg in (model.config, model.generation_config):
