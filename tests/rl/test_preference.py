@@ -85,13 +85,18 @@ class GradientRecorder(TrainerCallback):
                           if p.requires_grad and p.grad is not None}
 
 
-def one_step(trainer_cls, config_cls, model, tokenizer, rows, out, **config):
+def one_step(trainer_cls, config_cls, model, tokenizer, rows, out, before_train=None, **config):
+    """(loss, LoRA gradients, trainer) of one optimizer step; `before_train(model)` runs after the trainer
+    is built (TRL has set up its reference adapter by then)."""
     recorder = GradientRecorder()
-    args = config_cls(output_dir=str(out), max_steps=1, per_device_train_batch_size=len(rows), learning_rate=1e-3,
-                      max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to="none", bf16=False,
-                      fp16=False, use_cpu=True, disable_tqdm=True, gradient_checkpointing=False, seed=0, **config)
+    settings = dict(output_dir=str(out), max_steps=1, per_device_train_batch_size=len(rows), learning_rate=1e-3,
+                    max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to="none", bf16=False, fp16=False,
+                    use_cpu=True, disable_tqdm=True, gradient_checkpointing=False, seed=0)
+    args = config_cls(**{**settings, **config})
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                           callbacks=[recorder])
+    if before_train is not None:
+        before_train(model)
     trainer.train()
     loss = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
     return loss, recorder.grads, trainer
