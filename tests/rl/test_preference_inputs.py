@@ -15,7 +15,7 @@ from trl import DPOTrainer as TRLDPOTrainer
 import velotune
 from velotune import CPOConfig, CPOTrainer, DPOConfig, DPOTrainer, FastLanguageModel, KTOTrainer, ORPOTrainer
 
-from loading.tiny import write_tiny_llama
+from tiny.folders import write_tiny_llama
 
 PAIRS = [{"prompt": "abcdefghij", "chosen": " yes", "rejected": " no"},
          {"prompt": "klmnopqrst", "chosen": " fine", "rejected": " bad"},
@@ -170,3 +170,14 @@ def test_hub_token_is_not_written_into_training_args_bin(tiny, tmp_path, trainer
     assert pickle.loads(pickle.dumps(args)).hub_token is None
     if "ref" in model.peft_config:  # TRL's own trainer copied the adapter; leave the shared model as it was
         model.delete_adapter("ref")
+
+
+def test_max_length_defaults_to_from_pretrained_max_seq_length(tiny, tmp_path):
+    """As velotune's SFTTrainer: the docs set the length once, in from_pretrained (64 here)."""
+    model, tokenizer = tiny
+    trainer = DPOTrainer(model=model, args=config(tmp_path), train_dataset=Dataset.from_list(PAIRS),
+                         processing_class=tokenizer)
+    assert trainer.args.max_length == 64
+    given = DPOTrainer(model=model, args=config(tmp_path), train_dataset=Dataset.from_list(PAIRS),
+                       processing_class=tokenizer, max_length=40)
+    assert given.args.max_length == 40

@@ -82,19 +82,26 @@ def prepare_keywords(trl_class, config_class, args: tuple, kwargs: dict, suffix:
 
 
 def to_config(args, config_class, overrides: dict, model, suffix: str):
-    """Any TrainingArguments/TRL config (or None) plus trainer-level keywords -> `config_class`."""
-    if type(args) is config_class and not overrides:
+    """Any TrainingArguments/TRL config (or None) plus trainer-level keywords -> `config_class`. As in
+    velotune's SFTTrainer, from_pretrained's max_seq_length is max_length when the user sets none."""
+    explicit = _explicit_values(args) if isinstance(args, HFTrainingArguments) else {}
+    model_length = getattr(model, "max_seq_length", None)
+    inherit = model_length is not None and not {"max_length", "max_seq_length"} & (explicit.keys() | overrides.keys())
+    if type(args) is config_class and not overrides and not inherit:
         return args
     if args is None:
         name = getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
         values = {"output_dir": f"{str(name).rstrip('/').split('/')[-1]}-{suffix}"}
     elif isinstance(args, HFTrainingArguments):
-        values = {**_class_defaults_that_differ(args, config_class), **_explicit_values(args)}
+        values = {**_class_defaults_that_differ(args, config_class), **explicit}
     else:
         raise TypeError(f"args must be TrainingArguments or {config_class.__name__}, got {type(args).__name__}")
     known = config_fields(config_class)
     values = {key: value for key, value in values.items() if key in known}
     values.update(overrides)
+    if inherit:
+        values["max_length"] = model_length
+        logger.info("velotune: max_length=%d, the max_seq_length given to from_pretrained", model_length)
     return config_class(**values)
 
 
