@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from training.helpers import tiny_lora
+from tiny.folders import tiny_lora
 from velotune.rl import GRPOConfig, GRPOTrainer, PatchFastRL, RewardFunctionError
 from velotune.rl.callbacks import PLOT_NAME
 from velotune.rl.reward_calls import call_reward_functions
@@ -116,7 +116,8 @@ def test_reward_function_that_raises_names_function_step_and_completion():
     def picky(prompts, completions, **kwargs):
         return [1.0 / (len(c) - 3) for c in completions]  # fails on the 3-character completion
 
-    with pytest.raises(RewardFunctionError, match=r"'picky' raised ZeroDivisionError.* at step 7 on completion 1: 'abc'"):
+    expected = r"'picky' raised ZeroDivisionError.* at step 7 on completion 1: 'abc'"
+    with pytest.raises(RewardFunctionError, match=expected):
         call_reward_functions([picky], ["p"] * 3, ["abcd", "abc", "abcde"], {}, step=7)
 
 

@@ -11,17 +11,14 @@ that cannot hold whole groups fails here, saying which values work.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig as TRLGRPOConfig
 
-from ..device import is_bfloat16_supported
-from ..training.compat import LEGACY_HELP, apply_legacy
-from ..training.arguments import EIGHT_BIT_FALLBACKS, _has_accelerator, eight_bit_adamw_works
+from ..training.arguments import after_post_init, before_post_init
+from ..training.compat import LEGACY_HELP
 
-logger = logging.getLogger("velotune")
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 IMPORTANCE_LEVELS = ("token", "sequence")
@@ -83,11 +80,7 @@ class GRPOConfig(TRLGRPOConfig):
         default=False, metadata={"help": "Off: get_peft_model's use_gradient_checkpointing decides (TRL: True)."})
 
     def __post_init__(self):
-        apply_legacy(self)
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}={value!r}: must be a positive integer; nothing was trained")
+        before_post_init(self)  # velotune's shared checks and device defaults (training/arguments.py)
         if self.generation_batch_size is None:
             steps = self.steps_per_generation or self.gradient_accumulation_steps
             check_generation_batch(self.per_device_train_batch_size, steps, self.num_generations)
@@ -96,29 +89,8 @@ class GRPOConfig(TRLGRPOConfig):
                              f"num_generations={self.num_generations}; values of num_generations that work: "
                              f"{_divisors(self.generation_batch_size)}")
         self._check_choices()
-        if self.max_steps == 0:
-            raise ValueError("max_steps=0: would train nothing. Set max_steps > 0, or -1 to train num_train_epochs")
-        if self.bf16 is None and not self.fp16:
-            self.bf16 = is_bfloat16_supported()
-        if self.fp16 and not _has_accelerator():
-            self.fp16, self.bf16 = False, bool(self.bf16)
-            logger.info("velotune: no GPU, so fp16=True trains in fp32 (fp16 is emulated on the CPU and slow)")
-        if self.bf16 and not _has_accelerator():
-            self.use_cpu = True  # transformers refuses bf16 without a GPU unless use_cpu is set
-        if self.dataloader_pin_memory and not _has_accelerator():
-            self.dataloader_pin_memory = False
-        # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (as TrainingArguments does)
-        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
-                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
-            if getattr(self, new, False) is None and getattr(self, old, None) is not None:
-                setattr(self, new, getattr(self, old))
         super().__post_init__()
-        optim = getattr(self.optim, "value", self.optim)
-        if optim in EIGHT_BIT_FALLBACKS and not eight_bit_adamw_works(self.device.type):
-            fallback = EIGHT_BIT_FALLBACKS[optim]
-            logger.warning("velotune: bitsandbytes has no working 8-bit optimizer on %s; optim=%r falls back to %r",
-                           self.device.type, optim, fallback)
-            self.optim = type(self.optim)(fallback) if not isinstance(self.optim, str) else fallback
+        after_post_init(self)
 
     def _check_choices(self) -> None:
         scale = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)

@@ -115,5 +115,6 @@ def clip_fractions(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Te
     low = ((ratio < 1 - settings.epsilon_low) & (A < 0)).float()
     high = ((ratio > 1 + settings.epsilon_high) & (A > 0)).float()
     mask = mask.float()
-    return {"clip_ratio/low_mean": masked_mean(low, mask).item(), "clip_ratio/high_mean": masked_mean(high, mask).item(),
+    return {"clip_ratio/low_mean": masked_mean(low, mask).item(),
+            "clip_ratio/high_mean": masked_mean(high, mask).item(),
             "clip_ratio/region_mean": masked_mean(((low + high) > 0).float(), mask).item()}
