@@ -119,9 +119,13 @@ class VelotunePeftModel(PeftModelForCausalLM):
                                 **kwargs)
 
 
+def _linear_names(model) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            or is_linear4bit(m) or type(m).__name__ == "Linear8bitLt"]
+
+
 def _linear_leaf_names(model) -> set[str]:
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-            or is_linear4bit(m) or type(m).__name__ == "Linear8bitLt"}
+    return {name.rsplit(".", 1)[-1] for name in _linear_names(model)}
 
 
 def _validate(model, r, lora_alpha, lora_dropout, bias, target_modules, use_gradient_checkpointing, max_seq_length):
@@ -145,10 +149,12 @@ def _validate(model, r, lora_alpha, lora_dropout, bias, target_modules, use_grad
             raise ValueError(f"target_modules={target_modules!r}: pass a list of module names or 'all-linear'")
         return
     available = _linear_leaf_names(model) | set(FULLY_TRAINED)
+    # full dotted names too (FastVisionModel selects layers by where they sit, not by leaf name)
+    available |= set(_linear_names(model))
     unknown = [t for t in target_modules if t not in available]
     if unknown:
         raise ValueError(f"target_modules has names this model does not have: {unknown}; "
-                         f"its linear layers are {sorted(available - set(FULLY_TRAINED))}, "
+                         f"its linear layers are {sorted(_linear_leaf_names(model))}, "
                          f"plus {list(FULLY_TRAINED)} for full training")
 
 
@@ -169,9 +175,12 @@ def get_peft_model(
     init_lora_weights=True,
     loftq_config=None,
     temporary_location: str | None = None,
+    *,
+    peft_class: type[VelotunePeftModel] = VelotunePeftModel,
     **kwargs,
 ):
-    """Attach LoRA adapters (the seed's `FastLanguageModel.get_peft_model`)."""
+    """Attach LoRA adapters (the seed's `FastLanguageModel.get_peft_model`). `peft_class`: the wrapper
+    returned (FastVisionModel passes its subclass, whose export methods know vision models)."""
     if kwargs:
         logger.warning("velotune: ignoring get_peft_model arguments it does not use: %s", sorted(kwargs))
     if isinstance(model, PeftModel):
@@ -213,7 +222,7 @@ def get_peft_model(
     if max_seq_length is not None:
         model.max_seq_length = max_seq_length
     _set_checkpointing(model, use_gradient_checkpointing)
-    return VelotunePeftModel(model, config)
+    return peft_class(model, config)
 
 
 def _seed(random_state: int) -> None:
@@ -234,8 +243,10 @@ def _set_checkpointing(model, mode) -> None:
     if isinstance(decoder, DecoderModel):
         decoder.set_checkpointing(mode)
     elif mode:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.2x's name, with its own keyword
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mode:
         model.config.use_cache = False
 

@@ -1,0 +1,103 @@
+"""`FastVisionModel.from_pretrained`: a vision-language model through transformers' own class
+(`AutoModelForImageTextToText`) and its processor, with NF4 on the text decoder.
+
+Why transformers' classes: the vision encoders, projectors and the ways each family merges image
+features into the text (Qwen's M-RoPE, Mllama's cross-attention, Gemma 3's bidirectional image
+attention) are many and change between releases; velotune's own decoders do not cover them yet,
+and parity with transformers is then exact by construction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import AutoConfig
+
+from ..device import resolve_device, resolve_dtype
+from ..quant import nf4_available, quantize_model_
+from ..resolve import resolve_source, travel_name
+from ..tokenizer import fix_tokenizer as fix_pad_token
+from .families import family_of, kept_16bit, supported_list
+from .processors import load_processor
+
+logger = logging.getLogger("velotune")
+
+CHECKPOINTING_CHOICES = (True, False, "unsloth")
+
+
+def check_vision_config(config, name) -> None:
+    """A text-only model is refused with the class to use instead."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+    model_type = config.model_type
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        if family_of(model_type).model_type != model_type:
+            logger.warning("velotune: %r is not one of the vision families velotune was checked on (%s); loading it "
+                           "through transformers' class with the common layer layout", model_type, supported_list())
+        return
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "vision_config", None) is None:
+        raise ValueError(f"{name} is a text-only model ({model_type!r}, no vision encoder): load it with "
+                         "FastLanguageModel.from_pretrained instead of FastVisionModel")
+    raise ValueError(f"{name}: transformers has no image-text-to-text class for {model_type!r}; FastVisionModel "
+                     f"loads {supported_list()}")
+
+
+def from_pretrained(model_name: str | os.PathLike, max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = True,
+                    use_gradient_checkpointing="unsloth", device_map="sequential", token=None, revision=None,
+                    trust_remote_code: bool = False, **kwargs):
+    """(model, processor). `use_gradient_checkpointing` is remembered for get_peft_model."""
+    from transformers import AutoModelForImageTextToText
+
+    for ignored in ("fast_inference", "gpu_memory_utilization", "max_lora_rank"):
+        if kwargs.pop(ignored, None):
+            logger.warning("velotune: %s is for text models' fast generation; vision models generate through "
+                           "transformers' loop", ignored)
+    kwargs.pop("load_in_8bit", None)
+    kwargs.pop("full_finetuning", None)
+    if kwargs:
+        logger.warning("velotune: FastVisionModel.from_pretrained ignores arguments it does not use: %s", sorted(kwargs))
+    if use_gradient_checkpointing not in CHECKPOINTING_CHOICES or isinstance(use_gradient_checkpointing, int) \
+            and not isinstance(use_gradient_checkpointing, bool):
+        raise ValueError(f"use_gradient_checkpointing={use_gradient_checkpointing!r}: allowed values are True, False "
+                         "and 'unsloth'")
+    if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length <= 0:
+        raise ValueError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
+    device = resolve_device(device_map)
+    dtype = resolve_dtype(dtype, device)
+    source = resolve_source(model_name, token=token, revision=revision)
+    if source.gguf_file is not None:
+        raise ValueError(f"{model_name}: FastVisionModel loads transformers folders (config.json + safetensors), "
+                         "not GGUF files")
+    config = AutoConfig.from_pretrained(source.folder, trust_remote_code=trust_remote_code)
+    check_vision_config(config, model_name)
+    processor = load_processor(source.folder, trust_remote_code)
+    model = AutoModelForImageTextToText.from_pretrained(source.folder, config=config, dtype=dtype,
+                                                        device_map={"": device}, trust_remote_code=trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:  # a "bnb-4bit" folder: transformers built the layers
+        from ..quant.nf4_linear import adopt_linear4bit_layers_
+
+        adopt_linear4bit_layers_(model)  # ours compute the same on every CPU (docs/decisions.md, Loading)
+    elif load_in_4bit:
+        ok, reason = nf4_available(device)
+        if ok:
+            skip = kept_16bit(family_of(config.model_type))
+            quantized = quantize_model_(model, skip_modules=skip, compute_dtype=dtype)
+            logger.info("velotune: %d linear layers of the text decoder in NF4; the vision encoder, projector and "
+                        "lm_head stay %s (vision/families.py kept_16bit says why)", len(quantized), dtype)
+        else:
+            logger.warning("velotune: load_in_4bit=True but 4-bit NF4 cannot run here (%s); loading %s weights",
+                           reason, dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if fix_pad_token(processor.tokenizer):
+        model.resize_token_embeddings(len(processor.tokenizer), mean_resizing=True)
+    for cfg in (model.config, model.generation_config):
+        cfg.pad_token_id = processor.tokenizer.pad_token_id
+    model.config._name_or_path = model.name_or_path = travel_name(model_name)
+    model.max_seq_length = max_seq_length
+    model.velotune_checkpointing = use_gradient_checkpointing
+    model.requires_grad_(False)  # adapters (get_peft_model) decide what trains
+    return model.eval(), processor
