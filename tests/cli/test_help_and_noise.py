@@ -93,7 +93,7 @@ def test_kernels_community_notice_is_dropped_and_nothing_else():
 def test_our_calls_raise_no_future_warning(tmp_path):
     """get_peft_model (PEFT reads the deprecated is_gradient_checkpointing) and TrainingArguments
     (TRL's gradient_checkpointing default, renamed in transformers 5.24)."""
-    from tests.export import tiny
+    from tiny import export_shapes as tiny
     from velotune import FastLanguageModel, TrainingArguments
 
     with warnings.catch_warnings(record=True) as caught:

@@ -23,13 +23,9 @@ def in_tmp(tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops dominated by per-op overhead: one thread is faster than two shared ones (see
-    tests/training/conftest.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(one_thread):
+    """One thread for these small ops (tests/conftest.py)."""
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

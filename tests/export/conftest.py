@@ -7,7 +7,7 @@ import torch
 
 from velotune import FastLanguageModel
 
-from . import tiny
+from tiny import export_shapes as tiny
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import torch
 from velotune.chat_templates import get_chat_template
 from velotune.export import save_pretrained_gguf
 
-from . import tiny
+from tiny import export_shapes as tiny
 from .conftest import lora
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -14,7 +14,7 @@ import torch
 from velotune.export.gguf_arch import TensorNamer, write_hparams
 from velotune.models.spec import FAMILIES, family_of
 
-from . import tiny
+from tiny import export_shapes as tiny
 
 EXPORT = Path(__file__).resolve().parents[2] / "src" / "velotune" / "export"
 FAMILY_NAMES = set(FAMILIES) | {"gemma3"}

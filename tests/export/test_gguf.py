@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from velotune.export import ExportMismatchError, check_gguf, save_pretrained_gguf, save_pretrained_ollama
 from velotune.export.gguf_reader import model_from_gguf
 
-from . import tiny
+from tiny import export_shapes as tiny
 from .conftest import IDS, logits, lora
 
 

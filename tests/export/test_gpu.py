@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from velotune.export import save_pretrained_gguf, save_pretrained_merged
 from velotune.quant.gguf import dequantize
 
-from . import tiny
+from tiny import export_shapes as tiny
 from .conftest import IDS, logits, lora
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -23,7 +23,7 @@ from velotune.export import save_pretrained_gguf
 from velotune.export.gguf_reader import model_from_gguf
 from velotune.export.verify import llama_cpp_logits
 
-from . import tiny
+from tiny import export_shapes as tiny
 from .conftest import IDS, lora
 
 pytest.importorskip("llama_cpp")

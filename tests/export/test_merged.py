@@ -17,7 +17,7 @@ from velotune.export import SAVE_METHODS, HubUploadError, save_pretrained_merged
 from velotune.export.folders import MARKER
 from velotune.quant import is_linear4bit
 
-from . import tiny
+from tiny import export_shapes as tiny
 from .conftest import IDS, logits, lora
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from velotune.export.ollama import matching_record, modelfile_text, ollama_template, write_modelfile
 
-from . import tiny
+from tiny import export_shapes as tiny
 
 # Like SmolLM2's own template: ChatML with a built-in default system prompt, not written by velotune.
 FOREIGN_CHATML = (

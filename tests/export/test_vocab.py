@@ -9,7 +9,7 @@ import pytest
 
 from velotune.export import save_pretrained_gguf
 
-from . import tiny
+from tiny import export_shapes as tiny
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

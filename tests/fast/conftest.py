@@ -1,4 +1,4 @@
-"""The fast-path tests reuse the parity suite's tiny family configs (tests/models/tiny_models.py).
+"""The fast-path tests reuse the parity suite's tiny family configs (tests/tiny/families.py).
 
 The kernel ops run their Triton code only in tests that ask for it with the `kernel_device`
 fixture: on a CPU machine through Triton's interpreter (tests/conftest.py turns it on for the
@@ -8,17 +8,10 @@ kernel given CPU tensors fails. Elsewhere the ops' CPU path is their PyTorch ref
 interpreter costs seconds per model step; tests/kernels/ check each kernel against it).
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import velotune.kernels  # noqa: E402,F401  (imports triton now, while TRITON_INTERPRET=1)
-
-_MODELS = str(Path(__file__).resolve().parents[1] / "models")
-if _MODELS not in sys.path:
-    sys.path.insert(0, _MODELS)
 
 
 @pytest.fixture(autouse=True)

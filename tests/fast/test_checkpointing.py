@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_models import batch, loss_and_grads, lora_model
+from tiny.lora import batch, loss_and_grads, lora_model
 from velotune.fast.checkpointing import OFFLOAD_MIN_TOKENS, OffloadedCheckpointer
 from velotune.fast.plan import plan_step, runtime_settings, set_fast_path
 

@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 
-from lora_models import batch, loss_and_grads, lora_model
+from tiny.lora import batch, loss_and_grads, lora_model
 from velotune.fast import plan as fast_path
 from velotune.fast.plan import plan_step, set_fast_path
 from velotune.quant import is_linear4bit

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from lora_models import batch, loss_and_grads, lora_model
+from tiny.lora import batch, loss_and_grads, lora_model
 from velotune.fast.plan import plan_step, set_fast_path
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from lora_models import batch, loss_and_grads, lora_model
+from tiny.lora import batch, loss_and_grads, lora_model
 from velotune.fast import layer_graphs, plan
 from velotune.fast.plan import set_fast_path
 

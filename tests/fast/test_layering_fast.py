@@ -39,7 +39,7 @@ def test_fast_and_kernels_import_and_run_without_models():
 
 
 def test_our_decoder_is_found_through_its_base_class():
-    from lora_models import lora_model
+    from tiny.lora import lora_model
 
     from velotune.fast.plan import FastPathDecoder, find_decoder
     from velotune.models.decoder import DecoderModel

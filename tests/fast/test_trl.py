@@ -14,8 +14,8 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from lora_models import lora_model
-from tiny_models import VOCAB
+from tiny.lora import lora_model
+from tiny.families import VOCAB
 from velotune.fast.plan import set_fast_path
 
 

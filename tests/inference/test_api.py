@@ -8,7 +8,7 @@ import torch
 from transformers import TextStreamer
 
 import velotune
-from tiny_models import make_config, randomize_
+from tiny.families import make_config, randomize_
 from velotune import FastLanguageModel, SamplingParams
 from velotune.inference import engine, generate_batch
 from velotune.inference import fast_generate as fast_generate_on

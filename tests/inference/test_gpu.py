@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiny_models import make_config, randomize_
+from tiny.families import make_config, randomize_
 from velotune.inference import SamplingParams, generate_batch
 from velotune.inference import engine
 from velotune.lora import get_peft_model

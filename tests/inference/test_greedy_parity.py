@@ -12,7 +12,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model as peft_get_peft_model
 
-from tiny_models import FAMILIES, PAD_ID, VOCAB, make_config, make_hf
+from tiny.families import FAMILIES, PAD_ID, VOCAB, make_config, make_hf
 from velotune.inference import SamplingParams, generate_batch, hf_generate
 from velotune.lora import get_peft_model
 from velotune.models import model_class_for

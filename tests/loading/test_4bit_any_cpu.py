@@ -12,7 +12,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from velotune import FastLanguageModel  # noqa: E402
 
-from .tiny import write_tiny_llama  # noqa: E402
+from tiny.folders import write_tiny_llama  # noqa: E402
 
 
 def _as_avx512bf16_cpu(model) -> int:

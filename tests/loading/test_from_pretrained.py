@@ -12,7 +12,7 @@ from velotune import FastLanguageModel
 from velotune.models import DecoderForCausalLM
 from velotune.quant import is_linear4bit, linear4bit_state_dict, nf4_available, quantize_model_
 
-from .tiny import tiny_llama_config, tiny_tokenizer, write_tiny_llama
+from tiny.folders import tiny_llama_config, tiny_tokenizer, write_tiny_llama
 
 IDS = torch.tensor([[1, 40, 41, 42, 50, 60, 70, 5, 9, 33]])
 

@@ -8,7 +8,7 @@ import torch
 from velotune import FastLanguageModel, is_bfloat16_supported
 from velotune.quant import is_linear4bit
 
-from .tiny import write_tiny_llama
+from tiny.folders import write_tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -9,7 +9,7 @@ from transformers import LlamaForCausalLM
 
 from velotune import FastLanguageModel, VelotunePeftModel
 
-from .tiny import write_tiny_llama
+from tiny.folders import write_tiny_llama
 
 IDS = torch.tensor([[1, 40, 41, 42, 50, 60, 70, 5, 9, 33], [1, 8, 9, 10, 11, 12, 13, 14, 15, 16]])
 

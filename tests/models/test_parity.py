@@ -19,7 +19,7 @@ from transformers import GenerationMixin, GPT2Config, PretrainedConfig, PreTrain
 
 from velotune.models import SUPPORTED_MODEL_TYPES, model_class_for
 
-from tiny_models import FAMILIES, NO_SDPA, PAD_ID, STATEFUL_ROPE, VOCAB, make_config, make_hf
+from tiny.families import FAMILIES, NO_SDPA, PAD_ID, STATEFUL_ROPE, VOCAB, make_config, make_hf
 
 torch.set_num_threads(2)
 

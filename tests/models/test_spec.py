@@ -8,7 +8,7 @@ import gguf
 import pytest
 import torch
 import transformers
-from tiny_models import FAMILIES as TINY, make_config, randomize_
+from tiny.families import FAMILIES as TINY, make_config, randomize_
 
 from velotune.models import model_class_for
 from velotune.models.families import MODEL_CLASSES

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from export import tiny  # noqa: E402
+from tiny import export_shapes as tiny  # noqa: E402
 
 from velotune import FastLanguageModel  # noqa: E402
 from velotune.export import save_pretrained_merged  # noqa: E402

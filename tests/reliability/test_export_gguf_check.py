@@ -14,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from export import tiny  # noqa: E402
+from tiny import export_shapes as tiny  # noqa: E402
 from export.conftest import lora  # noqa: E402
 
 from velotune.export import ExportMismatchError, check_gguf, save_pretrained_gguf  # noqa: E402

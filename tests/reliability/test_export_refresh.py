@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from export import tiny  # noqa: E402
+from tiny import export_shapes as tiny  # noqa: E402
 from export.conftest import logits, lora  # noqa: E402
 
 from velotune.export import save_pretrained_gguf, save_pretrained_merged  # noqa: E402
@@ -77,7 +77,7 @@ def test_gguf_exports_of_several_methods_accumulate(tok, tmp_path):
 _CRASH = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {tests!r})
-    from export import tiny
+    from tiny import export_shapes as tiny
     from velotune.export import merged, save_pretrained_merged, save_pretrained_gguf
     import velotune.export.gguf_writer as gguf_writer
     kind = sys.argv[1]
@@ -129,7 +129,7 @@ def test_partials_of_an_unmarked_crashed_export_are_ours_to_remove(tok, tmp_path
 _LIMITED = textwrap.dedent("""
     import resource, sys
     sys.path.insert(0, {tests!r})
-    from export import tiny
+    from tiny import export_shapes as tiny
     from velotune.export import save_pretrained_merged, save_pretrained_gguf
     resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     model, tok = tiny.model("llama"), tiny.tokenizer()

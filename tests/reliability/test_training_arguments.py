@@ -14,8 +14,8 @@ from training.helpers import quiet_args
 
 
 @pytest.fixture(scope="module")
-def base(tiny_dir):
-    return FastLanguageModel.from_pretrained(str(tiny_dir), load_in_4bit=False, device_map="cpu",
+def base(tiny_llama_dir):
+    return FastLanguageModel.from_pretrained(str(tiny_llama_dir), load_in_4bit=False, device_map="cpu",
                                              max_seq_length=64)
 
 
@@ -41,8 +41,8 @@ def test_non_finite_lora_alpha_is_refused(base, value):
     assert not any("lora_" in name for name, _ in model.named_parameters())  # the model is untouched
 
 
-def test_second_get_peft_model_says_what_happened_and_what_to_do(tiny_dir):
-    model, _ = FastLanguageModel.from_pretrained(str(tiny_dir), load_in_4bit=False, device_map="cpu",
+def test_second_get_peft_model_says_what_happened_and_what_to_do(tiny_llama_dir):
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_llama_dir), load_in_4bit=False, device_map="cpu",
                                                  max_seq_length=64)
     peft = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False)
     with pytest.raises(ValueError, match=r"already has LoRA adapters \(r=8.*without calling get_peft_model again"):
@@ -53,7 +53,7 @@ def test_second_get_peft_model_says_what_happened_and_what_to_do(tiny_dir):
 
 
 def test_a_model_folder_without_tokenizer_files_says_what_to_do(tmp_path):
-    from loading.tiny import write_tiny_llama
+    from tiny.folders import write_tiny_llama
 
     folder = tmp_path / "weights-only"
     write_tiny_llama(folder)

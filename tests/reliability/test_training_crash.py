@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from velotune.training.checkpoints import MARKER
 from velotune.training.run_lock import LOCK_NAME
 
-from training.helpers import tiny_folder
+from tiny.folders import tiny_folder
 
 STEPS = 16
 KILLS = 10
@@ -39,7 +39,8 @@ SERVER = textwrap.dedent('''
     torch.set_num_threads(1)
     from transformers import TrainerCallback
     from velotune.training import LossPlotCallback, SFTTrainer, TrainingArguments
-    from training.helpers import quiet_args, text_dataset, tiny_lora
+    from training.helpers import quiet_args, text_dataset
+    from tiny.folders import tiny_lora
 
     def say(line):
         os.write(1, (line + "\\n").encode())
@@ -83,11 +84,11 @@ SERVER = textwrap.dedent('''
 
 
 class Server:
-    def __init__(self, tiny_dir: Path):
+    def __init__(self, tiny_llama_dir: Path):
         tests = Path(__file__).resolve().parents[1]
         path = os.pathsep.join([str(tests.parent / "src"), os.environ.get("PYTHONPATH", "")])
         env = dict(os.environ, PYTHONPATH=path)
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, str(tiny_dir), str(tests)], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, str(tiny_llama_dir), str(tests)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
         assert self.line() == "ready"
 
@@ -133,8 +134,8 @@ def _check_checkpoints(output_dir: Path) -> list[int]:
 
 
 def test_kill_minus_nine_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
-    tiny_dir = tiny_folder(tmp_path)
-    server = Server(tiny_dir)
+    tiny_llama_dir = tiny_folder(tmp_path)
+    server = Server(tiny_llama_dir)
     try:
         _run_to_end(server, tmp_path / "straight", resume=False)
 

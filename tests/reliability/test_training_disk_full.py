@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from training.helpers import tiny_folder
+from tiny.folders import tiny_folder
 
 _SCRIPT = textwrap.dedent("""
     import json, resource, sys
@@ -27,7 +27,8 @@ _SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from pathlib import Path
     from transformers import TrainerCallback
-    from training.helpers import quiet_args, text_dataset, tiny_lora
+    from training.helpers import quiet_args, text_dataset
+    from tiny.folders import tiny_lora
     from velotune.training import SFTTrainer, TrainingArguments
 
     root, hard = Path({root!r}), resource.getrlimit(resource.RLIMIT_FSIZE)[1]

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from velotune import FastLanguageModel
 from velotune.training import SFTTrainer, TrainingArguments
 
-from training.helpers import quiet_args, text_dataset, tiny_lora
+from training.helpers import quiet_args, text_dataset
+from tiny.folders import tiny_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,13 +41,13 @@ def _adapters(model):
 
 
 @pytest.mark.parametrize("same_trainer", [True, False])
-def test_resuming_a_finished_run_says_so_and_changes_nothing(tiny_dir, tmp_path, caplog, same_trainer):
-    first = _trainer(tiny_dir, tmp_path)
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tiny_llama_dir, tmp_path, caplog, same_trainer):
+    first = _trainer(tiny_llama_dir, tmp_path)
     first.train()
     finished = _adapters(first.model)
     before = _files(tmp_path)
 
-    again = first if same_trainer else _trainer(tiny_dir, tmp_path)  # the same script run a second time
+    again = first if same_trainer else _trainer(tiny_llama_dir, tmp_path)  # the same script run a second time
     with caplog.at_level(logging.WARNING, logger="velotune"):
         result = again.train(resume_from_checkpoint=True)
     assert "already complete" in caplog.text
@@ -59,27 +60,27 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tiny_dir, tmp_path,
     assert len(saved) > 0
 
 
-def test_a_longer_max_steps_still_continues(tiny_dir, tmp_path):
-    _trainer(tiny_dir, tmp_path).train()
-    longer = _trainer(tiny_dir, tmp_path, max_steps=5)
+def test_a_longer_max_steps_still_continues(tiny_llama_dir, tmp_path):
+    _trainer(tiny_llama_dir, tmp_path).train()
+    longer = _trainer(tiny_llama_dir, tmp_path, max_steps=5)
     longer.train(resume_from_checkpoint=True)
     assert longer.state.global_step == 5 and (tmp_path / "checkpoint-5").is_dir()
 
 
-def test_resuming_with_another_rank_names_both_and_the_fix(tiny_dir, tmp_path):
-    _trainer(tiny_dir, tmp_path, max_steps=2).train()
-    other = _trainer(tiny_dir, tmp_path, r=4, max_steps=4)
+def test_resuming_with_another_rank_names_both_and_the_fix(tiny_llama_dir, tmp_path):
+    _trainer(tiny_llama_dir, tmp_path, max_steps=2).train()
+    other = _trainer(tiny_llama_dir, tmp_path, r=4, max_steps=4)
     with pytest.raises(ValueError, match=r"r=8 \(the model has 4\).*get_peft_model with r=8"):
         other.train(resume_from_checkpoint=True)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
 
 
-def test_resume_true_picks_velotunes_newest_checkpoint_not_a_users_folder(tiny_dir, tmp_path):
-    _trainer(tiny_dir, tmp_path, max_steps=2).train()
+def test_resume_true_picks_velotunes_newest_checkpoint_not_a_users_folder(tiny_llama_dir, tmp_path):
+    _trainer(tiny_llama_dir, tmp_path, max_steps=2).train()
     foreign = tmp_path / "checkpoint-1000"  # a user's folder; transformers would resume from it
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    resumed = _trainer(tiny_dir, tmp_path, max_steps=4)
+    resumed = _trainer(tiny_llama_dir, tmp_path, max_steps=4)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 4 and (tmp_path / "checkpoint-4").is_dir()
     assert (foreign / "notes.txt").read_text() == "mine"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from training.helpers import tiny_lora
+from tiny.folders import tiny_lora
 from velotune.rl.generation import Sampler, Sampling, left_pad, stop_ids, transformers_sample
 
 

@@ -18,7 +18,7 @@ import velotune
 from velotune import FastLanguageModel
 from velotune.rl.experimental import trl_experimental
 
-from loading.tiny import write_tiny_llama
+from tiny.folders import write_tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAIRS = [{"prompt": "What is 2+2?", "chosen": " 4", "rejected": " 5, or maybe 22"},

@@ -30,7 +30,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from loading.tiny import write_tiny_llama
+    from tiny.folders import write_tiny_llama
 
     folder = tmp_path_factory.mktemp("preference-fast") / "tiny-llama"
     write_tiny_llama(folder)

@@ -1,32 +1,11 @@
-"""Tiny real models and datasets for the training tests (a random Llama, a char-level tokenizer)."""
+"""Datasets and arguments for the training tests (their tiny models come from tests/tiny/)."""
 
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import torch
 from datasets import Dataset
-
-from velotune import FastLanguageModel
-
-from loading.tiny import write_tiny_llama
-
-
-def tiny_folder(root: Path, seed: int = 0) -> Path:
-    folder = root / "tiny-llama"
-    if not (folder / "config.json").is_file():
-        write_tiny_llama(folder, seed=seed)
-    return folder
-
-
-def tiny_lora(folder: Path, random_state: int = 3407, checkpointing=False, **kwargs):
-    """(peft model, tokenizer): the tiny Llama in fp32 on the CPU with LoRA r=8 on every projection."""
-    model, tokenizer = FastLanguageModel.from_pretrained(str(folder), load_in_4bit=False, device_map="cpu",
-                                                         max_seq_length=64)
-    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=random_state,
-                                             use_gradient_checkpointing=checkpointing, **kwargs)
-    return model, tokenizer
 
 
 def text_rows(n: int, seed: int = 0, min_len: int = 4, max_len: int = 30) -> list[str]:

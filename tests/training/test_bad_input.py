@@ -10,7 +10,8 @@ from transformers import TrainingArguments as HFTrainingArguments
 
 from velotune.training import SFTTrainer, TrainingArguments
 
-from .helpers import quiet_args, text_dataset, tiny_lora
+from .helpers import quiet_args, text_dataset
+from tiny.folders import tiny_lora
 
 
 @pytest.mark.parametrize("setting, value", [

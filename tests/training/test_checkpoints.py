@@ -13,7 +13,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from velotune import FastLanguageModel
 from velotune.training import NonFiniteLossError, SFTTrainer, TrainingArguments
 
-from .helpers import losses, quiet_args, text_dataset, tiny_lora
+from .helpers import losses, quiet_args, text_dataset
+from tiny.folders import tiny_lora
 
 STEPS = 6
 

@@ -8,7 +8,8 @@ import torch
 from velotune import FastLanguageModel
 from velotune.training import SFTTrainer, TrainingArguments
 
-from .helpers import text_dataset, tiny_folder
+from .helpers import text_dataset
+from tiny.folders import tiny_folder
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -9,7 +9,8 @@ from datasets import Dataset
 from velotune import FastLanguageModel, UnslothTrainer, UnslothTrainingArguments, is_bfloat16_supported
 from velotune.training import SFTTrainer, Trainer, TrainingArguments
 
-from .helpers import quiet_args, text_dataset, tiny_lora
+from .helpers import quiet_args, text_dataset
+from tiny.folders import tiny_lora
 
 
 def _changed(model, before) -> bool:
@@ -176,7 +177,7 @@ def test_continued_pretraining_embedding_learning_rate(tiny_llama_dir, tmp_path)
 def test_from_pretrained_max_seq_length_is_the_trainers_default_max_length(tmp_path):
     """The docs give the length once, to from_pretrained; the trainer cuts rows there unless
     max_length (or the old max_seq_length) is set explicitly."""
-    from .helpers import tiny_folder
+    from tiny.folders import tiny_folder
 
     model, tokenizer = tiny_lora(tiny_folder(tmp_path))  # from_pretrained(max_seq_length=64)
     dataset = text_dataset(4)

@@ -9,7 +9,8 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from velotune.training import SFTTrainer, TrainingArguments
 
-from .helpers import quiet_args, text_dataset, text_rows, tiny_lora
+from .helpers import quiet_args, text_dataset, text_rows
+from tiny.folders import tiny_lora
 
 
 class GradientRecorder(TrainerCallback):

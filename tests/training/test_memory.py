@@ -10,7 +10,7 @@ import torch
 from velotune.training.memory import (MemoryEstimate, activation_bytes, activation_parts, advice, check_memory, estimate,
                                       optimizer_bytes, weight_bytes)
 
-from .helpers import tiny_lora
+from tiny.folders import tiny_lora
 
 GIB = 1024 ** 3
 

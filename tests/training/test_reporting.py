@@ -9,7 +9,8 @@ import pytest
 from velotune.training import SFTTrainer, TrainingArguments
 from velotune.training.callbacks import PLOT_NAME, ProgressFieldsCallback
 
-from .helpers import quiet_args, text_dataset, tiny_lora
+from .helpers import quiet_args, text_dataset
+from tiny.folders import tiny_lora
 
 
 def test_logs_plot_and_summary(tiny_llama_dir, tmp_path, capsys, caplog):

@@ -1,4 +1,4 @@
-"""A tiny random Llama written to disk the way checkpoints are, for loader tests."""
+"""A tiny random Llama written to disk the way checkpoints are, and velotune's LoRA model loaded from it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models, pre_tokenizers
+
+from velotune import FastLanguageModel
 
 VOCAB = 96
 
@@ -43,3 +45,19 @@ def write_tiny_llama(folder: Path, seed: int = 0, shard_size: str | None = None,
         torch.save(model.state_dict(), Path(folder) / "pytorch_model.bin")
     tiny_tokenizer(with_pad=with_pad).save_pretrained(folder)
     return model
+
+
+def tiny_folder(root: Path, seed: int = 0) -> Path:
+    folder = root / "tiny-llama"
+    if not (folder / "config.json").is_file():
+        write_tiny_llama(folder, seed=seed)
+    return folder
+
+
+def tiny_lora(folder: Path, random_state: int = 3407, checkpointing=False, **kwargs):
+    """(peft model, tokenizer): the tiny Llama in fp32 on the CPU with LoRA r=8 on every projection."""
+    model, tokenizer = FastLanguageModel.from_pretrained(str(folder), load_in_4bit=False, device_map="cpu",
+                                                         max_seq_length=64)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=random_state,
+                                             use_gradient_checkpointing=checkpointing, **kwargs)
+    return model, tokenizer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tiny_models import VOCAB, make_config, randomize_
+from tiny.families import VOCAB, make_config, randomize_
 from velotune.lora import get_peft_model
 from velotune.models import model_class_for
 
