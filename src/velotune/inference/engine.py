@@ -18,11 +18,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..fast.plan import find_decoder
+from ..fast.plan import StepPlan, find_decoder, plan_step
+from ..quant.linear import is_linear4bit
 from .cache import InferenceSettings, StaticKVCache
 from .runner import DecodeGraphs, DecoderRunner
 from .sampling import SamplingParams, chosen_logprobs, sample
 
+# Up to this many rows, 4-bit models decode on the plain path, whose bitsandbytes layers run their
+# own 4-bit GEMV for one-token inputs (reading the packed weights once); the fast path dequantizes
+# each weight to bf16 first. 8B NF4, batch 1 on the H200: 141 tokens/s plain vs 87 fast
+# (BENCHMARKS.md). bitsandbytes' GEMV takes one token only, so larger batches keep the fast path.
+NF4_GEMV_ROWS = 1
 # Tokens per prefill chunk (rows are prefilled in groups of about this many tokens).
 PREFILL_TOKENS = 8192
 # Cache lengths are rounded up to this on CUDA, so later calls reuse the cache and its graphs.
@@ -208,7 +214,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_ids: s
         return generic_generate(model, prompts, params, eos_ids, tokenizer, on_token, limit)
     limit = limit or context_limit(causal)
     prompts = check_prompts(prompts, params, limit, decoder.config.vocab_size)
-    runner = DecoderRunner(causal, decoder)
+    runner = DecoderRunner(causal, decoder, _plan(decoder, len(prompts) * params.n))
     graphable = use_graphs and all(r.rope_type not in ("dynamic", "longrope") for r in decoder.rotary_emb.values())
     device, dtype = decoder.embed_tokens.weight.device, decoder.embed_tokens.weight.dtype
     n, count = params.n, len(prompts)
@@ -350,6 +356,13 @@ def _prefill(runner: DecoderRunner, cache: StaticKVCache, valid: torch.Tensor, p
         stop = min(count, start + group)
         logits.append(runner.prefill(cache, ids[start:stop], positions[start:stop], real[start:stop], start))
     return torch.cat(logits)
+
+
+def _plan(decoder, rows: int) -> StepPlan:
+    """The fast path's plan for this generation: its own decision, except small batches of 4-bit models."""
+    if rows <= NF4_GEMV_ROWS and any(is_linear4bit(m) for m in decoder.layers[0].modules()):
+        return plan_step(decoder, cache=True, fast_path=False)
+    return plan_step(decoder, cache=True)
 
 
 def _longrope_switch(decoder) -> int | None:
