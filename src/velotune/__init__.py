@@ -21,9 +21,12 @@ _PREFERENCE = ("CPOConfig", "CPOTrainer", "DPOConfig", "DPOTrainer", "KTOConfig"
                "ORPOTrainer", "PatchDPOTrainer")
 # GRPO (issue 17): velotune's own trainer with TRL's GRPOConfig fields; PatchFastRL is the docs' no-op.
 _RL = ("GRPOConfig", "GRPOTrainer", "PatchFastRL")
+# Vision (issue 20): FastVisionModel and the docs' collator name (velotune/vision/); the vision notebooks'
+# SFTConfig(max_seq_length=...) is TRL's older keyword, which velotune's SFTConfig (its TrainingArguments) takes.
+_VISION = ("FastVisionModel", "UnslothVisionDataCollator", "SFTConfig")
 
 __all__ = ["FastLanguageModel", "LoRARequest", "SamplingParams", "VelotunePeftModel", "is_bfloat16_supported",
-           *_TRAINING, *_CHAT_TEMPLATES, *_PREFERENCE, *_RL]
+           *_TRAINING, *_CHAT_TEMPLATES, *_PREFERENCE, *_RL, *_VISION]
 
 
 def __getattr__(name):
@@ -45,4 +48,12 @@ def __getattr__(name):
         from . import rl
 
         return getattr(rl, name)
+    if name == "SFTConfig":
+        from .training import TrainingArguments
+
+        return TrainingArguments
+    if name in _VISION:
+        from . import vision
+
+        return getattr(vision, name)
     raise AttributeError(f"module 'velotune' has no attribute {name!r}")

@@ -36,6 +36,17 @@ def check_text_field(dataset, text_field: str, formatting_func, name: str) -> No
         "formatting_func")
 
 
+def as_dataset(rows, name: str):
+    """A list of row dicts (the docs' vision notebooks pass one: `[convert_to_conversation(s) for s in
+    dataset]`) -> a `Dataset` (PIL images become its Image feature); TRL's trainer takes no list."""
+    if not isinstance(rows, (list, tuple)):
+        return rows
+    if not all(isinstance(row, dict) for row in rows):
+        raise ValueError(f"the {name} dataset is a list whose rows are not all dicts; pass a datasets.Dataset or a "
+                         "list of dicts such as {'messages': [...]}")
+    return Dataset.from_list(list(rows))
+
+
 def check_text_values(dataset, text_field: str, formatting_func, name: str) -> None:
     """A text row that is None or not a string fails here, naming the row (TRL's error would not)."""
     if formatting_func is not None or not isinstance(dataset, Dataset) or text_field not in dataset.column_names:

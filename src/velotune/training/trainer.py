@@ -133,6 +133,7 @@ class SFTTrainer(TRLSFTTrainer):
         check_free(args.output_dir)  # a second run into a folder in use fails before any work
         if train_dataset is None:
             raise ValueError("train_dataset is required")
+        train_dataset = dataset_prep.as_dataset(train_dataset, "train")  # TRL takes no list of rows
         train_dataset = dataset_prep.standardize_roles(train_dataset, "train")
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: dataset_prep.standardize_roles(v, f"eval[{k}]") for k, v in eval_dataset.items()}
