@@ -18,7 +18,6 @@ import velotune
 from velotune import FastLanguageModel
 from velotune.rl.experimental import trl_experimental
 
-from tiny.folders import write_tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAIRS = [{"prompt": "What is 2+2?", "chosen": " 4", "rejected": " 5, or maybe 22"},
@@ -27,21 +26,6 @@ PAIRS = [{"prompt": "What is 2+2?", "chosen": " 4", "rejected": " 5, or maybe 22
          {"prompt": "Colour of the sky?", "chosen": " Blue.", "rejected": " Green, surely."}]
 UNPAIRED = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
             for r in PAIRS for side in ("chosen", "rejected")][:4]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("preference") / "tiny-llama"
-    write_tiny_llama(folder)
-    return folder
 
 
 def velotune_lora(folder):
@@ -111,13 +95,13 @@ SETTINGS = {"dpo": {"beta": 0.1}, "kto": {"beta": 0.1}, "orpo": {"beta": 0.1},
 
 
 @pytest.mark.parametrize("method", ["dpo", "kto", "orpo", "simpo"])
-def test_loss_and_lora_gradients_match_transformers(tiny_dir, tmp_path, method):
+def test_loss_and_lora_gradients_match_transformers(tiny_llama_dir, tmp_path, method):
     """velotune's model under velotune's trainer vs transformers' Llama + PEFT under TRL's own trainer."""
     rows = UNPAIRED if method == "kto" else PAIRS
     config_cls = getattr(velotune, TRL_CLASSES[method][1])
-    ours, tokenizer = velotune_lora(tiny_dir)
+    ours, tokenizer = velotune_lora(tiny_llama_dir)
     perturb_lora_b(ours)
-    theirs = transformers_lora(tiny_dir, ours)
+    theirs = transformers_lora(tiny_llama_dir, ours)
     our_loss, our_grads, _ = one_step(getattr(velotune, VELOTUNE_TRAINERS[method]), config_cls, ours, tokenizer,
                                       rows, tmp_path / "ours", **SETTINGS[method])
     their_loss, their_grads, _ = one_step(TRL_CLASSES[method][0], config_cls, theirs, tokenizer, rows,
@@ -130,16 +114,16 @@ def test_loss_and_lora_gradients_match_transformers(tiny_dir, tmp_path, method):
 
 
 @pytest.mark.parametrize("method", ["dpo", "kto"])
-def test_untrained_adapter_reference_is_the_disabled_adapter(tiny_dir, tmp_path, method):
+def test_untrained_adapter_reference_is_the_disabled_adapter(tiny_llama_dir, tmp_path, method):
     """A fresh adapter (B = 0): velotune deletes TRL's "ref" copy and TRL disables the adapter for the
     reference pass; loss and gradients equal TRL's own trainer keeping its copy, on the same velotune model."""
     rows = UNPAIRED if method == "kto" else PAIRS
     config_cls = getattr(velotune, TRL_CLASSES[method][1])
-    ours, tokenizer = velotune_lora(tiny_dir)
+    ours, tokenizer = velotune_lora(tiny_llama_dir)
     our_loss, our_grads, trainer = one_step(getattr(velotune, VELOTUNE_TRAINERS[method]), config_cls, ours,
                                             tokenizer, rows, tmp_path / "ours", beta=0.1)
     assert list(ours.peft_config) == ["default"] and trainer.ref_model is None
-    again, _ = velotune_lora(tiny_dir)  # same seed: the same fresh adapter
+    again, _ = velotune_lora(tiny_llama_dir)  # same seed: the same fresh adapter
     their_loss, their_grads, _ = one_step(TRL_CLASSES[method][0], config_cls, again, tokenizer, rows,
                                           tmp_path / "theirs", beta=0.1)
     assert "ref" in again.peft_config  # TRL 1.16 copies the adapter
@@ -148,10 +132,10 @@ def test_untrained_adapter_reference_is_the_disabled_adapter(tiny_dir, tmp_path,
         torch.testing.assert_close(our_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_trained_adapter_keeps_trls_reference_copy(tiny_dir, tmp_path):
+def test_trained_adapter_keeps_trls_reference_copy(tiny_llama_dir, tmp_path):
     """An adapter that already differs from the base (DPO after SFT): the reference must be that adapter
     as training began, so TRL's frozen copy stays and equals the starting adapter."""
-    model, tokenizer = velotune_lora(tiny_dir)
+    model, tokenizer = velotune_lora(tiny_llama_dir)
     perturb_lora_b(model)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
     _, _, trainer = one_step(velotune.DPOTrainer, velotune.DPOConfig, model, tokenizer, PAIRS, tmp_path)
@@ -162,12 +146,12 @@ def test_trained_adapter_keeps_trls_reference_copy(tiny_dir, tmp_path):
     assert not torch.equal(params[next(iter(start))], next(iter(start.values())))  # the policy moved
 
 
-def test_precomputed_reference_log_probs_give_the_same_step(tiny_dir, tmp_path):
-    ours, tokenizer = velotune_lora(tiny_dir)
+def test_precomputed_reference_log_probs_give_the_same_step(tiny_llama_dir, tmp_path):
+    ours, tokenizer = velotune_lora(tiny_llama_dir)
     perturb_lora_b(ours)
     live_loss, live_grads, _ = one_step(velotune.DPOTrainer, velotune.DPOConfig, ours, tokenizer, PAIRS,
                                         tmp_path / "live")
-    again, _ = velotune_lora(tiny_dir)
+    again, _ = velotune_lora(tiny_llama_dir)
     perturb_lora_b(again)
     pre_loss, pre_grads, trainer = one_step(velotune.DPOTrainer, velotune.DPOConfig, again, tokenizer, PAIRS,
                                             tmp_path / "pre", precompute_ref_log_probs=True)
@@ -177,15 +161,15 @@ def test_precomputed_reference_log_probs_give_the_same_step(tiny_dir, tmp_path):
         torch.testing.assert_close(pre_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_disabled_adapter_as_trl_calls_it_is_the_base_model(tiny_dir):
+def test_disabled_adapter_as_trl_calls_it_is_the_base_model(tiny_llama_dir):
     """TRL's reference pass (`trl.trainer.utils.use_adapter(model, None)` -> PEFT's `disable_adapter()`) on a
     velotune model with a non-zero adapter computes transformers' Llama without the adapter; afterwards the
     adapter is back."""
     from trl.trainer.utils import use_adapter
 
-    ours, _ = velotune_lora(tiny_dir)
+    ours, _ = velotune_lora(tiny_llama_dir)
     perturb_lora_b(ours)
-    base = LlamaForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
+    base = LlamaForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
     ids = torch.tensor([[5, 17, 33, 60, 8, 41]])
     ours.eval()
     with torch.no_grad():
@@ -200,11 +184,11 @@ def test_disabled_adapter_as_trl_calls_it_is_the_base_model(tiny_dir):
 
 
 @pytest.mark.parametrize("method", ["dpo", "kto", "orpo", "simpo"])
-def test_a_few_steps_raise_the_preference_margin(tiny_dir, tmp_path, method):
+def test_a_few_steps_raise_the_preference_margin(tiny_llama_dir, tmp_path, method):
     """Training learns: after 12 steps the model's log-probability margin of chosen over rejected answers
     (paired methods) or of desirable over undesirable ones (KTO) has grown."""
     rows = UNPAIRED if method == "kto" else PAIRS
-    model, tokenizer = velotune_lora(tiny_dir)
+    model, tokenizer = velotune_lora(tiny_llama_dir)
     args = getattr(velotune, TRL_CLASSES[method][1])(
         output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=len(rows), learning_rate=2e-2,
         logging_steps=1, save_strategy="no", report_to="none", bf16=False, fp16=False, use_cpu=True,

@@ -20,32 +20,15 @@ from .test_preference import PAIRS, TARGETS, one_step, perturb_lora_b, transform
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from tiny.folders import write_tiny_llama
-
-    folder = tmp_path_factory.mktemp("preference-fast") / "tiny-llama"
-    write_tiny_llama(folder)
-    return folder
-
-
 @pytest.mark.parametrize("trained", [True, False], ids=["ref-adapter", "disabled-adapter"])
-def test_dpo_step_on_the_fast_path_matches_transformers(tiny_dir, tmp_path, trained):
-    model, tokenizer = velotune.FastLanguageModel.from_pretrained(str(tiny_dir), load_in_4bit=False,
+def test_dpo_step_on_the_fast_path_matches_transformers(tiny_llama_dir, tmp_path, trained):
+    model, tokenizer = velotune.FastLanguageModel.from_pretrained(str(tiny_llama_dir), load_in_4bit=False,
                                                                   device_map=DEVICE, max_seq_length=64)
     ours = velotune.FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, target_modules=TARGETS,
                                                      random_state=3, use_gradient_checkpointing=False)
     if trained:
         perturb_lora_b(ours)
-    theirs = transformers_lora(tiny_dir, ours).to(DEVICE)
+    theirs = transformers_lora(tiny_llama_dir, ours).to(DEVICE)
     set_fast_path(ours, True)
     assert plan_step(ours, training=True, grad=True, labels=True).fast
     settings = dict(beta=0.1, use_cpu=DEVICE == "cpu")

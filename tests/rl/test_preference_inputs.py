@@ -15,27 +15,15 @@ from trl import DPOTrainer as TRLDPOTrainer
 import velotune
 from velotune import CPOConfig, CPOTrainer, DPOConfig, DPOTrainer, FastLanguageModel, KTOTrainer, ORPOTrainer
 
-from tiny.folders import write_tiny_llama
-
 PAIRS = [{"prompt": "abcdefghij", "chosen": " yes", "rejected": " no"},
          {"prompt": "klmnopqrst", "chosen": " fine", "rejected": " bad"},
          {"prompt": "uv", "chosen": " good", "rejected": " worse"}]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("preference-inputs") / "tiny-llama"
-    write_tiny_llama(folder)
-    model, tokenizer = FastLanguageModel.from_pretrained(str(folder), load_in_4bit=False, device_map="cpu",
-                                                         max_seq_length=64)
+def tiny(tiny_llama_dir):
+    model, tokenizer = FastLanguageModel.from_pretrained(str(tiny_llama_dir), load_in_4bit=False,
+                                                         device_map="cpu", max_seq_length=64)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
     return model, tokenizer
 
