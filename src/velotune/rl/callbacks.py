@@ -29,6 +29,8 @@ class GRPOProgressCallback(ProgressFieldsCallback):
               ("kl", "kl", "{:.4f}"), ("completions/mean_length", "len", "{:.0f}"),
               ("clip_ratio/region_mean", "clip", "{:.3f}"), ("entropy", "entropy", "{:.3f}"))
 
+    last_fields: dict | None = None
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         result = super().on_log(args, state, control, logs=logs, **kwargs)
         bar = getattr(self, "training_bar", None)
@@ -38,6 +40,7 @@ class GRPOProgressCallback(ProgressFieldsCallback):
             fields.update({short_reward_name(key[len("rewards/"):-len("/mean")]): f"{value:.3f}"
                            for key, value in logs.items()
                            if key.startswith("rewards/") and key.endswith("/mean") and isinstance(value, (int, float))})
+            self.last_fields = fields  # what the bar showed last (the bar object is closed when training ends)
             bar.set_postfix(fields, refresh=True)
         return result
 
