@@ -103,3 +103,13 @@ def test_email_rubric_recipe():
     scores = reward(None, replies, answer=[ideal] * 4, recipient=["Ana"] * 4)
     assert scores == [3.0, 3.0, -1.0, 2.0]
     assert R.email_rubric_reward()(None, ["hi"]) == [0.0]  # no columns, no keywords: nothing to earn
+
+
+def test_reward_calls_refuse_infinite_rewards():
+    from velotune.rl.reward_calls import RewardFunctionError, call_reward_functions
+
+    def explodes(prompts, completions, **kwargs):
+        return [1.0, float("inf")]
+
+    with pytest.raises(RewardFunctionError, match=r"'explodes' returned inf for completion 1 at step 2"):
+        call_reward_functions([explodes], ["p", "p"], ["a", "b"], {}, step=2)

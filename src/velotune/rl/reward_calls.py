@@ -56,6 +56,11 @@ def _as_float(value, name: str, step: int, index: int, completion, prompt) -> fl
             f"reward function {name!r} returned {_short(value, 80)} ({type(value).__name__}) for completion {index} "
             f"at step {step}; rewards must be numbers (or None for 'no score'). Completion: {_short(completion)}; "
             f"prompt: {_short(prompt, 150)}")
+    if math.isinf(value):
+        raise RewardFunctionError(
+            f"reward function {name!r} returned {value} for completion {index} at step {step}; an infinite reward "
+            f"would make every advantage of its group NaN. Return a large finite number, or None for 'no score'. "
+            f"Completion: {_short(completion)}")
     return float(value)
 
 
