@@ -68,7 +68,7 @@ def select_layers(model, finetune_vision_layers: bool = True, finetune_language_
 
 
 def fold(names: list[str]) -> list[str]:
-    """`a.layers.0.q`, `a.layers.1.q` -> `a.layers.{0-1}.q` (for the log)."""
+    """`a.layers.0.q` .. `a.layers.3.q` -> `a.layers.{0-3}.q`; `m.0`, `m.2` -> `m.{0,2}` (for the log)."""
     groups: dict[str, list[int]] = {}
     for name in names:
         numbers = re.findall(r"\.(\d+)\.", f".{name}.")
@@ -77,7 +77,9 @@ def fold(names: list[str]) -> list[str]:
     out = []
     for key, numbers in groups.items():
         if "{}" in key and key.count("{}") == 1 and -1 not in numbers:
-            span = f"{min(numbers)}-{max(numbers)}" if len(numbers) > 1 else str(numbers[0])
+            numbers = sorted(set(numbers))
+            contiguous = len(numbers) > 2 and numbers == list(range(numbers[0], numbers[-1] + 1))
+            span = f"{numbers[0]}-{numbers[-1]}" if contiguous else ",".join(map(str, numbers))
             out.append(key.replace("{}", "{" + span + "}"))
         else:
             out.extend(n for n in names if re.sub(r"\.\d+\.", ".{}.", f".{n}.").strip(".") == key)
