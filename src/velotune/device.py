@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .launch import process_device
+
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -14,7 +16,7 @@ def is_bfloat16_supported() -> bool:
     and newer).
 
     False on the CPU: transformers' `TrainingArguments(bf16=True)` refuses a machine without a GPU
-    (unless `use_cpu=True`), while `fp16=True` is accepted there, so the seed's
+    (unless `use_cpu=True`), while `fp16=True` is accepted there, so the docs'
     `fp16=not is_bfloat16_supported(), bf16=is_bfloat16_supported()` runs as written on a CPU.
     """
     if torch.cuda.is_available():
@@ -42,7 +44,11 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
 
 
 def resolve_device(device_map) -> torch.device:
-    """device_map as a single device: 'auto'/'sequential'/None -> the default device."""
+    """device_map as a single device: 'auto'/'sequential'/None -> the default device. Under torchrun /
+    accelerate launch: this rank's own GPU (launch.py says why, and refuses maps that do not fit)."""
+    placed = process_device(device_map)
+    if placed is not None:
+        return placed
     if device_map in (None, "auto", "sequential", "balanced"):
         return default_device()
     if isinstance(device_map, dict):

@@ -30,7 +30,9 @@ from trl.trainer import sft_trainer as trl_sft_module
 
 from ..export.folders import file_states
 from ..fast.plan import find_decoder
+from ..launch import quiet_replicas
 from . import dataset_prep
+from . import distributed
 from . import resume as resume_checks
 from .arguments import TrainingArguments
 from .callbacks import LossPlotCallback, ProgressFieldsCallback, SummaryCallback, peak_memory_bytes
@@ -130,7 +132,11 @@ class SFTTrainer(TRLSFTTrainer):
         if model is None:
             raise ValueError("model is required: pass the model FastLanguageModel.from_pretrained returned")
         args = to_training_arguments(args, _split_legacy(kwargs), model)
-        check_free(args.output_dir)  # a second run into a folder in use fails before any work
+        distributed.check_launch(args, model)
+        distributed.apply_ddp_defaults(args)
+        quiet_replicas()
+        if args.process_index == 0:  # rank 0 holds the run lock (under DDP every rank shares one output_dir)
+            check_free(args.output_dir)  # a second run into a folder in use fails before any work
         if train_dataset is None:
             raise ValueError("train_dataset is required")
         train_dataset = dataset_prep.as_dataset(train_dataset, "train")  # TRL takes no list of rows
@@ -264,13 +270,15 @@ class SFTTrainer(TRLSFTTrainer):
         run_dir = Path(super()._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
         staged = run_dir / STAGING / self._lock.run_id / name
-        if staged.exists():
+        if staged.exists() and self.args.should_save:
             shutil.rmtree(staged)  # this run's own, left by a failed save
+        distributed.barrier()  # cleared before any rank writes into it
         self._saving_checkpoint = True
         limit, before = self._rotation_limit(), self.args.save_total_limit
         self.args.save_total_limit = None  # velotune rotates (below), over its own checkpoints only
         try:
             super()._save_checkpoint(model, trial)
+            distributed.barrier()  # every rank has written its files (rng_state_<rank>.pth) into the staged folder
             if self.args.should_save:
                 write_marker(staged, self._lock.run_id, self.state.global_step)
                 fsync_tree(staged)
@@ -287,15 +295,15 @@ class SFTTrainer(TRLSFTTrainer):
         finally:
             self._saving_checkpoint = False
             self.args.save_total_limit = before
-        if not self.args.should_save:
-            return
-        publish(staged, run_dir / name)
-        for empty in (staged.parent, staged.parent.parent):
-            with contextlib.suppress(OSError):
-                empty.rmdir()  # only when empty
         if self.state.best_model_checkpoint and STAGING in Path(self.state.best_model_checkpoint).parts:
             self.state.best_model_checkpoint = str(run_dir / Path(self.state.best_model_checkpoint).name)
-        rotate(run_dir, limit, self.state.best_model_checkpoint)
+        if self.args.should_save:
+            publish(staged, run_dir / name)
+            for empty in (staged.parent, staged.parent.parent):
+                with contextlib.suppress(OSError):
+                    empty.rmdir()  # only when empty
+            rotate(run_dir, limit, self.state.best_model_checkpoint)
+        distributed.barrier()  # published before any rank reads it (load_best_model_at_end, a resume)
 
     def _weights_files(self) -> tuple[str, ...]:
         """The safetensors file a save writes first (named when safetensors fails and deletes it)."""
@@ -356,14 +364,23 @@ class SFTTrainer(TRLSFTTrainer):
         return result
 
     # ----- the run -----
+    def _start_run(self) -> str:
+        self._lock.acquire()
+        try:
+            clear_stale_staging(Path(self.args.output_dir), self._lock.run_id)
+        except BaseException:
+            self._lock.release()
+            raise
+        return self._lock.run_id
+
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self._interrupt.requested = False
         self._last_log = None
         if self._lock.folder != Path(self.args.output_dir):  # output_dir changed since __init__
             self._lock = RunLock(self.args.output_dir)
-        self._lock.acquire()
+        # Rank 0 takes the lock and clears stale staging; every rank stages checkpoints under its run id.
+        self._lock.run_id = distributed.agree_on_run(self._start_run)
         try:
-            clear_stale_staging(Path(self.args.output_dir), self._lock.run_id)
             checkpoint = resume_checks.resolve(resume_from_checkpoint, self.args.output_dir)
             if checkpoint is not None:
                 resume_checks.check_adapter_matches(self.model, checkpoint)
