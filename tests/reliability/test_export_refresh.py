@@ -21,7 +21,7 @@ from export.conftest import logits, lora  # noqa: E402
 
 from velotune.export import save_pretrained_gguf, save_pretrained_merged  # noqa: E402
 from velotune.export.folders import MARKER  # noqa: E402
-from velotune.fast_language_model import load_weights  # noqa: E402
+from velotune.models.from_folder import load_weights  # noqa: E402
 
 
 @pytest.fixture(scope="module")

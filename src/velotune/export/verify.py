@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from ..models.from_folder import load_weights
 from .weights import base_model_of, model_dtype
 
 logger = logging.getLogger("velotune")
@@ -127,7 +128,6 @@ def check_merged(model, folder: Path, tokenizer, quantized: bool = False) -> Mer
     must compute what `model` computes (one at a time, so the memory is one extra copy)."""
     from transformers import AutoModelForCausalLM
 
-    from velotune.fast_language_model import load_weights
 
     if not _fits(model, 4.0 if quantized else 2.0):
         logger.warning("velotune: export check of %s skipped: loading a second copy would not fit in memory", folder)
