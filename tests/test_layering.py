@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "velotune"
 
 # Higher numbers may import lower ones (and their own layer); first matching prefix wins.
 LAYERS = [
-    ("velotune.cli", 90), ("velotune.cli_checks", 90),
+    ("velotune.cli", 90), ("velotune.cli_checks", 90), ("velotune.cli_launch", 90),
     ("velotune.chat_templates", 85),
     ("velotune.training", 80), ("velotune.rl", 80),
     ("velotune.fast_language_model", 70), ("velotune.vision", 70),
