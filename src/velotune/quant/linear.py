@@ -32,26 +32,16 @@ def to_linear4bit(
     """
     import bitsandbytes as bnb
 
-    from velotune.quant.nf4_linear import NF4Linear
+    from velotune.quant.nf4_linear import build_nf4_linear
 
     weight = linear.weight.detach()  # (out, in)
-    out_features, in_features = weight.shape
-    compute_dtype = compute_dtype or weight.dtype
     packed, state = quantize_nf4(weight, blocksize, compress_statistics, quant_storage)
-    # Built on the meta device so no throwaway fp weight is allocated.
-    module = NF4Linear(
-        in_features, out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
-        compress_statistics=compress_statistics, quant_type="nf4", quant_storage=quant_storage,
-        device="meta",
-    )  # fmt: skip
-    module.weight = bnb.nn.Params4bit(
+    params = bnb.nn.Params4bit(
         packed, requires_grad=False, quant_state=state, blocksize=blocksize,
-        compress_statistics=compress_statistics, quant_type="nf4", quant_storage=quant_storage,
-        module=module, bnb_quantized=True,
+        compress_statistics=compress_statistics, quant_type="nf4", quant_storage=quant_storage, bnb_quantized=True,
     )  # fmt: skip
-    module.quant_state = state
-    if linear.bias is not None:
-        module.bias = linear.bias  # the same Parameter: no copy, trainability unchanged
+    # linear.bias is kept as the same Parameter: no copy, trainability unchanged.
+    module = build_nf4_linear(params, linear.bias, compute_dtype or weight.dtype, quant_storage)
     module.train(linear.training)
     return module
 

@@ -73,26 +73,38 @@ def restore_nf4_layout_(module: nn.Module) -> None:
         )
 
 
+def build_nf4_linear(weight: bnb.nn.Params4bit, bias: torch.Tensor | None, compute_dtype: torch.dtype | None,
+                     quant_storage: torch.dtype) -> NF4Linear:
+    """An ``NF4Linear`` around an already quantized NF4 ``weight`` and ``bias``, both held as given (no copy).
+
+    The one way velotune builds its 4-bit layer (quantizing a Linear, adopting bitsandbytes' own layer,
+    loading a bnb-4bit checkpoint): built on the meta device so no throwaway weight is allocated, with
+    ``quant_state`` on both the weight and the module and the weight pointing back at its module, as
+    bitsandbytes expects. ``compute_dtype=None`` computes in the input's dtype (bitsandbytes' rule).
+    """
+    state = weight.quant_state
+    if state is None or state.quant_type != "nf4":
+        raise ValueError(f"an NF4Linear needs a quantized NF4 weight, got quant_state={state!r}")
+    out_features, in_features = state.shape
+    module = NF4Linear(
+        in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
+        compress_statistics=state.nested, quant_type="nf4", quant_storage=quant_storage, device="meta",
+    )  # fmt: skip
+    module.weight = weight
+    weight.module = module
+    module.quant_state = state
+    if bias is not None:
+        module.bias = bias
+    return module
+
+
 def adopt_linear4bit(module: nn.Module) -> NF4Linear:
     """An ``NF4Linear`` holding ``module``'s own weight and bias Parameters (no copy), NF4 layout restored."""
     if isinstance(module, NF4Linear):
         return module
     restore_nf4_layout_(module)
-    weight = module.weight
-    state = weight.quant_state
-    if state is None or state.quant_type != "nf4":
-        raise ValueError(f"only quantized NF4 layers can be adopted, got quant_state={state!r}")
-    out_features, in_features = state.shape
-    new = NF4Linear(
-        in_features, out_features, bias=module.bias is not None, compute_dtype=module.compute_dtype,
-        compress_statistics=state.nested, quant_type="nf4", quant_storage=module.quant_storage, device="meta",
-    )  # fmt: skip
+    new = build_nf4_linear(module.weight, module.bias, module.compute_dtype, module.quant_storage)
     new.compute_type_is_set = module.compute_type_is_set
-    new.weight = weight
-    weight.module = new
-    new.quant_state = state
-    if module.bias is not None:
-        new.bias = module.bias
     new.train(module.training)
     return new
 

@@ -55,7 +55,7 @@ def load_prequantized(
     """
     import bitsandbytes as bnb
 
-    from velotune.quant.nf4_linear import NF4Linear
+    from velotune.quant.nf4_linear import build_nf4_linear
 
     prefix = _normalize(prefix)
     data = state_dict[prefix + "weight"]
@@ -68,14 +68,5 @@ def load_prequantized(
     state = weight.quant_state
     if state.quant_type != "nf4":
         raise NotImplementedError(f"{prefix}weight: quant_type {state.quant_type!r}, only nf4 is supported")
-    out_features, in_features = state.shape
-    module = NF4Linear(
-        in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype or state.dtype,
-        compress_statistics=state.nested, quant_type="nf4", quant_storage=data.dtype, device="meta",
-    )  # fmt: skip
-    weight.module = module
-    module.weight = weight
-    module.quant_state = state
-    if bias is not None:
-        module.bias = torch.nn.Parameter(bias.to(device), requires_grad=False)
-    return module
+    bias = None if bias is None else torch.nn.Parameter(bias.to(device), requires_grad=False)
+    return build_nf4_linear(weight, bias, compute_dtype or state.dtype, data.dtype)
