@@ -12,7 +12,7 @@ from .lora import VelotunePeftModel
 __version__ = "0.1.0"
 
 _TRAINING = ("SFTTrainer", "Trainer", "TrainingArguments", "UnslothTrainer", "UnslothTrainingArguments")
-# The seed imports these from the top level too (`from unsloth import to_sharegpt, ...`), as
+# The docs import these from the top level too (`from unsloth import to_sharegpt, ...`), as
 # unsloth re-exports its chat_templates module there.
 _CHAT_TEMPLATES = ("apply_chat_template", "get_chat_template", "standardize_sharegpt", "to_sharegpt",
                    "train_on_responses_only")

@@ -1,4 +1,4 @@
-"""`velotune.chat_templates`: the names the seed imports from `unsloth.chat_templates`.
+"""`velotune.chat_templates`: the names the docs import from `unsloth.chat_templates`.
 
     from velotune.chat_templates import get_chat_template, standardize_sharegpt, to_sharegpt
     from velotune.chat_templates import apply_chat_template, train_on_responses_only

@@ -1,11 +1,11 @@
-"""`get_chat_template`: put a chat format on a tokenizer, as the seed's "Chat Templates" page shows.
+"""`get_chat_template`: put a chat format on a tokenizer, as the docs' "Chat Templates" page shows.
 
 `map_eos_token=True` makes the format's end-of-turn token and the tokenizer's EOS the same token,
 without adding tokens or resizing embeddings:
   * the end token already exists in the vocabulary -> it becomes `tokenizer.eos_token`, so
     generation stops at the end of a turn;
   * it does not exist (e.g. "<|im_end|>" on a Llama 2 tokenizer) -> the template writes the
-    tokenizer's EOS string in its place ("Maps <|im_end|> to </s> instead", in the seed's words).
+    tokenizer's EOS string in its place ("Maps <|im_end|> to </s> instead", in the docs' words).
     Otherwise "<|im_end|>" would be split into ordinary pieces that no model learns to stop on.
 """
 

@@ -1,4 +1,4 @@
-"""`apply_chat_template(dataset, tokenizer, chat_template, default_system_message)`: the seed's
+"""`apply_chat_template(dataset, tokenizer, chat_template, default_system_message)`: the Unsloth API's
 "Customizable Chat Templates", where a plain-text template marks the prompt with `{INPUT}`, the
 answer with `{OUTPUT}` and, optionally, a system prompt with `{SYSTEM}`.
 

@@ -1,7 +1,7 @@
 """The chat template registry: every format `get_chat_template` knows by name.
 
 Formats are written from the model families' published prompt formats. Where a format ends turns
-with the tokenizer's EOS (Llama 2, Mistral, Zephyr, Alpaca, Vicuna, the seed's "unsloth" format) the
+with the tokenizer's EOS (Llama 2, Mistral, Zephyr, Alpaca, Vicuna, the docs' "unsloth" format) the
 template uses the `eos_token` variable, so it is right for any tokenizer; where it writes a literal
 end-of-turn token (ChatML's <|im_end|>, Llama 3's <|eot_id|>, ...) that token is `stop_token`, and
 `get_chat_template(map_eos_token=True)` maps it onto the tokenizer's EOS when the vocabulary lacks it.

@@ -96,7 +96,7 @@ def _mask_dataset(dataset, masker: ResponseMasker, name: str, max_length=None):
 
 def _warn_double_bos(tokenizer, ids) -> None:
     """Templates that write BOS themselves (Llama 3, Gemma, DeepSeek-R1, ...) get a second one when
-    their rendered text is tokenized with special tokens added; the seed warns about exactly this."""
+    their rendered text is tokenized with special tokens added; the docs warn about exactly this."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:
         warnings.warn("train_on_responses_only: the first row starts with two BOS tokens: the chat template "

@@ -1,4 +1,4 @@
-"""ShareGPT helpers from the seed's Llama-3/Ollama tutorial (sections 7-8):
+"""ShareGPT helpers from the docs' Llama-3/Ollama tutorial (sections 7-8):
 
 * `to_sharegpt` merges the columns of a table (CSV/Excel-style) into one user prompt per row,
   with `{column}` substitution and `[[...]]` optional sections, and can stitch N random rows into

@@ -137,7 +137,7 @@ def save_pretrained_gguf(
     """Write `<save_directory>/model-<METHOD>.gguf` for each method, a Modelfile beside each, and
     check every file against the in-memory model. Returns the GGUF paths.
 
-    `maximum_memory_usage` is accepted for the seed's signature; the writer never holds more than
+    `maximum_memory_usage` is accepted for the Unsloth API's signature; the writer never holds more than
     one tensor (and its quantized copies), so there is nothing for it to bound."""
     if kwargs:
         logger.warning("velotune: save_pretrained_gguf ignores arguments it does not use: %s", sorted(kwargs))

@@ -1,4 +1,4 @@
-"""Training: TRL's SFT trainer with the seed's arguments, checks, reports and safe checkpoints."""
+"""Training: TRL's SFT trainer with the Unsloth API's arguments, checks, reports and safe checkpoints."""
 
 from .arguments import TrainingArguments, UnslothTrainingArguments
 from .callbacks import LossPlotCallback, ProgressFieldsCallback, SummaryCallback

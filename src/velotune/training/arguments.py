@@ -1,6 +1,6 @@
-"""`TrainingArguments`: TRL's `SFTConfig` plus the seed's `embedding_learning_rate` and defaults.
+"""`TrainingArguments`: TRL's `SFTConfig` plus the Unsloth API's `embedding_learning_rate` and defaults.
 
-Why a subclass and not a patch: the seed passes either transformers' `TrainingArguments` or
+Why a subclass and not a patch: the docs pass either transformers' `TrainingArguments` or
 TRL's `SFTConfig` to the trainer; velotune's trainer converts both into this class so that one
 place decides the optimizer fallback, the precision default and the checks that must fail
 before any dataset work starts (a learning rate or batch size of 0 would otherwise surface
@@ -76,10 +76,10 @@ def _check_finite(args) -> None:
 
 @dataclass
 class TrainingArguments(SFTConfig):
-    """SFTConfig with the seed's defaults (8-bit AdamW, bf16 when supported) and two additions.
+    """SFTConfig with the Unsloth API's defaults (8-bit AdamW, bf16 when supported) and two additions.
 
     embedding_learning_rate: learning rate of `embed_tokens`/`lm_head` when they train (continued
-        pretraining); the seed recommends 2-10x smaller than `learning_rate`. None: same as it.
+        pretraining); the docs recommend 2-10x smaller than `learning_rate`. None: same as it.
     memory_check: what to do when the memory estimate clearly exceeds the device: "error"
         (default, before any work), "warn", or "off".
     """
@@ -91,7 +91,7 @@ class TrainingArguments(SFTConfig):
     optim: str = field(default="adamw_8bit", metadata={"help": "Optimizer (8-bit AdamW, else AdamW)."})
     include_num_input_tokens_seen: str | bool = field(
         default="non_padding", metadata={"help": "Count tokens for tokens/s (all, non_padding or no)."})
-    # Keywords the seed passes that transformers 5 / TRL 1.x dropped; compat.apply_legacy maps them.
+    # Keywords the docs pass that transformers 5 / TRL 1.x dropped; compat.apply_legacy maps them.
     warmup_ratio: float | None = field(default=None, metadata={"help": LEGACY_HELP["warmup_ratio"]})
     max_seq_length: int | None = field(default=None, metadata={"help": LEGACY_HELP["max_seq_length"]})
     evaluation_strategy: str | None = field(default=None, metadata={"help": LEGACY_HELP["evaluation_strategy"]})
@@ -153,5 +153,5 @@ def after_post_init(args) -> None:
         args.optim = type(args.optim)(fallback) if not isinstance(args.optim, str) else fallback
 
 
-# The seed's name for the same class.
+# The Unsloth API's name for the same class.
 UnslothTrainingArguments = TrainingArguments

@@ -1,4 +1,4 @@
-"""Keywords the seed passes that transformers 5 / TRL 1.x dropped, mapped onto today's fields.
+"""Keywords the docs pass that transformers 5 / TRL 1.x dropped, mapped onto today's fields.
 
 Why here and not in the caller's hands: the docs' cells (`TrainingArguments(warmup_ratio = 0.1,
 ...)`, `SFTConfig(max_seq_length = ...)`) must run as written. `TrainingArguments` declares each old

@@ -3,7 +3,7 @@ type rules of each quantization method.
 
   quantize(weights, qtype) -> uint8 blocks   (for gguf.GGUFWriter.add_tensor(..., raw_dtype=qtype))
   dequantize(data, qtype, shape) -> float32 tensor
-  ALLOWED_QUANTS / normalize_method(name) -> method names (the seed's table) and their canonical form
+  ALLOWED_QUANTS / normalize_method(name) -> method names (the docs' table) and their canonical form
   tensor_qtype(method, gguf_name, n_layers, shape) -> the block type llama.cpp's mixture gives a tensor
 
 The output is byte-identical to llama.cpp's own quantizers (``ggml_quantize_chunk`` without an

@@ -1,4 +1,4 @@
-"""GGUF quantization method names (the seed's ``ALLOWED_QUANTS`` table) and what each one means.
+"""GGUF quantization method names (the docs' ``ALLOWED_QUANTS`` table) and what each one means.
 
 A *method* names a whole-file recipe (llama.cpp's "ftype", e.g. ``q4_k_m``); the per-tensor block
 type it implies is decided by ``velotune.quant.gguf.mixture.tensor_qtype``. Aliases follow the
@@ -56,7 +56,7 @@ _ALIAS_TEXT: dict[str, str] = {
 
 ALLOWED_QUANTS: dict[str, str] = {**_ALIAS_TEXT, **_CANONICAL}
 
-# methods of the seed's table that need llama.cpp's i-quant grids and an importance matrix
+# methods of the docs' table that need llama.cpp's i-quant grids and an importance matrix
 UNSUPPORTED_QUANTS: dict[str, str] = {
     "iq2_xxs": "i-quant, 2.06 bpw",
     "iq2_xs": "i-quant, 2.31 bpw",
