@@ -1,6 +1,7 @@
 """The `velotune` command line: every command is a plain function that is also a Python call.
 
     velotune train [CONFIG.yaml]          # no config: the embedded default (SmolLM2 + bundled data, CPU-sized)
+    velotune train CONFIG.yaml --nproc 2  # DDP on two GPUs of this machine (torchrun underneath; launch.py)
     velotune export MODEL_DIR OUT_DIR --gguf q4_k_m q8_0 --merged merged_16bit --ollama
     velotune chat MODEL_DIR [--prompt TEXT]
 
@@ -112,15 +113,25 @@ def prepare_dataset(data: dict, tokenizer):
     return dataset.map(render, remove_columns=dataset.column_names), field
 
 
-def train(config_path: str | None = None) -> Path:
+def train(config_path: str | None = None, nproc: int | None = None, nnodes: int = 1,
+          rdzv_endpoint: str | None = None, rdzv_id: str | None = None) -> Path | None:
     """Load, attach LoRA, train with velotune's SFT trainer, save the adapter (and exports); returns
-    the adapter folder."""
+    the adapter folder. `nproc` (and, across machines, `nnodes`/`rdzv_endpoint`/`rdzv_id`): run the
+    same command as that many data-parallel processes under torchrun (cli_launch.py); returns the
+    adapter folder when they all succeed."""
+    if nproc is not None:
+        from .cli_launch import launch_training
+
+        return launch_training(config_path, nproc, nnodes, rdzv_endpoint, rdzv_id)
     import torch
 
     from . import FastLanguageModel, SFTTrainer, TrainingArguments
 
     from .cli_checks import check_data, check_export, check_types
+    from .launch import current
     from .training.run_lock import check_free
+
+    launch = current()  # under torchrun: this rank's place (rank 0 writes the adapter and exports)
 
     config = load_config(config_path)
     # Every check that needs no model runs first: a config mistake costs a second, not a model load.
@@ -132,10 +143,13 @@ def train(config_path: str | None = None) -> Path:
         # The default mixed precision is fp16 where bf16 is missing; on a CPU fp16 autocast ran 18x
         # slower than fp32 (SmolLM2 LoRA step, torch 2.13), so the command trains a CPU in fp32.
         training.update(fp16=False, bf16=False)
+        if launch.distributed:
+            training.setdefault("use_cpu", True)  # several CPU processes: the gloo backend
     args = TrainingArguments(dataset_text_field=config["data"].get("text_field", "text"), **training)
     check_export(config["export"], where)
     check_data(config["data"])
-    check_free(args.output_dir)
+    if launch.main:
+        check_free(args.output_dir)
     model, tokenizer = FastLanguageModel.from_pretrained(**config["model"])
     lora = dict(config["lora"], max_seq_length=config["model"].get("max_seq_length"))
     model = FastLanguageModel.get_peft_model(model, **lora)
@@ -143,6 +157,8 @@ def train(config_path: str | None = None) -> Path:
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=args)
     trainer.train()
     adapter = Path(args.output_dir) / "lora_model"
+    if not launch.main:
+        return adapter  # rank 0 writes it
     model.save_pretrained(adapter)
     tokenizer.save_pretrained(adapter)
     print(f"velotune: adapter saved to {adapter}")
@@ -226,6 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML file with sections model / lora / data / training / export, whose keys are the Python "
                         "arguments' names; omitted: the embedded default (SmolLM2-135M-Instruct, bundled data, "
                         "10 CPU-sized steps)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train data-parallel (DDP) in N processes on this machine, one per GPU, through torchrun; "
+                        "per_device_train_batch_size is per process, so the global batch grows N times. The command "
+                        "prints the torchrun line it runs")
+    p.add_argument("--nnodes", type=int, default=1, metavar="M",
+                   help="with --nproc, across M machines: run the same command on each, with the same "
+                        "--rdzv-endpoint and --rdzv-id (default: 1, this machine only)")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                   help="with --nnodes > 1: the rendezvous address every machine reaches (one of the machines)")
+    p.add_argument("--rdzv-id", metavar="ID", help="with --nnodes > 1: a job id shared by the machines of one run")
     p = commands.add_parser("export", help="write merged / GGUF / Ollama exports of a trained folder",
                             description="Export a trained folder (LoRA adapter or full model) into subfolders of "
                                         "OUT_DIR; each export is checked against the model in memory.")
@@ -255,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         if args.command == "train":
-            train(args.config)
+            if args.nproc is None and (args.nnodes != 1 or args.rdzv_endpoint or args.rdzv_id):
+                raise ValueError("--nnodes, --rdzv-endpoint and --rdzv-id go with --nproc N (processes per machine)")
+            if train(args.config, args.nproc, args.nnodes, args.rdzv_endpoint, args.rdzv_id) is None:
+                return 1  # a launched rank failed; torchrun printed which and why
         elif args.command == "export":
             export_model(args.model_dir, args.out_dir, args.merged, args.gguf, args.ollama)
         else:
