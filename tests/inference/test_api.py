@@ -178,3 +178,16 @@ def test_float8_kv_cache_halves_the_cache_and_still_generates():
     assert engine.resident_of(model).cache.nbytes == 4 * fp8_bytes  # fp32 model here: 4 bytes -> 1
     same = sum(a == b for x, y in zip(fp8, full) for a, b in zip(x, y))
     assert same >= 8, f"fp8 cache {fp8} vs full {full}"  # e4m3 keeps 3 mantissa bits: the first tokens agree
+
+
+def test_min_tokens_bans_eos_until_reached():
+    model = _tiny_peft()
+    free = _greedy(model)
+    eos = free[0][1]  # greedy would produce this token second: make it the EOS
+    params = SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[eos], logprobs=0)
+    early = generate_batch(model, PROMPTS[:1], params)[0].outputs[0]
+    assert early.token_ids == free[0][:2] and early.finish_reason == "stop"
+    late = generate_batch(model, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=8, min_tokens=4,
+                                                              stop_token_ids=[eos], logprobs=0))[0].outputs[0]
+    assert eos not in late.token_ids[:4] and len(late.token_ids) >= 4
+    assert late.logprobs[0] == pytest.approx(early.logprobs[0])  # the raw model's log-probability

@@ -262,9 +262,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_ids: s
             return graphs.run(b)
 
         while True:
-            if params.min_tokens and step < params.min_tokens and suppress:
-                logits[:, suppress] = float("-inf")
-            tokens = sample(logits, params, generator, None if seen is None else seen[:b],
+            allowed = _before_min_tokens(logits, params, step, suppress)
+            tokens = sample(allowed, params, generator, None if seen is None else seen[:b],
                             None if counts is None else counts[:b])  # (b,)
             logps = chosen_logprobs(logits, tokens) if params.logprobs is not None else None
             if seen is not None:
@@ -309,6 +308,16 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_ids: s
                     logits = decode(tokens, positions)
                 positions, step = positions + 1, step + 1
     return seqs
+
+
+def _before_min_tokens(logits: torch.Tensor, params: SamplingParams, step: int, stop_ids: list[int]) -> torch.Tensor:
+    """The logits to sample from: EOS and stop tokens banned until min_tokens are out (a copy, so
+    the log-probabilities still come from the model's own logits)."""
+    if not (params.min_tokens and step < params.min_tokens and stop_ids):
+        return logits
+    banned = logits.clone()
+    banned[:, stop_ids] = float("-inf")
+    return banned
 
 
 class _HostCopy:

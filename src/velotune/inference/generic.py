@@ -16,7 +16,8 @@ from .sampling import SamplingParams, chosen_logprobs, sample
 
 def generate(model, prompts, params: SamplingParams, eos_ids: set[int], tokenizer=None, on_token=None,
              limit: int | None = None):
-    from .engine import Sequence, StopChecker, base_model, check_prompts, context_limit, eval_mode
+    from .engine import (Sequence, StopChecker, _before_min_tokens, base_model, check_prompts, context_limit,
+                         eval_mode)
 
     causal = base_model(model)
     limit = limit or context_limit(causal)
@@ -48,9 +49,7 @@ def generate(model, prompts, params: SamplingParams, eos_ids: set[int], tokenize
         suppress = sorted(stopper.eos | stopper.stop_ids)
         step = 0
         while True:
-            if params.min_tokens and step < params.min_tokens and suppress:
-                logits[:, suppress] = float("-inf")
-            tokens = sample(logits, params, generator, seen, counts)
+            tokens = sample(_before_min_tokens(logits, params, step, suppress), params, generator, seen, counts)
             logps = chosen_logprobs(logits, tokens).tolist() if params.logprobs is not None else None
             for s, token in enumerate(tokens.tolist()):
                 seq = seqs[s]
