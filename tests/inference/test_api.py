@@ -191,3 +191,23 @@ def test_min_tokens_bans_eos_until_reached():
                                                               stop_token_ids=[eos], logprobs=0))[0].outputs[0]
     assert eos not in late.token_ids[:4] and len(late.token_ids) >= 4
     assert late.logprobs[0] == pytest.approx(early.logprobs[0])  # the raw model's log-probability
+
+
+def test_lora_request_on_a_model_without_adapters(tmp_path):
+    """A base model given a lora_request generates with it, and has no LoRA layers afterwards."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from velotune.inference import load_lora
+
+    peft = _tiny_peft()
+    trained = _greedy(peft)
+    peft.save_lora(tmp_path / "adapter")
+    cfg = make_config("llama")
+    torch.manual_seed(0)
+    base = model_class_for(cfg)(cfg)
+    randomize_(base)
+    base.max_seq_length = 64
+    before = _greedy(base)
+    assert _greedy(base, lora_request=load_lora(base, tmp_path / "adapter")) == trained
+    assert not any(isinstance(m, BaseTunerLayer) for m in base.modules())
+    assert _greedy(base) == before
