@@ -156,3 +156,18 @@ def test_reward_weights_must_match_the_functions(tiny_llama_dir, tmp_path):
 def test_reward_funcs_must_be_functions(tiny_llama_dir, tmp_path):
     with pytest.raises(TypeError, match=r"reward_funcs\[1\] is a int"):
         trainer(tiny_llama_dir, tmp_path, funcs=[by_length, 3])
+
+
+def test_full_fine_tuning_gets_one_frozen_reference_copy(tiny_llama_dir, tmp_path):
+    from velotune import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(str(tiny_llama_dir), load_in_4bit=False, device_map="cpu",
+                                                         max_seq_length=64)
+    model.requires_grad_(True)
+    t = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[by_length], train_dataset=rows(),
+                    args=config(tmp_path, beta=0.1, max_steps=3, learning_rate=1e-3))
+    assert t.ref_model is not None and not any(p.requires_grad for p in t.ref_model.parameters())
+    t.train()
+    moved = sum((p - q).abs().sum().item() for p, q in zip(t.model.parameters(), t.ref_model.parameters()))
+    assert moved > 0  # the policy trained, the reference stayed where it started
+    assert [e["kl"] for e in t.state.log_history if "kl" in e][-1] > 0

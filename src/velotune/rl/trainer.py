@@ -274,6 +274,8 @@ class GRPOTrainer(Trainer):
             batch["old_logps"] = self._logps_no_grad(self.model, batch)
         if args.beta != 0.0:
             if self.ref_model is not None:
+                if next(self.ref_model.parameters()).device != device:
+                    self.ref_model.to(device)  # the copy was made before Trainer placed the policy
                 batch["ref_logps"] = self._logps_no_grad(self.ref_model, batch)
             else:
                 with self.accelerator.unwrap_model(self.model).disable_adapter():
@@ -281,7 +283,7 @@ class GRPOTrainer(Trainer):
 
         self._record_batch_metrics(scores, names, rewards, zero_std, completion_lists, finished, nan_counts)
         self._maybe_print_samples(step, prompts, texts, rewards, scores, names)
-        items = loss_mask.sum()
+        items = self.accelerator.gather(loss_mask.sum()).sum()  # dapo: completion tokens of the global batch
         micro = args.per_device_train_batch_size
         return [self._trim({**{k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}, "num_items": items})
                 for i in range(args.steps_per_generation)]
