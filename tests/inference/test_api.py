@@ -211,3 +211,19 @@ def test_lora_request_on_a_model_without_adapters(tmp_path):
     assert _greedy(base, lora_request=load_lora(base, tmp_path / "adapter")) == trained
     assert not any(isinstance(m, BaseTunerLayer) for m in base.modules())
     assert _greedy(base) == before
+
+
+def test_batch_with_finishing_rows_equals_each_prompt_alone():
+    """Rows stop at different steps (the batch is compacted into smaller buckets meanwhile, penalties
+    and all): every completion equals that prompt generated alone."""
+    model = _tiny_peft()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24], [30, 31], [40, 41, 42, 43]]
+    params = SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.3, presence_penalty=0.5)
+    alone = [generate_batch(model, [p], params)[0].outputs[0].token_ids for p in prompts]
+    stops = sorted({ids[k] for k, ids in zip((2, 5, 8, 3, 11), alone)})  # tokens that end rows at different steps
+    stopped = SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.3, presence_penalty=0.5,
+                             stop_token_ids=stops)
+    alone = [generate_batch(model, [p], stopped)[0].outputs[0].token_ids for p in prompts]
+    together = [r.outputs[0].token_ids for r in generate_batch(model, prompts, stopped)]
+    assert together == alone
+    assert len({len(ids) for ids in alone}) > 2  # rows did finish at different steps
