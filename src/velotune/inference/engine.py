@@ -153,7 +153,8 @@ def _resident(runner: DecoderRunner, rows: int, length: int, dtype, device, sett
     old = getattr(holder, "resident", None)
     fp8 = settings.float8_kv_cache
     if old is not None and old.cache.fits(rows, length, dtype, fp8):
-        if old.signature != signature or old.graphs.use_graphs != (graphable and device.type == "cuda"):
+        same_plan = old.graphs.runner.plan.fast == runner.plan.fast
+        if old.signature != signature or not same_plan or old.graphs.use_graphs != (graphable and device.type == "cuda"):
             old.graphs = DecodeGraphs(runner, old.cache, old.valid, graphable)
             old.signature = signature
         return old
