@@ -93,7 +93,8 @@ def test_readme_table_lists_every_switch():
 
 
 def _own_readers() -> set[str]:
-    """Modules other than settings.py that access os.environ/os.getenv and name a switch's variable."""
+    """Modules other than settings.py that access os.environ/os.getenv and name a switch's variable (or any
+    VELOTUNE_* name: a new switch belongs in settings.py and the README table)."""
     found = set()
     for path in PACKAGE.rglob("*.py"):
         if path.name == "settings.py" and path.parent == PACKAGE:
@@ -101,7 +102,8 @@ def _own_readers() -> set[str]:
         tree = ast.parse(path.read_text())
         reads = any(isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "os"
                     and n.attr in ("environ", "getenv") for n in ast.walk(tree))
-        names = any(isinstance(n, ast.Constant) and n.value in settings.VARIABLES for n in ast.walk(tree))
+        names = any(isinstance(n, ast.Constant) and isinstance(n.value, str)
+                    and (n.value in settings.VARIABLES or n.value.startswith("VELOTUNE_")) for n in ast.walk(tree))
         if reads and names:
             parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
             found.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
