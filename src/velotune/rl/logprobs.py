@@ -20,7 +20,10 @@ def causal_lm_parts(model):
     """(backbone, lm_head) of a causal LM, through a PEFT wrapper; lm_head None when it is not a plain
     Linear (a LoRA on lm_head, soft-capped logits): then the model's own forward is used."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
+    # the decoder stack under the LM head: transformers' `base_model` (base_model_prefix), else `.model`
+    backbone = getattr(base, "base_model", None)
+    if backbone is None or backbone is base:
+        backbone = getattr(base, "model", None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     plain = isinstance(head, torch.nn.Linear) and type(head) is torch.nn.Linear and head.bias is None
     softcap = getattr(base.config, "final_logit_softcapping", None)

@@ -1,0 +1,62 @@
+"""GRPO's log-probabilities (backbone hidden states -> chunked log-probs, no full logits) equal the model's own
+logits' log-softmax on a left-padded prompt + right-padded completion batch, at a temperature, and in backward."""
+
+from __future__ import annotations
+
+import torch
+
+from tiny.folders import tiny_lora
+from velotune.rl.generation import left_pad
+from velotune.rl.logprobs import causal_lm_parts, completion_logprobs
+
+
+def batch(tokenizer):
+    prompts = [tokenizer("hello world")["input_ids"], tokenizer("ab")["input_ids"]]
+    completions = [[5, 6, 7, 2], [8, 9]]
+    pad = tokenizer.pad_token_id
+    prompt_ids, prompt_mask = left_pad(prompts, pad, "cpu")
+    completion_ids = torch.full((2, 4), pad)
+    completion_mask = torch.zeros(2, 4, dtype=torch.long)
+    for i, c in enumerate(completions):
+        completion_ids[i, :len(c)] = torch.tensor(c)
+        completion_mask[i, :len(c)] = 1
+    return (torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1),
+            completion_mask)
+
+
+def test_chunked_logprobs_equal_the_models_logits(tiny_llama_dir):
+    model, tokenizer = tiny_lora(tiny_llama_dir)
+    with torch.no_grad():  # give the adapters a non-zero B, so they matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    ids, mask, cmask = batch(tokenizer)
+    backbone, head = causal_lm_parts(model)
+    assert backbone is not None and head is not None  # the chunked path, not the fallback
+    logps, entropy = completion_logprobs(model, ids, mask, 4, temperature=0.7, entropy=True)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, -5:-1].float() / 0.7  # (2, 4, V)
+    reference = logits.log_softmax(-1).gather(-1, ids[:, -4:].unsqueeze(-1)).squeeze(-1)
+    keep = cmask.bool()
+    torch.testing.assert_close(logps[keep], reference[keep], rtol=1e-5, atol=1e-5)
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(entropy[keep], -(probs * logits.log_softmax(-1)).sum(-1)[keep], rtol=1e-5,
+                               atol=1e-5)
+    adapters = [p for n, p in model.named_parameters() if p.requires_grad]
+    ours = torch.autograd.grad((logps * cmask).sum(), adapters)
+    theirs = torch.autograd.grad((reference * cmask).sum(), adapters)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_on_lm_head_uses_the_models_own_logits(tiny_llama_dir):
+    model, tokenizer = tiny_lora(tiny_llama_dir, target_modules=["q_proj", "v_proj", "lm_head"])
+    assert causal_lm_parts(model) == (None, None)  # the head is a LoRA layer: its weight alone is not the head
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    ids, mask, cmask = batch(tokenizer)
+    logps, _ = completion_logprobs(model, ids, mask, 4)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, -5:-1].float()
+    reference = logits.log_softmax(-1).gather(-1, ids[:, -4:].unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logps[cmask.bool()], reference[cmask.bool()], rtol=1e-5, atol=1e-5)
