@@ -56,9 +56,9 @@ def ddp_facts(trainer) -> dict:
             "frozen": sum(1 for _, p in wrapped.module.named_parameters() if not p.requires_grad)}
 
 
-def load(folder: str):
+def load(folder: str, nf4: bool = False):
     """The tiny Llama with LoRA, the fast path and the offloading checkpoint forced on the CPU."""
-    model, tokenizer = FastLanguageModel.from_pretrained(folder, load_in_4bit=False, device_map="cpu", max_seq_length=64)
+    model, tokenizer = FastLanguageModel.from_pretrained(folder, load_in_4bit=nf4, device_map="cpu", max_seq_length=64)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3407,
                                              use_gradient_checkpointing="unsloth")
     settings = runtime_settings(model)
@@ -68,7 +68,7 @@ def load(folder: str):
 
 def train(options, out: str, resume: bool = False, callbacks=None):
     """Build and run one trainer; returns it."""
-    model, tokenizer = load(options.folder)
+    model, tokenizer = load(options.folder, getattr(options, "nf4", False))
     save = dict(save_strategy="steps", save_steps=options.save_steps) if options.save_steps else dict(save_strategy="no")
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=options.batch,
                              gradient_accumulation_steps=options.accum, max_steps=options.steps, learning_rate=1e-2,
@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--fail-step", type=int, default=0)
     parser.add_argument("--resume-from", default=None, help="then resume on these ranks from this checkpoint step")
     parser.add_argument("--find-unused", action="store_true", help="ddp_find_unused_parameters=True")
+    parser.add_argument("--nf4", action="store_true", help="load the base weights in NF4 (QLoRA)")
     options = parser.parse_args()
     options.extra = {"ddp_find_unused_parameters": True} if options.find_unused else {}
     torch.set_num_threads(1)

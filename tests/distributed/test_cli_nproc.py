@@ -1,6 +1,7 @@
 """`velotune train CONFIG.yaml --nproc N` (issue 19 item 3): the torchrun line it builds, on one machine and
 on several (item 6: what a multi-node run needs, checked as far as one machine allows), its bad input, and a
-real two-process run of the command on the CPU (gloo) that writes the adapter, plot and summary once."""
+real two-process run of the command on the CPU (gloo), each rank with its own NF4 copy, that writes the
+adapter, plot and summary once."""
 
 from __future__ import annotations
 
@@ -46,12 +47,12 @@ def test_bad_requests_are_refused_before_anything_starts():
 
 
 @pytest.mark.slow  # one torchrun launch of two fresh processes (about 45 s on two shared cores)
-def test_train_nproc_2_on_the_cpu(ddp_tiny_dir, tmp_path):
+def test_train_nproc_2_qlora_on_the_cpu(ddp_tiny_dir, tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(f'{{"text": "{text}"}}\n' for text in rows(16)))
     out = tmp_path / "out"
     (tmp_path / "recipe.yaml").write_text(
-        f"model: {{model_name: '{ddp_tiny_dir}', max_seq_length: 64, load_in_4bit: false}}\n"
+        f"model: {{model_name: '{ddp_tiny_dir}', max_seq_length: 64, load_in_4bit: true}}\n"
         "lora: {r: 8, lora_alpha: 16, use_gradient_checkpointing: unsloth}\n"
         f"data: {{path: '{data}'}}\n"
         f"training: {{output_dir: '{out}', max_steps: 2, per_device_train_batch_size: 2, logging_steps: 1, "
