@@ -85,8 +85,16 @@ def is_tied(base) -> bool:
         return False
     try:
         head, _ = _owner(base, "lm_head.weight")
-        embed, _ = _owner(base, "model.embed_tokens.weight")
     except AttributeError:
+        return False
+    # causal LMs hold the embeddings at model.embed_tokens; vision-language models in their text decoder
+    for name in ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight"):
+        try:
+            embed, _ = _owner(base, name)
+            break
+        except AttributeError:
+            continue
+    else:
         return False
     return not any(_is_saved_copy(m) or _is_lora_layer(m) for m in (head, embed))
 
