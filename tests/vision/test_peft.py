@@ -116,3 +116,27 @@ def test_a_choice_of_nothing_is_an_error(vision_folder):
 def test_fold():
     names = [f"a.layers.{i}.q" for i in range(3)] + ["a.merger.mlp.0", "a.merger.mlp.2", "lm_head"]
     assert fold(names) == ["a.layers.{0-2}.q", "a.merger.mlp.{0,2}", "lm_head"]
+
+
+def test_a_saved_adapter_loads_back_trainable(vision_folder, tmp_path):
+    """The notebooks' `FastVisionModel.from_pretrained("lora_model")`: base + the saved adapter, trainable."""
+    from .test_collator import _rows
+    from velotune import UnslothVisionDataCollator
+
+    model, processor = FastVisionModel.from_pretrained(str(vision_folder("llava")), load_in_4bit=False,
+                                                       device_map="cpu")
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, random_state=1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()  # a non-zero adapter, as after training
+    model.save_pretrained(tmp_path / "lora_model")
+    processor.save_pretrained(tmp_path / "lora_model")
+    loaded, loaded_processor = FastVisionModel.from_pretrained(str(tmp_path / "lora_model"), load_in_4bit=False,
+                                                               device_map="cpu")
+    assert type(loaded).__name__ == "VisionPeftModel" and type(loaded_processor) is type(processor)
+    batch = UnslothVisionDataCollator(model, processor)(_rows())
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+    assert any(p.requires_grad for n, p in loaded.named_parameters() if "lora_" in n)

@@ -251,25 +251,30 @@ def _set_checkpointing(model, mode) -> None:
         model.config.use_cache = False
 
 
-def load_adapter_model(folder: Path, load_base, **base_kwargs):
+def load_adapter_model(folder: Path, load_base, *, peft_class: type[VelotunePeftModel] = VelotunePeftModel,
+                       load_saved_tokenizer=None, **base_kwargs):
     """A saved adapter folder -> (base + trainable adapter, tokenizer), like the seed's
-    "Loading LoRA adapters for continued finetuning"."""
+    "Loading LoRA adapters for continued finetuning". `load_saved_tokenizer(folder)` reads the tokenizer
+    (or processor) saved beside the adapter (default: AutoTokenizer); `peft_class` as in get_peft_model."""
     adapter_config = json.loads((folder / "adapter_config.json").read_text())
     base_name = adapter_config.get("base_model_name_or_path")
     if not base_name:
         raise ValueError(f"{folder / 'adapter_config.json'} does not name its base model (base_model_name_or_path)")
     model, tokenizer = load_base(base_name, **base_kwargs)
     if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        from transformers import AutoTokenizer
+        if load_saved_tokenizer is None:
+            from transformers import AutoTokenizer
 
-        saved = AutoTokenizer.from_pretrained(folder)
-        if len(saved) != len(tokenizer):
-            model.resize_token_embeddings(len(saved))
+            load_saved_tokenizer = AutoTokenizer.from_pretrained
+        saved = load_saved_tokenizer(folder)
+        size = len(getattr(saved, "tokenizer", saved))  # a processor's size is its tokenizer's
+        if size != len(getattr(tokenizer, "tokenizer", tokenizer)):
+            model.resize_token_embeddings(size)
         tokenizer = saved
     _set_checkpointing(model, True)
     config = LoraConfig.from_pretrained(folder)
     config.inference_mode = False
-    peft_model = VelotunePeftModel(model, config)
+    peft_model = peft_class(model, config)
     result = set_peft_model_state_dict(peft_model, load_peft_weights(str(folder), device=str(model.device)))
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing:

@@ -68,6 +68,16 @@ def from_pretrained(model_name: str | os.PathLike, max_seq_length: int = 2048, d
     device = resolve_device(device_map)
     dtype = resolve_dtype(dtype, device)
     source = resolve_source(model_name, token=token, revision=revision)
+    if (source.folder / "adapter_config.json").is_file():  # the notebooks' "lora_model": base + trainable adapter
+        from ..lora.peft_model import load_adapter_model
+        from .peft import VisionPeftModel
+
+        return load_adapter_model(
+            source.folder, from_pretrained, peft_class=VisionPeftModel,
+            load_saved_tokenizer=lambda folder: load_processor(folder, trust_remote_code),
+            max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
+            use_gradient_checkpointing=use_gradient_checkpointing, device_map=device_map, token=token,
+            trust_remote_code=trust_remote_code)
     if source.gguf_file is not None:
         raise ValueError(f"{model_name}: FastVisionModel loads transformers folders (config.json + safetensors), "
                          "not GGUF files")
