@@ -11,6 +11,13 @@ def _base(model):
     return get() if get is not None else model
 
 
+def _set_cache(model, on: bool) -> None:
+    """use_cache on the model's config and on its text decoder's (composite configs keep it there)."""
+    config = _base(model).config
+    for cfg in {id(c): c for c in (config, config.get_text_config())}.values():
+        cfg.use_cache = on
+
+
 class FastVisionModel:
     """Namespace of the Unsloth API's vision model functions; never instantiated."""
 
@@ -22,12 +29,12 @@ class FastVisionModel:
         """Evaluation mode with the KV cache on; generation runs transformers' loop (the fast engine serves
         text-only decoders). Returns the model."""
         model.eval()
-        _base(model).config.use_cache = True
+        _set_cache(model, True)
         return model
 
     @staticmethod
     def for_training(model):
         """Training mode with the KV cache off; returns the model."""
         model.train()
-        _base(model).config.use_cache = False
+        _set_cache(model, False)
         return model
