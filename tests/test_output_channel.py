@@ -11,10 +11,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "velotune"
 SRC = str(PACKAGE.parent)
 
-# The command line (velotune.cli, velotune.cli_*) prints by design. The others still print and are to
-# move to the logger (their owners: the memory estimate's line, GRPO's reward plot and step table); the
-# list only shrinks.
-KNOWN_PRINTERS = {"velotune.training.memory", "velotune.rl.callbacks", "velotune.rl.trainer"}
+# The command line (velotune.cli, velotune.cli_*) prints by design; nothing else in the library does
+# (the list only shrinks, and it is empty).
+KNOWN_PRINTERS: set[str] = set()
 
 
 def _printers() -> set[str]:

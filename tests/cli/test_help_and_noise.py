@@ -107,8 +107,8 @@ def test_our_calls_raise_no_future_warning(tmp_path):
 
 @pytest.mark.parametrize("near_the_limit", [False, True])
 def test_memory_estimate_line_is_shown_once(near_the_limit, capsys, caplog):
-    """Logged as a warning near the device's memory, printed otherwise; never both (both reached
-    the terminal: the line twice)."""
+    """Logged (a warning near the device's memory, else info) and never also printed: both reached
+    the terminal, the line twice."""
     import torch
 
     from velotune.training.memory import GIB, MemoryEstimate, check_memory

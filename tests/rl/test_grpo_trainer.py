@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -36,7 +37,8 @@ def trainer(tiny_llama_dir, tmp_path, funcs=(by_length,), dataset=None, **overri
                        args=config(tmp_path, **overrides), train_dataset=dataset if dataset is not None else rows())
 
 
-def test_steps_log_what_users_watch_and_plot_the_reward(tiny_llama_dir, tmp_path, capsys):
+def test_steps_log_what_users_watch_and_plot_the_reward(tiny_llama_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="velotune")
     t = trainer(tiny_llama_dir, tmp_path, sample_completions_steps=1)
     before = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
     t.train()
@@ -46,8 +48,9 @@ def test_steps_log_what_users_watch_and_plot_the_reward(tiny_llama_dir, tmp_path
                 "clip_ratio/region_mean", "entropy"):
         assert all(math.isfinite(e[key]) for e in logs), key
     assert (tmp_path / PLOT_NAME).read_bytes()[:4] == b"\x89PNG"
-    printed = capsys.readouterr().out
-    assert "sample completions at step 1" in printed and "by_length=" in printed
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "sample completions at step 1" in logged and "by_length=" in logged
+    assert f"reward plot written to {tmp_path / PLOT_NAME}" in logged
     changed = [n for n, p in t.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed, "no adapter weight moved"
 

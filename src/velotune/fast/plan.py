@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .. import settings as env
+from ..kernels import set_fast_launch
 from .checkpointing import OFFLOAD_MIN_TOKENS
 
 logger = logging.getLogger("velotune")
@@ -182,6 +183,7 @@ def plan_step(model: nn.Module, *, training: bool = False, grad: bool = False, l
     # attention dropout could; without it no recomputation needs the random state replayed.
     draws = not fast.fast or getattr(decoder.config, "attention_dropout", 0.0) > 0
     switches = env.current()
+    set_fast_launch(switches.triton_fast_launch)  # kernels/ reads no velotune module: each plan tells it
     asked = switches.return_logits if return_logits is None else bool(return_logits)
     graphs = (checkpoint == "offload" and fast.fast and not draws and switches.cuda_graphs
               and tokens * decoder.config.hidden_size <= MAX_GRAPHED_ELEMENTS)

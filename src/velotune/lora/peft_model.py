@@ -1,4 +1,4 @@
-"""LoRA through PEFT: `get_peft_model` with the seed's arguments, checked loudly, and reloading
+"""LoRA through PEFT: `get_peft_model` with the Unsloth API's arguments, checked loudly, and reloading
 of saved adapter folders.
 
 The returned model is a real `peft.PeftModelForCausalLM` (our subclass), so TRL and
@@ -25,7 +25,7 @@ from ..quant.linear import is_linear4bit
 logger = logging.getLogger("velotune")
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Named in target_modules by the seed's continued-pretraining page; they train fully (modules_to_save).
+# Named in target_modules by the docs' continued-pretraining page; they train fully (modules_to_save).
 FULLY_TRAINED = ("lm_head", "embed_tokens")
 BIAS_CHOICES = ("none", "all", "lora_only")
 CHECKPOINTING_CHOICES = (True, False, "unsloth")
@@ -89,7 +89,7 @@ class VelotunePeftModel(PeftModelForCausalLM):
                 raise
             raise named from error
 
-    # Export (velotune.export): the seed's methods, delegating to functions that take the model.
+    # Export (velotune.export): the Unsloth API's methods, delegating to functions that take the model.
     def save_pretrained_merged(self, save_directory, tokenizer=None, save_method="merged_16bit", **kwargs):
         from ..export import save_pretrained_merged
 
@@ -179,7 +179,7 @@ def get_peft_model(
     peft_class: type[VelotunePeftModel] = VelotunePeftModel,
     **kwargs,
 ):
-    """Attach LoRA adapters (the seed's `FastLanguageModel.get_peft_model`). `peft_class`: the wrapper
+    """Attach LoRA adapters (the Unsloth API's `FastLanguageModel.get_peft_model`). `peft_class`: the wrapper
     returned (FastVisionModel passes its subclass, whose export methods know vision models)."""
     if kwargs:
         logger.warning("velotune: ignoring get_peft_model arguments it does not use: %s", sorted(kwargs))
@@ -253,7 +253,7 @@ def _set_checkpointing(model, mode) -> None:
 
 def load_adapter_model(folder: Path, load_base, *, peft_class: type[VelotunePeftModel] = VelotunePeftModel,
                        load_saved_tokenizer=None, **base_kwargs):
-    """A saved adapter folder -> (base + trainable adapter, tokenizer), like the seed's
+    """A saved adapter folder -> (base + trainable adapter, tokenizer), like the docs'
     "Loading LoRA adapters for continued finetuning". `load_saved_tokenizer(folder)` reads the tokenizer
     (or processor) saved beside the adapter (default: AutoTokenizer); `peft_class` as in get_peft_model."""
     adapter_config = json.loads((folder / "adapter_config.json").read_text())

@@ -53,7 +53,7 @@ class RewardPlotCallback(TrainerCallback):
             return
         path = write_reward_plot(state.log_history, Path(args.output_dir))
         if path is not None:
-            print(f"velotune: reward plot written to {path}")
+            logger.info("velotune: reward plot written to %s", path)
 
 
 def reward_series(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:

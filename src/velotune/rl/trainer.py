@@ -381,7 +381,7 @@ class GRPOTrainer(Trainer):
             each = ", ".join(f"{n}={scores[i, j].item():.2f}" for j, n in enumerate(names))
             lines.append(f"--- prompt: {str(prompt)[-200:]!r}\n    completion: {texts[i][:500]!r}\n    reward "
                          f"{rewards[i].item():.3f} ({each})")
-        print("\n".join(lines), flush=True)
+        logger.info("\n".join(lines))
 
     def log(self, logs, start_time=None):
         if self.model.training and "loss" in logs:

@@ -244,12 +244,10 @@ def advice(est: MemoryEstimate) -> str:
 
 
 def check_memory(est: MemoryEstimate, available: int, mode: str, device: torch.device) -> str:
-    """Print the estimate next to the device's memory; error/warn when it clearly will not fit."""
+    """Log the estimate next to the device's memory (a warning near the limit); error/warn when it
+    clearly will not fit."""
     line = f"velotune memory estimate: {est.describe()}; {device.type} has {available / GIB:.2f} GiB"
-    if est.total > 0.9 * available:
-        logger.warning(line)  # logged or printed, never both: the same line twice on a terminal was noise
-    else:
-        print(line)
+    logger.log(logging.WARNING if est.total > 0.9 * available else logging.INFO, line)
     if mode == "off":
         return line
     if est.host > 0.8 * host_memory():
