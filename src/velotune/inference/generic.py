@@ -8,6 +8,8 @@ answers for every model `from_pretrained` loads.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
 
@@ -38,9 +40,11 @@ def generate(model, prompts, params: SamplingParams, eos_ids: set[int], tokenize
     seen = counts = None
     with eval_mode(model), torch.no_grad():
         cache = DynamicCache(config=causal.config)
+        # transformers 5.2x renamed past_key_values to cache (the old name is deprecated): pass the one it takes
+        name = "cache" if "cache" in inspect.signature(causal.forward).parameters else "past_key_values"
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = causal(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True).logits[:, -1].float()
+        logits = causal(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        **{name: cache}).logits[:, -1].float()
         if params.needs_seen:
             seen = torch.zeros_like(logits, dtype=torch.bool)
             seen.scatter_(1, ids, mask.bool())
@@ -70,5 +74,5 @@ def generate(model, prompts, params: SamplingParams, eos_ids: set[int], tokenize
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             positions = positions[:, -1:] + 1
             logits = causal(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True).logits[:, -1].float()
+                            use_cache=True, **{name: cache}).logits[:, -1].float()
             step += 1
