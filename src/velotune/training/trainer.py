@@ -43,7 +43,7 @@ from .run_lock import RunLock, check_free
 
 logger = logging.getLogger("velotune")
 
-# Older trainer keywords (TRL < 0.20 and the seed) that now live in SFTConfig, under their new names.
+# Older trainer keywords (TRL < 0.20 and the docs) that now live in SFTConfig, under their new names.
 RENAMED = {"max_seq_length": "max_length"}
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 # Arguments that hold credentials: never pickled into a checkpoint's training_args.bin.
@@ -119,7 +119,7 @@ class SFTTrainer(TRLSFTTrainer):
     """TRL's SFTTrainer with the Unsloth API's arguments and velotune's checks and reports.
 
     Accepts both `SFTTrainer(model, tokenizer=..., dataset_text_field=..., max_seq_length=...,
-    packing=..., dataset_num_proc=..., args=TrainingArguments(...))` (the seed) and TRL 1.x's
+    packing=..., dataset_num_proc=..., args=TrainingArguments(...))` (the docs) and TRL 1.x's
     `SFTTrainer(model, processing_class=..., args=SFTConfig(...))`.
     """
 
