@@ -1,0 +1,169 @@
+"""Vision LoRA / QLoRA training-step benchmark: velotune's FastVisionModel beside Unsloth's (issue 20 item 7).
+
+Qwen2.5-VL-7B or Llama-3.2-11B-Vision shapes with random weights, written once as a checkpoint folder with a
+processor (tests/vision/tiny.py's character tokenizer with the family's special tokens, the family's image
+processor at the docs' image sizes), then loaded by each stack as users load it: from_pretrained,
+get_peft_model (all four switches on, r=16), the stack's vision collator on a batch of image+text rows
+(coloured shapes with captions), AdamW. Tokens/s is the median step after warm-up over the batch's
+non-padding tokens (image tokens included); peak allocated and reserved GPU memory. Each stack runs in its
+own process.
+
+  PYTHONPATH=src:. python bench/bench_vision.py make --shape qwen2_5_vl_7b --out /tmp/v_qwen
+  PYTHONPATH=src:. python bench/bench_vision.py run --model /tmp/v_qwen --stack velotune --quant nf4
+  PYTHONPATH=src:.:.peers python bench/bench_vision.py run --model /tmp/v_qwen --stack unsloth --quant nf4
+  PYTHONPATH=src:. python bench/bench_vision.py dry-run      # tiny shape on the CPU, both steps of the above
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# Real models' shapes (their config.json), random weights.
+SHAPES = {
+    "qwen2_5_vl_7b": ("qwen2_5_vl", dict(
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000,
+                  rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                    patch_size=14, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+        image_processor=dict(patch_size=14, size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}))),
+    "llama32_11b_vision": ("mllama", dict(
+        text=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=40, num_attention_heads=32,
+                  num_key_value_heads=8, vocab_size=128256, cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38],
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192}),
+        vision=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_global_layers=8,
+                    attention_heads=16, image_size=560, patch_size=14, max_num_tiles=4, vision_output_dim=7680,
+                    intermediate_layers_indices=[3, 7, 15, 23, 30]),
+        image_processor=dict(size={"height": 560, "width": 560}, max_image_tiles=4))),
+    "tiny": ("qwen2_vl", None),
+}
+
+
+DERIVED = ("layer_types", "head_dim")  # recomputed from the sizes by the config classes
+
+
+def resized_config(config, sizes: dict):
+    """The tiny config (its token ids) with the real model's text and vision sizes."""
+    values = config.to_dict()
+    for part in ("text", "vision"):
+        old = {k: v for k, v in values[f"{part}_config"].items() if k not in DERIVED}
+        values[f"{part}_config"] = {**old, **sizes[part]}
+    return type(config)(**values)
+
+
+def make(shape: str, out: Path) -> None:
+    import torch
+    import transformers as T
+
+    from tests.vision import tiny
+
+    family, sizes = SHAPES[shape]
+    model, processor = tiny.build(family)
+    if sizes is not None:
+        config = resized_config(model.config, sizes)
+        for key, value in sizes["image_processor"].items():
+            setattr(processor.image_processor, key, value)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = T.AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out, max_shard_size="5GB")
+    processor.save_pretrained(out)
+    print(f"wrote {shape} ({family}) to {out}")
+
+
+def rows(count: int, size: int):
+    from PIL import Image, ImageDraw
+
+    colours = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220)}
+    out = []
+    for i in range(count):
+        name = list(colours)[i % 3]
+        image = Image.new("RGB", (size, size * 3 // 4), (255, 255, 255))
+        ImageDraw.Draw(image).ellipse((size // 8, size // 8, size * 7 // 8, size * 5 // 8), fill=colours[name])
+        out.append({"messages": [
+            {"role": "user", "content": [{"type": "image", "image": image},
+                                         {"type": "text", "text": "Describe accurately what you see in this image."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": f"A {name} ellipse on white. " * 4}]}]})
+    return out
+
+
+def run(args) -> dict:
+    import torch
+
+    if args.stack == "unsloth":
+        import unsloth  # noqa: F401 - first, as Unsloth asks
+        from unsloth import FastVisionModel
+        from unsloth.trainer import UnslothVisionDataCollator
+    else:
+        from velotune import FastVisionModel, UnslothVisionDataCollator
+    cuda = torch.cuda.is_available()
+    model, processor = FastVisionModel.from_pretrained(args.model, load_in_4bit=args.quant == "nf4",
+                                                       use_gradient_checkpointing="unsloth")
+    model = FastVisionModel.get_peft_model(model, finetune_vision_layers=True, finetune_language_layers=True,
+                                           finetune_attention_modules=True, finetune_mlp_modules=True, r=16,
+                                           lora_alpha=16, lora_dropout=0, bias="none", random_state=3407)
+    FastVisionModel.for_training(model)
+    collate = UnslothVisionDataCollator(model, processor)
+    batch = collate(rows(args.batch, args.image))
+    device = next(p for p in model.parameters() if p.device.type != "meta").device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    tokens = int(batch["attention_mask"].sum())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    step = statistics.median(times[min(2, len(times) - 1):])
+    result = {"stack": args.stack, "quant": args.quant, "batch": args.batch, "image": args.image,
+              "tokens": tokens, "tokens_per_s": round(tokens / step, 1), "step_s": round(step, 4),
+              "loss": round(float(loss.detach()), 4),
+              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+              "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None}
+    print("RESULT", json.dumps(result))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=("make", "run", "dry-run"))
+    parser.add_argument("--shape", default="qwen2_5_vl_7b", choices=sorted(SHAPES))
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--model")
+    parser.add_argument("--stack", default="velotune", choices=("velotune", "unsloth"))
+    parser.add_argument("--quant", default="nf4", choices=("nf4", "none"))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--image", type=int, default=512, help="image width in px (the docs advise 300-1000)")
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    if args.command == "make":
+        make(args.shape, args.out)
+    elif args.command == "run":
+        run(args)
+    else:
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp()) / "tiny"
+        make("tiny", folder)
+        args.model, args.steps, args.image, args.quant = str(folder), 2, 64, "none"
+        run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
