@@ -1,4 +1,4 @@
-"""get_peft_model: real PEFT adapters with the seed's arguments, interchangeable with transformers'."""
+"""lora/peft_model.py: get_peft_model makes real PEFT adapters from the Unsloth API's arguments, interchangeable with transformers'."""
 
 from __future__ import annotations
 
