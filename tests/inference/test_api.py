@@ -11,7 +11,6 @@ import velotune
 from tiny.families import make_config, randomize_
 from velotune import FastLanguageModel, SamplingParams
 from velotune.inference import engine, generate_batch
-from velotune.inference import fast_generate as fast_generate_on
 from velotune.inference.cache import StaticKVCache
 from velotune.lora import get_peft_model
 from velotune.models import model_class_for
@@ -115,9 +114,7 @@ def test_docs_fast_generate_snippet_on_smollm2(smollm2):
     text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                          tokenize=False, add_generation_prompt=True)
     sampling_params = SamplingParams(temperature=0, top_p=0.95, max_tokens=24)
-    # The plain causal LM gets `model.fast_generate` from models/decoder.py (delegating to its
-    # generation_engine, as VelotunePeftModel does); until then through the engine object.
-    fast_generate = getattr(model, "fast_generate", None) or (lambda *a, **k: fast_generate_on(model, *a, **k))
+    fast_generate = model.fast_generate  # the docs' call on the model from_pretrained returned
     output = fast_generate([text], sampling_params=sampling_params, lora_request=None)[0].outputs[0].text
     assert "Paris" in output
     stopped = fast_generate(text, sampling_params=SamplingParams(temperature=0, max_tokens=24, stop=["Paris"]))
@@ -227,3 +224,17 @@ def test_batch_with_finishing_rows_equals_each_prompt_alone():
     together = [r.outputs[0].token_ids for r in generate_batch(model, prompts, stopped)]
     assert together == alone
     assert len({len(ids) for ids in alone}) > 2  # rows did finish at different steps
+
+
+def test_a_causal_lm_built_without_from_pretrained_says_what_fast_generate_needs():
+    from tiny.families import make_config
+
+    from velotune.models import model_class_for
+
+    config = make_config("llama")
+    model = model_class_for(config)(config)
+    with pytest.raises(AttributeError, match="FastLanguageModel.from_pretrained"):
+        model.fast_generate([[1, 2, 3]])
+    ids = torch.tensor([[1, 5, 7]])
+    assert model.generate(input_ids=ids, max_new_tokens=2, do_sample=False).shape == (1, 5)  # transformers' loop
+

@@ -226,9 +226,31 @@ class DecoderForCausalLM(PreTrainedModel, GenerationMixin):
 
     def generate(self, *args, **kwargs):
         """GenerationMixin.generate, also given a tokenizer's BatchEncoding as `inputs`/`input_ids`
-        (the docs' `model.generate(input_ids=inputs, ...)` on transformers 5; see generation.py)."""
+        (the docs' `model.generate(input_ids=inputs, ...)` on transformers 5; see generation.py).
+        After `FastLanguageModel.for_inference` the generation engine runs it."""
         args, kwargs = unpack_generate_inputs(args, kwargs)
+        engine = getattr(self, "generation_engine", None)
+        if engine is not None:
+            return engine.generate(self, super().generate, *args, **kwargs)
         return super().generate(*args, **kwargs)
+
+    # Generation as the docs' GRPO notebooks call it (vLLM's API), on the engine from_pretrained
+    # attaches as `generation_engine` (velotune.inference sits above this package: no import).
+    def fast_generate(self, *args, **kwargs):
+        return self._engine().fast_generate(self, *args, **kwargs)
+
+    def save_lora(self, save_directory) -> None:
+        self._engine().save_lora(self, save_directory)
+
+    def load_lora(self, save_directory, load_tensors: bool = True):
+        return self._engine().load_lora(self, save_directory)
+
+    def _engine(self):
+        engine = getattr(self, "generation_engine", None)
+        if engine is None:
+            raise AttributeError("fast_generate, save_lora and load_lora need the model FastLanguageModel."
+                                 "from_pretrained returned (it attaches velotune's generation engine)")
+        return engine
 
     def save_pretrained(self, save_directory, *args, safe_serialization=True, **kwargs):
         """transformers' save_pretrained (always safetensors in 5.x); a notice when .bin was asked for."""
