@@ -141,3 +141,12 @@ def test_max_seq_length_cuts_text_but_never_an_image():
     assert torch.equal(cut["labels"], full["labels"][:, :-10])
     with pytest.raises(ValueError, match="image tokens beyond max_seq_length=5"):
         UnslothVisionDataCollator(model, processor, max_seq_length=5)(rows)
+
+
+def test_a_template_that_renders_turns_differently_in_context_is_refused():
+    """A template whose earlier turns change with what follows cannot be masked by rendering prefixes."""
+    model, processor = tiny.build("qwen2_vl")
+    processor.chat_template = processor.chat_template.replace(
+        "<|im_end|>\n{% endfor %}", "{% if loop.last %}<|im_end|>{% else %}<|im_end|>\n{% endif %}{% endfor %}")
+    with pytest.raises(ValueError, match="row 0 of the batch: the conversation rendered up to its turn 1"):
+        UnslothVisionDataCollator(model, processor)(_rows()[:1])

@@ -95,24 +95,35 @@ class VisionDataCollator:
         return self.processor.apply_chat_template(_strip(messages), tokenize=False,
                                                   add_generation_prompt=generation_prompt)
 
-    def _length(self, text: str, images: list) -> int:
-        """Tokens the processor makes of `text` with its images (image tokens expanded)."""
+    def _ids(self, text: str, images: list) -> list[int]:
+        """The processor's token ids of `text` with its images (image tokens expanded)."""
         count = text.count(self._image_marker()) if images else 0
         batch = self.processor(text=[text], images=[images[:count]] if count else None, add_special_tokens=False,
                                return_tensors="pt")
-        return int(batch["input_ids"].shape[1])
+        return batch["input_ids"][0].tolist()
 
     def _image_marker(self) -> str:
         return _image_marker(self.processor)
 
-    def _answer_spans(self, messages, images) -> list[tuple[int, int]]:
+    def _answer_spans(self, messages, images, row: list[int], b: int) -> list[tuple[int, int]]:
+        """(start, end) token positions of each assistant answer in `row` (the row's ids without padding).
+
+        Each boundary is checked: the ids of the conversation rendered up to it must be exactly the row's
+        first ids, else the template renders turns differently in context (or the tokenizer merges across
+        the boundary) and the answer cannot be located; that is an error, never a guess."""
         spans = []
         for i, turn in enumerate(messages):
             if turn.get("role") not in ("assistant", "model", "gpt"):
                 continue
-            start = self._length(self._render(messages[:i], True), images)
-            end = self._length(self._render(messages[: i + 1], False), images)
-            spans.append((start, end))
+            before = self._ids(self._render(messages[:i], True), images)
+            through = self._ids(self._render(messages[: i + 1], False), images)
+            for part in (before, through):
+                if row[: len(part)] != part:
+                    raise ValueError(
+                        f"row {b} of the batch: the conversation rendered up to its turn {i} (the assistant's) does "
+                        "not tokenize as the start of the whole conversation, so the answer's tokens cannot be "
+                        "located. The chat template must render earlier turns the same whatever follows them")
+            spans.append((len(before), len(through)))
         return spans
 
     # ----- the batch -----
@@ -131,12 +142,9 @@ class VisionDataCollator:
         lengths = batch["attention_mask"].sum(-1).tolist() if "attention_mask" in batch else [ids.shape[1]] * len(rows)
         for b, (messages, imgs) in enumerate(rows):
             full = int(lengths[b])
-            for start, end in self._answer_spans(messages, imgs):
-                if not 0 <= start <= end <= full:
-                    raise ValueError(f"row {b} of the batch: the chat template does not render the conversation up to "
-                                     "an assistant turn as a prefix of the whole conversation, so the answer tokens "
-                                     "cannot be located; use a template without per-turn variations")
-                offset = self._row_offset(batch, b, full)
+            offset = self._row_offset(batch, b, full)
+            row = ids[b, offset: offset + full].tolist()
+            for start, end in self._answer_spans(messages, imgs, row, b):
                 labels[b, offset + start: offset + end] = ids[b, offset + start: offset + end]
         if self.image_token_ids:
             labels[torch.isin(labels, torch.tensor(sorted(self.image_token_ids)))] = self.ignore_index
