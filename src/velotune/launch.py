@@ -101,6 +101,9 @@ def process_device(device_map, launch: Launch | None = None) -> torch.device | N
         return torch.device("cpu")
     check_gpu_count(launch)
     own = torch.device("cuda", launch.local_rank)
+    # The current device too, as every DDP script does first: Triton kernels, the offloading
+    # checkpoint's side stream and bare "cuda" tensors then land on this rank's GPU, not on cuda:0.
+    torch.cuda.set_device(own)
     if device_map in (None, "sequential"):  # from_pretrained's default: this rank's GPU
         return own
     targets = set(device_map.values()) if isinstance(device_map, dict) else {device_map}

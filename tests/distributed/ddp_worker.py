@@ -56,24 +56,29 @@ def ddp_facts(trainer) -> dict:
             "frozen": sum(1 for _, p in wrapped.module.named_parameters() if not p.requires_grad)}
 
 
-def load(folder: str, nf4: bool = False):
-    """The tiny Llama with LoRA, the fast path and the offloading checkpoint forced on the CPU."""
-    model, tokenizer = FastLanguageModel.from_pretrained(folder, load_in_4bit=nf4, device_map="cpu", max_seq_length=64)
+def load(folder: str, nf4: bool = False, cuda: bool = False):
+    """The tiny Llama with LoRA and the offloading checkpoint from the first token; on the CPU the fast
+    path is forced on. On CUDA each process's copy goes where velotune puts it (no device_map), in fp32."""
+    placement = dict(dtype=torch.float32) if cuda else dict(device_map="cpu")
+    model, tokenizer = FastLanguageModel.from_pretrained(folder, load_in_4bit=nf4, max_seq_length=64, **placement)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3407,
                                              use_gradient_checkpointing="unsloth")
     settings = runtime_settings(model)
-    settings.fast_path, settings.offload_on_cpu, settings.offload_min_tokens = True, True, 0
+    settings.offload_min_tokens = 0
+    if not cuda:
+        settings.fast_path, settings.offload_on_cpu = True, True
     return model, tokenizer
 
 
 def train(options, out: str, resume: bool = False, callbacks=None):
     """Build and run one trainer; returns it."""
-    model, tokenizer = load(options.folder, getattr(options, "nf4", False))
+    cuda = getattr(options, "cuda", False)
+    model, tokenizer = load(options.folder, getattr(options, "nf4", False), cuda)
     save = dict(save_strategy="steps", save_steps=options.save_steps) if options.save_steps else dict(save_strategy="no")
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=options.batch,
                              gradient_accumulation_steps=options.accum, max_steps=options.steps, learning_rate=1e-2,
                              logging_steps=1, report_to="none", optim="adamw_torch", seed=0, bf16=False, fp16=False,
-                             disable_tqdm=True, dataset_num_proc=None, use_cpu=True, max_length=64, ddp_timeout=120,
+                             disable_tqdm=True, dataset_num_proc=None, use_cpu=not cuda, max_length=64, ddp_timeout=120,
                              **save, **options.extra)
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_dict({"text": rows(48)}),
                          args=args, callbacks=callbacks)
@@ -90,8 +95,23 @@ def report(trainer, out: str) -> None:
     result = {"rank": args.process_index, "world_size": args.world_size, "global_step": trainer.state.global_step,
               "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
               "summary": trainer.summary.last_summary, "checkpoint": plan.checkpoint, "fast": plan.fast,
+              "device": str(next(trainer.model.parameters()).device),
               **ddp_facts(trainer)}
     (Path(out) / f"result-{args.process_index}.json").write_text(json.dumps(result))
+
+
+def references(options) -> None:
+    """The one-process runs a DDP run (in --references) is compared with, in one process: global batch
+    4 as batch 4, as batch 2 x accumulation 2, and batch 4 resuming the DDP run's first checkpoint."""
+    ddp = Path(options.references)
+    options.batch, options.accum = 4, 1
+    report(train(options, options.out + "/batch4"), options.out + "/batch4")
+    options.batch, options.accum = 2, 2
+    report(train(options, options.out + "/accum2"), options.out + "/accum2")
+    options.batch, options.accum = 4, 1
+    resumed = Path(options.out) / "resumed1"
+    shutil.copytree(ddp / f"checkpoint-{options.resume_from}", resumed / f"checkpoint-{options.resume_from}")
+    report(train(options, str(resumed), resume=True), str(resumed))
 
 
 def main() -> None:
@@ -108,9 +128,13 @@ def main() -> None:
     parser.add_argument("--resume-from", default=None, help="then resume on these ranks from this checkpoint step")
     parser.add_argument("--find-unused", action="store_true", help="ddp_find_unused_parameters=True")
     parser.add_argument("--nf4", action="store_true", help="load the base weights in NF4 (QLoRA)")
+    parser.add_argument("--cuda", action="store_true", help="train on the GPUs (NCCL), one per rank")
+    parser.add_argument("--references", default=None, help="a DDP run's --out: run its one-process references")
     options = parser.parse_args()
     options.extra = {"ddp_find_unused_parameters": True} if options.find_unused else {}
     torch.set_num_threads(1)
+    if options.references:
+        return references(options)
     callbacks = [FailAt(options.fail_rank, options.fail_step)] if options.fail_rank >= 0 else None
     trainer = train(options, options.out, options.resume, callbacks)
     report(trainer, options.out)
