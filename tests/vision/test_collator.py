@@ -36,7 +36,8 @@ def _rows():
     two = {"messages": [
         {"role": "user", "content": [{"type": "text", "text": "What is it?"}, {"type": "image", "image": _image()}]},
         {"role": "assistant", "content": [{"type": "text", "text": "a red square"}]},
-        {"role": "user", "content": [{"type": "image", "image": _image((20, 20, 220))}, {"type": "text", "text": "And?"}]},
+        {"role": "user", "content": [{"type": "image", "image": _image((20, 20, 220))},
+                                     {"type": "text", "text": "And?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "blue"}]}]}
     return [one, two]
 

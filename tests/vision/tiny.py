@@ -16,7 +16,8 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "mllama", "llava", "gemma3")
 _CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
 
 _CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-           "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+           "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+           "{% for part in message['content'] %}"
            "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
            "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
            "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -26,8 +27,9 @@ _LLAMA3 = ("{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ me
            "{% endfor %}{% endif %}<|eot_id|>{% endfor %}"
            "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 _MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]"
-            "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
-            "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+            "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+            "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+            "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
             "{% endfor %}{% endif %}[/INST]{% else %}{% if message['content'] is string %}{{ message['content'] }}"
             "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}{{ eos_token }}"
             "{% endif %}{% endfor %}")

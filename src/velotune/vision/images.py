@@ -56,7 +56,8 @@ def check_resize(resize) -> None:
     if isinstance(resize, bool) or not (isinstance(resize, int) and resize > 0 or isinstance(resize, tuple)
                                         and len(resize) == 2 and all(isinstance(v, int) and v > 0 for v in resize)):
         raise ValueError(f"resize={resize!r}: pass the longest side in pixels (an int, e.g. 512; the docs advise "
-                         f"{ADVISED[0]}-{ADVISED[1]}), an exact (width, height), or None to keep the images as they are")
+                         f"{ADVISED[0]}-{ADVISED[1]}), an exact (width, height), or None to keep the images as "
+                         "they are")
 
 
 def resized(image: Image.Image, resize) -> Image.Image:

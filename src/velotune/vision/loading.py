@@ -58,7 +58,8 @@ def from_pretrained(model_name: str | os.PathLike, max_seq_length: int = 2048, d
     kwargs.pop("load_in_8bit", None)
     kwargs.pop("full_finetuning", None)
     if kwargs:
-        logger.warning("velotune: FastVisionModel.from_pretrained ignores arguments it does not use: %s", sorted(kwargs))
+        logger.warning("velotune: FastVisionModel.from_pretrained ignores arguments it does not use: %s",
+                       sorted(kwargs))
     if use_gradient_checkpointing not in CHECKPOINTING_CHOICES or isinstance(use_gradient_checkpointing, int) \
             and not isinstance(use_gradient_checkpointing, bool):
         raise ValueError(f"use_gradient_checkpointing={use_gradient_checkpointing!r}: allowed values are True, False "

@@ -57,5 +57,5 @@ def image_only_processor(processor_cls):
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         processor_cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-    return type(processor_cls.__name__, (processor_cls,), {"__init__": __init__, "__doc__": image_only_processor.__doc__,
-                                                          "__module__": __name__})
+    members = {"__init__": __init__, "__doc__": image_only_processor.__doc__, "__module__": __name__}
+    return type(processor_cls.__name__, (processor_cls,), members)
