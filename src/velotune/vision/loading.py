@@ -45,6 +45,30 @@ def check_vision_config(config, name) -> None:
                      f"loads {supported_list()}")
 
 
+def _nf4_runs(device, dtype) -> bool:
+    ok, reason = nf4_available(device)
+    if not ok:
+        logger.warning("velotune: load_in_4bit=True but 4-bit NF4 cannot run here (%s); loading %s weights", reason,
+                       dtype)
+    return ok
+
+
+def quantize_onto(model, device, skip: tuple[str, ...], dtype) -> int:
+    """NF4 for the text decoder, one decoder layer at a time moved to `device` and quantized there; returns
+    how many linear layers were quantized. Models without `model.language_model.layers` are moved whole
+    and quantized with the same skip list."""
+    try:
+        layers = model.get_submodule("model.language_model.layers")
+    except AttributeError:
+        model.to(device)
+        return len(quantize_model_(model, skip_modules=skip, compute_dtype=dtype))
+    count = 0
+    for layer in layers:
+        layer.to(device)
+        count += len(quantize_model_(layer, skip_modules=(), compute_dtype=dtype))
+    return count
+
+
 def from_pretrained(model_name: str | os.PathLike, max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = True,
                     use_gradient_checkpointing="unsloth", device_map="sequential", token=None, revision=None,
                     trust_remote_code: bool = False, **kwargs):
@@ -85,22 +109,23 @@ def from_pretrained(model_name: str | os.PathLike, max_seq_length: int = 2048, d
     config = AutoConfig.from_pretrained(source.folder, trust_remote_code=trust_remote_code)
     check_vision_config(config, model_name)
     processor = load_processor(source.folder, trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(source.folder, config=config, dtype=dtype,
-                                                        device_map={"": device}, trust_remote_code=trust_remote_code)
-    if getattr(config, "quantization_config", None) is not None:  # a "bnb-4bit" folder: transformers built the layers
+    prequantized = getattr(config, "quantization_config", None) is not None  # a "bnb-4bit" folder
+    quantize = load_in_4bit and not prequantized and _nf4_runs(device, dtype)
+    # NF4: the 16-bit weights are read into host memory and each text-decoder layer is quantized on `device` as
+    # it moves there, so the accelerator never holds the 16-bit text decoder (an 11B model's 21 GB would not
+    # fit the 16 GB GPUs the docs' notebooks run on).
+    model = AutoModelForImageTextToText.from_pretrained(
+        source.folder, config=config, dtype=dtype, device_map={"": "cpu" if quantize else device},
+        trust_remote_code=trust_remote_code)
+    if prequantized:  # transformers built bitsandbytes' layers
         from ..quant.nf4_linear import adopt_linear4bit_layers_
 
         adopt_linear4bit_layers_(model)  # ours compute the same on every CPU (docs/decisions.md, Loading)
-    elif load_in_4bit:
-        ok, reason = nf4_available(device)
-        if ok:
-            skip = kept_16bit(family_of(config.model_type))
-            quantized = quantize_model_(model, skip_modules=skip, compute_dtype=dtype)
-            logger.info("velotune: %d linear layers of the text decoder in NF4; the vision encoder, projector and "
-                        "lm_head stay %s (vision/families.py kept_16bit says why)", len(quantized), dtype)
-        else:
-            logger.warning("velotune: load_in_4bit=True but 4-bit NF4 cannot run here (%s); loading %s weights",
-                           reason, dtype)
+    elif quantize:
+        count = quantize_onto(model, device, kept_16bit(family_of(config.model_type)), dtype)
+        logger.info("velotune: %d linear layers of the text decoder in NF4; the vision encoder, projector and "
+                    "lm_head stay %s (vision/families.py kept_16bit says why)", count, dtype)
+    model.to(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if fix_pad_token(processor.tokenizer):
