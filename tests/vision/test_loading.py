@@ -69,7 +69,7 @@ def test_qwen_processor_without_torchvision_is_image_only(vision_folder, caplog)
 
 
 def test_text_only_model_points_to_fast_language_model(tmp_path):
-    from tests.tiny.folders import write_tiny_llama
+    from tiny.folders import write_tiny_llama
 
     write_tiny_llama(tmp_path / "llama")
     with pytest.raises(ValueError, match="text-only model.*FastLanguageModel"):
