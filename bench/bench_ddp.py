@@ -110,6 +110,8 @@ def launch(args, nproc: int) -> dict:
     print("$ " + " ".join(command), file=sys.stderr, flush=True)
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    notes = dict.fromkeys(line for line in (done.stdout + done.stderr).splitlines() if "velotune:" in line)
+    sys.stderr.write("".join(f"  [{nproc} proc] {line}\n" for line in notes))  # fast-path and graph decisions, once each
     if done.returncode != 0 or not lines:
         sys.stderr.write(done.stdout[-4000:] + done.stderr[-8000:])
         raise SystemExit(f"the {nproc}-process run failed (exit code {done.returncode})")
