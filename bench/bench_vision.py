@@ -1,7 +1,7 @@
 """Vision LoRA / QLoRA training-step benchmark: velotune's FastVisionModel beside Unsloth's (issue 20 item 7).
 
 Qwen2.5-VL-7B or Llama-3.2-11B-Vision shapes with random weights, written once as a checkpoint folder with a
-processor (tests/vision/tiny.py's character tokenizer with the family's special tokens, the family's image
+processor (tests/tiny/vision.py's character tokenizer with the family's special tokens, the family's image
 processor at the docs' image sizes), then loaded by each stack as users load it: from_pretrained,
 get_peft_model (all four switches on, r=16), the stack's vision collator on a batch of image+text rows
 (coloured shapes with captions), AdamW. Tokens/s is the median step after warm-up over the batch's
@@ -62,7 +62,7 @@ def make(shape: str, out: Path) -> None:
     import torch
     import transformers as T
 
-    from tests.vision import tiny
+    from tests.tiny import vision as tiny
 
     family, sizes = SHAPES[shape]
     model, processor = tiny.build(family)

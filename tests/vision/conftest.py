@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from . import tiny
+from tiny import vision as tiny
 
 
 @pytest.fixture(scope="session")

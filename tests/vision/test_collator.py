@@ -13,9 +13,9 @@ from PIL import Image
 from velotune import UnslothVisionDataCollator
 from velotune.vision.images import ImageError, resized
 
-from . import tiny
+from tiny import vision as tiny
 
-# (assistant header, end of the answer, included) as text, per chat template of tests/vision/tiny.py
+# (assistant header, end of the answer, included) as text, per chat template of tests/tiny/vision.py
 ANSWER_MARKS = {
     "qwen2_vl": ("<|im_start|>assistant\n", "<|im_end|>\n"),
     "qwen2_5_vl": ("<|im_start|>assistant\n", "<|im_end|>\n"),

@@ -14,7 +14,7 @@ from velotune import FastVisionModel
 from velotune.quant import is_linear4bit
 from velotune.vision.families import LANGUAGE, family_of, group_of
 
-from . import tiny
+from tiny import vision as tiny
 
 
 def _batch(processor):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from . import tiny
+from tiny import vision as tiny
 
 # The notebook cells (unsloth's Llama 3.2 Vision / Qwen2-VL notebooks), `unsloth` written `velotune`.
 NOTEBOOK = '''

@@ -10,7 +10,7 @@ import torch
 from velotune import FastVisionModel
 from velotune.vision.peft import fold, select_layers
 
-from . import tiny
+from tiny import vision as tiny
 
 # Per family: the tiny model's linear layers by (tower, kind), written out by hand from transformers'
 # module tree (two text layers; Mllama's second one cross-attends; two vision layers, Mllama one global).
