@@ -47,6 +47,26 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
+    def take(self, index: int, token: int, logprob: float | None, stopper: "StopChecker", on_token=None) -> bool:
+        """Append one sampled token (and its log-probability), stream it as sequence `index`, apply
+        the stopping rules; True while the sequence goes on."""
+        self.tokens.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        if on_token is not None:
+            on_token(index, token)
+        stopper.finish(self)
+        return self.finish_reason is None
+
+
+def note_sampled(tokens: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None) -> None:
+    """Record `tokens` (b,) in the first b rows of the penalties' seen mask and counts (b, V)."""
+    b = tokens.shape[0]
+    if seen is not None:
+        seen[:b].scatter_(1, tokens[:, None], True)
+    if counts is not None:
+        counts[:b].scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=counts.dtype))
+
 
 def base_model(model):
     """The causal LM under a PEFT wrapper (PEFT's LoRA layers live inside it)."""
@@ -267,10 +287,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_ids: s
             tokens = sample(allowed, params, generator, None if seen is None else seen[:b],
                             None if counts is None else counts[:b])  # (b,)
             logps = chosen_logprobs(logits, tokens) if params.logprobs is not None else None
-            if seen is not None:
-                seen[:b].scatter_(1, tokens[:, None], True)
-            if counts is not None:
-                counts[:b].scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=counts.dtype))
+            note_sampled(tokens, seen, counts)
             host.start(tokens, logps)
             if ahead:
                 logits = decode(tokens, positions)
@@ -280,14 +297,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_ids: s
             for row, (s, token) in enumerate(zip(layout, host_tokens)):
                 if s is None or seqs[s].finish_reason is not None:
                     continue
-                seq = seqs[s]
-                seq.tokens.append(token)
-                if host_logps is not None:
-                    seq.logprobs.append(host_logps[row])
-                if on_token is not None:
-                    on_token(s, token)
-                stopper.finish(seq)
-                if seq.finish_reason is None:
+                if seqs[s].take(s, token, None if host_logps is None else host_logps[row], stopper, on_token):
                     alive.append(row)
             if not alive:
                 break

@@ -19,7 +19,7 @@ from .sampling import SamplingParams, chosen_logprobs, sample
 def generate(model, prompts, params: SamplingParams, eos_ids: set[int], tokenizer=None, on_token=None,
              limit: int | None = None):
     from .engine import (Sequence, StopChecker, _before_min_tokens, base_model, check_prompts, context_limit,
-                         eval_mode)
+                         eval_mode, note_sampled)
 
     causal = base_model(model)
     limit = limit or context_limit(causal)
@@ -56,21 +56,11 @@ def generate(model, prompts, params: SamplingParams, eos_ids: set[int], tokenize
             tokens = sample(_before_min_tokens(logits, params, step, suppress), params, generator, seen, counts)
             logps = chosen_logprobs(logits, tokens).tolist() if params.logprobs is not None else None
             for s, token in enumerate(tokens.tolist()):
-                seq = seqs[s]
-                if seq.finish_reason is not None:
-                    continue
-                seq.tokens.append(token)
-                if logps is not None:
-                    seq.logprobs.append(logps[s])
-                if on_token is not None:
-                    on_token(s, token)
-                stopper.finish(seq)
+                if seqs[s].finish_reason is None:
+                    seqs[s].take(s, token, None if logps is None else logps[s], stopper, on_token)
             if all(seq.finish_reason is not None for seq in seqs):
                 return seqs
-            if seen is not None:
-                seen.scatter_(1, tokens[:, None], True)
-            if counts is not None:
-                counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=counts.dtype))
+            note_sampled(tokens, seen, counts)
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             positions = positions[:, -1:] + 1
             logits = causal(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
