@@ -15,7 +15,7 @@ import pytest
 from velotune.cli_checks import ConfigError
 from velotune.cli_launch import check_request, launch_command
 
-from ddp_worker import rows
+from .ddp_worker import rows
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from . import ddp_worker
+from .test_ddp import options
 
-import ddp_worker  # noqa: E402
-from test_ddp import options  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]

@@ -10,7 +10,7 @@ import torch
 from velotune import FastLanguageModel, SFTTrainer, TrainingArguments
 from velotune.launch import Launch, check_gpu_count, current, process_device
 
-from ddp_worker import rows
+from .ddp_worker import rows
 
 
 def launch_env(monkeypatch, world=2, rank=0, local_rank=0, local_world=2):
