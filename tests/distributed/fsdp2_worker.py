@@ -2,7 +2,8 @@
 offloading checkpoint), three AdamW steps; the same script runs unsharded as one plain process.
 
 Started by tests/distributed/test_fsdp2.py; writes `fsdp2-<rank>.json` (mean loss over ranks per step,
-the adapter's weights gathered whole after the last step) into --out.
+the adapter's weights gathered whole after the last step, and the step plan's fast / per_layer /
+checkpoint) into --out.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from velotune import FastLanguageModel
-from velotune.fast.plan import find_decoder, runtime_settings
+from velotune.fast.plan import find_decoder, plan_step, runtime_settings
 
 
 def main() -> None:
@@ -43,6 +44,7 @@ def main() -> None:
         fully_shard(model)
     batch = ids.chunk(world)[rank]  # (4 / world, 24)
     model.train()
+    plan = plan_step(model, training=True, grad=True, labels=True, tokens=batch.numel())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(3):
@@ -62,7 +64,9 @@ def main() -> None:
             adapter[name] = value.flatten()[:16].tolist()
     if rank == 0:
         Path(options.out).mkdir(parents=True, exist_ok=True)
-        (Path(options.out) / f"fsdp2-{world}.json").write_text(json.dumps({"losses": losses, "adapter": adapter}))
+        result = {"losses": losses, "adapter": adapter, "fast": plan.fast, "per_layer": plan.per_layer,
+                  "checkpoint": plan.checkpoint}
+        (Path(options.out) / f"fsdp2-{world}.json").write_text(json.dumps(result))
     if sharded:
         torch.distributed.destroy_process_group()
 

@@ -1,8 +1,7 @@
 """FSDP2 on velotune's model classes (issue 19 item 4's FSDP2 half, as far as it goes today): `fully_shard`
 per decoder layer trains the LoRA model with the offloading checkpoint exactly as unsharded training does
-(gloo, 2 CPU processes, each half the batch), on the plain path. The fast path does not run under FSDP2
-yet: its step plan resolves each layer's weights before FSDP2's per-layer hook gathers them
-(docs/decisions.md, "Many GPUs")."""
+(gloo, 2 CPU processes, each half the batch), on the plain path and on the fast path (whose step plan then
+resolves each layer's projections inside the layer's call, after FSDP2's hook gathered its weights)."""
 
 from __future__ import annotations
 
@@ -17,20 +16,23 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 
-def run(folder, out, nproc: int | None) -> None:
+def run(folder, out, nproc: int | None, fast: bool) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join([str(HERE.parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
     done = subprocess.run([sys.executable, *launcher, str(HERE / "fsdp2_worker.py"), "--folder", str(folder),
-                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+                           "--out", str(out), *(["--fast"] if fast else [])], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
 
-def test_fully_shard_per_decoder_layer_equals_unsharded_training(ddp_tiny_dir, tmp_path):
-    run(ddp_tiny_dir, tmp_path, nproc=2)
-    run(ddp_tiny_dir, tmp_path, nproc=None)
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_fully_shard_per_decoder_layer_equals_unsharded_training(ddp_tiny_dir, tmp_path, fast):
+    run(ddp_tiny_dir, tmp_path, nproc=2, fast=fast)
+    run(ddp_tiny_dir, tmp_path, nproc=None, fast=fast)
     sharded, whole = (json.loads((tmp_path / f"fsdp2-{n}.json").read_text()) for n in (2, 1))
+    assert sharded["fast"] is whole["fast"] is fast and sharded["checkpoint"] == "offload"
+    assert sharded["per_layer"] is fast and whole["per_layer"] is False  # sharded: projections resolved per layer
     assert sharded["losses"] == pytest.approx(whole["losses"], rel=1e-5)
     assert whole["losses"][0] != whole["losses"][-1]
     assert sharded["adapter"].keys() == whole["adapter"].keys() and whole["adapter"]

@@ -93,6 +93,11 @@ class StepPlan:
       needs a mask without tensors).
     recompute: this call re-runs a checkpointed layer for its backward; the layer's output value
       is then dead (only its autograd graph is used), so the fused MLP may skip its forward matmul.
+    per_layer: the weights are sharded (FSDP2's `fully_shard`): each layer's projections are
+      resolved at that layer's call (`layer_plan`), after FSDP2's pre-forward hook has gathered
+      them, and `layers` starts empty. It must: FSDP2 hands every tensor it finds in a layer's
+      call arguments (dataclasses included) to its post-backward hook, and sharded adapters there
+      get plain-tensor gradients ("got mixed torch.Tensor and DTensor").
     """
 
     fast: bool = False
@@ -104,6 +109,7 @@ class StepPlan:
     replay_rng: bool = True
     graphs: bool = False
     recompute: bool = False
+    per_layer: bool = False
 
     def layer(self, index: int) -> LayerPlan | None:
         return self.layers[index] if self.fast else None
@@ -112,7 +118,9 @@ class StepPlan:
         return dataclasses.replace(self, recompute=True)
 
     def with_layer(self, index: int, layer: LayerPlan) -> "StepPlan":
-        return dataclasses.replace(self, layers=self.layers[:index] + (layer,) + self.layers[index + 1:])
+        layers = list(self.layers) + [None] * (index + 1 - len(self.layers))  # a per_layer plan starts empty
+        layers[index] = layer
+        return dataclasses.replace(self, layers=tuple(layers))
 
 
 PLAIN = StepPlan()  # what a module called on its own (outside a decoder call) runs
@@ -185,7 +193,7 @@ def plan_step(model: nn.Module, *, training: bool = False, grad: bool = False, l
     switches = env.current()
     set_fast_launch(switches.triton_fast_launch)  # kernels/ reads no velotune module: each plan tells it
     asked = switches.return_logits if return_logits is None else bool(return_logits)
-    graphs = (checkpoint == "offload" and fast.fast and not draws and switches.cuda_graphs
+    graphs = (checkpoint == "offload" and fast.fast and not draws and switches.cuda_graphs and not fast.per_layer
               and tokens * decoder.config.hidden_size <= MAX_GRAPHED_ELEMENTS)
     return dataclasses.replace(fast, fused_loss=fast.fast and training and grad and labels and not asked,
                                checkpoint=checkpoint, replay_rng=draws, graphs=graphs)
@@ -208,7 +216,6 @@ def _fast_plan(model: nn.Module, decoder, setting: bool | None, device) -> StepP
     where = _device(decoder, device)
     if where.type != "cuda" and setting is not True:
         return StepPlan(reason=f"the model is on {where.type}, the fast path runs on CUDA")
-    from .lora_linear import inspect_projection
     from .lora_mlp import GATED_ACTIVATIONS
 
     warn = where.type == "cuda"
@@ -217,13 +224,45 @@ def _fast_plan(model: nn.Module, decoder, setting: bool | None, device) -> StepP
         if layer.mlp.activation not in GATED_ACTIVATIONS:
             return StepPlan(reason=f"activation {layer.mlp.activation!r} has no gated kernel "
                                    f"(fused: {', '.join(GATED_ACTIVATIONS)})", warn=warn)
-        views = []
-        for name in PROJECTIONS:
-            reason, view = inspect_projection(layer.get_submodule(name))
-            if reason is not None:
-                return StepPlan(reason=f"model.layers.{i}.{name}: {reason}", warn=warn)
-            views.append(view)
-        plans.append(LayerPlan(qkv=tuple(views[:3]), o=(views[3],), mlp=tuple(views[4:])))
+        reason, plan = _inspect_layer(layer)
+        if reason is not None:
+            return StepPlan(reason=f"model.layers.{i}.{reason}", warn=warn)
+        plans.append(plan)
     where_text = "CUDA" if where.type == "cuda" else f"{where.type}, forced by fast_path=True"
-    return StepPlan(fast=True, reason=f"{decoder.config.model_type} on {where_text}; fused LoRA and kernels",
-                    layers=tuple(plans))
+    sharded = _sharded(decoder.layers[0]) if len(decoder.layers) else False
+    return StepPlan(fast=True, reason=f"{decoder.config.model_type} on {where_text}; fused LoRA and kernels"
+                    + ("; projections resolved per layer (sharded weights)" if sharded else ""),
+                    layers=() if sharded else tuple(plans), per_layer=sharded)
+
+
+def _inspect_layer(layer: nn.Module) -> tuple[str | None, LayerPlan | None]:
+    """(None, the layer's fused projections), or ("<projection>: <why not>", None)."""
+    from .lora_linear import inspect_projection
+
+    views = []
+    for name in PROJECTIONS:
+        reason, view = inspect_projection(layer.get_submodule(name))
+        if reason is not None:
+            return f"{name}: {reason}", None
+        views.append(view)
+    return None, LayerPlan(qkv=tuple(views[:3]), o=(views[3],), mlp=tuple(views[4:]))
+
+
+def layer_plan(layer: nn.Module) -> LayerPlan:
+    """A decoder layer's fused projections as they are now: under a `per_layer` plan the layer
+    calls this inside its own forward, where FSDP2 has gathered its weights."""
+    reason, plan = _inspect_layer(layer)
+    if reason is not None:  # the step's plan checked every projection before this call
+        raise RuntimeError(f"a projection stopped being fusable during the step: {reason}")
+    return plan
+
+
+def _sharded(module: nn.Module) -> bool:
+    """Whether `module`'s parameters are DTensors (FSDP2's `fully_shard` shards them between calls)."""
+    import torch
+
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())

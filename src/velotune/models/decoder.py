@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from ..fast.checkpointing import OffloadedCheckpointer, plain_checkpoint
 from ..fast.layer_graphs import ModelGraphs
-from ..fast.plan import PLAIN, FastPathDecoder, RuntimeSettings, StepPlan, plan_step
+from ..fast.plan import PLAIN, FastPathDecoder, RuntimeSettings, StepPlan, layer_plan, plan_step
 from .generation import unpack_generate_inputs
 from .layers import Attention, GatedMLP, make_norm
 from .loss import causal_lm_loss, fused_causal_lm_loss
@@ -47,6 +47,8 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = make_norm(spec, config.hidden_size, eps)
 
     def forward(self, x, cos_sin, masks, cache=None, plan: StepPlan = PLAIN):  # x (B, T, C)
+        if plan.fast and plan.per_layer:  # sharded weights: FSDP2's hook gathered them just now
+            plan = plan.with_layer(self.self_attn.layer_idx, layer_plan(self))
         h = self.self_attn(self.input_layernorm(x, plan), cos_sin, masks, cache, plan)
         if self.sandwich:
             x = x + self.post_attention_layernorm(h, plan)
