@@ -50,9 +50,17 @@ class FastLanguageModel:
         fix_tokenizer: bool = True,
         trust_remote_code: bool = False,
         revision: str | None = None,
+        load_in_fp8: bool = False,
+        fp8_compute: bool = False,
         **kwargs,
     ):
-        """Load (model, tokenizer). See README for the sources and the precision rules."""
+        """Load (model, tokenizer). See README for the sources and the precision rules.
+
+        `load_in_fp8=True`: the projection weights are stored as FP8 e4m3 with row-wise scales
+        (quantized at load from a 16-bit checkpoint; lm_head and embeddings stay 16-bit) and their
+        GEMMs run in FP8. `fp8_compute=True` with 4-bit (or 16-bit) storage: the same FP8 GEMMs,
+        the weights converted just in time. Both need a GPU with FP8 (compute capability 8.9+);
+        elsewhere a notice and the 16-bit path (`VELOTUNE_REQUIRE_FP8=1`: an error instead)."""
         engine = _generation_engine(kwargs)
         if kwargs:
             logger.warning("velotune: ignoring from_pretrained arguments it does not use: %s", sorted(kwargs))
@@ -74,7 +82,9 @@ class FastLanguageModel:
             logger.warning("velotune: full_finetuning=True trains every weight, so the model loads in %s, "
                            "not 4/8-bit", dtype)
             load_in_4bit = load_in_8bit = False
-        quant = _quantization_mode(load_in_4bit, load_in_8bit, device)
+        load_in_fp8, fp8_compute, load_in_4bit = _fp8_mode(load_in_fp8, fp8_compute, load_in_4bit, load_in_8bit,
+                                                           full_finetuning, device)
+        quant = "fp8" if load_in_fp8 else _quantization_mode(load_in_4bit, load_in_8bit, device)
         if source.fixture is not None:
             source = _converted_fixture(source)
 
@@ -101,6 +111,8 @@ class FastLanguageModel:
         engine.tokenizer = tokenizer
         model.generation_engine = engine  # fast_generate, save_lora/load_lora, generate after for_inference
         model._velotune_full_finetuning = full_finetuning
+        if fp8_compute:
+            _enable_fp8_compute(model)
         if full_finetuning:
             model.requires_grad_(True)
         else:
@@ -173,6 +185,44 @@ def _quantization_mode(load_in_4bit: bool, load_in_8bit: bool, device: torch.dev
                        "to silence this.", reason)
         return None
     return "nf4"
+
+
+def _fp8_mode(load_in_fp8: bool, fp8_compute: bool, load_in_4bit: bool, load_in_8bit: bool, full_finetuning: bool,
+              device: torch.device) -> tuple[bool, bool, bool]:
+    """(FP8 storage, FP8 compute, load_in_4bit) as they will apply on `device` (fast/fp8_matmul.py)."""
+    from .quant.fp8 import fp8_unavailable
+
+    if not (load_in_fp8 or fp8_compute):
+        return False, False, load_in_4bit
+    asked = "load_in_fp8" if load_in_fp8 else "fp8_compute"
+    if load_in_8bit:
+        raise ValueError(f"{asked}=True and load_in_8bit=True: choose one (FP8 storage/compute, or bitsandbytes "
+                         "int8 storage)")
+    if full_finetuning:
+        logger.warning("velotune: full_finetuning=True trains every weight in 16-bit; %s is ignored", asked)
+        return False, False, load_in_4bit
+    why = fp8_unavailable(device)
+    if why is not None:
+        if settings.current().require_fp8:
+            raise RuntimeError(f"{asked}=True with VELOTUNE_REQUIRE_FP8=1, but {why}")
+        logger.warning("velotune: %s=True but %s; loading %s weights with 16-bit GEMMs instead", asked, why,
+                       "16-bit" if load_in_fp8 else ("4-bit" if load_in_4bit else "16-bit"))
+        return False, False, False if load_in_fp8 else load_in_4bit
+    if load_in_fp8 and load_in_4bit:
+        logger.info("velotune: load_in_fp8=True stores the weights in FP8, not 4-bit (pass load_in_4bit=True with "
+                    "fp8_compute=True for 4-bit storage with FP8 compute)")
+    return load_in_fp8, True, False if load_in_fp8 else load_in_4bit
+
+
+def _enable_fp8_compute(model) -> None:
+    """Turn on the FP8 GEMMs in the step plan of our decoder (the generic transformers path has none)."""
+    from .fast.plan import find_decoder, set_fp8_compute
+
+    if find_decoder(model) is None:
+        logger.warning("velotune: FP8 compute runs in velotune's own decoders; %s loads through transformers, "
+                       "so its GEMMs stay 16-bit", type(model).__name__)
+        return
+    set_fp8_compute(model, True)
 
 
 # Files one of which every saved tokenizer has (fast, sentencepiece, BPE, WordPiece, tiktoken).

@@ -36,6 +36,7 @@ class Settings:
     triton_fast_launch: bool = True
     cache_dir: Path = Path.home() / ".cache" / "velotune"
     hub_offline: bool = False
+    require_fp8: bool = False
 
 
 # field -> (variables read, first set one wins; what it does). The order is the README table's.
@@ -52,6 +53,9 @@ SWITCHES = {
                   "velotune's cache folder (the bundled fixture model converted once, under fixtures/)"),
     "hub_offline": (("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"),
                     "1: no Hugging Face hub look-ups or uploads (huggingface_hub reads the same variables)"),
+    "require_fp8": (("VELOTUNE_REQUIRE_FP8",),
+                    "1: FP8 compute that was asked for (load_in_fp8, fp8_compute) and cannot run is an error, "
+                    "not a notice and the 16-bit path"),
 }
 VARIABLES = tuple(name for names, _ in SWITCHES.values() for name in names)
 

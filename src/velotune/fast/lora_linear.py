@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..quant.fp8 import is_fp8_weight
 from ..quant.linear import is_linear4bit
 from ..kernels import dequantize_nf4_weight
+from .fp8_matmul import fp8_grad_input, fp8_linear, quantize_input
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,6 +40,8 @@ class LoraProjection:
     lora_A: torch.Tensor | None  # (r, in)
     lora_B: torch.Tensor | None  # (out, r)
     scaling: float
+    weight_scale: torch.Tensor | None = None  # (out,) fp32 row scales of an FP8-stored weight (quant/fp8.py)
+    fp8: bool = False  # the base GEMMs run in FP8 this step (plan.py decides; fp8_matmul.py computes)
 
 
 def _is_4bit(weight: torch.Tensor) -> bool:
@@ -67,7 +71,7 @@ def inspect_projection(module: nn.Module) -> tuple[str | None, LoraProjection | 
     if _is_base_linear(module):
         if module.weight.requires_grad or (module.bias is not None and module.bias.requires_grad):
             return "its base weight or bias is trained (the fused path trains adapters only)", None
-        return None, LoraProjection(module.weight, module.bias, None, None, 0.0)
+        return None, LoraProjection(module.weight, module.bias, None, None, 0.0, _fp8_scale(module))
     base = getattr(module, "base_layer", None)
     lora_A = getattr(module, "lora_A", None)
     if base is None or lora_A is None:
@@ -77,7 +81,8 @@ def inspect_projection(module: nn.Module) -> tuple[str | None, LoraProjection | 
     weight, bias = base.weight, base.bias
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return "its base weight or bias is trained (bias='all'/'lora_only' or a trainable base)", None
-    base_only = LoraProjection(weight, bias, None, None, 0.0)
+    scale = _fp8_scale(base)
+    base_only = LoraProjection(weight, bias, None, None, 0.0, scale)
     if module.disable_adapters or module.merged:
         return None, base_only  # the base layer alone computes the output
     active = [name for name in module.active_adapters if name in lora_A]
@@ -93,13 +98,21 @@ def inspect_projection(module: nn.Module) -> tuple[str | None, LoraProjection | 
         return "it uses a LoRA variant (DoRA or similar) the fused path does not implement", None
     if lora_B.bias is not None:
         return "its adapter has a bias (lora_bias=True)", None
-    return None, LoraProjection(weight, bias, lora_A[name].weight, lora_B.weight, float(module.scaling[name]))
+    return None, LoraProjection(weight, bias, lora_A[name].weight, lora_B.weight, float(module.scaling[name]), scale)
 
 
-def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(out, in) weight in `dtype`; a 4-bit weight is dequantized here, so callers drop it after use."""
+def _fp8_scale(module: nn.Module) -> torch.Tensor | None:
+    """The row scales of an FP8-stored base layer (quant/fp8.py FP8Linear), else None."""
+    return getattr(module, "weight_scale", None) if is_fp8_weight(module.weight) else None
+
+
+def dense_weight(weight: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(out, in) weight in `dtype`; a 4-bit weight is dequantized here, so callers drop it after use.
+    An FP8 weight is multiplied by its row scales `scale` (out,) in fp32 and cast once."""
     if _is_4bit(weight):
         return dequantize_nf4_weight(weight).to(dtype)
+    if is_fp8_weight(weight):
+        return (weight.float() * scale[:, None]).to(dtype)
     return weight if weight.dtype == dtype else weight.to(dtype)
 
 
@@ -172,8 +185,14 @@ def group_forward(x: torch.Tensor, projections, adapters) -> tuple[list[torch.Te
     """
     dtype = x.dtype
     outs = []
+    x8 = None
     for p in projections:
-        w = dense_weight(p.weight, dtype)  # (out, in); 4-bit: dequantized now, dropped after use
+        if p.fp8:  # one FP8 GEMM; x is quantized once for the group (fp8_matmul.py)
+            if x8 is None:
+                x8, x_scale = quantize_input(x)  # (N, in) e4m3, (N, 1)
+            outs.append(fp8_linear(x8, x_scale, p, dtype))  # (N, out)
+            continue
+        w = dense_weight(p.weight, dtype, p.weight_scale)  # (out, in); 4-bit: dequantized now, dropped after use
         outs.append(x @ w.t() if p.bias is None else torch.addmm(_cast(p.bias, dtype), x, w.t()))  # (N, out)
         del w
     layout, saved = adapter_inputs(x, adapters)
@@ -203,7 +222,11 @@ def group_backward(
     dx = None
     if need_dx:
         for p, g in zip(projections, grads):
-            w = dense_weight(p.weight, dtype)  # (out, in)
+            if p.fp8:
+                part = fp8_grad_input(g, p, dtype)  # (N, in)
+                dx = part if dx is None else dx.add_(part)
+                continue
+            w = dense_weight(p.weight, dtype, p.weight_scale)  # (out, in)
             dx = g @ w if dx is None else dx.addmm_(g, w)  # (N, in)
             del w
     adapter_grads: list[torch.Tensor | None] = [None] * (2 * len(projections))

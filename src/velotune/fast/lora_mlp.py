@@ -36,6 +36,7 @@ from .lora_linear import (
     projection_of,
 )
 from ..kernels import geglu, swiglu
+from .fp8_matmul import fp8_weight
 
 # transformers' activation names (ACT2FN keys) -> the gated kernel computing act(gate) * up.
 GATED_ACTIVATIONS = {
@@ -149,8 +150,16 @@ def _backward_in_chunks(ctx, x: torch.Tensor, grad_out: torch.Tensor, chunk) -> 
 
 
 def _dense(projections, dtype: torch.dtype) -> list:
-    """The projections with their weights dense in `dtype` (4-bit ones dequantized once here)."""
-    return [dataclasses.replace(p, weight=dense_weight(p.weight, dtype)) for p in projections]
+    """The projections with their weights dense in `dtype` (4-bit ones dequantized once here); an
+    FP8-computed projection gets its e4m3 values and row scales (NF4 converted once here)."""
+    out = []
+    for p in projections:
+        if p.fp8:
+            values, scale = fp8_weight(p)  # (out, in) e4m3, (out,)
+            out.append(dataclasses.replace(p, weight=values, weight_scale=scale))
+        else:
+            out.append(dataclasses.replace(p, weight=dense_weight(p.weight, dtype, p.weight_scale), weight_scale=None))
+    return out
 
 
 def _chunk_backward(activation, grad_out, x, g, u, projections, layouts, gate_up_saved, down_saved, need_dx):

@@ -79,6 +79,7 @@ class RuntimeSettings:
     checkpointing: bool | str = False
     offload_min_tokens: int = OFFLOAD_MIN_TOKENS
     offload_on_cpu: bool = False
+    fp8_compute: bool = False  # base projection GEMMs in FP8 where possible (from_pretrained's load_in_fp8 / fp8_compute)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ class StepPlan:
     graphs: bool = False
     recompute: bool = False
     per_layer: bool = False
+    fp8: bool = False  # some projections' base GEMMs run in FP8 (their LoraProjection.fp8 is set)
+    fp8_reason: str = ""  # where FP8 runs and why not elsewhere; empty when it was not asked for
 
     def layer(self, index: int) -> LayerPlan | None:
         return self.layers[index] if self.fast else None
@@ -174,11 +177,14 @@ def plan_step(model: nn.Module, *, training: bool = False, grad: bool = False, l
     """
     decoder = find_decoder(model)
     settings = decoder.runtime if decoder is not None else RuntimeSettings()
-    fast = _fast_plan(model, decoder, settings.fast_path if fast_path is None else fast_path, device)
+    setting = settings.fast_path if fast_path is None else fast_path
+    fast = _fast_plan(model, decoder, setting, device)
     if fast.reason not in _logged:
         _logged.add(fast.reason)
         level = logging.WARNING if fast.warn else logging.INFO
         logger.log(level, "velotune: %s path: %s", "fast" if fast.fast else "plain", fast.reason)
+    if decoder is not None and settings.fp8_compute:
+        fast = _with_fp8(fast, _device(decoder, device), forced=setting is True)
     if decoder is None:
         return fast
     mode = settings.checkpointing if checkpointing is None else checkpointing
@@ -197,6 +203,72 @@ def plan_step(model: nn.Module, *, training: bool = False, grad: bool = False, l
               and tokens * decoder.config.hidden_size <= MAX_GRAPHED_ELEMENTS)
     return dataclasses.replace(fast, fused_loss=fast.fast and training and grad and labels and not asked,
                                checkpoint=checkpoint, replay_rng=draws, graphs=graphs)
+
+
+def _with_fp8(plan: StepPlan, where, forced: bool) -> StepPlan:
+    """`plan` with FP8 base GEMMs marked on the projections that can take them (fast/fp8_matmul.py).
+
+    FP8 needs the fast path (the fused functions run the GEMMs), a GPU with FP8 tensor cores (or the
+    CPU under `fast_path=True`, how tests run torch's CPU `_scaled_mm`), sharded weights off (FSDP2
+    resolves projections inside each layer) and both dimensions of a projection multiples of 16.
+    lm_head and the embeddings stay 16-bit. `VELOTUNE_REQUIRE_FP8=1` turns a model-wide refusal
+    into an error; otherwise it is logged once and the 16-bit path runs.
+    """
+    from ..quant.fp8 import fp8_unavailable
+    from .fp8_matmul import fp8_shape_reason
+
+    why = None
+    if not plan.fast:
+        why = f"FP8 GEMMs run on the fast path, which is off ({plan.reason})"
+    elif plan.per_layer:
+        why = "the weights are sharded (FSDP2); FP8 GEMMs are not wired into per-layer plans"
+    elif not (forced and where.type == "cpu"):
+        why = fp8_unavailable(where)
+    if why is not None:
+        if env.current().require_fp8:
+            raise RuntimeError(f"VELOTUNE_REQUIRE_FP8=1 but FP8 compute cannot run: {why}. Unset "
+                               "VELOTUNE_REQUIRE_FP8 to fall back to 16-bit GEMMs, or run on a GPU with FP8 "
+                               "(compute capability 8.9+)")
+        return _log_fp8(dataclasses.replace(plan, fp8_reason=f"FP8 compute was asked for but {why}; the base "
+                                            "matmuls run in 16-bit"))
+    layers, skipped, total = [], [], 0
+    for i, layer in enumerate(plan.layers):
+        groups = {}
+        for group in ("qkv", "o", "mlp"):
+            marked = []
+            for name, p in zip(_group_names(group), getattr(layer, group)):
+                total += 1
+                reason = fp8_shape_reason(p)
+                if reason is not None:
+                    skipped.append(f"model.layers.{i}.{name}: {reason}")
+                marked.append(p if reason is not None else dataclasses.replace(p, fp8=True))
+            groups[group] = tuple(marked)
+        layers.append(LayerPlan(**groups))
+    done = total - len(skipped)
+    text = (f"FP8 (e4m3, row-wise scales) base GEMMs on {done} of {total} projections; lm_head, embeddings, "
+            "LoRA adapters, norms, attention and the loss stay 16/32-bit")
+    if skipped:
+        text += f"; 16-bit for {len(skipped)}: " + "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+    return _log_fp8(dataclasses.replace(plan, layers=tuple(layers), fp8=done > 0, fp8_reason=text))
+
+
+def _group_names(group: str) -> tuple[str, ...]:
+    return {"qkv": PROJECTIONS[:3], "o": PROJECTIONS[3:4], "mlp": PROJECTIONS[4:]}[group]
+
+
+def _log_fp8(plan: StepPlan) -> StepPlan:
+    if plan.fp8_reason not in _logged:
+        _logged.add(plan.fp8_reason)
+        logger.log(logging.INFO if plan.fp8 else logging.WARNING, "velotune: %s", plan.fp8_reason)
+    return plan
+
+
+def set_fp8_compute(model: nn.Module, enabled: bool) -> None:
+    """True: the base projection GEMMs run in FP8 wherever the plan allows (logged where not);
+    False: 16-bit GEMMs (FP8-stored weights are then dequantized to 16-bit)."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"fp8_compute={enabled!r}: pass True or False")
+    runtime_settings(model).fp8_compute = enabled
 
 
 def _device(decoder, device):

@@ -72,6 +72,10 @@ def load_own(cls, source: Source, config, dtype, device, quant):
         quantize_model_(model, skip_modules=_skip_modules(config), compute_dtype=dtype)
     elif quant == "int8":
         _quantize_int8(model)
+    elif quant == "fp8":
+        from ..quant.fp8 import quantize_model_fp8_
+
+        quantize_model_fp8_(model, skip_modules=_skip_modules(config), compute_dtype=dtype)
     model.eval()
     return model
 
@@ -163,7 +167,7 @@ def _quantize_int8(model) -> None:
 def load_generic(source: Source, config, dtype, device, quant, trust_remote_code):
     """Any other causal LM: transformers' own class (slower, still LoRA/QLoRA-capable)."""
     extra = {}
-    if quant is not None:
+    if quant is not None and quant != "fp8":
         from transformers import BitsAndBytesConfig
 
         extra["quantization_config"] = BitsAndBytesConfig(
@@ -173,6 +177,10 @@ def load_generic(source: Source, config, dtype, device, quant, trust_remote_code
         source.folder, config=config, gguf_file=source.gguf_file, dtype=dtype, device_map={"": device},
         trust_remote_code=trust_remote_code, **extra)
     check_finite(model.state_dict(), source.folder)  # transformers' loader does not look: name a NaN/inf weight
+    if quant == "fp8":
+        from ..quant.fp8 import quantize_model_fp8_
+
+        quantize_model_fp8_(model, skip_modules=_skip_modules(config), compute_dtype=dtype)
     if quant == "nf4":  # transformers built bitsandbytes' own Linear4bit: ours computes the same on every CPU
         from ..quant.nf4_linear import adopt_linear4bit_layers_
 

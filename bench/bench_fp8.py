@@ -1,0 +1,246 @@
+"""FP8 compute (issue 18): training speed beside the peers, and FP8 vs 16-bit convergence.
+
+`speed` runs the loop of the peers' harness (.bench/peer_bench.py `run`: random ids, AdamW fused,
+median step of `--steps` after `--warmup`, peak allocated memory) on velotune with a precision
+mode the harness cannot pass (it only knows load_in_4bit), one mode per process:
+  bf16      load_in_4bit=False                16-bit LoRA
+  nf4       load_in_4bit=True                 QLoRA
+  fp8       load_in_fp8=True                  FP8 storage, FP8 GEMMs
+  nf4-fp8   load_in_4bit=True, fp8_compute    NF4 storage, FP8 GEMMs
+  python bench/bench_fp8.py speed --model /tmp/m_llama8b --mode fp8 --seq 2048 --bs 2 --ga 4
+
+`converge` trains LoRA for `--steps` steps on real text (the .py files of Python's standard
+library, present on every machine: held-out = every 10th file) with each mode from the same
+start, data and seed, and writes the loss curves and held-out losses as JSON (and a PNG when
+matplotlib is there). `--model llama1b` builds a Llama-3.2-1B-shaped model (random weights, as
+the peers' harness does) with a BPE tokenizer trained on the corpus; `--model PATH` loads a real
+checkpoint (e.g. SmolLM2) with its tokenizer.
+  python bench/bench_fp8.py converge --model llama1b --modes bf16,fp8 --steps 200 --out $OUT/fp8_converge
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+MODES = {
+    "bf16": dict(load_in_4bit=False),
+    "nf4": dict(load_in_4bit=True),
+    "fp8": dict(load_in_4bit=False, load_in_fp8=True),
+    "nf4-fp8": dict(load_in_4bit=True, fp8_compute=True),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TRAIN_CHARS, HELD_CHARS = 6_000_000, 600_000  # about 2M and 0.2M tokens: 200 steps of 4 x 512 fit twice
+LLAMA1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=True)
+
+
+def load(model_path: str, mode: str, seq: int, rank: int, checkpointing="unsloth"):
+    import torch
+
+    from velotune import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(model_name=model_path, max_seq_length=seq, dtype=torch.bfloat16,
+                                                   **MODES[mode])
+    model = FastLanguageModel.get_peft_model(
+        model, r=rank, lora_alpha=rank, lora_dropout=0, bias="none", target_modules=TARGETS,
+        use_gradient_checkpointing=checkpointing, random_state=3407, max_seq_length=seq)
+    return model, tok
+
+
+def speed(args) -> None:
+    import torch
+
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    model, _ = load(args.model, args.mode, args.seq, args.rank)
+    load_s = time.time() - t0
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    vocab = model.config.vocab_size
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n = args.bs * args.seq
+    times, losses = [], []
+    torch.cuda.reset_peak_memory_stats()
+    mem_after_load = torch.cuda.memory_allocated()
+    for step in range(args.warmup + args.steps):
+        torch.cuda.synchronize()
+        t = time.time()
+        for _ in range(args.ga):
+            ids = torch.randint(4, min(vocab, 32000), (args.bs, args.seq), device="cuda", generator=g)
+            out = model(input_ids=ids, labels=ids)
+            (out.loss / args.ga).backward()
+            losses.append(float(out.loss.detach()))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.time() - t)
+    times.sort()
+    med = times[len(times) // 2]
+    res = dict(stack="velotune", quant=args.mode, seq=args.seq, bs=args.bs, ga=args.ga, rank=args.rank,
+               tokens_per_s=round(n * args.ga / med, 1), step_s=round(med, 4),
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+               load_gib=round(mem_after_load / 2**30, 2), load_s=round(load_s, 1),
+               loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
+               trainable=sum(p.numel() for p in params))
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def corpus() -> tuple[list[str], list[str]]:
+    """(train texts, held-out texts): the standard library's .py files, every 10th held out."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts and "site-packages" not in p.parts)
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    return (_capped([t for i, t in enumerate(texts) if i % 10], TRAIN_CHARS),
+            _capped([t for i, t in enumerate(texts) if i % 10 == 0], HELD_CHARS))
+
+
+def _capped(texts: list[str], chars: int) -> list[str]:
+    """The first texts up to `chars` characters (tokenizing all 30 MB would cost a minute)."""
+    kept, total = [], 0
+    for t in texts:
+        if total >= chars:
+            break
+        kept.append(t)
+        total += len(t)
+    return kept
+
+
+def make_llama1b(folder: Path, train: list[str]) -> None:
+    """A Llama-3.2-1B-shaped checkpoint (random bf16 weights) with a 16K BPE tokenizer trained on `train`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(train, trainers.BpeTrainer(vocab_size=16384, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    cfg = LlamaConfig(vocab_size=16384, max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0, **LLAMA1B)
+    with torch.device("cuda"):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+
+
+def blocks(tok, texts: list[str], seq: int):
+    """The texts tokenized, joined with EOS and cut into (n, seq) rows."""
+    import torch
+
+    ids = []
+    for t in texts:
+        ids.extend(tok(t, add_special_tokens=False)["input_ids"])
+        ids.append(tok.eos_token_id)
+    n = len(ids) // seq
+    return torch.tensor(ids[: n * seq]).view(n, seq)
+
+
+def converge(args) -> None:
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, held = corpus()
+    model_path = args.model
+    if args.model == "llama1b":
+        model_path = "/tmp/fp8_llama1b"
+        if not Path(model_path, "config.json").is_file():
+            make_llama1b(Path(model_path), train)
+    results = {"model": args.model, "steps": args.steps, "bs": args.bs, "seq": args.seq, "lr": args.lr,
+               "rank": args.rank, "corpus": "Python stdlib .py files (every 10th held out)", "modes": {}}
+    data = held_data = None
+    for mode in args.modes.split(","):
+        torch.manual_seed(0)
+        t0 = time.time()
+        model, tok = load(model_path, mode, args.seq, args.rank, checkpointing=True)
+        if data is None:
+            data, held_data = blocks(tok, train, args.seq), blocks(tok, held, args.seq)[: args.held_rows]
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(0)
+        order = torch.randperm(data.shape[0], generator=gen)
+        curve = []
+        model.train()
+        for step in range(args.steps):
+            rows = order[(step * args.bs) % len(order):][: args.bs]
+            ids = data[rows].cuda()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            lr_now = args.lr * min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+            for group in opt.param_groups:
+                group["lr"] = lr_now
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            curve.append(round(float(loss.detach()), 5))
+        model.eval()
+        with torch.no_grad():
+            held_losses = [float(model(input_ids=held_data[i:i + args.bs].cuda(),
+                                       labels=held_data[i:i + args.bs].cuda()).loss)
+                           for i in range(0, held_data.shape[0], args.bs)]
+        results["modes"][mode] = dict(curve=curve, held_out_loss=round(sum(held_losses) / len(held_losses), 5),
+                                      seconds=round(time.time() - t0, 1))
+        print(f"{mode}: first {curve[0]:.4f} last10 {sum(curve[-10:]) / 10:.4f} held-out "
+              f"{results['modes'][mode]['held_out_loss']:.4f} ({time.time() - t0:.0f} s)", flush=True)
+        del model, opt, params
+        torch.cuda.empty_cache()
+    base = results["modes"].get("bf16")
+    for mode, r in results["modes"].items():
+        ref = base if mode != "nf4-fp8" else results["modes"].get("nf4", base)
+        if ref is not None and ref is not r:
+            r["held_out_rel_diff"] = round(r["held_out_loss"] / ref["held_out_loss"] - 1, 5)
+    (out / "converge.json").write_text(json.dumps(results, indent=1))
+    print("RESULT " + json.dumps({m: {k: v for k, v in r.items() if k != "curve"} for m, r in results["modes"].items()}))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG (the JSON has the curves)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode, r in results["modes"].items():
+        ax.plot(r["curve"], label=f"{mode} (held-out {r['held_out_loss']:.3f})", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"velotune LoRA r={args.rank}, {args.model}: FP8 vs 16-bit GEMMs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "converge.png", dpi=120)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("cmd", choices=["speed", "converge"])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--mode", choices=sorted(MODES), default="fp8")
+    ap.add_argument("--modes", default="bf16,fp8,nf4,nf4-fp8")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--bs", type=int, default=2)
+    ap.add_argument("--ga", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--held-rows", type=int, default=64)
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    speed(args) if args.cmd == "speed" else converge(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""NF4 (bitsandbytes layout) straight to FP8 e4m3 with row-wise scales, in one Triton pass.
+
+Why: NF4 storage with FP8 compute (fast/fp8_matmul.py) needs each base weight as e4m3 values
+plus one fp32 scale per output row, just in time, in forward and backward. Dequantizing to bf16
+and quantizing that again would write and read 2 bytes per value twice; this kernel reads the
+packed 4-bit codes (and the block scales, nested or not) once and writes 1 byte per value.
+
+Math: w = quant_map[code] * absmax[block] (fp32, exactly as kernels/nf4.py and bitsandbytes)
+and e4m3 = clamp(w * inv_row[row], +-448) where inv_row = 448 / max_k |w[row, k]|. The row
+scales (row_absmax / 448) depend only on the frozen weight, so they are computed once per
+weight (from an fp32 dequantization) and cached per bitsandbytes QuantState; afterwards a call
+is the kernel launch alone.
+
+Tiling: as kernels/nf4.py, a program owns `ROWS` whole quantization blocks; each output value
+looks up its row's inverse scale (row = flat index // in_features), so a block may straddle rows.
+"""
+
+import weakref
+
+import torch
+
+from ._triton import jit, kernel_for, should_use_triton, tl
+from .fp8 import FP8_DTYPE, FP8_MAX, TINY, round_to_e4m3
+from .nf4 import _weight_state, dequantize_nf4
+
+_TILE_VALUES = 8192
+_NUM_WARPS = 4
+
+
+@jit
+def _nf4_to_fp8_kernel(
+    PACKED, ABSMAX, QUANT_MAP, NESTED_ABSMAX, NESTED_MAP, OFFSET, INV_ROW, OUT,  # INV_ROW (out,) fp32
+    n, n_bytes, n_blocks, n_cols,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ROWS: tl.constexpr,
+    IDX64: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    if IDX64:
+        pid = pid.to(tl.int64)
+    blocks = pid * ROWS + tl.arange(0, ROWS)  # (R,) quantization block indices
+    byte_offs = blocks[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]  # (R, BS/2)
+    out_offs = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (R, BS)
+    block_ok = blocks < n_blocks
+    byte = tl.load(PACKED + byte_offs, mask=byte_offs < n_bytes, other=0).to(tl.int32)
+    if NESTED:
+        q = tl.load(ABSMAX + blocks, mask=block_ok, other=0).to(tl.int32)
+        nested_absmax = tl.load(NESTED_ABSMAX + blocks // NESTED_BLOCKSIZE, mask=block_ok, other=0.0)
+        scale = tl.load(NESTED_MAP + q) * nested_absmax
+        scale = scale + tl.load(OFFSET)
+    else:
+        scale = tl.load(ABSMAX + blocks, mask=block_ok, other=0.0)
+    hi = tl.load(QUANT_MAP + (byte >> 4)) * scale[:, None]  # (R, BS/2) fp32
+    lo = tl.load(QUANT_MAP + (byte & 15)) * scale[:, None]
+    w = tl.interleave(hi, lo)  # (R, BS) in row-major order
+    in_range = out_offs < n
+    inv = tl.load(INV_ROW + out_offs // n_cols, mask=in_range, other=0.0)  # (R, BS) the row's 448 / absmax
+    y = round_to_e4m3(tl.minimum(tl.maximum(w * inv, -448.0), 448.0))
+    tl.store(OUT + out_offs, y.to(OUT.dtype.element_ty), mask=in_range)
+
+
+class _RowScales:
+    """One weight's cached row scales: (scale (out,) fp32, inv (out,) fp32), valid while the
+    QuantState lives and the packed bytes stay at the same address."""
+
+    __slots__ = ("state_ref", "data_ptr", "scale", "inv", "args")
+
+    def __init__(self, state, data, scale, inv, args):
+        self.state_ref, self.data_ptr, self.scale, self.inv, self.args = weakref.ref(state), data.data_ptr(), scale, inv, args
+
+
+_CACHE: dict[int, _RowScales] = {}
+
+
+def _nested(state) -> dict:
+    state2 = state.state2
+    if state2 is None:
+        return dict(nested_absmax=None, nested_quant_map=None, offset=None, nested_blocksize=256)
+    return dict(nested_absmax=state2.absmax, nested_quant_map=state2.code, offset=state.offset,
+                nested_blocksize=state2.blocksize)
+
+
+def _row_scales(param, data, state, use_triton) -> _RowScales:
+    """The weight's row scales (computed once from an fp32 dequantization) and launch tables."""
+    entry = _CACHE.get(id(state))
+    if entry is not None and entry.state_ref() is state and entry.data_ptr == data.data_ptr():
+        return entry
+    nested = _nested(state)
+    w = dequantize_nf4(data, state.absmax, state.code, blocksize=state.blocksize, shape=state.shape,
+                       dtype=torch.float32, use_triton=use_triton, **nested)  # (out, in) fp32, once per weight
+    amax = w.abs().amax(dim=1).clamp_min(TINY)  # (out,)
+    del w
+    scale, inv = amax / FP8_MAX, FP8_MAX / amax
+    device = data.device
+    code = state.code.to(device=device, dtype=torch.float32).contiguous()
+    if nested["nested_absmax"] is not None:
+        tables = (state.absmax.to(device).contiguous(),
+                  nested["nested_absmax"].to(device=device, dtype=torch.float32).contiguous(),
+                  nested["nested_quant_map"].to(device=device, dtype=torch.float32).contiguous(),
+                  torch.as_tensor(nested["offset"], dtype=torch.float32, device=device).reshape(1))
+    else:
+        tables = (state.absmax.to(device=device, dtype=torch.float32).contiguous(), code, code, code)
+    key = id(state)
+    entry = _CACHE[key] = _RowScales(state, data, scale, inv, (code, *tables))
+    weakref.finalize(state, _CACHE.pop, key, None)
+    return entry
+
+
+def nf4_to_fp8_reference(w: torch.Tensor, inv_row: torch.Tensor) -> torch.Tensor:
+    """A dense fp32 weight (out, in) and its (out,) inverse row scales -> (out, in) e4m3."""
+    return (w.float() * inv_row.reshape(-1, 1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def dequantize_nf4_to_fp8(param, *, use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bitsandbytes Params4bit (or Linear4bit) -> (e4m3 (out, in), row scales (out,) fp32).
+
+    weight ~= e4m3.float() * scale[:, None]. The Triton kernel runs on CUDA (and the interpreter);
+    elsewhere the fp32 dequantization is scaled and cast in PyTorch (the same math).
+    """
+    data, state = _weight_state(param)
+    if state.quant_type != "nf4":
+        raise ValueError(f"dequantize_nf4_to_fp8: only quant_type='nf4' is supported, got {state.quant_type!r}")
+    rows = _row_scales(param, data, state, use_triton)
+    out_features, in_features = state.shape
+    n = out_features * in_features
+    if not should_use_triton(data, use_triton) or state.blocksize < 16 or state.blocksize & (state.blocksize - 1):
+        w = dequantize_nf4(data, state.absmax, state.code, blocksize=state.blocksize, shape=state.shape,
+                           dtype=torch.float32, use_triton=False, **_nested(state))
+        return nf4_to_fp8_reference(w, rows.inv), rows.scale
+    out = torch.empty(state.shape, dtype=FP8_DTYPE, device=data.device)
+    code, absmax, nested_absmax, nested_map, offset = rows.args
+    blocksize = state.blocksize
+    per_program = max(1, _TILE_VALUES // blocksize)
+    n_blocks = -(-n // blocksize)
+    packed = data.reshape(-1).view(torch.uint8)
+    kernel_for(_nf4_to_fp8_kernel)[(-(-n_blocks // per_program),)](
+        packed, absmax, code, nested_absmax, nested_map, offset, rows.inv, out,
+        n, (n + 1) // 2, n_blocks, in_features,
+        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=_nested(state)["nested_blocksize"],
+        NESTED=state.state2 is not None, ROWS=per_program, IDX64=n + per_program * blocksize >= 2**31,
+        num_warps=_NUM_WARPS, enable_fp_fusion=False,
+    )  # fmt: skip
+    return out, rows.scale
