@@ -4,6 +4,7 @@
     velotune train CONFIG.yaml --nproc 2  # DDP on two GPUs of this machine (torchrun underneath; launch.py)
     velotune export MODEL_DIR OUT_DIR --gguf q4_k_m q8_0 --merged merged_16bit --ollama
     velotune chat MODEL_DIR [--prompt TEXT]
+    velotune consolidate CHECKPOINT OUT_DIR   # a sharded (fsdp) run's checkpoint -> an ordinary folder
 
 A config's sections take the Python arguments' own names, so a notebook's call and a config say
 the same thing: `model` -> `FastLanguageModel.from_pretrained`, `lora` ->
@@ -147,6 +148,10 @@ def train(config_path: str | None = None, nproc: int | None = None, nnodes: int 
             training.setdefault("use_cpu", True)  # several CPU processes: the gloo backend
     args = TrainingArguments(dataset_text_field=config["data"].get("text_field", "text"), **training)
     check_export(config["export"], where)
+    if training.get("fsdp") and any(config["export"].values()):
+        raise ConfigError(f"{where}: training.fsdp with an export section: no GPU holds the whole sharded model "
+                          "after training. Remove the export section and run `velotune export "
+                          f"{Path(args.output_dir) / 'lora_model'} OUT_DIR ...` after the run")
     check_data(config["data"])
     if launch.main:
         check_free(args.output_dir)
@@ -157,9 +162,12 @@ def train(config_path: str | None = None, nproc: int | None = None, nnodes: int 
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=args)
     trainer.train()
     adapter = Path(args.output_dir) / "lora_model"
+    if getattr(trainer, "_sharding", None) is not None:
+        trainer.save_model(str(adapter))  # FSDP2: every rank takes part in gathering the adapter; rank 0 writes it
     if not launch.main:
         return adapter  # rank 0 writes it
-    model.save_pretrained(adapter)
+    if getattr(trainer, "_sharding", None) is None:
+        model.save_pretrained(adapter)
     tokenizer.save_pretrained(adapter)
     print(f"velotune: adapter saved to {adapter}")
     _export(model, tokenizer, Path(args.output_dir), **config["export"])
@@ -190,6 +198,16 @@ def export_model(model_dir: str, out_dir: str, merged: str | None = None, gguf: 
     model, tokenizer = FastLanguageModel.from_pretrained(model_dir, load_in_4bit=False)
     _export(model, tokenizer, Path(out_dir), merged=merged, gguf=gguf, ollama=ollama)
     return Path(out_dir)
+
+
+def consolidate(checkpoint: str, out_dir: str) -> Path:
+    """Write a sharded (FSDP2) run's distributed checkpoint as an ordinary folder (adapter or full model)
+    that from_pretrained, `velotune export` and transformers load; one process, no GPU needed."""
+    from .training.checkpoints_dcp import consolidate as write
+
+    out = write(checkpoint, out_dir)
+    print(f"velotune: consolidated {checkpoint} into {out}")
+    return out
 
 
 def chat(model_dir: str, prompt: str | None = None, max_new_tokens: int = 256) -> str | None:
@@ -265,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write GGUF files for llama.cpp, one per quantization method (e.g. q4_k_m q8_0 f16)")
     p.add_argument("--ollama", action="store_true",
                    help="write a q4_k_m GGUF plus an Ollama Modelfile carrying the chat template")
+    p = commands.add_parser("consolidate", help="turn a sharded (fsdp) run's checkpoint into an ordinary folder",
+                            description="Read a checkpoint written by a run with fsdp=True (a torch distributed "
+                                        "checkpoint, one shard per rank) and write its weights as an ordinary folder: "
+                                        "the LoRA adapter, or the full model's config and safetensors, with the "
+                                        "tokenizer. Runs in one process, without the base weights or a GPU.")
+    p.add_argument("checkpoint", help="the checkpoint folder, e.g. outputs/run/checkpoint-500")
+    p.add_argument("out_dir", help="folder that receives the consolidated model")
     p = commands.add_parser("chat", help="chat with a model folder",
                             description="Chat with a model using its chat template. Without --prompt it reads "
                                         "questions from standard input until an empty line, end of input (Ctrl-D) "
@@ -285,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--nnodes, --rdzv-endpoint and --rdzv-id go with --nproc N (processes per machine)")
             if train(args.config, args.nproc, args.nnodes, args.rdzv_endpoint, args.rdzv_id) is None:
                 return 1  # a launched rank failed; torchrun printed which and why
+        elif args.command == "consolidate":
+            consolidate(args.checkpoint, args.out_dir)
         elif args.command == "export":
             export_model(args.model_dir, args.out_dir, args.merged, args.gguf, args.ollama)
         else:

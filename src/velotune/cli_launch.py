@@ -61,8 +61,8 @@ def launch_training(config_path: str | None, nproc: int, nnodes: int = 1, rdzv_e
     command = launch_command(config_path, nproc, nnodes, rdzv_endpoint, rdzv_id)
     where = f"{nproc} GPU(s)" if gpus else f"{nproc} CPU processes (gloo backend; no GPU here)"
     scope = "this machine" if nnodes == 1 else f"this machine, one of {nnodes}"
-    print(f"velotune: training data-parallel (DDP) on {where} of {scope}; launching:\n  {shlex.join(command)}",
-          flush=True)
+    mode = "sharded (FSDP2)" if config["training"].get("fsdp") else "data-parallel (DDP)"
+    print(f"velotune: training {mode} on {where} of {scope}; launching:\n  {shlex.join(command)}", flush=True)
     done = subprocess.run(command, check=False)
     if done.returncode != 0:
         print(f"velotune: the launched training failed (exit code {done.returncode}); the first failing rank's "

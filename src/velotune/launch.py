@@ -93,7 +93,8 @@ def process_device(device_map, launch: Launch | None = None) -> torch.device | N
         raise ValueError(
             f"device_map={device_map!r} spreads one model over several GPUs, but this process is rank {launch.rank} "
             f"of a {launch.world_size}-process launch (torchrun / accelerate launch), where every process holds a "
-            "whole copy of the model on its own GPU (data parallel). Choose one of the two: (1) keep the launcher "
+            "whole copy of the model on its own GPU (data parallel: DDP, or FSDP2 with fsdp=True, which then keeps "
+            "only its shard of that copy). Choose one of the two: (1) keep the launcher "
             "and drop device_map (each rank then loads onto cuda:LOCAL_RANK), or pass "
             "device_map={'': int(os.environ['LOCAL_RANK'])}; (2) run a single process (plain `python train.py`, "
             "no launcher) when one copy of the model is to be spread over the GPUs")

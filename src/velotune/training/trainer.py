@@ -31,8 +31,10 @@ from trl.trainer import sft_trainer as trl_sft_module
 from ..export.folders import file_states
 from ..fast.plan import find_decoder
 from ..launch import quiet_replicas
+from . import checkpoints_dcp
 from . import dataset_prep
 from . import distributed
+from . import fsdp
 from . import resume as resume_checks
 from .arguments import TrainingArguments
 from .callbacks import LossPlotCallback, ProgressFieldsCallback, SummaryCallback, peak_memory_bytes
@@ -132,6 +134,11 @@ class SFTTrainer(TRLSFTTrainer):
         if model is None:
             raise ValueError("model is required: pass the model FastLanguageModel.from_pretrained returned")
         args = to_training_arguments(args, _split_legacy(kwargs), model)
+        sharding = fsdp.requested(args)  # fsdp=True: velotune shards the model itself (training/fsdp.py says why)
+        if sharding is not None:
+            fsdp.check_shardable(model, args)
+            args = copy.copy(args)  # the caller's arguments keep their fsdp switch
+            args.fsdp, args.fsdp_plugin_args = None, None  # so accelerate neither shards again nor wraps in DDP
         distributed.check_launch(args, model)
         distributed.apply_ddp_defaults(args)
         quiet_replicas()
@@ -163,6 +170,14 @@ class SFTTrainer(TRLSFTTrainer):
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         self.data_collator = dataset_prep.SampleIndexCollator(self.data_collator)
+        self._sharding = sharding  # checkpoints are distributed checkpoints whenever fsdp was asked for
+        if sharding is not None and fsdp.active():
+            fsdp.shard(self.model, sharding, self.args)
+            logger.info("velotune: FSDP2: %d ranks share every decoder layer's weights, gradients and optimizer "
+                        "state", self.args.world_size)
+        elif sharding is not None:
+            logger.info("velotune: fsdp=True in one process: nothing to shard, training unsharded (checkpoints "
+                        "are still distributed checkpoints)")
         if not self.args.disable_tqdm:
             self.remove_callback(ProgressCallback)
             self.add_callback(ProgressFieldsCallback)
@@ -260,6 +275,67 @@ class SFTTrainer(TRLSFTTrainer):
             self._last_log = (now, tokens)
             logs["peak_memory_gb"] = round(peak_memory_bytes(self.args.device) / 1024 ** 3, 3)
         return super().log(logs, start_time) if start_time is not None else super().log(logs)
+
+    # ----- FSDP2 (training/fsdp.py, training/checkpoints_dcp.py) -----
+    def _wrap_model(self, model, training=True, dataloader=None):
+        if self._sharding is not None and training and fsdp.is_sharded(self.model):
+            return model if isinstance(model, fsdp.ShardedModel) else fsdp.ShardedModel(self.model)
+        return super()._wrap_model(model, training, dataloader)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Sharded: a checkpoint's weights go into a distributed checkpoint (every rank writes its shards); any
+        other save gathers the whole (LoRA: adapter) state onto rank 0, which writes an ordinary folder."""
+        if self._sharding is None:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if self._saving_checkpoint:
+            checkpoints_dcp.save(self.model, None, output_dir)
+            if self.args.should_save:
+                self._save_configs(output_dir)
+            return None
+        if not fsdp.is_sharded(self.model):
+            return super().save_model(str(output_dir), _internal_call)
+        state = checkpoints_dcp.full_state_dict(self.model)  # a collective: every rank takes part
+        if self.args.should_save:
+            self._save(str(output_dir), state_dict=state)
+        distributed.barrier()
+        return None
+
+    def _save_configs(self, folder: Path) -> None:
+        """What consolidation and a resume read beside the weights: config, adapter config, tokenizer."""
+        peft_config = getattr(self.model, "peft_config", None)
+        base = self.model.get_base_model() if peft_config else self.model
+        base.config.save_pretrained(folder)
+        if peft_config:
+            adapter = copy.copy(peft_config["default"])
+            if adapter.base_model_name_or_path is None:  # as PEFT's own save fills it: the name the base loaded from
+                adapter.base_model_name_or_path = base.__dict__.get("name_or_path") or base.config._name_or_path
+            adapter.save_pretrained(folder)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(folder)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if self._sharding is None:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        checkpoints_dcp.save_optimizer(self.model, _torch_optimizer(self.optimizer), Path(output_dir))
+        if self.args.should_save and self.lr_scheduler is not None:
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / checkpoints_dcp.SCHEDULER_FILE)
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not checkpoints_dcp.is_dcp_checkpoint(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        checkpoints_dcp.load(self.model, None, Path(resume_from_checkpoint))  # any number of ranks reads it
+        return None
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is None or not checkpoints_dcp.is_dcp_checkpoint(checkpoint):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        checkpoints_dcp.load_optimizer(self.model, _torch_optimizer(self.optimizer), Path(checkpoint))
+        scheduler = Path(checkpoint) / checkpoints_dcp.SCHEDULER_FILE
+        if self.lr_scheduler is not None and scheduler.is_file():
+            self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
+        return None
 
     # ----- checkpoints -----
     def _get_output_dir(self, trial):
@@ -411,6 +487,11 @@ def _estimate_for(model, args: TrainingArguments):
     optim = str(getattr(args.optim, "value", args.optim))
     checkpointing = None if not args.gradient_checkpointing else True
     return estimate(model, args.per_device_train_batch_size, length, optim, dtype, checkpointing, device=args.device)
+
+
+def _torch_optimizer(optimizer):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer (DCP reads its state by parameter)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _last_checkpoint(output_dir) -> str | None:

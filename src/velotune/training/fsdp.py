@@ -1,0 +1,164 @@
+"""FSDP2 under velotune's trainer: the switch, the sharding of our model, and how the Trainer sees it.
+
+The switch is transformers' own: `TrainingArguments(fsdp=True)` (or the older `fsdp="full_shard"`),
+with `fsdp_config` for the details, as a TRL/transformers user writes it, launched by torchrun or
+`accelerate launch` (no FSDP config file needed). velotune then shards the model itself instead of
+handing the switch to accelerate, for three reasons:
+
+* one path on every machine: accelerate only turns FSDP on for GPU launches (its state keeps a CPU
+  launch as MULTI_CPU, i.e. DDP), so CI could not test its path; `fully_shard` itself runs on gloo;
+* our model classes know their decoder layers: each `DecoderLayer` is one FSDP2 unit (its weights are
+  gathered right before its call, where the per_layer step plan resolves its projections; see
+  fast/plan.py), then the whole model (embeddings, final norm, lm_head) is the root unit;
+* checkpoints: velotune writes torch distributed checkpoints (checkpoints_dcp.py), which resume on
+  any number of ranks and consolidate into an ordinary folder.
+
+Mixed precision (`MixedPrecisionPolicy`): with `bf16=True` on GPUs, each unit's weights are gathered
+and computed in bf16 (`param_dtype`), gradients are reduce-scattered in fp32 (`reduce_dtype`), and
+the sharded weights and the optimizer state keep the dtype the model was loaded in (bf16 by default
+on a GPU; fp32 adapters stay fp32). On the CPU (gloo, the tests) and with `bf16=False` everything
+stays in the loaded dtype and the reduction is fp32.
+
+transformers' Trainer would hand a model with DTensor weights to accelerate, which wraps it in DDP
+(and refuses DTensors). `ShardedModel` is the wrapped model the Trainer trains, as DataParallel or
+SageMaker's wrappers are: accelerate then prepares only the optimizer, and `no_sync` (which
+accelerate's gradient accumulation calls) holds the reduce-scatter until the last micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..fast.plan import find_decoder
+
+logger = logging.getLogger("velotune")
+
+# fsdp_config keys velotune reads; the rest of transformers' defaults (min_num_params, xla, ...) mean nothing here.
+HONOURED = ("version", "reshard_after_forward")
+REFUSED = {
+    "cpu_offload": "keeping sharded weights in host memory is not supported by velotune's sharding yet; drop it",
+    "activation_checkpointing": "use get_peft_model(..., use_gradient_checkpointing='unsloth' or True), which "
+                                "checkpoints each decoder layer inside its FSDP2 unit",
+    "offload_params": "keeping sharded weights in host memory is not supported by velotune's sharding yet; drop it",
+}
+IGNORED_WITH_NOTICE = ("auto_wrap_policy", "transformer_layer_cls_to_wrap")
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """What velotune's FSDP2 does for one run (read from TrainingArguments' fsdp / fsdp_config)."""
+
+    reshard_after_forward: bool = True
+
+    def mixed_precision(self, args, device: torch.device):
+        """The MixedPrecisionPolicy: bf16 compute with fp32 reduction on GPUs when bf16 is on; else the
+        loaded dtype throughout (fp32 on the CPU), still reducing in fp32."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        bf16 = bool(getattr(args, "bf16", False)) and device.type == "cuda"
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+
+
+def requested(args) -> Sharding | None:
+    """The Sharding that `args.fsdp` / `args.fsdp_config` ask for, or None; an error names an option
+    velotune's sharding does not do, and the way out."""
+    if not getattr(args, "fsdp", None):
+        return None
+    items = args.fsdp.split() if isinstance(args.fsdp, str) else list(args.fsdp) if isinstance(args.fsdp, list) else []
+    config = {k[5:] if k.startswith("fsdp_") else k: v for k, v in dict(args.fsdp_config or {}).items()}
+    for item in (str(getattr(i, "value", i)) for i in items):
+        if item not in ("full_shard", "shard_grad_op", "auto_wrap"):
+            raise ValueError(f"fsdp={args.fsdp!r}: velotune shards with FSDP2 (fully_shard per decoder layer), "
+                             f"which has no {item!r}; use fsdp=True (or 'full_shard'), or 'shard_grad_op' to keep "
+                             "gathered weights from forward to backward")
+        if item == "shard_grad_op":
+            config.setdefault("reshard_after_forward", False)
+    version = int(config.get("version", 2))
+    if version != 2:
+        raise ValueError(f"fsdp_config version={version}: velotune shards with FSDP2 (torch's fully_shard) only; "
+                         "remove 'version' or set it to 2")
+    for key, why in REFUSED.items():
+        if _truthy(config.get(key)):
+            raise ValueError(f"fsdp_config {key}={config[key]!r}: {why}")
+    for key in IGNORED_WITH_NOTICE:
+        if config.get(key) not in (None, "TRANSFORMER_BASED_WRAP"):
+            logger.warning("velotune: fsdp_config %s=%r is not used: velotune shards each decoder layer, then the "
+                           "whole model", key, config[key])
+    return Sharding(reshard_after_forward=_truthy(config.get("reshard_after_forward", True)))
+
+
+def _truthy(value) -> bool:
+    return str(value).lower() in ("true", "1", "yes") if isinstance(value, str) else bool(value)
+
+
+def check_shardable(model, args) -> None:
+    """Errors before any work: FSDP2 through accelerate's own FSDP config, or weights FSDP2 cannot shard."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ValueError(
+            "this process was started by `accelerate launch` with an FSDP config, which would make accelerate "
+            "shard the model a second time. velotune shards it itself: launch with torchrun (or accelerate launch "
+            "without the FSDP config) and set fsdp=True in TrainingArguments")
+    if find_decoder(model) is None:
+        raise ValueError(f"fsdp=True: velotune shards its own decoder classes per layer, and {type(model).__name__} "
+                         "holds none (a model on the generic transformers path); train it with DDP (drop fsdp)")
+    quantized = [name for name, p in model.named_parameters() if not p.is_floating_point()]
+    if quantized:
+        raise ValueError(f"fsdp=True cannot shard 4-bit (NF4) weights such as {quantized[0]}: FSDP2 shards 16/32-bit "
+                         "weights. For QLoRA on several GPUs drop fsdp (DDP: each GPU holds its own NF4 copy), or "
+                         "load the model in 16-bit (load_in_4bit=False) to shard it")
+
+
+def shard(model: nn.Module, sharding: Sharding, args) -> nn.Module:
+    """`fully_shard` each decoder layer, then the whole model (in place; returns it). Every rank must
+    hold the same weights first: from_pretrained with the same seed (the tests and a run's ranks do)."""
+    from torch.distributed.fsdp import fully_shard
+
+    device = next(model.parameters()).device
+    options = dict(mp_policy=sharding.mixed_precision(args, device), reshard_after_forward=sharding.reshard_after_forward)
+    decoder = find_decoder(model)
+    for layer in decoder.layers:
+        fully_shard(layer, **options)  # gathered just before the layer's call, freed after it (and again for backward)
+    fully_shard(model, **options)  # embeddings, final norm, lm_head: the root unit
+    return model
+
+
+def active() -> bool:
+    """Whether a process group of several ranks is up (FSDP2 shards over it)."""
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any weight of `model` is a DTensor (a module under fully_shard)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+class ShardedModel(nn.Module):
+    """The model the Trainer trains under velotune's FSDP2: the sharded model, called through.
+
+    A wrapper only in the Trainer's eyes (it prepares wrapped models' optimizers, never the models):
+    the forward is the sharded model's, whose FSDP2 hooks gather and reduce. `no_sync` defers the
+    gradient reduce-scatter over an accumulation window, as DDP's no_sync defers its all-reduce."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.module.set_requires_gradient_sync(False)  # FSDP2: keep unsharded gradients, reduce at the window's end
+        try:
+            yield
+        finally:
+            self.module.set_requires_gradient_sync(True)

@@ -1,0 +1,114 @@
+"""One process of the FSDP2-through-the-trainer test: velotune's SFTTrainer with `fsdp=True` on a tiny Llama.
+
+Under torchrun (2 ranks, gloo) it trains LoRA and full fine-tuning sharded, each with distributed
+checkpoints at steps 2 and 4, then resumes a copy of each step-2 checkpoint on the same 2 ranks.
+As one plain process (--references DIR) it trains the same runs unsharded with the same global batch,
+resumes the 2-rank step-2 checkpoints on 1 process, and consolidates the 2-rank step-4 checkpoints.
+Each run writes `result-<rank>.json` (losses, what was sharded) into its folder; rank 0's final
+weights are `final/` (gathered by trainer.save_model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+from velotune import FastLanguageModel, SFTTrainer, TrainingArguments
+from velotune.fast.plan import plan_step, runtime_settings
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJ0123456789.,"
+STEPS, SAVE_AT = 4, 2
+
+
+def rows(n: int) -> list[str]:
+    rng = random.Random(0)
+    return ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(4, 30))) for _ in range(n)]
+
+
+def load(folder: str, full: bool):
+    """LoRA with the offloading checkpoint, or every weight training; the fast path forced on the CPU."""
+    model, tokenizer = FastLanguageModel.from_pretrained(folder, load_in_4bit=False, device_map="cpu",
+                                                         max_seq_length=64, full_finetuning=full)
+    if not full:
+        model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3407,
+                                                 use_gradient_checkpointing="unsloth")
+    settings = runtime_settings(model)
+    settings.fast_path, settings.offload_on_cpu, settings.offload_min_tokens = True, True, 0
+    return model, tokenizer
+
+
+def sharding_facts(trainer) -> dict:
+    """Which weights are DTensors, and how much of one optimizer state this rank holds."""
+    from torch.distributed.tensor import DTensor
+
+    model = trainer.model
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    name, param = trainable[0]
+    state = optimizer.state[param]["exp_avg"]
+    local = state.to_local() if isinstance(state, DTensor) else state
+    return {"wrapped": type(trainer.model_wrapped).__name__,
+            "trainable": len(trainable), "trainable_dtensor": sum(isinstance(p, DTensor) for _, p in trainable),
+            "frozen_dtensor": sum(isinstance(p, DTensor) for _, p in model.named_parameters() if not p.requires_grad),
+            "state_param": name, "state_local": local.numel(), "state_full": param.numel()}
+
+
+def train(options, out: Path, full: bool, batch: int, fsdp: bool, resume: bool = False):
+    model, tokenizer = load(options.folder, full)
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, max_steps=STEPS,
+                             learning_rate=1e-3 if full else 1e-2, logging_steps=1, report_to="none",
+                             optim="adamw_torch", seed=0, bf16=False, fp16=False, disable_tqdm=True,
+                             dataset_num_proc=None, use_cpu=True, max_length=64, ddp_timeout=120,
+                             save_strategy="steps", save_steps=SAVE_AT, **({"fsdp": True} if fsdp else {}))
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_dict({"text": rows(48)}),
+                         args=args)
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.save_model(str(out / "final"))  # every rank: a sharded model is gathered first
+    plan = plan_step(trainer.model, training=True, grad=True, labels=True, tokens=64)
+    result = {"rank": args.process_index, "world_size": args.world_size, "global_step": trainer.state.global_step,
+              "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e], "fast": plan.fast,
+              "per_layer": plan.per_layer, **sharding_facts(trainer)}
+    (out / f"result-{args.process_index}.json").write_text(json.dumps(result))
+    return trainer
+
+
+def resume_copy(source: Path, target: Path, rank0: bool) -> None:
+    """A fresh output_dir holding only `source`'s step-2 checkpoint (rank 0 copies; all ranks wait)."""
+    if rank0:
+        shutil.copytree(source / f"checkpoint-{SAVE_AT}", target / f"checkpoint-{SAVE_AT}")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--folder", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--references", default=None, help="the 2-rank run's --out: run the one-process side")
+    options = parser.parse_args()
+    torch.set_num_threads(1)
+    out = Path(options.out)
+    if options.references is None:  # under torchrun: 2 ranks x batch 2, sharded
+        for kind, full in (("lora", False), ("full", True)):
+            trainer = train(options, out / kind, full, batch=2, fsdp=True)
+            resume_copy(out / kind, out / kind / "resumed", trainer.args.process_index == 0)
+            train(options, out / kind / "resumed", full, batch=2, fsdp=True, resume=True)
+        return
+    from velotune.training.checkpoints_dcp import consolidate
+
+    sharded = Path(options.references)
+    for kind, full in (("lora", False), ("full", True)):
+        train(options, out / kind, full, batch=4, fsdp=False)  # the unsharded reference, global batch 4
+        resume_copy(sharded / kind, out / kind / "resumed1", True)
+        train(options, out / kind / "resumed1", full, batch=4, fsdp=True, resume=True)  # 2-rank checkpoint, 1 process
+        consolidate(sharded / kind / f"checkpoint-{STEPS}", out / kind / "consolidated")
+
+
+if __name__ == "__main__":
+    main()

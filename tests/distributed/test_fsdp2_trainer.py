@@ -1,0 +1,112 @@
+"""FSDP2 through velotune's SFTTrainer (`fsdp=True`, issue 19 items 2 and 4) on the CPU: gloo, 2 ranks.
+
+One torchrun launch trains LoRA (fast path, offloading checkpoint) and full fine-tuning sharded per
+decoder layer, with distributed checkpoints, and resumes each step-2 checkpoint on the same 2 ranks;
+one plain process trains the unsharded references with the same global batch, resumes those 2-rank
+checkpoints on 1 process and consolidates the step-4 checkpoints into ordinary folders. The checks:
+sharded == unsharded (losses and final weights within fp32 tolerance), weights and optimizer state
+really sharded, resume on 2 and on 1 == the uninterrupted run, consolidated == the gathered final save,
+and the consolidated folders load in velotune and in transformers (+ PEFT) with equal logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+HERE = Path(__file__).resolve().parent
+WEIGHTS = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
+
+
+def launch(*worker_args, nproc: int | None) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join([str(HERE.parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    done = subprocess.run([sys.executable, *launcher, str(HERE / "fsdp_trainer_worker.py"), *map(str, worker_args)],
+                          env=env, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def runs(ddp_tiny_dir, tmp_path_factory):
+    sharded, one = tmp_path_factory.mktemp("fsdp2-trainer"), tmp_path_factory.mktemp("fsdp2-one")
+    launch("--folder", ddp_tiny_dir, "--out", sharded, nproc=2)
+    launch("--folder", ddp_tiny_dir, "--out", one, "--references", sharded, nproc=None)
+    return sharded, one
+
+
+def result(folder: Path, rank: int = 0) -> dict:
+    return json.loads((folder / f"result-{rank}.json").read_text())
+
+
+def assert_same_weights(kind: str, a: Path, b: Path) -> None:
+    first, second = load_file(a / WEIGHTS[kind]), load_file(b / WEIGHTS[kind])
+    assert first.keys() == second.keys() and first
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_two_sharded_ranks_train_as_one_unsharded_process(runs, kind):
+    sharded, one = runs
+    ranks, reference = [result(sharded / kind, r) for r in (0, 1)], result(one / kind)
+    assert reference["world_size"] == 1 and reference["wrapped"] != "ShardedModel"
+    assert len(reference["losses"]) == 4 and reference["losses"][0] != reference["losses"][-1]
+    for rank in ranks:
+        assert rank["world_size"] == 2 and rank["wrapped"] == "ShardedModel"
+        assert rank["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+        # every trainable weight is a DTensor and each rank holds half of its optimizer state
+        assert rank["trainable_dtensor"] == rank["trainable"] > 0
+        assert rank["state_local"] * 2 == rank["state_full"]
+    if kind == "lora":  # the frozen base is sharded too, and the fast path resolves each layer inside its call
+        assert ranks[0]["frozen_dtensor"] > 0 and ranks[0]["fast"] and ranks[0]["per_layer"]
+    else:
+        assert ranks[0]["trainable"] == reference["trainable"] and ranks[0]["frozen_dtensor"] == 0
+    assert_same_weights(kind, sharded / kind / "final", one / kind / "final")
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_distributed_checkpoint_resumes_on_two_ranks_and_on_one(runs, kind):
+    sharded, one = runs
+    checkpoint = sharded / kind / "checkpoint-2"
+    assert (checkpoint / "model_dcp" / ".metadata").is_file() and (checkpoint / "optimizer_dcp").is_dir()
+    assert {p.name for p in checkpoint.glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert not (checkpoint / WEIGHTS[kind]).exists()  # no rank gathered the whole model to save it
+    for resumed in (sharded / kind / "resumed", one / kind / "resumed1"):
+        assert result(resumed)["global_step"] == 4
+        assert result(resumed)["losses"] == pytest.approx(result(sharded / kind)["losses"], rel=1e-5)
+        assert_same_weights(kind, resumed / "final", sharded / kind / "final")
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_consolidated_checkpoint_is_an_ordinary_folder(runs, kind, ddp_tiny_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from velotune import FastLanguageModel
+
+    sharded, one = runs
+    folder = one / kind / "consolidated"
+    assert_same_weights(kind, folder, sharded / kind / "final")  # == the gathered save at the same step
+    ids = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(1))
+    ours, _ = FastLanguageModel.from_pretrained(str(folder), load_in_4bit=False, device_map="cpu", dtype=torch.float32)
+    if kind == "lora":
+        theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ddp_tiny_dir), str(folder))
+    else:
+        theirs = AutoModelForCausalLM.from_pretrained(folder)
+    torch.testing.assert_close(logits_of(ours.eval(), ids), logits_of(theirs.eval(), ids), rtol=1e-4, atol=1e-4)
+    base = logits_of(AutoModelForCausalLM.from_pretrained(ddp_tiny_dir).eval(), ids)
+    assert not torch.allclose(logits_of(theirs, ids), base)  # the trained weights, not the base model's
