@@ -78,12 +78,13 @@ def _with_adapters(plan, replace: dict):
 
 def layer_signature(plan, params: tuple[torch.Tensor, ...]) -> tuple:
     """What a layer's graphs bake in: every projection's weight, bias and adapter tensors (by
-    identity and data pointer; `param.data = ...` moves the pointer), scalings, and the layer's
+    identity and data pointer; `param.data = ...` moves the pointer), scalings, FP8 or not, and the layer's
     trainable parameters. Params4bit's __torch_function__ is bypassed: data_ptr() through it costs
     microseconds, and there are dozens per layer."""
     with torch._C.DisableTorchFunctionSubclass():
         parts = [
-            (_tensor_key(p.weight), _tensor_key(p.bias), _tensor_key(p.lora_A), _tensor_key(p.lora_B), p.scaling)
+            (_tensor_key(p.weight), _tensor_key(p.bias), _tensor_key(p.lora_A), _tensor_key(p.lora_B), p.scaling,
+             p.fp8)  # the plan's FP8 choice changes the kernels a graph replays
             for p in (*plan.qkv, *plan.o, *plan.mlp)
         ]
         parts.append(tuple(_tensor_key(t) for t in params))
