@@ -106,13 +106,79 @@ def test_dataset_without_prompt_lists_its_columns(tiny_llama_dir, tmp_path):
         trainer(tiny_llama_dir, tmp_path, dataset=data)
 
 
-def test_batch_not_divisible_by_num_generations_says_what_works(tmp_path):
+@pytest.mark.parametrize("batch,accumulation,generations,fitted", [
+    (1, 1, 6, 6), (1, 4, 8, 8), (1, 4, 6, 6), (6, 1, 4, 4), (10, 1, 4, 8), (2, 4, 8, 2), (3, 2, 6, 3)])
+def test_the_docs_batch_is_fitted_to_whole_groups_with_one_notice(tmp_path, caplog, batch, accumulation,
+                                                                 generations, fitted):
+    """The docs' notebooks pass per_device_train_batch_size=1 with 6 or 8 generations (TRL 1.x refuses it):
+    a generation batch that cannot hold whole groups becomes the largest multiple of num_generations not above
+    it (at least one group), as Unsloth does; TRL-valid settings (2 x 4 holds one group of 8) stay as given."""
+    with caplog.at_level(logging.WARNING, logger="velotune"):
+        args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=batch, num_generations=generations,
+                          gradient_accumulation_steps=accumulation, report_to="none")
+    assert args.per_device_train_batch_size == fitted
+    assert args.generation_batch_size == fitted * accumulation
+    assert args.generation_batch_size % generations == 0
+    notices = [r.getMessage() for r in caplog.records if "per_device_train_batch_size=" in r.getMessage()]
+    if fitted == batch:
+        assert notices == []
+    else:
+        assert len(notices) == 1 and f"per_device_train_batch_size={batch} -> {fitted}" in notices[0]
+
+
+def test_the_docs_grpo_config_cell_trains_as_written(tiny_llama_dir, tmp_path):
+    """The notebooks' GRPOConfig cell as written (substitutions: output_dir -> tmp, max_steps 250 -> 1): batch 1
+    with 6 generations trains one prompt's 6 completions per step."""
+    from velotune import is_bfloat16_supported
+
+    training_args = GRPOConfig(
+        use_vllm = True, # use vLLM for fast inference!
+        learning_rate = 5e-6,
+        adam_beta1 = 0.9,
+        adam_beta2 = 0.99,
+        weight_decay = 0.1,
+        warmup_ratio = 0.1,
+        lr_scheduler_type = "cosine",
+        optim = "paged_adamw_8bit",
+        logging_steps = 1,
+        bf16 = is_bfloat16_supported(),
+        fp16 = not is_bfloat16_supported(),
+        per_device_train_batch_size = 1,
+        gradient_accumulation_steps = 1, # Increase to 4 for smoother training
+        num_generations = 6, # Decrease if out of memory
+        max_prompt_length = 256,
+        max_completion_length = 200,
+        # num_train_epochs = 1, # Set to 1 for a full training run
+        max_steps = 1,  # 250 in the notebook
+        save_steps = 250,
+        max_grad_norm = 0.1,
+        report_to = "none", # Can use Weights & Biases
+        output_dir = str(tmp_path),  # "outputs" in the notebook
+    )  # noqa: E251 - the notebook's spelling
+    assert (training_args.per_device_train_batch_size, training_args.generation_batch_size) == (6, 6)
+    model, tokenizer = tiny_lora(tiny_llama_dir)
+    seen = []
+
+    def count(prompts, completions, **kwargs):
+        seen.append(list(prompts))
+        return [float(len(c)) for c in completions]
+
+    trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[count], args=training_args,
+                          train_dataset=rows())
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert len(seen) == 1 and len(seen[0]) == 6 and len(set(seen[0])) == 1  # one prompt, 6 completions
+
+
+def test_settings_that_cannot_work_say_what_works(tmp_path):
     with pytest.raises(ValueError) as error:
-        GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, num_generations=4, report_to="none")
+        GRPOConfig(output_dir=str(tmp_path), generation_batch_size=6, num_generations=4, report_to="none")
     message = str(error.value)
-    assert "num_generations=4" in message and "num_generations in [2, 3, 6]" in message
-    assert "per_device_train_batch_size in [4, 8, 12, 16]" in message
-    GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, num_generations=3, report_to="none")
+    assert "generation_batch_size in [4, 8, 12, 16]" in message and "num_generations in [2, 3, 6]" in message
+    with pytest.raises(ValueError, match=r"num_generations=1: .* at least 2"):
+        GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=1, report_to="none")
+    GRPOConfig(output_dir=str(tmp_path), generation_batch_size=12, num_generations=6, per_device_train_batch_size=6,
+               report_to="none")
 
 
 def test_reward_function_that_raises_names_function_step_and_completion():

@@ -5,12 +5,20 @@ beta, epsilon, loss_type, ...) are TRL's, and users move between TRL's documenta
 Added: `max_prompt_length` (TRL 1.x dropped it; the docs' notebooks set it), and
 `sample_completions_steps` (print sample completions every N steps, as the docs' runs show).
 The same defaults and checks as velotune's SFT arguments apply: 8-bit AdamW falls back where
-bitsandbytes cannot step it, fp16 on a CPU-only machine trains in fp32, and a generation batch
-that cannot hold whole groups fails here, saying which values work.
+bitsandbytes cannot step it, fp16 on a CPU-only machine trains in fp32.
+
+The docs' notebooks pass `per_device_train_batch_size=1` with `num_generations=6` or 8 (written when a
+batch counted prompts). TRL 1.x counts completions and refuses a generation batch that cannot hold whole
+groups; Unsloth raises the batch to num_generations with a printed notice. velotune does what Unsloth
+users see (`fit_batch_to_groups`): a batch that cannot hold whole groups becomes the largest multiple of
+num_generations not above it (at least num_generations), logged once. Settings that cannot work still
+fail, naming the values that do: num_generations < 2, or an explicit generation_batch_size that is not a
+multiple of num_generations.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -20,6 +28,7 @@ from ..training.arguments import after_post_init, before_post_init
 from ..training.compat import LEGACY_HELP
 
 
+logger = logging.getLogger("velotune")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 IMPORTANCE_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -30,32 +39,22 @@ def _divisors(n: int, low: int = 2) -> list[int]:
     return [d for d in range(low, n + 1) if n % d == 0]
 
 
-def _batch_sizes_that_work(num_generations: int, steps: int, count: int = 4) -> list[int]:
-    """Per-device batch sizes b for which b * steps holds whole groups of num_generations."""
-    step = num_generations // math.gcd(num_generations, steps)
-    return [step * k for k in range(1, count + 1)]
-
-
-def check_generation_batch(per_device_train_batch_size: int, steps_per_generation: int, num_generations: int,
-                           world_size: int = 1) -> None:
-    """Every prompt's num_generations completions must sit in one generation batch (their rewards are
-    compared with each other), so the generation batch must be a multiple of num_generations."""
+def check_num_generations(num_generations) -> None:
     if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 2:
         raise ValueError(f"num_generations={num_generations!r}: GRPO compares completions of the same prompt, so it "
                          "needs at least 2 (the docs use 6 or 8)")
-    batch = per_device_train_batch_size * steps_per_generation * world_size
-    if batch % num_generations == 0:
-        return
-    raise ValueError(
-        f"the generation batch (per_device_train_batch_size={per_device_train_batch_size} x "
-        f"steps_per_generation={steps_per_generation}"
-        + (f" x {world_size} processes" if world_size > 1 else "")
-        + f" = {batch} completions) must be a multiple of num_generations={num_generations}, so that every prompt's "
-        f"completions are scored together. Values that work: num_generations in {_divisors(batch) or 'none'}, "
-        f"or per_device_train_batch_size in "
-        f"{_batch_sizes_that_work(num_generations, steps_per_generation * world_size)} (with "
-        f"gradient_accumulation_steps={steps_per_generation}). Note: per_device_train_batch_size counts completions, "
-        f"not prompts, in TRL 1.x and velotune")
+
+
+def fit_batch_to_groups(per_device_train_batch_size: int, steps_per_generation: int, num_generations: int) -> int:
+    """The per-device batch to train with: the given one when its generation batch (x steps_per_generation)
+    holds whole groups (TRL's rule: then a group may span micro-batches), else the largest multiple of
+    num_generations not above it and at least num_generations (the docs' batch 1 with 6 generations -> 6, one
+    prompt's group per micro-batch, as Unsloth's notebooks run it; never more completions per micro-batch
+    than asked for unless fewer than one group was asked for)."""
+    check_num_generations(num_generations)
+    if per_device_train_batch_size * steps_per_generation % num_generations == 0:
+        return per_device_train_batch_size
+    return max(num_generations, per_device_train_batch_size // num_generations * num_generations)
 
 
 @dataclass
@@ -81,16 +80,33 @@ class GRPOConfig(TRLGRPOConfig):
 
     def __post_init__(self):
         before_post_init(self)  # velotune's shared checks and device defaults (training/arguments.py)
+        check_num_generations(self.num_generations)
         if self.generation_batch_size is None:
-            steps = self.steps_per_generation or self.gradient_accumulation_steps
-            check_generation_batch(self.per_device_train_batch_size, steps, self.num_generations)
-        elif self.generation_batch_size % max(int(self.num_generations or 1), 1):
+            self._fit_batch()
+        elif self.generation_batch_size % self.num_generations:
+            G = self.num_generations
             raise ValueError(f"generation_batch_size={self.generation_batch_size} must be a multiple of "
-                             f"num_generations={self.num_generations}; values of num_generations that work: "
-                             f"{_divisors(self.generation_batch_size)}")
+                             f"num_generations={G}: generation_batch_size in {[G * k for k in range(1, 5)]}, or "
+                             f"num_generations in {_divisors(self.generation_batch_size) or 'none'}")
         self._check_choices()
         super().__post_init__()
         after_post_init(self)
+
+    def _fit_batch(self) -> None:
+        """The docs' per_device_train_batch_size=1 (see the module docstring): adjusted, with one notice."""
+        steps = self.steps_per_generation or self.gradient_accumulation_steps
+        fitted = fit_batch_to_groups(self.per_device_train_batch_size, steps, self.num_generations)
+        if fitted == self.per_device_train_batch_size:
+            return
+        steps_name = "steps_per_generation" if self.steps_per_generation else "gradient_accumulation_steps"
+        logger.warning(
+            "velotune: per_device_train_batch_size=%d -> %d. A GRPO batch counts completions (TRL 1.x), and one "
+            "generation batch (per_device_train_batch_size x %s=%d = %d completions) must hold whole groups of "
+            "num_generations=%d; each micro-batch now holds %d prompt(s) x %d completions, as Unsloth runs the "
+            "docs' notebooks. A multiple of num_generations as per_device_train_batch_size is taken as given.",
+            self.per_device_train_batch_size, fitted, steps_name, steps, self.per_device_train_batch_size * steps,
+            self.num_generations, fitted // self.num_generations, self.num_generations)
+        self.per_device_train_batch_size = fitted
 
     def _check_choices(self) -> None:
         scale = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)

@@ -38,6 +38,13 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 1)
 
 
+def backbone_hidden(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The decoder stack's last hidden states (B, L, H) of padded rows. Our decoder numbers positions from
+    the mask itself (explicit ids would mean packed sequences to it); others get cumsum(mask) - 1."""
+    extra = {} if isinstance(backbone, FastPathDecoder) else {"position_ids": _position_ids(attention_mask)}
+    return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).last_hidden_state
+
+
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_length: int,
                         temperature: float = 1.0, entropy: bool = False):
     """input_ids (B, P + C) = left-padded prompt + right-padded completion; returns (logps (B, C) fp32,
@@ -55,10 +62,7 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
         logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         ent = -(logp_all.exp() * logp_all).sum(-1).detach() if entropy else None
         return logps, ent
-    # Our decoder numbers positions from the mask itself (explicit ids would mean packed sequences to it).
-    extra = {} if isinstance(backbone, FastPathDecoder) else {"position_ids": positions}
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                      **extra).last_hidden_state  # (B, P + C, H)
+    hidden = backbone_hidden(backbone, input_ids, attention_mask)  # (B, P + C, H)
     hidden = hidden[:, -completion_length - 1:-1]  # (B, C, H): the positions that predict the completion
     logps = chunked_logprobs(hidden, head.weight, targets, temperature=temperature)  # (B, C)
     ent = chunked_entropy(hidden.detach(), head.weight, temperature) if entropy else None

@@ -34,6 +34,7 @@ from transformers import TrainingArguments as HFTrainingArguments
 from ..training.trainer import _explicit_values
 from .experimental import trl_experimental
 from .preference_config import CPOConfig, DPOConfig, KTOConfig, ORPOConfig, config_fields
+from .preference_logps import ChunkedConcatenatedForward
 
 logger = logging.getLogger("velotune")
 
@@ -297,8 +298,9 @@ _TRLORPOTrainer = trl_experimental("orpo", "ORPOTrainer")
 _TRLCPOTrainer = trl_experimental("cpo", "CPOTrainer")
 
 
-class ORPOTrainer(_TRLORPOTrainer):
-    """TRL's ORPOTrainer (reference-free), also taking the docs' keywords."""
+class ORPOTrainer(ChunkedConcatenatedForward, _TRLORPOTrainer):
+    """TRL's ORPOTrainer (reference-free), also taking the docs' keywords; log-probs without full logits
+    (rl/preference_logps.py)."""
 
     def __init__(self, *args, **kwargs):
         kwargs = prepare_keywords(_TRLORPOTrainer, ORPOConfig, args, kwargs, "ORPO")
@@ -309,9 +311,19 @@ class ORPOTrainer(_TRLORPOTrainer):
     def tokenize_row(self, feature, model=None):
         return cut_tokenized_row(super().tokenize_row(feature, model), self._max_prompt_length)
 
+    def average_logps(self) -> bool:
+        return True  # ORPO's odds ratio is of mean token log-probs
 
-class CPOTrainer(_TRLCPOTrainer):
-    """TRL's CPOTrainer; SimPO is `CPOConfig(loss_type="simpo", cpo_alpha=0.0)`. Takes the docs' keywords."""
+    def pad_value(self) -> int:
+        return self.padding_value
+
+
+class CPOTrainer(ChunkedConcatenatedForward, _TRLCPOTrainer):
+    """TRL's CPOTrainer; SimPO is `CPOConfig(loss_type="simpo", cpo_alpha=0.0)`. Takes the docs' keywords;
+    log-probs without full logits (rl/preference_logps.py)."""
+
+    nll_over = "labels"  # CPO's behaviour-cloning term covers the chosen answer only
+    logits_shifted = False
 
     def __init__(self, *args, **kwargs):
         kwargs = prepare_keywords(_TRLCPOTrainer, CPOConfig, args, kwargs, "CPO")
@@ -321,3 +333,12 @@ class CPOTrainer(_TRLCPOTrainer):
 
     def tokenize_row(self, feature, model=None):
         return cut_tokenized_row(super().tokenize_row(feature, model), self._max_prompt_length)
+
+    def average_logps(self) -> bool:
+        return self.loss_type in ("ipo", "simpo")  # length-normalized rewards
+
+    def wants_nll(self) -> bool:
+        return self.cpo_alpha != 0
+
+    def pad_value(self) -> int:
+        return self.pad_token_id
