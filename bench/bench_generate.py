@@ -5,7 +5,9 @@ Rows (each prints one `RESULT {json}` line):
     the peers' harness `peer_bench.py decode` counts);
   GRPO-shaped: 64 prompts x 8 samples x 512 new tokens, LoRA r=16 on every projection, sampling;
   time to first token of a 4096-token prompt;
-  NF4 batch 1 (every projection quantized by velotune.quant);
+  NF4 batch 1 (every projection quantized by velotune.quant), through the fused NF4 GEMV, and
+    (`nf4plain`) through bitsandbytes' 4-bit GEMV on the plain path;
+  `b1old`: bf16 batch 1 with the decode GEMV kernels off (cuBLAS per projection), for comparison;
   the time of one decode step (graph replay) against the bandwidth bound of its weight bytes,
   and a profile of one eager decode step (top kernels) with `--profile`.
 
@@ -137,7 +139,7 @@ def ttft(model, length: int = 4096) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama8b")
-    ap.add_argument("--only", default="b1,b16,step,ttft,grpo,nf4,nf4plain")
+    ap.add_argument("--only", default="b1,b1old,b16,step,ttft,grpo,nf4,nf4plain")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -150,6 +152,17 @@ def main():
                 step_time(model, 1)
             if args.profile:
                 profile_step(model, 1)
+        if "b1old" in only:  # the fast path before the decode GEMV kernels: cuBLAS per projection
+            from velotune.fast import plan as plan_module
+            from velotune.inference import release
+
+            rows, plan_module.GEMV_ROWS = plan_module.GEMV_ROWS, 0
+            release(model)
+            decode_row(model, "bf16 greedy, cuBLAS GEMVs (no decode GEMV kernels)", 1)
+            if "step" in only:
+                step_time(model, 1)
+            plan_module.GEMV_ROWS = rows
+            release(model)
         if "b16" in only:
             decode_row(model, "bf16 greedy", 16)
             if "step" in only:

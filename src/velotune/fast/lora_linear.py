@@ -296,15 +296,25 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def lora_projections(x: torch.Tensor, modules: list[nn.Module], projections=None) -> list[torch.Tensor]:
+def lora_projections(x: torch.Tensor, modules: list[nn.Module], projections=None,
+                     gemv_rows: int = 0) -> list[torch.Tensor]:
     """x (..., in) through each module -> [(..., out_i)], fused when every module allows it,
     otherwise the modules' own calls (exactly the plain path). `projections`: the modules' fused
-    views when the caller already has them (plan.LayerPlan), else they are looked up here."""
+    views when the caller already has them (plan.LayerPlan), else they are looked up here.
+    `gemv_rows` (the plan's): up to this many rows without autograd, the decode GEMV kernels
+    run the base weights (decode_linear.py)."""
     if projections is None:
         projections = [projection_of(m) for m in modules]
     if any(p is None for p in projections):
         return [m(x) for m in modules]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype(x))  # (N, in)
+    if gemv_rows:
+        from . import decode_linear  # imports this module
+
+        if decode_linear.applies(x2, gemv_rows):
+            outs = decode_linear.decode_projections(x2, tuple(projections))
+            if outs is not None:
+                return [o.view(*lead, o.shape[-1]) for o in outs]
     outs = LoraProjectionsFunction.apply(x2, tuple(projections), *adapters_of(projections))
     return [o.view(*lead, o.shape[-1]) for o in outs]

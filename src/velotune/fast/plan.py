@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import settings as env
 from ..kernels import set_fast_launch
+from ..kernels.gemv import MAX_ROWS as GEMV_MAX_ROWS
 from .checkpointing import OFFLOAD_MIN_TOKENS
 
 logger = logging.getLogger("velotune")
@@ -52,6 +53,10 @@ CHECKPOINT_MODES = ("off", "plain", "offload")
 # doubled the step's tokens/s; a Llama-3.1-8B layer at 4,096 tokens (4096 hidden) is bound by the
 # GPU, where graphs gained nothing and their pool cost 1.1 GiB.
 MAX_GRAPHED_ELEMENTS = 2048 * 4096
+# Decode: calls with a KV cache and no autograd run projections of up to this many token rows
+# through the small-batch GEMV kernels (decode_linear.py). Module-level so tests can set it to 0
+# (the previous fast path) and compare.
+GEMV_ROWS = GEMV_MAX_ROWS
 _logged: set[str] = set()
 
 
@@ -94,6 +99,8 @@ class StepPlan:
       needs a mask without tensors).
     recompute: this call re-runs a checkpointed layer for its backward; the layer's output value
       is then dead (only its autograd graph is used), so the fused MLP may skip its forward matmul.
+    gemv_rows: projections of up to this many token rows run through the decode GEMV kernels
+      (decode_linear.py; calls with a KV cache and without autograd on the fast path), 0: never.
     per_layer: the weights are sharded (FSDP2's `fully_shard`): each layer's projections are
       resolved at that layer's call (`layer_plan`), after FSDP2's pre-forward hook has gathered
       them, and `layers` starts empty. It must: FSDP2 hands every tensor it finds in a layer's
@@ -111,6 +118,7 @@ class StepPlan:
     graphs: bool = False
     recompute: bool = False
     per_layer: bool = False
+    gemv_rows: int = 0
     fp8: bool = False  # some projections' base GEMMs run in FP8 (their LoraProjection.fp8 is set)
     fp8_reason: str = ""  # where FP8 runs and why not elsewhere; empty when it was not asked for
 
@@ -202,7 +210,8 @@ def plan_step(model: nn.Module, *, training: bool = False, grad: bool = False, l
     graphs = (checkpoint == "offload" and fast.fast and not draws and switches.cuda_graphs and not fast.per_layer
               and tokens * decoder.config.hidden_size <= MAX_GRAPHED_ELEMENTS)
     return dataclasses.replace(fast, fused_loss=fast.fast and training and grad and labels and not asked,
-                               checkpoint=checkpoint, replay_rng=draws, graphs=graphs)
+                               checkpoint=checkpoint, replay_rng=draws, graphs=graphs,
+                               gemv_rows=GEMV_ROWS if fast.fast and cache and not grad else 0)
 
 
 def _with_fp8(plan: StepPlan, where, forced: bool) -> StepPlan:

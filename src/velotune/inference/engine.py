@@ -19,16 +19,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..fast.plan import StepPlan, find_decoder, plan_step
-from ..quant.linear import is_linear4bit
 from .cache import InferenceSettings, StaticKVCache
 from .runner import DecodeGraphs, DecoderRunner
 from .sampling import SamplingParams, chosen_logprobs, sample
 
-# Up to this many rows, 4-bit models decode on the plain path, whose bitsandbytes layers run their
-# own 4-bit GEMV for one-token inputs (reading the packed weights once); the fast path dequantizes
-# each weight to bf16 first. 8B NF4, batch 1 on the H200: 141 tokens/s plain vs 87 fast
-# (BENCHMARKS.md). bitsandbytes' GEMV takes one token only, so larger batches keep the fast path.
-NF4_GEMV_ROWS = 1
 # Tokens per prefill chunk (rows are prefilled in groups of about this many tokens).
 PREFILL_TOKENS = 8192
 # Cache lengths are rounded up to this on CUDA, so later calls reuse the cache and its graphs.
@@ -173,7 +167,8 @@ def _resident(runner: DecoderRunner, rows: int, length: int, dtype, device, sett
     old = getattr(holder, "resident", None)
     fp8 = settings.float8_kv_cache
     if old is not None and old.cache.fits(rows, length, dtype, fp8):
-        same_plan = old.graphs.runner.plan.fast == runner.plan.fast
+        old_plan = old.graphs.runner.plan
+        same_plan = (old_plan.fast, old_plan.gemv_rows) == (runner.plan.fast, runner.plan.gemv_rows)
         if old.signature != signature or not same_plan or old.graphs.use_graphs != (graphable and device.type == "cuda"):
             old.graphs = DecodeGraphs(runner, old.cache, old.valid, graphable)
             old.signature = signature
@@ -379,9 +374,10 @@ def _prefill(runner: DecoderRunner, cache: StaticKVCache, valid: torch.Tensor, p
 
 
 def _plan(decoder, rows: int) -> StepPlan:
-    """The fast path's plan for this generation: its own decision, except small batches of 4-bit models."""
-    if rows <= NF4_GEMV_ROWS and any(is_linear4bit(m) for m in decoder.layers[0].modules()):
-        return plan_step(decoder, cache=True, fast_path=False)
+    """The fast path's plan for this generation (a cached no-grad call): on it, decode steps of up
+    to `plan.gemv_rows` rows run their projections through the small-batch GEMV kernels, dense and
+    NF4 (fast/decode_linear.py); 4-bit models no longer need bitsandbytes' own GEMV on the plain
+    path at batch 1 (141 tokens/s there, BENCHMARKS.md). `rows` is kept for callers' clarity."""
     return plan_step(decoder, cache=True)
 
 

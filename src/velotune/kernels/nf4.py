@@ -354,11 +354,26 @@ def dequantize_nf4_weight(module_or_param, *, use_triton: bool | None = None) ->
     The first call on a weight validates and prepares its launch; later calls reuse it (see
     ``_CachedWeight`` for when it is rebuilt), so the QLoRA hot path is a look-up and one launch.
     """
+    packed, launch, state, nested = prepared_nf4_weight(module_or_param, use_triton=use_triton)
+    if launch is None:
+        return dequantize_nf4_reference(
+            packed, state.absmax, state.code, blocksize=state.blocksize, shape=state.shape, dtype=state.dtype, **nested
+        )
+    return launch(packed)
+
+
+def prepared_nf4_weight(module_or_param, *, use_triton: bool | None = None):
+    """(packed, launch, quant_state, nested kwargs) of a bitsandbytes 4-bit weight, validated once.
+
+    ``launch`` is the weight's prepared ``_Launch`` (its device-resident fp32 tables and
+    constexprs, which the fused NF4 GEMV reads too) and ``packed`` its bytes as a flat contiguous
+    uint8 tensor; ``launch`` is None when the PyTorch reference is to run, and ``packed`` is then
+    the weight's data as stored. ``nested``: the reference's double-quantization keywords."""
     data, state = _weight_state(module_or_param)
     if use_triton is not False:
         cached = _CACHE.get(id(state))
         if cached is not None and cached.fresh(state, data):
-            return cached.launch(data if cached.data_dtype is torch.uint8 else data.view(torch.uint8))
+            return (data if cached.data_dtype is torch.uint8 else data.view(torch.uint8)), cached.launch, state, None
     if state.quant_type != "nf4":
         raise ValueError(f"dequantize_nf4_weight: only quant_type='nf4' is supported, got {state.quant_type!r}")
     state2 = state.state2
@@ -373,11 +388,9 @@ def dequantize_nf4_weight(module_or_param, *, use_triton: bool | None = None) ->
         state.blocksize, nested["nested_blocksize"], state.shape, state.dtype, use_triton,
     )  # fmt: skip
     if launch is None:
-        return dequantize_nf4_reference(
-            data, state.absmax, state.code, blocksize=state.blocksize, shape=state.shape, dtype=state.dtype, **nested
-        )
+        return data, None, state, nested
     if not data.is_contiguous():  # rare: not worth caching a copy
-        return launch(data.reshape(-1).view(torch.uint8).contiguous())
+        return data.reshape(-1).view(torch.uint8).contiguous(), launch, state, nested
     key = id(state)
     _CACHE[key] = _CachedWeight(
         state_ref=weakref.ref(state, _forget(key)), data_ptr=data.data_ptr(), data_numel=data.numel(),
@@ -385,4 +398,4 @@ def dequantize_nf4_weight(module_or_param, *, use_triton: bool | None = None) ->
         nested_absmax=None if state2 is None else state2.absmax, nested_code=None if state2 is None else state2.code,
         offset=state.offset, blocksize=state.blocksize, shape=state.shape, dtype=state.dtype, launch=launch,
     )  # fmt: skip
-    return launch(data if data.dtype is torch.uint8 else data.view(torch.uint8))
+    return (data if data.dtype is torch.uint8 else data.view(torch.uint8)), launch, state, nested

@@ -80,7 +80,7 @@ class GatedMLP(nn.Module):
         if plan.fast:  # one fused autograd node with the plan's resolved projections
             projections = plan.layer(self.layer_idx).mlp
             return lora_mlp.lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.activation,
-                                     value_unused=value_unused, projections=projections)
+                                     value_unused=value_unused, projections=projections, gemv_rows=plan.gemv_rows)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -154,7 +154,7 @@ class Attention(nn.Module):
         fast = plan.fast
         if fast:
             q, k, v = lora_linear.lora_projections(x, [self.q_proj, self.k_proj, self.v_proj],
-                                                   plan.layer(self.layer_idx).qkv)
+                                                   plan.layer(self.layer_idx).qkv, plan.gemv_rows)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         B, T, _ = x.shape
@@ -178,5 +178,6 @@ class Attention(nn.Module):
         out = _attend(q, k, v, mask, causal, self.scaling, self.softcap, dropout)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         if fast:
-            return lora_linear.lora_projections(out, [self.o_proj], plan.layer(self.layer_idx).o)[0]
+            o = plan.layer(self.layer_idx).o
+            return lora_linear.lora_projections(out, [self.o_proj], o, plan.gemv_rows)[0]
         return self.o_proj(out)

@@ -1,0 +1,186 @@
+"""Decode GEMV kernels against cuBLAS / bitsandbytes at Llama-3.1-8B layer shapes (issue 16).
+
+For each projection group of one decoder layer (q/k/v in one launch, o, gate/up with the SwiGLU
+epilogue, down) at M = 1 (and M = 4), times a sweep of launch shapes (BLOCK_N, BLOCK_K, warps,
+[dot]) of kernels/gemv.py (bf16) and kernels/nf4_gemv.py (NF4), and the current paths: cuBLAS
+(`x @ W^T` per weight, plus the GLU kernel for gate/up) and, for NF4, bitsandbytes' 4-bit GEMV
+(a Linear4bit forward with one token) and dequantize-then-GEMV. Every timing replays a CUDA graph
+of 20 calls over rotating weight copies (more bytes than the L2 holds), so launch overhead and
+cache hits are out; GB/s = bytes of weights read / time. Prints `RESULT {json}` lines.
+
+GPU machine:  PYTHONPATH=$PWD/src:$PWD/.peers python bench/bench_gemv.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+
+H, I, Q, KV = 4096, 14336, 4096, 1024
+GROUPS = {  # name -> (output rows of each weight, K, glu)
+    "qkv": ((Q, KV, KV), H, False),
+    "o": ((H,), Q, False),
+    "gate_up": ((I, I), H, True),
+    "down": ((H,), I, False),
+}
+COPIES_BYTES = 400e6  # rotate over this many bytes of weight copies per group (H200 L2: 50 MB)
+CALLS = 20
+
+
+def graph_ms(fn) -> float:
+    """Milliseconds per call of fn (no arguments), from a CUDA graph of CALLS calls (best of 5 replays)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / CALLS)
+    return best
+
+
+def rotating(make, nbytes_each: float):
+    """A list of weight sets whose total is about COPIES_BYTES, and a function cycling through them."""
+    count = max(2, int(COPIES_BYTES // nbytes_each))
+    sets = [make() for _ in range(count)]
+    state = {"i": 0}
+
+    def next_set():
+        state["i"] = (state["i"] + 1) % count
+        return sets[state["i"]]
+
+    return sets, next_set
+
+
+def report(**row) -> None:
+    print("RESULT " + json.dumps(row), flush=True)
+
+
+def bench_dense(group: str, M: int, configs) -> None:
+    from velotune.kernels import gemv as module
+    from velotune.kernels import swiglu
+
+    ns, K, glu = GROUPS[group]
+    nbytes = sum(ns) * K * 2
+    sets, next_set = rotating(lambda: [torch.randn(n, K, device="cuda", dtype=torch.bfloat16) * 0.02 for n in ns],
+                              nbytes)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+
+    def cublas():
+        ws = next_set()
+        outs = [x @ w.t() for w in ws]
+        return swiglu(*outs) if glu else outs
+
+    ms = graph_ms(cublas)
+    report(kind="bf16", group=group, M=M, impl="cublas" + (" + glu kernel" if glu else ""), ms=round(ms, 4),
+           gbps=round(nbytes / ms / 1e6, 1))
+    activation = "silu" if glu else None
+    want = cublas()
+    for config in configs:
+        module.CONFIG["glu" if glu else "dense"] = config
+        try:
+            ws = sets[0]
+            got = module.gemv(x, ws, activation)
+            ref = module.gemv_reference(x, ws, activation)
+            err = max((g.float() - r.float()).abs().max().item() for g, r in zip(got, ref))
+            ms = graph_ms(lambda: module.gemv(x, next_set(), activation))
+        except Exception as error:  # a config the compiler rejects: say so, keep sweeping
+            report(kind="bf16", group=group, M=M, config=list(config), error=str(error).splitlines()[0][:200])
+            continue
+        report(kind="bf16", group=group, M=M, impl="triton", config=list(config), ms=round(ms, 4),
+               gbps=round(nbytes / ms / 1e6, 1), max_err=round(err, 4))
+    del want
+
+
+def bench_nf4(group: str, M: int, configs) -> None:
+    from velotune.kernels import nf4_gemv as module
+    from velotune.kernels import dequantize_nf4_weight, swiglu
+    from velotune.quant.linear import to_linear4bit
+
+    ns, K, glu = GROUPS[group]
+    nbytes = sum(ns) * K // 2 + sum(ns) * K // 64  # packed bytes + one absmax code per 64 values
+
+    def make():
+        layers = []
+        for n in ns:
+            linear = torch.nn.Linear(K, n, bias=False, device="cuda", dtype=torch.bfloat16)
+            layers.append(to_linear4bit(linear, compute_dtype=torch.bfloat16))
+        return layers
+
+    sets, next_set = rotating(make, nbytes)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    x3 = x[:, None, :]  # (M, 1, K): bitsandbytes' GEMV path takes one token per row of a 3-d input
+    activation = "silu" if glu else None
+
+    def dequant():
+        outs = [x @ dequantize_nf4_weight(layer.weight).t() for layer in next_set()]
+        return swiglu(*outs) if glu else outs
+
+    def bnb():
+        outs = [layer(x3) for layer in next_set()]
+        return swiglu(*outs) if glu else outs
+
+    for name, fn in (("dequantize + cublas", dequant), ("bitsandbytes gemv_4bit", bnb)):
+        if name.startswith("bitsandbytes") and M > 1:
+            continue
+        try:
+            ms = graph_ms(fn)
+            report(kind="nf4", group=group, M=M, impl=name, ms=round(ms, 4), gbps=round(nbytes / ms / 1e6, 1))
+        except Exception as error:
+            report(kind="nf4", group=group, M=M, impl=name, error=str(error).splitlines()[0][:200])
+    for config in configs:
+        module.CONFIG["glu" if glu else "dense"] = config
+        try:
+            layers = sets[0]
+            got = module.nf4_gemv(x, [layer.weight for layer in layers], activation)
+            ref = module.nf4_gemv_reference(x, [layer.weight for layer in layers], activation)
+            err = max((g.float() - r.float()).abs().max().item() for g, r in zip(got, ref))
+            ms = graph_ms(lambda: module.nf4_gemv(x, [layer.weight for layer in next_set()], activation))
+        except Exception as error:
+            report(kind="nf4", group=group, M=M, config=list(config), error=str(error).splitlines()[0][:200])
+            continue
+        report(kind="nf4", group=group, M=M, impl="triton", config=list(config), ms=round(ms, 4),
+               gbps=round(nbytes / ms / 1e6, 1), max_err=round(err, 4))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="a few configs only")
+    ap.add_argument("--rows", default="1")
+    ap.add_argument("--kinds", default="bf16,nf4")
+    ap.add_argument("--groups", default=",".join(GROUPS))
+    args = ap.parse_args()
+    dense = [(bn, bk, w, False) for bn, bk, w in itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8))]
+    dense += [(bn, bk, 4, True) for bn, bk in ((16, 128), (16, 256), (32, 128), (64, 64))]
+    nf4 = list(itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8)))
+    if args.quick:
+        dense, nf4 = dense[:4], nf4[:4]
+    print(torch.__version__, torch.cuda.get_device_name(), flush=True)
+    with torch.no_grad():
+        for M in (int(m) for m in args.rows.split(",")):
+            for group in args.groups.split(","):
+                if "bf16" in args.kinds:
+                    bench_dense(group, M, dense)
+                if "nf4" in args.kinds:
+                    bench_nf4(group, M, nf4)
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

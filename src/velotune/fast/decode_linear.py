@@ -1,0 +1,84 @@
+"""Decode-time projections: the base weights through the small-batch GEMV kernels, LoRA unmerged.
+
+Why: a decode step multiplies a few token rows by every weight once, so its time is the reading
+of the weights, and at batch 1 cuBLAS's skinny GEMVs, its split-K reductions and the ~25 small
+launches per layer leave a third of that bound unused (BENCHMARKS.md). Here:
+
+  * q, k and v (one input) are one launch of kernels/gemv.py over their stacked output rows;
+  * gate and up are one launch whose epilogue writes act(gate) * up, when neither has an adapter
+    or a bias (an adapter's term must be added before the activation);
+  * 4-bit (NF4) weights go through kernels/nf4_gemv.py, which dequantizes in registers, where the
+    training path would dequantize each weight to bf16 first;
+  * LoRA adapters stay unmerged: x A^T for every adapter of a group is one matmul and each B
+    term one addmm into its output (as lora_linear.group_forward), biases one add each.
+
+Only without autograd (the engine's no-grad decode) and for at most `plan.gemv_rows` rows;
+anything else returns None and the caller runs the training path's fused functions. Shapes are
+fixed per call, so a decode step through here captures as a CUDA graph like any other.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from ..kernels import geglu, swiglu
+from ..kernels.gemv import ACTIVATIONS, MAX_ROWS, gemv
+from ..kernels.nf4_gemv import nf4_gemv
+from .lora_linear import LoraProjection, _cast, _is_4bit, adapter_inputs, adapters_of
+
+# The epilogue's activation ids (kernels/gemv.py ACTIVATIONS) -> the separate activation kernel,
+# used when gate or up has an adapter.
+_GATED = {0: swiglu, 1: partial(geglu, approximate="tanh"), 2: partial(geglu, approximate="none")}
+
+
+def applies(x: torch.Tensor, gemv_rows: int) -> bool:
+    """Whether x (N, in) is a decode-sized input the GEMV kernels take under a plan allowing `gemv_rows`."""
+    return 0 < x.shape[0] <= min(gemv_rows, MAX_ROWS) and not torch.is_grad_enabled()
+
+
+def _base(x: torch.Tensor, projections, activation: str | None = None) -> list[torch.Tensor] | None:
+    """[x W_i^T] (or [act(x gate^T) * (x up^T)]) through one GEMV launch, or None for mixed weights."""
+    weights = [p.weight for p in projections]
+    four_bit = [_is_4bit(w) for w in weights]
+    if all(four_bit):
+        return nf4_gemv(x, weights, activation)
+    if not any(four_bit) and all(w.dtype == x.dtype and w.device == x.device for w in weights):
+        return gemv(x, weights, activation)
+    return None
+
+
+def decode_projections(x: torch.Tensor, projections: tuple[LoraProjection, ...]) -> list[torch.Tensor] | None:
+    """x (N, in) -> [(N, out_i)]: y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T, or None (caller's path)."""
+    outs = _base(x, projections)
+    if outs is None:
+        return None
+    for out, p in zip(outs, projections):
+        if p.bias is not None:
+            out.add_(_cast(p.bias, out.dtype))
+    layout, saved = adapter_inputs(x, adapters_of(projections))
+    if saved:
+        _, xa, *bs = saved  # x A^T (N, R) of every adapter of the group, B_j (out_j, r_j)
+        for i, rows, b in zip(layout.with_adapter, layout.rows, bs):
+            outs[i].addmm_(xa[:, rows], b.t(), alpha=projections[i].scaling)
+    return outs
+
+
+def decode_mlp(x: torch.Tensor, projections: tuple[LoraProjection, ...], activation: str) -> torch.Tensor | None:
+    """x (N, H) -> down(act(gate(x)) * up(x)) (N, H), or None (the caller's fused MLP runs)."""
+    if activation not in ACTIVATIONS:
+        return None
+    gate, up, down = projections
+    if all(p.lora_A is None and p.bias is None for p in (gate, up)):
+        fused = _base(x, (gate, up), activation)  # [(N, I)]: act(g) * u from the epilogue
+        if fused is None:
+            return None
+        h = fused[0]
+    else:
+        gate_up = decode_projections(x, (gate, up))
+        if gate_up is None:
+            return None
+        h = _GATED[ACTIVATIONS[activation]](*gate_up)  # (N, I)
+    out = decode_projections(h, (down,))
+    return None if out is None else out[0]

@@ -1,0 +1,190 @@
+"""Fused NF4 GEMV for decoding: y_i = x W_i^T with W_i packed NF4, dequantized in registers only.
+
+Why: at batch 1 a 4-bit model's step is the reading of its packed weights (0.5 byte a value plus
+1/64 byte of absmax codes), 4.5 GB for an 8B model. bitsandbytes' 4-bit GEMV reaches 16% of that
+bound on the H200, and dequantizing each weight to bf16 before a cuBLAS GEMV writes and reads 2
+bytes a value more (BENCHMARKS.md). Here each program reads its tile of packed bytes, looks the
+two nibbles up in the 16-entry code table, and multiplies by x; no bf16 weight is ever written.
+
+Layout (kernels/nf4.py, bitsandbytes): the weight (N, K) flattened row-major, two codes a byte,
+the earlier element in the high nibble, one absmax per BLOCKSIZE values; with double quantization
+absmax = nested_map[q] * nested_absmax[block // NESTED_BLOCKSIZE] + offset. K must be a multiple of
+BLOCKSIZE (every quantization block inside one row: true of every model shape), so a tile of
+BLOCK_K columns of BLOCK_N rows holds whole blocks. The high nibbles multiply x's even columns
+and the low nibbles its odd ones, so bytes are never re-interleaved.
+
+Scale after the sum: within a block every value shares one scale, so the kernel sums
+x * code over the block and multiplies the (M, BN, blocks) partial sums by the scales, one
+multiply a block instead of one a value. The result equals the reference (dequantize, then
+x W^T) up to fp32 summation order and the reference's rounding of each weight to x's dtype.
+
+Same launch shape as kernels/gemv.py: up to three weights per launch (q, k, v), or (gate, up)
+with the gated activation in the epilogue. No autograd; CUDA-graph safe (per weight the tables
+are prepared once by kernels/nf4.py's cache; a call allocates its outputs and launches once).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import jit, kernel_for, next_power_of_2, should_use_triton, tl
+from .gemv import ACTIVATIONS, MAX_WEIGHTS, _activation, _store_rows, check_inputs, gemv_reference
+from .nf4 import dequantize_nf4_weight, prepared_nf4_weight
+
+# (BLOCK_N, BLOCK_K, num_warps) for separate weights and for the gate/up GLU launch; module-level
+# so the bench can sweep it.
+CONFIG = {"dense": (8, 512, 4), "glu": (8, 512, 4)}
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@jit
+def _nf4_tile(X, PACKED, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, QUANT_MAP, rows, M, N, K,
+              MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
+              NESTED: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+    """x (M, K) . W[rows] (BN, K)^T from packed NF4 -> (MP, BN) fp32 (rows past N read row N - 1)."""
+    HALF: tl.constexpr = BK // 2
+    NB: tl.constexpr = BK // BS  # quantization blocks per row of a tile
+    m = tl.arange(0, MP)
+    j = tl.arange(0, HALF)
+    b = tl.arange(0, NB)
+    safe_rows = tl.minimum(rows, N - 1).to(tl.int64)
+    byte_ptr = PACKED + safe_rows[:, None] * (K // 2) + j[None, :]  # (BN, HALF)
+    block = safe_rows[:, None] * (K // BS) + b[None, :]  # (BN, NB) the tile's quantization blocks
+    x_ptr = X + m[:, None] * K + 2 * j[None, :]  # (MP, HALF): x's even columns; +1: the odd ones
+    m_ok = m[:, None] < M
+    acc = tl.zeros((MP, BN), dtype=tl.float32)
+    if NESTED:
+        offset = tl.load(OFFSET)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            byte = tl.load(byte_ptr).to(tl.int32)
+            xe = tl.load(x_ptr, mask=m_ok, other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + 1, mask=m_ok, other=0.0).to(tl.float32)
+            if NESTED:
+                q = tl.load(ABSMAX + block).to(tl.int32)
+                nested = tl.load(NESTED_ABSMAX + block // NBS)
+            else:
+                scale = tl.load(ABSMAX + block)
+        else:
+            k_ok = (k0 + 2 * j)[None, :] < K
+            b_ok = (k0 + b * BS)[None, :] < K
+            byte = tl.load(byte_ptr, mask=k_ok, other=0).to(tl.int32)
+            xe = tl.load(x_ptr, mask=m_ok & k_ok, other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + 1, mask=m_ok & k_ok, other=0.0).to(tl.float32)
+            if NESTED:
+                q = tl.load(ABSMAX + block, mask=b_ok, other=0).to(tl.int32)
+                nested = tl.load(NESTED_ABSMAX + block // NBS, mask=b_ok, other=0.0)
+            else:
+                scale = tl.load(ABSMAX + block, mask=b_ok, other=0.0)
+        if NESTED:
+            scale = tl.load(NESTED_MAP + q) * nested + offset  # (BN, NB) fp32
+        hi = tl.load(QUANT_MAP + (byte >> 4))  # (BN, HALF) fp32 codes of the even columns
+        lo = tl.load(QUANT_MAP + (byte & 15))  # the odd columns
+        prod = xe[:, None, :] * hi[None, :, :] + xo[:, None, :] * lo[None, :, :]  # (MP, BN, HALF)
+        part = tl.sum(tl.reshape(prod, (MP, BN, NB, BS // 2)), axis=3)  # (MP, BN, NB) per-block sums
+        acc += tl.sum(part * scale[None, :, :], axis=2)
+        byte_ptr += HALF
+        x_ptr += BK
+        block += NB
+    return acc
+
+
+@jit
+def _nf4_gemv_kernel(
+    X, OUT0, OUT1, OUT2,  # X (M, K); OUT_i (M, N_i); unused slots repeat slot 0
+    P0, A0, NA0, NM0, OF0, QM0,  # weight 0: packed bytes, absmax (codes), nested absmax, nested map, offset, code table
+    P1, A1, NA1, NM1, OF1, QM1,
+    P2, A2, NA2, NM2, OF2, QM2,
+    M, N0, N1, N2, K, T0, T1,  # T_i: programs of weight i
+    MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
+    NESTED: tl.constexpr, EVEN_K: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    if GLU:  # weight 0 = gate, weight 1 = up -> OUT0 = act(x gate^T) * (x up^T)
+        rows = pid * BN + tl.arange(0, BN)
+        g = _nf4_tile(X, P0, A0, NA0, NM0, OF0, QM0, rows, M, N0, K, MP, BN, BK, BS, NBS, NESTED, EVEN_K)
+        u = _nf4_tile(X, P1, A1, NA1, NM1, OF1, QM1, rows, M, N0, K, MP, BN, BK, BS, NBS, NESTED, EVEN_K)
+        g = g.to(OUT0.dtype.element_ty).to(tl.float32)  # rounded as the unfused path's outputs are
+        u = u.to(OUT0.dtype.element_ty).to(tl.float32)
+        _store_rows(OUT0, _activation(g, ACT) * u, rows, M, N0, MP)
+    elif pid < T0:
+        rows = pid * BN + tl.arange(0, BN)
+        acc = _nf4_tile(X, P0, A0, NA0, NM0, OF0, QM0, rows, M, N0, K, MP, BN, BK, BS, NBS, NESTED, EVEN_K)
+        _store_rows(OUT0, acc, rows, M, N0, MP)
+    elif pid < T0 + T1:
+        rows = (pid - T0) * BN + tl.arange(0, BN)
+        acc = _nf4_tile(X, P1, A1, NA1, NM1, OF1, QM1, rows, M, N1, K, MP, BN, BK, BS, NBS, NESTED, EVEN_K)
+        _store_rows(OUT1, acc, rows, M, N1, MP)
+    else:
+        rows = (pid - T0 - T1) * BN + tl.arange(0, BN)
+        acc = _nf4_tile(X, P2, A2, NA2, NM2, OF2, QM2, rows, M, N2, K, MP, BN, BK, BS, NBS, NESTED, EVEN_K)
+        _store_rows(OUT2, acc, rows, M, N2, MP)
+
+
+def nf4_gemv_reference(x: torch.Tensor, weights, activation: str | None = None) -> list[torch.Tensor]:
+    """The meaning: each bitsandbytes 4-bit weight dequantized (bit-exact, in its own dtype), cast
+    to x's dtype, then kernels/gemv.py's reference (x W^T, or the gated activation of gate and up)."""
+    dense = [dequantize_nf4_weight(w, use_triton=False).to(x.dtype) for w in weights]
+    return gemv_reference(x, dense, activation)
+
+
+def _tables(launch, packed) -> list:
+    """The kernel's six arguments of one weight (its prepared launch, see kernels/nf4.py)."""
+    return [packed, launch.absmax, launch.nested_absmax, launch.nested_quant_map, launch.offset, launch.quant_map]
+
+
+def fusable(x: torch.Tensor, weights) -> list | None:
+    """[(packed bytes, prepared launch)] when the kernel can run these weights for x, else None."""
+    if x.dtype not in _DTYPES or not should_use_triton(x, None):
+        return None
+    prepared = []
+    for w in weights:
+        packed, launch, _, _ = prepared_nf4_weight(w)
+        if launch is None or len(launch.shape) != 2 or launch.shape[1] != x.shape[1] or launch.device != x.device:
+            return None
+        bs = launch.meta["BLOCKSIZE"]
+        if x.shape[1] % bs or bs > 1024:
+            return None  # a quantization block crosses rows, or one block exceeds a tile
+        prepared.append((packed, launch))
+    metas = {(launch.meta["BLOCKSIZE"], launch.meta["NESTED_BLOCKSIZE"], launch.meta["NESTED"]) for _, launch in prepared}
+    return prepared if len(metas) == 1 else None
+
+
+def nf4_gemv(x: torch.Tensor, weights, activation: str | None = None, use_triton: bool | None = None
+             ) -> list[torch.Tensor]:  # fmt: skip
+    """x (M, K) and bitsandbytes 4-bit weights (``Params4bit`` or ``Linear4bit``, NF4, (N_i, K))
+    -> [x W_i^T (M, N_i)] in x's dtype, one launch; with `activation`, weights = (gate, up) and the
+    result is [act(x gate^T) * (x up^T)]. Falls back to the reference where the kernel cannot run
+    (no Triton for these tensors, K not a multiple of the quantization block, mixed layouts)."""
+    check_inputs(x, weights, activation, "nf4_gemv")
+    prepared = None if use_triton is False else fusable(x, weights)
+    if prepared is None:
+        if use_triton:
+            raise ValueError("nf4_gemv: use_triton=True but the kernel cannot run these weights (x's device/dtype, "
+                             "K not a multiple of the quantization block, or weights of different layouts)")
+        return nf4_gemv_reference(x, weights, activation)
+    x = x.contiguous()
+    M, K = x.shape
+    ns = [launch.shape[0] for _, launch in prepared]
+    if activation is not None and ns[0] != ns[1]:
+        raise ValueError(f"nf4_gemv: gate ({ns[0]} rows) and up ({ns[1]} rows) differ in shape")
+    meta = prepared[0][1].meta
+    bs = meta["BLOCKSIZE"]
+    BN, BK, warps = CONFIG["glu" if activation is not None else "dense"]
+    BK = max(bs, min(BK, next_power_of_2(K)))
+    if activation is not None:
+        outs = [torch.empty(M, ns[0], dtype=x.dtype, device=x.device)]
+        tiles, grid = [-(-ns[0] // BN), 0], -(-ns[0] // BN)
+    else:
+        outs = [torch.empty(M, n, dtype=x.dtype, device=x.device) for n in ns]
+        tiles = [-(-n // BN) for n in ns] + [0]
+        grid = sum(tiles)
+    pad = MAX_WEIGHTS - len(prepared)
+    args = [a for packed, launch in prepared + [prepared[0]] * pad for a in _tables(launch, packed)]
+    os_ = outs + [outs[0]] * (MAX_WEIGHTS - len(outs))
+    kernel_for(_nf4_gemv_kernel)[(grid,)](
+        x, *os_, *args, M, *(ns + [ns[0]] * pad), K, tiles[0], tiles[1],
+        MP=next_power_of_2(M), BN=BN, BK=BK, BS=bs, NBS=meta["NESTED_BLOCKSIZE"], NESTED=meta["NESTED"],
+        EVEN_K=K % BK == 0, GLU=activation is not None, ACT=ACTIVATIONS.get(activation, 0), num_warps=warps,
+    )  # fmt: skip
+    return outs
