@@ -35,6 +35,8 @@ def test_merged_16bit_loads_in_transformers_with_equal_logits(family, tok, tmp_p
     torch.testing.assert_close(logits(loaded), expected, atol=2e-5, rtol=1e-5)
     assert AutoTokenizer.from_pretrained(folder)("Hello")["input_ids"] == tok("Hello")["input_ids"]
     assert "export check (transformers)" in caplog.text and "export check (velotune)" in caplog.text
+    # the check also generates: greedy on the engine (trained model) == each loader's greedy (issue 16)
+    assert caplog.text.count("equal the trained model's on the generation engine for 3 of 3 prompts") == 2
 
 
 def test_lora_on_embeddings_and_trained_lm_head_untie(tok, tmp_path):

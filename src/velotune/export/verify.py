@@ -117,10 +117,37 @@ def _logits(model, prompts: list[list[int]], device) -> list[torch.Tensor]:
             for p in prompts]
 
 
+GREEDY_TOKENS = 8
+
+
+@torch.no_grad()
+def engine_greedy(model, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy continuations on velotune's generation engine (what `for_inference` serves), EOS ignored
+    so every row has GREEDY_TOKENS tokens."""
+    from ..inference import SamplingParams, generate_batch
+
+    params = SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, min_tokens=GREEDY_TOKENS)
+    return [out.outputs[0].token_ids for out in generate_batch(model, prompts, params)]
+
+
+@torch.no_grad()
+def _hf_greedy(model, prompts: list[list[int]], device) -> list[list[int]]:
+    """Greedy continuations through transformers' own `generate` (what a user of the folder runs)."""
+    rows = []
+    for p in prompts:
+        out = model.generate(input_ids=torch.tensor([p], device=device), attention_mask=torch.ones(1, len(p),
+                             dtype=torch.long, device=device), max_new_tokens=GREEDY_TOKENS,
+                             min_new_tokens=GREEDY_TOKENS, do_sample=False, pad_token_id=0)
+        rows.append(out[0, len(p):].tolist())
+    return rows
+
+
 @dataclass(frozen=True)
 class MergedCheck:
     velotune: Divergence  # the folder through velotune's loader vs the trained model
     transformers: Divergence  # through transformers' class
+    # per loader: prompts whose greedy continuation equals the trained model's on the engine, of all prompts
+    greedy: dict[str, tuple[int, int]]
 
 
 def check_merged(model, folder: Path, tokenizer, quantized: bool = False) -> MergedCheck | None:
@@ -138,16 +165,23 @@ def check_merged(model, folder: Path, tokenizer, quantized: bool = False) -> Mer
     device = next(base.parameters()).device
     dtype = model_dtype(model)
     budget = NF4_BUDGET if quantized else MERGED_BUDGET.get(dtype, 2e-2)
-    results = {}
+    expected = engine_greedy(model, prompts)
+    results, greedy = {}, {}
     loaders = {"velotune": lambda: load_weights(folder, dtype, device),
                "transformers": lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
                                                                             device_map={"": device})}
     for runner, load in loaders.items():
         loaded = load().eval()
         exported = _logits(loaded, prompts, device)
+        got = engine_greedy(loaded, prompts) if runner == "velotune" else _hf_greedy(loaded, prompts, device)
         del loaded
         results[runner] = _judge(f"{folder} (loaded by {runner})", compare(reference, exported), budget, runner)
-    return MergedCheck(**results)
+        greedy[runner] = (sum(a == b for a, b in zip(expected, got)), len(prompts))
+        # Reported, not judged: the logits above are the verdict; a near-tie may flip one greedy token.
+        log = logger.info if greedy[runner][0] == len(prompts) else logger.warning
+        log("velotune: export check %s (loaded by %s): greedy continuations (%d tokens) equal the trained model's "
+            "on the generation engine for %d of %d prompts", folder, runner, GREEDY_TOKENS, *greedy[runner])
+    return MergedCheck(**results, greedy=greedy)
 
 
 def llama_cpp_logits(path: Path, prompts: list[list[int]]) -> list[torch.Tensor]:
