@@ -29,6 +29,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+import torch
+
 MODES = {
     "bf16": dict(load_in_4bit=False),
     "nf4": dict(load_in_4bit=True),
@@ -36,9 +38,12 @@ MODES = {
     "nf4-fp8": dict(load_in_4bit=True, fp8_compute=True),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TRAIN_CHARS, HELD_CHARS = 6_000_000, 600_000  # about 2M and 0.2M tokens: 200 steps of 4 x 512 fit twice
+TRAIN_CHARS, HELD_CHARS = 3_000_000, 400_000  # ~0.9M and 0.12M tokens: 200 steps of 4 x 512 see each train token about once
 LLAMA1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=True)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            tie_word_embeddings=True)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load(model_path: str, mode: str, seq: int, rank: int, checkpointing="unsloth"):
@@ -115,7 +120,7 @@ def _capped(texts: list[str], chars: int) -> list[str]:
     return kept
 
 
-def make_llama1b(folder: Path, train: list[str]) -> None:
+def make_llama1b(folder: Path, train: list[str], shape: dict) -> None:
     """A Llama-3.2-1B-shaped checkpoint (random bf16 weights) with a 16K BPE tokenizer trained on `train`."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -128,8 +133,8 @@ def make_llama1b(folder: Path, train: list[str]) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>")
     cfg = LlamaConfig(vocab_size=16384, max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0, **LLAMA1B)
-    with torch.device("cuda"):
+                      eos_token_id=2, pad_token_id=0, **shape)
+    with torch.device(DEVICE):
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(folder)
@@ -141,8 +146,8 @@ def blocks(tok, texts: list[str], seq: int):
     import torch
 
     ids = []
-    for t in texts:
-        ids.extend(tok(t, add_special_tokens=False)["input_ids"])
+    for row in tok(texts, add_special_tokens=False)["input_ids"]:  # one batched call: Rust threads
+        ids.extend(row)
         ids.append(tok.eos_token_id)
     n = len(ids) // seq
     return torch.tensor(ids[: n * seq]).view(n, seq)
@@ -155,10 +160,10 @@ def converge(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     train, held = corpus()
     model_path = args.model
-    if args.model == "llama1b":
-        model_path = "/tmp/fp8_llama1b"
+    if args.model in ("llama1b", "tiny"):  # tiny: a CPU dry run of this script
+        model_path = f"/tmp/fp8_{args.model}"
         if not Path(model_path, "config.json").is_file():
-            make_llama1b(Path(model_path), train)
+            make_llama1b(Path(model_path), train, LLAMA1B if args.model == "llama1b" else TINY)
     results = {"model": args.model, "steps": args.steps, "bs": args.bs, "seq": args.seq, "lr": args.lr,
                "rank": args.rank, "corpus": "Python stdlib .py files (every 10th held out)", "modes": {}}
     data = held_data = None
@@ -176,7 +181,7 @@ def converge(args) -> None:
         model.train()
         for step in range(args.steps):
             rows = order[(step * args.bs) % len(order):][: args.bs]
-            ids = data[rows].cuda()
+            ids = data[rows].to(DEVICE)
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             lr_now = args.lr * min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
@@ -187,15 +192,16 @@ def converge(args) -> None:
             curve.append(round(float(loss.detach()), 5))
         model.eval()
         with torch.no_grad():
-            held_losses = [float(model(input_ids=held_data[i:i + args.bs].cuda(),
-                                       labels=held_data[i:i + args.bs].cuda()).loss)
+            held_losses = [float(model(input_ids=held_data[i:i + args.bs].to(DEVICE),
+                                       labels=held_data[i:i + args.bs].to(DEVICE)).loss)
                            for i in range(0, held_data.shape[0], args.bs)]
         results["modes"][mode] = dict(curve=curve, held_out_loss=round(sum(held_losses) / len(held_losses), 5),
                                       seconds=round(time.time() - t0, 1))
         print(f"{mode}: first {curve[0]:.4f} last10 {sum(curve[-10:]) / 10:.4f} held-out "
               f"{results['modes'][mode]['held_out_loss']:.4f} ({time.time() - t0:.0f} s)", flush=True)
         del model, opt, params
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     base = results["modes"].get("bf16")
     for mode, r in results["modes"].items():
         ref = base if mode != "nf4-fp8" else results["modes"].get("nf4", base)

@@ -82,7 +82,8 @@ def _nf4_weight(out_features=48, in_features=96, nested=True, seed=0, dtype=torc
 
 
 @pytest.mark.parametrize("nested", [True, False])
-@pytest.mark.parametrize("shape", [(48, 96), (40, 72)])  # (40, 72): quantization blocks straddle rows
+# (32, 128): row scales from the block scales; (48, 96), (40, 72): blocks straddle rows, scales from the values
+@pytest.mark.parametrize("shape", [(32, 128), (48, 96), (40, 72)])
 def test_nf4_to_fp8_matches_reference_bit_for_bit(device, nested, shape):
     from velotune.kernels import dequantize_nf4_weight
 

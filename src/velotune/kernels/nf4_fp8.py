@@ -8,8 +8,8 @@ packed 4-bit codes (and the block scales, nested or not) once and writes 1 byte 
 Math: w = quant_map[code] * absmax[block] (fp32, exactly as kernels/nf4.py and bitsandbytes)
 and e4m3 = clamp(w * inv_row[row], +-448) where inv_row = 448 / max_k |w[row, k]|. The row
 scales (row_absmax / 448) depend only on the frozen weight, so they are computed once per
-weight (from an fp32 dequantization) and cached per bitsandbytes QuantState; afterwards a call
-is the kernel launch alone.
+weight (from its block scales, see `_row_absmax`) and cached per bitsandbytes QuantState;
+afterwards a call is the kernel launch alone.
 
 Tiling: as kernels/nf4.py, a program owns `ROWS` whole quantization blocks; each output value
 looks up its row's inverse scale (row = flat index // in_features), so a block may straddle rows.
@@ -85,10 +85,7 @@ def _row_scales(param, data, state, use_triton) -> _RowScales:
     if entry is not None and entry.state_ref() is state and entry.data_ptr == data.data_ptr():
         return entry
     nested = _nested(state)
-    w = dequantize_nf4(data, state.absmax, state.code, blocksize=state.blocksize, shape=state.shape,
-                       dtype=torch.float32, use_triton=use_triton, **nested)  # (out, in) fp32, once per weight
-    amax = w.abs().amax(dim=1).clamp_min(TINY)  # (out,)
-    del w
+    amax = _row_absmax(data, state, nested, use_triton).clamp_min(TINY)  # (out,)
     scale, inv = amax / FP8_MAX, FP8_MAX / amax
     device = data.device
     code = state.code.to(device=device, dtype=torch.float32).contiguous()
@@ -103,6 +100,28 @@ def _row_scales(param, data, state, use_triton) -> _RowScales:
     entry = _CACHE[key] = _RowScales(state, data, scale, inv, (code, *tables))
     weakref.finalize(state, _CACHE.pop, key, None)
     return entry
+
+
+def _row_absmax(data, state, nested: dict, use_triton) -> torch.Tensor:
+    """max_k |w[row, k]| (out,) fp32 of an NF4 weight.
+
+    When quantization blocks do not straddle rows (in_features % blocksize == 0, every Llama-style
+    shape) it is the largest block scale of the row: quantizing divides each block by its absmax,
+    so the block's largest value becomes code +-1 and dequantizes to exactly +-absmax (bitsandbytes
+    and quant/nf4.py alike). That reads n / blocksize scales instead of materialising the weight in
+    fp32 (235 MB for an 8B MLP weight, which would land on the first step's memory peak). Other
+    shapes dequantize the weight once."""
+    out_features, in_features = state.shape
+    if in_features % state.blocksize:
+        w = dequantize_nf4(data, state.absmax, state.code, blocksize=state.blocksize, shape=state.shape,
+                           dtype=torch.float32, use_triton=use_triton, **nested)  # (out, in) fp32, once
+        return w.abs().amax(dim=1)
+    absmax = state.absmax.reshape(-1)
+    if nested["nested_absmax"] is not None:  # double quantization: 8-bit codes of the block scales
+        blocks = torch.arange(absmax.numel(), device=absmax.device) // nested["nested_blocksize"]
+        absmax = nested["nested_quant_map"].float()[absmax.long()] * nested["nested_absmax"].float()[blocks]
+        absmax = absmax + torch.as_tensor(nested["offset"], dtype=torch.float32, device=absmax.device)
+    return absmax.float().abs().view(out_features, in_features // state.blocksize).amax(dim=1).to(data.device)
 
 
 def nf4_to_fp8_reference(w: torch.Tensor, inv_row: torch.Tensor) -> torch.Tensor:
