@@ -16,6 +16,8 @@ matplotlib is there). `--model llama1b` builds a Llama-3.2-1B-shaped model (rand
 the peers' harness does) with a BPE tokenizer trained on the corpus; `--model PATH` loads a real
 checkpoint (e.g. SmolLM2) with its tokenizer.
   python bench/bench_fp8.py converge --model llama1b --modes bf16,fp8 --steps 200 --out $OUT/fp8_converge
+
+`kernels` times the pieces of one projection's FP8 GEMMs at Llama-8B shapes (GPU only).
 """
 
 from __future__ import annotations
@@ -228,10 +230,55 @@ def converge(args) -> None:
     fig.savefig(out / "converge.png", dpi=120)
 
 
+def kernels(args) -> None:
+    """Per-piece GPU times at Llama-8B shapes (M = 4096 tokens): the FP8 GEMMs of one projection
+    (forward and backward) beside bf16's, and what they add (row quantization, NF4 -> e4m3, the
+    backward's transposed copy) beside NF4 -> bf16, so a missed speed target can be located."""
+    from velotune.fast.fp8_matmul import fp8_grad_input, fp8_linear, quantize_input
+    from velotune.fast.lora_linear import LoraProjection
+    from velotune.kernels import dequantize_nf4_to_fp8, dequantize_nf4_weight, quantize_fp8_rows
+    from velotune.quant.fp8 import quantize_weight_fp8
+    from velotune.quant.linear import to_linear4bit
+
+    def ms(fn, n=20):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        start = time.time()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        return (time.time() - start) / n * 1e3
+
+    rows = []
+    m = 4096
+    for out_f, in_f in [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]:
+        w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) * 0.02
+        x = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
+        g = torch.randn(m, out_f, device="cuda", dtype=torch.bfloat16)
+        values, scale = quantize_weight_fp8(w)
+        p = LoraProjection(values, None, None, None, 0.0, scale, fp8=True)
+        x8, sx = quantize_input(x)
+        nf4 = to_linear4bit(torch.nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=torch.bfloat16)).weight
+        flops = 2 * m * out_f * in_f
+        row = dict(shape=f"{out_f}x{in_f}", m=m,
+                   bf16_fwd_ms=ms(lambda: x @ w.t()), bf16_bwd_ms=ms(lambda: g @ w),
+                   fp8_fwd_gemm_ms=ms(lambda: fp8_linear(x8, sx, p, torch.bfloat16)),
+                   fp8_fwd_with_quant_ms=ms(lambda: fp8_linear(*quantize_input(x), p, torch.bfloat16)),
+                   fp8_bwd_ms=ms(lambda: fp8_grad_input(g, p, torch.bfloat16)),
+                   quant_x_ms=ms(lambda: quantize_fp8_rows(x)), quant_g_ms=ms(lambda: quantize_fp8_rows(g, scale)),
+                   transpose_w8_ms=ms(lambda: values.t().contiguous()),
+                   nf4_to_bf16_ms=ms(lambda: dequantize_nf4_weight(nf4)), nf4_to_fp8_ms=ms(lambda: dequantize_nf4_to_fp8(nf4)))
+        row["bf16_fwd_tflops"] = round(flops / row["bf16_fwd_ms"] / 1e9)
+        row["fp8_fwd_gemm_tflops"] = round(flops / row["fp8_fwd_gemm_ms"] / 1e9)
+        rows.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+        print("RESULT " + json.dumps(rows[-1]), flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("cmd", choices=["speed", "converge"])
-    ap.add_argument("--model", required=True)
+    ap.add_argument("cmd", choices=["speed", "converge", "kernels"])
+    ap.add_argument("--model", default="")
     ap.add_argument("--mode", choices=sorted(MODES), default="fp8")
     ap.add_argument("--modes", default="bf16,fp8,nf4,nf4-fp8")
     ap.add_argument("--seq", type=int, default=2048)
@@ -245,7 +292,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    speed(args) if args.cmd == "speed" else converge(args)
+    {"speed": speed, "converge": converge, "kernels": kernels}[args.cmd](args)
 
 
 if __name__ == "__main__":
