@@ -11,7 +11,8 @@ would become NaN) and cast. `col_scale` c is optional: the backward quantizes dY
 weight's row scales, which lie along dY's columns) so that dX = dY @ W needs only the FP8 weight
 as stored (see fast/fp8_matmul.py).
 
-Rounding: the kernels round to the e4m3 grid in fp32 themselves (`round_to_e4m3`: round to
+Divisions are `div_rn` (IEEE, as PyTorch's): Triton's `/` on fp32 compiles to an approximate
+division on the GPU. Rounding: the kernels round to the e4m3 grid in fp32 themselves (`round_to_e4m3`: round to
 nearest even, as PyTorch's cast) and only then cast, so the cast is exact wherever it runs. The
 GPU's conversion rounds to nearest even too, but Triton's interpreter (CI's CPU path) does not, and
 CI tests the kernels bit for bit against the PyTorch reference through the interpreter.
@@ -59,8 +60,8 @@ def _quantize_rows_kernel(
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
         if HAS_COL:
             x = x * tl.load(COL_SCALE + cols, mask=mask, other=0.0)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 448.0
-        y = round_to_e4m3(tl.minimum(tl.maximum(x / scale, -448.0), 448.0))
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), 448.0)
+        y = round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0))
         tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
     else:  # wider rows: one pass for the absmax, one to cast (both over BLOCK-wide slices)
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -71,14 +72,14 @@ def _quantize_rows_kernel(
             if HAS_COL:
                 x = x * tl.load(COL_SCALE + cols, mask=mask, other=0.0)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
+        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), 448.0)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_COL:
                 x = x * tl.load(COL_SCALE + cols, mask=mask, other=0.0)
-            y = round_to_e4m3(tl.minimum(tl.maximum(x / scale, -448.0), 448.0))
+            y = round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0))
             tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(SCALE + row, scale)
 
