@@ -62,10 +62,23 @@ class _RowScales:
     """One weight's cached row scales: (scale (out,) fp32, inv (out,) fp32), valid while the
     QuantState lives and the packed bytes stay at the same address."""
 
-    __slots__ = ("state_ref", "data_ptr", "scale", "inv", "args")
+    __slots__ = ("state_ref", "data_ptr", "scale", "inv", "args", "launch")
 
     def __init__(self, state, data, scale, inv, args):
         self.state_ref, self.data_ptr, self.scale, self.inv, self.args = weakref.ref(state), data.data_ptr(), scale, inv, args
+        self.launch = None  # (kernel, grid, shape, device, scalar args, meta): set at the first Triton call
+
+    def fresh(self, state, data) -> bool:
+        return self.state_ref() is state and self.data_ptr == data.data_ptr()
+
+    def run(self, data: torch.Tensor) -> torch.Tensor:
+        """The prepared launch: one allocation and one kernel (the per-call host work of QLoRA's hot path)."""
+        kernel, grid, shape, device, scalars, meta = self.launch
+        out = torch.empty(shape, dtype=FP8_DTYPE, device=device)
+        code, absmax, nested_absmax, nested_map, offset = self.args
+        kernel[grid](data.reshape(-1).view(torch.uint8), absmax, code, nested_absmax, nested_map, offset, self.inv,
+                     out, *scalars, **meta)
+        return out
 
 
 _CACHE: dict[int, _RowScales] = {}
@@ -82,7 +95,7 @@ def _nested(state) -> dict:
 def _row_scales(param, data, state, use_triton) -> _RowScales:
     """The weight's row scales (computed once from an fp32 dequantization) and launch tables."""
     entry = _CACHE.get(id(state))
-    if entry is not None and entry.state_ref() is state and entry.data_ptr == data.data_ptr():
+    if entry is not None and entry.fresh(state, data):
         return entry
     nested = _nested(state)
     amax = _row_absmax(data, state, nested, use_triton).clamp_min(TINY)  # (out,)
@@ -136,6 +149,9 @@ def dequantize_nf4_to_fp8(param, *, use_triton: bool | None = None) -> tuple[tor
     elsewhere the fp32 dequantization is scaled and cast in PyTorch (the same math).
     """
     data, state = _weight_state(param)
+    entry = _CACHE.get(id(state))
+    if entry is not None and entry.launch is not None and use_triton is not False and entry.fresh(state, data):
+        return entry.run(data), entry.scale
     if state.quant_type != "nf4":
         raise ValueError(f"dequantize_nf4_to_fp8: only quant_type='nf4' is supported, got {state.quant_type!r}")
     rows = _row_scales(param, data, state, use_triton)
@@ -145,17 +161,12 @@ def dequantize_nf4_to_fp8(param, *, use_triton: bool | None = None) -> tuple[tor
         w = dequantize_nf4(data, state.absmax, state.code, blocksize=state.blocksize, shape=state.shape,
                            dtype=torch.float32, use_triton=False, **_nested(state))
         return nf4_to_fp8_reference(w, rows.inv), rows.scale
-    out = torch.empty(state.shape, dtype=FP8_DTYPE, device=data.device)
-    code, absmax, nested_absmax, nested_map, offset = rows.args
     blocksize = state.blocksize
     per_program = max(1, _TILE_VALUES // blocksize)
     n_blocks = -(-n // blocksize)
-    packed = data.reshape(-1).view(torch.uint8)
-    kernel_for(_nf4_to_fp8_kernel)[(-(-n_blocks // per_program),)](
-        packed, absmax, code, nested_absmax, nested_map, offset, rows.inv, out,
-        n, (n + 1) // 2, n_blocks, in_features,
-        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=_nested(state)["nested_blocksize"],
-        NESTED=state.state2 is not None, ROWS=per_program, IDX64=n + per_program * blocksize >= 2**31,
-        num_warps=_NUM_WARPS, enable_fp_fusion=False,
-    )  # fmt: skip
-    return out, rows.scale
+    meta = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=_nested(state)["nested_blocksize"],
+                NESTED=state.state2 is not None, ROWS=per_program, IDX64=n + per_program * blocksize >= 2**31,
+                num_warps=_NUM_WARPS, enable_fp_fusion=False)
+    rows.launch = (kernel_for(_nf4_to_fp8_kernel), (-(-n_blocks // per_program),), state.shape, data.device,
+                   (n, (n + 1) // 2, n_blocks, in_features), meta)
+    return rows.run(data), rows.scale
