@@ -47,6 +47,8 @@ def run(args) -> dict:
     from transformers import TrainerCallback
 
     import velotune
+    from velotune.inference.engine import resident_of
+    from velotune.rl.generation import Sampler
     from velotune.rl.trainer import GRPOTrainer
 
     cuda = torch.cuda.is_available() and not args.cpu
@@ -74,21 +76,39 @@ def run(args) -> dict:
             return wrapper
 
     parts = Parts()
+    engine = []  # the engine's resident cache + graphs after each generation (None: not kept)
 
     class TimedGRPOTrainer(GRPOTrainer):
         """velotune's trainer with its sampling and no-grad log-prob passes timed (nothing else changed)."""
 
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
+            if args.keep_cache_fraction is not None:
+                self._sampler = Sampler(keep_cache_fraction=args.keep_cache_fraction)
             self.untimed_sampler = self._sampler
-            self._sampler = parts.timed("generate_s", self._sampler)
+            timed = parts.timed("generate_s", self._sampler)
+
+            def sample_and_look(model, *rest):
+                out = timed(model, *rest)
+                engine.append(resident_of(model))
+                return out
+            self._sampler = sample_and_look
 
         def _logps_no_grad(self, model, batch):
             return parts.timed("logps_s", super()._logps_no_grad)(model, batch)
 
     class StepTimer(TrainerCallback):
-        def on_step_begin(self, *_, **__):
+        """Times each step; with --profile, runs torch.profiler over step 2 (after the warm-up) and prints
+        its top CUDA kernels and CPU ops (cudaGraphLaunch there = decode on CUDA graphs)."""
+
+        profiler = None
+
+        def on_step_begin(self, args_, state, *_, **__):
             sync()
+            if args.profile and state.global_step == 1:
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if cuda else []))
+                self.profiler.__enter__()
             parts.current = {"generate_s": 0.0, "logps_s": 0.0, "begin": time.perf_counter()}
 
         def on_step_end(self, *_, **__):
@@ -96,13 +116,20 @@ def run(args) -> dict:
             step = time.perf_counter() - parts.current.pop("begin")
             parts.steps.append({**parts.current, "step_s": step,
                                 "train_s": step - parts.current["generate_s"] - parts.current["logps_s"]})
+            if self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+                table = self.profiler.key_averages()
+                for key in (["self_cuda_time_total"] if cuda else []) + ["self_cpu_time_total"]:
+                    print(f"PROFILE step 2 by {key}\n" + table.table(sort_by=key, row_limit=25), flush=True)
+                self.profiler = None
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     dtype = torch.bfloat16 if cuda else torch.float32
     start = time.perf_counter()
     model, tokenizer = velotune.FastLanguageModel.from_pretrained(
-        model_name=args.model, max_seq_length=args.prompt_words + 8 + args.completion, dtype=dtype,
+        model_name=args.model, max_seq_length=args.max_seq_length or args.prompt_words + 8 + args.completion,
+        dtype=dtype,
         load_in_4bit=args.quant == "nf4", device_map="cuda" if cuda else "cpu")
     model = velotune.FastLanguageModel.get_peft_model(
         model, r=args.rank, lora_alpha=args.rank, lora_dropout=0, bias="none", target_modules=TARGETS,
@@ -132,6 +159,11 @@ def run(args) -> dict:
         peak_gib=round(torch.cuda.max_memory_allocated() / gib, 2) if cuda else None,
         reserved_gib=round(torch.cuda.max_memory_reserved() / gib, 2) if cuda else None,
         engine=trainer.untimed_sampler.last_engine,
+        # how many distinct graph sets the engine used over the run (1 = captured once, reused every step)
+        cache_released=trainer.untimed_sampler.released,
+        graph_sets=len({id(r.graphs) for r in engine if r is not None}),
+        decode_graphs=engine[-1].graphs.use_graphs if engine and engine[-1] is not None else None,
+        kv_cache_gib=round(engine[-1].cache.nbytes / gib, 3) if engine and engine[-1] is not None else None,
         load_s=round(load_s, 1), steps=[round(s["step_s"], 2) for s in parts.steps],
         device=torch.cuda.get_device_name() if cuda else "cpu")
 
@@ -162,6 +194,12 @@ def parse(argv):
     parser.add_argument("--quant", choices=["none", "nf4"], default="none")
     parser.add_argument("--beta", type=float, default=0.0, help="> 0 adds the reference (adapter-disabled) pass")
     parser.add_argument("--num-iterations", type=int, default=1, help="> 1 adds the old-policy pass")
+    parser.add_argument("--max-seq-length", type=int, default=None, help="from_pretrained's (default: prompt + "
+                        "completion + 8)")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler tables of step 2")
+    parser.add_argument("--keep-cache-fraction", type=float, default=None, help="the engine's KV cache is kept "
+                        "between steps below this share of the weight bytes (default: the trainer's; 0: release "
+                        "every step; inf: keep)")
     return parser.parse_args(argv)
 
 

@@ -43,3 +43,21 @@ def test_engine_and_fallback_agree(tiny_llama_dir):
     assert [[(c.token_ids, c.finished) for c in g] for g in fast] == [[(c.token_ids, c.finished) for c in g]
                                                                       for g in slow]
     assert model.training  # the sampler restores the mode it found
+
+
+def test_a_large_kv_cache_is_given_back_before_training(tiny_llama_dir):
+    """The engine keeps its cache (and graphs) for the next generation while it is small next to the weights;
+    above keep_cache_fraction of the weight bytes it is released before the training step, and the next
+    generation allocates it again with the same completions."""
+    from velotune.inference import resident_of
+
+    model, tokenizer = tiny_lora(tiny_llama_dir)
+    prompts = prompts_of(tokenizer)
+    sampling = Sampling(n=2, max_tokens=6, temperature=0)
+    keeping = Sampler("velotune", keep_cache_fraction=float("inf"))  # the tiny model's cache outweighs its weights
+    kept = keeping(model, tokenizer, prompts, sampling)
+    assert resident_of(model) is not None and keeping.released == 0
+    releasing = Sampler("velotune", keep_cache_fraction=0.0)
+    again = releasing(model, tokenizer, prompts, sampling)
+    assert resident_of(model) is None and releasing.released == 1
+    assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in kept]

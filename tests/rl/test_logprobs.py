@@ -60,3 +60,15 @@ def test_lora_on_lm_head_uses_the_models_own_logits(tiny_llama_dir):
     logits = model(input_ids=ids, attention_mask=mask).logits[:, -5:-1].float()
     reference = logits.log_softmax(-1).gather(-1, ids[:, -4:].unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(logps[cmask.bool()], reference[cmask.bool()], rtol=1e-5, atol=1e-5)
+
+
+def test_entropy_in_chunks_of_a_few_tokens_equals_the_full_softmax(monkeypatch):
+    """Chunks of 3 tokens (a byte budget of 3 fp32 logit rows) over 2 x 5 tokens: the last chunk is partial."""
+    from velotune.rl import logprobs
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(2, 5, 16, generator=g), torch.randn(50, 16, generator=g)
+    monkeypatch.setattr(logprobs, "ENTROPY_CHUNK_BYTES", 3 * 4 * 50)
+    entropy = logprobs.chunked_entropy(hidden, weight, temperature=0.7)
+    logp = ((hidden @ weight.t()) / 0.7).log_softmax(-1)  # (2, 5, 50)
+    torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1), rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ import torch
 from ..fast.plan import FastPathDecoder
 from ..kernels.logprobs import chunked_logprobs
 
-ENTROPY_CHUNK = 1024  # tokens per chunk for the (no-grad) entropy
+ENTROPY_CHUNK_BYTES = 64 * 2 ** 20  # fp32 logits of one (no-grad) entropy chunk: 128 tokens at a 128K vocabulary
 
 
 def causal_lm_parts(model):
@@ -71,12 +71,18 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
 
 @torch.no_grad()
 def chunked_entropy(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(hidden @ weight.T / T) per token, ENTROPY_CHUNK tokens at a time: (B, C) fp32."""
+    """Entropy of softmax(hidden @ weight.T / T) per token, (B, C) fp32, a few tokens at a time: at most
+    ENTROPY_CHUNK_BYTES of fp32 logits (and two temporaries like them) exist at once. The former fixed
+    1,024-token chunk was 0.5 GiB of fp32 logits at a 128K vocabulary, with four temporaries like it (about
+    2 GiB): a suspect for GRPO's peak 1.8 GiB above Unsloth's at the 1B shape (window-1 bench,
+    2026-11-30), to be confirmed by the next run of bench/bench_grpo.py."""
     flat = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     w = weight.to(flat.dtype)
+    chunk = max(1, ENTROPY_CHUNK_BYTES // (4 * w.shape[0]))
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
-    for start in range(0, flat.shape[0], ENTROPY_CHUNK):
-        logits = (flat[start:start + ENTROPY_CHUNK] @ w.t()).float() / temperature  # (n, V)
-        logp = logits.log_softmax(-1)
-        out[start:start + ENTROPY_CHUNK] = -(logp.exp() * logp).sum(-1)
+    for start in range(0, flat.shape[0], chunk):
+        logits = (flat[start:start + chunk] @ w.t()).float().div_(temperature)  # (n, V)
+        lse = torch.logsumexp(logits, -1)  # (n,)
+        # H = lse - sum_v p_v z_v, with p = softmax(z)
+        out[start:start + chunk] = lse - (torch.softmax(logits, -1).mul_(logits)).sum(-1)
     return out.view(hidden.shape[:-1])
