@@ -166,9 +166,10 @@ def main():
     ap.add_argument("--kinds", default="bf16,nf4")
     ap.add_argument("--groups", default=",".join(GROUPS))
     args = ap.parse_args()
-    dense = [(bn, bk, w, False) for bn, bk, w in itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8))]
-    dense += [(bn, bk, 4, True) for bn, bk in ((16, 128), (16, 256), (32, 128), (64, 64))]
-    nf4 = list(itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8)))
+    dense = [(bn, bk, w, False) for bn, bk, w in itertools.product((2, 4, 8, 16), (512, 1024), (4, 8))]
+    dense += [(16, 256, 4, True), (32, 128, 4, True)]
+    nf4 = [(bn, bk, w, True) for bn, bk, w in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8))]
+    nf4 += [(8, 512, 4, False), (16, 512, 4, False), (4, 1024, 4, False)]
     if args.quick:
         dense, nf4 = dense[:4], nf4[:4]
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)

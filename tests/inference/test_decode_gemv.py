@@ -2,7 +2,8 @@
 of before (its plain path: the module-by-module code, bitsandbytes' layers for NF4), greedy, token
 for token, on tiny fp32 one-layer models: plain llama, q/k/v biases with LoRA adapters (qwen2:
 base GEMV + bias + unmerged adapter terms, activation kernel apart), GeGLU (gemma), NF4 weights
-(the fused NF4 GEMV), with and without adapters. On the CPU the kernels run in Triton's interpreter
+(the fused NF4 GEMV), with and without adapters; every decode step's attention through the fused
+cache-write + attention kernel (kernels/decode_attention.py). On the CPU the kernels run in Triton's interpreter
 (tests/conftest.py sets it), which is slow per launch: one layer, a few steps, one prompt (M = 1)
 or two (M = 2). The fast path's own equality with the plain path is tested in tests/fast."""
 
@@ -16,6 +17,7 @@ from velotune.fast import decode_linear
 from velotune.fast import plan as plan_module
 from velotune.fast.plan import set_fast_path
 from velotune.inference import SamplingParams, engine
+from velotune.inference import cache as cache_module
 from velotune.kernels import gemv as gemv_module
 from velotune.kernels import nf4_gemv as nf4_gemv_module
 from velotune.lora import get_peft_model
@@ -30,7 +32,7 @@ PARAMS = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 def _wide_tiles(monkeypatch):
     """One program per 64 output rows: the interpreter's cost is per program (tests/kernels covers small tiles)."""
     monkeypatch.setattr(gemv_module, "CONFIG", {"dense": (64, 128, 4, False), "glu": (64, 128, 4, False)})
-    monkeypatch.setattr(nf4_gemv_module, "CONFIG", {"dense": (64, 128, 4), "glu": (64, 128, 4)})
+    monkeypatch.setattr(nf4_gemv_module, "CONFIG", {"dense": (64, 128, 4, True), "glu": (64, 128, 4, True)})
 
 
 def _model(family: str, lora: bool = False, nf4: bool = False):
@@ -63,16 +65,18 @@ def _tokens(model, prompts, fast: bool, gemv_rows: int, monkeypatch) -> list[lis
 
 
 def _counting(monkeypatch):
-    """Count the GEMV launches (dense and NF4) decode_linear makes; the real kernels still run."""
-    calls = {"gemv": 0, "nf4_gemv": 0}
+    """Count the GEMV launches (dense and NF4) decode_linear makes and the fused decode attention
+    steps the cache runs; the real kernels still run."""
+    calls = {"gemv": 0, "nf4_gemv": 0, "decode_attention": 0}
     for name in calls:
-        real = getattr(decode_linear, name)
+        module = cache_module if name == "decode_attention" else decode_linear
+        real = getattr(module, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
             calls[_name] += 1
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(decode_linear, name, counted)
+        monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -90,6 +94,7 @@ def test_gemv_decode_equals_the_plain_path(family, lora, nf4, count, monkeypatch
     calls = _counting(monkeypatch)
     got = _tokens(model, prompts, True, 8, monkeypatch)
     assert calls["nf4_gemv" if nf4 else "gemv"] > 0 and calls["gemv" if nf4 else "nf4_gemv"] == 0, calls
+    assert calls["decode_attention"] >= (PARAMS.max_tokens - 1) * model.config.num_hidden_layers, calls  # every step
     assert got == plain, f"GEMV decode {got} vs the plain path {plain}"
     assert all(len(t) == PARAMS.max_tokens for t in got)
 

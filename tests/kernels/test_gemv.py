@@ -18,7 +18,7 @@ SHAPES = [(1, 128, (64, 32, 32)), (3, 192, (37, 5)), (8, 64, (24,))]
 IDS = ["m1-aligned", "m3-odd", "m8-one"]
 # Small tiles so the test shapes span several programs and K steps (and a tail: K=192 with BK=128).
 SMALL = {"dense": (16, 128, 4, False), "glu": (16, 128, 4, False)}
-SMALL_NF4 = {"dense": (16, 128, 4), "glu": (16, 128, 4)}
+SMALL_NF4 = {"dense": (16, 128, 4, True), "glu": (16, 128, 4, True)}
 
 
 @pytest.fixture(autouse=True)
@@ -59,10 +59,10 @@ def test_dense_gemv(M, K, ns, dtype, dot, device, monkeypatch):
 # Double quantization (the QLoRA default) on every shape; fp32 absmax on one.
 NF4_CASES = [(shape, dtype, True) for shape in SHAPES for dtype in (torch.float32, torch.bfloat16)]
 NF4_CASES += [(SHAPES[1], torch.bfloat16, False)]
+NF4_IDS = [f"{IDS[SHAPES.index(s)]}-{str(d)[6:]}-{'dq' if n else 'fp32-absmax'}" for s, d, n in NF4_CASES]
 
 
-@pytest.mark.parametrize("shape, dtype, nested", NF4_CASES,
-                         ids=[f"{IDS[SHAPES.index(s)]}-{str(d)[6:]}-{'dq' if n else 'fp32-absmax'}" for s, d, n in NF4_CASES])
+@pytest.mark.parametrize("shape, dtype, nested", NF4_CASES, ids=NF4_IDS)
 def test_nf4_gemv(shape, dtype, nested, device):
     M, K, ns = shape
     torch.manual_seed(0)
@@ -77,6 +77,17 @@ def test_nf4_gemv(shape, dtype, nested, device):
         got, = nf4_gemv(x, [layers[0], up], "silu", use_triton=True)  # modules work as well as weights
         want, = nf4_gemv_reference(x, [layers[0].weight, up.weight], "silu")
         _close(got, want, dtype, "gemv.glu")
+
+
+@pytest.mark.parametrize("pairs", [False, True], ids=["two-lookups", "pair-lookup"])
+def test_nf4_gemv_code_lookups(pairs, device, monkeypatch):
+    """Both ways of reading the codes (a 16-entry table per nibble, a 256-entry pair table per byte)."""
+    monkeypatch.setitem(nf4_module.CONFIG, "dense", (16, 128, 4, pairs))
+    layer = to_linear4bit(torch.nn.Linear(256, 24, bias=False).to(device), compress_statistics=True)
+    x = torch.randn(2, 256, device=device)
+    got, = nf4_gemv(x, [layer.weight], use_triton=True)
+    want, = nf4_gemv_reference(x, [layer.weight])
+    _close(got, want, torch.float32, "gemv")
 
 
 def test_nf4_gemv_falls_back_where_the_kernel_cannot_run(device):

@@ -31,27 +31,36 @@ from ._triton import jit, kernel_for, next_power_of_2, should_use_triton, tl
 from .gemv import ACTIVATIONS, MAX_WEIGHTS, _activation, _store_rows, check_inputs, gemv_reference
 from .nf4 import dequantize_nf4_weight, prepared_nf4_weight
 
-# (BLOCK_N, BLOCK_K, num_warps) for separate weights and for the gate/up GLU launch; module-level
-# so the bench can sweep it.
-CONFIG = {"dense": (8, 512, 4), "glu": (8, 512, 4)}
+# (BLOCK_N, BLOCK_K, num_warps, PAIRS) for separate weights and for the gate/up GLU launch;
+# module-level so the bench can sweep it. PAIRS: one 64-bit look-up a byte (both nibbles' codes)
+# instead of two 32-bit ones.
+CONFIG = {"dense": (8, 512, 4, True), "glu": (8, 512, 4, True)}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# id(code table) -> (the table, its 256 byte -> (hi code bits << 32 | lo code bits) pairs): built on a
+# weight's first call (the engine's warm-up, before graph capture), the table held so its id stays its own.
+_PAIR_TABLES: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 @jit
-def _nf4_tile(X, PACKED, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, QUANT_MAP, rows, M, N, K,
+def _nf4_tile(X, PACKED, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, rows, M, N, K, KH,
               MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
-              NESTED: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
-    """x (M, K) . W[rows] (BN, K)^T from packed NF4 -> (MP, BN) fp32 (rows past N read row N - 1)."""
-    HALF: tl.constexpr = BK // 2
+              NESTED: tl.constexpr, EVEN_K: tl.constexpr, PAIRS: tl.constexpr):  # fmt: skip
+    """x (M, K) . W[rows] (BN, K)^T from packed NF4 -> (MP, BN) fp32 (rows past N read row N - 1).
+
+    The tile is held as (BN, NB, BS/2) bytes: rows, the quantization blocks of this K step, the
+    bytes of a block; KH = K / 2 bytes a row. CODES: the 16 fp32 code values, or with PAIRS the
+    256 int64 pairs (high nibble's fp32 bits << 32 | low nibble's), one look-up a byte."""
     NB: tl.constexpr = BK // BS  # quantization blocks per row of a tile
+    HB: tl.constexpr = BS // 2  # bytes per block
     m = tl.arange(0, MP)
-    j = tl.arange(0, HALF)
     b = tl.arange(0, NB)
+    h = tl.arange(0, HB)
     safe_rows = tl.minimum(rows, N - 1).to(tl.int64)
-    byte_ptr = PACKED + safe_rows[:, None] * (K // 2) + j[None, :]  # (BN, HALF)
+    in_tile = b[:, None] * HB + h[None, :]  # (NB, HB) byte offsets within a row's tile
+    byte_ptr = PACKED + safe_rows[:, None, None] * KH + in_tile[None, :, :]  # (BN, NB, HB)
     block = safe_rows[:, None] * (K // BS) + b[None, :]  # (BN, NB) the tile's quantization blocks
-    x_ptr = X + m[:, None] * K + 2 * j[None, :]  # (MP, HALF): x's even columns; +1: the odd ones
-    m_ok = m[:, None] < M
+    x_ptr = X + m[:, None, None] * K + 2 * in_tile[None, :, :]  # (MP, NB, HB): x's even columns; +1: odd
+    m_ok = m[:, None, None] < M
     acc = tl.zeros((MP, BN), dtype=tl.float32)
     if NESTED:
         offset = tl.load(OFFSET)
@@ -66,24 +75,28 @@ def _nf4_tile(X, PACKED, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, QUANT_MAP, r
             else:
                 scale = tl.load(ABSMAX + block)
         else:
-            k_ok = (k0 + 2 * j)[None, :] < K
-            b_ok = (k0 + b * BS)[None, :] < K
-            byte = tl.load(byte_ptr, mask=k_ok, other=0).to(tl.int32)
-            xe = tl.load(x_ptr, mask=m_ok & k_ok, other=0.0).to(tl.float32)
-            xo = tl.load(x_ptr + 1, mask=m_ok & k_ok, other=0.0).to(tl.float32)
+            b_ok = (k0 + b * BS) < K  # (NB,) K is a multiple of BS: whole blocks are in or out
+            byte = tl.load(byte_ptr, mask=b_ok[None, :, None], other=0).to(tl.int32)
+            xe = tl.load(x_ptr, mask=m_ok & b_ok[None, :, None], other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + 1, mask=m_ok & b_ok[None, :, None], other=0.0).to(tl.float32)
             if NESTED:
-                q = tl.load(ABSMAX + block, mask=b_ok, other=0).to(tl.int32)
-                nested = tl.load(NESTED_ABSMAX + block // NBS, mask=b_ok, other=0.0)
+                q = tl.load(ABSMAX + block, mask=b_ok[None, :], other=0).to(tl.int32)
+                nested = tl.load(NESTED_ABSMAX + block // NBS, mask=b_ok[None, :], other=0.0)
             else:
-                scale = tl.load(ABSMAX + block, mask=b_ok, other=0.0)
+                scale = tl.load(ABSMAX + block, mask=b_ok[None, :], other=0.0)
         if NESTED:
             scale = tl.load(NESTED_MAP + q) * nested + offset  # (BN, NB) fp32
-        hi = tl.load(QUANT_MAP + (byte >> 4))  # (BN, HALF) fp32 codes of the even columns
-        lo = tl.load(QUANT_MAP + (byte & 15))  # the odd columns
-        prod = xe[:, None, :] * hi[None, :, :] + xo[:, None, :] * lo[None, :, :]  # (MP, BN, HALF)
-        part = tl.sum(tl.reshape(prod, (MP, BN, NB, BS // 2)), axis=3)  # (MP, BN, NB) per-block sums
+        if PAIRS:
+            pair = tl.load(CODES + byte)  # (BN, NB, HB) int64
+            hi = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)  # the even column's code
+            lo = pair.to(tl.int32).to(tl.float32, bitcast=True)  # the odd column's
+        else:
+            hi = tl.load(CODES + (byte >> 4))  # (BN, NB, HB) fp32 codes of the even columns
+            lo = tl.load(CODES + (byte & 15))  # the odd columns
+        prod = xe[:, None, :, :] * hi[None, :, :, :] + xo[:, None, :, :] * lo[None, :, :, :]  # (MP, BN, NB, HB)
+        part = tl.sum(prod, axis=3)  # (MP, BN, NB): each block's sum of x * code
         acc += tl.sum(part * scale[None, :, :], axis=2)
-        byte_ptr += HALF
+        byte_ptr += BK // 2
         x_ptr += BK
         block += NB
     return acc
@@ -95,29 +108,29 @@ def _nf4_gemv_kernel(
     P0, A0, NA0, NM0, OF0, QM0,  # weight 0: packed bytes, absmax (codes), nested absmax, nested map, offset, code table
     P1, A1, NA1, NM1, OF1, QM1,
     P2, A2, NA2, NM2, OF2, QM2,
-    M, N0, N1, N2, K, T0, T1,  # T_i: programs of weight i
+    M, N0, N1, N2, K, KH, T0, T1,  # KH = K / 2 (its own argument: Triton sees its divisibility); T_i: programs of weight i
     MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
-    NESTED: tl.constexpr, EVEN_K: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
+    NESTED: tl.constexpr, EVEN_K: tl.constexpr, PAIRS: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if GLU:  # weight 0 = gate, weight 1 = up -> OUT0 = act(x gate^T) * (x up^T)
         rows = pid * BN + tl.arange(0, BN)
-        g = _nf4_tile(X, P0, A0, NA0, NM0, OF0, QM0, rows, M, N0, K, MP, BN, BK, BS, NBS, NESTED, EVEN_K)
-        u = _nf4_tile(X, P1, A1, NA1, NM1, OF1, QM1, rows, M, N0, K, MP, BN, BK, BS, NBS, NESTED, EVEN_K)
+        g = _nf4_tile(X, P0, A0, NA0, NM0, OF0, QM0, rows, M, N0, K, KH, MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS)
+        u = _nf4_tile(X, P1, A1, NA1, NM1, OF1, QM1, rows, M, N0, K, KH, MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS)
         g = g.to(OUT0.dtype.element_ty).to(tl.float32)  # rounded as the unfused path's outputs are
         u = u.to(OUT0.dtype.element_ty).to(tl.float32)
         _store_rows(OUT0, _activation(g, ACT) * u, rows, M, N0, MP)
     elif pid < T0:
         rows = pid * BN + tl.arange(0, BN)
-        acc = _nf4_tile(X, P0, A0, NA0, NM0, OF0, QM0, rows, M, N0, K, MP, BN, BK, BS, NBS, NESTED, EVEN_K)
+        acc = _nf4_tile(X, P0, A0, NA0, NM0, OF0, QM0, rows, M, N0, K, KH, MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS)
         _store_rows(OUT0, acc, rows, M, N0, MP)
     elif pid < T0 + T1:
         rows = (pid - T0) * BN + tl.arange(0, BN)
-        acc = _nf4_tile(X, P1, A1, NA1, NM1, OF1, QM1, rows, M, N1, K, MP, BN, BK, BS, NBS, NESTED, EVEN_K)
+        acc = _nf4_tile(X, P1, A1, NA1, NM1, OF1, QM1, rows, M, N1, K, KH, MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS)
         _store_rows(OUT1, acc, rows, M, N1, MP)
     else:
         rows = (pid - T0 - T1) * BN + tl.arange(0, BN)
-        acc = _nf4_tile(X, P2, A2, NA2, NM2, OF2, QM2, rows, M, N2, K, MP, BN, BK, BS, NBS, NESTED, EVEN_K)
+        acc = _nf4_tile(X, P2, A2, NA2, NM2, OF2, QM2, rows, M, N2, K, KH, MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS)
         _store_rows(OUT2, acc, rows, M, N2, MP)
 
 
@@ -128,9 +141,22 @@ def nf4_gemv_reference(x: torch.Tensor, weights, activation: str | None = None) 
     return gemv_reference(x, dense, activation)
 
 
-def _tables(launch, packed) -> list:
+def code_pairs(codes: torch.Tensor) -> torch.Tensor:
+    """codes (16,) fp32 -> (256,) int64: for each byte, its high nibble's code bits << 32 | its low nibble's."""
+    bits = codes.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # (16,)
+    byte = torch.arange(256, device=codes.device)
+    return (bits[byte >> 4] << 32) | bits[byte & 15]
+
+
+def _tables(launch, packed, pairs: bool) -> list:
     """The kernel's six arguments of one weight (its prepared launch, see kernels/nf4.py)."""
-    return [packed, launch.absmax, launch.nested_absmax, launch.nested_quant_map, launch.offset, launch.quant_map]
+    codes = launch.quant_map
+    if pairs:
+        entry = _PAIR_TABLES.get(id(codes))
+        if entry is None or entry[0] is not codes:
+            entry = _PAIR_TABLES[id(codes)] = (codes, code_pairs(codes))
+        codes = entry[1]
+    return [packed, launch.absmax, launch.nested_absmax, launch.nested_quant_map, launch.offset, codes]
 
 
 def fusable(x: torch.Tensor, weights) -> list | None:
@@ -170,7 +196,7 @@ def nf4_gemv(x: torch.Tensor, weights, activation: str | None = None, use_triton
         raise ValueError(f"nf4_gemv: gate ({ns[0]} rows) and up ({ns[1]} rows) differ in shape")
     meta = prepared[0][1].meta
     bs = meta["BLOCKSIZE"]
-    BN, BK, warps = CONFIG["glu" if activation is not None else "dense"]
+    BN, BK, warps, pairs = CONFIG["glu" if activation is not None else "dense"]
     BK = max(bs, min(BK, next_power_of_2(K)))
     if activation is not None:
         outs = [torch.empty(M, ns[0], dtype=x.dtype, device=x.device)]
@@ -180,11 +206,11 @@ def nf4_gemv(x: torch.Tensor, weights, activation: str | None = None, use_triton
         tiles = [-(-n // BN) for n in ns] + [0]
         grid = sum(tiles)
     pad = MAX_WEIGHTS - len(prepared)
-    args = [a for packed, launch in prepared + [prepared[0]] * pad for a in _tables(launch, packed)]
+    args = [a for packed, launch in prepared + [prepared[0]] * pad for a in _tables(launch, packed, pairs)]
     os_ = outs + [outs[0]] * (MAX_WEIGHTS - len(outs))
     kernel_for(_nf4_gemv_kernel)[(grid,)](
-        x, *os_, *args, M, *(ns + [ns[0]] * pad), K, tiles[0], tiles[1],
+        x, *os_, *args, M, *(ns + [ns[0]] * pad), K, K // 2, tiles[0], tiles[1],
         MP=next_power_of_2(M), BN=BN, BK=BK, BS=bs, NBS=meta["NESTED_BLOCKSIZE"], NESTED=meta["NESTED"],
-        EVEN_K=K % BK == 0, GLU=activation is not None, ACT=ACTIVATIONS.get(activation, 0), num_warps=warps,
+        EVEN_K=K % BK == 0, PAIRS=pairs, GLU=activation is not None, ACT=ACTIVATIONS.get(activation, 0), num_warps=warps,
     )  # fmt: skip
     return outs

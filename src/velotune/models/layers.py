@@ -171,11 +171,16 @@ class Attention(nn.Module):
         else:
             q = rope_reference(q.transpose(1, 2), *cos_sin)  # (B, H, T, D)
             k = rope_reference(k.transpose(1, 2), *cos_sin)  # (B, Hkv, T, D)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, Tk, D)
-        mask, causal = masks.for_keys(k.shape[2])
-        dropout = self.attention_dropout if self.training else 0.0
-        out = _attend(q, k, v, mask, causal, self.scaling, self.softcap, dropout)  # (B, H, T, D)
+        out = None
+        if fast and T == 1 and 0 < B <= plan.gemv_rows and self.softcap is None and not self.training \
+                and hasattr(cache, "decode_attention"):  # a decode step: cache write + attention in one kernel
+            out = cache.decode_attention(q, k, v, self.layer_idx, masks.for_keys(cache.visible)[0], self.scaling)
+        if out is None:
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, Tk, D)
+            mask, causal = masks.for_keys(k.shape[2])
+            dropout = self.attention_dropout if self.training else 0.0
+            out = _attend(q, k, v, mask, causal, self.scaling, self.softcap, dropout)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         if fast:
             o = plan.layer(self.layer_idx).o
