@@ -50,13 +50,13 @@ def test_nf4_to_fp8_at_size(nested):
     from velotune.quant.linear import to_linear4bit
 
     torch.manual_seed(0)
-    linear = torch.nn.Linear(4096, 14336, bias=False, device="cuda", dtype=torch.bfloat16)
+    linear = torch.nn.Linear(4096, 14336, bias=False, device="cuda", dtype=torch.float32)  # fp32 NF4 values
     module = to_linear4bit(linear, compress_statistics=nested)
     values, scale = dequantize_nf4_to_fp8(module.weight)
-    dense = dequantize_nf4_weight(module.weight).float()
-    reference = nf4_to_fp8_reference(dense, 1 / scale)
-    differ = (values.view(torch.uint8) != reference.view(torch.uint8)).float().mean().item()
-    assert differ < 1e-3, differ  # bf16 vs fp32 dequantized values may straddle a rounding tie
+    dense = dequantize_nf4_weight(module.weight)  # (out, in) fp32
+    torch.testing.assert_close(scale, dense.abs().amax(1) / 448.0, rtol=0, atol=0)
+    reference = nf4_to_fp8_reference(dense, 448.0 / dense.abs().amax(1))
+    assert torch.equal(values.view(torch.uint8), reference.view(torch.uint8))
     assert _rel(values.float() * scale[:, None], dense) < 0.04  # e4m3's 3 mantissa bits: ~2-3% rms
 
 
