@@ -159,6 +159,22 @@ def bench_nf4(group: str, M: int, configs) -> None:
                gbps=round(nbytes / ms / 1e6, 1), max_err=round(err, 4))
 
 
+def bench_attention(M: int, length: int = 384) -> None:
+    """One decode step's cache write + attention of one layer (32 query heads, 8 kv heads, 128 dims):
+    index_copy_ x 2 + SDPA with the engine's mask, against kernels/decode_attention.py."""
+    from velotune.kernels.decode_attention import decode_attention, decode_attention_reference
+
+    H, Hkv, D = 32, 8, 128
+    q = torch.randn(M, H, 1, D, device="cuda", dtype=torch.bfloat16)
+    k_new, v_new = (torch.randn(M, Hkv, 1, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k_cache, v_cache = (torch.randn(M, Hkv, length, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    slot = torch.tensor([200], device="cuda")
+    mask = (torch.arange(length, device="cuda") <= slot)[None, None, None, :].expand(M, 1, 1, length).contiguous()
+    for name, fn in (("index_copy_ + sdpa", decode_attention_reference), ("triton", decode_attention)):
+        ms = graph_ms(lambda: fn(q, k_new, v_new, k_cache, v_cache, mask, slot, D ** -0.5))
+        report(kind="attention", M=M, length=length, impl=name, ms=round(ms, 4))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a few configs only")
@@ -174,6 +190,8 @@ def main():
         dense, nf4 = dense[:4], nf4[:4]
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     with torch.no_grad():
+        for M in (int(m) for m in args.rows.split(",")):
+            bench_attention(M)
         for M in (int(m) for m in args.rows.split(",")):
             for group in args.groups.split(","):
                 if "bf16" in args.kinds:
