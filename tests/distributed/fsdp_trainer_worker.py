@@ -24,6 +24,7 @@ from velotune.fast.plan import plan_step, runtime_settings
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJ0123456789.,"
 STEPS, SAVE_AT = 4, 2
+BF16 = False  # --bf16 (GPUs): bf16 weights, bf16 compute, fp32 gradient reduction (the mixed-precision policy)
 
 
 def rows(n: int) -> list[str]:
@@ -31,15 +32,19 @@ def rows(n: int) -> list[str]:
     return ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(4, 30))) for _ in range(n)]
 
 
-def load(folder: str, full: bool):
-    """LoRA with the offloading checkpoint, or every weight training; the fast path forced on the CPU."""
-    model, tokenizer = FastLanguageModel.from_pretrained(folder, load_in_4bit=False, device_map="cpu",
-                                                         max_seq_length=64, full_finetuning=full)
+def load(folder: str, full: bool, cuda: bool = False):
+    """LoRA with the offloading checkpoint, or every weight training; the fast path forced on the CPU. On CUDA
+    each rank's copy goes where velotune puts it (its own GPU), in fp32, the fast path as it decides."""
+    placement = dict(dtype=torch.bfloat16 if BF16 else torch.float32) if cuda else dict(device_map="cpu")
+    model, tokenizer = FastLanguageModel.from_pretrained(folder, load_in_4bit=False, max_seq_length=64,
+                                                         full_finetuning=full, **placement)
     if not full:
         model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3407,
                                                  use_gradient_checkpointing="unsloth")
     settings = runtime_settings(model)
-    settings.fast_path, settings.offload_on_cpu, settings.offload_min_tokens = True, True, 0
+    settings.offload_min_tokens = 0
+    if not cuda:
+        settings.fast_path, settings.offload_on_cpu = True, True
     return model, tokenizer
 
 
@@ -60,11 +65,11 @@ def sharding_facts(trainer) -> dict:
 
 
 def train(options, out: Path, full: bool, batch: int, fsdp: bool, resume: bool = False):
-    model, tokenizer = load(options.folder, full)
+    model, tokenizer = load(options.folder, full, options.cuda)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, max_steps=STEPS,
                              learning_rate=1e-3 if full else 1e-2, logging_steps=1, report_to="none",
-                             optim="adamw_torch", seed=0, bf16=False, fp16=False, disable_tqdm=True,
-                             dataset_num_proc=None, use_cpu=True, max_length=64, ddp_timeout=120,
+                             optim="adamw_torch", seed=0, bf16=BF16, fp16=False, disable_tqdm=True,
+                             dataset_num_proc=None, use_cpu=not options.cuda, max_length=64, ddp_timeout=120,
                              save_strategy="steps", save_steps=SAVE_AT, **({"fsdp": True} if fsdp else {}))
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_dict({"text": rows(48)}),
                          args=args)
@@ -73,7 +78,8 @@ def train(options, out: Path, full: bool, batch: int, fsdp: bool, resume: bool =
     plan = plan_step(trainer.model, training=True, grad=True, labels=True, tokens=64)
     result = {"rank": args.process_index, "world_size": args.world_size, "global_step": trainer.state.global_step,
               "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e], "fast": plan.fast,
-              "per_layer": plan.per_layer, **sharding_facts(trainer)}
+              "per_layer": plan.per_layer, "device": str(next(trainer.model.parameters()).device),
+              **sharding_facts(trainer)}
     (out / f"result-{args.process_index}.json").write_text(json.dumps(result))
     return trainer
 
@@ -91,7 +97,11 @@ def main() -> None:
     parser.add_argument("--folder", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--references", default=None, help="the 2-rank run's --out: run the one-process side")
+    parser.add_argument("--cuda", action="store_true", help="train on the GPUs (NCCL), one per rank")
+    parser.add_argument("--bf16", action="store_true", help="with --cuda: bf16 weights and bf16=True")
     options = parser.parse_args()
+    global BF16
+    BF16 = options.bf16
     torch.set_num_threads(1)
     out = Path(options.out)
     if options.references is None:  # under torchrun: 2 ranks x batch 2, sharded

@@ -28,6 +28,7 @@ accelerate's gradient accumulation calls) holds the reduce-scatter until the las
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -126,6 +127,14 @@ def shard(model: nn.Module, sharding: Sharding, args) -> nn.Module:
         fully_shard(layer, **options)  # gathered just before the layer's call, freed after it (and again for backward)
     fully_shard(model, **options)  # embeddings, final norm, lm_head: the root unit
     return model
+
+
+def per_rank(estimate, world: int):
+    """One GPU's share of a memory estimate (training/memory.py) made for the unsharded model: weights,
+    gradients and optimizer state are split over `world` ranks (plus one gathered layer at a time,
+    small beside them); activations are each rank's own."""
+    return dataclasses.replace(estimate, weights=estimate.weights // world, gradients=estimate.gradients // world,
+                               optimizer=estimate.optimizer // world)
 
 
 def active() -> bool:

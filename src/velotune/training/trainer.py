@@ -160,6 +160,8 @@ class SFTTrainer(TRLSFTTrainer):
                 dataset_prep.check_text_values(dataset, args.dataset_text_field, formatting_func, name)
         if isinstance(model, torch.nn.Module) and args.memory_check != "off":
             self.memory_estimate = _estimate_for(model, args)
+            if sharding is not None and args.world_size > 1:  # each GPU keeps its share of the sharded terms
+                self.memory_estimate = fsdp.per_rank(self.memory_estimate, args.world_size)
             check_memory(self.memory_estimate, device_memory(args.device), args.memory_check, args.device)
         self._interrupt = InterruptCallback()
         self._lock = RunLock(args.output_dir)

@@ -1,0 +1,81 @@
+"""The FSDP2 switch and its bad input, in one process (no launch): what `fsdp` / `fsdp_config` mean to
+velotune, what it refuses before any work (4-bit weights, accelerate's own FSDP config, options its
+sharding does not do, an export after a sharded CLI run), and `velotune consolidate` on a folder that is
+not a distributed checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+
+from velotune import FastLanguageModel, SFTTrainer, TrainingArguments
+from velotune.cli import main
+from velotune.training import fsdp
+
+from .fsdp_trainer_worker import rows
+
+
+def arguments(tmp_path, **fields) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=1, max_length=64,
+                             optim="adamw_torch", disable_tqdm=True, dataset_num_proc=None, **fields)
+
+
+def test_the_switch_is_transformers_fsdp_argument(tmp_path):
+    assert fsdp.requested(arguments(tmp_path)) is None
+    assert fsdp.requested(arguments(tmp_path, fsdp=True)) == fsdp.Sharding(reshard_after_forward=True)
+    assert fsdp.requested(arguments(tmp_path, fsdp="full_shard auto_wrap")).reshard_after_forward is True
+    assert fsdp.requested(arguments(tmp_path, fsdp="shard_grad_op")).reshard_after_forward is False
+    assert fsdp.requested(arguments(tmp_path, fsdp=True, fsdp_config={"reshard_after_forward": False})) == \
+        fsdp.Sharding(reshard_after_forward=False)
+    policy = fsdp.Sharding().mixed_precision(arguments(tmp_path, bf16=True), torch.device("cuda"))
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)  # GPUs: bf16 gather, fp32 reduce
+    policy = fsdp.Sharding().mixed_precision(arguments(tmp_path, bf16=False), torch.device("cpu"))
+    assert (policy.param_dtype, policy.reduce_dtype) == (None, torch.float32)  # the CPU: the loaded dtype (fp32)
+
+
+def test_memory_estimate_counts_one_gpus_share_of_the_sharded_terms():
+    from velotune.training.memory import MemoryEstimate
+
+    whole = MemoryEstimate(weights=16, trainable=16, gradients=16, optimizer=32, activations=5, tokens=2048,
+                           checkpointing=True)
+    assert fsdp.per_rank(whole, 2).total == 8 + 8 + 16 + 5  # activations are each rank's own
+
+
+def test_options_velotune_does_not_shard_with_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"version=1: velotune shards with FSDP2"):
+        fsdp.requested(arguments(tmp_path, fsdp=True, fsdp_config={"version": 1}))
+    with pytest.raises(ValueError, match=r"cpu_offload=True"):
+        fsdp.requested(arguments(tmp_path, fsdp=True, fsdp_config={"cpu_offload": True}))
+    with pytest.raises(ValueError, match=r"activation_checkpointing=True: use get_peft_model"):
+        fsdp.requested(arguments(tmp_path, fsdp=True, fsdp_config={"activation_checkpointing": True}))
+
+
+def test_trainer_refuses_nf4_and_accelerates_fsdp_config_before_any_work(ddp_tiny_dir, tmp_path, monkeypatch):
+    data = Dataset.from_dict({"text": rows(4)})
+    model, tokenizer = FastLanguageModel.from_pretrained(str(ddp_tiny_dir), load_in_4bit=True, device_map="cpu",
+                                                         max_seq_length=64)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16)
+    with pytest.raises(ValueError, match=r"cannot shard 4-bit \(NF4\) weights.*drop fsdp \(DDP"):
+        SFTTrainer(model=model, processing_class=tokenizer, train_dataset=data, args=arguments(tmp_path, fsdp=True))
+    model, tokenizer = FastLanguageModel.from_pretrained(str(ddp_tiny_dir), load_in_4bit=False, device_map="cpu",
+                                                         max_seq_length=64)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match=r"accelerate launch` with an FSDP config.*launch with torchrun"):
+        SFTTrainer(model=model, processing_class=tokenizer, train_dataset=data, args=arguments(tmp_path, fsdp=True))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    args = arguments(tmp_path, fsdp=True)
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=data, args=args)
+    assert args.fsdp and not trainer.args.fsdp  # the caller's arguments keep the switch; accelerate never sees it
+    assert trainer._sharding == fsdp.Sharding() and not fsdp.is_sharded(trainer.model)  # one process: unsharded
+    assert not any(p.name.startswith("checkpoint") for p in tmp_path.iterdir())
+
+
+def test_cli_refuses_an_export_after_a_sharded_run_and_explains_consolidate(tmp_path, capsys):
+    (tmp_path / "recipe.yaml").write_text(f"training: {{output_dir: '{tmp_path / 'out'}', fsdp: full_shard}}\n"
+                                          "export: {gguf: [q8_0]}\n")
+    assert main(["train", str(tmp_path / "recipe.yaml")]) == 2
+    assert "training.fsdp with an export section" in capsys.readouterr().err
+    assert main(["consolidate", str(tmp_path), str(tmp_path / "merged")]) == 2
+    assert "is not a distributed checkpoint of a sharded run" in capsys.readouterr().err
