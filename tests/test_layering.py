@@ -18,7 +18,7 @@ LAYERS = [
     ("velotune.cli", 90), ("velotune.cli_checks", 90), ("velotune.cli_launch", 90),
     ("velotune.chat_templates", 85),
     ("velotune.training", 80), ("velotune.rl", 80),
-    ("velotune.fast_language_model", 70), ("velotune.vision", 70),
+    ("velotune.fast_language_model", 70), ("velotune.vision", 70), ("velotune.quantize", 70),
     ("velotune.lora", 60),
     ("velotune.export", 50),
     ("velotune.inference", 40),

@@ -4,6 +4,7 @@
     velotune train CONFIG.yaml --nproc 2  # DDP on two GPUs of this machine (torchrun underneath; launch.py)
     velotune export MODEL_DIR OUT_DIR --gguf q4_k_m q8_0 --merged merged_16bit --ollama
     velotune chat MODEL_DIR [--prompt TEXT]
+    velotune quantize MODEL OUT_DIR --dynamic [--budget-gib X] [--calibration FILE]
     velotune consolidate CHECKPOINT OUT_DIR   # a sharded (fsdp) run's checkpoint -> an ordinary folder
 
 A config's sections take the Python arguments' own names, so a notebook's call and a config say
@@ -210,6 +211,34 @@ def consolidate(checkpoint: str, out_dir: str) -> Path:
     return out
 
 
+def quantize(model: str, out_dir: str, dynamic: bool = False, budget_gib: float | None = None,
+             calibration: str | None = None, max_tokens: int = 4096, evaluate: bool = True,
+             overwrite: bool = False) -> Path:
+    """Write a bitsandbytes 4-bit (NF4) folder of a 16-bit model; `dynamic`: keep the layers that NF4
+    hurts most in 16-bit within `budget_gib` (velotune.quantize, which logs the table and saves it)."""
+    from . import FastLanguageModel
+    from .export import save_pretrained_merged
+
+    if not dynamic and (budget_gib is not None or calibration is not None):
+        raise ConfigError("quantize: --budget-gib and --calibration choose 16-bit layers, which only --dynamic does")
+    if budget_gib is not None and budget_gib <= 0:
+        raise ConfigError(f"quantize: --budget-gib must be a positive size in GiB, got {budget_gib}")
+    if calibration is not None and not Path(calibration).is_file():
+        raise ConfigError(f"quantize: --calibration {calibration}: no such file (a .txt, .jsonl or .json file)")
+    if dynamic:
+        from .quantize import quantize_dynamic
+
+        report = quantize_dynamic(model, out_dir, budget_gib=budget_gib, calibration=calibration,
+                                  max_tokens=max_tokens, evaluate=evaluate, overwrite=overwrite)
+        print(f"velotune: dynamic 4-bit folder written to {report.folder}: {report.summary()}")
+        return Path(report.folder)
+    loaded, tokenizer = FastLanguageModel.from_pretrained(model, load_in_4bit=False)
+    folder = save_pretrained_merged(loaded, out_dir, tokenizer, save_method="merged_4bit_forced",
+                                    overwrite=overwrite)
+    print(f"velotune: 4-bit folder written to {folder}")
+    return folder
+
+
 def chat(model_dir: str, prompt: str | None = None, max_new_tokens: int = 256) -> str | None:
     """Talk to a model with its chat template: one answer with `prompt`; else a loop that reads
     questions from standard input until an empty line, end of input (Ctrl-D, or the end of a
@@ -297,6 +326,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="a trained folder (LoRA adapter or full model) or a model name")
     p.add_argument("--prompt", help="ask this one question, print the answer and exit")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per answer (default: 256)")
+    p = commands.add_parser("quantize", help="write a bitsandbytes 4-bit folder (--dynamic: error-chosen 16-bit layers)",
+                            description="Quantize a 16-bit model to NF4 in bitsandbytes' format (velotune, transformers "
+                                        "and Unsloth load it). With --dynamic, calibration text measures each layer's "
+                                        "NF4 output error and the worst layers stay in 16-bit within a memory budget; "
+                                        "the table of errors and the chosen layers are printed and saved in OUT_DIR.")
+    p.add_argument("model", help="the 16-bit model: a folder or a model name")
+    p.add_argument("out_dir", help="folder that receives the 4-bit checkpoint")
+    p.add_argument("--dynamic", action="store_true",
+                   help="keep the layers with the largest measured NF4 error in 16-bit (dynamic 4-bit)")
+    p.add_argument("--budget-gib", type=float, metavar="X",
+                   help="with --dynamic: the folder's largest size in GiB (default: 10%% above all-4-bit; a size below "
+                        "all-4-bit is an error that names the minimum)")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="with --dynamic: calibration text, .txt or .jsonl/.json rows with a 'text' field (default: "
+                        "velotune's bundled instruction text)")
+    p.add_argument("--max-tokens", type=int, default=4096, help="with --dynamic: calibration tokens (default: 4096)")
+    p.add_argument("--no-eval", action="store_true",
+                   help="with --dynamic: skip the held-out perplexity of 16-bit / NF4 / dynamic (saves a second copy "
+                        "of the layers in memory)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder velotune did not create")
     return parser
 
 
@@ -314,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
             consolidate(args.checkpoint, args.out_dir)
         elif args.command == "export":
             export_model(args.model_dir, args.out_dir, args.merged, args.gguf, args.ollama)
+        elif args.command == "quantize":
+            quantize(args.model, args.out_dir, args.dynamic, args.budget_gib, args.calibration, args.max_tokens,
+                     not args.no_eval, args.overwrite)
         else:
             chat(args.model_dir, args.prompt, args.max_new_tokens)
     except (ValueError, OSError) as exc:  # a user's mistake (config, data, folders): one line, exit code 2

@@ -85,12 +85,13 @@ def _quantize_4bit(name: str, weight: torch.Tensor, dtype: torch.dtype) -> dict[
     return {k: v.cpu() for k, v in linear4bit_state_dict(module, name[: -len(".weight")]).items()}
 
 
-def _is_quantizable(plan: TensorPlan) -> bool:
+def quantizable_4bit(plan: TensorPlan) -> bool:
+    """Whether merged_4bit_forced writes this tensor in NF4: a decoder layer's 2-D weight (dynamic 4-bit's candidates)."""
     return len(plan.shape) == 2 and plan.name.endswith(".weight") and ".layers." in plan.name \
         and "embed" not in plan.name
 
 
-def _export_config(base, dtype: torch.dtype, quant_4bit: bool, tied: bool):
+def _export_config(base, dtype: torch.dtype, quant_4bit: bool, tied: bool, keep_16bit: tuple[str, ...] = ()):
     config = copy.deepcopy(base.config)
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
@@ -105,7 +106,7 @@ def _export_config(base, dtype: torch.dtype, quant_4bit: bool, tied: bool):
 
         config.quantization_config = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["lm_head"]).to_dict()
+            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["lm_head", *keep_16bit]).to_dict()
     return config
 
 
@@ -120,11 +121,13 @@ def save_pretrained_merged(
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
     verify: bool = True,
+    keep_16bit: tuple[str, ...] | list[str] = (),
     **kwargs,
 ) -> Path:
     """Write a merged (or adapter-only) folder; see SAVE_METHODS. Works on a LoRA model and on a
     fully fine-tuned plain model alike. Always safetensors (`safe_serialization=False` gets a notice:
-    see models/saving.py). Returns the folder."""
+    see models/saving.py). Returns the folder. `keep_16bit` (merged_4bit_forced): checkpoint module
+    names written in 16-bit and listed in `llm_int8_skip_modules` (dynamic 4-bit, `velotune.quantize`)."""
     if kwargs:
         logger.warning("velotune: save_pretrained_merged ignores arguments it does not use: %s", sorted(kwargs))
     method = _check_method(save_method)
@@ -135,6 +138,10 @@ def save_pretrained_merged(
     base = base_model_of(model)
     dtype = dtype or model_dtype(model)
     quant_4bit = method == "merged_4bit_forced"
+    keep_16bit = tuple(keep_16bit)
+    if keep_16bit and not quant_4bit:
+        raise ValueError(f"keep_16bit lists modules to leave out of 4-bit; it needs save_method='merged_4bit_forced', "
+                         f"not {method!r}")
     plans = plan_tensors(model)
     itemsize = torch.empty((), dtype=dtype).element_size()
     total = sum(p.numel for p in plans) * itemsize
@@ -153,7 +160,7 @@ def save_pretrained_merged(
         tensors: dict[str, torch.Tensor] = {}
         for plan in shard_plans:
             value = materialize(model, plan, dtype)
-            if quant_4bit and _is_quantizable(plan):
+            if quant_4bit and quantizable_4bit(plan) and plan.name.removesuffix(".weight") not in keep_16bit:
                 tensors.update(_quantize_4bit(plan.name, value, dtype))
             else:
                 tensors[plan.name] = value.to("cpu").contiguous()
@@ -170,7 +177,7 @@ def save_pretrained_merged(
         with atomic_path(folder / index_name) as partial:
             partial.write_text(json.dumps(index, indent=2) + "\n")
         files.append(index_name)
-    files += _write_config_and_tokenizer(base, folder, tokenizer, _export_config(base, dtype, quant_4bit, is_tied(base)))
+    files += _write_config_and_tokenizer(base, folder, tokenizer, _export_config(base, dtype, quant_4bit, is_tied(base), keep_16bit))
     record.finish(files, dtype=str(dtype).removeprefix("torch."))
     logger.info("velotune: saved %s model to %s (%d shard(s), %s)", method, folder, len(names),
                 human_size(written_bytes))
