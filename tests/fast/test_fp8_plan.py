@@ -61,6 +61,18 @@ def test_fp8_storage_keeps_lm_head_and_embeddings_16bit():
     assert model.model.embed_tokens.weight.dtype == torch.float32
 
 
+def test_dtype_conversion_keeps_fp8_values_and_scales():
+    """model.to(bfloat16) changes FP8Linear's compute dtype, never its e4m3 values or fp32 scales."""
+    module = _model("fp8").get_base_model().model.layers[0].mlp.down_proj.base_layer
+    values, scale = module.weight.detach().clone(), module.weight_scale.clone()
+    before = module.dequantized(torch.float32)
+    module.to(torch.bfloat16)
+    assert module.weight.dtype == torch.float8_e4m3fn and module.weight_scale.dtype == torch.float32
+    assert torch.equal(module.weight.view(torch.uint8), values.view(torch.uint8)) and torch.equal(module.weight_scale, scale)
+    assert module.compute_dtype == torch.bfloat16
+    torch.testing.assert_close(module.dequantized(torch.float32), before)
+
+
 def test_cpu_plan_says_why_fp8_does_not_run(monkeypatch):
     model = _model("fp8")
     set_fp8_compute(model, True)

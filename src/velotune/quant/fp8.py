@@ -71,6 +71,20 @@ class FP8Linear(nn.Linear):
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.linear(x.to(dtype), self.dequantized(dtype), bias)
 
+    def _apply(self, fn, recurse=True):
+        """Device moves apply; dtype conversions (`model.to(torch.bfloat16)`, `.half()`) change the
+        compute dtype and leave the FP8 values and fp32 scales as they are. Without this, Module.to
+        would cast the e4m3 values (floating point to torch) into the new dtype without their scales."""
+        values, scale = self.weight.data, self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight.dtype != FP8_DTYPE:
+            device = self.weight.device
+            if self.weight.dtype.is_floating_point:
+                self.compute_dtype = self.weight.dtype
+            self.weight.data = values.to(device)
+            self.weight_scale = scale.to(device=device, dtype=torch.float32)
+        return self
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8=e4m3"
 
