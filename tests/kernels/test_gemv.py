@@ -112,3 +112,23 @@ def test_bad_inputs_are_named(device):
         gemv(torch.randn(1, 16, device=device), [w, w], "relu")
     with pytest.raises(ValueError, match="exactly the \\(gate, up\\)"):
         gemv(torch.randn(1, 16, device=device), [w], "silu")
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0], ids=["llama-norm", "gemma-norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_prologue(offset, dtype, device):
+    """norm=(w, eps, offset): the projections read RMSNorm(x) (one rounding, as the RMSNorm kernel)."""
+    M, K, ns = SHAPES[1]
+    x = torch.randn(M, K, device=device, dtype=dtype) * 3
+    norm = ((torch.randn(K, device=device) * 0.1).to(dtype), 1e-6, offset)
+    weights = [(torch.randn(n, K, device=device) * K ** -0.5).to(dtype) for n in ns]
+    for got, want in zip(gemv(x, weights, norm=norm, use_triton=True), gemv_reference(x, weights, norm=norm)):
+        _close(got, want, dtype, "gemv")
+    pair = [weights[0], (torch.randn(ns[0], K, device=device) * K ** -0.5).to(dtype)]
+    got, = gemv(x, pair, "silu", norm=norm, use_triton=True)
+    want, = gemv_reference(x, pair, "silu", norm=norm)
+    _close(got, want, dtype, "gemv.glu")
+    layers = [to_linear4bit(torch.nn.Linear(K, n, bias=False).to(device, dtype)) for n in ns]
+    for got, want in zip(nf4_gemv(x, [layer.weight for layer in layers], norm=norm, use_triton=True),
+                         nf4_gemv_reference(x, [layer.weight for layer in layers], norm=norm)):
+        _close(got, want, dtype, "gemv")

@@ -10,7 +10,11 @@ launches per layer leave a third of that bound unused (BENCHMARKS.md). Here:
   * 4-bit (NF4) weights go through kernels/nf4_gemv.py, which dequantizes in registers, where the
     training path would dequantize each weight to bf16 first;
   * LoRA adapters stay unmerged: x A^T for every adapter of a group is one matmul and each B
-    term one addmm into its output (as lora_linear.group_forward), biases one add each.
+    term one addmm into its output (as lora_linear.group_forward), biases one add each;
+  * the decoder layer's pre-norms (input_layernorm before q/k/v, post_attention_layernorm before
+    gate/up) run inside those GEMVs (`prenorm`): each program normalises the rows of x it reads,
+    so the normalised x is never written and the norm costs no launch (`FUSE_NORM`). With adapters
+    the normalised x is needed for x A^T too, so it is computed first by the RMSNorm kernel.
 
 Only without autograd (the engine's no-grad decode) and for at most `plan.gemv_rows` rows;
 anything else returns None and the caller runs the training path's fused functions. Shapes are
@@ -23,7 +27,7 @@ from functools import partial
 
 import torch
 
-from ..kernels import geglu, swiglu
+from ..kernels import geglu, rms_norm, swiglu
 from ..kernels.gemv import ACTIVATIONS, MAX_ROWS, gemv
 from ..kernels.nf4_gemv import nf4_gemv
 from .lora_linear import LoraProjection, _cast, _is_4bit, adapter_inputs, adapters_of
@@ -31,6 +35,9 @@ from .lora_linear import LoraProjection, _cast, _is_4bit, adapter_inputs, adapte
 # The epilogue's activation ids (kernels/gemv.py ACTIVATIONS) -> the separate activation kernel,
 # used when gate or up has an adapter.
 _GATED = {0: swiglu, 1: partial(geglu, approximate="tanh"), 2: partial(geglu, approximate="none")}
+# The decoder layer hands its pre-norms to the GEMVs (False: it runs them itself, as before).
+# Module-level so the bench and tests can compare.
+FUSE_NORM = True
 
 
 def applies(x: torch.Tensor, gemv_rows: int) -> bool:
@@ -38,20 +45,43 @@ def applies(x: torch.Tensor, gemv_rows: int) -> bool:
     return 0 < x.shape[0] <= min(gemv_rows, MAX_ROWS) and not torch.is_grad_enabled()
 
 
-def _base(x: torch.Tensor, projections, activation: str | None = None) -> list[torch.Tensor] | None:
-    """[x W_i^T] (or [act(x gate^T) * (x up^T)]) through one GEMV launch, or None for mixed weights."""
+def fuses_norm(x: torch.Tensor, gemv_rows: int) -> bool:
+    """Whether a decoder layer should hand its pre-norms to the GEMVs for x (..., C)."""
+    return FUSE_NORM and applies(x.reshape(-1, x.shape[-1]), gemv_rows)
+
+
+def _norm_args(norm) -> tuple:
+    """(weight, eps, offset) of our RMSNorm modules (models/layers.py: Llama's and Gemma's 1 + w)."""
+    eps = getattr(norm, "variance_epsilon", None)
+    return norm.weight, getattr(norm, "eps", 1e-6) if eps is None else eps, float(getattr(norm, "offset", 0.0))
+
+
+def normalized(x: torch.Tensor, norm) -> torch.Tensor:
+    """RMSNorm(x) as the norm module computes it on the fast path (kernels/rms_norm.py)."""
+    weight, eps, offset = _norm_args(norm)
+    return rms_norm(x, weight, eps, offset)
+
+
+def _base(x: torch.Tensor, projections, activation: str | None = None, norm=None) -> list[torch.Tensor] | None:
+    """[x W_i^T] (or [act(x gate^T) * (x up^T)]) through one GEMV launch, of RMSNorm(x) with the
+    norm module `norm`, or None for mixed weights."""
     weights = [p.weight for p in projections]
     four_bit = [_is_4bit(w) for w in weights]
+    args = None if norm is None else _norm_args(norm)
     if all(four_bit):
-        return nf4_gemv(x, weights, activation)
+        return nf4_gemv(x, weights, activation, norm=args)
     if not any(four_bit) and all(w.dtype == x.dtype and w.device == x.device for w in weights):
-        return gemv(x, weights, activation)
+        return gemv(x, weights, activation, norm=args)
     return None
 
 
-def decode_projections(x: torch.Tensor, projections: tuple[LoraProjection, ...]) -> list[torch.Tensor] | None:
-    """x (N, in) -> [(N, out_i)]: y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T, or None (caller's path)."""
-    outs = _base(x, projections)
+def decode_projections(x: torch.Tensor, projections: tuple[LoraProjection, ...], norm=None
+                       ) -> list[torch.Tensor] | None:  # fmt: skip
+    """x (N, in) -> [(N, out_i)]: y_i = x' W_i^T + b_i + s_i (x' A_i^T) B_i^T with x' = x, or
+    RMSNorm(x) with the norm module `norm`; None when the kernels cannot run (the caller's path)."""
+    if norm is not None and any(p.lora_A is not None for p in projections):
+        x, norm = normalized(x, norm), None  # x A^T needs the normalised x itself
+    outs = _base(x, projections, norm=norm)
     if outs is None:
         return None
     for out, p in zip(outs, projections):
@@ -65,18 +95,20 @@ def decode_projections(x: torch.Tensor, projections: tuple[LoraProjection, ...])
     return outs
 
 
-def decode_mlp(x: torch.Tensor, projections: tuple[LoraProjection, ...], activation: str) -> torch.Tensor | None:
-    """x (N, H) -> down(act(gate(x)) * up(x)) (N, H), or None (the caller's fused MLP runs)."""
+def decode_mlp(x: torch.Tensor, projections: tuple[LoraProjection, ...], activation: str, norm=None
+               ) -> torch.Tensor | None:  # fmt: skip
+    """x (N, H) -> down(act(gate(x')) * up(x')) (N, H), x' = x or RMSNorm(x) with the norm module
+    `norm`; None when the kernels cannot run (the caller's fused MLP runs)."""
     if activation not in ACTIVATIONS:
         return None
     gate, up, down = projections
     if all(p.lora_A is None and p.bias is None for p in (gate, up)):
-        fused = _base(x, (gate, up), activation)  # [(N, I)]: act(g) * u from the epilogue
+        fused = _base(x, (gate, up), activation, norm)  # [(N, I)]: act(g) * u from the epilogue
         if fused is None:
             return None
         h = fused[0]
     else:
-        gate_up = decode_projections(x, (gate, up))
+        gate_up = decode_projections(x, (gate, up), norm)
         if gate_up is None:
             return None
         h = _GATED[ACTIVATIONS[activation]](*gate_up)  # (N, I)

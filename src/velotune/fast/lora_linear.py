@@ -297,15 +297,19 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def lora_projections(x: torch.Tensor, modules: list[nn.Module], projections=None,
-                     gemv_rows: int = 0) -> list[torch.Tensor]:
+                     gemv_rows: int = 0, prenorm: nn.Module | None = None) -> list[torch.Tensor]:
     """x (..., in) through each module -> [(..., out_i)], fused when every module allows it,
     otherwise the modules' own calls (exactly the plain path). `projections`: the modules' fused
     views when the caller already has them (plan.LayerPlan), else they are looked up here.
     `gemv_rows` (the plan's): up to this many rows without autograd, the decode GEMV kernels
-    run the base weights (decode_linear.py)."""
+    run the base weights (decode_linear.py). `prenorm`: an RMSNorm module to apply to x first
+    (decode steps hand it over so the GEMVs normalise x as they read it)."""
     if projections is None:
         projections = [projection_of(m) for m in modules]
+    if prenorm is not None:
+        from . import decode_linear
     if any(p is None for p in projections):
+        x = x if prenorm is None else decode_linear.normalized(x, prenorm)
         return [m(x) for m in modules]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype(x))  # (N, in)
@@ -313,8 +317,10 @@ def lora_projections(x: torch.Tensor, modules: list[nn.Module], projections=None
         from . import decode_linear  # imports this module
 
         if decode_linear.applies(x2, gemv_rows):
-            outs = decode_linear.decode_projections(x2, tuple(projections))
+            outs = decode_linear.decode_projections(x2, tuple(projections), prenorm)
             if outs is not None:
                 return [o.view(*lead, o.shape[-1]) for o in outs]
+    if prenorm is not None:
+        x2 = decode_linear.normalized(x2, prenorm)
     outs = LoraProjectionsFunction.apply(x2, tuple(projections), *adapters_of(projections))
     return [o.view(*lead, o.shape[-1]) for o in outs]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import jit, kernel_for, next_power_of_2, should_use_triton, tl
+from .rms_norm import rms_norm_reference
 
 MAX_ROWS = 8  # rows of x (tokens) the kernels take; more rows are a GEMM, cuBLAS's business
 MAX_WEIGHTS = 3  # weights per launch (q, k, v)
@@ -55,9 +56,26 @@ def _store_rows(OUT, acc, rows, M, N, MP: tl.constexpr):
 
 
 @jit
-def _dense_tile(X, W, rows, M, N, K, MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                EVEN_K: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """x (M, K) . W[rows] (BN, K)^T -> (MP, BN) fp32 (rows past N read row N - 1; the store masks them)."""
+def row_rstd(X, M, K, eps, MP: tl.constexpr, BK: tl.constexpr):
+    """1 / rms of each row of x (M, K) -> (MP,) fp32 (rows past M: 1/sqrt(eps), never used)."""
+    m = tl.arange(0, MP)
+    kk = tl.arange(0, BK)
+    total = tl.zeros((MP,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ok = (m[:, None] < M) & ((k0 + kk)[None, :] < K)
+        x = tl.load(X + m[:, None] * K + (k0 + kk)[None, :], mask=ok, other=0.0).to(tl.float32)
+        total += tl.sum(x * x, axis=1)
+    return tl.rsqrt(total / K + eps)
+
+
+@jit
+def _dense_tile(X, W, rows, M, N, K, rstd, NORM_W, norm_offset, MP: tl.constexpr, BN: tl.constexpr,
+                BK: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
+                NORM: tl.constexpr):  # fmt: skip
+    """x (M, K) . W[rows] (BN, K)^T -> (MP, BN) fp32 (rows past N read row N - 1; the store masks them).
+
+    NORM: x is first RMS-normalised, x * rstd * (NORM_W + norm_offset) rounded once to x's dtype,
+    as kernels/rms_norm.py's forward writes it."""
     m = tl.arange(0, MP)
     kk = tl.arange(0, BK)
     safe_rows = tl.minimum(rows, N - 1).to(tl.int64)
@@ -69,10 +87,16 @@ def _dense_tile(X, W, rows, M, N, K, MP: tl.constexpr, BN: tl.constexpr, BK: tl.
         if EVEN_K:
             w = tl.load(w_ptr)
             x = tl.load(x_ptr, mask=m_ok, other=0.0)
+            if NORM:
+                scale = tl.load(NORM_W + k0 + kk).to(tl.float32) + norm_offset
         else:
             k_ok = (k0 + kk)[None, :] < K
             w = tl.load(w_ptr, mask=k_ok, other=0.0)
             x = tl.load(x_ptr, mask=m_ok & k_ok, other=0.0)
+            if NORM:
+                scale = tl.load(NORM_W + k0 + kk, mask=(k0 + kk) < K, other=0.0).to(tl.float32) + norm_offset
+        if NORM:
+            x = (x.to(tl.float32) * rstd[:, None] * scale[None, :]).to(X.dtype.element_ty)
         if DOT:
             if IEEE:
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")
@@ -89,31 +113,42 @@ def _dense_tile(X, W, rows, M, N, K, MP: tl.constexpr, BN: tl.constexpr, BK: tl.
 def _gemv_kernel(
     X, W0, W1, W2, OUT0, OUT1, OUT2,  # X (M, K); W_i (N_i, K); OUT_i (M, N_i); unused slots repeat slot 0
     M, N0, N1, N2, K, T0, T1,  # T_i: programs of weight i (the grid is T0 + T1 + T2)
+    NORM_W, eps, norm_offset,  # NORM: x is RMS-normalised with weight NORM_W (K,) first
     MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr,
-    IEEE: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
+    IEEE: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
+    if NORM:
+        rstd = row_rstd(X, M, K, eps, MP, BK)
+    else:
+        rstd = tl.zeros((MP,), dtype=tl.float32)
     if GLU:  # W0 = gate, W1 = up (N0 rows each) -> OUT0 = act(x W0^T) * (x W1^T)
         rows = pid * BN + tl.arange(0, BN)
-        g = _dense_tile(X, W0, rows, M, N0, K, MP, BN, BK, EVEN_K, DOT, IEEE)
-        u = _dense_tile(X, W1, rows, M, N0, K, MP, BN, BK, EVEN_K, DOT, IEEE)
+        g = _dense_tile(X, W0, rows, M, N0, K, rstd, NORM_W, norm_offset, MP, BN, BK, EVEN_K, DOT, IEEE, NORM)
+        u = _dense_tile(X, W1, rows, M, N0, K, rstd, NORM_W, norm_offset, MP, BN, BK, EVEN_K, DOT, IEEE, NORM)
         g = g.to(OUT0.dtype.element_ty).to(tl.float32)  # rounded as the unfused path's outputs are
         u = u.to(OUT0.dtype.element_ty).to(tl.float32)
         _store_rows(OUT0, _activation(g, ACT) * u, rows, M, N0, MP)
     elif pid < T0:
         rows = pid * BN + tl.arange(0, BN)
-        _store_rows(OUT0, _dense_tile(X, W0, rows, M, N0, K, MP, BN, BK, EVEN_K, DOT, IEEE), rows, M, N0, MP)
+        acc = _dense_tile(X, W0, rows, M, N0, K, rstd, NORM_W, norm_offset, MP, BN, BK, EVEN_K, DOT, IEEE, NORM)
+        _store_rows(OUT0, acc, rows, M, N0, MP)
     elif pid < T0 + T1:
         rows = (pid - T0) * BN + tl.arange(0, BN)
-        _store_rows(OUT1, _dense_tile(X, W1, rows, M, N1, K, MP, BN, BK, EVEN_K, DOT, IEEE), rows, M, N1, MP)
+        acc = _dense_tile(X, W1, rows, M, N1, K, rstd, NORM_W, norm_offset, MP, BN, BK, EVEN_K, DOT, IEEE, NORM)
+        _store_rows(OUT1, acc, rows, M, N1, MP)
     else:
         rows = (pid - T0 - T1) * BN + tl.arange(0, BN)
-        _store_rows(OUT2, _dense_tile(X, W2, rows, M, N2, K, MP, BN, BK, EVEN_K, DOT, IEEE), rows, M, N2, MP)
+        acc = _dense_tile(X, W2, rows, M, N2, K, rstd, NORM_W, norm_offset, MP, BN, BK, EVEN_K, DOT, IEEE, NORM)
+        _store_rows(OUT2, acc, rows, M, N2, MP)
 
 
-def gemv_reference(x: torch.Tensor, weights, activation: str | None = None) -> list[torch.Tensor]:
+def gemv_reference(x: torch.Tensor, weights, activation: str | None = None, norm=None) -> list[torch.Tensor]:
     """x (M, K), weights [(N_i, K)] -> [x W_i^T (M, N_i)]; with `activation`: weights = (gate, up)
-    -> [act(x gate^T) * (x up^T)], the activations as transformers computes them."""
+    -> [act(x gate^T) * (x up^T)], the activations as transformers computes them. `norm`: (weight
+    (K,), eps, offset): x is RMS-normalised first (rms_norm_reference, one rounding)."""
+    if norm is not None:
+        x = rms_norm_reference(x, norm[0], norm[1], norm[2])
     outs = [x @ w.t() for w in weights]
     if activation is None:
         return outs
@@ -127,8 +162,18 @@ def gemv_reference(x: torch.Tensor, weights, activation: str | None = None) -> l
 CONFIG = {"dense": (8, 512, 4, False), "glu": (8, 512, 4, False)}
 
 
-def check_inputs(x: torch.Tensor, weights, activation: str | None, name: str) -> None:
+def norm_arguments(norm, x: torch.Tensor) -> tuple:
+    """The kernels' (NORM_W, eps, norm_offset) arguments: the norm's, or placeholders (x, 0.0, 0.0)."""
+    if norm is None:
+        return x, 0.0, 0.0
+    weight, eps, offset = norm
+    return weight, float(eps), float(offset)
+
+
+def check_inputs(x: torch.Tensor, weights, activation: str | None, name: str, norm=None) -> None:
     """Errors naming the argument and the fix, shared by the dense and NF4 launchers."""
+    if norm is not None and (len(norm) != 3 or norm[0].shape != (x.shape[-1],) or norm[0].device != x.device):
+        raise ValueError(f"{name}: norm must be (weight ({x.shape[-1]},) on {x.device}, eps, offset)")
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS:
         raise ValueError(f"{name}: x must be (M, K) with 1 <= M <= {MAX_ROWS}, got {tuple(x.shape)}; larger "
                          "batches are matrix products (torch.matmul)")
@@ -141,13 +186,14 @@ def check_inputs(x: torch.Tensor, weights, activation: str | None, name: str) ->
             raise ValueError(f"{name}: an activation needs exactly the (gate, up) weights, got {len(weights)}")
 
 
-def gemv(x: torch.Tensor, weights, activation: str | None = None, use_triton: bool | None = None
-         ) -> list[torch.Tensor]:  # fmt: skip
+def gemv(x: torch.Tensor, weights, activation: str | None = None, use_triton: bool | None = None,
+         norm=None) -> list[torch.Tensor]:  # fmt: skip
     """x (M, K) and dense weights [(N_i, K)] in x's dtype -> [x W_i^T (M, N_i)], one launch.
 
     With `activation` (a key of ACTIVATIONS) the weights are (gate, up) of equal shape and the
-    result is [act(x gate^T) * (x up^T)] (M, N). No autograd."""
-    check_inputs(x, weights, activation, "gemv")
+    result is [act(x gate^T) * (x up^T)] (M, N). `norm` = (weight (K,), eps, offset): the
+    projections read RMSNorm(x) (the decoder's pre-norm, fused: it is never written). No autograd."""
+    check_inputs(x, weights, activation, "gemv", norm)
     K = x.shape[1]
     for i, w in enumerate(weights):
         if w.dim() != 2 or w.shape[1] != K or w.dtype != x.dtype or w.device != x.device:
@@ -156,7 +202,7 @@ def gemv(x: torch.Tensor, weights, activation: str | None = None, use_triton: bo
     if activation is not None and weights[0].shape != weights[1].shape:
         raise ValueError(f"gemv: gate {tuple(weights[0].shape)} and up {tuple(weights[1].shape)} differ in shape")
     if x.dtype not in _DTYPES or not should_use_triton(x, use_triton):
-        return gemv_reference(x, weights, activation)
+        return gemv_reference(x, weights, activation, norm)
     x = x.contiguous()
     weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
     M = x.shape[0]
@@ -174,8 +220,8 @@ def gemv(x: torch.Tensor, weights, activation: str | None = None, use_triton: bo
     pad = MAX_WEIGHTS - len(weights)
     ws, os_, ns = weights + [weights[0]] * pad, outs + [outs[0]] * (MAX_WEIGHTS - len(outs)), ns + [ns[0]] * pad
     kernel_for(_gemv_kernel)[(grid,)](
-        x, *ws, *os_, M, *ns, K, tiles[0], tiles[1] if len(tiles) > 1 else 0,
+        x, *ws, *os_, M, *ns, K, tiles[0], tiles[1] if len(tiles) > 1 else 0, *norm_arguments(norm, x),
         MP=MP, BN=BN, BK=BK, EVEN_K=K % BK == 0, DOT=dot, IEEE=x.dtype == torch.float32,
-        GLU=activation is not None, ACT=ACTIVATIONS.get(activation, 0), num_warps=warps,
+        GLU=activation is not None, ACT=ACTIVATIONS.get(activation, 0), NORM=norm is not None, num_warps=warps,
     )  # fmt: skip
     return outs

@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 
 from ._triton import jit, kernel_for, next_power_of_2, should_use_triton, tl
-from .gemv import ACTIVATIONS, MAX_WEIGHTS, _activation, _store_rows, check_inputs, gemv_reference
+from .gemv import ACTIVATIONS, MAX_WEIGHTS, _activation, _store_rows, check_inputs, gemv_reference, norm_arguments
+from .gemv import row_rstd
 from .nf4 import dequantize_nf4_weight, prepared_nf4_weight
 
 # (BLOCK_N, BLOCK_K, num_warps, PAIRS) for separate weights and for the gate/up GLU launch;
@@ -43,13 +44,15 @@ _PAIR_TABLES: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 @jit
 def _nf4_tile(X, PACKED, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, rows, M, N, K, KH,
+              rstd, NORM_W, norm_offset,
               MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
-              NESTED: tl.constexpr, EVEN_K: tl.constexpr, PAIRS: tl.constexpr):  # fmt: skip
+              NESTED: tl.constexpr, EVEN_K: tl.constexpr, PAIRS: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
     """x (M, K) . W[rows] (BN, K)^T from packed NF4 -> (MP, BN) fp32 (rows past N read row N - 1).
 
     The tile is held as (BN, NB, BS/2) bytes: rows, the quantization blocks of this K step, the
     bytes of a block; KH = K / 2 bytes a row. CODES: the 16 fp32 code values, or with PAIRS the
-    256 int64 pairs (high nibble's fp32 bits << 32 | low nibble's), one look-up a byte."""
+    256 int64 pairs (high nibble's fp32 bits << 32 | low nibble's), one look-up a byte. NORM: x is
+    RMS-normalised first, as in kernels/gemv.py."""
     NB: tl.constexpr = BK // BS  # quantization blocks per row of a tile
     HB: tl.constexpr = BS // 2  # bytes per block
     m = tl.arange(0, MP)
@@ -69,6 +72,9 @@ def _nf4_tile(X, PACKED, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, rows,
             byte = tl.load(byte_ptr).to(tl.int32)
             xe = tl.load(x_ptr, mask=m_ok, other=0.0).to(tl.float32)
             xo = tl.load(x_ptr + 1, mask=m_ok, other=0.0).to(tl.float32)
+            if NORM:
+                we = tl.load(NORM_W + k0 + 2 * in_tile).to(tl.float32) + norm_offset  # (NB, HB)
+                wo = tl.load(NORM_W + k0 + 2 * in_tile + 1).to(tl.float32) + norm_offset
             if NESTED:
                 q = tl.load(ABSMAX + block).to(tl.int32)
                 nested = tl.load(NESTED_ABSMAX + block // NBS)
@@ -79,11 +85,18 @@ def _nf4_tile(X, PACKED, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, rows,
             byte = tl.load(byte_ptr, mask=b_ok[None, :, None], other=0).to(tl.int32)
             xe = tl.load(x_ptr, mask=m_ok & b_ok[None, :, None], other=0.0).to(tl.float32)
             xo = tl.load(x_ptr + 1, mask=m_ok & b_ok[None, :, None], other=0.0).to(tl.float32)
+            if NORM:
+                cols = k0 + 2 * in_tile
+                we = tl.load(NORM_W + cols, mask=b_ok[:, None], other=0.0).to(tl.float32) + norm_offset
+                wo = tl.load(NORM_W + cols + 1, mask=b_ok[:, None], other=0.0).to(tl.float32) + norm_offset
             if NESTED:
                 q = tl.load(ABSMAX + block, mask=b_ok[None, :], other=0).to(tl.int32)
                 nested = tl.load(NESTED_ABSMAX + block // NBS, mask=b_ok[None, :], other=0.0)
             else:
                 scale = tl.load(ABSMAX + block, mask=b_ok[None, :], other=0.0)
+        if NORM:  # rounded to x's dtype once, as the RMSNorm kernel's output
+            xe = (xe * rstd[:, None, None] * we[None, :, :]).to(X.dtype.element_ty).to(tl.float32)
+            xo = (xo * rstd[:, None, None] * wo[None, :, :]).to(X.dtype.element_ty).to(tl.float32)
         if NESTED:
             scale = tl.load(NESTED_MAP + q) * nested + offset  # (BN, NB) fp32
         if PAIRS:
@@ -108,37 +121,49 @@ def _nf4_gemv_kernel(
     P0, A0, NA0, NM0, OF0, QM0,  # weight 0: packed bytes, absmax (codes), nested absmax, nested map, offset, code table
     P1, A1, NA1, NM1, OF1, QM1,
     P2, A2, NA2, NM2, OF2, QM2,
-    M, N0, N1, N2, K, KH, T0, T1,  # KH = K / 2 (its own argument: Triton sees its divisibility); T_i: programs of weight i
+    M, N0, N1, N2, K, KH, T0, T1,  # KH = K / 2 (an argument: Triton sees its divisibility); T_i: programs of weight i
+    NORM_W, eps, norm_offset,  # NORM: x is RMS-normalised with weight NORM_W (K,) first
     MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
     NESTED: tl.constexpr, EVEN_K: tl.constexpr, PAIRS: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
+    NORM: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
+    if NORM:
+        rstd = row_rstd(X, M, K, eps, MP, BK)
+    else:
+        rstd = tl.zeros((MP,), dtype=tl.float32)
     if GLU:  # weight 0 = gate, weight 1 = up -> OUT0 = act(x gate^T) * (x up^T)
         rows = pid * BN + tl.arange(0, BN)
-        g = _nf4_tile(X, P0, A0, NA0, NM0, OF0, QM0, rows, M, N0, K, KH, MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS)
-        u = _nf4_tile(X, P1, A1, NA1, NM1, OF1, QM1, rows, M, N0, K, KH, MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS)
+        g = _nf4_tile(X, P0, A0, NA0, NM0, OF0, QM0, rows, M, N0, K, KH, rstd, NORM_W, norm_offset,
+                        MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS, NORM)
+        u = _nf4_tile(X, P1, A1, NA1, NM1, OF1, QM1, rows, M, N0, K, KH, rstd, NORM_W, norm_offset,
+                        MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS, NORM)
         g = g.to(OUT0.dtype.element_ty).to(tl.float32)  # rounded as the unfused path's outputs are
         u = u.to(OUT0.dtype.element_ty).to(tl.float32)
         _store_rows(OUT0, _activation(g, ACT) * u, rows, M, N0, MP)
     elif pid < T0:
         rows = pid * BN + tl.arange(0, BN)
-        acc = _nf4_tile(X, P0, A0, NA0, NM0, OF0, QM0, rows, M, N0, K, KH, MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS)
+        acc = _nf4_tile(X, P0, A0, NA0, NM0, OF0, QM0, rows, M, N0, K, KH, rstd, NORM_W, norm_offset,
+                        MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS, NORM)
         _store_rows(OUT0, acc, rows, M, N0, MP)
     elif pid < T0 + T1:
         rows = (pid - T0) * BN + tl.arange(0, BN)
-        acc = _nf4_tile(X, P1, A1, NA1, NM1, OF1, QM1, rows, M, N1, K, KH, MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS)
+        acc = _nf4_tile(X, P1, A1, NA1, NM1, OF1, QM1, rows, M, N1, K, KH, rstd, NORM_W, norm_offset,
+                        MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS, NORM)
         _store_rows(OUT1, acc, rows, M, N1, MP)
     else:
         rows = (pid - T0 - T1) * BN + tl.arange(0, BN)
-        acc = _nf4_tile(X, P2, A2, NA2, NM2, OF2, QM2, rows, M, N2, K, KH, MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS)
+        acc = _nf4_tile(X, P2, A2, NA2, NM2, OF2, QM2, rows, M, N2, K, KH, rstd, NORM_W, norm_offset,
+                        MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS, NORM)
         _store_rows(OUT2, acc, rows, M, N2, MP)
 
 
-def nf4_gemv_reference(x: torch.Tensor, weights, activation: str | None = None) -> list[torch.Tensor]:
+def nf4_gemv_reference(x: torch.Tensor, weights, activation: str | None = None, norm=None) -> list[torch.Tensor]:
     """The meaning: each bitsandbytes 4-bit weight dequantized (bit-exact, in its own dtype), cast
-    to x's dtype, then kernels/gemv.py's reference (x W^T, or the gated activation of gate and up)."""
+    to x's dtype, then kernels/gemv.py's reference (x W^T, or the gated activation of gate and up,
+    of RMSNorm(x) with `norm`)."""
     dense = [dequantize_nf4_weight(w, use_triton=False).to(x.dtype) for w in weights]
-    return gemv_reference(x, dense, activation)
+    return gemv_reference(x, dense, activation, norm)
 
 
 def code_pairs(codes: torch.Tensor) -> torch.Tensor:
@@ -172,23 +197,25 @@ def fusable(x: torch.Tensor, weights) -> list | None:
         if x.shape[1] % bs or bs > 1024:
             return None  # a quantization block crosses rows, or one block exceeds a tile
         prepared.append((packed, launch))
-    metas = {(launch.meta["BLOCKSIZE"], launch.meta["NESTED_BLOCKSIZE"], launch.meta["NESTED"]) for _, launch in prepared}
+    metas = {(launch.meta["BLOCKSIZE"], launch.meta["NESTED_BLOCKSIZE"], launch.meta["NESTED"])
+             for _, launch in prepared}
     return prepared if len(metas) == 1 else None
 
 
-def nf4_gemv(x: torch.Tensor, weights, activation: str | None = None, use_triton: bool | None = None
-             ) -> list[torch.Tensor]:  # fmt: skip
+def nf4_gemv(x: torch.Tensor, weights, activation: str | None = None, use_triton: bool | None = None,
+             norm=None) -> list[torch.Tensor]:  # fmt: skip
     """x (M, K) and bitsandbytes 4-bit weights (``Params4bit`` or ``Linear4bit``, NF4, (N_i, K))
     -> [x W_i^T (M, N_i)] in x's dtype, one launch; with `activation`, weights = (gate, up) and the
     result is [act(x gate^T) * (x up^T)]. Falls back to the reference where the kernel cannot run
-    (no Triton for these tensors, K not a multiple of the quantization block, mixed layouts)."""
-    check_inputs(x, weights, activation, "nf4_gemv")
+    (no Triton for these tensors, K not a multiple of the quantization block, mixed layouts).
+    `norm` = (weight (K,), eps, offset): the projections read RMSNorm(x), as kernels/gemv.py."""
+    check_inputs(x, weights, activation, "nf4_gemv", norm)
     prepared = None if use_triton is False else fusable(x, weights)
     if prepared is None:
         if use_triton:
             raise ValueError("nf4_gemv: use_triton=True but the kernel cannot run these weights (x's device/dtype, "
                              "K not a multiple of the quantization block, or weights of different layouts)")
-        return nf4_gemv_reference(x, weights, activation)
+        return nf4_gemv_reference(x, weights, activation, norm)
     x = x.contiguous()
     M, K = x.shape
     ns = [launch.shape[0] for _, launch in prepared]
@@ -209,8 +236,9 @@ def nf4_gemv(x: torch.Tensor, weights, activation: str | None = None, use_triton
     args = [a for packed, launch in prepared + [prepared[0]] * pad for a in _tables(launch, packed, pairs)]
     os_ = outs + [outs[0]] * (MAX_WEIGHTS - len(outs))
     kernel_for(_nf4_gemv_kernel)[(grid,)](
-        x, *os_, *args, M, *(ns + [ns[0]] * pad), K, K // 2, tiles[0], tiles[1],
+        x, *os_, *args, M, *(ns + [ns[0]] * pad), K, K // 2, tiles[0], tiles[1], *norm_arguments(norm, x),
         MP=next_power_of_2(M), BN=BN, BK=BK, BS=bs, NBS=meta["NESTED_BLOCKSIZE"], NESTED=meta["NESTED"],
-        EVEN_K=K % BK == 0, PAIRS=pairs, GLU=activation is not None, ACT=ACTIVATIONS.get(activation, 0), num_warps=warps,
+        EVEN_K=K % BK == 0, PAIRS=pairs, GLU=activation is not None, ACT=ACTIVATIONS.get(activation, 0),
+        NORM=norm is not None, num_warps=warps,
     )  # fmt: skip
     return outs

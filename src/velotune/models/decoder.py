@@ -16,6 +16,7 @@ from torch import nn
 from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from ..fast import decode_linear
 from ..fast.checkpointing import OffloadedCheckpointer, plain_checkpoint
 from ..fast.layer_graphs import ModelGraphs
 from ..fast.plan import PLAIN, FastPathDecoder, RuntimeSettings, StepPlan, layer_plan, plan_step
@@ -49,6 +50,11 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos_sin, masks, cache=None, plan: StepPlan = PLAIN):  # x (B, T, C)
         if plan.fast and plan.per_layer:  # sharded weights: FSDP2's hook gathered them just now
             plan = plan.with_layer(self.self_attn.layer_idx, layer_plan(self))
+        if plan.fast and plan.gemv_rows and not self.sandwich and decode_linear.fuses_norm(x, plan.gemv_rows):
+            # A decode step: the q/k/v and gate/up GEMVs apply the pre-norms as they read x.
+            h = self.self_attn(x, cos_sin, masks, cache, plan, prenorm=self.input_layernorm)
+            x = x + h
+            return x + self.mlp(x, plan, prenorm=self.post_attention_layernorm)
         h = self.self_attn(self.input_layernorm(x, plan), cos_sin, masks, cache, plan)
         if self.sandwich:
             x = x + self.post_attention_layernorm(h, plan)

@@ -74,13 +74,20 @@ class GatedMLP(nn.Module):
         self.activation = activation_name(config)
         self.act_fn = ACT2FN[self.activation]
 
-    def forward(self, x: torch.Tensor, plan: StepPlan = PLAIN, value_unused: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: StepPlan = PLAIN, value_unused: bool = False,
+                prenorm: nn.Module | None = None) -> torch.Tensor:
         """`value_unused`: the caller only differentiates the output (see fast/lora_mlp.py); the
-        plain path ignores it."""
+        plain path ignores it. `prenorm`: the norm to apply to x first, handed over by a decode
+        step so the gate/up GEMV normalises x as it reads it (fast/decode_linear.py)."""
         if plan.fast:  # one fused autograd node with the plan's resolved projections
             projections = plan.layer(self.layer_idx).mlp
-            return lora_mlp.lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.activation,
-                                     value_unused=value_unused, projections=projections, gemv_rows=plan.gemv_rows)
+            out = lora_mlp.lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.activation,
+                                    value_unused=value_unused, projections=projections, gemv_rows=plan.gemv_rows,
+                                    prenorm=prenorm)
+            if out is not None:
+                return out
+        if prenorm is not None:
+            x = prenorm(x, plan)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -148,14 +155,18 @@ class Attention(nn.Module):
         masks: LayerMasks,
         cache=None,
         plan: StepPlan = PLAIN,
+        prenorm: nn.Module | None = None,
     ) -> torch.Tensor:
         """On the plan's fast path: fused LoRA q/k/v and o (one autograd node each) and the
-        RMSNorm/RoPE kernels."""
+        RMSNorm/RoPE kernels. `prenorm`: the norm to apply to x first, handed over by a decode
+        step so the q/k/v GEMV normalises x as it reads it (fast/decode_linear.py)."""
         fast = plan.fast
         if fast:
             q, k, v = lora_linear.lora_projections(x, [self.q_proj, self.k_proj, self.v_proj],
-                                                   plan.layer(self.layer_idx).qkv, plan.gemv_rows)
+                                                   plan.layer(self.layer_idx).qkv, plan.gemv_rows, prenorm)
         else:
+            if prenorm is not None:
+                x = prenorm(x, plan)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         B, T, _ = x.shape
         q = q.view(B, T, -1, self.head_dim)  # (B, T, H, D)
