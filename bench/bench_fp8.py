@@ -40,7 +40,8 @@ MODES = {
     "nf4-fp8": dict(load_in_4bit=True, fp8_compute=True),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TRAIN_CHARS, HELD_CHARS = 3_000_000, 400_000  # ~0.9M and 0.12M tokens: 200 steps of 4 x 512 see each train token about once
+# ~0.9M and 0.12M tokens: 200 steps of 4 x 512 see each training token about once
+TRAIN_CHARS, HELD_CHARS = 3_000_000, 400_000
 LLAMA1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=True)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -131,7 +132,8 @@ def make_llama1b(folder: Path, train: list[str], shape: dict) -> None:
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(train, trainers.BpeTrainer(vocab_size=16384, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tk.train_from_iterator(train, trainers.BpeTrainer(vocab_size=16384, special_tokens=specials))
     fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>")
     cfg = LlamaConfig(vocab_size=16384, max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1,
@@ -210,7 +212,8 @@ def converge(args) -> None:
         if ref is not None and ref is not r:
             r["held_out_rel_diff"] = round(r["held_out_loss"] / ref["held_out_loss"] - 1, 5)
     (out / "converge.json").write_text(json.dumps(results, indent=1))
-    print("RESULT " + json.dumps({m: {k: v for k, v in r.items() if k != "curve"} for m, r in results["modes"].items()}))
+    summary = {m: {k: v for k, v in r.items() if k != "curve"} for m, r in results["modes"].items()}
+    print("RESULT " + json.dumps(summary))
     try:
         import matplotlib
 
@@ -268,7 +271,8 @@ def kernels(args) -> None:
                    fp8_bwd_ms=ms(lambda: fp8_grad_input(g, p, torch.bfloat16)),
                    quant_x_ms=ms(lambda: quantize_fp8_rows(x)), quant_g_ms=ms(lambda: quantize_fp8_rows(g, scale)),
                    transpose_w8_ms=ms(lambda: values.t().contiguous()),
-                   nf4_to_bf16_ms=ms(lambda: dequantize_nf4_weight(nf4)), nf4_to_fp8_ms=ms(lambda: dequantize_nf4_to_fp8(nf4)))
+                   nf4_to_bf16_ms=ms(lambda: dequantize_nf4_weight(nf4)),
+                   nf4_to_fp8_ms=ms(lambda: dequantize_nf4_to_fp8(nf4)))
         row["bf16_fwd_tflops"] = round(flops / row["bf16_fwd_ms"] / 1e9)
         row["fp8_fwd_gemm_tflops"] = round(flops / row["fp8_fwd_gemm_ms"] / 1e9)
         rows.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})

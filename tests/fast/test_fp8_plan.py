@@ -68,7 +68,8 @@ def test_dtype_conversion_keeps_fp8_values_and_scales():
     before = module.dequantized(torch.float32)
     module.to(torch.bfloat16)
     assert module.weight.dtype == torch.float8_e4m3fn and module.weight_scale.dtype == torch.float32
-    assert torch.equal(module.weight.view(torch.uint8), values.view(torch.uint8)) and torch.equal(module.weight_scale, scale)
+    assert torch.equal(module.weight.view(torch.uint8), values.view(torch.uint8))
+    assert torch.equal(module.weight_scale, scale)
     assert module.compute_dtype == torch.bfloat16
     torch.testing.assert_close(module.dequantized(torch.float32), before)
 

@@ -132,6 +132,8 @@ def _plain_value(module, leaf: str) -> torch.Tensor:
         from velotune.quant import dequantize_nf4_state
 
         return dequantize_nf4_state(module.weight.data, module.weight.quant_state)
+    if leaf == "weight" and getattr(module.weight, "dtype", None) == torch.float8_e4m3fn:  # FP8 storage (quant/fp8.py)
+        return module.dequantized(torch.float32)  # the e4m3 values times their row scales
     return getattr(module, leaf).detach()
 
 

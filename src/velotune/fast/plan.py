@@ -84,7 +84,7 @@ class RuntimeSettings:
     checkpointing: bool | str = False
     offload_min_tokens: int = OFFLOAD_MIN_TOKENS
     offload_on_cpu: bool = False
-    fp8_compute: bool = False  # base projection GEMMs in FP8 where possible (from_pretrained's load_in_fp8 / fp8_compute)
+    fp8_compute: bool = False  # base projection GEMMs in FP8 where possible (load_in_fp8 / fp8_compute)
 
 
 @dataclass(frozen=True)

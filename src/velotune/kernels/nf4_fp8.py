@@ -65,7 +65,8 @@ class _RowScales:
     __slots__ = ("state_ref", "data_ptr", "scale", "inv", "args", "launch")
 
     def __init__(self, state, data, scale, inv, args):
-        self.state_ref, self.data_ptr, self.scale, self.inv, self.args = weakref.ref(state), data.data_ptr(), scale, inv, args
+        self.state_ref, self.data_ptr = weakref.ref(state), data.data_ptr()
+        self.scale, self.inv, self.args = scale, inv, args
         self.launch = None  # (kernel, grid, shape, device, scalar args, meta): set at the first Triton call
 
     def fresh(self, state, data) -> bool:

@@ -86,7 +86,8 @@ class FP8Linear(nn.Linear):
         return self
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8=e4m3"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                "fp8=e4m3")
 
 
 def to_fp8_linear(linear: nn.Linear, compute_dtype: torch.dtype | None = None) -> FP8Linear:
