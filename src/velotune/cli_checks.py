@@ -100,6 +100,8 @@ def check_types(config: dict, path) -> None:
     for key, value in (config.get("training") or {}).items():
         if key in fields:
             f = fields[key]
+            if isinstance(value, bool) and f.metadata.get("const") is True:
+                continue  # a flag that also takes a value (transformers' fsdp: True or "full_shard")
             default = f.default if f.default is not dataclasses.MISSING else None
             _check(f"{path}: training", key, value, f.type, default)
 

@@ -70,14 +70,17 @@ def train(options, out: Path, full: bool, batch: int, fsdp: bool, resume: bool =
                              learning_rate=1e-3 if full else 1e-2, logging_steps=1, report_to="none",
                              optim="adamw_torch", seed=0, bf16=BF16, fp16=False, disable_tqdm=True,
                              dataset_num_proc=None, use_cpu=not options.cuda, max_length=64, ddp_timeout=120,
-                             save_strategy="steps", save_steps=SAVE_AT, **({"fsdp": True} if fsdp else {}))
-    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_dict({"text": rows(48)}),
-                         args=args)
+                             save_strategy="steps", save_steps=SAVE_AT, eval_strategy="steps", eval_steps=SAVE_AT,
+                             per_device_eval_batch_size=1, **({"fsdp": True} if fsdp else {}))
+    data = Dataset.from_dict({"text": rows(56)})  # the last 8 rows are held out: evaluated on the sharded model too
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=data.select(range(48)),
+                         eval_dataset=data.select(range(48, 56)), args=args)
     trainer.train(resume_from_checkpoint=True if resume else None)
     trainer.save_model(str(out / "final"))  # every rank: a sharded model is gathered first
     plan = plan_step(trainer.model, training=True, grad=True, labels=True, tokens=64)
     result = {"rank": args.process_index, "world_size": args.world_size, "global_step": trainer.state.global_step,
               "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e], "fast": plan.fast,
+              "eval_losses": [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e],
               "per_layer": plan.per_layer, "device": str(next(trainer.model.parameters()).device),
               **sharding_facts(trainer)}
     (out / f"result-{args.process_index}.json").write_text(json.dumps(result))

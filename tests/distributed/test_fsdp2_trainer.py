@@ -63,6 +63,7 @@ def test_two_sharded_ranks_train_as_one_unsharded_process(runs, kind):
     for rank in ranks:
         assert rank["world_size"] == 2 and rank["wrapped"] == "ShardedModel"
         assert rank["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+        assert len(rank["eval_losses"]) == 2 and rank["eval_losses"] == pytest.approx(reference["eval_losses"], rel=1e-5)
         # every trainable weight is a DTensor and each rank holds half of its optimizer state
         assert rank["trainable_dtensor"] == rank["trainable"] > 0
         assert rank["state_local"] * 2 == rank["state_full"]

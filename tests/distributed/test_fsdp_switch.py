@@ -73,9 +73,33 @@ def test_trainer_refuses_nf4_and_accelerates_fsdp_config_before_any_work(ddp_tin
 
 
 def test_cli_refuses_an_export_after_a_sharded_run_and_explains_consolidate(tmp_path, capsys):
-    (tmp_path / "recipe.yaml").write_text(f"training: {{output_dir: '{tmp_path / 'out'}', fsdp: full_shard}}\n"
+    (tmp_path / "recipe.yaml").write_text(f"training: {{output_dir: '{tmp_path / 'out'}', fsdp: true}}\n"
                                           "export: {gguf: [q8_0]}\n")
     assert main(["train", str(tmp_path / "recipe.yaml")]) == 2
     assert "training.fsdp with an export section" in capsys.readouterr().err
     assert main(["consolidate", str(tmp_path), str(tmp_path / "merged")]) == 2
     assert "is not a distributed checkpoint of a sharded run" in capsys.readouterr().err
+
+
+def test_cli_sharded_recipe_in_one_process_then_consolidate(ddp_tiny_dir, tmp_path, capsys):
+    """`training: {fsdp: true}` without a launcher trains unsharded but writes distributed checkpoints, which
+    `velotune consolidate` turns into the same adapter the run saved."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(f'{{"text": "{text}"}}\n' for text in rows(8)))
+    out = tmp_path / "out"
+    (tmp_path / "recipe.yaml").write_text(
+        f"model: {{model_name: '{ddp_tiny_dir}', max_seq_length: 64, load_in_4bit: false}}\n"
+        "lora: {r: 8, lora_alpha: 16}\n"
+        f"data: {{path: '{data}'}}\n"
+        f"training: {{output_dir: '{out}', fsdp: true, max_steps: 2, per_device_train_batch_size: 2, "
+        "save_strategy: steps, save_steps: 2, optim: adamw_torch, disable_tqdm: true}\n")
+    assert main(["train", str(tmp_path / "recipe.yaml")]) == 0
+    assert (out / "checkpoint-2" / "model_dcp" / ".metadata").is_file()
+    assert main(["consolidate", str(out / "checkpoint-2"), str(tmp_path / "adapter")]) == 0
+    assert "velotune: consolidated" in capsys.readouterr().out
+    saved, consolidated = (load_file(f / "adapter_model.safetensors") for f in (out / "lora_model", tmp_path / "adapter"))
+    assert saved.keys() == consolidated.keys() and saved
+    for name in saved:
+        torch.testing.assert_close(saved[name], consolidated[name], msg=name)
