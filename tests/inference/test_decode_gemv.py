@@ -2,8 +2,8 @@
 of before (its plain path: the module-by-module code, bitsandbytes' layers for NF4), greedy, token
 for token, on tiny fp32 one-layer models: plain llama, q/k/v biases with LoRA adapters (qwen2:
 base GEMV + bias + unmerged adapter terms, activation kernel apart), GeGLU (gemma), NF4 weights
-(the fused NF4 GEMV), with and without adapters; every decode step's attention through the fused
-cache-write + attention kernel (kernels/decode_attention.py). On the CPU the kernels run in Triton's interpreter
+(the fused NF4 GEMV), with and without adapters, partial rotary (phi3_partial); every decode step's
+RoPE, cache write and attention through one kernel (kernels/decode_attention.py). On the CPU the kernels run in Triton's interpreter
 (tests/conftest.py sets it), which is slow per launch: one layer, a few steps, one prompt (M = 1)
 or two (M = 2). The fast path's own equality with the plain path is tested in tests/fast."""
 
@@ -81,8 +81,8 @@ def _counting(monkeypatch):
 
 
 # (family, LoRA, NF4, prompts)
-CASES = [("llama", False, False, 1), ("qwen2", True, False, 2), ("gemma", False, False, 2), ("llama", False, True, 1),
-         ("llama", True, True, 2)]
+CASES = [("llama", False, False, 1), ("qwen2", True, False, 2), ("gemma", False, False, 2), ("phi3_partial", False, False, 1),
+         ("llama", False, True, 1), ("llama", True, True, 2)]
 
 
 @pytest.mark.parametrize("family, lora, nf4, count", CASES,

@@ -105,18 +105,19 @@ class CacheStep:
         return out[0], out[1]
 
     def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int,
-                         mask: torch.Tensor | None, scaling: float) -> torch.Tensor | None:
-        """A decode step's `update` and attention in one kernel (kernels/decode_attention.py):
-        q (b, H, 1, D), k/v (b, Hkv, 1, D), mask (b, 1, 1, L) -> (b, H, 1, D); None when the kernel
-        does not take this step (8-bit cache, a prefill, a long cache, no Triton), and the caller
-        then runs `update` and its own attention."""
+                         mask: torch.Tensor | None, scaling: float, cos_sin=None) -> torch.Tensor | None:
+        """A decode step's RoPE (with `cos_sin`), `update` and attention in one kernel
+        (kernels/decode_attention.py): q (b, H, 1, D), k/v (b, Hkv, 1, D) as projected, mask
+        (b, 1, 1, L) -> (b, H, 1, D); None, with nothing changed, when the kernel does not take this
+        step (8-bit cache, a prefill, a long cache, no Triton): the caller then rotates, runs
+        `update` and its own attention."""
         if (self.cache.fp8 or mask is None or self.slots.shape[0] != 1 or self.row_range.start != 0
                 or self.visible != self.cache.length):
             return None
         k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
         if not supported(q, k_cache):
             return None
-        return decode_attention(q, k, v, k_cache, v_cache, mask, self.slots, scaling)
+        return decode_attention(q, k, v, k_cache, v_cache, mask, self.slots, scaling, cos_sin)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.visible

@@ -5,7 +5,8 @@ per layer two cache writes (index_copy_, ~2.4 us each) and SDPA with a mask (~8 
 query over a few hundred cached slots (BENCHMARKS.md profile). Here one launch per layer writes k
 and v at the step's slot and attends: a program per (row, query head) walks the cache's slots in
 BLOCK_L chunks with an online softmax, the slot being written read from the new k/v in registers
-(so no ordering between the store and the loads is needed). The mask is the engine's per-slot
+(so no ordering between the store and the loads is needed). Given the step's cos/sin it also
+applies the rotary embedding to q and the new k (two RoPE launches per layer less). The mask is the engine's per-slot
 visibility (b, 1, 1, L) bool (validity, causality and any sliding window already applied).
 
 Scope: one query token per row, a cache in the compute dtype (not the 8-bit option), no
@@ -19,16 +20,27 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import jit, kernel_for, next_power_of_2, should_use_triton, tl
+from .rope import rope_reference
 
 MAX_LENGTH = 4096  # cache slots a program walks alone; longer caches keep SDPA's split kernels
 _BLOCK_L = 64
 
 
 @jit
+def _rotated(X, d, d_ok, cos, sin, sign, partner):
+    """x * cos + rotate_half(x) * sin of one head vector X[d] (the first R features; the rest pass)."""
+    x = tl.load(X + d, mask=d_ok, other=0.0).to(tl.float32)
+    x_partner = tl.load(X + partner, mask=d_ok, other=0.0).to(tl.float32)
+    return x * cos + x_partner * (sign * sin)
+
+
+@jit
 def _decode_attention_kernel(
     Q, K_NEW, V_NEW, K_CACHE, V_CACHE, MASK, SLOT, OUT,  # Q (B, H, D); K/V_NEW (B, Hkv, D); caches (rows, Hkv, L, D)
+    COS, SIN, cos_stride, sin_stride, R,  # ROPE: COS/SIN (B|1, 1, R) (row stride 0 when shared), R rotated dims
     L, scaling,  # MASK (B, L) bool as uint8; SLOT (1,) int64; OUT (B, H, D)
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_L: tl.constexpr,
+    ROPE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     row = pid // H
@@ -37,8 +49,21 @@ def _decode_attention_kernel(
     d = tl.arange(0, DP)
     d_ok = d < D
     slot = tl.load(SLOT)
-    q = tl.load(Q + (row * H + head) * D + d, mask=d_ok, other=0.0).to(tl.float32) * scaling  # (DP,)
-    k_new = tl.load(K_NEW + (row * HKV + kv) * D + d, mask=d_ok, other=0.0)  # (DP,)
+    q_ptr = Q + (row * H + head) * D
+    k_ptr = K_NEW + (row * HKV + kv) * D
+    if ROPE:  # rotate q and the new k here (the step's position is in cos/sin), as kernels/rope.py does
+        half = R // 2
+        rotated = d < R
+        cos = tl.load(COS + row * cos_stride + d, mask=rotated, other=1.0).to(tl.float32)
+        sin = tl.load(SIN + row * sin_stride + d, mask=rotated, other=0.0).to(tl.float32)
+        sign = tl.where(d < half, -1.0, tl.where(rotated, 1.0, 0.0))  # rotate_half: (-x2, x1)
+        partner = tl.where(d < half, d + half, tl.where(rotated, d - half, d))
+        q = _rotated(q_ptr, d, d_ok, cos, sin, sign, partner).to(Q.dtype.element_ty)
+        k_new = _rotated(k_ptr, d, d_ok, cos, sin, sign, partner).to(K_CACHE.dtype.element_ty)
+    else:
+        q = tl.load(q_ptr + d, mask=d_ok, other=0.0)
+        k_new = tl.load(k_ptr + d, mask=d_ok, other=0.0)  # (DP,)
+    q = q.to(tl.float32) * scaling  # (DP,)
     v_new = tl.load(V_NEW + (row * HKV + kv) * D + d, mask=d_ok, other=0.0)
     cache_base = (row * HKV + kv).to(tl.int64) * L * D
     if head % (H // HKV) == 0:  # one program per kv head writes the new key and value
@@ -75,10 +100,14 @@ def _decode_attention_kernel(
     tl.store(OUT + (row * H + head) * D + d, out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
-def decode_attention_reference(q, k_new, v_new, k_cache, v_cache, mask, slot, scaling) -> torch.Tensor:
+def decode_attention_reference(q, k_new, v_new, k_cache, v_cache, mask, slot, scaling, cos_sin=None
+                               ) -> torch.Tensor:  # fmt: skip
     """q (B, H, 1, D), k_new/v_new (B, Hkv, 1, D), caches (rows >= B, Hkv, L, D), mask (B, 1, 1, L) bool,
-    slot (1,) long -> (B, H, 1, D); k_new/v_new are written at `slot` of cache rows [0, B) first."""
+    slot (1,) long -> (B, H, 1, D); k_new/v_new are written at `slot` of cache rows [0, B) first.
+    `cos_sin` (cos, sin), each (B|1, 1, R): q and k_new are rotated first (rope_reference)."""
     B = q.shape[0]
+    if cos_sin is not None:
+        q, k_new = rope_reference(q, *cos_sin), rope_reference(k_new, *cos_sin)
     k_cache[:B].index_copy_(2, slot, k_new)
     v_cache[:B].index_copy_(2, slot, v_new)
     return F.scaled_dot_product_attention(q, k_cache[:B], v_cache[:B], attn_mask=mask, scale=scaling, enable_gqa=True)
@@ -90,23 +119,31 @@ def supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
             and q.shape[1] % k_cache.shape[1] == 0 and should_use_triton(q, None))
 
 
-def decode_attention(q, k_new, v_new, k_cache, v_cache, mask, slot, scaling, use_triton: bool | None = None
-                     ) -> torch.Tensor:  # fmt: skip
+def decode_attention(q, k_new, v_new, k_cache, v_cache, mask, slot, scaling, cos_sin=None,
+                     use_triton: bool | None = None) -> torch.Tensor:  # fmt: skip
     """The reference's result, one launch: attention of one query per row over the cache with the
-    new key/value written at `slot`. Caches must be contiguous (the engine's StaticKVCache buffers)."""
+    new key/value written at `slot`, q and k_new rotated first when `cos_sin` is given. Caches
+    must be contiguous (the engine's StaticKVCache buffers)."""
     B, H, T, D = q.shape
     Hkv, L = k_cache.shape[1], k_cache.shape[2]
     if T != 1 or H % Hkv or mask.shape[-1] != L:
         raise ValueError(f"decode_attention: one query per row over the whole cache: q {tuple(q.shape)}, "
                          f"cache {tuple(k_cache.shape)}, mask {tuple(mask.shape)}")
     if not should_use_triton(q, use_triton) or k_cache.dtype != q.dtype:
-        return decode_attention_reference(q, k_new, v_new, k_cache, v_cache, mask, slot, scaling)
+        return decode_attention_reference(q, k_new, v_new, k_cache, v_cache, mask, slot, scaling, cos_sin)
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("decode_attention: the cache buffers must be contiguous (rows, Hkv, L, D)")
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     masks = mask.reshape(B, L).contiguous().view(torch.uint8)  # (B, L)
+    if cos_sin is None:
+        rope = (q, q, 0, 0, 0)  # placeholders
+    else:
+        cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in cos_sin)  # (B|1, 1, R)
+        rope = (cos, sin, cos.stride(0) if cos.shape[0] > 1 else 0, sin.stride(0) if sin.shape[0] > 1 else 0,
+                cos.shape[-1])
     kernel_for(_decode_attention_kernel)[(B * H,)](
-        q.contiguous(), k_new.contiguous(), v_new.contiguous(), k_cache, v_cache, masks, slot, out, L, float(scaling),
-        H=H, HKV=Hkv, D=D, DP=next_power_of_2(D), BLOCK_L=_BLOCK_L, num_warps=4,
+        q.contiguous(), k_new.contiguous(), v_new.contiguous(), k_cache, v_cache, masks, slot, out, *rope,
+        L, float(scaling), H=H, HKV=Hkv, D=D, DP=next_power_of_2(D), BLOCK_L=_BLOCK_L, ROPE=cos_sin is not None,
+        num_warps=4,
     )  # fmt: skip
     return out

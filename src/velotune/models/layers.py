@@ -174,19 +174,21 @@ class Attention(nn.Module):
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q, plan), self.k_norm(k, plan)
-        if fast:
-            # In place, except on the q/k norm's outputs: those come out of the norm's autograd
-            # Function as views, which autograd forbids modifying in place.
-            inplace = self.q_norm is None
-            q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), *cos_sin, inplace=inplace)  # (B, H|Hkv, T, D)
-        else:
-            q = rope_reference(q.transpose(1, 2), *cos_sin)  # (B, H, T, D)
-            k = rope_reference(k.transpose(1, 2), *cos_sin)  # (B, Hkv, T, D)
         out = None
         if fast and T == 1 and 0 < B <= plan.gemv_rows and self.softcap is None and not self.training \
-                and hasattr(cache, "decode_attention"):  # a decode step: cache write + attention in one kernel
-            out = cache.decode_attention(q, k, v, self.layer_idx, masks.for_keys(cache.visible)[0], self.scaling)
+                and hasattr(cache, "decode_attention"):
+            # A decode step: RoPE, the cache write and attention in one kernel (None: it cannot take it).
+            out = cache.decode_attention(q.transpose(1, 2), k.transpose(1, 2), v, self.layer_idx,
+                                         masks.for_keys(cache.visible)[0], self.scaling, cos_sin)
         if out is None:
+            if fast:
+                # In place, except on the q/k norm's outputs: those come out of the norm's autograd
+                # Function as views, which autograd forbids modifying in place.
+                inplace = self.q_norm is None
+                q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), *cos_sin, inplace=inplace)  # (B, H|Hkv, T, D)
+            else:
+                q = rope_reference(q.transpose(1, 2), *cos_sin)  # (B, H, T, D)
+                k = rope_reference(k.transpose(1, 2), *cos_sin)  # (B, Hkv, T, D)
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, Tk, D)
             mask, causal = masks.for_keys(k.shape[2])
