@@ -103,3 +103,22 @@ def test_cli_sharded_recipe_in_one_process_then_consolidate(ddp_tiny_dir, tmp_pa
     assert saved.keys() == consolidated.keys() and saved
     for name in saved:
         torch.testing.assert_close(saved[name], consolidated[name], msg=name)
+
+
+def test_saving_or_exporting_a_sharded_model_names_the_way(ddp_tiny_dir, tmp_path):
+    """A one-rank process group is enough to shard (every weight becomes a DTensor): the model's own save and
+    export methods then refuse with the two ways that work, instead of writing this rank's parts."""
+    model, tokenizer = FastLanguageModel.from_pretrained(str(ddp_tiny_dir), load_in_4bit=False, device_map="cpu",
+                                                         max_seq_length=64)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        fsdp.shard(model, fsdp.Sharding(), arguments(tmp_path))
+        assert fsdp.is_sharded(model)
+        for call in (lambda: model.save_pretrained(tmp_path / "a"),
+                     lambda: model.save_pretrained_merged(tmp_path / "m", tokenizer)):
+            with pytest.raises(ValueError, match=r"sharded over the ranks.*trainer.save_model\(DIR\) on every rank"):
+                call()
+        assert not (tmp_path / "a").exists() and not (tmp_path / "m").exists()
+    finally:
+        torch.distributed.destroy_process_group()

@@ -77,6 +77,9 @@ class VelotunePeftModel(PeftModelForCausalLM):
         from ..export.folders import file_states, save_failure
         from ..models.saving import safetensors_only
 
+        if kwargs.get("state_dict") is None:  # the trainer's gathered save of a sharded model passes its state
+            refuse_sharded(self, "save_pretrained")
+
         safe = safetensors_only(safe_serialization, "the LoRA adapter")
         before = file_states(Path(save_directory))
         try:
@@ -93,30 +96,48 @@ class VelotunePeftModel(PeftModelForCausalLM):
     def save_pretrained_merged(self, save_directory, tokenizer=None, save_method="merged_16bit", **kwargs):
         from ..export import save_pretrained_merged
 
+        refuse_sharded(self, "save_pretrained_merged")
         return save_pretrained_merged(self, save_directory, tokenizer, save_method=save_method, **kwargs)
 
     def save_pretrained_gguf(self, save_directory, tokenizer=None, quantization_method="fast_quantized", **kwargs):
         from ..export import save_pretrained_gguf
 
+        refuse_sharded(self, "save_pretrained_gguf")
         return save_pretrained_gguf(self, save_directory, tokenizer, quantization_method=quantization_method,
                                     **kwargs)
 
     def save_pretrained_ollama(self, save_directory, tokenizer=None, quantization_method="q4_k_m", **kwargs):
         from ..export import save_pretrained_ollama
 
+        refuse_sharded(self, "save_pretrained_ollama")
         return save_pretrained_ollama(self, save_directory, tokenizer, quantization_method=quantization_method,
                                       **kwargs)
 
     def push_to_hub_merged(self, repo_id, tokenizer=None, save_method="merged_16bit", token=None, **kwargs):
         from ..export import push_to_hub_merged
 
+        refuse_sharded(self, "push_to_hub_merged")
         return push_to_hub_merged(self, repo_id, tokenizer, save_method=save_method, token=token, **kwargs)
 
     def push_to_hub_gguf(self, repo_id, tokenizer=None, quantization_method="fast_quantized", token=None, **kwargs):
         from ..export import push_to_hub_gguf
 
+        refuse_sharded(self, "push_to_hub_gguf")
         return push_to_hub_gguf(self, repo_id, tokenizer, quantization_method=quantization_method, token=token,
                                 **kwargs)
+
+
+def refuse_sharded(model, what: str) -> None:
+    """A model sharded by FSDP2 (`fsdp=True`) holds only this rank's part of each weight: saving or exporting
+    it from here would write parts. The error says what to do instead."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError(
+            f"{what}: this model is sharded over the ranks (fsdp=True), so this process holds only its part of "
+            "each weight. Call trainer.save_model(DIR) on every rank (rank 0 writes the whole adapter or model into "
+            "DIR), or run `velotune consolidate CHECKPOINT DIR`; then load DIR with FastLanguageModel.from_pretrained "
+            "to export it")
 
 
 def _linear_names(model) -> list[str]:
