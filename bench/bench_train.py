@@ -50,7 +50,8 @@ def build(args, device: str):
 
     if args.model:
         model, _ = FastLanguageModel.from_pretrained(args.model, max_seq_length=args.seq, dtype=torch.bfloat16,
-                                                     load_in_4bit=args.quant == "nf4", device_map=device)
+                                                     load_in_4bit=args.quant == "nf4",
+                                                     load_in_8bit=args.quant == "int8", device_map=device)
         return _with_adapters(model, args)
 
     config = LlamaConfig(max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
@@ -69,6 +70,10 @@ def build(args, device: str):
             module.reset_frequencies()  # inverse frequencies in fp32, as loading leaves them
     if args.quant == "nf4":
         quantize_model_(model, compute_dtype=dtype)
+    elif args.quant == "int8":  # bitsandbytes LLM.int8 layers, as load_in_8bit=True builds them (plain path only)
+        from velotune.quant.int8 import quantize_model_int8_
+
+        quantize_model_int8_(model)
     return _with_adapters(model, args)
 
 
@@ -199,7 +204,7 @@ def main(argv=None) -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama8b")
     parser.add_argument("--model", default=None, help="load this checkpoint with FastLanguageModel.from_pretrained "
                         "instead of building --shape with random weights (e.g. the peers' harness model)")
-    parser.add_argument("--quant", choices=["nf4", "none"], default="nf4")
+    parser.add_argument("--quant", choices=["nf4", "int8", "none"], default="nf4")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--accum", type=int, default=4)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..models.spec import FamilySpec, fused_group_of
+from ..quant.int8 import dequantize_int8_weight, is_linear8bit
 from ..quant.linear import is_linear4bit
 
 
@@ -132,6 +133,8 @@ def _plain_value(module, leaf: str) -> torch.Tensor:
         from velotune.quant import dequantize_nf4_state
 
         return dequantize_nf4_state(module.weight.data, module.weight.quant_state)
+    if is_linear8bit(module) and leaf == "weight":  # int8 codes + row scales (load_in_8bit): the values, fp32
+        return dequantize_int8_weight(module)
     if leaf == "weight" and getattr(module.weight, "dtype", None) == torch.float8_e4m3fn:  # FP8 storage (quant/fp8.py)
         return module.dequantized(torch.float32)  # the e4m3 values times their row scales
     return getattr(module, leaf).detach()

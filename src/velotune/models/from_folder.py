@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ..checkpoint_shards import check_finite, iter_shards
 from ..quant import dequantize_nf4_state, load_prequantized, quantize_model_
+from ..quant.int8 import quantize_model_int8_
 from ..resolve import Source, resolve_source
 from . import SUPPORTED_MODEL_TYPES, model_class_for
 
@@ -71,7 +72,7 @@ def load_own(cls, source: Source, config, dtype, device, quant):
     if quant == "nf4":
         quantize_model_(model, skip_modules=_skip_modules(config), compute_dtype=dtype)
     elif quant == "int8":
-        _quantize_int8(model)
+        quantize_model_int8_(model, skip_modules=_skip_modules(config))
     elif quant == "fp8":
         from ..quant.fp8 import quantize_model_fp8_
 
@@ -148,20 +149,6 @@ def _refuse_foreign_quantization(config) -> None:
         f"this checkpoint is quantized with {qc.get('quant_method')!r}, which velotune does not load; use its "
         "16-bit original or a bitsandbytes 4-bit ('bnb-4bit') version"
     )
-
-
-def _quantize_int8(model) -> None:
-    import bitsandbytes as bnb
-
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Linear) and f"{name}.{child_name}".lstrip(".") != "lm_head":
-                int8 = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
-                                           has_fp16_weights=False, threshold=6.0)
-                int8.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
-                if child.bias is not None:
-                    int8.bias = child.bias
-                setattr(module, child_name, int8.to(child.weight.device))
 
 
 def load_generic(source: Source, config, dtype, device, quant, trust_remote_code):
