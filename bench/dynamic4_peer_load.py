@@ -22,12 +22,16 @@ IDS = [[5, 17, 30, 41, 2, 60, 12, 33, 70, 8, 9, 44]]
 
 def write(out: Path) -> dict:
     import torch
-    from tiny.folders import write_tiny_llama
+    from tiny.export_shapes import VOCAB, tokenizer
+    from tiny.folders import tiny_llama_config
+    from transformers import LlamaForCausalLM
 
     from velotune import FastLanguageModel
     from velotune.quantize import quantize_dynamic
 
-    write_tiny_llama(out / "base", **SHAPE)
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(**SHAPE, vocab_size=VOCAB)).save_pretrained(out / "base")
+    tokenizer().save_pretrained(out / "base")
     report = quantize_dynamic(str(out / "base"), out / "dyn", max_tokens=2048, seq_len=256)
     model, _ = FastLanguageModel.from_pretrained(str(out / "dyn"), load_in_4bit=True, dtype=torch.bfloat16)
     with torch.no_grad():

@@ -19,10 +19,15 @@ SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=
 
 @pytest.fixture(scope="module")
 def smollm2_shaped(tmp_path_factory):
-    from tiny.folders import write_tiny_llama
+    """A random Llama of SmolLM2-135M's decoder shape with a byte-level BPE tokenizer (GGUF export needs BPE)."""
+    from tiny.export_shapes import VOCAB, tokenizer
+    from tiny.folders import tiny_llama_config
+    from transformers import LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("smollm2-shape") / "model"
-    write_tiny_llama(folder, **SMOLLM2_SHAPE)
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(**SMOLLM2_SHAPE, vocab_size=VOCAB)).save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
     return folder
 
 
@@ -37,7 +42,7 @@ def test_load_in_8bit_trains_merges_and_exports(smollm2_shaped, tmp_path):
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS, random_state=0,
                                              use_gradient_checkpointing="unsloth")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    ids = torch.randint(4, 90, (4, 128), generator=torch.Generator().manual_seed(0)).cuda()
+    ids = torch.randint(4, 500, (4, 128), generator=torch.Generator().manual_seed(0)).cuda()
     model.train()
     losses = []
     for _ in range(20):
@@ -75,7 +80,7 @@ def test_dynamic_4bit_folder_written_on_gpu_loads_in_velotune_and_transformers(s
     for loaded in (ours, theirs):
         for c in report.candidates:
             assert is_linear4bit(loaded.get_submodule(c.name)) == (c.name not in report.kept), c.name
-    ids = torch.randint(4, 90, (1, 24), generator=torch.Generator().manual_seed(1)).cuda()
+    ids = torch.randint(4, 500, (1, 24), generator=torch.Generator().manual_seed(1)).cuda()
     with torch.no_grad():
         a, b = ours(ids).logits.float(), theirs(ids).logits.float()
     assert (a.softmax(-1) - b.softmax(-1)).abs().max() < 2e-2  # same weights; bf16 kernels differ
