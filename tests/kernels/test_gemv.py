@@ -132,3 +132,21 @@ def test_fused_rms_norm_prologue(offset, dtype, device):
     for got, want in zip(nf4_gemv(x, [layer.weight for layer in layers], norm=norm, use_triton=True),
                          nf4_gemv_reference(x, [layer.weight for layer in layers], norm=norm)):
         _close(got, want, dtype, "gemv")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_epilogue(dtype, device):
+    """residual=r with one weight: r + x W^T (x W^T rounded first, as the decoder's `x + h`)."""
+    M, K, ns = SHAPES[1]
+    x = torch.randn(M, K, device=device, dtype=dtype)
+    residual = torch.randn(M, ns[0], device=device, dtype=dtype)
+    weight = (torch.randn(ns[0], K, device=device) * K ** -0.5).to(dtype)
+    got, = gemv(x, [weight], residual=residual, use_triton=True)
+    want, = gemv_reference(x, [weight], residual=residual)
+    _close(got, want, dtype, "gemv")
+    layer = to_linear4bit(torch.nn.Linear(K, ns[0], bias=False).to(device, dtype))
+    got, = nf4_gemv(x, [layer.weight], residual=residual, use_triton=True)
+    want, = nf4_gemv_reference(x, [layer.weight], residual=residual)
+    _close(got, want, dtype, "gemv")
+    with pytest.raises(ValueError, match="residual must be"):
+        gemv(x, [weight, weight], residual=residual)

@@ -14,7 +14,9 @@ launches per layer leave a third of that bound unused (BENCHMARKS.md). Here:
   * the decoder layer's pre-norms (input_layernorm before q/k/v, post_attention_layernorm before
     gate/up) run inside those GEMVs (`prenorm`): each program normalises the rows of x it reads,
     so the normalised x is never written and the norm costs no launch (`FUSE_NORM`). With adapters
-    the normalised x is needed for x A^T too, so it is computed first by the RMSNorm kernel.
+    the normalised x is needed for x A^T too, so it is computed first by the RMSNorm kernel;
+  * the layer's two residual adds run in the o and down GEMVs' epilogues (`residual`) when those
+    projections have no adapter or bias (else one add after them, as before).
 
 Only without autograd (the engine's no-grad decode) and for at most `plan.gemv_rows` rows;
 anything else returns None and the caller runs the training path's fused functions. Shapes are
@@ -62,26 +64,29 @@ def normalized(x: torch.Tensor, norm) -> torch.Tensor:
     return rms_norm(x, weight, eps, offset)
 
 
-def _base(x: torch.Tensor, projections, activation: str | None = None, norm=None) -> list[torch.Tensor] | None:
-    """[x W_i^T] (or [act(x gate^T) * (x up^T)]) through one GEMV launch, of RMSNorm(x) with the
-    norm module `norm`, or None for mixed weights."""
+def _base(x: torch.Tensor, projections, activation: str | None = None, norm=None, residual=None
+          ) -> list[torch.Tensor] | None:  # fmt: skip
+    """[x W_i^T] (or [act(x gate^T) * (x up^T)], or [residual + x W^T]) through one GEMV launch,
+    of RMSNorm(x) with the norm module `norm`, or None for mixed weights."""
     weights = [p.weight for p in projections]
     four_bit = [_is_4bit(w) for w in weights]
     args = None if norm is None else _norm_args(norm)
     if all(four_bit):
-        return nf4_gemv(x, weights, activation, norm=args)
+        return nf4_gemv(x, weights, activation, norm=args, residual=residual)
     if not any(four_bit) and all(w.dtype == x.dtype and w.device == x.device for w in weights):
-        return gemv(x, weights, activation, norm=args)
+        return gemv(x, weights, activation, norm=args, residual=residual)
     return None
 
 
-def decode_projections(x: torch.Tensor, projections: tuple[LoraProjection, ...], norm=None
-                       ) -> list[torch.Tensor] | None:  # fmt: skip
+def decode_projections(x: torch.Tensor, projections: tuple[LoraProjection, ...], norm=None,
+                       residual: torch.Tensor | None = None) -> list[torch.Tensor] | None:  # fmt: skip
     """x (N, in) -> [(N, out_i)]: y_i = x' W_i^T + b_i + s_i (x' A_i^T) B_i^T with x' = x, or
-    RMSNorm(x) with the norm module `norm`; None when the kernels cannot run (the caller's path)."""
+    RMSNorm(x) with the norm module `norm`; `residual` (N, out), one projection: residual + y.
+    None when the kernels cannot run (the caller's path)."""
     if norm is not None and any(p.lora_A is not None for p in projections):
         x, norm = normalized(x, norm), None  # x A^T needs the normalised x itself
-    outs = _base(x, projections, norm=norm)
+    in_epilogue = residual is not None and projections[0].lora_A is None and projections[0].bias is None
+    outs = _base(x, projections, norm=norm, residual=residual if in_epilogue else None)
     if outs is None:
         return None
     for out, p in zip(outs, projections):
@@ -92,13 +97,15 @@ def decode_projections(x: torch.Tensor, projections: tuple[LoraProjection, ...],
         _, xa, *bs = saved  # x A^T (N, R) of every adapter of the group, B_j (out_j, r_j)
         for i, rows, b in zip(layout.with_adapter, layout.rows, bs):
             outs[i].addmm_(xa[:, rows], b.t(), alpha=projections[i].scaling)
+    if residual is not None and not in_epilogue:
+        outs[0] = residual + outs[0]
     return outs
 
 
-def decode_mlp(x: torch.Tensor, projections: tuple[LoraProjection, ...], activation: str, norm=None
-               ) -> torch.Tensor | None:  # fmt: skip
-    """x (N, H) -> down(act(gate(x')) * up(x')) (N, H), x' = x or RMSNorm(x) with the norm module
-    `norm`; None when the kernels cannot run (the caller's fused MLP runs)."""
+def decode_mlp(x: torch.Tensor, projections: tuple[LoraProjection, ...], activation: str, norm=None,
+               residual: torch.Tensor | None = None) -> torch.Tensor | None:  # fmt: skip
+    """x (N, H) -> down(act(gate(x')) * up(x')) (N, H) (+ `residual`), x' = x or RMSNorm(x) with the
+    norm module `norm`; None when the kernels cannot run (the caller's fused MLP runs)."""
     if activation not in ACTIVATIONS:
         return None
     gate, up, down = projections
@@ -112,5 +119,5 @@ def decode_mlp(x: torch.Tensor, projections: tuple[LoraProjection, ...], activat
         if gate_up is None:
             return None
         h = _GATED[ACTIVATIONS[activation]](*gate_up)  # (N, I)
-    out = decode_projections(h, (down,))
+    out = decode_projections(h, (down,), residual=residual)
     return None if out is None else out[0]

@@ -297,30 +297,39 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def lora_projections(x: torch.Tensor, modules: list[nn.Module], projections=None,
-                     gemv_rows: int = 0, prenorm: nn.Module | None = None) -> list[torch.Tensor]:
+                     gemv_rows: int = 0, prenorm: nn.Module | None = None,
+                     residual: torch.Tensor | None = None) -> list[torch.Tensor]:
     """x (..., in) through each module -> [(..., out_i)], fused when every module allows it,
     otherwise the modules' own calls (exactly the plain path). `projections`: the modules' fused
     views when the caller already has them (plan.LayerPlan), else they are looked up here.
     `gemv_rows` (the plan's): up to this many rows without autograd, the decode GEMV kernels
     run the base weights (decode_linear.py). `prenorm`: an RMSNorm module to apply to x first
-    (decode steps hand it over so the GEMVs normalise x as they read it)."""
+    (decode steps hand it over so the GEMVs normalise x as they read it). `residual` (..., out),
+    one module: the result is residual + its output (a decode step's o projection adds it in the
+    GEMV's epilogue)."""
     if projections is None:
         projections = [projection_of(m) for m in modules]
     if prenorm is not None:
         from . import decode_linear
     if any(p is None for p in projections):
         x = x if prenorm is None else decode_linear.normalized(x, prenorm)
-        return [m(x) for m in modules]
+        return _plus(residual, [m(x) for m in modules])
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype(x))  # (N, in)
     if gemv_rows:
         from . import decode_linear  # imports this module
 
         if decode_linear.applies(x2, gemv_rows):
-            outs = decode_linear.decode_projections(x2, tuple(projections), prenorm)
+            res2 = None if residual is None else residual.reshape(-1, residual.shape[-1])
+            outs = decode_linear.decode_projections(x2, tuple(projections), prenorm, res2)
             if outs is not None:
                 return [o.view(*lead, o.shape[-1]) for o in outs]
     if prenorm is not None:
         x2 = decode_linear.normalized(x2, prenorm)
     outs = LoraProjectionsFunction.apply(x2, tuple(projections), *adapters_of(projections))
-    return [o.view(*lead, o.shape[-1]) for o in outs]
+    return _plus(residual, [o.view(*lead, o.shape[-1]) for o in outs])
+
+
+def _plus(residual: torch.Tensor | None, outs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[residual + outs[0]] (the decoder's residual add, where no kernel took it), or outs."""
+    return outs if residual is None else [residual + outs[0]]

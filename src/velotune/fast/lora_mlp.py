@@ -179,7 +179,7 @@ def _chunk_backward(activation, grad_out, x, g, u, projections, layouts, gate_up
 
 def lora_mlp(
     x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, activation: str, value_unused: bool = False,
-    projections=None, gemv_rows: int = 0, prenorm: nn.Module | None = None,
+    projections=None, gemv_rows: int = 0, prenorm: nn.Module | None = None, residual: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """x (..., H) -> (..., H) through the fused function, or None when it cannot run (an
     activation without a gated kernel, or a projection `why_not_fused` rejects): the caller
@@ -189,7 +189,8 @@ def lora_mlp(
     `gemv_rows` (the plan's): up to this many rows without autograd, the decode GEMV kernels run
     it (decode_linear.py: gate/up one launch with the activation in its epilogue). `prenorm`: an
     RMSNorm module to apply to x first (decode steps hand it over to the GEMV); without the fused
-    path it must run here, before the plain modules too."""
+    path it must run here, before the plain modules too. `residual` (..., H): the result is
+    residual + the MLP's output (a decode step adds it in the down GEMV's epilogue)."""
     if projections is None:
         projections = [projection_of(m) for m in (gate, up, down)]
     if activation not in GATED_ACTIVATIONS or any(p is None for p in projections):
@@ -200,11 +201,13 @@ def lora_mlp(
         from . import decode_linear
 
         if gemv_rows and decode_linear.applies(x2, gemv_rows):
-            out = decode_linear.decode_mlp(x2, tuple(projections), activation, prenorm)
+            res2 = None if residual is None else residual.reshape(-1, residual.shape[-1])
+            out = decode_linear.decode_mlp(x2, tuple(projections), activation, prenorm, res2)
             if out is not None:
                 return out.view(*lead, out.shape[-1])
         if prenorm is not None:
             x2 = decode_linear.normalized(x2, prenorm)
     function = LoraMLPInBackwardFunction if value_unused and torch.is_grad_enabled() else LoraMLPFunction
     out = function.apply(x2, activation, *projections, *adapters_of(projections))
-    return out.view(*lead, out.shape[-1])
+    out = out.view(*lead, out.shape[-1])
+    return out if residual is None else residual + out

@@ -48,11 +48,15 @@ def _activation(g, ACT: tl.constexpr):
 
 
 @jit
-def _store_rows(OUT, acc, rows, M, N, MP: tl.constexpr):
-    """acc (MP, BN) fp32 -> OUT (M, N) rows [0, M), columns `rows` (BN,), in OUT's dtype."""
+def _store_rows(OUT, acc, rows, M, N, MP: tl.constexpr, RES, RESIDUAL: tl.constexpr):
+    """acc (MP, BN) fp32 -> OUT (M, N) rows [0, M), columns `rows` (BN,), in OUT's dtype. RESIDUAL:
+    OUT = RES + acc, acc rounded to OUT's dtype first (as `x + h` of the rounded h adds)."""
     m = tl.arange(0, MP)
     mask = (m[:, None] < M) & (rows[None, :] < N)
-    tl.store(OUT + m[:, None] * N + rows[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
+    offs = m[:, None] * N + rows[None, :]
+    if RESIDUAL:
+        acc = acc.to(OUT.dtype.element_ty).to(tl.float32) + tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -114,8 +118,9 @@ def _gemv_kernel(
     X, W0, W1, W2, OUT0, OUT1, OUT2,  # X (M, K); W_i (N_i, K); OUT_i (M, N_i); unused slots repeat slot 0
     M, N0, N1, N2, K, T0, T1,  # T_i: programs of weight i (the grid is T0 + T1 + T2)
     NORM_W, eps, norm_offset,  # NORM: x is RMS-normalised with weight NORM_W (K,) first
+    RES,  # RESIDUAL (one weight): OUT0 = RES (M, N0) + x W0^T
     MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr,
-    IEEE: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr,
+    IEEE: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if NORM:
@@ -128,28 +133,32 @@ def _gemv_kernel(
         u = _dense_tile(X, W1, rows, M, N0, K, rstd, NORM_W, norm_offset, MP, BN, BK, EVEN_K, DOT, IEEE, NORM)
         g = g.to(OUT0.dtype.element_ty).to(tl.float32)  # rounded as the unfused path's outputs are
         u = u.to(OUT0.dtype.element_ty).to(tl.float32)
-        _store_rows(OUT0, _activation(g, ACT) * u, rows, M, N0, MP)
+        _store_rows(OUT0, _activation(g, ACT) * u, rows, M, N0, MP, OUT0, False)
     elif pid < T0:
         rows = pid * BN + tl.arange(0, BN)
         acc = _dense_tile(X, W0, rows, M, N0, K, rstd, NORM_W, norm_offset, MP, BN, BK, EVEN_K, DOT, IEEE, NORM)
-        _store_rows(OUT0, acc, rows, M, N0, MP)
+        _store_rows(OUT0, acc, rows, M, N0, MP, RES, RESIDUAL)
     elif pid < T0 + T1:
         rows = (pid - T0) * BN + tl.arange(0, BN)
         acc = _dense_tile(X, W1, rows, M, N1, K, rstd, NORM_W, norm_offset, MP, BN, BK, EVEN_K, DOT, IEEE, NORM)
-        _store_rows(OUT1, acc, rows, M, N1, MP)
+        _store_rows(OUT1, acc, rows, M, N1, MP, OUT1, False)
     else:
         rows = (pid - T0 - T1) * BN + tl.arange(0, BN)
         acc = _dense_tile(X, W2, rows, M, N2, K, rstd, NORM_W, norm_offset, MP, BN, BK, EVEN_K, DOT, IEEE, NORM)
-        _store_rows(OUT2, acc, rows, M, N2, MP)
+        _store_rows(OUT2, acc, rows, M, N2, MP, OUT2, False)
 
 
-def gemv_reference(x: torch.Tensor, weights, activation: str | None = None, norm=None) -> list[torch.Tensor]:
+def gemv_reference(x: torch.Tensor, weights, activation: str | None = None, norm=None, residual=None
+                   ) -> list[torch.Tensor]:  # fmt: skip
     """x (M, K), weights [(N_i, K)] -> [x W_i^T (M, N_i)]; with `activation`: weights = (gate, up)
     -> [act(x gate^T) * (x up^T)], the activations as transformers computes them. `norm`: (weight
-    (K,), eps, offset): x is RMS-normalised first (rms_norm_reference, one rounding)."""
+    (K,), eps, offset): x is RMS-normalised first (rms_norm_reference, one rounding). `residual`
+    (M, N) with one weight: [residual + x W^T]."""
     if norm is not None:
         x = rms_norm_reference(x, norm[0], norm[1], norm[2])
     outs = [x @ w.t() for w in weights]
+    if residual is not None:
+        return [residual + outs[0]]
     if activation is None:
         return outs
     gate, up = outs
@@ -170,8 +179,11 @@ def norm_arguments(norm, x: torch.Tensor) -> tuple:
     return weight, float(eps), float(offset)
 
 
-def check_inputs(x: torch.Tensor, weights, activation: str | None, name: str, norm=None) -> None:
+def check_inputs(x: torch.Tensor, weights, activation: str | None, name: str, norm=None, residual=None) -> None:
     """Errors naming the argument and the fix, shared by the dense and NF4 launchers."""
+    if residual is not None and (len(weights) != 1 or activation is not None or residual.dim() != 2
+                                 or residual.shape[0] != x.shape[0] or residual.dtype != x.dtype):
+        raise ValueError(f"{name}: residual must be (M, N) in x's dtype, with one weight and no activation")
     if norm is not None and (len(norm) != 3 or norm[0].shape != (x.shape[-1],) or norm[0].device != x.device):
         raise ValueError(f"{name}: norm must be (weight ({x.shape[-1]},) on {x.device}, eps, offset)")
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS:
@@ -187,13 +199,14 @@ def check_inputs(x: torch.Tensor, weights, activation: str | None, name: str, no
 
 
 def gemv(x: torch.Tensor, weights, activation: str | None = None, use_triton: bool | None = None,
-         norm=None) -> list[torch.Tensor]:  # fmt: skip
+         norm=None, residual: torch.Tensor | None = None) -> list[torch.Tensor]:  # fmt: skip
     """x (M, K) and dense weights [(N_i, K)] in x's dtype -> [x W_i^T (M, N_i)], one launch.
 
     With `activation` (a key of ACTIVATIONS) the weights are (gate, up) of equal shape and the
     result is [act(x gate^T) * (x up^T)] (M, N). `norm` = (weight (K,), eps, offset): the
-    projections read RMSNorm(x) (the decoder's pre-norm, fused: it is never written). No autograd."""
-    check_inputs(x, weights, activation, "gemv", norm)
+    projections read RMSNorm(x) (the decoder's pre-norm, fused: it is never written). `residual`
+    (M, N), one weight: the result is residual + x W^T (the decoder's residual add). No autograd."""
+    check_inputs(x, weights, activation, "gemv", norm, residual)
     K = x.shape[1]
     for i, w in enumerate(weights):
         if w.dim() != 2 or w.shape[1] != K or w.dtype != x.dtype or w.device != x.device:
@@ -202,7 +215,7 @@ def gemv(x: torch.Tensor, weights, activation: str | None = None, use_triton: bo
     if activation is not None and weights[0].shape != weights[1].shape:
         raise ValueError(f"gemv: gate {tuple(weights[0].shape)} and up {tuple(weights[1].shape)} differ in shape")
     if x.dtype not in _DTYPES or not should_use_triton(x, use_triton):
-        return gemv_reference(x, weights, activation, norm)
+        return gemv_reference(x, weights, activation, norm, residual)
     x = x.contiguous()
     weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
     M = x.shape[0]
@@ -221,7 +234,9 @@ def gemv(x: torch.Tensor, weights, activation: str | None = None, use_triton: bo
     ws, os_, ns = weights + [weights[0]] * pad, outs + [outs[0]] * (MAX_WEIGHTS - len(outs)), ns + [ns[0]] * pad
     kernel_for(_gemv_kernel)[(grid,)](
         x, *ws, *os_, M, *ns, K, tiles[0], tiles[1] if len(tiles) > 1 else 0, *norm_arguments(norm, x),
+        x if residual is None else residual.contiguous(),
         MP=MP, BN=BN, BK=BK, EVEN_K=K % BK == 0, DOT=dot, IEEE=x.dtype == torch.float32,
-        GLU=activation is not None, ACT=ACTIVATIONS.get(activation, 0), NORM=norm is not None, num_warps=warps,
+        GLU=activation is not None, ACT=ACTIVATIONS.get(activation, 0), NORM=norm is not None,
+        RESIDUAL=residual is not None, num_warps=warps,
     )  # fmt: skip
     return outs

@@ -123,9 +123,10 @@ def _nf4_gemv_kernel(
     P2, A2, NA2, NM2, OF2, QM2,
     M, N0, N1, N2, K, KH, T0, T1,  # KH = K / 2 (an argument: Triton sees its divisibility); T_i: programs of weight i
     NORM_W, eps, norm_offset,  # NORM: x is RMS-normalised with weight NORM_W (K,) first
+    RES,  # RESIDUAL (one weight): OUT0 = RES (M, N0) + x W0^T
     MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
     NESTED: tl.constexpr, EVEN_K: tl.constexpr, PAIRS: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
-    NORM: tl.constexpr,
+    NORM: tl.constexpr, RESIDUAL: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if NORM:
@@ -140,30 +141,31 @@ def _nf4_gemv_kernel(
                         MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS, NORM)
         g = g.to(OUT0.dtype.element_ty).to(tl.float32)  # rounded as the unfused path's outputs are
         u = u.to(OUT0.dtype.element_ty).to(tl.float32)
-        _store_rows(OUT0, _activation(g, ACT) * u, rows, M, N0, MP)
+        _store_rows(OUT0, _activation(g, ACT) * u, rows, M, N0, MP, OUT0, False)
     elif pid < T0:
         rows = pid * BN + tl.arange(0, BN)
         acc = _nf4_tile(X, P0, A0, NA0, NM0, OF0, QM0, rows, M, N0, K, KH, rstd, NORM_W, norm_offset,
                         MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS, NORM)
-        _store_rows(OUT0, acc, rows, M, N0, MP)
+        _store_rows(OUT0, acc, rows, M, N0, MP, RES, RESIDUAL)
     elif pid < T0 + T1:
         rows = (pid - T0) * BN + tl.arange(0, BN)
         acc = _nf4_tile(X, P1, A1, NA1, NM1, OF1, QM1, rows, M, N1, K, KH, rstd, NORM_W, norm_offset,
                         MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS, NORM)
-        _store_rows(OUT1, acc, rows, M, N1, MP)
+        _store_rows(OUT1, acc, rows, M, N1, MP, OUT1, False)
     else:
         rows = (pid - T0 - T1) * BN + tl.arange(0, BN)
         acc = _nf4_tile(X, P2, A2, NA2, NM2, OF2, QM2, rows, M, N2, K, KH, rstd, NORM_W, norm_offset,
                         MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS, NORM)
-        _store_rows(OUT2, acc, rows, M, N2, MP)
+        _store_rows(OUT2, acc, rows, M, N2, MP, OUT2, False)
 
 
-def nf4_gemv_reference(x: torch.Tensor, weights, activation: str | None = None, norm=None) -> list[torch.Tensor]:
+def nf4_gemv_reference(x: torch.Tensor, weights, activation: str | None = None, norm=None, residual=None
+                       ) -> list[torch.Tensor]:  # fmt: skip
     """The meaning: each bitsandbytes 4-bit weight dequantized (bit-exact, in its own dtype), cast
     to x's dtype, then kernels/gemv.py's reference (x W^T, or the gated activation of gate and up,
     of RMSNorm(x) with `norm`)."""
     dense = [dequantize_nf4_weight(w, use_triton=False).to(x.dtype) for w in weights]
-    return gemv_reference(x, dense, activation, norm)
+    return gemv_reference(x, dense, activation, norm, residual)
 
 
 def code_pairs(codes: torch.Tensor) -> torch.Tensor:
@@ -203,19 +205,20 @@ def fusable(x: torch.Tensor, weights) -> list | None:
 
 
 def nf4_gemv(x: torch.Tensor, weights, activation: str | None = None, use_triton: bool | None = None,
-             norm=None) -> list[torch.Tensor]:  # fmt: skip
+             norm=None, residual: torch.Tensor | None = None) -> list[torch.Tensor]:  # fmt: skip
     """x (M, K) and bitsandbytes 4-bit weights (``Params4bit`` or ``Linear4bit``, NF4, (N_i, K))
     -> [x W_i^T (M, N_i)] in x's dtype, one launch; with `activation`, weights = (gate, up) and the
     result is [act(x gate^T) * (x up^T)]. Falls back to the reference where the kernel cannot run
     (no Triton for these tensors, K not a multiple of the quantization block, mixed layouts).
-    `norm` = (weight (K,), eps, offset): the projections read RMSNorm(x), as kernels/gemv.py."""
-    check_inputs(x, weights, activation, "nf4_gemv", norm)
+    `norm` = (weight (K,), eps, offset): the projections read RMSNorm(x); `residual` (M, N), one
+    weight: residual + x W^T; both as kernels/gemv.py."""
+    check_inputs(x, weights, activation, "nf4_gemv", norm, residual)
     prepared = None if use_triton is False else fusable(x, weights)
     if prepared is None:
         if use_triton:
             raise ValueError("nf4_gemv: use_triton=True but the kernel cannot run these weights (x's device/dtype, "
                              "K not a multiple of the quantization block, or weights of different layouts)")
-        return nf4_gemv_reference(x, weights, activation, norm)
+        return nf4_gemv_reference(x, weights, activation, norm, residual)
     x = x.contiguous()
     M, K = x.shape
     ns = [launch.shape[0] for _, launch in prepared]
@@ -237,8 +240,9 @@ def nf4_gemv(x: torch.Tensor, weights, activation: str | None = None, use_triton
     os_ = outs + [outs[0]] * (MAX_WEIGHTS - len(outs))
     kernel_for(_nf4_gemv_kernel)[(grid,)](
         x, *os_, *args, M, *(ns + [ns[0]] * pad), K, K // 2, tiles[0], tiles[1], *norm_arguments(norm, x),
+        x if residual is None else residual.contiguous(),
         MP=next_power_of_2(M), BN=BN, BK=BK, BS=bs, NBS=meta["NESTED_BLOCKSIZE"], NESTED=meta["NESTED"],
         EVEN_K=K % BK == 0, PAIRS=pairs, GLU=activation is not None, ACT=ACTIVATIONS.get(activation, 0),
-        NORM=norm is not None, num_warps=warps,
+        NORM=norm is not None, RESIDUAL=residual is not None, num_warps=warps,
     )  # fmt: skip
     return outs

@@ -51,10 +51,10 @@ class DecoderLayer(nn.Module):
         if plan.fast and plan.per_layer:  # sharded weights: FSDP2's hook gathered them just now
             plan = plan.with_layer(self.self_attn.layer_idx, layer_plan(self))
         if plan.fast and plan.gemv_rows and not self.sandwich and decode_linear.fuses_norm(x, plan.gemv_rows):
-            # A decode step: the q/k/v and gate/up GEMVs apply the pre-norms as they read x.
-            h = self.self_attn(x, cos_sin, masks, cache, plan, prenorm=self.input_layernorm)
-            x = x + h
-            return x + self.mlp(x, plan, prenorm=self.post_attention_layernorm)
+            # A decode step: the q/k/v and gate/up GEMVs apply the pre-norms as they read x, the o
+            # and down GEMVs add the residual stream in their epilogues.
+            x = self.self_attn(x, cos_sin, masks, cache, plan, prenorm=self.input_layernorm, residual=x)
+            return self.mlp(x, plan, prenorm=self.post_attention_layernorm, residual=x)
         h = self.self_attn(self.input_layernorm(x, plan), cos_sin, masks, cache, plan)
         if self.sandwich:
             x = x + self.post_attention_layernorm(h, plan)

@@ -75,20 +75,22 @@ class GatedMLP(nn.Module):
         self.act_fn = ACT2FN[self.activation]
 
     def forward(self, x: torch.Tensor, plan: StepPlan = PLAIN, value_unused: bool = False,
-                prenorm: nn.Module | None = None) -> torch.Tensor:
+                prenorm: nn.Module | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """`value_unused`: the caller only differentiates the output (see fast/lora_mlp.py); the
         plain path ignores it. `prenorm`: the norm to apply to x first, handed over by a decode
-        step so the gate/up GEMV normalises x as it reads it (fast/decode_linear.py)."""
+        step so the gate/up GEMV normalises x as it reads it (fast/decode_linear.py); `residual`: the
+        result is residual + the MLP's output (the down GEMV adds it in its epilogue)."""
         if plan.fast:  # one fused autograd node with the plan's resolved projections
             projections = plan.layer(self.layer_idx).mlp
             out = lora_mlp.lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.activation,
                                     value_unused=value_unused, projections=projections, gemv_rows=plan.gemv_rows,
-                                    prenorm=prenorm)
+                                    prenorm=prenorm, residual=residual)
             if out is not None:
                 return out
         if prenorm is not None:
             x = prenorm(x, plan)
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        out = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return out if residual is None else residual + out
 
 
 def _attend(
@@ -156,10 +158,12 @@ class Attention(nn.Module):
         cache=None,
         plan: StepPlan = PLAIN,
         prenorm: nn.Module | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """On the plan's fast path: fused LoRA q/k/v and o (one autograd node each) and the
         RMSNorm/RoPE kernels. `prenorm`: the norm to apply to x first, handed over by a decode
-        step so the q/k/v GEMV normalises x as it reads it (fast/decode_linear.py)."""
+        step so the q/k/v GEMV normalises x as it reads it (fast/decode_linear.py); `residual`: the
+        result is residual + the attention's output (the o GEMV adds it in its epilogue)."""
         fast = plan.fast
         if fast:
             q, k, v = lora_linear.lora_projections(x, [self.q_proj, self.k_proj, self.v_proj],
@@ -197,5 +201,6 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         if fast:
             o = plan.layer(self.layer_idx).o
-            return lora_linear.lora_projections(out, [self.o_proj], o, plan.gemv_rows)[0]
-        return self.o_proj(out)
+            return lora_linear.lora_projections(out, [self.o_proj], o, plan.gemv_rows, residual=residual)[0]
+        out = self.o_proj(out)
+        return out if residual is None else residual + out
