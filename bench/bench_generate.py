@@ -8,7 +8,7 @@ Rows (each prints one `RESULT {json}` line):
   NF4 batch 1 (every projection quantized by velotune.quant), through the fused NF4 GEMV, and
     (`nf4plain`) through bitsandbytes' 4-bit GEMV on the plain path;
   `b1old`: bf16 batch 1 with the decode GEMV kernels off (cuBLAS per projection), for comparison;
-  `b1nonorm`: bf16 batch 1 with the GEMVs but the pre-norms as separate RMSNorm kernels;
+  `b1nonorm`: bf16 batch 1 with the GEMVs but the pre-norms and residual adds as separate kernels;
   the time of one decode step (graph replay) against the bandwidth bound of its weight bytes,
   and a profile of one eager decode step (top kernels) with `--profile`.
 
@@ -153,13 +153,13 @@ def main():
                 step_time(model, 1)
             if args.profile:
                 profile_step(model, 1)
-        if "b1nonorm" in only:  # the decode GEMVs without the pre-norms fused in (RMSNorm kernels apart)
+        if "b1nonorm" in only:  # the decode GEMVs without the pre-norms and residual adds fused in
             from velotune.fast import decode_linear
             from velotune.inference import release
 
             decode_linear.FUSE_NORM = False
             release(model)
-            decode_row(model, "bf16 greedy, RMSNorm not fused into the GEMVs", 1)
+            decode_row(model, "bf16 greedy, pre-norms and residual adds as separate kernels", 1)
             if "step" in only:
                 step_time(model, 1)
             decode_linear.FUSE_NORM = True
