@@ -1,6 +1,8 @@
 """ORPO, CPO (sigmoid, with its NLL term) and SimPO (mean log-probs, no NLL) through velotune's chunked log-prob path (rl/preference_logps.py) equal TRL's own trainers
 building the full logits, on the same velotune model: loss, LoRA gradients and the logged metrics (log-probs,
-rewards, NLL, the logits means). The chunked path never runs the LM head module (no (2B, T, V) logits).
+rewards, NLL, the logits means). The chunked path never runs the LM head module: it reads the head's weight
+(on the GPU the kernel builds a chunk of logits at a time; the CPU takes the kernel's reference, whose parity with
+the kernel tests/kernels checks).
 DPO's IPO loss, on TRL's own chunked head, is checked beside them. One optimizer step each, fp32."""
 
 from __future__ import annotations
