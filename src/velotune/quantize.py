@@ -149,6 +149,13 @@ def _units(model) -> tuple[list[TensorPlan], list[TensorPlan], list[TensorPlan]]
     return candidates, always, rest
 
 
+def all_4bit_bytes(model, dtype: torch.dtype = torch.bfloat16) -> int:
+    """The folder's size with every candidate layer in NF4 and the rest in `dtype`: the smallest budget."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    candidates, always, rest = _units(base_model_of(model))
+    return sum(p.numel * itemsize for p in rest + always) + sum(nf4_nbytes(p.numel) for p in candidates)
+
+
 def _module_names(plan: TensorPlan) -> list[str]:
     return [part.removesuffix(".weight") for part in plan.parts]
 
@@ -200,8 +207,7 @@ def choose_dynamic(model, tokenizer, budget_gib: float | None = None, calibratio
     candidates, always, rest = _units(base)
     if not candidates:
         raise ValueError("this model has no decoder-layer linear weights to quantize")
-    fixed = sum(p.numel * itemsize for p in rest + always)
-    bytes_4bit = fixed + sum(nf4_nbytes(p.numel) for p in candidates)
+    bytes_4bit = all_4bit_bytes(base, dtype)
     budget = bytes_4bit * (1 + DEFAULT_EXTRA) if budget_gib is None else budget_gib * GIB
     if budget < bytes_4bit:
         raise ValueError(f"budget_gib={budget_gib} is smaller than this model with every candidate layer in 4-bit: "
