@@ -1,7 +1,8 @@
 """One process of the FSDP2-through-the-trainer test: velotune's SFTTrainer with `fsdp=True` on a tiny Llama.
 
 Under torchrun (2 ranks, gloo) it trains LoRA and full fine-tuning sharded, each with distributed
-checkpoints at steps 2 and 4, then resumes a copy of each step-2 checkpoint on the same 2 ranks.
+checkpoints at steps 2 and 4, then resumes a copy of each step-2 checkpoint on the same 2 ranks; and
+LoRA with batch 1 x gradient accumulation 2 per rank (the same global batch).
 As one plain process (--references DIR) it trains the same runs unsharded with the same global batch,
 resumes the 2-rank step-2 checkpoints on 1 process, and consolidates the 2-rank step-4 checkpoints.
 Each run writes `result-<rank>.json` (losses, what was sharded) into its folder; rank 0's final
@@ -25,6 +26,7 @@ from velotune.fast.plan import plan_step, runtime_settings
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJ0123456789.,"
 STEPS, SAVE_AT = 4, 2
 BF16 = False  # --bf16 (GPUs): bf16 weights, bf16 compute, fp32 gradient reduction (the mixed-precision policy)
+CPU_LOAD = False  # --cpu-load (GPUs): from_pretrained into host memory, the trainer's sharding moves it to the GPUs
 
 
 def rows(n: int) -> list[str]:
@@ -36,6 +38,8 @@ def load(folder: str, full: bool, cuda: bool = False):
     """LoRA with the offloading checkpoint, or every weight training; the fast path forced on the CPU. On CUDA
     each rank's copy goes where velotune puts it (its own GPU), in fp32, the fast path as it decides."""
     placement = dict(dtype=torch.bfloat16 if BF16 else torch.float32) if cuda else dict(device_map="cpu")
+    if cuda and CPU_LOAD:
+        placement["device_map"] = "cpu"  # into host memory; sharding moves each rank's shards to its GPU
     model, tokenizer = FastLanguageModel.from_pretrained(folder, load_in_4bit=False, max_seq_length=64,
                                                          full_finetuning=full, **placement)
     if not full:
@@ -64,9 +68,10 @@ def sharding_facts(trainer) -> dict:
             "state_param": name, "state_local": local.numel(), "state_full": param.numel()}
 
 
-def train(options, out: Path, full: bool, batch: int, fsdp: bool, resume: bool = False):
+def train(options, out: Path, full: bool, batch: int, fsdp: bool, resume: bool = False, accum: int = 1):
     model, tokenizer = load(options.folder, full, options.cuda)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, max_steps=STEPS,
+                             gradient_accumulation_steps=accum,
                              learning_rate=1e-3 if full else 1e-2, logging_steps=1, report_to="none",
                              optim="adamw_torch", seed=0, bf16=BF16, fp16=False, disable_tqdm=True,
                              dataset_num_proc=None, use_cpu=not options.cuda, max_length=64, ddp_timeout=120,
@@ -102,9 +107,11 @@ def main() -> None:
     parser.add_argument("--references", default=None, help="the 2-rank run's --out: run the one-process side")
     parser.add_argument("--cuda", action="store_true", help="train on the GPUs (NCCL), one per rank")
     parser.add_argument("--bf16", action="store_true", help="with --cuda: bf16 weights and bf16=True")
+    parser.add_argument("--cpu-load", action="store_true", help="with --cuda: load into host memory first")
     options = parser.parse_args()
-    global BF16
+    global BF16, CPU_LOAD
     BF16 = options.bf16
+    CPU_LOAD = options.cpu_load
     torch.set_num_threads(1)
     out = Path(options.out)
     if options.references is None:  # under torchrun: 2 ranks x batch 2, sharded
@@ -112,6 +119,8 @@ def main() -> None:
             trainer = train(options, out / kind, full, batch=2, fsdp=True)
             resume_copy(out / kind, out / kind / "resumed", trainer.args.process_index == 0)
             train(options, out / kind / "resumed", full, batch=2, fsdp=True, resume=True)
+        # batch 1 x accumulation 2: the reduce-scatter waits for the window's last micro-batch (ShardedModel.no_sync)
+        train(options, out / "lora-accum", False, batch=1, fsdp=True, accum=2)
         return
     from velotune.training.checkpoints_dcp import consolidate
 

@@ -4,8 +4,8 @@ One torchrun launch trains LoRA (fast path, offloading checkpoint) and full fine
 decoder layer, with distributed checkpoints, and resumes each step-2 checkpoint on the same 2 ranks;
 one plain process trains the unsharded references with the same global batch, resumes those 2-rank
 checkpoints on 1 process and consolidates the step-4 checkpoints into ordinary folders. The checks:
-sharded == unsharded (losses and final weights within fp32 tolerance), weights and optimizer state
-really sharded, resume on 2 and on 1 == the uninterrupted run, consolidated == the gathered final save,
+sharded == unsharded (losses, eval losses and final weights within fp32 tolerance, also with gradient
+accumulation), weights and optimizer state really sharded, resume on 2 and on 1 == the uninterrupted run, consolidated == the gathered final save,
 and the consolidated folders load in velotune and in transformers (+ PEFT) with equal logits.
 """
 
@@ -72,6 +72,13 @@ def test_two_sharded_ranks_train_as_one_unsharded_process(runs, kind):
     else:
         assert ranks[0]["trainable"] == reference["trainable"] and ranks[0]["frozen_dtensor"] == 0
     assert_same_weights(kind, sharded / kind / "final", one / kind / "final")
+
+
+def test_gradient_accumulation_reduces_once_per_step_with_the_same_result(runs):
+    sharded, one = runs
+    accumulated, reference = result(sharded / "lora-accum"), result(one / "lora")
+    assert accumulated["world_size"] == 2 and accumulated["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    assert_same_weights("lora", sharded / "lora-accum" / "final", one / "lora" / "final")
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])

@@ -116,12 +116,18 @@ def check_shardable(model, args) -> None:
 
 
 def shard(model: nn.Module, sharding: Sharding, args) -> nn.Module:
-    """`fully_shard` each decoder layer, then the whole model (in place; returns it). Every rank must
-    hold the same weights first: from_pretrained with the same seed (the tests and a run's ranks do)."""
+    """`fully_shard` each decoder layer, then the whole model (in place; returns it), over all ranks on
+    `args.device`'s kind of device. Every rank must hold the same weights first (from_pretrained of one
+    checkpoint, get_peft_model with one random_state). A model loaded into host memory
+    (`device_map="cpu"`) moves to this rank's GPU one layer at a time as it is sharded, so no GPU ever
+    holds more than its shard plus one layer: how a model too big for one GPU gets onto several."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    device = next(model.parameters()).device
-    options = dict(mp_policy=sharding.mixed_precision(args, device), reshard_after_forward=sharding.reshard_after_forward)
+    device = getattr(args, "device", None) or next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    options = dict(mesh=mesh, mp_policy=sharding.mixed_precision(args, device),
+                   reshard_after_forward=sharding.reshard_after_forward)
     decoder = find_decoder(model)
     for layer in decoder.layers:
         fully_shard(layer, **options)  # gathered just before the layer's call, freed after it (and again for backward)

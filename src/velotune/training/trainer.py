@@ -169,10 +169,10 @@ class SFTTrainer(TRLSFTTrainer):
         self.summary = SummaryCallback()
         self._saving_checkpoint = False
         self._last_log = None
+        self._sharding = sharding  # checkpoints are distributed checkpoints whenever fsdp was asked for
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         self.data_collator = dataset_prep.SampleIndexCollator(self.data_collator)
-        self._sharding = sharding  # checkpoints are distributed checkpoints whenever fsdp was asked for
         if sharding is not None and fsdp.active():
             fsdp.shard(self.model, sharding, self.args)
             logger.info("velotune: FSDP2: %d ranks share every decoder layer's weights, gradients and optimizer "
@@ -279,6 +279,11 @@ class SFTTrainer(TRLSFTTrainer):
         return super().log(logs, start_time) if start_time is not None else super().log(logs)
 
     # ----- FSDP2 (training/fsdp.py, training/checkpoints_dcp.py) -----
+    def _move_model_to_device(self, model, device):
+        if self._sharding is not None and fsdp.active():
+            return None  # sharding moves each rank's shards to its device, layer by layer (a host-loaded model too)
+        return super()._move_model_to_device(model, device)
+
     def _wrap_model(self, model, training=True, dataloader=None):
         if self._sharding is not None and training and fsdp.is_sharded(self.model):
             return model if isinstance(model, fsdp.ShardedModel) else fsdp.ShardedModel(self.model)
