@@ -64,7 +64,10 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
         return logps, ent
     hidden = backbone_hidden(backbone, input_ids, attention_mask)  # (B, P + C, H)
     hidden = hidden[:, -completion_length - 1:-1]  # (B, C, H): the positions that predict the completion
-    logps = chunked_logprobs(hidden, head.weight, targets, temperature=temperature)  # (B, C)
+    # The kernel on the GPU; the CPU takes its reference even under Triton's interpreter (which the tests set for
+    # the kernel tests; interpreted, the log-probs of a CI GRPO step cost more than the model)
+    logps = chunked_logprobs(hidden, head.weight, targets, temperature=temperature,
+                             use_triton=None if hidden.is_cuda else False)  # (B, C)
     ent = chunked_entropy(hidden.detach(), head.weight, temperature) if entropy else None
     return logps, ent
 
