@@ -81,4 +81,5 @@ class ChunkedConcatenatedForward:
 def logit_means(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Each position's mean logit over the vocabulary, h . mean_v(W): (B, T, 1) fp32. Its `.mean()` is the mean
     of the full (B, T, V) logits, which is all TRL reads from them (the `logits/chosen|rejected` metrics)."""
-    return (hidden.float() @ weight.float().mean(0)).unsqueeze(-1)
+    mean_row = weight.mean(0, dtype=torch.float32).to(hidden.dtype)  # (H,): no fp32 copy of the (V, H) weight
+    return (hidden @ mean_row).float().unsqueeze(-1)
