@@ -2,7 +2,8 @@
 
 Under torchrun (2 ranks, gloo) it trains LoRA and full fine-tuning sharded, each with distributed
 checkpoints at steps 2 and 4, then resumes a copy of each step-2 checkpoint on the same 2 ranks; and
-LoRA with batch 1 x gradient accumulation 2 per rank (the same global batch).
+LoRA with batch 1 x gradient accumulation 2 per rank (the same global batch), and LoRA ending on its
+"best" (step-2) checkpoint (load_best_model_at_end).
 As one plain process (--references DIR) it trains the same runs unsharded with the same global batch,
 resumes the 2-rank step-2 checkpoints on 1 process, and consolidates the 2-rank step-4 checkpoints.
 Each run writes `result-<rank>.json` (losses, what was sharded) into its folder; rank 0's final
@@ -68,7 +69,8 @@ def sharding_facts(trainer) -> dict:
             "state_param": name, "state_local": local.numel(), "state_full": param.numel()}
 
 
-def train(options, out: Path, full: bool, batch: int, fsdp: bool, resume: bool = False, accum: int = 1):
+def train(options, out: Path, full: bool, batch: int, fsdp: bool, resume: bool = False, accum: int = 1,
+          **extra):
     model, tokenizer = load(options.folder, full, options.cuda)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, max_steps=STEPS,
                              gradient_accumulation_steps=accum,
@@ -76,7 +78,7 @@ def train(options, out: Path, full: bool, batch: int, fsdp: bool, resume: bool =
                              optim="adamw_torch", seed=0, bf16=BF16, fp16=False, disable_tqdm=True,
                              dataset_num_proc=None, use_cpu=not options.cuda, max_length=64, ddp_timeout=120,
                              save_strategy="steps", save_steps=SAVE_AT, eval_strategy="steps", eval_steps=SAVE_AT,
-                             per_device_eval_batch_size=1, **({"fsdp": True} if fsdp else {}))
+                             per_device_eval_batch_size=1, **({"fsdp": True} if fsdp else {}), **extra)
     data = Dataset.from_dict({"text": rows(56)})  # the last 8 rows are held out: evaluated on the sharded model too
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=data.select(range(48)),
                          eval_dataset=data.select(range(48, 56)), args=args)
@@ -121,6 +123,9 @@ def main() -> None:
             train(options, out / kind / "resumed", full, batch=2, fsdp=True, resume=True)
         # batch 1 x accumulation 2: the reduce-scatter waits for the window's last micro-batch (ShardedModel.no_sync)
         train(options, out / "lora-accum", False, batch=1, fsdp=True, accum=2)
+        # the "best" checkpoint by a metric that prefers step 2's higher eval loss: the run ends on step 2's weights
+        train(options, out / "lora-best", False, batch=2, fsdp=True, load_best_model_at_end=True,
+              metric_for_best_model="eval_loss", greater_is_better=True)
         return
     from velotune.training.checkpoints_dcp import consolidate
 
@@ -130,6 +135,7 @@ def main() -> None:
         resume_copy(sharded / kind, out / kind / "resumed1", True)
         train(options, out / kind / "resumed1", full, batch=4, fsdp=True, resume=True)  # 2-rank checkpoint, 1 process
         consolidate(sharded / kind / f"checkpoint-{STEPS}", out / kind / "consolidated")
+    consolidate(sharded / "lora-best" / f"checkpoint-{SAVE_AT}", out / "lora-best" / "consolidated")
 
 
 if __name__ == "__main__":

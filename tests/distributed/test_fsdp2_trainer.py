@@ -81,6 +81,16 @@ def test_gradient_accumulation_reduces_once_per_step_with_the_same_result(runs):
     assert_same_weights("lora", sharded / "lora-accum" / "final", one / "lora" / "final")
 
 
+def test_load_best_model_at_end_reads_the_best_distributed_checkpoint(runs):
+    sharded, one = runs
+    best = result(sharded / "lora-best")
+    assert best["eval_losses"][0] > best["eval_losses"][1]  # step 2 is "best" only by greater_is_better=True
+    assert_same_weights("lora", sharded / "lora-best" / "final", one / "lora-best" / "consolidated")
+    last = load_file(sharded / "lora" / "final" / WEIGHTS["lora"])
+    ended = load_file(sharded / "lora-best" / "final" / WEIGHTS["lora"])
+    assert any(not torch.allclose(last[name], ended[name]) for name in last)  # not the last step's weights
+
+
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_distributed_checkpoint_resumes_on_two_ranks_and_on_one(runs, kind):
     sharded, one = runs

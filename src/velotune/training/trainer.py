@@ -335,6 +335,14 @@ class SFTTrainer(TRLSFTTrainer):
         checkpoints_dcp.load(self.model, None, Path(resume_from_checkpoint))  # any number of ranks reads it
         return None
 
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        if not checkpoints_dcp.is_dcp_checkpoint(best):
+            return super()._load_best_model()
+        logger.info("velotune: loading the best model from %s (score: %s)", best, self.state.best_metric)
+        checkpoints_dcp.load(self.model, None, Path(best))  # every rank reads its shards
+        return None
+
     def _load_optimizer_and_scheduler(self, checkpoint):
         if checkpoint is None or not checkpoints_dcp.is_dcp_checkpoint(checkpoint):
             return super()._load_optimizer_and_scheduler(checkpoint)
