@@ -57,7 +57,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def test_every_argument_is_described():
     parser = build_parser()
     subparsers = _subparsers(parser)
-    assert set(subparsers) == {"train", "export", "chat", "consolidate"}
+    assert set(subparsers) == {"train", "export", "chat", "consolidate", "quantize"}
     for name, sub in [("velotune", parser), *subparsers.items()]:
         for action in sub._actions:
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):

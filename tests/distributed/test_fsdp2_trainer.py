@@ -5,8 +5,9 @@ decoder layer, with distributed checkpoints, and resumes each step-2 checkpoint 
 one plain process trains the unsharded references with the same global batch, resumes those 2-rank
 checkpoints on 1 process and consolidates the step-4 checkpoints into ordinary folders. The checks:
 sharded == unsharded (losses, eval losses and final weights within fp32 tolerance, also with gradient
-accumulation), weights and optimizer state really sharded, resume on 2 and on 1 == the uninterrupted run, consolidated == the gathered final save,
-and the consolidated folders load in velotune and in transformers (+ PEFT) with equal logits.
+accumulation), weights and optimizer state really sharded, resume on 2 and on 1 == the uninterrupted
+run, load_best_model_at_end, consolidated == the gathered final save, and the consolidated folders
+load in velotune and in transformers (+ PEFT) with equal logits.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def test_two_sharded_ranks_train_as_one_unsharded_process(runs, kind):
     for rank in ranks:
         assert rank["world_size"] == 2 and rank["wrapped"] == "ShardedModel"
         assert rank["losses"] == pytest.approx(reference["losses"], rel=1e-5)
-        assert len(rank["eval_losses"]) == 2 and rank["eval_losses"] == pytest.approx(reference["eval_losses"], rel=1e-5)
+        assert len(rank["eval_losses"]) == 2
+        assert rank["eval_losses"] == pytest.approx(reference["eval_losses"], rel=1e-5)
         # every trainable weight is a DTensor and each rank holds half of its optimizer state
         assert rank["trainable_dtensor"] == rank["trainable"] > 0
         assert rank["state_local"] * 2 == rank["state_full"]

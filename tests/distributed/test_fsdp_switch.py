@@ -29,7 +29,7 @@ def test_the_switch_is_transformers_fsdp_argument(tmp_path):
     assert fsdp.requested(arguments(tmp_path, fsdp=True, fsdp_config={"reshard_after_forward": False})) == \
         fsdp.Sharding(reshard_after_forward=False)
     policy = fsdp.Sharding().mixed_precision(arguments(tmp_path, bf16=True), torch.device("cuda"))
-    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)  # GPUs: bf16 gather, fp32 reduce
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)  # GPUs: bf16 gather/fp32 sum
     policy = fsdp.Sharding().mixed_precision(arguments(tmp_path, bf16=False), torch.device("cpu"))
     assert (policy.param_dtype, policy.reduce_dtype) == (None, torch.float32)  # the CPU: the loaded dtype (fp32)
 
@@ -99,7 +99,8 @@ def test_cli_sharded_recipe_in_one_process_then_consolidate(ddp_tiny_dir, tmp_pa
     assert (out / "checkpoint-2" / "model_dcp" / ".metadata").is_file()
     assert main(["consolidate", str(out / "checkpoint-2"), str(tmp_path / "adapter")]) == 0
     assert "velotune: consolidated" in capsys.readouterr().out
-    saved, consolidated = (load_file(f / "adapter_model.safetensors") for f in (out / "lora_model", tmp_path / "adapter"))
+    saved, consolidated = (load_file(f / "adapter_model.safetensors")
+                           for f in (out / "lora_model", tmp_path / "adapter"))
     assert saved.keys() == consolidated.keys() and saved
     for name in saved:
         torch.testing.assert_close(saved[name], consolidated[name], msg=name)
