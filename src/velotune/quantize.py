@@ -37,6 +37,7 @@ from .data.bundled import bundled_rows
 from .export.merged import quantizable_4bit, save_pretrained_merged
 from .export.weights import TensorPlan, base_model_of, plan_tensors
 from .quant.dynamic import Candidate, OutputErrorMeter, choose_16bit, nf4_nbytes
+from .quant.int8 import is_linear8bit
 from .quant.linear import _skipped, is_linear4bit
 
 logger = logging.getLogger("velotune")
@@ -164,7 +165,7 @@ def _check_model(model) -> nn.Module:
     if hasattr(model, "peft_config"):
         raise ValueError("quantize_dynamic takes a plain 16-bit model; this one has LoRA adapters. Save it merged "
                          "first (save_pretrained_merged(..., save_method='merged_16bit')) and quantize that folder")
-    if any(is_linear4bit(m) or type(m).__name__ == "Linear8bitLt" for m in model.modules()):
+    if any(is_linear4bit(m) or is_linear8bit(m) for m in model.modules()):
         raise ValueError("quantize_dynamic measures the error of quantizing 16-bit weights, but this model is already "
                          "quantized; load it with load_in_4bit=False, load_in_8bit=False")
     return model
@@ -211,8 +212,8 @@ def choose_dynamic(model, tokenizer, budget_gib: float | None = None, calibratio
     budget = bytes_4bit * (1 + DEFAULT_EXTRA) if budget_gib is None else budget_gib * GIB
     if budget < bytes_4bit:
         raise ValueError(f"budget_gib={budget_gib} is smaller than this model with every candidate layer in 4-bit: "
-                         f"at least {bytes_4bit / GIB:.4f} GiB ({bytes_4bit:,} bytes) is needed; pass "
-                         f"--budget-gib {math.ceil(bytes_4bit / GIB * 1e4) / 1e4} or more")
+                         f"at least {bytes_4bit / GIB:.4f} GiB ({bytes_4bit:,} bytes) is needed; pass budget_gib "
+                         f"(--budget-gib) {math.ceil(bytes_4bit / GIB * 1e4) / 1e4} or more")
 
     texts = read_texts(calibration) if calibration is not None else bundled_text("calibration")
     ids = token_blocks(tokenizer, texts, max_tokens, seq_len)

