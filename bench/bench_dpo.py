@@ -18,6 +18,8 @@ On the GPU machine (no network; TRL, datasets and Unsloth come from the peers' s
   for s in velotune hf unsloth; do python bench/bench_dpo.py run --model /tmp/m_llama8b --stack $s; done
 On the CPU (a check that the script runs, no figures):
   PYTHONPATH=src python bench/bench_dpo.py dry-run
+`--method orpo` runs ORPO instead (TRL's experimental ORPOTrainer; velotune's computes its log-probs with the
+chunked kernel, TRL's and Unsloth's build the (2 x bs, T, V) logits), reference-free.
 """
 
 from __future__ import annotations
@@ -92,12 +94,16 @@ def load(args, dtype):
         model = velotune.FastLanguageModel.get_peft_model(
             model, r=args.rank, lora_alpha=args.rank, lora_dropout=0, bias="none", target_modules=TARGETS,
             use_gradient_checkpointing="unsloth", random_state=3407)
+        if args.method == "orpo":
+            return model, tokenizer, velotune.ORPOTrainer, velotune.ORPOConfig
         return model, tokenizer, velotune.DPOTrainer, velotune.DPOConfig
     if args.stack == "unsloth":
         from unsloth import FastLanguageModel, PatchDPOTrainer
 
         PatchDPOTrainer()
         from trl import DPOConfig, DPOTrainer
+        if args.method == "orpo":
+            DPOConfig, DPOTrainer = orpo_classes()
 
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=args.model, max_seq_length=args.prompt + args.completion, dtype=dtype,
@@ -119,7 +125,18 @@ def load(args, dtype):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0, bias="none",
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
+    if args.method == "orpo":
+        DPOConfig, DPOTrainer = orpo_classes()
     return model, AutoTokenizer.from_pretrained(args.model), DPOTrainer, DPOConfig
+
+
+def orpo_classes():
+    """(ORPOConfig, ORPOTrainer) of TRL: trl.experimental in TRL 1.x, trl before."""
+    try:
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    except ImportError:
+        from trl import ORPOConfig, ORPOTrainer
+    return ORPOConfig, ORPOTrainer
 
 
 def run(args) -> dict:
@@ -155,16 +172,18 @@ def run(args) -> dict:
     steps = args.warmup + args.steps
     data = Dataset.from_list(rows(args.bs * args.ga * steps, args.prompt, args.completion,
                                   model.config.vocab_size))
+    method = {"precompute_ref_log_probs": args.precompute} if args.method == "dpo" else {}
     config = config_cls(
         output_dir=tempfile.mkdtemp(prefix="bench_dpo_"), per_device_train_batch_size=args.bs,
         gradient_accumulation_steps=args.ga, max_steps=steps, learning_rate=5e-6, beta=0.1,
         max_length=args.prompt + args.completion + 1, bf16=cuda, fp16=False, use_cpu=not cuda,
         optim="adamw_torch_fused" if cuda else "adamw_torch", logging_steps=1, save_strategy="no",
-        report_to="none", disable_tqdm=True, seed=0, precompute_ref_log_probs=args.precompute,
+        report_to="none", disable_tqdm=True, seed=0, **method,
         # hf checkpoints through transformers; velotune and Unsloth checkpoint in get_peft_model ("unsloth")
         gradient_checkpointing=args.stack == "hf", dataset_num_proc=None)
     timer = StepTimer()
-    trainer = trainer_cls(model=model, ref_model=None, args=config, train_dataset=data, processing_class=tokenizer,
+    reference = {"ref_model": None} if args.method == "dpo" else {}
+    trainer = trainer_cls(model=model, **reference, args=config, train_dataset=data, processing_class=tokenizer,
                           callbacks=[timer])
     adapters = list(getattr(model, "peft_config", {}))
     trainer.train()
@@ -173,7 +192,7 @@ def run(args) -> dict:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     gib = 2**30
     return dict(
-        stack=args.stack, quant=args.quant, shape=args.model, prompt=args.prompt, completion=args.completion,
+        stack=args.stack, method=args.method, quant=args.quant, shape=args.model, prompt=args.prompt, completion=args.completion,
         bs=args.bs, ga=args.ga, rank=args.rank, precompute_ref_log_probs=args.precompute, adapters=adapters,
         step_s=round(step_s, 4), pairs_per_s=round(args.bs * args.ga / step_s, 3),
         peak_gib=round(torch.cuda.max_memory_allocated() / gib, 2) if cuda else None,
@@ -186,10 +205,10 @@ def dry_run() -> None:
     """The tiny shape on the CPU, velotune and transformers+PEFT, one measured step each (Unsloth needs a GPU)."""
     folder = tempfile.mkdtemp(prefix="bench_dpo_tiny_")
     subprocess.run([sys.executable, __file__, "make", "--out", folder, "--shape", "tiny"], check=True)
-    for stack in ("velotune", "hf"):
+    for stack, method in (("velotune", "dpo"), ("hf", "dpo"), ("velotune", "orpo")):
         subprocess.run([sys.executable, __file__, "run", "--model", folder, "--stack", stack, "--device", "cpu",
                         "--prompt", "16", "--completion", "8", "--bs", "2", "--ga", "1", "--steps", "1",
-                        "--warmup", "1", "--rank", "8"], check=True)
+                        "--warmup", "1", "--rank", "8", "--method", method], check=True)
 
 
 def main(argv=None) -> None:
@@ -208,7 +227,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--precompute", action="store_true", help="precompute_ref_log_probs=True")
+    parser.add_argument("--precompute", action="store_true", help="precompute_ref_log_probs=True (DPO)")
+    parser.add_argument("--method", choices=["dpo", "orpo"], default="dpo")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.cmd == "make":
