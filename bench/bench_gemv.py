@@ -182,10 +182,9 @@ def main():
     ap.add_argument("--kinds", default="bf16,nf4")
     ap.add_argument("--groups", default=",".join(GROUPS))
     args = ap.parse_args()
-    dense = [(bn, bk, 4, False) for bn, bk in itertools.product((4, 8, 16), (512, 1024))]
-    dense += [(8, 512, 8, False), (16, 1024, 8, False), (16, 256, 4, True)]
-    nf4 = [(bn, bk, 4, True) for bn, bk in itertools.product((4, 8, 16), (256, 512, 1024))]
-    nf4 += [(8, 512, 8, True), (16, 1024, 8, True), (8, 512, 4, False)]
+    dense = [(bn, bk, w, False) for bn, bk, w in itertools.product((2, 4, 8, 16), (1024, 2048, 4096), (4, 8))]
+    nf4 = [(bn, bk, w, True) for bn, bk, w in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8))]
+    nf4 += [(8, 1024, 4, False)]
     if args.quick:
         dense, nf4 = dense[:4], nf4[:4]
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)

@@ -2,16 +2,18 @@
 
 Why: at batch 1 an 8B decode step spends about 0.9 ms of its 5.7 ms in small kernels, among them
 per layer two cache writes (index_copy_, ~2.4 us each) and SDPA with a mask (~8 us) for a single
-query over a few hundred cached slots (BENCHMARKS.md profile). Here one launch per layer writes k
-and v at the step's slot and attends: a program per (row, query head) walks the cache's slots in
-BLOCK_L chunks with an online softmax, the slot being written read from the new k/v in registers
-(so no ordering between the store and the loads is needed). Given the step's cos/sin it also
-applies the rotary embedding to q and the new k (two RoPE launches per layer less). The mask is the engine's per-slot
-visibility (b, 1, 1, L) bool (validity, causality and any sliding window already applied).
+query over a few hundred cached slots (BENCHMARKS.md profile). Here a decode step's attention is
+two launches: the first writes k and v at the step's slot and has a program per (row, query head,
+split of 64 cache slots) run an online softmax over its slots (the slot being written is read from
+the new k/v in registers, so no ordering between the store and the loads is needed); the second
+combines each head's splits. Splitting the cache keeps hundreds of programs reading it at once (a
+program per head walking the whole cache took 13 us at 384 slots, latency-bound). Given the step's
+cos/sin the first kernel also applies the rotary embedding to q and the new k (two RoPE launches
+per layer less). The mask is the engine's per-slot visibility (b, 1, 1, L) bool (validity,
+causality and any sliding window already applied).
 
 Scope: one query token per row, a cache in the compute dtype (not the 8-bit option), no
-logit soft-capping (Gemma 2 keeps SDPA's explicit path), grouped-query heads. Each program reads
-its kv head's cache whole, so it suits short caches; callers bound L (MAX_LENGTH). No autograd.
+logit soft-capping (Gemma 2 keeps SDPA's explicit path), grouped-query heads, up to MAX_LENGTH slots. No autograd.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import torch.nn.functional as F
 from ._triton import jit, kernel_for, next_power_of_2, should_use_triton, tl
 from .rope import rope_reference
 
-MAX_LENGTH = 4096  # cache slots a program walks alone; longer caches keep SDPA's split kernels
+MAX_LENGTH = 8192  # longer caches keep SDPA (the splits' partial sums grow with the length)
 _BLOCK_L = 64
+_CHUNK = 64  # cache slots per program (split): the cache is read by many programs at once
 
 
 @jit
@@ -36,15 +39,17 @@ def _rotated(X, d, d_ok, cos, sin, sign, partner):
 
 @jit
 def _decode_attention_kernel(
-    Q, K_NEW, V_NEW, K_CACHE, V_CACHE, MASK, SLOT, OUT,  # Q (B, H, D); K/V_NEW (B, Hkv, D); caches (rows, Hkv, L, D)
+    Q, K_NEW, V_NEW, K_CACHE, V_CACHE, MASK, SLOT,  # Q (B, H, D); K/V_NEW (B, Hkv, D); caches (rows, Hkv, L, D)
+    PART_M, PART_L, PART_ACC,  # per (row, head, split): running max, sum, (DP,) weighted values, fp32
     COS, SIN, cos_stride, sin_stride, R,  # ROPE: COS/SIN (B|1, 1, R) (row stride 0 when shared), R rotated dims
-    L, scaling,  # MASK (B, L) bool as uint8; SLOT (1,) int64; OUT (B, H, D)
+    L, scaling, CHUNK,  # MASK (B, L) bool as uint8; SLOT (1,) int64; CHUNK slots per split (a BLOCK_L multiple)
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_L: tl.constexpr,
-    ROPE: tl.constexpr,
+    ROPE: tl.constexpr, SPLITS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    row = pid // H
-    head = pid % H
+    split = pid % SPLITS
+    row = pid // (H * SPLITS)
+    head = (pid // SPLITS) % H
     kv = head // (H // HKV)
     d = tl.arange(0, DP)
     d_ok = d < D
@@ -66,7 +71,7 @@ def _decode_attention_kernel(
     q = q.to(tl.float32) * scaling  # (DP,)
     v_new = tl.load(V_NEW + (row * HKV + kv) * D + d, mask=d_ok, other=0.0)
     cache_base = (row * HKV + kv).to(tl.int64) * L * D
-    if head % (H // HKV) == 0:  # one program per kv head writes the new key and value
+    if (head % (H // HKV) == 0) & (split == 0):  # one program per kv head writes the new key and value
         tl.store(K_CACHE + cache_base + slot * D + d, k_new, mask=d_ok)
         tl.store(V_CACHE + cache_base + slot * D + d, v_new, mask=d_ok)
     # Online softmax per lane (slot j is lane j % BLOCK_L), lanes combined at the end: no scalar
@@ -75,7 +80,7 @@ def _decode_attention_kernel(
     m_i = tl.full((BLOCK_L,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_L,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_L, DP), dtype=tl.float32)
-    for start in range(0, L, BLOCK_L):
+    for start in range(split * CHUNK, split * CHUNK + CHUNK, BLOCK_L):
         j = start + offs  # (BL,) slots
         in_range = j < L
         ptrs = cache_base + j[:, None] * D + d[None, :]  # (BL, DP)
@@ -94,10 +99,28 @@ def _decode_attention_kernel(
         l_i = l_i * alpha + p
         acc = acc * alpha[:, None] + p[:, None] * v
         m_i = m_new
-    m = tl.max(m_i, axis=0)  # finite: the current slot is always visible
-    w = tl.exp(m_i - m)  # (BL,)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_i * w, axis=0)  # (DP,)
-    tl.store(OUT + (row * H + head) * D + d, out.to(OUT.dtype.element_ty), mask=d_ok)
+    m = tl.max(m_i, axis=0)  # -inf when this split saw nothing visible
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(m_i - m_safe)  # (BL,)
+    part = pid  # = (row * H + head) * SPLITS + split
+    tl.store(PART_M + part, m)
+    tl.store(PART_L + part, tl.sum(l_i * w, axis=0))
+    tl.store(PART_ACC + part * DP + d, tl.sum(acc * w[:, None], axis=0))
+
+
+@jit
+def _combine_kernel(PART_M, PART_L, PART_ACC, OUT, D: tl.constexpr, DP: tl.constexpr, SPLITS: tl.constexpr):
+    """One (row, head): the splits' partial softmax sums -> OUT (B, H, D) in OUT's dtype."""
+    pid = tl.program_id(0)
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, DP)
+    m = tl.load(PART_M + pid * SPLITS + s)  # (S,)
+    top = tl.max(m, axis=0)  # finite: the current slot is always visible
+    w = tl.exp(m - top)  # 0 for splits that saw nothing
+    total = tl.sum(tl.load(PART_L + pid * SPLITS + s) * w, axis=0)
+    acc = tl.load(PART_ACC + (pid * SPLITS + s)[:, None] * DP + d[None, :])  # (S, DP)
+    out = tl.sum(acc * w[:, None], axis=0) / total
+    tl.store(OUT + pid * D + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
 def decode_attention_reference(q, k_new, v_new, k_cache, v_cache, mask, slot, scaling, cos_sin=None
@@ -135,15 +158,22 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, mask, slot, scaling, cos
         raise ValueError("decode_attention: the cache buffers must be contiguous (rows, Hkv, L, D)")
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     masks = mask.reshape(B, L).contiguous().view(torch.uint8)  # (B, L)
+    DP = next_power_of_2(D)
+    splits = next_power_of_2(-(-L // _CHUNK))  # a power of two (the combine's arange); trailing splits may be empty
+    chunk = -(-L // (splits * _BLOCK_L)) * _BLOCK_L
+    part_m = torch.empty(B * H * splits, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(B * H * splits, DP, dtype=torch.float32, device=q.device)
     if cos_sin is None:
         rope = (q, q, 0, 0, 0)  # placeholders
     else:
         cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in cos_sin)  # (B|1, 1, R)
         rope = (cos, sin, cos.stride(0) if cos.shape[0] > 1 else 0, sin.stride(0) if sin.shape[0] > 1 else 0,
                 cos.shape[-1])
-    kernel_for(_decode_attention_kernel)[(B * H,)](
-        q.contiguous(), k_new.contiguous(), v_new.contiguous(), k_cache, v_cache, masks, slot, out, *rope,
-        L, float(scaling), H=H, HKV=Hkv, D=D, DP=next_power_of_2(D), BLOCK_L=_BLOCK_L, ROPE=cos_sin is not None,
-        num_warps=4,
+    kernel_for(_decode_attention_kernel)[(B * H * splits,)](
+        q.contiguous(), k_new.contiguous(), v_new.contiguous(), k_cache, v_cache, masks, slot, part_m, part_l, part_acc,
+        *rope, L, float(scaling), chunk, H=H, HKV=Hkv, D=D, DP=DP, BLOCK_L=_BLOCK_L, ROPE=cos_sin is not None,
+        SPLITS=splits, num_warps=4,
     )  # fmt: skip
+    kernel_for(_combine_kernel)[(B * H,)](part_m, part_l, part_acc, out, D=D, DP=DP, SPLITS=splits, num_warps=4)
     return out

@@ -60,26 +60,15 @@ def _store_rows(OUT, acc, rows, M, N, MP: tl.constexpr, RES, RESIDUAL: tl.conste
 
 
 @jit
-def row_rstd(X, M, K, eps, MP: tl.constexpr, BK: tl.constexpr):
-    """1 / rms of each row of x (M, K) -> (MP,) fp32 (rows past M: 1/sqrt(eps), never used)."""
-    m = tl.arange(0, MP)
-    kk = tl.arange(0, BK)
-    total = tl.zeros((MP,), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        ok = (m[:, None] < M) & ((k0 + kk)[None, :] < K)
-        x = tl.load(X + m[:, None] * K + (k0 + kk)[None, :], mask=ok, other=0.0).to(tl.float32)
-        total += tl.sum(x * x, axis=1)
-    return tl.rsqrt(total / K + eps)
-
-
-@jit
-def _dense_tile(X, W, rows, M, N, K, rstd, NORM_W, norm_offset, MP: tl.constexpr, BN: tl.constexpr,
+def _dense_tile(X, W, rows, M, N, K, eps, NORM_W, norm_offset, MP: tl.constexpr, BN: tl.constexpr,
                 BK: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
                 NORM: tl.constexpr):  # fmt: skip
     """x (M, K) . W[rows] (BN, K)^T -> (MP, BN) fp32 (rows past N read row N - 1; the store masks them).
 
-    NORM: x is first RMS-normalised, x * rstd * (NORM_W + norm_offset) rounded once to x's dtype,
-    as kernels/rms_norm.py's forward writes it."""
+    NORM: the product is of RMSNorm(x) = x * rstd * (NORM_W + norm_offset): the loop multiplies x by
+    (NORM_W + norm_offset) and sums x^2 as it goes, and rstd scales each row's sums at the end (a
+    per-row factor), so no program waits on a pass over x first; the normalised x is never rounded
+    to x's dtype (it never exists), which the unfused path does once."""
     m = tl.arange(0, MP)
     kk = tl.arange(0, BK)
     safe_rows = tl.minimum(rows, N - 1).to(tl.int64)
@@ -87,6 +76,7 @@ def _dense_tile(X, W, rows, M, N, K, rstd, NORM_W, norm_offset, MP: tl.constexpr
     x_ptr = X + m[:, None] * K + kk[None, :]  # (MP, BK)
     m_ok = m[:, None] < M
     acc = tl.zeros((MP, BN), dtype=tl.float32)
+    squares = tl.zeros((MP,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         if EVEN_K:
             w = tl.load(w_ptr)
@@ -100,7 +90,11 @@ def _dense_tile(X, W, rows, M, N, K, rstd, NORM_W, norm_offset, MP: tl.constexpr
             if NORM:
                 scale = tl.load(NORM_W + k0 + kk, mask=(k0 + kk) < K, other=0.0).to(tl.float32) + norm_offset
         if NORM:
-            x = (x.to(tl.float32) * rstd[:, None] * scale[None, :]).to(X.dtype.element_ty)
+            x = x.to(tl.float32)
+            squares += tl.sum(x * x, axis=1)
+            x = x * scale[None, :]
+            if DOT:
+                x = x.to(X.dtype.element_ty)
         if DOT:
             if IEEE:
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")
@@ -110,6 +104,8 @@ def _dense_tile(X, W, rows, M, N, K, rstd, NORM_W, norm_offset, MP: tl.constexpr
             acc += tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
         w_ptr += BK
         x_ptr += BK
+    if NORM:
+        acc = acc * tl.rsqrt(squares / K + eps)[:, None]
     return acc
 
 
@@ -123,28 +119,24 @@ def _gemv_kernel(
     IEEE: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    if NORM:
-        rstd = row_rstd(X, M, K, eps, MP, BK)
-    else:
-        rstd = tl.zeros((MP,), dtype=tl.float32)
     if GLU:  # W0 = gate, W1 = up (N0 rows each) -> OUT0 = act(x W0^T) * (x W1^T)
         rows = pid * BN + tl.arange(0, BN)
-        g = _dense_tile(X, W0, rows, M, N0, K, rstd, NORM_W, norm_offset, MP, BN, BK, EVEN_K, DOT, IEEE, NORM)
-        u = _dense_tile(X, W1, rows, M, N0, K, rstd, NORM_W, norm_offset, MP, BN, BK, EVEN_K, DOT, IEEE, NORM)
+        g = _dense_tile(X, W0, rows, M, N0, K, eps, NORM_W, norm_offset, MP, BN, BK, EVEN_K, DOT, IEEE, NORM)
+        u = _dense_tile(X, W1, rows, M, N0, K, eps, NORM_W, norm_offset, MP, BN, BK, EVEN_K, DOT, IEEE, NORM)
         g = g.to(OUT0.dtype.element_ty).to(tl.float32)  # rounded as the unfused path's outputs are
         u = u.to(OUT0.dtype.element_ty).to(tl.float32)
         _store_rows(OUT0, _activation(g, ACT) * u, rows, M, N0, MP, OUT0, False)
     elif pid < T0:
         rows = pid * BN + tl.arange(0, BN)
-        acc = _dense_tile(X, W0, rows, M, N0, K, rstd, NORM_W, norm_offset, MP, BN, BK, EVEN_K, DOT, IEEE, NORM)
+        acc = _dense_tile(X, W0, rows, M, N0, K, eps, NORM_W, norm_offset, MP, BN, BK, EVEN_K, DOT, IEEE, NORM)
         _store_rows(OUT0, acc, rows, M, N0, MP, RES, RESIDUAL)
     elif pid < T0 + T1:
         rows = (pid - T0) * BN + tl.arange(0, BN)
-        acc = _dense_tile(X, W1, rows, M, N1, K, rstd, NORM_W, norm_offset, MP, BN, BK, EVEN_K, DOT, IEEE, NORM)
+        acc = _dense_tile(X, W1, rows, M, N1, K, eps, NORM_W, norm_offset, MP, BN, BK, EVEN_K, DOT, IEEE, NORM)
         _store_rows(OUT1, acc, rows, M, N1, MP, OUT1, False)
     else:
         rows = (pid - T0 - T1) * BN + tl.arange(0, BN)
-        acc = _dense_tile(X, W2, rows, M, N2, K, rstd, NORM_W, norm_offset, MP, BN, BK, EVEN_K, DOT, IEEE, NORM)
+        acc = _dense_tile(X, W2, rows, M, N2, K, eps, NORM_W, norm_offset, MP, BN, BK, EVEN_K, DOT, IEEE, NORM)
         _store_rows(OUT2, acc, rows, M, N2, MP, OUT2, False)
 
 

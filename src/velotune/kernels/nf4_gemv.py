@@ -29,7 +29,6 @@ import torch
 
 from ._triton import jit, kernel_for, next_power_of_2, should_use_triton, tl
 from .gemv import ACTIVATIONS, MAX_WEIGHTS, _activation, _store_rows, check_inputs, gemv_reference, norm_arguments
-from .gemv import row_rstd
 from .nf4 import dequantize_nf4_weight, prepared_nf4_weight
 
 # (BLOCK_N, BLOCK_K, num_warps, PAIRS) for separate weights and for the gate/up GLU launch;
@@ -44,15 +43,15 @@ _PAIR_TABLES: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 @jit
 def _nf4_tile(X, PACKED, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, rows, M, N, K, KH,
-              rstd, NORM_W, norm_offset,
+              eps, NORM_W, norm_offset,
               MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
               NESTED: tl.constexpr, EVEN_K: tl.constexpr, PAIRS: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
     """x (M, K) . W[rows] (BN, K)^T from packed NF4 -> (MP, BN) fp32 (rows past N read row N - 1).
 
     The tile is held as (BN, NB, BS/2) bytes: rows, the quantization blocks of this K step, the
     bytes of a block; KH = K / 2 bytes a row. CODES: the 16 fp32 code values, or with PAIRS the
-    256 int64 pairs (high nibble's fp32 bits << 32 | low nibble's), one look-up a byte. NORM: x is
-    RMS-normalised first, as in kernels/gemv.py."""
+    256 int64 pairs (high nibble's fp32 bits << 32 | low nibble's), one look-up a byte. NORM: the
+    product is of RMSNorm(x), rstd applied to the sums at the end, as in kernels/gemv.py."""
     NB: tl.constexpr = BK // BS  # quantization blocks per row of a tile
     HB: tl.constexpr = BS // 2  # bytes per block
     m = tl.arange(0, MP)
@@ -65,6 +64,7 @@ def _nf4_tile(X, PACKED, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, rows,
     x_ptr = X + m[:, None, None] * K + 2 * in_tile[None, :, :]  # (MP, NB, HB): x's even columns; +1: odd
     m_ok = m[:, None, None] < M
     acc = tl.zeros((MP, BN), dtype=tl.float32)
+    squares = tl.zeros((MP,), dtype=tl.float32)
     if NESTED:
         offset = tl.load(OFFSET)
     for k0 in range(0, K, BK):
@@ -94,9 +94,10 @@ def _nf4_tile(X, PACKED, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, rows,
                 nested = tl.load(NESTED_ABSMAX + block // NBS, mask=b_ok[None, :], other=0.0)
             else:
                 scale = tl.load(ABSMAX + block, mask=b_ok[None, :], other=0.0)
-        if NORM:  # rounded to x's dtype once, as the RMSNorm kernel's output
-            xe = (xe * rstd[:, None, None] * we[None, :, :]).to(X.dtype.element_ty).to(tl.float32)
-            xo = (xo * rstd[:, None, None] * wo[None, :, :]).to(X.dtype.element_ty).to(tl.float32)
+        if NORM:  # x^2 summed as it goes; rstd scales the sums at the end
+            squares += tl.sum(tl.sum(xe * xe + xo * xo, axis=2), axis=1)
+            xe = xe * we[None, :, :]
+            xo = xo * wo[None, :, :]
         if NESTED:
             scale = tl.load(NESTED_MAP + q) * nested + offset  # (BN, NB) fp32
         if PAIRS:
@@ -112,6 +113,8 @@ def _nf4_tile(X, PACKED, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, rows,
         byte_ptr += BK // 2
         x_ptr += BK
         block += NB
+    if NORM:
+        acc = acc * tl.rsqrt(squares / K + eps)[:, None]
     return acc
 
 
@@ -129,32 +132,28 @@ def _nf4_gemv_kernel(
     NORM: tl.constexpr, RESIDUAL: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    if NORM:
-        rstd = row_rstd(X, M, K, eps, MP, BK)
-    else:
-        rstd = tl.zeros((MP,), dtype=tl.float32)
     if GLU:  # weight 0 = gate, weight 1 = up -> OUT0 = act(x gate^T) * (x up^T)
         rows = pid * BN + tl.arange(0, BN)
-        g = _nf4_tile(X, P0, A0, NA0, NM0, OF0, QM0, rows, M, N0, K, KH, rstd, NORM_W, norm_offset,
+        g = _nf4_tile(X, P0, A0, NA0, NM0, OF0, QM0, rows, M, N0, K, KH, eps, NORM_W, norm_offset,
                         MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS, NORM)
-        u = _nf4_tile(X, P1, A1, NA1, NM1, OF1, QM1, rows, M, N0, K, KH, rstd, NORM_W, norm_offset,
+        u = _nf4_tile(X, P1, A1, NA1, NM1, OF1, QM1, rows, M, N0, K, KH, eps, NORM_W, norm_offset,
                         MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS, NORM)
         g = g.to(OUT0.dtype.element_ty).to(tl.float32)  # rounded as the unfused path's outputs are
         u = u.to(OUT0.dtype.element_ty).to(tl.float32)
         _store_rows(OUT0, _activation(g, ACT) * u, rows, M, N0, MP, OUT0, False)
     elif pid < T0:
         rows = pid * BN + tl.arange(0, BN)
-        acc = _nf4_tile(X, P0, A0, NA0, NM0, OF0, QM0, rows, M, N0, K, KH, rstd, NORM_W, norm_offset,
+        acc = _nf4_tile(X, P0, A0, NA0, NM0, OF0, QM0, rows, M, N0, K, KH, eps, NORM_W, norm_offset,
                         MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS, NORM)
         _store_rows(OUT0, acc, rows, M, N0, MP, RES, RESIDUAL)
     elif pid < T0 + T1:
         rows = (pid - T0) * BN + tl.arange(0, BN)
-        acc = _nf4_tile(X, P1, A1, NA1, NM1, OF1, QM1, rows, M, N1, K, KH, rstd, NORM_W, norm_offset,
+        acc = _nf4_tile(X, P1, A1, NA1, NM1, OF1, QM1, rows, M, N1, K, KH, eps, NORM_W, norm_offset,
                         MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS, NORM)
         _store_rows(OUT1, acc, rows, M, N1, MP, OUT1, False)
     else:
         rows = (pid - T0 - T1) * BN + tl.arange(0, BN)
-        acc = _nf4_tile(X, P2, A2, NA2, NM2, OF2, QM2, rows, M, N2, K, KH, rstd, NORM_W, norm_offset,
+        acc = _nf4_tile(X, P2, A2, NA2, NM2, OF2, QM2, rows, M, N2, K, KH, eps, NORM_W, norm_offset,
                         MP, BN, BK, BS, NBS, NESTED, EVEN_K, PAIRS, NORM)
         _store_rows(OUT2, acc, rows, M, N2, MP, OUT2, False)
 
