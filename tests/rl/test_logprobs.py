@@ -72,3 +72,34 @@ def test_entropy_in_chunks_of_a_few_tokens_equals_the_full_softmax(monkeypatch):
     entropy = logprobs.chunked_entropy(hidden, weight, temperature=0.7)
     logp = ((hidden @ weight.t()) / 0.7).log_softmax(-1)  # (2, 5, 50)
     torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_right_padded_rows_run_without_the_mask_and_give_the_same_log_probs(tiny_llama_dir):
+    """One prompt's completions (no left padding, completions of different lengths): the backbone runs without
+    the mask (causal kernels), and the real tokens' log-probs and gradients equal the masked model's."""
+    from velotune.rl.logprobs import only_right_padding
+
+    model, tokenizer = tiny_lora(tiny_llama_dir)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    prompt = tokenizer("hello world")["input_ids"]
+    completions = [[5, 6, 7, 2], [8, 9], [10]]
+    ids = torch.full((3, len(prompt) + 4), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, c in enumerate(completions):
+        row = prompt + c
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    cmask = mask[:, -4:]
+    assert only_right_padding(mask) and not only_right_padding(mask.flip(1))
+    logps, _ = completion_logprobs(model, ids, mask, 4)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, -5:-1].float()  # (3, 4, V)
+    reference = logits.log_softmax(-1).gather(-1, ids[:, -4:].unsqueeze(-1)).squeeze(-1)
+    keep = cmask.bool()
+    torch.testing.assert_close(logps[keep], reference[keep], rtol=1e-5, atol=1e-5)
+    adapters = [p for n, p in model.named_parameters() if p.requires_grad]
+    ours = torch.autograd.grad((logps * cmask).sum(), adapters)
+    theirs = torch.autograd.grad((reference * cmask).sum(), adapters)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -38,9 +38,24 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 1)
 
 
-def backbone_hidden(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def only_right_padding(attention_mask: torch.Tensor) -> bool:
+    """Every row is real tokens then padding (no left padding): (B, L) 0/1, one host sync."""
+    real = attention_mask.bool()
+    return bool(real[:, 0].all() and (real[:, 1:] <= real[:, :-1]).all())
+
+
+def backbone_hidden(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    pads_matter: bool = False) -> torch.Tensor:
     """The decoder stack's last hidden states (B, L, H) of padded rows. Our decoder numbers positions from
-    the mask itself (explicit ids would mean packed sequences to it); others get cumsum(mask) - 1."""
+    the mask itself (explicit ids would mean packed sequences to it); others get cumsum(mask) - 1.
+
+    Rows padded on the right only (a GRPO micro-batch of one prompt's completions, ORPO/CPO pairs) run without
+    the mask: under causal attention no real token sees a later pad, so the real tokens' states are the same,
+    and attention keeps SDPA's causal kernels instead of an explicit (B, 1, L, L) mask (3.2 GB of booleans and
+    the slower kernels at 8 x 20K tokens). The pads' states are then not meaningful; callers mask them out, or
+    pass pads_matter=True (ORPO/CPO: TRL's `logits/*` metrics average over the pads' positions too)."""
+    if not pads_matter and only_right_padding(attention_mask):
+        return backbone(input_ids=input_ids, use_cache=False).last_hidden_state
     extra = {} if isinstance(backbone, FastPathDecoder) else {"position_ids": _position_ids(attention_mask)}
     return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).last_hidden_state
 

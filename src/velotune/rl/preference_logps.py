@@ -59,7 +59,7 @@ class ChunkedConcatenatedForward:
         if not torch.equal(labels[answer], targets[answer]):  # TRL's rows always agree; anything else: TRL's path
             return super().concatenated_forward(model, batch)
         n = batch["chosen_labels"].shape[0]
-        hidden = backbone_hidden(backbone, ids, mask)  # (2B, T, H)
+        hidden = backbone_hidden(backbone, ids, mask, pads_matter=True)  # (2B, T, H): the metrics read pads too
         # The kernel on the GPU; the CPU takes the reference even under Triton's interpreter (tests set it for the
         # kernel tests): interpreting it made a 12-step tiny ORPO run 35x slower (24 s of CPU vs 0.7 s)
         logp = chunked_logprobs(hidden[:, :-1], head.weight, targets,
