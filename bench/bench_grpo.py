@@ -77,6 +77,8 @@ def run(args) -> dict:
 
     parts = Parts()
     engine = []  # the engine's resident cache + graphs after each generation (None: not kept)
+    graph_sets = []  # one entry per new graph set kept after a generation (1: captured once and reused); a
+    # generation whose cache was released (cache_released) captured its graphs anew and is not counted here
 
     class TimedGRPOTrainer(GRPOTrainer):
         """velotune's trainer with its sampling and no-grad log-prob passes timed (nothing else changed)."""
@@ -90,7 +92,11 @@ def run(args) -> dict:
 
             def sample_and_look(model, *rest):
                 out = timed(model, *rest)
-                engine.append(resident_of(model))
+                kept = resident_of(model)
+                engine.append(kept)
+                if kept is not None and not getattr(kept.graphs, "seen_by_bench", False):
+                    kept.graphs.seen_by_bench = True  # a graph set not seen before: captured for this generation
+                    graph_sets.append(1)
                 return out
             self._sampler = sample_and_look
 
@@ -162,7 +168,7 @@ def run(args) -> dict:
         engine=trainer.untimed_sampler.last_engine,
         # how many distinct graph sets the engine used over the run (1 = captured once, reused every step)
         cache_released=trainer.untimed_sampler.released,
-        graph_sets=len({id(r.graphs) for r in engine if r is not None}),
+        graph_sets=len(graph_sets),
         decode_graphs=engine[-1].graphs.use_graphs if engine and engine[-1] is not None else None,
         kv_cache_gib=round(engine[-1].cache.nbytes / gib, 3) if engine and engine[-1] is not None else None,
         load_s=round(load_s, 1), steps=[round(s["step_s"], 2) for s in parts.steps],
