@@ -225,9 +225,11 @@ def choose_dynamic(model, tokenizer, budget_gib: float | None = None, calibratio
     device = next(base.parameters()).device
     was_training = base.training
     base.eval()
+    # The decoder without its LM head: no candidate reads the logits, which cost SmolLM2 as much as its layers.
+    backbone = getattr(base, base.base_model_prefix, base)
     with OutputErrorMeter(modules, dtype, cache=evaluate, on_module=lambda _: bar.update(1)) as meter, torch.no_grad():
         for start in range(0, len(ids), batch):
-            base(input_ids=ids[start:start + batch].to(device))
+            backbone(input_ids=ids[start:start + batch].to(device))
     bar.close()
     rows = []
     for plan in candidates:
