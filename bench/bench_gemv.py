@@ -68,8 +68,14 @@ def rotating(make, nbytes_each: float):
     return sets, next_set
 
 
+BEST: dict[tuple, tuple] = {}  # (kind, glu) -> (ms summed over the groups, config) of each config
+
+
 def report(**row) -> None:
     print("RESULT " + json.dumps(row), flush=True)
+    if row.get("impl") == "triton" and "ms" in row:
+        key = (row["kind"], row["group"] == "gate_up", tuple(row["config"]))
+        BEST[key] = BEST.get(key, 0.0) + row["ms"]
 
 
 def bench_dense(group: str, M: int, configs) -> None:
@@ -183,8 +189,7 @@ def main():
     ap.add_argument("--groups", default=",".join(GROUPS))
     args = ap.parse_args()
     dense = [(bn, bk, w, False) for bn, bk, w in itertools.product((2, 4, 8, 16), (1024, 2048, 4096), (4, 8))]
-    nf4 = [(bn, bk, w, True) for bn, bk, w in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8))]
-    nf4 += [(8, 1024, 4, False)]
+    nf4 = [(bn, bk, w, p) for bn, bk, w, p in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4,), (True, False))]
     if args.quick:
         dense, nf4 = dense[:4], nf4[:4]
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
@@ -198,6 +203,11 @@ def main():
                 if "nf4" in args.kinds:
                     bench_nf4(group, M, nf4)
                 torch.cuda.empty_cache()
+    for kind in ("bf16", "nf4"):  # the config with the least time over the groups it ran (one line each)
+        for glu in (False, True):
+            runs = [(ms, config) for (k, g, config), ms in BEST.items() if k == kind and g == glu]
+            if runs:
+                print(f"BEST {kind} {'glu' if glu else 'dense'} {','.join(str(v) for v in min(runs)[1])}", flush=True)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,16 @@ def main():
     ap.add_argument("--preset", default="llama8b")
     ap.add_argument("--only", default="b1,b1old,b16,step,ttft,grpo,nf4,nf4plain")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--nf4-dense", help="kernels/nf4_gemv.py CONFIG['dense'] as BN,BK,warps,pairs (a sweep's BEST)")
+    ap.add_argument("--nf4-glu", help="kernels/nf4_gemv.py CONFIG['glu'], same format")
     args = ap.parse_args()
+    from velotune.kernels import nf4_gemv
+
+    for key, text in (("dense", args.nf4_dense), ("glu", args.nf4_glu)):
+        if text:
+            bn, bk, warps, pairs = text.split(",")
+            nf4_gemv.CONFIG[key] = (int(bn), int(bk), int(warps), pairs == "True")
+    print("nf4 GEMV config:", nf4_gemv.CONFIG, flush=True)
     only = set(args.only.split(","))
     print(torch.__version__, torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", flush=True)
     model = build(args.preset)

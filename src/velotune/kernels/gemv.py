@@ -159,8 +159,13 @@ def gemv_reference(x: torch.Tensor, weights, activation: str | None = None, norm
     return [F.gelu(gate, approximate="tanh" if ACTIVATIONS[activation] == 1 else "none") * up]
 
 
-# Launch shapes: (BLOCK_N, BLOCK_K, num_warps, DOT); `CONFIG` is module-level so the bench can sweep it.
-CONFIG = {"dense": (8, 512, 4, False), "glu": (8, 512, 4, False)}
+# Launch shapes: (BLOCK_N, BLOCK_K, num_warps, DOT), module-level so the bench can sweep them. The
+# best of bench/bench_gemv.py's sweep on the H200 at M = 1 (BENCHMARKS.md): q/k/v 3.4 TB/s and o 3.1
+# with (2, 4096) (cuBLAS: 1.8 and 2.5), down (K = 14336) 3.9 with (8, 2048) (cuBLAS 3.6), gate/up with
+# the GLU epilogue 4.2 with (4, 4096) (cuBLAS + the GLU kernel: 3.6). Whole rows of K = 4096 in one
+# tile: each program issues all its loads at once, which is what a latency-bound GEMV needs.
+CONFIG = {"dense": (2, 4096, 4, False), "dense_long_k": (8, 2048, 4, False), "glu": (4, 4096, 4, False)}
+LONG_K = 8192  # from this K on, "dense_long_k"
 
 
 def norm_arguments(norm, x: torch.Tensor) -> tuple:
@@ -211,7 +216,10 @@ def gemv(x: torch.Tensor, weights, activation: str | None = None, use_triton: bo
     x = x.contiguous()
     weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
     M = x.shape[0]
-    BN, BK, warps, dot = CONFIG["glu" if activation is not None else "dense"]
+    if activation is not None:
+        BN, BK, warps, dot = CONFIG["glu"]
+    else:
+        BN, BK, warps, dot = CONFIG.get("dense_long_k", CONFIG["dense"]) if K >= LONG_K else CONFIG["dense"]
     BK = min(BK, max(16, next_power_of_2(K)))
     MP = max(16, next_power_of_2(M)) if dot else next_power_of_2(M)
     ns = [w.shape[0] for w in weights]
