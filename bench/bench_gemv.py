@@ -189,7 +189,7 @@ def main():
     ap.add_argument("--groups", default=",".join(GROUPS))
     args = ap.parse_args()
     dense = [(bn, bk, w, False) for bn, bk, w in itertools.product((2, 4, 8, 16), (1024, 2048, 4096), (4, 8))]
-    nf4 = [(bn, bk, w, p) for bn, bk, w, p in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4,), (True, False))]
+    nf4 = [(bn, bk, w, p) for bn, bk, w, p in itertools.product((8, 16, 32), (256, 512, 1024), (4,), (True, False))]
     if args.quick:
         dense, nf4 = dense[:4], nf4[:4]
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
