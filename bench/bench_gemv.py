@@ -73,8 +73,8 @@ BEST: dict[tuple, tuple] = {}  # (kind, glu) -> (ms summed over the groups, conf
 
 def report(**row) -> None:
     print("RESULT " + json.dumps(row), flush=True)
-    if row.get("impl") == "triton" and "ms" in row:
-        key = (row["kind"], row["group"] == "gate_up", tuple(row["config"]))
+    if row.get("impl") == "triton" and "ms" in row and "config" in row:
+        key = (row["kind"], row.get("group") == "gate_up", tuple(row["config"]))
         BEST[key] = BEST.get(key, 0.0) + row["ms"]
 
 

@@ -144,6 +144,8 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--nf4-dense", help="kernels/nf4_gemv.py CONFIG['dense'] as BN,BK,warps,pairs (a sweep's BEST)")
     ap.add_argument("--nf4-glu", help="kernels/nf4_gemv.py CONFIG['glu'], same format")
+    ap.add_argument("--bf16-norm", default="8,4096,8", help="b1alt: kernels/gemv.py CONFIG for the launches with the "
+                    "fused RMSNorm (q/k/v and gate/up) as BN,BK,warps")
     args = ap.parse_args()
     from velotune.kernels import nf4_gemv
 
@@ -162,6 +164,20 @@ def main():
                 step_time(model, 1)
             if args.profile:
                 profile_step(model, 1)
+        if "b1alt" in only:  # the norm-fused GEMVs with other launch shapes
+            from velotune.inference import release
+            from velotune.kernels import gemv as gemv_module
+
+            saved = dict(gemv_module.CONFIG)
+            bn, bk, warps = (int(v) for v in args.bf16_norm.split(","))
+            gemv_module.CONFIG.update(dense_norm=(bn, bk, warps, False), glu_norm=(bn, bk, warps, False))
+            release(model)
+            decode_row(model, f"bf16 greedy, norm-fused GEMVs with BN,BK,warps = {args.bf16_norm}", 1)
+            if "step" in only:
+                step_time(model, 1)
+            gemv_module.CONFIG.clear()
+            gemv_module.CONFIG.update(saved)
+            release(model)
         if "b1nonorm" in only:  # the decode GEMVs without the pre-norms and residual adds fused in
             from velotune.fast import decode_linear
             from velotune.inference import release
@@ -203,6 +219,9 @@ def main():
     if "nf4" in only:
         from velotune.quant import quantize_model_
 
+        from velotune.inference import release
+
+        release(model)  # a cache sized for the 4K-token prompt would make every step attend over 4K slots
         quantize_model_(model, skip_modules=("lm_head",), compute_dtype=torch.bfloat16)
         torch.cuda.empty_cache()
         with torch.no_grad():
@@ -211,6 +230,16 @@ def main():
                 step_time(model, 1)
             if args.profile:
                 profile_step(model, 1)
+            if "nf4own" in only:  # our fused NF4 GEMV at one row too (bitsandbytes' gemv_4bit by default)
+                from velotune.fast import decode_linear
+
+                decode_linear.OWN_NF4_GEMV_AT_ONE_ROW = True
+                release(model)
+                decode_row(model, "NF4 greedy, kernels/nf4_gemv.py at one row", 1)
+                if "step" in only:
+                    step_time(model, 1)
+                decode_linear.OWN_NF4_GEMV_AT_ONE_ROW = False
+                release(model)
             if "nf4plain" in only:  # the plain path: bitsandbytes' own 4-bit GEMV per projection
                 from velotune.fast.plan import set_fast_path
                 from velotune.inference import release

@@ -40,6 +40,10 @@ _GATED = {0: swiglu, 1: partial(geglu, approximate="tanh"), 2: partial(geglu, ap
 # The decoder layer hands its pre-norms to the GEMVs (False: it runs them itself, as before).
 # Module-level so the bench and tests can compare.
 FUSE_NORM = True
+# 4-bit weights at one row on CUDA: bitsandbytes' gemv_4bit (1.0 TB/s of packed weights on the H200)
+# unless this is True; kernels/nf4_gemv.py reached 0.35 TB/s there (BENCHMARKS.md), so it serves the
+# 2..8-row decode steps (where bitsandbytes has no GEMV) and the CPU, and one row only when asked.
+OWN_NF4_GEMV_AT_ONE_ROW = False
 
 
 def applies(x: torch.Tensor, gemv_rows: int) -> bool:
@@ -78,15 +82,33 @@ def _base(x: torch.Tensor, projections, activation: str | None = None, norm=None
     return None
 
 
+def _bitsandbytes_rows(x: torch.Tensor, projections) -> bool:
+    """Whether these 4-bit projections take bitsandbytes' one-row GEMV (see OWN_NF4_GEMV_AT_ONE_ROW)."""
+    return (not OWN_NF4_GEMV_AT_ONE_ROW and x.shape[0] == 1 and x.is_cuda
+            and all(_is_4bit(p.weight) for p in projections))
+
+
+def _bitsandbytes_gemv(x: torch.Tensor, projections) -> list[torch.Tensor]:
+    """[x W_i^T] (1, out_i) through bitsandbytes' gemv_4bit (what its Linear4bit runs for one token)."""
+    import bitsandbytes as bnb
+
+    return [bnb.matmul_4bit(x, p.weight.t(), quant_state=p.weight.quant_state) for p in projections]
+
+
 def decode_projections(x: torch.Tensor, projections: tuple[LoraProjection, ...], norm=None,
                        residual: torch.Tensor | None = None) -> list[torch.Tensor] | None:  # fmt: skip
     """x (N, in) -> [(N, out_i)]: y_i = x' W_i^T + b_i + s_i (x' A_i^T) B_i^T with x' = x, or
     RMSNorm(x) with the norm module `norm`; `residual` (N, out), one projection: residual + y.
     None when the kernels cannot run (the caller's path)."""
-    if norm is not None and any(p.lora_A is not None for p in projections):
-        x, norm = normalized(x, norm), None  # x A^T needs the normalised x itself
-    in_epilogue = residual is not None and projections[0].lora_A is None and projections[0].bias is None
-    outs = _base(x, projections, norm=norm, residual=residual if in_epilogue else None)
+    bitsandbytes = _bitsandbytes_rows(x, projections)
+    if norm is not None and (bitsandbytes or any(p.lora_A is not None for p in projections)):
+        x, norm = normalized(x, norm), None  # x A^T needs the normalised x itself; bitsandbytes takes no norm
+    in_epilogue = (residual is not None and not bitsandbytes and projections[0].lora_A is None
+                   and projections[0].bias is None)
+    if bitsandbytes:
+        outs = _bitsandbytes_gemv(x, projections)
+    else:
+        outs = _base(x, projections, norm=norm, residual=residual if in_epilogue else None)
     if outs is None:
         return None
     for out, p in zip(outs, projections):
@@ -109,7 +131,7 @@ def decode_mlp(x: torch.Tensor, projections: tuple[LoraProjection, ...], activat
     if activation not in ACTIVATIONS:
         return None
     gate, up, down = projections
-    if all(p.lora_A is None and p.bias is None for p in (gate, up)):
+    if all(p.lora_A is None and p.bias is None for p in (gate, up)) and not _bitsandbytes_rows(x, (gate, up)):
         fused = _base(x, (gate, up), activation, norm)  # [(N, I)]: act(g) * u from the epilogue
         if fused is None:
             return None

@@ -164,7 +164,10 @@ def gemv_reference(x: torch.Tensor, weights, activation: str | None = None, norm
 # with (2, 4096) (cuBLAS: 1.8 and 2.5), down (K = 14336) 3.9 with (8, 2048) (cuBLAS 3.6), gate/up with
 # the GLU epilogue 4.2 with (4, 4096) (cuBLAS + the GLU kernel: 3.6). Whole rows of K = 4096 in one
 # tile: each program issues all its loads at once, which is what a latency-bound GEMV needs.
-CONFIG = {"dense": (2, 4096, 4, False), "dense_long_k": (8, 2048, 4, False), "glu": (4, 4096, 4, False)}
+# Launches with the fused RMSNorm ("*_norm") read x and the norm weight once per program from L2,
+# so fewer, taller programs may pay there; by default they take the same shapes.
+CONFIG = {"dense": (2, 4096, 4, False), "dense_long_k": (8, 2048, 4, False), "glu": (4, 4096, 4, False),
+          "dense_norm": (2, 4096, 4, False), "glu_norm": (4, 4096, 4, False)}
 LONG_K = 8192  # from this K on, "dense_long_k"
 
 
@@ -216,10 +219,9 @@ def gemv(x: torch.Tensor, weights, activation: str | None = None, use_triton: bo
     x = x.contiguous()
     weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
     M = x.shape[0]
-    if activation is not None:
-        BN, BK, warps, dot = CONFIG["glu"]
-    else:
-        BN, BK, warps, dot = CONFIG.get("dense_long_k", CONFIG["dense"]) if K >= LONG_K else CONFIG["dense"]
+    base = "glu" if activation is not None else "dense"
+    key = base + ("_norm" if norm is not None else "_long_k" if K >= LONG_K and activation is None else "")
+    BN, BK, warps, dot = CONFIG.get(key, CONFIG[base])
     BK = min(BK, max(16, next_power_of_2(K)))
     MP = max(16, next_power_of_2(M)) if dot else next_power_of_2(M)
     ns = [w.shape[0] for w in weights]
