@@ -164,10 +164,11 @@ def gemv_reference(x: torch.Tensor, weights, activation: str | None = None, norm
 # with (2, 4096) (cuBLAS: 1.8 and 2.5), down (K = 14336) 3.9 with (8, 2048) (cuBLAS 3.6), gate/up with
 # the GLU epilogue 4.2 with (4, 4096) (cuBLAS + the GLU kernel: 3.6). Whole rows of K = 4096 in one
 # tile: each program issues all its loads at once, which is what a latency-bound GEMV needs.
-# Launches with the fused RMSNorm ("*_norm") read x and the norm weight once per program from L2,
-# so fewer, taller programs may pay there; by default they take the same shapes.
+# Launches with the fused RMSNorm ("*_norm": q/k/v and gate/up in a decode step) read x and the norm
+# weight once per program from L2, so taller programs pay there: (8, 4096, 8 warps) made the 8B
+# batch-1 step 4.43 ms against 4.71 with the shapes above (BENCHMARKS.md, same run).
 CONFIG = {"dense": (2, 4096, 4, False), "dense_long_k": (8, 2048, 4, False), "glu": (4, 4096, 4, False),
-          "dense_norm": (2, 4096, 4, False), "glu_norm": (4, 4096, 4, False)}
+          "dense_norm": (8, 4096, 8, False), "glu_norm": (8, 4096, 8, False)}
 LONG_K = 8192  # from this K on, "dense_long_k"
 
 
