@@ -1,8 +1,8 @@
 """Fused NF4 GEMV for decoding: y_i = x W_i^T with W_i packed NF4, dequantized in registers only.
 
 Why: at batch 1 a 4-bit model's step is the reading of its packed weights (0.5 byte a value plus
-1/64 byte of absmax codes), 4.5 GB for an 8B model. bitsandbytes' 4-bit GEMV reaches 16% of that
-bound on the H200, and dequantizing each weight to bf16 before a cuBLAS GEMV writes and reads 2
+1/64 byte of absmax codes), 4.5 GB for an 8B model. The plain path's bitsandbytes layers reached 16%
+of that bound on the H200 (a step, all kernels counted), and dequantizing each weight to bf16 before a cuBLAS GEMV writes and reads 2
 bytes a value more (BENCHMARKS.md). Here each program reads its tile of packed bytes, looks the
 two nibbles up in the 16-entry code table, and multiplies by x; no bf16 weight is ever written.
 
@@ -21,6 +21,10 @@ x W^T) up to fp32 summation order and the reference's rounding of each weight to
 Same launch shape as kernels/gemv.py: up to three weights per launch (q, k, v), or (gate, up)
 with the gated activation in the epilogue. No autograd; CUDA-graph safe (per weight the tables
 are prepared once by kernels/nf4.py's cache; a call allocates its outputs and launches once).
+
+Status (BENCHMARKS.md, H200): correct, but 0.26-0.37 TB/s of packed weights, slower than
+bitsandbytes' gemv_4bit (0.5-1.0 TB/s), which the decode path therefore uses at one row
+(fast/decode_linear.py); this kernel serves 2..8 rows and the CPU. CONFIG is untuned.
 """
 
 from __future__ import annotations
