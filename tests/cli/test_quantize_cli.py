@@ -20,6 +20,7 @@ def test_quantize_dynamic_writes_folder_and_table(tiny_llama_dir, tmp_path, caps
     assert f"written to {out}" in printed and f"{len(report['kept'])} of 14 layers kept in 16-bit" in printed
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["llm_int8_skip_modules"] == ["lm_head", *report["kept"]] and report["perplexity"] == {}
+    assert report["bytes_all_4bit"] < report["bytes_dynamic"] <= 1.10 * report["bytes_all_4bit"]  # default budget
     assert (out / "dynamic_4bit.md").read_text().count("| model.layers.") == 14
 
 

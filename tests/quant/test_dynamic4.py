@@ -52,7 +52,7 @@ def test_choice_takes_the_worst_that_fit():
     assert choose_16bit(rows, 0) == []
 
 
-def test_smollm2_dynamic_is_closer_to_16bit_than_nf4(smollm2):
+def test_smollm2_dynamic_is_closer_to_16bit_than_nf4(smollm2, one_thread):
     """The real model, a few hundred tokens: the held-out split never saw calibration; the weights are back
     after the in-memory evaluation."""
     from velotune.quantize import choose_dynamic
@@ -73,16 +73,16 @@ def test_folder_loads_in_velotune_and_transformers_with_kept_layers_16bit(tiny_l
     from transformers import AutoModelForCausalLM
 
     from velotune import FastLanguageModel
-    from velotune.quantize import REPORT_JSON, REPORT_TABLE, quantize_dynamic
+    from velotune.quantize import REPORT_JSON, REPORT_TABLE, all_4bit_bytes, quantize_dynamic
 
-    # fp32 "16-bit" layers and compute, so velotune's and transformers' loads can be compared closely
-    first = quantize_dynamic(str(tiny_llama_dir), tmp_path / "default", max_tokens=512, seq_len=64,
-                             dtype=torch.float32, evaluate=False, verify=False)
-    assert first.bytes_dynamic <= 1.10 * first.bytes_all_4bit  # the default budget
-    two_mlp = 2 * (64 * 32 * 4 - nf4_nbytes(64 * 32))  # room for about two MLP projections in fp32
-    report = quantize_dynamic(str(tiny_llama_dir), tmp_path / "out", max_tokens=512, seq_len=64,
-                              budget_gib=(first.bytes_all_4bit + two_mlp + 500) / 2**30, dtype=torch.float32,
-                              evaluate=False)  # verify=True: the exporter's check loads it in both
+    # a model in memory (the CLI test covers names/folders); fp32 "16-bit" layers and compute, so velotune's and
+    # transformers' loads compare closely; a budget with room for about two MLP projections
+    model, tokenizer = FastLanguageModel.from_pretrained(str(tiny_llama_dir), load_in_4bit=False, device_map="cpu",
+                                                         max_seq_length=64)
+    two_mlp = 2 * (64 * 32 * 4 - nf4_nbytes(64 * 32))
+    budget = (all_4bit_bytes(model, torch.float32) + two_mlp + 500) / 2**30
+    report = quantize_dynamic(model, tmp_path / "out", tokenizer=tokenizer, max_tokens=512, seq_len=64,
+                              budget_gib=budget, dtype=torch.float32, evaluate=False)  # verify: loads it in both
     folder = tmp_path / "out"
     assert report.kept, report.table()
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
@@ -92,6 +92,8 @@ def test_folder_loads_in_velotune_and_transformers_with_kept_layers_16bit(tiny_l
     assert all(row["name"] in (folder / REPORT_TABLE).read_text() for row in saved["candidates"])
 
     model, _ = FastLanguageModel.from_pretrained(str(folder), load_in_4bit=True, dtype=torch.float32, device_map="cpu")
+    worst = max(report.candidates, key=lambda c: c.error)
+    assert report.bytes_dynamic <= report.bytes_budget and report.kept[0] == worst.name
     theirs = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float32).eval()
     for loaded in (model, theirs):
         for c in report.candidates:
