@@ -41,8 +41,8 @@ def nf4_roundtrip(weight: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
     """``weight`` quantized to NF4 (double quantization) and back, in its own dtype: what a 4-bit layer
     computes with. (out, in)
 
-    Equal bit for bit to ``dequantize_nf4_state(*quantize_nf4(weight))`` (a test checks it) without packing
-    and unpacking the codes, which was a third of the time: measuring a model runs this once per layer.
+    Equal bit for bit to ``dequantize_nf4_state(*quantize_nf4(weight))`` (a test checks it), without packing
+    the codes into bytes and unpacking them again: measuring a model runs this once per layer.
     """
     backend = _resolve_backend("auto", weight.device)
     idx, absmax = _nf4_codes(weight, blocksize, backend)  # (n,) uint8, (B,) fp32
