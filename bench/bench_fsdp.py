@@ -1,29 +1,43 @@
-"""Full fine-tuning of the Llama-3.1-8B shape sharded with FSDP2 over the GPUs of one machine (issue 19 item 5).
+"""FSDP2 over the GPUs of one machine: the Llama-3.1-8B and -70B shapes, full fine-tuning and LoRA (issues 19, 21).
 
-Two engines on the same settings (random bf16 weights, every weight trained, AdamW, random tokens,
+Two engines on the same settings (random bf16 weights, AdamW, random tokens, 2K tokens per sequence,
 activation checkpointing per decoder layer, bf16 compute, fp32 gradient reduction):
 
 * velotune: our Llama, sharded by `velotune.training.fsdp.shard` (what `SFTTrainer(fsdp=True)` runs:
-  `fully_shard` per decoder layer, then the model), stepped by a plain loop;
+  `fully_shard` per decoder layer, then the model), stepped by a plain loop. The model is built on the
+  meta device, sharded, then made shard by shard (make_velotune), so 70B never exists whole anywhere;
 * peer: transformers' own LlamaForCausalLM under plain `transformers.Trainer` with `fsdp=True`,
   `fsdp_config={"version": 2, ...}` (accelerate's FSDP2), the same batch, steps and optimizer, bf16
   weights trained as they are (accelerate's FSDP2 without mixed precision also reduces in bf16);
 * peer-amp: the same with `bf16=True`, accelerate's mixed precision (fp32 master weights and optimizer
   state, bf16 autocast): what a transformers user gets by default, at twice the weight memory.
 
+`--mode full`: every weight trains. `--mode lora`: LoRA r=16 on the 7 projections (velotune's
+get_peft_model; PEFT's LoraConfig for the peers) over the frozen bf16 base, sharded the same way.
 With one process the model is not sharded (does it fit on one GPU at all: an out-of-memory is
-recorded as such). One process count and engine per torchrun launch (clean allocators); rank 0
-prints a RESULT line: tokens/s over all GPUs and each GPU's peak allocated / reserved memory.
+recorded as such). One process count, mode and engine per torchrun launch (clean allocators); rank 0
+prints a RESULT line; the end prints a table per GPU: tokens/s per GPU, the largest peak, and the
+scaling efficiency against the smallest process count that fit (summarize).
 
-  PYTHONPATH=src python bench/bench_fsdp.py --nprocs 1,2 --engines velotune,peer --json fsdp.json
-  PYTHONPATH=src python bench/bench_fsdp.py --dry-run    # tiny shape, 2 CPU processes (gloo), both engines
+One command per table (H200 machines; times are estimates, mostly start-up and model making):
+  # 8B full fine-tuning, 1-8 GPUs (x8 kind, ~15 min; on x2: --nprocs 1,2, ~5 min)
+  PYTHONPATH=src python bench/bench_fsdp.py --shape llama8b --mode full --nprocs 1,2,4,8 --engines velotune,peer --json fsdp_8b_full.json
+  # 8B LoRA r=16, 1-8 GPUs (x8 kind, ~12 min)
+  PYTHONPATH=src python bench/bench_fsdp.py --shape llama8b --mode lora --nprocs 1,2,4,8 --engines velotune,peer --json fsdp_8b_lora.json
+  # 70B LoRA r=16 (1 GPU: does the 141 GB bf16 base fit; 2-8: sharded), velotune only (x8 kind, ~12 min)
+  PYTHONPATH=src python bench/bench_fsdp.py --shape llama70b --mode lora --nprocs 1,2,4,8 --engines velotune --json fsdp_70b_lora.json
+  # 70B full fine-tuning: weights + gradients + AdamW state = 564 GB in bf16, so 8 GPUs only (x8, ~6 min)
+  PYTHONPATH=src python bench/bench_fsdp.py --shape llama70b --mode full --nprocs 8 --engines velotune --json fsdp_70b_full.json
+  # beside them, 70B QLoRA on one GPU: bench/bench_train.py --shape llama70b --quant nf4 (its docstring)
+  PYTHONPATH=src python bench/bench_fsdp.py --dry-run    # tiny shape, 2 CPU processes (gloo): both modes, both engines
 On the CPU (the dry run) accelerate does not turn FSDP on (its CPU launches are DDP): the peer's record
-says which engine really ran (`ran`).
+says which engine really ran (`ran`). bench/fsdp_comm.py gives the communication these runs need.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -83,26 +97,67 @@ def peak(cuda: bool) -> dict:
                 reserved_gib=round(torch.cuda.max_memory_reserved() / gib, 2))
 
 
-def run_velotune(args, cuda: bool, world: int, rank: int, local_rank: int) -> dict:
-    """velotune's sharding (the trainer's function) and a plain training loop; times optimizer steps."""
+def make_velotune(args, mode: str, device, cuda: bool, world: int, rank: int):
+    """Our Llama built on the meta device, LoRA added (mode lora: r=16 on the 7 projections through
+    velotune's get_peft_model, frozen base), sharded per decoder layer (world > 1, the trainer's
+    `fsdp.shard`), and only then made: each rank allocates its shards alone, so the 70B shape (141 GB
+    in bf16) never exists whole on any GPU or in host memory. Random values drawn on each rank's own
+    shard (normal 0.02, norms 1, lora_B 0): a benchmark needs their shapes and a finite loss, not a copy."""
     import torch
+    from torch.distributed.tensor import DTensor
 
-    from velotune.fast.plan import plan_step
+    from velotune.lora import get_peft_model
     from velotune.models.families import LlamaForCausalLM
     from velotune.models.rope import RotaryEmbedding
     from velotune.training import fsdp
 
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    model = build(LlamaForCausalLM, llama_config(args.shape), device, cuda)
+    sys.path.insert(0, str(HERE))
+    from bench_train import TARGETS
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if cuda else torch.float32)  # meta tensors take it; to_empty keeps it
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(llama_config(args.shape))
+    finally:
+        torch.set_default_dtype(default)
+    if mode == "lora":
+        model = get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none", target_modules=TARGETS,
+                               use_gradient_checkpointing=True, random_state=3407, max_seq_length=args.seq)
+    else:
+        model.requires_grad_(True)
+        model.gradient_checkpointing_enable()
+    if world > 1:
+        fsdp.shard(model, fsdp.Sharding(), SimpleNamespace(bf16=cuda, device=device))
+    model.to_empty(device=device)
+    torch.manual_seed(rank)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            local = param.to_local() if isinstance(param, DTensor) else param  # (this rank's rows)
+            if "lora_B" in name:
+                local.zero_()
+            elif param.ndim == 1:
+                local.fill_(1.0)  # RMSNorm weights
+            else:
+                local.normal_(0.0, 0.02)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.reset_frequencies()  # fp32 inverse frequencies, as loading leaves them
-    model.gradient_checkpointing_enable()
+    return model
+
+
+def run_velotune(args, mode: str, cuda: bool, world: int, rank: int, local_rank: int) -> dict:
+    """velotune's model and sharding (the trainer's function) and a plain training loop; times optimizer steps."""
+    import torch
+
+    from velotune.fast.plan import plan_step
+
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    model = make_velotune(args, mode, device, cuda, world, rank)
     model.train()
-    if world > 1:
-        fsdp.shard(model, fsdp.Sharding(), SimpleNamespace(bf16=cuda))
     decision = plan_step(model, training=True, grad=True, labels=True, tokens=args.batch * args.seq)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)
     data = batches(args, model.config.vocab_size, rank, device)
     times, losses = [], []
     for step in range(args.warmup + args.steps):
@@ -117,7 +172,7 @@ def run_velotune(args, cuda: bool, world: int, rank: int, local_rank: int) -> di
             loss = model(input_ids=ids, labels=ids).loss
             (loss / args.accum).backward()
             losses.append(loss.detach())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if cuda:
@@ -128,17 +183,27 @@ def run_velotune(args, cuda: bool, world: int, rank: int, local_rank: int) -> di
             torch.cuda.reset_peak_memory_stats()  # steady state: after the first step created the optimizer state
     return dict(step_s=statistics.median(times), loss_last=round(losses[-1].float().item(), 4),
                 ran="FSDP2 (velotune.training.fsdp.shard)" if world > 1 else "one GPU, unsharded",
-                path=decision.reason, **peak(cuda))
+                path=decision.reason, trainable=sum(p.numel() for p in params), **peak(cuda))  # DTensor: global
 
 
-def run_peer(args, cuda: bool, world: int, rank: int, local_rank: int, amp: bool = False) -> dict:
+def run_peer(args, mode: str, cuda: bool, world: int, rank: int, local_rank: int, amp: bool = False) -> dict:
     """transformers' LlamaForCausalLM under plain transformers.Trainer with its own FSDP2 switch. `amp`:
-    bf16=True, accelerate's mixed precision (it keeps fp32 master weights for FSDP2 and autocasts)."""
+    bf16=True, accelerate's mixed precision (it keeps fp32 master weights for FSDP2 and autocasts).
+    Mode lora: PEFT's own LoRA (r=16, the 7 projections) on the frozen model, as a PEFT user writes it.
+    The whole bf16 model is built on each GPU before accelerate shards it (8B: 16 GB; 70B: refused in main)."""
     import torch
     from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     model = build(LlamaForCausalLM, llama_config(args.shape), device, cuda)
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        sys.path.insert(0, str(HERE))
+        from bench_train import TARGETS
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                                 task_type="CAUSAL_LM"))
     steps = args.warmup + args.steps
     gen = batches(args, model.config.vocab_size, rank, "cpu")
     rows = [{"input_ids": ids[0], "labels": ids[0]} for ids in (next(gen)[:1] for _ in range(steps * args.batch
@@ -166,12 +231,44 @@ def run_peer(args, cuda: bool, world: int, rank: int, local_rank: int, amp: bool
                               gradient_accumulation_steps=args.accum, max_steps=steps, learning_rate=1e-5,
                               optim="adamw_torch", bf16=amp and cuda, fp16=False, gradient_checkpointing=True,
                               save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True,
-                              dataloader_pin_memory=False, use_cpu=not cuda, seed=0, **fsdp)
+                              dataloader_pin_memory=False, use_cpu=not cuda, seed=0,
+                              gradient_checkpointing_kwargs={"use_reentrant": False}, **fsdp)
     trainer = Trainer(model=model, args=targs, train_dataset=rows, callbacks=[Clock()])
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return dict(step_s=statistics.median(times), loss_last=round(losses[-1], 4) if losses else None,
-                ran=f"transformers.Trainer, accelerate {trainer.accelerator.distributed_type}", **peak(cuda))
+                ran=f"transformers.Trainer, accelerate {trainer.accelerator.distributed_type}",
+                trainable=sum(p.numel() for p in model.parameters() if p.requires_grad), **peak(cuda))
+
+
+def run_one(args, mode: str, engine: str, cuda: bool, world: int, rank: int, local_rank: int) -> dict | None:
+    """One engine in one mode on every rank; rank 0 gets the record (the others None)."""
+    import torch
+    import torch.distributed as dist
+
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        if engine == "velotune":
+            mine = dict(rank=rank, **run_velotune(args, mode, cuda, world, rank, local_rank))
+        else:
+            mine = dict(rank=rank, **run_peer(args, mode, cuda, world, rank, local_rank, amp=engine == "peer-amp"))
+    except torch.OutOfMemoryError as error:  # "does it fit on N GPUs": a no is a result
+        mine = dict(rank=rank, oom=str(error).splitlines()[0], step_s=None, **peak(cuda))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank != 0:
+        return None
+    fits = all(r["step_s"] is not None for r in gathered)
+    step_s = max(r["step_s"] for r in gathered) if fits else None
+    tokens = world * args.batch * args.seq * args.accum
+    return dict(engine=engine, mode=mode, nproc=world, shape=args.shape, seq=args.seq, batch=args.batch,
+                accum=args.accum, fits=fits, ran=gathered[0].get("ran"), trainable=gathered[0].get("trainable"),
+                tokens_per_s=round(tokens / step_s, 1) if fits else None,
+                step_s=round(step_s, 4) if fits else None, oom=gathered[0].get("oom"),
+                per_gpu=[{k: r.get(k) for k in ("rank", "peak_gib", "reserved_gib", "loss_last")} for r in gathered],
+                device=torch.cuda.get_device_name() if cuda else "cpu")
 
 
 def worker(args) -> None:
@@ -183,59 +280,74 @@ def worker(args) -> None:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # A rank out of memory mid-step leaves the others in a collective: bounded, not NCCL's 10 minutes.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=300))
     world, rank = dist.get_world_size(), dist.get_rank()
-    for engine in args.engines.split(","):
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            if engine == "velotune":
-                mine = dict(rank=rank, **run_velotune(args, cuda, world, rank, local_rank))
-            else:
-                mine = dict(rank=rank, **run_peer(args, cuda, world, rank, local_rank, amp=engine == "peer-amp"))
-        except torch.OutOfMemoryError as error:  # "does it fit on one GPU": a no is a result
-            mine = dict(rank=rank, oom=str(error).splitlines()[0], step_s=None, **peak(cuda))
-        gathered = [None] * world
-        dist.all_gather_object(gathered, mine)
-        if rank == 0:
-            fits = all(r["step_s"] is not None for r in gathered)
-            step_s = max(r["step_s"] for r in gathered) if fits else None
-            tokens = world * args.batch * args.seq * args.accum
-            record = dict(engine=engine, nproc=world, shape=args.shape, seq=args.seq,
-                          batch=args.batch, accum=args.accum, fits=fits, ran=gathered[0].get("ran"),
-                          tokens_per_s=round(tokens / step_s, 1) if fits else None,
-                          step_s=round(step_s, 4) if fits else None, oom=gathered[0].get("oom"),
-                          per_gpu=[{k: r.get(k) for k in ("rank", "peak_gib", "reserved_gib", "loss_last")}
-                                   for r in gathered],
-                          device=torch.cuda.get_device_name() if cuda else "cpu")
-            print("RESULT " + json.dumps(record), flush=True)
+    for mode in args.mode.split(","):
+        for engine in args.engines.split(","):
+            record = run_one(args, mode, engine, cuda, world, rank, local_rank)
+            if rank == 0:
+                print("RESULT " + json.dumps(record), flush=True)
     dist.destroy_process_group()
 
 
-def launch(args, engine: str, nproc: int) -> list[dict]:
+def launch(args, engine: str, mode: str, nproc: int) -> list[dict]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(Path(__file__).resolve()), "--worker", "--engines", engine, *args.passthrough]
+               str(Path(__file__).resolve()), "--worker", "--engines", engine, "--mode", mode, *args.passthrough]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     print("$ " + " ".join(command), file=sys.stderr, flush=True)
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         sys.stderr.write(done.stdout[-4000:] + done.stderr[-8000:])
-        raise SystemExit(f"the {engine} run on {nproc} process(es) failed (exit code {done.returncode})")
+        raise SystemExit(f"the {engine} {mode} run on {nproc} process(es) failed (exit code {done.returncode})")
     return [json.loads(line[len("RESULT "):]) for line in lines]
 
 
+def summarize(records: list[dict]) -> list[dict]:
+    """Per-GPU figures for each record (in place; returns them): tokens/s per GPU, the largest peak
+    over the GPUs, and the scaling efficiency = tokens/s per GPU / that of the smallest process count
+    of the same engine, mode and shape that fit (1.0 at that count; None where it did not fit)."""
+    for r in records:
+        r["tokens_per_s_per_gpu"] = round(r["tokens_per_s"] / r["nproc"], 1) if r["fits"] else None
+        peaks = [g["peak_gib"] for g in r["per_gpu"] if g.get("peak_gib") is not None]
+        r["peak_gib_max"] = max(peaks) if peaks else None
+        fitting = [o for o in records if o["fits"] and (o["engine"], o["mode"], o["shape"]) ==
+                   (r["engine"], r["mode"], r["shape"])]
+        base = min(fitting, key=lambda o: o["nproc"]) if fitting else None
+        r["efficiency_vs_nproc"] = base["nproc"] if base else None
+        r["scaling_efficiency"] = (round(r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"], 3)
+                                   if r["fits"] and base else None)
+    return records
+
+
+def table(records: list[dict]) -> str:
+    """The records as a markdown table, one row per engine, mode and process count."""
+    lines = ["| engine | mode | shape | GPUs | tokens/s | tokens/s per GPU | peak GiB per GPU (max) | scaling eff. |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in records:
+        eff = f"{r['scaling_efficiency']:.2f} (vs {r['efficiency_vs_nproc']})" if r["scaling_efficiency"] else "-"
+        speed = (f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f}" if r["fits"]
+                 else f"does not fit | -")
+        lines.append(f"| {r['engine']} | {r['mode']} | {r['shape']} | {r['nproc']} | {speed} | {r['peak_gib_max']} | "
+                     f"{eff} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> list[dict]:
+    sys.path.insert(0, str(HERE))
+    from bench_train import SHAPES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=["llama8b", "llama1b", "tiny"], default="llama8b")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama8b")
+    parser.add_argument("--mode", default="full", help="full, lora, or both as 'full,lora' (one launch each)")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1, help="per GPU")
     parser.add_argument("--accum", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="measured optimizer steps (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--nprocs", default="1,2", help="process counts to run in turn, one torchrun each")
-    parser.add_argument("--engines", default="velotune,peer")
+    parser.add_argument("--nprocs", default="1,2", help="process counts to run in turn, one torchrun each (1,2,4,8)")
+    parser.add_argument("--engines", default="velotune,peer", help="velotune, peer, peer-amp (comma-separated)")
     parser.add_argument("--scratch", default="/tmp/bench_fsdp", help="the peer Trainer's output_dir (nothing saved)")
     parser.add_argument("--json", default=None, help="also write the records to this file")
     parser.add_argument("--dry-run", action="store_true", help="tiny shape, 2 CPU processes (gloo), one launch")
@@ -243,23 +355,40 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.dry_run:
         args.shape, args.seq, args.batch, args.accum, args.steps, args.warmup = "tiny", 32, 1, 2, 2, 1
-        args.nprocs = "2"
+        args.nprocs, args.mode = "2", "full,lora"
+    modes = args.mode.split(",")
+    if any(m not in ("full", "lora") for m in modes):
+        parser.error(f"--mode {args.mode!r}: each mode is full or lora")
     if args.worker:
         return worker(args)
+    nprocs = [int(n) for n in args.nprocs.split(",")]
+    if not args.dry_run:
+        import torch
+
+        if max(nprocs) > torch.cuda.device_count():
+            parser.error(f"--nprocs {args.nprocs}: {max(nprocs)} processes but this machine has "
+                         f"{torch.cuda.device_count()} GPU(s); drop the larger counts")
+    if args.shape == "llama70b" and any(e.startswith("peer") for e in args.engines.split(",")):
+        parser.error("--shape llama70b with a peer engine: the peer builds the whole bf16 model (141 GB) on each GPU "
+                     "before accelerate shards it, which no H200 holds; use --engines velotune")
     raw = list(sys.argv[1:] if argv is None else argv)
-    skip = {"--nprocs", "--json", "--engines"}
+    skip = {"--nprocs", "--json", "--engines", "--mode"}
     args.passthrough = [a for i, a in enumerate(raw) if a not in skip and not (i and raw[i - 1] in skip)]
     records = []
-    for nproc in (int(n) for n in args.nprocs.split(",")):
-        if args.dry_run:  # one launch runs both engines (the script is checked, not measured)
-            records += launch(args, args.engines, nproc)
-        else:
+    for nproc in nprocs:
+        if args.dry_run:  # one launch runs every mode and engine (the script is checked, not measured)
+            records += launch(args, args.engines, args.mode, nproc)
+            continue
+        for mode in modes:
             for engine in args.engines.split(","):
-                records += launch(args, engine, nproc)
+                records += launch(args, engine, mode, nproc)
+    summarize(records)
     for r in records:
         gpus = ", ".join(f"{g['peak_gib']}/{g['reserved_gib']}" for g in r["per_gpu"])
         speed = f"{r['tokens_per_s']:,.0f} tokens/s" if r["fits"] else f"does not fit ({r['oom']})"
-        print(f"{r['engine']} on {r['nproc']} process(es) [{r['ran']}]: {speed}; peak/reserved GiB per GPU: {gpus}")
+        print(f"{r['engine']} {r['mode']} on {r['nproc']} process(es) [{r['ran']}]: {speed}; "
+              f"peak/reserved GiB per GPU: {gpus}")
+    print(table(records))
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=1))
     return records

@@ -1,12 +1,14 @@
 """LoRA / QLoRA training-step benchmark of velotune's fast path against its own plain path.
 
-Llama-3.1-8B or Llama-3.2-1B shapes with random weights, random tokens, LoRA r=32 on every linear
-projection, fused AdamW; tokens/s (median step time after warm-up) and peak GPU memory. Each
+Llama-3.1-8B, Llama-3.2-1B or Llama-3.1-70B shapes with random weights (NF4: made and quantized one
+decoder layer at a time, see build_nf4_per_layer, so 70B QLoRA runs on one GPU), random tokens,
+LoRA r=32 on every linear projection, fused AdamW; tokens/s (median step time after warm-up) and peak GPU memory. Each
 path runs in its own process (a clean allocator and peak counter), `--path both` runs the two
 and prints their ratio.
 
   PYTHONPATH=src python bench/bench_train.py --shape llama8b --quant nf4 --seq 2048 --batch 2 --accum 4
   PYTHONPATH=src python bench/bench_train.py --shape llama1b --quant none --checkpointing false
+  PYTHONPATH=src python bench/bench_train.py --shape llama70b --quant nf4 --seq 2048 --batch 1 --accum 4 --path fast
   PYTHONPATH=src python bench/bench_train.py --dry-run          # tiny shape on the CPU, 2 steps
   PYTHONPATH=src python bench/bench_train.py --model /tmp/m_llama8b   # a checkpoint, loaded as users load it
 
@@ -28,6 +30,8 @@ import time
 SHAPES = {
     "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=128256),
+    "llama70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                     num_key_value_heads=8, vocab_size=128256),  # Llama-3.1-70B
     "llama1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -46,8 +50,6 @@ def build(args, device: str):
     from velotune import FastLanguageModel
     from velotune.models.families import LlamaForCausalLM
     from velotune.models.rope import RotaryEmbedding
-    from velotune.quant import quantize_model_
-
     if args.model:
         model, _ = FastLanguageModel.from_pretrained(args.model, max_seq_length=args.seq, dtype=torch.bfloat16,
                                                      load_in_4bit=args.quant == "nf4",
@@ -60,6 +62,8 @@ def build(args, device: str):
                          "original_max_position_embeddings": 8192}, **SHAPES[args.shape])  # fmt: skip
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
+    if args.quant == "nf4":
+        return _with_adapters(build_nf4_per_layer(LlamaForCausalLM, config, device, dtype), args)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     with torch.device(device):
@@ -68,13 +72,52 @@ def build(args, device: str):
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.reset_frequencies()  # inverse frequencies in fp32, as loading leaves them
-    if args.quant == "nf4":
-        quantize_model_(model, compute_dtype=dtype)
-    elif args.quant == "int8":  # bitsandbytes LLM.int8 layers, as load_in_8bit=True builds them (plain path only)
+    if args.quant == "int8":  # bitsandbytes LLM.int8 layers, as load_in_8bit=True builds them (plain path only)
         from velotune.quant.int8 import quantize_model_int8_
 
         quantize_model_int8_(model)
     return _with_adapters(model, args)
+
+
+def build_nf4_per_layer(cls, config, device: str, dtype):
+    """`cls(config)` with random NF4 decoder layers, made one layer at a time and quantized as it is made.
+
+    The 16-bit model never exists whole, on the GPU or in host memory: the Llama-3.1-70B shape is 141 GB
+    in bf16 (more than one H200 holds, and a 140 GB random-weight folder would not fit the 1-GPU
+    machine's 64 GiB disk). The architecture is built on the meta device; the embeddings, final norm and
+    lm_head (kept 16-bit, as loading keeps lm_head) are made on `device`, then each decoder layer in
+    turn: its 16-bit weights are drawn (the model's own `_init_weights`, as post_init draws them),
+    quantized to NF4, and dropped. Peak: the NF4 model plus one 16-bit layer (70B: ~1.7 GB)."""
+    import torch
+
+    from velotune.models.rope import RotaryEmbedding
+    from velotune.quant import quantize_model_
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # meta tensors take this dtype; to_empty keeps it
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(default)
+    decoder = model.model
+    for part in [decoder.embed_tokens, decoder.norm] + ([] if config.tie_word_embeddings else [model.lm_head]):
+        part.to_empty(device=device)
+        part.apply(model._init_weights)
+    for layer in decoder.layers:
+        layer.to_empty(device=device)
+        layer.apply(model._init_weights)
+        quantize_model_(layer, compute_dtype=dtype)  # its 7 projections become NF4 before the next layer is made
+    if config.tie_word_embeddings:
+        model.lm_head.weight = decoder.embed_tokens.weight
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.reset_frequencies()  # a meta buffer until now; fp32 inverse frequencies, as loading leaves them
+    still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise RuntimeError(f"build_nf4_per_layer left {still_meta[:3]} on the meta device: a module of "
+                           f"{cls.__name__} outside embed_tokens, norm, lm_head and layers needs making too")
+    return model
 
 
 def _with_adapters(model, args):
