@@ -5,11 +5,12 @@ the settings bench/bench_fsdp.py measures (2K tokens x batch 1 per micro-batch, 
 step, `fully_shard` per decoder layer then the model as root, reshard after forward, bf16 weights
 gathered, gradients reduce-scattered once per step in fp32), it computes per GPU and per step:
 
-* bytes moved: each micro-batch all-gathers every decoder layer's bf16 weights twice (forward, and
-  again in backward since they were resharded after forward; the checkpoint's recomputation runs
-  inside that backward gather) and the root unit (embeddings, final norm, lm_head) once (FSDP2 keeps
-  the root gathered from its forward to its backward); the last micro-batch reduce-scatters the
-  trainable weights' gradients (LoRA: the adapters only, but the frozen base is gathered all the same).
+* bytes moved: each micro-batch all-gathers every unit's bf16 weights twice, the decoder layers' and
+  the root's (embeddings, final norm, lm_head): in forward, and again in backward since they were
+  resharded after forward (the checkpoint's recomputation runs inside that backward gather). The root
+  too: `fsdp.shard` passes reshard_after_forward=True explicitly, and torch keeps the root gathered
+  only when that argument is left out (None). The last micro-batch reduce-scatters the trainable
+  weights' gradients (LoRA: the adapters only, but the frozen base is gathered all the same).
   A ring collective over W GPUs moves (W - 1) / W of the gathered (or reduced) bytes through each GPU;
 * compute: 6 x matmul weights x tokens FLOPs for full fine-tuning, 4 x for LoRA over a frozen base
   (no weight gradient for the base), at a stated model-FLOPs utilisation (MFU) of the GPU's dense bf16
@@ -91,9 +92,8 @@ class Step:
 
 def gathered_bytes(c: Counts, step: Step) -> int:
     """Bytes all-gathered per step (whole tensors, before the (W - 1) / W of a ring)."""
-    layer_gathers = 2 if step.reshard_after_forward else 1
-    per_micro = layer_gathers * c.layer * c.layers + c.root
-    return step.accum * per_micro * step.param_bytes
+    gathers = 2 if step.reshard_after_forward else 1  # forward, and backward after a reshard
+    return step.accum * gathers * c.total * step.param_bytes
 
 
 def reduced_bytes(c: Counts, step: Step) -> int:

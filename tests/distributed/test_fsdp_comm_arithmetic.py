@@ -37,14 +37,14 @@ def test_counts_of_the_tiny_shape(comm):
 def test_bytes_per_step(comm):
     c = comm.counts(comm.SHAPES["tiny"])
     full, lora = comm.Step(mode="full"), comm.Step(mode="lora")
-    # 4 micro-batches x (layers gathered twice: 2 x 2 x 36992, root once: 65600) x 2 bytes
-    assert comm.gathered_bytes(c, full) == 4 * (147968 + 65600) * 2 == 1708544
-    assert comm.gathered_bytes(c, lora) == 1708544  # the frozen base is gathered all the same
-    assert comm.gathered_bytes(c, comm.Step(reshard_after_forward=False)) == 4 * (73984 + 65600) * 2
+    # 4 micro-batches x every unit gathered twice (forward, backward) x 139584 weights x 2 bytes
+    assert comm.gathered_bytes(c, full) == 4 * 2 * 139584 * 2 == 2233344
+    assert comm.gathered_bytes(c, lora) == 2233344  # the frozen base is gathered all the same
+    assert comm.gathered_bytes(c, comm.Step(reshard_after_forward=False)) == 4 * 139584 * 2
     assert comm.reduced_bytes(c, full) == 139584 * 4 and comm.reduced_bytes(c, lora) == 32768 * 4
     assert comm.reduced_bytes(c, comm.Step(reduce_bytes=2)) == 139584 * 2
-    assert comm.per_gpu_bytes(c, full, world=2) == (1708544 + 558336) / 2 == 1133440
-    assert comm.per_gpu_bytes(c, full, world=8) == pytest.approx(7 / 8 * 2266880)
+    assert comm.per_gpu_bytes(c, full, world=2) == (2233344 + 558336) / 2 == 1395840
+    assert comm.per_gpu_bytes(c, full, world=8) == pytest.approx(7 / 8 * 2791680)
     assert comm.hsdp_inter_node_bytes(c, full, nodes=2) == 2 * 0.5 * 558336 / 8 == 69792
 
 
