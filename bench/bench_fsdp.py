@@ -26,8 +26,9 @@ One command per table (H200 machines; times are estimates, mostly start-up and m
   PYTHONPATH=src python bench/bench_fsdp.py --shape llama8b --mode lora --nprocs 1,2,4,8 --engines velotune,peer --json fsdp_8b_lora.json
   # 70B LoRA r=16 (1 GPU: does the 141 GB bf16 base fit; 2-8: sharded), velotune only (x8 kind, ~12 min)
   PYTHONPATH=src python bench/bench_fsdp.py --shape llama70b --mode lora --nprocs 1,2,4,8 --engines velotune --json fsdp_70b_lora.json
-  # 70B full fine-tuning: weights + gradients + AdamW state = 564 GB in bf16, so 8 GPUs only (x8, ~6 min)
-  PYTHONPATH=src python bench/bench_fsdp.py --shape llama70b --mode full --nprocs 8 --engines velotune --json fsdp_70b_full.json
+  # 70B full fine-tuning: weights + gradients + AdamW state = 564 GB in bf16, so 8 GPUs only (70.6 GB each), and
+  # no accumulation: between syncs FSDP2 keeps whole unsharded gradients (141 GB), so 4 x 2K in one micro-batch (x8, ~6 min)
+  PYTHONPATH=src python bench/bench_fsdp.py --shape llama70b --mode full --nprocs 8 --batch 4 --accum 1 --engines velotune --json fsdp_70b_full.json
   # beside them, 70B QLoRA on one GPU: bench/bench_train.py --shape llama70b --quant nf4 (its docstring)
   PYTHONPATH=src python bench/bench_fsdp.py --dry-run    # tiny shape, 2 CPU processes (gloo): both modes, both engines
 On the CPU (the dry run) accelerate does not turn FSDP on (its CPU launches are DDP): the peer's record
