@@ -13,7 +13,8 @@ activation checkpointing per decoder layer, bf16 compute, fp32 gradient reductio
   state, bf16 autocast): what a transformers user gets by default, at twice the weight memory.
 
 `--mode full`: every weight trains. `--mode lora`: LoRA r=16 on the 7 projections (velotune's
-get_peft_model; PEFT's LoraConfig for the peers) over the frozen bf16 base, sharded the same way.
+get_peft_model; PEFT's LoraConfig for the peers) over the frozen bf16 base, sharded the same way; the
+adapters are fp32 in both (PEFT's default upcast; FSDP2 gathers a unit of mixed dtypes as bytes).
 With one process the model is not sharded (does it fit on one GPU at all: an out-of-memory is
 recorded as such). One process count, mode and engine per torchrun launch (clean allocators); rank 0
 prints a RESULT line; the end prints a table per GPU: tokens/s per GPU, the largest peak, and the
