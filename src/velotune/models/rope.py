@@ -5,6 +5,11 @@ are computed by transformers' published `ROPE_INIT_FUNCTIONS` (pure functions of
 so our positions are exactly the ones the checkpoint was trained with. The rotation itself is
 ours: `velotune.kernels.rope.rope_reference`, also the RoPE kernel's plain path. Dynamic and
 LongRoPE pick their frequencies from the longest position in the batch, as transformers does.
+
+Multimodal RoPE (Qwen2-VL / Qwen2.5-VL, `mrope_section` in the rope parameters) gives each token
+three position ids (temporal, height, width; text tokens have three equal ones): the rotary
+frequencies are cut into three consecutive sections and each section turns by its own position id.
+Only the cos/sin tables change, so the rotation, the kernels and the decode path stay as they are.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ class RotaryEmbedding(nn.Module):
         self.config = config
         self.params, self.layer_type_key = rope_parameters_for(config, layer_type)
         self.rope_type = self.params.get("rope_type", "default")
+        self.mrope_section: tuple[int, ...] | None = (
+            tuple(int(n) for n in self.params["mrope_section"]) if self.params.get("mrope_section") else None)
         inv_freq, self.attention_scaling = self._frequencies(seq_len=None)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._long_inv_freq: torch.Tensor | None = None
@@ -73,10 +80,31 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T), or (3, B, T) temporal/height/width ids for multimodal RoPE (a (B, T)
+        tensor there means text only: the three ids are equal). Returns cos, sin of (B, T, D_rot)."""
         inv_freq = self._inv_freq_for(position_ids).float()
-        freqs = position_ids[..., None].float() * inv_freq  # (B, T, D_rot/2)
+        if self.mrope_section is not None:
+            if position_ids.dim() == 2:
+                position_ids = position_ids[None].expand(3, -1, -1)  # (3, B, T)
+            freqs = mrope_frequencies(position_ids[..., None].float() * inv_freq, self.mrope_section)  # (B, T, D_rot/2)
+        elif position_ids.dim() != 2:
+            raise ValueError(f"position_ids of shape {tuple(position_ids.shape)}: this model's rope takes (batch, "
+                             "sequence) ids; (3, batch, sequence) ids are for multimodal RoPE (mrope_section)")
+        else:
+            freqs = position_ids[..., None].float() * inv_freq  # (B, T, D_rot/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D_rot)
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
         return cos.to(x.dtype), sin.to(x.dtype)
 
+
+
+def mrope_frequencies(freqs: torch.Tensor, sections: tuple[int, ...]) -> torch.Tensor:
+    """(3, B, T, D_rot/2) angles, one set per position axis -> (B, T, D_rot/2): consecutive frequency
+    sections of the given sizes take their angles from axis 0, 1, 2, 0, ... in turn (Qwen2-VL's layout;
+    the sections sum to D_rot/2)."""
+    if sum(sections) != freqs.shape[-1]:
+        raise ValueError(f"mrope_section {list(sections)} sums to {sum(sections)} but the rotary embedding has "
+                         f"{freqs.shape[-1]} frequencies (head_dim / 2); fix rope_parameters['mrope_section']")
+    chunks = freqs.split(list(sections), dim=-1)
+    return torch.cat([chunk[i % 3] for i, chunk in enumerate(chunks)], dim=-1)
