@@ -81,8 +81,13 @@ def check_finite(tensors: dict[str, torch.Tensor], file: Path, why: str | None =
                     "the file is damaged or was saved from a diverged model. Download or save it again."))
 
 
+def read_shard(file: Path) -> dict[str, torch.Tensor]:
+    """One checkpoint file's tensors, refused by name when truncated, unreadable or not finite."""
+    tensors = _read(file)
+    check_finite(tensors, file)
+    return tensors
+
+
 def iter_shards(folder: Path) -> Iterator[dict[str, torch.Tensor]]:
     for file in checkpoint_files(folder):
-        tensors = _read(file)
-        check_finite(tensors, file)
-        yield tensors
+        yield read_shard(file)  # no local reference: the caller alone decides when a shard is freed

@@ -16,10 +16,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ..checkpoint_shards import check_finite, iter_shards
-from ..quant import dequantize_nf4_state, load_prequantized, quantize_model_
-from ..quant.int8 import quantize_model_int8_
+from ..quant import dequantize_nf4_state, load_prequantized
 from ..resolve import Source, resolve_source
 from . import SUPPORTED_MODEL_TYPES, model_class_for
+from .stream_load import folder_shards, load_streaming, quantizer_for
 
 logger = logging.getLogger("velotune")
 
@@ -52,53 +52,31 @@ def model_class(config, trust_remote_code: bool):
 
 
 def load_own(cls, source: Source, config, dtype, device, quant):
+    """Our class filled from `source`, on `device`, quantized when `quant` is "nf4", "int8" or "fp8".
+
+    A folder of 16-bit shards streams (stream_load.py): one shard read at a time, each decoder layer
+    placed and quantized as soon as it is complete, so a 70B model loads in 4-bit without its 16-bit
+    weights ever being whole in host memory or on the GPU. A GGUF source (transformers dequantizes it
+    into its own class) and a "bnb-4bit" folder (4-bit already, so small; its 4-bit layers are built
+    first) are read whole, as before, then placed by the same code as one shard."""
     if source.gguf_file is not None:
         # transformers' GGUF reader dequantizes into its own class; we take its weights.
         reference = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, dtype=dtype)
-        shards = [reference.state_dict()]
+        shards = [(source.folder / source.gguf_file, reference.state_dict())]
         del reference
     elif _is_prequantized(config):
         # A "bnb-4bit" folder: small enough to read whole; its 4-bit layers are built first.
-        shards = [{k: v for shard in iter_shards(source.folder) for k, v in shard.items()}]
+        shards = [(source.folder, {k: v for shard in iter_shards(source.folder) for k, v in shard.items()})]
     else:
         _refuse_foreign_quantization(config)
-        shards = iter_shards(source.folder)
+        shards = folder_shards(source.folder)
     with torch.device("meta"):
         model = cls(config)
     if _is_prequantized(config):
-        _take_prequantized(model, shards[0], dtype, device, keep_4bit=quant == "nf4")
-    _load_shards(model, shards, dtype, source.folder)
-    model.to(device)
-    if quant == "nf4":
-        quantize_model_(model, skip_modules=_skip_modules(config), compute_dtype=dtype)
-    elif quant == "int8":
-        quantize_model_int8_(model, skip_modules=_skip_modules(config))
-    elif quant == "fp8":
-        from ..quant.fp8 import quantize_model_fp8_
-
-        quantize_model_fp8_(model, skip_modules=_skip_modules(config), compute_dtype=dtype)
+        _take_prequantized(model, shards[0][1], dtype, device, keep_4bit=quant == "nf4")
+    load_streaming(model, shards, dtype, device, quantizer_for(quant, _skip_modules(config), dtype))
     model.eval()
     return model
-
-
-def _load_shards(model, shards, dtype, where=None) -> None:
-    """Assign checkpoint tensors into a meta-device model one shard at a time."""
-    for shard in shards:
-        shard = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in shard.items()}
-        if dtype == torch.float16:  # the file's values were finite (iter_shards checked); float16 ends at 65504
-            check_finite(shard, where, why="they exceed float16's range (65504) once loaded in float16: a damaged "
-                         "file (flipped bytes), or weights that need dtype=torch.bfloat16 or torch.float32")
-        result = model.load_state_dict(shard, strict=False, assign=True)
-        if result.unexpected_keys:
-            logger.warning("velotune: checkpoint tensors not used by the model: %s", result.unexpected_keys[:8])
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    missing = [name for name, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:5]}")
-    # Non-persistent buffers (RoPE frequencies) were created on the meta device: rebuild them.
-    for rope in model.model.rotary_emb.values():
-        rope.reset_frequencies()
 
 
 def _quantization_config(config) -> dict | None:

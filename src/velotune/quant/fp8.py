@@ -99,16 +99,17 @@ def to_fp8_linear(linear: nn.Linear, compute_dtype: torch.dtype | None = None) -
 
 
 def quantize_model_fp8_(model: nn.Module, skip_modules: Iterable[str] = ("lm_head",),
-                        compute_dtype: torch.dtype | None = None) -> list[str]:
+                        compute_dtype: torch.dtype | None = None, within: str = "") -> list[str]:
     """Replace every nn.Linear of `model` (in place, one at a time) by an FP8Linear; return their names.
 
     The embeddings are not Linear modules and stay 16-bit; `skip_modules` (dotted components, as
-    quant/linear.py) keeps lm_head and anything a checkpoint kept in 16-bit.
+    quant/linear.py) keeps lm_head and anything a checkpoint kept in 16-bit. `within`: only that
+    submodule's Linears (full names; see quant/linear.py's `quantize_model_`).
     """
     from .linear import _skipped, is_linear4bit
 
     skip = tuple(skip_modules)
-    names = [name for name, module in model.named_modules()
+    names = [name for name, module in model.get_submodule(within).named_modules(prefix=within)
              if isinstance(module, nn.Linear) and not isinstance(module, FP8Linear)
              and not is_linear4bit(module) and not _skipped(name, skip)]
     for name in names:

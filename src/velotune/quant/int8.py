@@ -44,13 +44,14 @@ def dequantize_int8_weight(module) -> torch.Tensor:
 
 
 def quantize_model_int8_(model: nn.Module, skip_modules: Iterable[str] = ("lm_head",),
-                         threshold: float = 6.0) -> list[str]:
+                         threshold: float = 6.0, within: str = "") -> list[str]:
     """Replace every ``nn.Linear`` of ``model`` (in place) by a ``Linear8bitLt`` on the Linear's device; return
-    the names. The weights are quantized by bitsandbytes as each layer moves to that device."""
+    the names. The weights are quantized by bitsandbytes as each layer moves to that device. ``within``: only
+    that submodule's Linears (full names; see quant/linear.py's ``quantize_model_``)."""
     import bitsandbytes as bnb
 
     skip_modules = tuple(skip_modules)
-    names = [name for name, m in model.named_modules()
+    names = [name for name, m in model.get_submodule(within).named_modules(prefix=within)
              if type(m) is nn.Linear and not _skipped(name, skip_modules)]
     for name in names:
         parent_name, _, child_name = name.rpartition(".")

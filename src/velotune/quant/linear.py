@@ -67,17 +67,20 @@ def quantize_model_(
     skip_modules: Iterable[str] = ("lm_head",),
     compute_dtype: torch.dtype | None = None,
     compress_statistics: bool = True,
+    within: str = "",
 ) -> list[str]:
     """Replace every ``nn.Linear`` of ``model`` (in place) by an NF4 ``Linear4bit``; return their names.
 
     One layer at a time: each fp weight is quantized and its module dropped before the next, so
     peak memory is the 4-bit model plus a single fp layer (unless something else still holds a
-    reference to the old weight, e.g. a weight tied to a skipped module).
+    reference to the old weight, e.g. a weight tied to a skipped module). ``within`` (a submodule's
+    dotted name) limits the swap to that submodule while names and ``skip_modules`` stay the whole
+    model's: the streaming loader (models/stream_load.py) quantizes each decoder layer as it arrives.
     """
     skip_modules = tuple(skip_modules)
     names = [
         name
-        for name, module in model.named_modules()
+        for name, module in model.get_submodule(within).named_modules(prefix=within)
         if isinstance(module, nn.Linear)
         and not is_linear4bit(module)
         and not _skipped(name, skip_modules)
