@@ -19,6 +19,7 @@ import torch
 from peft import LoraConfig, PeftModel, PeftModelForCausalLM, load_peft_weights, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from ..fast.plan import find_decoder
 from ..models.decoder import DecoderModel
 from ..quant.linear import is_linear4bit
 
@@ -263,11 +264,15 @@ def _set_checkpointing(model, mode) -> None:
     decoder = getattr(model, "model", None)
     if isinstance(decoder, DecoderModel):
         decoder.set_checkpointing(mode)
-    elif mode:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.2x's name, with its own keyword
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        if mode:  # transformers' modules: the generic path, or a vision model's tower
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.2x's name, with its own keyword
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        own = find_decoder(model)  # our decoder as a composite model's language model (Qwen2-VL)
+        if own is not None:
+            own.set_checkpointing(mode)  # after transformers' toggle: "unsloth" offloads there too
     if mode:
         model.config.use_cache = False
 

@@ -119,6 +119,13 @@ class DecoderModel(FastPathDecoder):
         self.runtime.checkpointing = mode
         self._plain_checkpoint = plain_checkpoint
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """As transformers' text models (a composite model such as Qwen2-VL asks its language model)."""
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)  # (B, T, C)
         if self.spec.scale_embeddings:
@@ -156,10 +163,15 @@ class DecoderModel(FastPathDecoder):
             plan = plan_step(self, training=self.training, grad=torch.is_grad_enabled(), tokens=B * T,
                              cache=cache is not None)
         past = cache.get_seq_length() if cache is not None else 0
-        explicit_positions = position_ids is not None
+        mask_positions = position_ids  # explicit ids that restart mark packed sequences
+        if position_ids is not None and position_ids.dim() == 3:
+            # Multimodal RoPE: (3, B, T) ids, or (4, B, T) with the text ids first (transformers' generate
+            # for Qwen2-VL). Only text ids can mark packing: the image axes repeat by design.
+            mask_positions = position_ids[0] if position_ids.shape[0] == 4 else None
+            position_ids = position_ids[-3:]
         if position_ids is None:
             position_ids = self._default_positions(attention_mask, past, T, h.device)
-        masks_in = mask_inputs(attention_mask, position_ids if explicit_positions else None, past, T, h.device)
+        masks_in = mask_inputs(attention_mask, mask_positions, past, T, h.device)
         cos_sin = {kind: rope(h, position_ids) for kind, rope in self.rotary_emb.items()}
         masks = {kind: LayerMasks(masks_in, self.config.sliding_window if kind == "sliding_attention" else None)
                  for kind in cos_sin}
@@ -309,20 +321,27 @@ class DecoderForCausalLM(PreTrainedModel, GenerationMixin):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, cache=cache,
                          past_key_values=past_key_values, plan=plan)
-        hidden = out.last_hidden_state  # (B, T, C)
-        softcap = getattr(self.config, "final_logit_softcapping", None)
-        head = _lm_head_weight(self.lm_head) if plan.fused_loss else None
-        if head is not None and head.dtype == hidden.dtype:
-            loss = fused_causal_lm_loss(hidden, head, labels, num_items_in_batch, shift_labels, softcap)
-            return CausalLMOutputWithPast(loss=loss, logits=None, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])  # (B, T', V)
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        loss = None
-        if labels is not None or shift_labels is not None:
-            loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels)
+        loss, logits = head_outputs(self.lm_head, out.last_hidden_state, plan, labels, num_items_in_batch,
+                                    shift_labels, logits_to_keep, getattr(self.config, "final_logit_softcapping", None))
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
+
+
+def head_outputs(lm_head: nn.Module, hidden: torch.Tensor, plan: StepPlan, labels=None, num_items_in_batch=None,
+                 shift_labels=None, logits_to_keep: int | torch.Tensor = 0, softcap: float | None = None):
+    """(loss, logits) from the final norm's output `hidden` (B, T, C): the fused linear cross-entropy when the
+    plan says so and the head allows it (logits None then, never built), else lm_head, soft-capping and the loss
+    (None without labels). Shared by every model that ends in our decoder (causal LMs, Qwen2-VL)."""
+    head = _lm_head_weight(lm_head) if plan.fused_loss else None
+    if head is not None and head.dtype == hidden.dtype:
+        return fused_causal_lm_loss(hidden, head, labels, num_items_in_batch, shift_labels, softcap), None
+    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    logits = lm_head(hidden[:, keep, :])  # (B, T', V)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    loss = None
+    if labels is not None or shift_labels is not None:
+        loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels)
+    return loss, logits
 
 
 def _lm_head_weight(lm_head: nn.Module) -> torch.Tensor | None:

@@ -3,8 +3,10 @@
 
 Why transformers' classes: the vision encoders, projectors and the ways each family merges image
 features into the text (Qwen's M-RoPE, Mllama's cross-attention, Gemma 3's bidirectional image
-attention) are many and change between releases; velotune's own decoders do not cover them yet,
-and parity with transformers is then exact by construction.
+attention) are many and change between releases, and parity with transformers is then exact by
+construction. Where a family's language model is one of our decoders (Qwen2-VL, Qwen2.5-VL:
+Qwen2 with M-RoPE), the loaded model is adopted into velotune's class for it (models/qwen_vl.py),
+whose language model is our decoder over the same tensors, so training runs the fast path there.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from transformers import AutoConfig
 
 from ..device import resolve_device, resolve_dtype
+from ..models.qwen_vl import own_decoder_class
 from ..quant import nf4_available, quantize_model_
 from ..resolve import resolve_source, travel_name
 from ..tokenizer import fix_tokenizer as fix_pad_token
@@ -117,6 +120,11 @@ def from_pretrained(model_name: str | os.PathLike, max_seq_length: int = 2048, d
     model = AutoModelForImageTextToText.from_pretrained(
         source.folder, config=config, dtype=dtype, device_map={"": "cpu" if quantize else device},
         trust_remote_code=trust_remote_code)
+    own = own_decoder_class(config)
+    if own is not None:  # the language model is one of ours: it runs on velotune's decoder, same tensors
+        model = own.adopt(model)
+        logger.info("velotune: %s's language model runs on velotune's %s decoder (vision tower and merger are "
+                    "transformers')", config.model_type, own.family)
     if prequantized:  # transformers built bitsandbytes' layers
         from ..quant.nf4_linear import adopt_linear4bit_layers_
 

@@ -1,0 +1,89 @@
+"""Qwen2-VL / Qwen2.5-VL on velotune's own Qwen2 decoder (models/qwen_vl.py): the composite forward equals
+transformers' model of the same weights (logits, loss, gradients; a batch with an image row and a padded
+text-only row), the adopted model shares transformers' tensors, "unsloth" checkpointing reaches our decoder,
+and greedy generation equals transformers' generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText
+
+from velotune import FastVisionModel
+from velotune.models.decoder import DecoderModel
+from velotune.models.qwen_vl import OWN_DECODER_CLASSES
+from velotune.vision.processors import load_processor
+
+QWEN = tuple(OWN_DECODER_CLASSES)
+
+
+def _batch(processor, answer=True):
+    image = Image.new("RGB", (40, 28), (200, 30, 30))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
+    if answer:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": "red"}]})
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=not answer)
+    return processor(text=[text, "hi there"], images=[[image], []], add_special_tokens=False, return_tensors="pt",
+                     padding=True)
+
+
+def _pair(folder):
+    reference = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    ours = OWN_DECODER_CLASSES[reference.config.model_type].from_pretrained(folder, dtype=torch.float32)
+    return ours, reference
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_logits_loss_and_gradients_equal_transformers(family, vision_folder):
+    folder = vision_folder(family)
+    ours, reference = _pair(folder)
+    assert isinstance(ours.model.language_model, DecoderModel)
+    batch = _batch(load_processor(folder, False))
+    assert batch["attention_mask"][1].eq(0).any()  # the text-only row is padded
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    outputs = []
+    for model in (ours, reference):
+        model.train()  # dropout is 0 in the tiny configs; train mode takes the training path (no cache)
+        out = model(**batch, labels=labels, return_logits=True) if model is ours else model(**batch, labels=labels)
+        out.loss.backward()
+        outputs.append(out)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(outputs[0].logits[real], outputs[1].logits[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs[0].loss, outputs[1].loss, rtol=1e-6, atol=1e-6)
+    theirs = dict(reference.named_parameters())
+    for name in ("model.language_model.layers.0.self_attn.q_proj.weight", "model.language_model.layers.1.mlp.down_proj"
+                 ".weight", "model.language_model.embed_tokens.weight", "model.visual.merger.mlp.0.weight"):
+        ours_grad = ours.get_parameter(name).grad
+        torch.testing.assert_close(ours_grad, theirs[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_adoption_shares_transformers_tensors(vision_folder):
+    reference = AutoModelForImageTextToText.from_pretrained(vision_folder("qwen2_vl"), dtype=torch.float32)
+    before = {name: p.data_ptr() for name, p in reference.named_parameters()}
+    model = OWN_DECODER_CLASSES["qwen2_vl"].adopt(reference)
+    after = {name: p.data_ptr() for name, p in model.named_parameters()}
+    assert after == before  # same names, same storage: nothing copied
+    assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
+
+
+def test_unsloth_checkpointing_reaches_our_decoder(vision_folder):
+    model, _ = FastVisionModel.from_pretrained(str(vision_folder("qwen2_vl")), load_in_4bit=False, device_map="cpu")
+    model = FastVisionModel.get_peft_model(model, r=4, use_gradient_checkpointing="unsloth")
+    decoder = model.get_base_model().model.language_model
+    assert decoder.runtime.checkpointing == "unsloth"
+    assert model.get_base_model().model.visual.gradient_checkpointing  # transformers' toggle for the tower
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_greedy_generation_equals_transformers(family, vision_folder):
+    folder = vision_folder(family)
+    ours, reference = _pair(folder)
+    processor = load_processor(folder, False)
+    processor.tokenizer.padding_side = "left"
+    batch = _batch(processor, answer=False)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        theirs = reference.eval().generate(**batch, **settings)
+        mine = ours.eval().generate(**batch, **settings)
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
