@@ -1,0 +1,88 @@
+"""Streaming load on CUDA (skipped without a GPU): the layers quantized on the GPU as they arrive have the
+bytes of the whole model quantized there (bitsandbytes' CUDA rounding, int8 row scales, FP8), and the GPU's
+peak during the load is the quantized model plus one 16-bit layer and one Linear's quantization scratch, not
+the whole 16-bit model. The CPU twin (bytes, host-side bound): test_stream_load.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytest.importorskip("bitsandbytes")
+
+from velotune.models.from_folder import load_config, load_own, model_class  # noqa: E402
+from velotune.quant import quantize_model_  # noqa: E402
+from velotune.quant.fp8 import fp8_unavailable, quantize_model_fp8_  # noqa: E402
+from velotune.quant.int8 import quantize_model_int8_  # noqa: E402
+from velotune.resolve import resolve_source  # noqa: E402
+
+from tiny.families import make_hf  # noqa: E402
+from tiny.sharded import write_sharded  # noqa: E402
+
+DTYPE = torch.bfloat16
+CUDA = torch.device("cuda")
+SKIP = ("lm_head",)
+WHOLE = {
+    "nf4": lambda model: quantize_model_(model, skip_modules=SKIP, compute_dtype=DTYPE),
+    "int8": lambda model: quantize_model_int8_(model, skip_modules=SKIP),
+    "fp8": lambda model: quantize_model_fp8_(model, skip_modules=SKIP, compute_dtype=DTYPE),
+}
+CASES = [("llama", "nf4"), ("phi3", "nf4"), ("qwen3", "nf4"), ("llama", "int8"), ("qwen2", "fp8")]
+
+
+def _load(folder, quant):
+    source = resolve_source(str(folder))
+    config = load_config(source, False)
+    return load_own(model_class(config, False), source, config, DTYPE, CUDA, quant)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).contiguous().view(torch.uint8).cpu()
+
+
+@pytest.mark.parametrize("family, quant", CASES, ids=[f"{f}-{q}" for f, q in CASES])
+def test_streamed_layers_equal_the_whole_model_quantized_on_cuda(tmp_path, family, quant):
+    if quant == "fp8" and fp8_unavailable(CUDA):
+        pytest.skip(fp8_unavailable(CUDA))
+    write_sharded(make_hf(family), tmp_path, DTYPE)
+    streamed = _load(tmp_path, quant)
+    whole = _load(tmp_path, None)  # 16-bit on the GPU, then quantized there as one model
+    WHOLE[quant](whole)
+    expected, actual = whole.state_dict(), streamed.state_dict()
+    assert list(actual) == list(expected)
+    for name, value in expected.items():
+        assert actual[name].device.type == "cuda" and actual[name].dtype == value.dtype, name
+        assert torch.equal(_bytes(actual[name]), _bytes(value)), name
+
+
+def test_gpu_peak_is_one_16bit_layer_above_the_quantized_model(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                         num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=256)
+    torch.manual_seed(0)
+    write_sharded(LlamaForCausalLM(config).eval(), tmp_path, DTYPE, shards=5)
+    layer_bytes = sum(p.numel() for p in LlamaForCausalLM(config).model.layers[0].parameters()) * 2
+    # What quantizing the largest Linear alone costs above its 16-bit weight (the quantizer's own scratch).
+    torch.cuda.empty_cache()
+    big = torch.nn.Sequential(torch.nn.Linear(config.intermediate_size, config.hidden_size, bias=False,
+                                              device=CUDA, dtype=DTYPE))
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    quantize_model_(big, skip_modules=(), compute_dtype=DTYPE)
+    scratch = torch.cuda.max_memory_allocated() - start
+    del big
+
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model = _load(tmp_path, "nf4")
+    final = torch.cuda.memory_allocated() - before
+    peak = torch.cuda.max_memory_allocated() - before
+    whole_16bit = layer_bytes * config.num_hidden_layers
+    print(f"16-bit layer {layer_bytes / 2**20:.1f} MiB, whole 16-bit {whole_16bit / 2**20:.1f} MiB, "
+          f"quantizer scratch {scratch / 2**20:.1f} MiB, loaded {final / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB")
+    assert peak - final <= layer_bytes + scratch + 2**20, (peak, final, layer_bytes, scratch)
+    assert peak < final + whole_16bit / 2  # loading whole first would hold all 16 layers in 16-bit
+    del model
