@@ -87,3 +87,36 @@ def test_greedy_generation_equals_transformers(family, vision_folder):
         theirs = reference.eval().generate(**batch, **settings)
         mine = ours.eval().generate(**batch, **settings)
     torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_fast_path_equals_the_plain_path(vision_folder, monkeypatch):
+    """The fast path forced on the CPU (fused LoRA and loss through their reference paths, the offloading
+    checkpoint on host copies) gives the plain path's loss and LoRA gradients, and never builds the logits.
+    The kernel ops run their PyTorch references (Triton's interpreter costs seconds per step; tests/kernels
+    checks each kernel against its reference)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from velotune import UnslothVisionDataCollator
+
+    from .test_collator import _rows
+
+    model, processor = FastVisionModel.from_pretrained(str(vision_folder("qwen2_vl")), load_in_4bit=False,
+                                                       device_map="cpu")
+    model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth")
+    FastVisionModel.for_training(model)
+    batch = UnslothVisionDataCollator(model, processor)(_rows()[:1])
+    runtime = model.get_base_model().model.language_model.runtime
+    runtime.offload_on_cpu, runtime.offload_min_tokens = True, 0
+    results = {}
+    for fast in (False, True):
+        runtime.fast_path = fast
+        out = model(**batch)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[fast] = out, grads
+        model.zero_grad(set_to_none=True)
+    (plain, plain_grads), (fast, fast_grads) = results[False], results[True]
+    assert plain.logits is not None and fast.logits is None  # the fused cross-entropy ran
+    torch.testing.assert_close(fast.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    assert plain_grads.keys() == fast_grads.keys() and len(plain_grads) == 48  # A and B of 24 LoRA layers
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
