@@ -11,6 +11,7 @@ own process.
   PYTHONPATH=src:. python bench/bench_vision.py make --shape qwen2_5_vl_7b --out /tmp/v_qwen
   PYTHONPATH=src:. python bench/bench_vision.py run --model /tmp/v_qwen --stack velotune --quant nf4
   PYTHONPATH=src:.:.peers python bench/bench_vision.py run --model /tmp/v_qwen --stack unsloth --quant nf4
+  PYTHONPATH=src:. python bench/bench_vision.py run --model /tmp/v_qwen --stack velotune-hf  # transformers' decoder
   PYTHONPATH=src:. python bench/bench_vision.py dry-run      # tiny shape on the CPU, both steps of the above
 """
 
@@ -98,6 +99,10 @@ def rows(count: int, size: int):
 def run(args) -> dict:
     import torch
 
+    if args.stack == "velotune-hf":  # the previous velotune: transformers' text decoder under the vision model
+        from velotune.vision import loading
+
+        loading.own_decoder_class = lambda config: None
     if args.stack == "unsloth":
         import unsloth  # noqa: F401 - first, as Unsloth asks
         from unsloth import FastVisionModel
@@ -146,7 +151,8 @@ def main() -> None:
     parser.add_argument("--shape", default="qwen2_5_vl_7b", choices=sorted(SHAPES))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--model")
-    parser.add_argument("--stack", default="velotune", choices=("velotune", "unsloth"))
+    parser.add_argument("--stack", default="velotune", choices=("velotune", "velotune-hf", "unsloth"),
+                        help="velotune-hf: velotune with transformers' text decoder (no own decoder), for comparison")
     parser.add_argument("--quant", default="nf4", choices=("nf4", "none"))
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--image", type=int, default=512, help="image width in px (the docs advise 300-1000)")
