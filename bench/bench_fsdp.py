@@ -153,6 +153,7 @@ def run_velotune(args, mode: str, cuda: bool, world: int, rank: int, local_rank:
     import torch
 
     from velotune.fast.plan import plan_step
+    from velotune.training.fsdp import defers_reduction
 
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     model = make_velotune(args, mode, device, cuda, world, rank)
@@ -162,15 +163,16 @@ def run_velotune(args, mode: str, cuda: bool, world: int, rank: int, local_rank:
     optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)
     data = batches(args, model.config.vocab_size, rank, device)
     times, losses = [], []
+    defer = defers_reduction(model)  # as velotune's trainer decides (ShardedModel.no_sync)
     for step in range(args.warmup + args.steps):
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
         for micro in range(args.accum):
             ids = next(data)
-            sync = micro == args.accum - 1
+            sync = micro == args.accum - 1 or not defer
             if world > 1:
-                model.set_requires_gradient_sync(sync)  # reduce-scatter once, in the last micro-batch's backward
+                model.set_requires_gradient_sync(sync)  # LoRA: reduce-scatter once, in the last micro-batch's backward
             loss = model(input_ids=ids, labels=ids).loss
             (loss / args.accum).backward()
             losses.append(loss.detach())

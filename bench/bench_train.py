@@ -113,6 +113,7 @@ def build_nf4_per_layer(cls, config, device: str, dtype):
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.reset_frequencies()  # a meta buffer until now; fp32 inverse frequencies, as loading leaves them
+            module.to(device)  # reset_frequencies makes a meta buffer on the CPU; the layers' device
     still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
         raise RuntimeError(f"build_nf4_per_layer left {still_meta[:3]} on the meta device: a module of "

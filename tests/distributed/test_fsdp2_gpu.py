@@ -25,6 +25,8 @@ def launch(*worker_args, nproc: int | None) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(HERE.parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    if not nproc:  # one process sees one GPU: with two, transformers' Trainer would wrap in DataParallel (TRL refuses)
+        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     done = subprocess.run([sys.executable, *launcher, str(HERE / "fsdp_trainer_worker.py"), *map(str, worker_args)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
