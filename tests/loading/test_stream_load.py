@@ -104,20 +104,23 @@ def _six_layer_llama():
     return LlamaForCausalLM(config).eval()
 
 
-def test_a_missing_weight_and_a_repeated_one_are_named(tmp_path):
+def test_repeated_unused_and_missing_tensors(tmp_path, caplog):
+    """A repeated weight of a layer already quantized is refused by name; an unknown tensor of such a layer (an
+    old checkpoint's rotary inv_freq) is only noticed; a missing weight is named."""
     groups = write_sharded(make_hf("llama"), tmp_path, DTYPE)
     from safetensors.torch import load_file, save_file
 
     first = tmp_path / "model-00001-of-00003.safetensors"
-    tensors = load_file(first)
-    # a repeated tensor of layer 0 in the last shard (layer 0 was complete after shard 2)
-    last = tmp_path / "model-00003-of-00003.safetensors"
-    extra = load_file(last) | {"model.layers.0.mlp.up_proj.weight": tensors["model.layers.0.mlp.up_proj.weight"]}
-    save_file(extra, str(last), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.weight.*belongs to decoder layer 0"):
+    up = "model.layers.0.mlp.up_proj.weight"
+    inv_freq = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    last = tmp_path / "model-00003-of-00003.safetensors"  # layer 0 was complete after shard 2
+    kept = load_file(last) | {inv_freq: torch.ones(8)}
+    save_file(kept | {up: load_file(first)[up]}, str(last), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{up}.*belongs to decoder layer 0, which earlier shards"):
         _load(tmp_path, "nf4")
-    save_file({k: v for k, v in extra.items() if k != "model.layers.0.mlp.up_proj.weight"}, str(last),
-              metadata={"format": "pt"})
+    save_file(kept, str(last), metadata={"format": "pt"})
+    _load(tmp_path, "nf4")
+    assert f"checkpoint tensors not used by the model: ['{inv_freq}']" in caplog.text
     cut = groups[1][0]  # the first tensor of shard 2 (its layer began in shard 1)
     second = tmp_path / "model-00002-of-00003.safetensors"
     save_file({k: v for k, v in load_file(second).items() if k != cut}, str(second), metadata={"format": "pt"})

@@ -62,8 +62,10 @@ def test_gpu_peak_is_one_16bit_layer_above_the_quantized_model(tmp_path):
     config = LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
                          num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=256)
     torch.manual_seed(0)
-    write_sharded(LlamaForCausalLM(config).eval(), tmp_path, DTYPE, shards=5)
-    layer_bytes = sum(p.numel() for p in LlamaForCausalLM(config).model.layers[0].parameters()) * 2
+    reference = LlamaForCausalLM(config).eval()
+    layer_bytes = sum(p.numel() for p in reference.model.layers[0].parameters()) * 2  # bf16
+    write_sharded(reference, tmp_path, DTYPE, shards=5)
+    del reference
     # What quantizing the largest Linear alone costs above its 16-bit weight (the quantizer's own scratch).
     torch.cuda.empty_cache()
     big = torch.nn.Sequential(torch.nn.Linear(config.intermediate_size, config.hidden_size, bias=False,
