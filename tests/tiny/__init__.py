@@ -6,6 +6,8 @@
   apply) with real BPE / SentencePiece-style tokenizers (`CONFIGS`, `model`, `tokenizer`).
 - `folders`: a tiny random Llama saved the way checkpoints are, with a real character tokenizer
   (`write_tiny_llama`, `tiny_folder`), and velotune's LoRA model loaded from it (`tiny_lora`).
+- `sharded`: any transformers model saved as several safetensors shards whose boundaries cut through
+  decoder layers, with the index (`write_sharded`; the streaming-load tests).
 - `vision`: tiny vision-language models of the five vision families with character tokenizers, each
   family's chat template and small image processors (tests/vision, bench/bench_vision.py).
 - `lora`: our model of any family with LoRA on every projection (`lora_model`), a padded batch and
