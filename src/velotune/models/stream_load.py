@@ -83,7 +83,8 @@ def load_streaming(model: nn.Module, shards: Iterable[tuple[Path | str, dict[str
     for where, shard in shards:
         _refuse_repeats(shard, where, known, finished=set(range(len(layers))) - set(pending))
         _assign(model, shard, dtype, where)
-        del shard  # the layers now hold the tensors they use; nothing else keeps the shard alive
+        del shard  # the layers hold the tensors they use (folder_shards keeps none; a whole-read source
+        # stays in its caller's list, as before)
         for index in [i for i, layer in pending.items() if _complete(layer)]:
             pending.pop(index).to(device)
             if quantize is not None:
