@@ -1,7 +1,8 @@
 """Qwen2-VL / Qwen2.5-VL on velotune's own Qwen2 decoder (models/qwen_vl.py): the composite forward equals
 transformers' model of the same weights (logits, loss, gradients; a batch with an image row and a padded
 text-only row), the adopted model shares transformers' tensors, "unsloth" checkpointing reaches our decoder,
-and greedy generation equals transformers' generate."""
+the fast path equals the plain path, and greedy generation (transformers' loop, and velotune's engine after
+for_inference) equals transformers' generate."""
 
 from __future__ import annotations
 
@@ -75,9 +76,8 @@ def test_unsloth_checkpointing_reaches_our_decoder(vision_folder):
     assert model.get_base_model().model.visual.gradient_checkpointing  # transformers' toggle for the tower
 
 
-@pytest.mark.parametrize("family", QWEN)
-def test_greedy_generation_equals_transformers(family, vision_folder):
-    folder = vision_folder(family)
+def test_greedy_generation_in_transformers_loop_equals_transformers(vision_folder):
+    folder = vision_folder("qwen2_vl")
     ours, reference = _pair(folder)
     processor = load_processor(folder, False)
     processor.tokenizer.padding_side = "left"
@@ -87,6 +87,35 @@ def test_greedy_generation_equals_transformers(family, vision_folder):
         theirs = reference.eval().generate(**batch, **settings)
         mine = ours.eval().generate(**batch, **settings)
     torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_greedy_generation_on_the_engine_equals_transformers(family, vision_folder):
+    """After for_inference, generate(**processor(...)) runs on velotune's engine: prefill with the image
+    features and M-RoPE ids, text-only decode steps counting on from each row's rope delta. Rows: one image,
+    text only, two images of other sizes (so the rows' deltas differ), left-padded."""
+    folder = vision_folder(family)
+    model, processor = FastVisionModel.from_pretrained(str(folder), load_in_4bit=False, device_map="cpu")
+    reference = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    processor.tokenizer.padding_side = "left"
+    red, green = Image.new("RGB", (40, 28), (200, 30, 30)), Image.new("RGB", (30, 50), (20, 130, 30))
+
+    def prompt(images: int) -> str:
+        content = [{"type": "image"}] * images + [{"type": "text", "text": "Colour?"}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+
+    batch = processor(text=[prompt(1), "hi there", prompt(2)], images=[[red], [], [green, red]],
+                      add_special_tokens=False, return_tensors="pt", padding=True)
+    FastVisionModel.for_inference(model)
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        theirs = reference.generate(**batch, **settings)
+        mine = model.generate(**batch, **settings)
+    assert model.generation_engine.resident is not None  # the engine ran (it keeps its cache)
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    FastVisionModel.for_training(model)
+    assert model.generation_engine.resident is None
 
 
 def test_fast_path_equals_the_plain_path(vision_folder, monkeypatch):

@@ -77,7 +77,8 @@ class GenerationEngine:
         inputs = args[0] if args else kwargs.pop("inputs", None)
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
-        unsupported = engine_handles(kwargs) if len(args) <= 1 else "positional arguments"
+        multimodal = hasattr(engine.base_model(model), "prefill_inputs")  # a vision model on our decoder
+        unsupported = engine_handles(kwargs, multimodal) if len(args) <= 1 else "positional arguments"
         if not self.serves_generate or inputs is None or unsupported is not None:
             if self.serves_generate and unsupported is not None:
                 logger.info("velotune: generate(%s=...) runs on transformers' loop, not the engine", unsupported)
@@ -153,10 +154,16 @@ _ENGINE_KWARGS = {"max_new_tokens", "max_length", "do_sample", "temperature", "t
                   "min_new_tokens", "attention_mask", "streamer", "generation_config", "bos_token_id"}
 
 
-def engine_handles(kwargs: dict) -> str | None:
+# A vision-language processor's outputs, served for models whose language model is our decoder (they
+# define `prefill_inputs`: image features and M-RoPE positions for the prefill; decoding is text only).
+_MULTIMODAL_KWARGS = {"pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids",
+                      "second_per_grid_ts"}
+
+
+def engine_handles(kwargs: dict, multimodal: bool = False) -> str | None:
     """None when hf_generate can serve these generate() arguments, else the first one it cannot."""
     for key, value in kwargs.items():
-        if key in _ENGINE_KWARGS or value is None:
+        if key in _ENGINE_KWARGS or value is None or multimodal and key in _MULTIMODAL_KWARGS:
             continue
         if key == "num_beams" and value == 1:
             continue
@@ -204,9 +211,11 @@ def hf_generate(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
             raise ValueError("a streamer streams one sequence: pass one prompt (batch size 1) with num_return_sequences=1")
         streamer.put(input_ids[0].cpu())
     on_token = None if streamer is None else (lambda s, token: streamer.put(torch.tensor([token])))
+    prefill_inputs = _multimodal_prefill(model, kwargs, mask)
     try:
         # transformers' generate only warns past the model's context; so does this contract
-        seqs = engine.generate(model, prompts, params, eos_ids, on_token=on_token, limit=P + params.max_tokens + 1)
+        seqs = engine.generate(model, prompts, params, eos_ids, on_token=on_token, limit=P + params.max_tokens + 1,
+                               prefill_inputs=prefill_inputs)
     finally:
         if streamer is not None:
             streamer.end()
@@ -216,3 +225,29 @@ def hf_generate(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
     for row, seq in enumerate(seqs):
         out[row, P:P + len(seq.tokens)] = torch.tensor(seq.tokens, dtype=input_ids.dtype)
     return out.to(input_ids.device)
+
+
+def _multimodal_prefill(model, kwargs: dict, mask: torch.Tensor):
+    """The engine's `prefill_inputs` for a vision model's generate(**processor(...)) call, or None (text only).
+
+    The engine lays the prompts out again (left-padded to its own length), so the per-token modality ids
+    (`mm_token_type_ids`) are re-laid the same way; the image tensors do not depend on the layout (their
+    features fill the image tokens in order)."""
+    vision = {key: kwargs[key] for key in _MULTIMODAL_KWARGS if kwargs.get(key) is not None}
+    types = vision.pop("mm_token_type_ids", None)
+    if not vision:
+        return None
+    base = engine.base_model(model)
+    row_types = None
+    if types is not None:
+        row_types = [row[keep.bool()] for row, keep in zip(types.cpu(), mask.cpu())]
+
+    def prefill_inputs(ids: torch.Tensor, real: torch.Tensor):
+        laid = None
+        if row_types is not None:
+            laid = torch.zeros_like(ids)  # (count, P)
+            for i, row in enumerate(row_types):
+                laid[i, ids.shape[1] - len(row):] = row.to(ids.device)
+        return base.prefill_inputs(ids, real, laid, **vision)
+
+    return prefill_inputs

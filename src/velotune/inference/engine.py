@@ -217,11 +217,15 @@ class StopChecker:
 
 
 def generate(model, prompts: list[list[int]], params: SamplingParams, eos_ids: set[int], tokenizer=None,
-             on_token=None, use_graphs: bool = True, limit: int | None = None) -> list[Sequence]:
+             on_token=None, use_graphs: bool = True, limit: int | None = None, prefill_inputs=None) -> list[Sequence]:
     """Completions (prompt-major: prompt 0's n samples first) of our decoder for token-id prompts.
 
     `on_token(sequence_number, token_id)` is called for every new token (streaming); `limit`:
-    the longest sequence allowed (default: the model's context, `context_limit`)."""
+    the longest sequence allowed (default: the model's context, `context_limit`).
+    `prefill_inputs(ids, real)`, for a vision-language model whose language model is our decoder:
+    given the left-padded prompts (count, P) and their real-token map, it returns the prefill's input
+    embeddings (count, P, C) with the image features in place, its position ids ((count, P), or
+    (3, count, P) for M-RoPE) and each row's next position (count,); decode steps are text only."""
     causal = base_model(model)
     decoder = find_decoder(causal)
     if decoder is None:
@@ -243,14 +247,14 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_ids: s
     with eval_mode(model), torch.no_grad():
         resident = _resident(runner, rows, P + max(budget), dtype, device, settings_of(model), graphable)
         cache, valid, graphs = resident.cache, resident.valid, resident.graphs
-        logits = _prefill(runner, cache, valid, prompts, P, device)  # (count, V)
+        logits, next_positions = _prefill(runner, cache, valid, prompts, P, device, prefill_inputs)  # (count, V)
         expand = torch.arange(rows, device=device) // n
         if n > 1:
             cache.gather_rows(expand)
             valid[:rows] = valid[expand]
             logits = logits.index_select(0, expand)  # (rows, V): each sample draws on its own
         valid[:, P:] = True  # generated slots; the mask hides those past the current step
-        positions = torch.tensor(lengths, device=device).index_select(0, expand)  # (rows,) next position
+        positions = next_positions.index_select(0, expand)  # (rows,) next position
         seen = counts = None
         if params.needs_seen:
             seen = torch.zeros(rows, logits.shape[-1], dtype=torch.bool, device=device)
@@ -353,8 +357,9 @@ class _HostCopy:
 
 
 def _prefill(runner: DecoderRunner, cache: StaticKVCache, valid: torch.Tensor, prompts: list[list[int]], P: int,
-             device) -> torch.Tensor:
-    """Prompts left-padded to P, in groups of rows of about PREFILL_TOKENS tokens -> last logits (count, V)."""
+             device, prefill_inputs=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts left-padded to P, in groups of rows of about PREFILL_TOKENS tokens -> last logits (count, V)
+    and each row's next position (count,)."""
     count = len(prompts)
     ids = torch.zeros(count, P, dtype=torch.long)
     real = torch.zeros(count, P, dtype=torch.bool)
@@ -364,13 +369,20 @@ def _prefill(runner: DecoderRunner, cache: StaticKVCache, valid: torch.Tensor, p
     ids, real = ids.to(device), real.to(device)
     valid[:count, :P] = real
     valid[:count, P:] = False
-    positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # (count, P): real tokens count from 0
+    embeds = None
+    if prefill_inputs is None:
+        positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # (count, P): real tokens count from 0
+        next_positions = real.sum(-1)  # (count,)
+    else:
+        embeds, positions, next_positions = prefill_inputs(ids, real)  # (count, P, C), (count|3, ..., P), (count,)
     group = max(1, PREFILL_TOKENS // P)
     logits = []
     for start in range(0, count, group):
         stop = min(count, start + group)
-        logits.append(runner.prefill(cache, ids[start:stop], positions[start:stop], real[start:stop], start))
-    return torch.cat(logits)
+        rows = embeds[start:stop] if embeds is not None else None
+        logits.append(runner.prefill(cache, ids[start:stop], positions[..., start:stop, :], real[start:stop], start,
+                                     embeds=rows))
+    return torch.cat(logits), next_positions.to(device)
 
 
 def _plan(decoder, rows: int) -> StepPlan:

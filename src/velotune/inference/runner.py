@@ -58,10 +58,11 @@ class DecoderRunner:
         return [(layer.self_attn.num_key_value_heads, layer.self_attn.head_dim) for layer in self.decoder.layers]
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, step: CacheStep,
-                masks: dict[str, FixedMasks]) -> torch.Tensor:
-        """ids, positions (b, T) -> logits (b, V) of the last position, fp32."""
+                masks: dict[str, FixedMasks], embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """ids, positions (b, T) (or (3, b, T) for M-RoPE) -> logits (b, V) of the last position, fp32.
+        `embeds` (b, T, C): input embeddings to use instead of the ids' (a vision model's prefill)."""
         decoder = self.decoder
-        h = decoder.embed(ids)  # (b, T, C)
+        h = decoder.embed(ids) if embeds is None else embeds  # (b, T, C)
         cos_sin = {kind: rope(h, positions) for kind, rope in decoder.rotary_emb.items()}
         for layer, kind in zip(decoder.layers, decoder.layer_types):
             h = layer(h, cos_sin[kind], masks[kind], step, self.plan)
@@ -72,7 +73,7 @@ class DecoderRunner:
         return logits
 
     def prefill(self, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-                row_start: int) -> torch.Tensor:
+                row_start: int, embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Left-padded prompts ids (b, P) into cache rows [row_start, row_start + b), slots [0, P) -> logits (b, V)."""
         b, P = ids.shape
         slots = torch.arange(P, device=ids.device)
@@ -83,7 +84,7 @@ class DecoderRunner:
                 masks[kind] = FixedMasks(None, True)  # plain causal: flash / cuDNN kernels stay eligible
             else:
                 masks[kind] = FixedMasks(step_mask(valid, slots, P, window), False)
-        return self.forward(ids, positions, CacheStep(cache, b, slots, P, row_start), masks)
+        return self.forward(ids, positions, CacheStep(cache, b, slots, P, row_start), masks, embeds)
 
     def decode(self, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
                valid: torch.Tensor) -> torch.Tensor:

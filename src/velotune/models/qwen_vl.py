@@ -104,6 +104,32 @@ class _OwnTextDecoder:
             position_ids = position_ids[None].expand(3, -1, -1)  # (3, B, T)
         return position_ids
 
+    def prefill_inputs(self, ids: torch.Tensor, real: torch.Tensor, mm_token_type_ids: torch.Tensor | None = None,
+                       pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+                       second_per_grid_ts=None):
+        """What velotune's generation engine prefills with: left-padded prompt ids (B, P) and their real-token
+        map -> input embeddings (B, P, C) with the image features in place, M-RoPE ids (3, B, P) from
+        transformers' `get_rope_index`, and each row's next position (B,): one past its largest id, which the
+        text-only decode steps count on from (transformers' `rope_deltas` plus the prompt length)."""
+        embeds = self._embeddings(ids, None, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        if mm_token_type_ids is None:  # text only: consecutive ids over the real tokens
+            positions = (real.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)  # (3, B, P)
+        else:
+            extra = {"second_per_grid_ts": second_per_grid_ts} if second_per_grid_ts is not None else {}
+            positions, _ = self.model.get_rope_index(ids, mm_token_type_ids=mm_token_type_ids,
+                                                     image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+                                                     attention_mask=real.long(), **extra)
+        next_positions = positions.masked_fill(~real.bool()[None], 0).amax(dim=(0, 2)) + 1  # (B,)
+        return embeds, positions, next_positions
+
+    def generate(self, *args, **kwargs):
+        """transformers' generate; after `FastVisionModel.for_inference` velotune's engine runs it (the prefill
+        through `prefill_inputs`, the decode steps on our decoder's fast path)."""
+        engine = getattr(self, "generation_engine", None)
+        if engine is not None:
+            return engine.generate(self, super().generate, *args, **kwargs)
+        return super().generate(*args, **kwargs)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

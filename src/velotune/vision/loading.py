@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig
 
 from ..device import resolve_device, resolve_dtype
+from ..inference import GenerationEngine
 from ..models.qwen_vl import own_decoder_class
 from ..quant import nf4_available, quantize_model_
 from ..resolve import resolve_source, travel_name
@@ -80,8 +81,8 @@ def from_pretrained(model_name: str | os.PathLike, max_seq_length: int = 2048, d
 
     for ignored in ("fast_inference", "gpu_memory_utilization", "max_lora_rank"):
         if kwargs.pop(ignored, None):
-            logger.warning("velotune: %s is for text models' fast generation; vision models generate through "
-                           "transformers' loop", ignored)
+            logger.warning("velotune: %s is for text models' fast generation; vision models generate on the "
+                           "engine's defaults (Qwen2-VL, Qwen2.5-VL) or through transformers' loop", ignored)
     kwargs.pop("load_in_8bit", None)
     kwargs.pop("full_finetuning", None)
     if kwargs:
@@ -123,6 +124,7 @@ def from_pretrained(model_name: str | os.PathLike, max_seq_length: int = 2048, d
     own = own_decoder_class(config)
     if own is not None:  # the language model is one of ours: it runs on velotune's decoder, same tensors
         model = own.adopt(model)
+        model.generation_engine = GenerationEngine(tokenizer=processor.tokenizer)  # generate after for_inference
         logger.info("velotune: %s's language model runs on velotune's %s decoder (vision tower and merger are "
                     "transformers')", config.model_type, own.family)
     if prequantized:  # transformers built bitsandbytes' layers

@@ -3,6 +3,7 @@ for_inference, for_training)."""
 
 from __future__ import annotations
 
+from ..inference import release
 from . import loading, peft
 
 
@@ -26,15 +27,23 @@ class FastVisionModel:
 
     @staticmethod
     def for_inference(model):
-        """Evaluation mode with the KV cache on; generation runs transformers' loop (the fast engine serves
-        text-only decoders). Returns the model."""
+        """Evaluation mode with the KV cache on; `generate` runs on velotune's engine where the language model is
+        our decoder (Qwen2-VL, Qwen2.5-VL: from_pretrained attached the engine), else transformers' loop.
+        Returns the model."""
         model.eval()
         _set_cache(model, True)
+        engine = getattr(_base(model), "generation_engine", None)
+        if engine is not None:
+            engine.serves_generate = True
         return model
 
     @staticmethod
     def for_training(model):
-        """Training mode with the KV cache off; returns the model."""
+        """Training mode with the KV cache off (and the engine's cache released); returns the model."""
         model.train()
         _set_cache(model, False)
+        engine = getattr(_base(model), "generation_engine", None)
+        if engine is not None:
+            engine.serves_generate = False
+            release(model)
         return model
