@@ -68,6 +68,37 @@ def test_adoption_shares_transformers_tensors(vision_folder):
     assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
 
 
+def test_a_bnb_4bit_folder_loads_onto_our_decoder(vision_folder, tmp_path):
+    """A prequantized ("bnb-4bit") Qwen2-VL folder: transformers builds bitsandbytes' layers, adoption moves them
+    into our decoder, velotune adopts them as NF4Linear; logits equal transformers' 4-bit model's."""
+    import shutil
+
+    from transformers import BitsAndBytesConfig
+
+    from velotune.quant import is_linear4bit
+
+    folder = vision_folder("qwen2_vl")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["lm_head",
+                                                                                                     "visual"])
+    quantized = AutoModelForImageTextToText.from_pretrained(folder, quantization_config=config, device_map="cpu")
+    quantized.save_pretrained(tmp_path)
+    for item in folder.iterdir():
+        if not item.name.startswith(("model", "config")):  # the processor's and tokenizer's files
+            shutil.copy(item, tmp_path)
+    model, processor = FastVisionModel.from_pretrained(str(tmp_path), device_map="cpu")
+    assert isinstance(model.model.language_model, DecoderModel)
+    assert is_linear4bit(model.model.language_model.layers[1].self_attn.v_proj)
+    # The same result on every CPU (docs/decisions.md, Loading): bitsandbytes' own layers (the reference) must not
+    # repack for AVX512-BF16, ours must not even where bitsandbytes would
+    for reference, flag in ((quantized, False), (model, True)):
+        for module in reference.modules():
+            if is_linear4bit(module):
+                module.support_avx512bf16_for_cpu = flag
+    batch = _batch(processor)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, quantized(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_unsloth_checkpointing_reaches_our_decoder(vision_folder):
     model, _ = FastVisionModel.from_pretrained(str(vision_folder("qwen2_vl")), load_in_4bit=False, device_map="cpu")
     model = FastVisionModel.get_peft_model(model, r=4, use_gradient_checkpointing="unsloth")
@@ -181,3 +212,24 @@ def test_fast_path_on_cuda_equals_the_plain_path(vision_folder, monkeypatch, loa
     for name, grad in plain_grads.items():
         scale = grad.abs().max().clamp(min=1e-6)
         assert (fast_grads[name] - grad).abs().max() / scale < 0.1, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_greedy_on_cuda_equals_transformers(vision_folder, monkeypatch):
+    """The engine on CUDA (fused prefill with (3, B, P) M-RoPE ids, decode GEMV kernels, CUDA graphs), fp32 with
+    TF32 off, against transformers' generate of the same weights on the same GPU."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    folder = vision_folder("qwen2_vl")
+    model, processor = FastVisionModel.from_pretrained(str(folder), load_in_4bit=False, dtype=torch.float32)
+    reference = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).cuda().eval()
+    processor.tokenizer.padding_side = "left"
+    batch = _batch(processor, answer=False).to("cuda")
+    FastVisionModel.for_inference(model)
+    settings = dict(max_new_tokens=12, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        theirs = reference.generate(**batch, **settings)
+        mine = model.generate(**batch, **settings)
+    assert model.generation_engine.resident is not None
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
