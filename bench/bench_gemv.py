@@ -8,7 +8,13 @@ epilogue, down) at M = 1 (and M = 4), times a sweep of launch shapes (BLOCK_N, B
 of 20 calls over rotating weight copies (more bytes than the L2 holds), so launch overhead and
 cache hits are out; GB/s = bytes of weights read / time. Prints `RESULT {json}` lines.
 
+`--kinds nf4stream` sweeps kernels/nf4_gemv_stream.py instead (the NF4 GEMV built for bandwidth): its
+configs per group beside bitsandbytes' gemv_4bit and kernels/nf4_gemv.py at its default, then the best
+config of each group again as the decode path calls it (`fused`: RMSNorm prologue on q/k/v and gate/up,
+residual epilogue on o and down); a `STREAM` summary line per group ends the run.
+
 GPU machine:  PYTHONPATH=$PWD/src:$PWD/.peers python bench/bench_gemv.py [--quick]
+              PYTHONPATH=$PWD/src:$PWD/.peers python bench/bench_gemv.py --kinds nf4stream   (~2-3 min)
 """
 
 from __future__ import annotations
@@ -165,6 +171,91 @@ def bench_nf4(group: str, M: int, configs) -> None:
                gbps=round(nbytes / ms / 1e6, 1), max_err=round(err, 4))
 
 
+# kernels/nf4_gemv_stream.py launch shapes swept per group: (BLOCK_N, BLOCK_K, warps, LOOKUP); the
+# first is the module's default; the last reads the 256-entry pair table (the first kernel's look-up).
+STREAM_CONFIGS = [(8, 1024, 4, 0), (4, 1024, 4, 0), (16, 1024, 4, 0), (8, 512, 4, 0), (4, 512, 4, 0),
+                  (8, 2048, 4, 0), (8, 1024, 8, 0), (16, 2048, 8, 0), (8, 1024, 4, 1)]
+STREAM_BEST: dict[str, tuple] = {}  # group -> (GB/s, config) of the best plain launch
+BASELINE: dict[str, float] = {}  # group -> gemv_4bit's GB/s
+
+
+def bench_nf4_stream(group: str, M: int, configs) -> None:
+    """kernels/nf4_gemv_stream.py per config, bitsandbytes' gemv_4bit and kernels/nf4_gemv.py (its
+    default) on the same rotating weights; then the group's best config with the decode path's fusion."""
+    from velotune.kernels import nf4_gemv as first
+    from velotune.kernels import nf4_gemv_stream as module
+    from velotune.kernels import swiglu
+    from velotune.quant.linear import to_linear4bit
+
+    ns, K, glu = GROUPS[group]
+    nbytes = sum(ns) * K // 2 + sum(ns) * K // 64  # packed bytes + one absmax code per 64 values
+
+    def make():
+        return [to_linear4bit(torch.nn.Linear(K, n, bias=False, device="cuda", dtype=torch.bfloat16),
+                              compute_dtype=torch.bfloat16) for n in ns]
+
+    sets, next_set = rotating(make, nbytes)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    activation = "silu" if glu else None
+
+    def bnb():
+        outs = [layer(x[:, None, :]) for layer in next_set()]  # (M, 1, K): one token per row takes gemv_4bit
+        return swiglu(*outs) if glu else outs
+
+    def first_kernel():
+        return first.nf4_gemv(x, [layer.weight for layer in next_set()], activation)
+
+    for name, fn in (("bitsandbytes gemv_4bit", bnb), ("kernels/nf4_gemv.py default", first_kernel)):
+        if name.startswith("bitsandbytes") and M > 1:
+            continue
+        try:
+            ms = graph_ms(fn)
+        except Exception as error:
+            report(kind="nf4stream", group=group, M=M, impl=name, error=str(error).splitlines()[0][:200])
+            continue
+        gbps = nbytes / ms / 1e6
+        if name.startswith("bitsandbytes"):
+            BASELINE[group] = gbps
+        report(kind="nf4stream", group=group, M=M, impl=name, ms=round(ms, 4), gbps=round(gbps, 1))
+
+    saved = dict(module.CONFIG)
+
+    def run(config, fused: bool) -> None:
+        module.CONFIG.update({key: config for key in module.CONFIG})
+        layers = sets[0]
+        norm = residual = None
+        if fused and group in ("qkv", "gate_up"):
+            norm = (torch.rand(K, device="cuda", dtype=torch.bfloat16) + 0.5, 1e-5, 0.0)
+        elif fused:
+            residual = torch.randn(M, ns[0], device="cuda", dtype=torch.bfloat16)
+        try:
+            weights = [layer.weight for layer in layers]
+            got = module.nf4_gemv_stream(x, weights, activation, norm=norm, residual=residual)
+            ref = module.nf4_gemv_stream_reference(x, weights, activation, norm=norm, residual=residual)
+            err = max((g.float() - r.float()).abs().max().item() for g, r in zip(got, ref))
+            ms = graph_ms(lambda: module.nf4_gemv_stream(x, [layer.weight for layer in next_set()], activation,
+                                                         norm=norm, residual=residual))
+        except Exception as error:  # a config the compiler rejects: say so, keep sweeping
+            report(kind="nf4stream", group=group, M=M, config=list(config), fused=fused,
+                   error=str(error).splitlines()[0][:200])
+            return
+        gbps = nbytes / ms / 1e6
+        report(kind="nf4stream", group=group, M=M, impl="triton", config=list(config), fused=fused, ms=round(ms, 4),
+               gbps=round(gbps, 1), max_err=round(err, 4), vs_gemv_4bit=round(gbps / BASELINE[group], 2)
+               if group in BASELINE else None)
+        if not fused and gbps > STREAM_BEST.get(group, (0.0, None))[0]:
+            STREAM_BEST[group] = (gbps, config)
+
+    try:
+        for config in configs:
+            run(config, fused=False)
+        if group in STREAM_BEST:
+            run(STREAM_BEST[group][1], fused=True)
+    finally:
+        module.CONFIG.clear()
+        module.CONFIG.update(saved)
+
+
 def bench_attention(M: int, length: int = 384) -> None:
     """One decode step's cache write + attention of one layer (32 query heads, 8 kv heads, 128 dims):
     index_copy_ x 2 + SDPA with the engine's mask, against kernels/decode_attention.py."""
@@ -185,7 +276,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a few configs only")
     ap.add_argument("--rows", default="1")
-    ap.add_argument("--kinds", default="bf16,nf4")
+    ap.add_argument("--kinds", default="bf16,nf4", help="bf16, nf4 (kernels/nf4_gemv.py), nf4stream")
     ap.add_argument("--groups", default=",".join(GROUPS))
     args = ap.parse_args()
     dense = [(bn, bk, w, False) for bn, bk, w in itertools.product((2, 4, 8, 16), (1024, 2048, 4096), (4, 8))]
@@ -195,19 +286,26 @@ def main():
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     with torch.no_grad():
         for M in (int(m) for m in args.rows.split(",")):
-            bench_attention(M)
+            if args.kinds != "nf4stream":
+                bench_attention(M)
         for M in (int(m) for m in args.rows.split(",")):
             for group in args.groups.split(","):
                 if "bf16" in args.kinds:
                     bench_dense(group, M, dense)
-                if "nf4" in args.kinds:
+                if "nf4" in args.kinds.split(","):
                     bench_nf4(group, M, nf4)
+                if "nf4stream" in args.kinds:
+                    bench_nf4_stream(group, M, STREAM_CONFIGS[:3] if args.quick else STREAM_CONFIGS)
                 torch.cuda.empty_cache()
     for kind in ("bf16", "nf4"):  # the config with the least time over the groups it ran (one line each)
         for glu in (False, True):
             runs = [(ms, config) for (k, g, config), ms in BEST.items() if k == kind and g == glu]
             if runs:
                 print(f"BEST {kind} {'glu' if glu else 'dense'} {','.join(str(v) for v in min(runs)[1])}", flush=True)
+    for group, (gbps, config) in STREAM_BEST.items():  # the stream kernel's best per group, gemv_4bit beside
+        base = BASELINE.get(group)
+        print(f"STREAM {group} best {','.join(str(v) for v in config)} {gbps / 1e3:.2f} TB/s"
+              + (f" | gemv_4bit {base / 1e3:.2f} TB/s" if base else ""), flush=True)
 
 
 if __name__ == "__main__":

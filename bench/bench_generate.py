@@ -230,12 +230,12 @@ def main():
                 step_time(model, 1)
             if args.profile:
                 profile_step(model, 1)
-            if "nf4own" in only:  # our fused NF4 GEMV at one row too (bitsandbytes' gemv_4bit by default)
+            if "nf4own" in only:  # our NF4 GEMV (kernels/nf4_gemv_stream.py) at one row too (gemv_4bit by default)
                 from velotune.fast import decode_linear
 
                 decode_linear.OWN_NF4_GEMV_AT_ONE_ROW = True
                 release(model)
-                decode_row(model, "NF4 greedy, kernels/nf4_gemv.py at one row", 1)
+                decode_row(model, "NF4 greedy, kernels/nf4_gemv_stream.py at one row", 1)
                 if "step" in only:
                     step_time(model, 1)
                 decode_linear.OWN_NF4_GEMV_AT_ONE_ROW = False

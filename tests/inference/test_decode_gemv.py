@@ -20,6 +20,7 @@ from velotune.inference import SamplingParams, engine
 from velotune.inference import cache as cache_module
 from velotune.kernels import gemv as gemv_module
 from velotune.kernels import nf4_gemv as nf4_gemv_module
+from velotune.kernels import nf4_gemv_stream as nf4_stream_module
 from velotune.lora import get_peft_model
 from velotune.models import model_class_for
 from velotune.quant import quantize_model_
@@ -33,6 +34,7 @@ def _wide_tiles(monkeypatch):
     """One program per 64 output rows: the interpreter's cost is per program (tests/kernels covers small tiles)."""
     monkeypatch.setattr(gemv_module, "CONFIG", {"dense": (64, 128, 4, False), "glu": (64, 128, 4, False)})
     monkeypatch.setattr(nf4_gemv_module, "CONFIG", {"dense": (64, 128, 4, True), "glu": (64, 128, 4, True)})
+    monkeypatch.setattr(nf4_stream_module, "CONFIG", {key: (64, 128, 4, 0) for key in nf4_stream_module.CONFIG})
 
 
 def _model(family: str, lora: bool = False, nf4: bool = False):
@@ -67,7 +69,7 @@ def _tokens(model, prompts, fast: bool, gemv_rows: int, monkeypatch) -> list[lis
 def _counting(monkeypatch):
     """Count the GEMV launches (dense and NF4) decode_linear makes and the fused decode attention
     steps the cache runs; the real kernels still run."""
-    calls = {"gemv": 0, "nf4_gemv": 0, "decode_attention": 0}
+    calls = {"gemv": 0, "nf4_gemv": 0, "nf4_gemv_stream": 0, "decode_attention": 0}
     for name in calls:
         module = cache_module if name == "decode_attention" else decode_linear
         real = getattr(module, name)
@@ -93,7 +95,10 @@ def test_gemv_decode_equals_the_plain_path(family, lora, nf4, count, monkeypatch
     plain = _tokens(model, prompts, False, plan_module.GEMV_ROWS, monkeypatch)
     calls = _counting(monkeypatch)
     got = _tokens(model, prompts, True, 8, monkeypatch)
-    assert calls["nf4_gemv" if nf4 else "gemv"] > 0 and calls["gemv" if nf4 else "nf4_gemv"] == 0, calls
+    nf4_calls = calls["nf4_gemv"] + calls["nf4_gemv_stream"]
+    assert (nf4_calls if nf4 else calls["gemv"]) > 0 and (calls["gemv"] if nf4 else nf4_calls) == 0, calls
+    if nf4:  # one row of x: the stream kernel (decode_linear.NF4_STREAM_ROWS = 1); two: kernels/nf4_gemv.py
+        assert calls["nf4_gemv_stream" if count == 1 else "nf4_gemv"] > 0, calls
     assert calls["decode_attention"] >= (PARAMS.max_tokens - 1) * model.config.num_hidden_layers, calls  # every step
     assert got == plain, f"GEMV decode {got} vs the plain path {plain}"
     assert all(len(t) == PARAMS.max_tokens for t in got)

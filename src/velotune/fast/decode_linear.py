@@ -7,8 +7,10 @@ launches per layer leave a third of that bound unused (BENCHMARKS.md). Here:
   * q, k and v (one input) are one launch of kernels/gemv.py over their stacked output rows;
   * gate and up are one launch whose epilogue writes act(gate) * up, when neither has an adapter
     or a bias (an adapter's term must be added before the activation);
-  * 4-bit (NF4) weights go through kernels/nf4_gemv.py, which dequantizes in registers, where the
-    training path would dequantize each weight to bf16 first;
+  * 4-bit (NF4) weights go through our NF4 GEMVs, which dequantize in registers, where the
+    training path would dequantize each weight to bf16 first: kernels/nf4_gemv_stream.py for up to
+    `NF4_STREAM_ROWS` rows, kernels/nf4_gemv.py above (at one row on CUDA, bitsandbytes' gemv_4bit
+    unless `OWN_NF4_GEMV_AT_ONE_ROW`);
   * LoRA adapters stay unmerged: x A^T for every adapter of a group is one matmul and each B
     term one addmm into its output (as lora_linear.group_forward), biases one add each;
   * the decoder layer's pre-norms (input_layernorm before q/k/v, post_attention_layernorm before
@@ -32,6 +34,7 @@ import torch
 from ..kernels import geglu, rms_norm, swiglu
 from ..kernels.gemv import ACTIVATIONS, MAX_ROWS, gemv
 from ..kernels.nf4_gemv import nf4_gemv
+from ..kernels.nf4_gemv_stream import nf4_gemv_stream
 from .lora_linear import LoraProjection, _cast, _is_4bit, adapter_inputs, adapters_of
 
 # The epilogue's activation ids (kernels/gemv.py ACTIVATIONS) -> the separate activation kernel,
@@ -41,9 +44,15 @@ _GATED = {0: swiglu, 1: partial(geglu, approximate="tanh"), 2: partial(geglu, ap
 # Module-level so the bench and tests can compare.
 FUSE_NORM = True
 # 4-bit weights at one row on CUDA: bitsandbytes' gemv_4bit (1.0 TB/s of packed weights on the H200)
-# unless this is True; kernels/nf4_gemv.py reached 0.35 TB/s there (BENCHMARKS.md), so it serves the
-# 2..8-row decode steps (where bitsandbytes has no GEMV) and the CPU, and one row only when asked.
+# unless this is True; kernels/nf4_gemv.py reached 0.35 TB/s there (BENCHMARKS.md), so our kernels serve
+# the 2..8-row decode steps (where bitsandbytes has no GEMV) and the CPU, and one row only when asked
+# (then kernels/nf4_gemv_stream.py: flip the default once a GPU run shows it faster than gemv_4bit).
 OWN_NF4_GEMV_AT_ONE_ROW = False
+# Our 4-bit GEMVs: rows of x up to this many go to kernels/nf4_gemv_stream.py (built for bandwidth at
+# one row; 13.6 instructions a weight byte against 40-47 in its sm_90 compile, not yet run on a GPU),
+# more rows to kernels/nf4_gemv.py (decodes each code once for all rows). So on CUDA the stream kernel
+# runs only when OWN_NF4_GEMV_AT_ONE_ROW is set; bench_generate's `nf4own` row measures it.
+NF4_STREAM_ROWS = 1
 
 
 def applies(x: torch.Tensor, gemv_rows: int) -> bool:
@@ -76,7 +85,8 @@ def _base(x: torch.Tensor, projections, activation: str | None = None, norm=None
     four_bit = [_is_4bit(w) for w in weights]
     args = None if norm is None else _norm_args(norm)
     if all(four_bit):
-        return nf4_gemv(x, weights, activation, norm=args, residual=residual)
+        kernel = nf4_gemv_stream if x.shape[0] <= NF4_STREAM_ROWS else nf4_gemv
+        return kernel(x, weights, activation, norm=args, residual=residual)
     if not any(four_bit) and all(w.dtype == x.dtype and w.device == x.device for w in weights):
         return gemv(x, weights, activation, norm=args, residual=residual)
     return None
