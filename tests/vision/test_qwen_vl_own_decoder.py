@@ -233,3 +233,18 @@ def test_engine_greedy_on_cuda_equals_transformers(vision_folder, monkeypatch):
         mine = model.generate(**batch, **settings)
     assert model.generation_engine.resident is not None
     torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_inference_arguments_reach_the_engine(vision_folder, caplog):
+    import logging
+
+    model, _ = FastVisionModel.from_pretrained(str(vision_folder("qwen2_vl")), load_in_4bit=False, device_map="cpu",
+                                               fast_inference=True, gpu_memory_utilization=0.3, max_lora_rank=8)
+    settings = model.generation_engine.settings
+    assert (settings.fast_inference, settings.gpu_memory_utilization, settings.max_lora_rank) == (True, 0.3, 8)
+    with caplog.at_level(logging.WARNING, logger="velotune"):
+        FastVisionModel.from_pretrained(str(vision_folder("gemma3")), load_in_4bit=False, device_map="cpu",
+                                        fast_inference=True)
+    assert "fast_inference is for velotune's generation engine, which does not serve gemma3" in caplog.text
+    with pytest.raises(ValueError, match="gpu_memory_utilization=1.5"):
+        FastVisionModel.from_pretrained(str(vision_folder("qwen2_vl")), gpu_memory_utilization=1.5)

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig
 
 from ..device import resolve_device, resolve_dtype
-from ..inference import GenerationEngine
+from ..inference import GenerationEngine, InferenceSettings
 from ..models.qwen_vl import own_decoder_class
 from ..quant import nf4_available, quantize_model_
 from ..resolve import resolve_source, travel_name
@@ -29,6 +29,7 @@ from .processors import load_processor
 logger = logging.getLogger("velotune")
 
 CHECKPOINTING_CHOICES = (True, False, "unsloth")
+INFERENCE_ARGUMENTS = ("fast_inference", "gpu_memory_utilization", "max_lora_rank", "float8_kv_cache")
 
 
 def check_vision_config(config, name) -> None:
@@ -79,10 +80,9 @@ def from_pretrained(model_name: str | os.PathLike, max_seq_length: int = 2048, d
     """(model, processor). `use_gradient_checkpointing` is remembered for get_peft_model."""
     from transformers import AutoModelForImageTextToText
 
-    for ignored in ("fast_inference", "gpu_memory_utilization", "max_lora_rank"):
-        if kwargs.pop(ignored, None):
-            logger.warning("velotune: %s is for text models' fast generation; vision models generate on the "
-                           "engine's defaults (Qwen2-VL, Qwen2.5-VL) or through transformers' loop", ignored)
+    # The docs' vLLM arguments: the generation engine's settings where it serves the family (Qwen2-VL, Qwen2.5-VL)
+    inference = {name: kwargs.pop(name) for name in INFERENCE_ARGUMENTS if name in kwargs}
+    settings = InferenceSettings(**inference)  # a bad value is an error before anything loads
     kwargs.pop("load_in_8bit", None)
     kwargs.pop("full_finetuning", None)
     if kwargs:
@@ -124,9 +124,15 @@ def from_pretrained(model_name: str | os.PathLike, max_seq_length: int = 2048, d
     own = own_decoder_class(config)
     if own is not None:  # the language model is one of ours: it runs on velotune's decoder, same tensors
         model = own.adopt(model)
-        model.generation_engine = GenerationEngine(tokenizer=processor.tokenizer)  # generate after for_inference
+        model.generation_engine = GenerationEngine(settings, tokenizer=processor.tokenizer)  # after for_inference
         logger.info("velotune: %s's language model runs on velotune's %s decoder (vision tower and merger are "
                     "transformers')", config.model_type, own.family)
+    else:
+        for name, value in inference.items():
+            if value:
+                logger.warning("velotune: %s is for velotune's generation engine, which does not serve %s (its "
+                               "language model is transformers'); generation runs transformers' loop", name,
+                               config.model_type)
     if prequantized:  # transformers built bitsandbytes' layers
         from ..quant.nf4_linear import adopt_linear4bit_layers_
 
