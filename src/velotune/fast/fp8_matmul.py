@@ -65,7 +65,7 @@ def quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def fp8_linear(x8: torch.Tensor, x_scale: torch.Tensor, p, dtype: torch.dtype) -> torch.Tensor:
     """x8 (N, in) e4m3 with scales (N, 1) -> x W^T + b (N, out) in `dtype` through one FP8 GEMM."""
     values, scale = fp8_weight(p)  # (out, in), (out,)
-    out = torch._scaled_mm(x8, values.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=_OUT_DTYPE)
+    out = _scaled_mm(x8, values.t(), x_scale, scale.view(1, -1))
     if out.dtype != dtype:
         out = out.to(dtype)
     if p.bias is not None:
@@ -77,9 +77,18 @@ def fp8_grad_input(grad: torch.Tensor, p, dtype: torch.dtype) -> torch.Tensor:
     """dY (N, out) -> dY W (N, in) in `dtype`: dY's columns scaled by W's row scales, quantized per row."""
     values_t, scale = fp8_weight(p, transposed=True)  # (in, out) row-major, (out,)
     g8, g_scale = quantize_fp8_rows(grad, col_scale=scale)  # (N, out) e4m3, (N, 1)
-    out = torch._scaled_mm(g8, values_t.t(), scale_a=g_scale, scale_b=_ones(values_t.shape[0], grad.device),
-                           out_dtype=_OUT_DTYPE)  # (N, in)
+    out = _scaled_mm(g8, values_t.t(), g_scale, _ones(values_t.shape[0], grad.device))  # (N, in)
     return out if out.dtype == dtype else out.to(dtype)
+
+
+def _scaled_mm(a8: torch.Tensor, b8: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor) -> torch.Tensor:
+    """(M, K) e4m3 x (K, N) e4m3 with row scales (M, 1) and column scales (1, N) -> (M, N) bf16.
+
+    On GPUs cuBLAS' FP8 GEMM. On the CPU the same product of the dequantized operands in fp32, rounded to
+    bf16 once: the CPU `_scaled_mm` of some torch releases (2.11) takes per-tensor scales only."""
+    if a8.device.type == "cuda":
+        return torch._scaled_mm(a8, b8, scale_a=scale_a, scale_b=scale_b, out_dtype=_OUT_DTYPE)
+    return ((a8.float() * scale_a) @ (b8.float() * scale_b)).to(_OUT_DTYPE)
 
 
 def fp8_shape_reason(p) -> str | None:

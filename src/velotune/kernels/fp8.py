@@ -89,7 +89,10 @@ def quantize_fp8_rows_reference(x: torch.Tensor, col_scale: torch.Tensor | None 
     xf = x.float()  # (N, K)
     if col_scale is not None:
         xf = xf * col_scale.float()  # (K,) broadcast along rows
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(TINY) / FP8_MAX  # (N, 1)
+    # Divide by a tensor, not the Python number: on CUDA PyTorch turns division by a scalar into a
+    # multiplication by its reciprocal, one rounding off the kernel's (and the CPU's) true division.
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(TINY)
+    scale = amax / torch.full((), FP8_MAX, dtype=torch.float32, device=xf.device)  # (N, 1)
     y = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return y, scale
 

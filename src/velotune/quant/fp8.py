@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
+from ..kernels.fp8 import FP8_DTYPE, quantize_fp8_rows_reference
+
 MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have e4m3 tensor cores
 
 
@@ -44,10 +44,8 @@ def fp8_unavailable(device: torch.device | str) -> str | None:
 
 def quantize_weight_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float weight -> (e4m3 (out, in), scale (out,) fp32) with weight ~= e4m3 * scale[:, None]."""
-    w = weight.detach().float()  # (out, in)
-    scale = w.abs().amax(dim=1).clamp_min(1e-12) / FP8_MAX  # (out,)
-    values = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return values, scale
+    values, scale = quantize_fp8_rows_reference(weight.detach())  # (out, in) e4m3, (out, 1)
+    return values, scale.reshape(-1)
 
 
 class FP8Linear(nn.Linear):
