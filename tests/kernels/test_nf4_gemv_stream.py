@@ -69,9 +69,11 @@ def test_stream_norm_prologue_and_residual(offset, norm_dtype, device):
     _close(got, want, dtype)
 
 
-@pytest.mark.parametrize("lookup, nested", [(1, True), (0, False)], ids=["pair-table", "fp32-absmax"])
+@pytest.mark.parametrize("lookup, nested", [(1, True), (2, True), (0, False)],
+                         ids=["pair-table", "pointer-plus-nibble", "fp32-absmax"])
 def test_stream_lookup_and_absmax_variants(lookup, nested, device, monkeypatch):
-    """The 256-entry pair look-up (LOOKUP = 1) and weights quantized without double quantization."""
+    """The other code look-ups (LOOKUP = 1: the 256-entry pair table; 2: pointer + nibble) and weights
+    quantized without double quantization."""
     monkeypatch.setitem(module.CONFIG, "dense", (16, 128, 4, lookup))
     layer = _nf4(256, 24, device, torch.float32, nested)
     x = torch.randn(1, 256, device=device)
@@ -100,3 +102,13 @@ def test_as_pairs_puts_columns_2j_and_2j_plus_1_in_word_j():
     assert low.tolist() == [[1.0, 3.5]] and high.tolist() == [[-2.0, 0.25]]
     offset = torch.randn(9, dtype=torch.float32)[1:]  # storage offset 1: copied, not misread
     assert torch.equal(as_pairs(offset).view(torch.float32), offset)
+
+
+def test_code_table_is_aligned_for_the_or_addressing():
+    """LOOKUP 0 ORs 4 x nibble into the table's address: a table off a 64-byte boundary gets an aligned copy."""
+    room = torch.randn(40)
+    codes = room[1:17]  # 4 bytes past an aligned allocation
+    assert codes.data_ptr() % 64 != 0
+    aligned = module._aligned(codes)
+    assert aligned.data_ptr() % 64 == 0 and torch.equal(aligned, codes)
+    assert module._aligned(codes) is aligned  # prepared once per table

@@ -9,7 +9,10 @@ compile of both (SASS of the K loop; no GPU run yet):
   * code look-ups read a 16-entry fp32 table (64 bytes: one L1 line) twice a byte. The first
     kernel's default read a 256-entry int64 pair table (2 KB, 16 lines): a warp's gather of 32
     random bytes touches ~13 lines, ~13 L1 passes per instruction instead of one, which caps it
-    near 0.6 TB/s whatever else it does (`LOOKUP` = 1 keeps that variant for the sweep);
+    near 0.6 TB/s whatever else it does (`LOOKUP` = 1 keeps that variant for the sweep). The
+    table sits at a 64-byte aligned address, so a code's address is the table's with 4 x nibble
+    ORed into its low bits (no 64-bit add, which costs two instructions a look-up: `LOOKUP` = 2),
+    and 4 x nibble is computed for a word's four bytes at once;
   * x is read as packed pairs: byte j of a weight row holds columns 2j (high nibble) and 2j + 1
     (low nibble), and x viewed as int32 (bf16/fp16) or int64 (fp32) puts exactly those columns in
     pair j, so a bf16 pair becomes two fp32 by a shift and a mask (the first kernel read even and
@@ -21,12 +24,14 @@ compile of both (SASS of the K loop; no GPU run yet):
   * a thread's 8 codes of a word are summed in a fused multiply-add chain, scaled once by their
     block's absmax, and kept per thread until after the K loop: one cross-thread sum per output
     (the first kernel reduced across threads once per quantization block).
-  The K loop comes to 13.6 SASS instructions a weight byte at the default shape (two look-ups with
-  64-bit addresses ~9, two FMAs, the rest x, scales and loads) and 2 barriers per K step (the
-  scales' change of layout); the first kernel's loop, compiled the same way (its default shape),
-  needs 40 a byte (47 with two look-ups a byte) and 48 barriers per K step (its x and partial sums
-  change layout through shared memory). An H200 issues about 33e12 thread-instructions a second,
-  so 13.6 a byte allows ~2.4 TB/s at full issue, ~1.7 at 70%; 40 allowed 0.8 at full issue.
+  The K loop comes to 11.3 SASS instructions a weight byte at the default shape (13.6 with
+  `LOOKUP` = 2; the look-ups ~7, two FMAs, the rest x, scales and loads) and 2 barriers per K step
+  (the scales' change of layout); the first kernel's loop, compiled the same way (its default
+  shape), needs 40 a byte (47 with two look-ups a byte) and 48 barriers per K step (its x and
+  partial sums change layout through shared memory). An H200 issues about 33e12
+  thread-instructions a second, so 11.3 a byte allows ~3 TB/s at full issue, ~2 at 70%; 40
+  allowed 0.8 at full issue. The price: 124 registers a thread (64 with `LOOKUP` = 2), so 4
+  programs of 4 warps an SM, 16 KB of weight words in flight per SM per K step.
 
 Not done, and why: split-K (programs are already 512-1792 per launch at the 8B shapes, several per
 SM, and a split would need an fp32 atomic or a second pass before the GLU and residual epilogues);
@@ -55,8 +60,8 @@ from .gemv import ACTIVATIONS, MAX_WEIGHTS, _activation, check_inputs, norm_argu
 from .nf4_gemv import _tables, fusable, nf4_gemv_reference
 
 # (BLOCK_N rows, BLOCK_K columns, num_warps, LOOKUP) per launch kind; module-level so the bench can
-# sweep it. LOOKUP 0: two reads of the 16-entry code table a byte; 1: one read of the 256-entry
-# (high, low) pair table. "rows": every kind when x has 2..8 rows (one program per row of x and tile).
+# sweep it. LOOKUP 0: two reads of the 16-entry code table a byte, addresses by OR; 2: the same by
+# pointer + index (fewer registers, more instructions); 1: one read of the 256-entry (high, low) pair table. "rows": every kind when x has 2..8 rows (one program per row of x and tile).
 # Untuned: chosen from the instruction and register counts of the sm_90 compile, not a GPU run.
 CONFIG = {
     "dense": (8, 1024, 4, 0),
@@ -68,6 +73,8 @@ CONFIG = {
 }
 LONG_K = 8192  # from this K on, "dense_long_k" (the down projection)
 _PAIR_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # x's dtype -> the kernel's XKIND
+# id(code table) -> (the table, its 64-byte aligned copy), for tables not already aligned (rare: a view).
+_ALIGNED: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 @jit
@@ -101,8 +108,8 @@ def _stream_tile(XP, WORDS, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, ro
     contiguous 128-byte run), so each thread's x pairs are one (NB, HW) tensor per byte position k
     in the tile's own layout and serve all BN rows the thread holds. The block's scale multiplies the
     thread's 8-code partial sum once (no cross-thread sum until after the K loop). CODES: the 16
-    fp32 codes (LOOKUP 0, two table reads a byte) or the 256 int64 (high code bits << 32 | low code
-    bits) pairs (LOOKUP 1, one read a byte). NORM: the product is of RMSNorm(x); x^2 is summed as x
+    fp32 codes (LOOKUP 0: 64-byte aligned, read at table | 4 x nibble; 2: read at CODES + nibble)
+    or the 256 int64 (high code bits << 32 | low code bits) pairs (LOOKUP 1, one read a byte). NORM: the product is of RMSNorm(x); x^2 is summed as x
     is read and rstd scales the sum at the end (as kernels/gemv.py)."""
     NB: tl.constexpr = BK // BS
     HW: tl.constexpr = BS // 8
@@ -116,6 +123,8 @@ def _stream_tile(XP, WORDS, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, ro
     squares = tl.zeros((NB, HW), dtype=tl.float32)
     if NESTED:
         offset = tl.load(OFFSET)
+    if LOOKUP == 0:
+        table = CODES.to(tl.int64, bitcast=True)  # the address of code 0, a multiple of 64
     for k0 in range(0, KW, BK // 8):  # k0: the K step's first word
         kb = k0 // HW  # its first block within the row
         if EVEN_K:
@@ -135,6 +144,9 @@ def _stream_tile(XP, WORDS, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, ro
         if NESTED:
             scale = tl.load(NESTED_MAP + q) * tl.load(NESTED_ABSMAX + (blocks + kb) // NBS) + offset  # (BN, NB)
         part = tl.zeros((BN, NB, HW), dtype=tl.float32)
+        if LOOKUP == 0:  # 4 x each nibble, four bytes at once: (BN, NB, HW), byte k of a word -> byte k
+            hi4 = (word >> 2) & 0x3C3C3C3C
+            lo4 = (word << 2) & 0x3C3C3C3C
         for k in tl.static_range(4):  # byte k of each word: x's columns 8i + 2k (high nibble), 8i + 2k + 1
             pairs = 4 * (k0 + col) + k  # (NB, HW)
             if EVEN_K:
@@ -149,8 +161,11 @@ def _stream_tile(XP, WORDS, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, ro
                     ne, no = _pairs(tl.load(NORM_P + pairs, mask=ok, other=0), NKIND)
                 xe = xe * (ne + norm_offset)
                 xo = xo * (no + norm_offset)
-            if LOOKUP == 0:
-                hi = tl.load(CODES + ((word >> (8 * k + 4)) & 15))  # (BN, NB, HW) fp32
+            if LOOKUP == 0:  # the table is 64-byte aligned, so address = base | byte offset (no carry)
+                hi = tl.load((table | ((hi4 >> (8 * k)) & 255)).to(tl.pointer_type(tl.float32), bitcast=True))
+                lo = tl.load((table | ((lo4 >> (8 * k)) & 255)).to(tl.pointer_type(tl.float32), bitcast=True))
+            elif LOOKUP == 2:  # pointer + nibble: a 64-bit add per look-up, fewer registers
+                hi = tl.load(CODES + ((word >> (8 * k + 4)) & 15))
                 lo = tl.load(CODES + ((word >> (8 * k)) & 15))
             else:
                 pair = tl.load(CODES + ((word >> (8 * k)) & 255))  # (BN, NB, HW) int64
@@ -238,6 +253,19 @@ def as_pairs(t: torch.Tensor) -> torch.Tensor:
     return t.view(wide)
 
 
+def _aligned(codes: torch.Tensor) -> torch.Tensor:
+    """The 16 fp32 codes at a 64-byte aligned address (the kernel ORs byte offsets into it): the
+    table itself (allocations are aligned) or, once per table, an aligned copy."""
+    if codes.data_ptr() % 64 == 0:
+        return codes
+    entry = _ALIGNED.get(id(codes))
+    if entry is None or entry[0] is not codes:
+        room = torch.empty(32, dtype=torch.float32, device=codes.device)
+        skip = (-room.data_ptr() % 64) // 4
+        entry = _ALIGNED[id(codes)] = (codes, room[skip:skip + 16].copy_(codes))
+    return entry[1]
+
+
 def _words(packed: torch.Tensor) -> torch.Tensor:
     """The packed bytes (flat uint8, K / 2 a row) as int32 words; a copy only when misaligned."""
     packed = packed.reshape(-1)
@@ -291,8 +319,8 @@ def nf4_gemv_stream(x: torch.Tensor, weights, activation: str | None = None, use
     pad = MAX_WEIGHTS - len(prepared)
     args = []
     for packed, launch in prepared + [prepared[0]] * pad:
-        packed, *tables = _tables(launch, packed, lookup == 1)
-        args += [_words(packed), *tables]
+        packed, *tables, codes = _tables(launch, packed, lookup == 1)
+        args += [_words(packed), *tables, codes if lookup == 1 else _aligned(codes)]
     os_ = outs + [outs[0]] * (MAX_WEIGHTS - len(outs))
     norm_w, eps, norm_offset = norm_arguments(norm, x)
     kernel_for(_nf4_stream_kernel)[(M, grid)](
