@@ -10,7 +10,7 @@ git log --oneline -1 > $OUT/h2/commit.txt 2>/dev/null; nvidia-smi --query-gpu=na
 if [ "${PART:-}" = 1 ] || [ -z "${PART:-}" ]; then
 # 1. GPU tests (~90 s): NF4 load + LoRA step on CUDA (now through our decoder for qwen2_5_vl), and our decoder's
 #    compiled fast path (fused LoRA over bf16 / NF4, fused cross-entropy, offloaded checkpoints) vs its plain path
-timeout 240 python -m pytest -q -p no:cacheprovider tests/vision/test_gpu.py tests/vision/test_qwen_vl_own_decoder.py > $OUT/h2/tests_gpu.log 2>&1
+timeout 240 python -m pytest -q -p no:cacheprovider tests/vision/test_gpu.py tests/vision/test_vision_own_decoder.py > $OUT/h2/tests_gpu.log 2>&1
 echo "gpu tests rc=$?"; tail -n 20 $OUT/h2/tests_gpu.log
 fi
 if [ "${PART:-}" = 2 ] || [ "${PART:-}" = 3 ] || [ -z "${PART:-}" ]; then

@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText, ProcessorMixin
 
 from velotune import FastVisionModel
 from velotune.models.decoder import DecoderModel
-from velotune.models.qwen_vl import own_decoder_class
+from velotune.models.vision_lm import own_decoder_class
 from velotune.quant import is_linear4bit
 from velotune.vision.families import LANGUAGE, family_of, group_of
 

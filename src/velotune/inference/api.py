@@ -157,7 +157,7 @@ _ENGINE_KWARGS = {"max_new_tokens", "max_length", "do_sample", "temperature", "t
 # A vision-language processor's outputs, served for models whose language model is our decoder (they
 # define `prefill_inputs`: image features and M-RoPE positions for the prefill; decoding is text only).
 _MULTIMODAL_KWARGS = {"pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids",
-                      "second_per_grid_ts"}
+                      "second_per_grid_ts", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy"}
 
 
 def engine_handles(kwargs: dict, multimodal: bool = False) -> str | None:

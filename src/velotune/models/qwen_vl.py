@@ -1,74 +1,26 @@
-"""Qwen2-VL and Qwen2.5-VL with velotune's own text decoder.
+"""Qwen2-VL and Qwen2.5-VL with velotune's own text decoder (the shared part: composite.py).
 
-The language model of both families is Qwen2 (q/k/v biases, SwiGLU, RMSNorm) with multimodal RoPE,
-so it is our `DecoderModel` configured by the qwen2 `FamilySpec`; its rotary tables read
-`mrope_section` (rope.py). Everything else stays transformers': the vision tower and its merger,
-how image features are placed into the embeddings, and the M-RoPE position ids (`get_rope_index`,
-through `compute_3d_position_ids`, so the positions are theirs exactly).
-
-The classes subclass transformers' own and keep its module tree and names: `model.visual`,
-`model.language_model` (ours, parameter names identical to transformers' text model) and `lm_head`.
-So transformers' `from_pretrained` fills our decoder directly from a checkpoint (no copy), saved
-folders name transformers' class and load there, PEFT adapters and the vision layer groups
-(vision/families.py) are unchanged. `forward` is ours: embeddings and image features, positions,
-our decoder under the step plan (fused LoRA, offloaded checkpointing), then our loss (the fused
-linear cross-entropy in training, so the (B, T, V) logits are never built).
+The language model of both families is Qwen2 (q/k/v biases, SwiGLU, RMSNorm) with multimodal RoPE, so it is
+our `DecoderModel` with the qwen2 `FamilySpec`, whose rotary tables read `mrope_section` (rope.py). The
+vision tower, its merger, how image features are placed into the embeddings, and the M-RoPE position ids
+(`get_rope_index` through `compute_3d_position_ids`) stay transformers', so the positions are theirs exactly.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
-from torch import nn
-from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
-from ..fast.plan import plan_step
-from .decoder import DecoderModel, head_outputs
-from .spec import FAMILIES
-
-_CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(MultimodalCausalLMOutputWithPast)}
-                else "past_key_values")
+from .composite import OwnTextDecoder
 
 
-class _OwnTextDecoder:
-    """The composite forward over transformers' vision parts and our decoder (mixed into both families)."""
-
-    _transformers_class: type  # the transformers class the family subclasses
-    family = "qwen2"  # the FamilySpec of the language model
-
-    def _install_decoder(self) -> None:
-        # transformers' __init__ built its text model; ours takes its place under the same name.
-        self.model.language_model = DecoderModel(self.config.get_text_config(), FAMILIES[self.family])
+class QwenVLDecoder(OwnTextDecoder):
+    """Qwen2-VL's composite forward over transformers' vision parts and our decoder (both Qwen families)."""
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """transformers' loader with its checkpoint conversions (Qwen2-VL folders store the text model as
-        `model.layers...`; transformers applies its renames only to its own classes), then `adopt`."""
-        return cls.adopt(cls._transformers_class.from_pretrained(*args, **kwargs))
-
-    @classmethod
-    def adopt(cls, reference):
-        """Our class over the modules of transformers' loaded model `reference` (which is consumed): its vision
-        tower, merger, lm_head and generation config are taken as they are, and the text model's linear layers,
-        embeddings and norm weights move into our decoder, so every tensor is shared (4-bit layers included).
-        Only the rotary tables are computed anew."""
-        with torch.device("meta"):
-            model = cls(reference.config)
-        decoder = model.model.language_model  # on the meta device, filled below
-        adopt_modules(decoder, reference.model.language_model)
-        device = decoder.embed_tokens.weight.device
-        for rope in decoder.rotary_emb.values():
-            rope.reset_frequencies()
-            rope.to(device)
-        reference.model.language_model = decoder
-        model.model = reference.model  # transformers' backbone: vision tower, merger, rope index state
-        model.lm_head = reference.lm_head
-        model.generation_config = reference.generation_config
-        model.name_or_path = reference.name_or_path
-        return model.train(reference.training)
+    def text_family(cls, config) -> str:
+        return "qwen2"  # the text config's model_type is qwen2_vl_text / qwen2_5_vl_text
 
     def _embeddings(self, input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos,
                     video_grid_thw) -> torch.Tensor:
@@ -122,14 +74,6 @@ class _OwnTextDecoder:
         next_positions = positions.masked_fill(~real.bool()[None], 0).amax(dim=(0, 2)) + 1  # (B,)
         return embeds, positions, next_positions
 
-    def generate(self, *args, **kwargs):
-        """transformers' generate; after `FastVisionModel.for_inference` velotune's engine runs it (the prefill
-        through `prefill_inputs`, the decode steps on our decoder's fast path)."""
-        engine = getattr(self, "generation_engine", None)
-        if engine is not None:
-            return engine.generate(self, super().generate, *args, **kwargs)
-        return super().generate(*args, **kwargs)
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -151,32 +95,22 @@ class _OwnTextDecoder:
         return_logits: bool | None = None,
         second_per_grid_ts: torch.Tensor | None = None,
         **kwargs,
-    ) -> MultimodalCausalLMOutputWithPast:
-        """transformers' Qwen2-VL forward contract; other kwargs (cache_position, return_dict, ...) are ignored.
-        Training with labels on the fast path returns `logits=None` unless `return_logits=True` (as our causal LMs)."""
-        decoder = self.model.language_model
+    ):
+        """transformers' Qwen2-VL forward contract; other kwargs (cache_position, return_dict, ...) are ignored."""
         cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        text_config = decoder.config
-        cached = bool(use_cache if use_cache is not None else text_config.use_cache and not self.training)
         embeds = self._embeddings(input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos,
                                   video_grid_thw)  # (B, T, C)
         extra = {"second_per_grid_ts": second_per_grid_ts} if second_per_grid_ts is not None else {}
-        positions = self._positions(position_ids, input_ids, embeds, attention_mask, cache if cached else None,
-                                    image_grid_thw, video_grid_thw, mm_token_type_ids, extra)
-        has_labels = labels is not None or shift_labels is not None
-        plan = plan_step(decoder, training=self.training, grad=torch.is_grad_enabled(), labels=has_labels,
-                         return_logits=return_logits, tokens=embeds.shape[0] * embeds.shape[1], cache=cached)
-        out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, cache=cache,
-                      use_cache=use_cache, plan=plan)
-        loss, logits = head_outputs(self.lm_head, out.last_hidden_state, plan, labels, num_items_in_batch,
-                                    shift_labels, logits_to_keep)
-        return MultimodalCausalLMOutputWithPast(loss=loss, logits=logits,
-                                                **{_CACHE_FIELD: getattr(out, _CACHE_FIELD, None)})
+        positions = self._positions(position_ids, input_ids, embeds, attention_mask,
+                                    cache if self.uses_cache(use_cache) else None, image_grid_thw, video_grid_thw,
+                                    mm_token_type_ids, extra)
+        return self.run_decoder(embeds, attention_mask, positions, cache, use_cache, labels, num_items_in_batch,
+                                shift_labels, logits_to_keep, return_logits)
 
 
-class Qwen2VLForConditionalGeneration(_OwnTextDecoder, modeling_qwen2_vl.Qwen2VLForConditionalGeneration):
+class Qwen2VLForConditionalGeneration(QwenVLDecoder, modeling_qwen2_vl.Qwen2VLForConditionalGeneration):
     """Qwen2-VL: transformers' vision tower and merger, velotune's Qwen2 decoder with M-RoPE. Named as
     transformers' class, so `save_pretrained` writes an `architectures` entry transformers loads."""
 
@@ -188,7 +122,7 @@ class Qwen2VLForConditionalGeneration(_OwnTextDecoder, modeling_qwen2_vl.Qwen2VL
         self._install_decoder()
 
 
-class Qwen2_5_VLForConditionalGeneration(_OwnTextDecoder, modeling_qwen2_5_vl.Qwen2_5_VLForConditionalGeneration):
+class Qwen2_5_VLForConditionalGeneration(QwenVLDecoder, modeling_qwen2_5_vl.Qwen2_5_VLForConditionalGeneration):
     """Qwen2.5-VL: as Qwen2VLForConditionalGeneration (its vision tower differs; the language model does not)."""
 
     _no_split_modules = ["DecoderLayer", "Qwen2_5_VLVisionBlock"]
@@ -197,34 +131,3 @@ class Qwen2_5_VLForConditionalGeneration(_OwnTextDecoder, modeling_qwen2_5_vl.Qw
     def __init__(self, config):
         super().__init__(config)
         self._install_decoder()
-
-
-def adopt_modules(ours: nn.Module, theirs: nn.Module) -> None:
-    """Move the weights of transformers' text model `theirs` into our decoder `ours` (same dotted names):
-    each leaf module that holds weights (Linear, bitsandbytes' Linear4bit, Embedding) is taken whole, each
-    norm's weight Parameter is taken into our norm (our norm classes compute the family's formula). A name
-    transformers has and we lack, or the reverse, is an error naming it."""
-    our_leaves = {name: m for name, m in ours.named_modules() if not list(m.children()) and _has_weights(m)}
-    their_leaves = {name: m for name, m in theirs.named_modules() if not list(m.children()) and _has_weights(m)}
-    if our_leaves.keys() != their_leaves.keys():
-        raise ValueError(f"velotune's decoder and transformers' text model differ in layers: only ours "
-                         f"{sorted(our_leaves.keys() - their_leaves.keys())[:4]}, only theirs "
-                         f"{sorted(their_leaves.keys() - our_leaves.keys())[:4]}")
-    for name, module in their_leaves.items():
-        if hasattr(module, "variance_epsilon") or "RMSNorm" in type(module).__name__:
-            our_leaves[name].weight = module.weight
-        else:
-            ours.set_submodule(name, module)
-
-
-def _has_weights(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False))
-
-
-OWN_DECODER_CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration,
-                       "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
-
-
-def own_decoder_class(config):
-    """Our composite class for a vision-language config whose language model is one of our decoders, or None."""
-    return OWN_DECODER_CLASSES.get(getattr(config, "model_type", None))

@@ -4,9 +4,10 @@
 Why transformers' classes: the vision encoders, projectors and the ways each family merges image
 features into the text (Qwen's M-RoPE, Mllama's cross-attention, Gemma 3's bidirectional image
 attention) are many and change between releases, and parity with transformers is then exact by
-construction. Where a family's language model is one of our decoders (Qwen2-VL, Qwen2.5-VL:
-Qwen2 with M-RoPE), the loaded model is adopted into velotune's class for it (models/qwen_vl.py),
-whose language model is our decoder over the same tensors, so training runs the fast path there.
+construction. Where a family's language model is one of our decoders (Qwen2-VL, Qwen2.5-VL: Qwen2
+with M-RoPE; Llava / Pixtral with a Llama or Mistral text model), the loaded model is adopted into
+velotune's class for it (models/vision_lm.py), whose language model is our decoder over the same
+tensors, so training runs the fast path there and generation the engine.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from transformers import AutoConfig
 
 from ..device import resolve_device, resolve_dtype
 from ..inference import GenerationEngine, InferenceSettings
-from ..models.qwen_vl import own_decoder_class
+from ..models.vision_lm import own_decoder_class
 from ..quant import nf4_available, quantize_model_
 from ..resolve import resolve_source, travel_name
 from ..tokenizer import fix_tokenizer as fix_pad_token
@@ -125,8 +126,8 @@ def from_pretrained(model_name: str | os.PathLike, max_seq_length: int = 2048, d
     if own is not None:  # the language model is one of ours: it runs on velotune's decoder, same tensors
         model = own.adopt(model)
         model.generation_engine = GenerationEngine(settings, tokenizer=processor.tokenizer)  # after for_inference
-        logger.info("velotune: %s's language model runs on velotune's %s decoder (vision tower and merger are "
-                    "transformers')", config.model_type, own.family)
+        logger.info("velotune: %s's language model runs on velotune's %s decoder (the vision tower and projector "
+                    "are transformers')", config.model_type, own.text_family(config))
     else:
         for name, value in inference.items():
             if value:

@@ -1,8 +1,9 @@
-"""Qwen2-VL / Qwen2.5-VL on velotune's own Qwen2 decoder (models/qwen_vl.py): the composite forward equals
-transformers' model of the same weights (logits, loss, gradients; a batch with an image row and a padded
-text-only row), the adopted model shares transformers' tensors, "unsloth" checkpointing reaches our decoder,
-the fast path equals the plain path, and greedy generation (transformers' loop, and velotune's engine after
-for_inference) equals transformers' generate."""
+"""Vision-language models on velotune's own text decoder (models/composite.py: Qwen2-VL, Qwen2.5-VL, Llava with a
+Mistral text model): the composite forward equals transformers' model of the same weights (logits, loss,
+gradients; a batch with an image row and a padded text-only row), the adopted model shares transformers'
+tensors, a bnb-4bit folder loads, "unsloth" checkpointing reaches our decoder, the fast path equals the plain
+path, and greedy generation (transformers' loop, and velotune's engine after for_inference) equals transformers'
+generate."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from transformers import AutoModelForImageTextToText
 
 from velotune import FastVisionModel
 from velotune.models.decoder import DecoderModel
-from velotune.models.qwen_vl import OWN_DECODER_CLASSES
+from velotune.models.vision_lm import OWN_DECODER_CLASSES
+from velotune.vision.families import family_of
 from velotune.vision.processors import load_processor
 
-QWEN = tuple(OWN_DECODER_CLASSES)
+FAMILIES = tuple(OWN_DECODER_CLASSES)
 
 
 def _batch(processor, answer=True):
@@ -35,7 +37,7 @@ def _pair(folder):
     return ours, reference
 
 
-@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_logits_loss_and_gradients_equal_transformers(family, vision_folder):
     folder = vision_folder(family)
     ours, reference = _pair(folder)
@@ -53,8 +55,10 @@ def test_logits_loss_and_gradients_equal_transformers(family, vision_folder):
     torch.testing.assert_close(outputs[0].logits[real], outputs[1].logits[real], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outputs[0].loss, outputs[1].loss, rtol=1e-6, atol=1e-6)
     theirs = dict(reference.named_parameters())
+    projector = "model." + family_of(family).projector + "."
+    projector_weight = next(n for n in theirs if n.startswith(projector) and n.endswith("weight"))
     for name in ("model.language_model.layers.0.self_attn.q_proj.weight", "model.language_model.layers.1.mlp.down_proj"
-                 ".weight", "model.language_model.embed_tokens.weight", "model.visual.merger.mlp.0.weight"):
+                 ".weight", "model.language_model.embed_tokens.weight", projector_weight):
         ours_grad = ours.get_parameter(name).grad
         torch.testing.assert_close(ours_grad, theirs[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -120,7 +124,7 @@ def test_greedy_generation_in_transformers_loop_equals_transformers(vision_folde
     torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_on_the_engine_equals_transformers(family, vision_folder):
     """After for_inference, generate(**processor(...)) runs on velotune's engine: prefill with the image
     features and M-RoPE ids, text-only decode steps counting on from each row's rope delta. Rows: one image,
