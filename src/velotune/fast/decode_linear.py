@@ -45,7 +45,7 @@ _GATED = {0: swiglu, 1: partial(geglu, approximate="tanh"), 2: partial(geglu, ap
 FUSE_NORM = True
 # 4-bit weights at one row on CUDA: bitsandbytes' gemv_4bit (1.0 TB/s of packed weights on the H200)
 # unless this is True; kernels/nf4_gemv.py reached 0.35 TB/s there (BENCHMARKS.md), so our kernels serve
-# the 2..8-row decode steps (where bitsandbytes has no GEMV) and the CPU, and one row only when asked
+# the 2..8-row decode steps where the plan allows them (plan.GEMV_ROWS) and the CPU, and one row only when asked
 # (then kernels/nf4_gemv_stream.py: flip the default once a GPU run shows it faster than gemv_4bit).
 OWN_NF4_GEMV_AT_ONE_ROW = False
 # Our 4-bit GEMVs: rows of x up to this many go to kernels/nf4_gemv_stream.py (built for bandwidth at

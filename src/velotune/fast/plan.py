@@ -35,7 +35,6 @@ from torch import nn
 
 from .. import settings as env
 from ..kernels import set_fast_launch
-from ..kernels.gemv import MAX_ROWS as GEMV_MAX_ROWS
 from .checkpointing import OFFLOAD_MIN_TOKENS
 
 logger = logging.getLogger("velotune")
@@ -54,9 +53,12 @@ CHECKPOINT_MODES = ("off", "plain", "offload")
 # GPU, where graphs gained nothing and their pool cost 1.1 GiB.
 MAX_GRAPHED_ELEMENTS = 2048 * 4096
 # Decode: calls with a KV cache and no autograd run projections of up to this many token rows
-# through the small-batch GEMV kernels (decode_linear.py). Module-level so tests can set it to 0
-# (the previous fast path) and compare.
-GEMV_ROWS = GEMV_MAX_ROWS
+# through the small-batch GEMV kernels and the fused decode attention (decode_linear.py). One row:
+# there they beat cuBLAS (BENCHMARKS.md, 217 vs 167 tokens/s at 8B). At 8 rows (a GRPO group) cuBLAS
+# per projection was 2.2-3.6x faster than the GEMVs and SDPA 1.7x faster than the fused attention
+# (H200, bench_gemv --rows 8), and the GEMVs took 70% of an 8B GRPO step's generation. The kernels take
+# up to kernels.gemv.MAX_ROWS rows (tests run them so). Module-level so tests and benches can set it.
+GEMV_ROWS = 1
 _logged: set[str] = set()
 
 

@@ -24,7 +24,8 @@ are prepared once by kernels/nf4.py's cache; a call allocates its outputs and la
 
 Status (BENCHMARKS.md, H200): correct, but 0.26-0.37 TB/s of packed weights, slower than
 bitsandbytes' gemv_4bit (0.5-1.0 TB/s), which the decode path therefore uses at one row
-(fast/decode_linear.py); this kernel serves 2..8 rows and the CPU. CONFIG is untuned.
+(fast/decode_linear.py); this kernel serves 2..8 rows where the plan allows them (fast/plan.py
+GEMV_ROWS, 1 by default since cuBLAS won at 8 rows) and the CPU. CONFIG is untuned.
 """
 
 from __future__ import annotations
