@@ -37,7 +37,8 @@ Not done, and why: split-K (programs are already 512-1792 per launch at the 8B s
 SM, and a split would need an fp32 atomic or a second pass before the GLU and residual epilogues);
 a register-only look-up (PRMT byte permutes in inline assembly: GPU only, so the CPU tests could not
 run the code the GPU runs, and counted at ~4 instructions a code it would not beat the table);
-`tl.gather` from a 16-element register tensor (compiles to shuffles and selects, ~7 a code).
+`tl.gather` from a 16-element register tensor (compiles to shuffles and selects: ~14 instructions a
+code against ~5 for a table read).
 
 Layout and meaning as kernels/nf4_gemv.py (bitsandbytes NF4, double-quantized absmax decoded per
 block in the kernel, K a multiple of the quantization block), same API and fused variants (up to
@@ -61,7 +62,8 @@ from .nf4_gemv import _tables, fusable, nf4_gemv_reference
 
 # (BLOCK_N rows, BLOCK_K columns, num_warps, LOOKUP) per launch kind; module-level so the bench can
 # sweep it. LOOKUP 0: two reads of the 16-entry code table a byte, addresses by OR; 2: the same by
-# pointer + index (fewer registers, more instructions); 1: one read of the 256-entry (high, low) pair table. "rows": every kind when x has 2..8 rows (one program per row of x and tile).
+# pointer + index (fewer registers, more instructions); 1: one read of the 256-entry (high, low) pair
+# table. "rows": every kind when x has 2..8 rows (one program per row of x and tile).
 # Untuned: chosen from the instruction and register counts of the sm_90 compile, not a GPU run.
 CONFIG = {
     "dense": (8, 1024, 4, 0),
@@ -109,8 +111,9 @@ def _stream_tile(XP, WORDS, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, ro
     in the tile's own layout and serve all BN rows the thread holds. The block's scale multiplies the
     thread's 8-code partial sum once (no cross-thread sum until after the K loop). CODES: the 16
     fp32 codes (LOOKUP 0: 64-byte aligned, read at table | 4 x nibble; 2: read at CODES + nibble)
-    or the 256 int64 (high code bits << 32 | low code bits) pairs (LOOKUP 1, one read a byte). NORM: the product is of RMSNorm(x); x^2 is summed as x
-    is read and rstd scales the sum at the end (as kernels/gemv.py)."""
+    or the 256 int64 (high code bits << 32 | low code bits) pairs (LOOKUP 1, one read a byte).
+    NORM: the product is of RMSNorm(x); x^2 is summed as x is read and rstd scales the sum at the
+    end (as kernels/gemv.py)."""
     NB: tl.constexpr = BK // BS
     HW: tl.constexpr = BS // 8
     b = tl.arange(0, NB)
@@ -194,10 +197,10 @@ def _store_row(OUT, acc, m, rows, N, RES, RESIDUAL: tl.constexpr):
 @jit
 def _nf4_stream_kernel(
     XP, OUT0, OUT1, OUT2,  # XP: x (M, K) as packed pairs (M, K / 2); OUT_i (M, N_i); unused slots repeat slot 0
-    P0, A0, NA0, NM0, OF0, QM0,  # weight 0: packed words (int32), absmax (codes), nested absmax, nested map, offset, codes
+    P0, A0, NA0, NM0, OF0, QM0,  # weight 0: words (int32), absmax (codes), nested absmax, nested map, offset, codes
     P1, A1, NA1, NM1, OF1, QM1,
     P2, A2, NA2, NM2, OF2, QM2,
-    N0, N1, N2, K, KW, T0, T1,  # KW = K / 8 words a row (an argument: Triton sees its divisibility); T_i: programs of weight i
+    N0, N1, N2, K, KW, T0, T1,  # KW = K / 8 words a row (an argument: divisibility seen); T_i: programs of weight i
     NORM_P, eps, norm_offset,  # NORM: x is RMS-normalised with the weight NORM_P (packed pairs, K / 2) first
     RES,  # RESIDUAL (one weight): OUT0 = RES (M, N0) + x W0^T
     BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
