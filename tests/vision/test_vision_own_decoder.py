@@ -63,13 +63,19 @@ def test_logits_loss_and_gradients_equal_transformers(family, vision_folder):
         torch.testing.assert_close(ours_grad, theirs[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_adoption_shares_transformers_tensors(vision_folder):
+def test_adoption_shares_transformers_tensors_and_saves_for_transformers(vision_folder, tmp_path):
     reference = AutoModelForImageTextToText.from_pretrained(vision_folder("qwen2_vl"), dtype=torch.float32)
     before = {name: p.data_ptr() for name, p in reference.named_parameters()}
-    model = OWN_DECODER_CLASSES["qwen2_vl"].adopt(reference)
+    model = OWN_DECODER_CLASSES["qwen2_vl"].adopt(reference).eval()
     after = {name: p.data_ptr() for name, p in model.named_parameters()}
     assert after == before  # same names, same storage: nothing copied
     assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(loaded).__module__.startswith("transformers.")
+    batch = _batch(load_processor(vision_folder("qwen2_vl"), False))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
 def test_a_bnb_4bit_folder_loads_onto_our_decoder(vision_folder, tmp_path):
