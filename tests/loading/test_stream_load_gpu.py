@@ -52,7 +52,8 @@ def test_streamed_layers_equal_the_whole_model_quantized_on_cuda(tmp_path, famil
     expected, actual = whole.state_dict(), streamed.state_dict()
     assert list(actual) == list(expected)
     for name, value in expected.items():
-        assert actual[name].device.type == "cuda" and actual[name].dtype == value.dtype, name
+        # bitsandbytes keeps its packed quant-state and int8 weight-format records on the CPU in both paths
+        assert actual[name].device == value.device and actual[name].dtype == value.dtype, name
         assert torch.equal(_bytes(actual[name]), _bytes(value)), name
 
 
