@@ -28,12 +28,18 @@ STEPS, SAVE_AT = 4, 2
 ADAPTER = "adapter_model.safetensors"
 
 
-def worker(*worker_args, nproc: int | None = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    """ddp_worker.py under `torchrun --standalone` on the CPU (gloo), or as one plain process (nproc None)."""
+def worker(*worker_args, nproc: int | None = 2, timeout: int = 300, accelerate: bool = False
+           ) -> subprocess.CompletedProcess:  # fmt: skip
+    """ddp_worker.py under `torchrun --standalone` on the CPU (gloo), under `accelerate launch --multi_gpu`
+    with no GPU visible (accelerate's own torchrun launch; `--cpu` would need MPI for two processes), or as
+    one plain process (nproc None)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[1] / "src"), env.get("PYTHONPATH", "")])
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    if accelerate:
+        launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
+                    "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0"]
     command = [sys.executable, *launcher, str(HERE / "ddp_worker.py"), *map(str, worker_args)]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -126,3 +132,14 @@ def test_a_failing_rank_stops_the_job_with_its_message(ddp_tiny_dir, tmp_path):
     text = done.stdout + done.stderr
     assert "injected failure on rank 1 at step 2" in text
     assert not (tmp_path / "result-0.json").exists()  # rank 0 did not finish on its own
+
+
+@pytest.mark.slow  # a second launch (about 40 s)
+def test_accelerate_launch_trains_like_torchrun(ddp_run, ddp_tiny_dir, tmp_path):
+    """`accelerate launch` sets the same process-group variables as torchrun: the same 2-rank losses."""
+    out, _ = ddp_run
+    done = worker("--folder", ddp_tiny_dir, "--out", tmp_path, "--batch", 2, "--steps", STEPS, accelerate=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    ranks = [result(tmp_path, r) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["losses"] == pytest.approx(result(out)["losses"], rel=1e-5)
