@@ -60,6 +60,26 @@ def test_nf4_to_fp8_at_size(nested):
     assert _rel(values.float() * scale[:, None], dense) < 0.04  # e4m3's 3 mantissa bits: ~2-3% rms
 
 
+@pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096), (1000, 20000)])
+def test_backward_layouts_at_size(shape):
+    """The FP8 backward's (in, out) copies at Llama-8B shapes (and one that no tile divides), bit for bit:
+    the tiled transpose of an e4m3 weight and NF4 written transposed, each == `.t().contiguous()`."""
+    from velotune.kernels.fp8_transpose import transpose_bytes
+    from velotune.kernels.nf4_fp8 import dequantize_nf4_to_fp8
+    from velotune.quant.fp8 import quantize_weight_fp8
+    from velotune.quant.linear import to_linear4bit
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(shape[1], shape[0], bias=False, device="cuda", dtype=torch.bfloat16)
+    values, _ = quantize_weight_fp8(linear.weight)
+    assert torch.equal(transpose_bytes(values).view(torch.uint8), values.t().contiguous().view(torch.uint8))
+    weight = to_linear4bit(linear, compress_statistics=True).weight
+    plain, scale = dequantize_nf4_to_fp8(weight)
+    values_t, scale_t = dequantize_nf4_to_fp8(weight, transposed=True)
+    assert torch.equal(values_t.view(torch.uint8), plain.t().contiguous().view(torch.uint8))
+    assert torch.equal(scale_t, scale)
+
+
 def test_fp8_gemms_against_dequantized_reference():
     """fp8_linear / fp8_grad_input == the same FP8 values multiplied in fp32 (cuBLAS accumulates in fp32)."""
     from velotune.fast.fp8_matmul import fp8_grad_input, fp8_linear, quantize_input

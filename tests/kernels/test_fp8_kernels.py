@@ -1,4 +1,5 @@
-"""The FP8 kernels (kernels/fp8.py, kernels/nf4_fp8.py) through Triton's interpreter, bit for bit
+"""The FP8 kernels (kernels/fp8.py, kernels/nf4_fp8.py, the backward's transposed layouts of
+kernels/fp8_transpose.py and kernels/nf4_fp8_transposed.py) through Triton's interpreter, bit for bit
 against their PyTorch references (both round to nearest even before the cast), and the FP8 GEMMs
 (fast/fp8_matmul.py, torch's CPU `_scaled_mm`) against the same FP8 values multiplied in fp32 and
 against the 16-bit weight they stand for, within e4m3's precision."""
@@ -10,7 +11,9 @@ import torch
 
 from velotune.kernels import fp8 as fp8_kernels
 from velotune.kernels.fp8 import FP8_MAX, dequantize_fp8_rows, quantize_fp8_rows, quantize_fp8_rows_reference
+from velotune.kernels.fp8_transpose import transpose_bytes
 from velotune.kernels.nf4_fp8 import dequantize_nf4_to_fp8, nf4_to_fp8_reference
+from velotune.kernels.nf4_fp8_transposed import nf4_to_fp8_transposed_reference
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -100,6 +103,49 @@ def test_nf4_to_fp8_matches_reference_bit_for_bit(device, nested, shape):
     assert torch.equal(_bits(plain), _bits(values)) and torch.equal(plain_scale, scale)
 
 
+# (shape, tile): tiles that do not divide the shape on either side, the default tile, a strided (transposed) input
+@pytest.mark.parametrize("shape, tile", [((100, 70), (64, 64, 4)), ((33, 200), (32, 64, 4)), ((130, 129), None)])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.uint8])
+def test_transpose_bytes_equals_t_contiguous(device, shape, tile, dtype):
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 100).to(device)
+    x = x.to(dtype) if dtype.is_floating_point else x.to(torch.int16).to(dtype)  # uint8: wrapped integers
+    y = transpose_bytes(x, tile=tile, use_triton=True)
+    assert y.dtype == dtype and y.shape == shape[::-1] and y.is_contiguous()
+    assert torch.equal(_bits(y), _bits(x.t().contiguous()))
+    strided = x.t()  # (C, R) with strides (1, C): read through its strides, not copied first
+    assert torch.equal(_bits(transpose_bytes(strided, tile=tile, use_triton=True)), _bits(x))
+
+
+def test_transpose_bytes_errors_name_the_problem():
+    with pytest.raises(ValueError, match="2-D"):
+        transpose_bytes(torch.zeros(2, 3, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="one-byte dtype.*bfloat16"):
+        transpose_bytes(torch.zeros(2, 3, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("nested", [True, False])
+# (32, 128): one tile row; (70, 200): tiles cut rows and columns; (40, 72): blocks straddle rows;
+# (24, 78): blocks straddle rows at odd row starts; (24, 77): odd in_features, converted then transposed
+@pytest.mark.parametrize("shape", [(32, 128), (70, 200), (40, 72), (24, 78), (24, 77)])
+def test_nf4_to_fp8_transposed_equals_transpose_of_untransposed(device, nested, shape):
+    from velotune.kernels import dequantize_nf4_weight
+
+    weight = _nf4_weight(*shape, nested=nested)
+    if device.type == "cuda":
+        weight = weight.cuda()
+    values, scale = dequantize_nf4_to_fp8(weight, use_triton=True)
+    values_t, scale_t = dequantize_nf4_to_fp8(weight, transposed=True, use_triton=True)
+    assert values_t.shape == shape[::-1] and values_t.is_contiguous() and values_t.dtype == torch.float8_e4m3fn
+    assert torch.equal(_bits(values_t), _bits(values.t().contiguous())) and torch.equal(scale_t, scale)
+    again, _ = dequantize_nf4_to_fp8(weight, transposed=True, use_triton=True)  # the cached launch
+    assert torch.equal(_bits(again), _bits(values_t))
+    dense = dequantize_nf4_weight(weight, use_triton=False).float()  # (out, in) fp32
+    reference = nf4_to_fp8_transposed_reference(dense, FP8_MAX / dense.abs().amax(1))
+    assert torch.equal(_bits(values_t), _bits(reference))
+    plain, plain_scale = dequantize_nf4_to_fp8(weight, transposed=True, use_triton=False)
+    assert torch.equal(_bits(plain), _bits(values_t)) and torch.equal(plain_scale, scale)
+
+
 def test_fp8_gemms_match_the_fp32_product_of_the_same_values():
     """Forward x W^T and backward dY W with row-wise scales, vs fp32 math on the dequantized operands;
     the backward folds W's row scales into dY's columns before quantizing dY."""
@@ -144,3 +190,5 @@ def test_fp8_weight_from_each_storage():
     nf4 = LoraProjection(_nf4_weight(32, 64), None, None, None, 0.0, None, fp8=True)
     v, s = fp8_weight(nf4)
     assert v.shape == (32, 64) and s.shape == (32,)
+    vt, st = fp8_weight(nf4, transposed=True)  # written transposed by the NF4 kernel, the same bytes
+    assert vt.shape == (64, 32) and vt.is_contiguous() and torch.equal(_bits(vt), _bits(v.t())) and torch.equal(st, s)

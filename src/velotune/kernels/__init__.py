@@ -8,6 +8,7 @@ path. One op per file: private ``@triton.jit`` kernels -> launcher -> ``torch.au
 
 from ._triton import set_fast_launch
 from .fp8 import dequantize_fp8_rows, quantize_fp8_rows, quantize_fp8_rows_reference
+from .fp8_transpose import transpose_bytes, transpose_bytes_reference
 from .cross_entropy import (
     FusedLinearCrossEntropyFunction,
     default_chunk_size,
@@ -18,6 +19,7 @@ from .glu import GatedActivationFunction, geglu, geglu_reference, swiglu, swiglu
 from .logprobs import ChunkedLogprobsFunction, chunked_logprobs, chunked_logprobs_reference
 from .nf4 import dequantize_nf4, dequantize_nf4_reference, dequantize_nf4_weight
 from .nf4_fp8 import dequantize_nf4_to_fp8, nf4_to_fp8_reference
+from .nf4_fp8_transposed import nf4_to_fp8_transposed_reference
 from .rms_norm import RMSNormFunction, rms_norm, rms_norm_reference
 from .rope import RoPEFunction, apply_rope, apply_rope_reference
 
@@ -30,6 +32,9 @@ __all__ = [
     "dequantize_nf4_weight",
     "dequantize_nf4_to_fp8",
     "nf4_to_fp8_reference",
+    "nf4_to_fp8_transposed_reference",
+    "transpose_bytes",
+    "transpose_bytes_reference",
     "quantize_fp8_rows",
     "quantize_fp8_rows_reference",
     "dequantize_fp8_rows",

@@ -13,6 +13,8 @@ afterwards a call is the kernel launch alone.
 
 Tiling: as kernels/nf4.py, a program owns `ROWS` whole quantization blocks; each output value
 looks up its row's inverse scale (row = flat index // in_features), so a block may straddle rows.
+`transposed=True` writes the (in, out) layout of the FP8 backward instead, through the tiled kernel
+of nf4_fp8_transposed.py (same math per value, same cached row scales).
 """
 
 import weakref
@@ -21,7 +23,9 @@ import torch
 
 from ._triton import jit, kernel_for, should_use_triton, tl
 from .fp8 import FP8_DTYPE, FP8_MAX, TINY, round_to_e4m3
+from .fp8_transpose import transpose_bytes
 from .nf4 import _weight_state, dequantize_nf4
+from .nf4_fp8_transposed import nf4_to_fp8_transposed_reference, transposed_launch
 
 _TILE_VALUES = 8192
 _NUM_WARPS = 4
@@ -62,23 +66,25 @@ class _RowScales:
     """One weight's cached row scales: (scale (out,) fp32, inv (out,) fp32), valid while the
     QuantState lives and the packed bytes stay at the same address."""
 
-    __slots__ = ("state_ref", "data_ptr", "scale", "inv", "args", "launch")
+    __slots__ = ("state_ref", "data_ptr", "scale", "inv", "args", "launch", "launch_t")
 
     def __init__(self, state, data, scale, inv, args):
         self.state_ref, self.data_ptr = weakref.ref(state), data.data_ptr()
         self.scale, self.inv, self.args = scale, inv, args
-        self.launch = None  # (kernel, grid, shape, device, scalar args, meta): set at the first Triton call
+        # (kernel, grid, shape, device, scalar args, meta), set at the first Triton call: `launch` writes
+        # (out, in), `launch_t` the transposed (in, out) layout (nf4_fp8_transposed.py)
+        self.launch = self.launch_t = None
 
     def fresh(self, state, data) -> bool:
         return self.state_ref() is state and self.data_ptr == data.data_ptr()
 
-    def run(self, data: torch.Tensor) -> torch.Tensor:
+    def run(self, data: torch.Tensor, transposed: bool = False) -> torch.Tensor:
         """The prepared launch: one allocation and one kernel (the per-call host work of QLoRA's hot path)."""
-        kernel, grid, shape, device, scalars, meta = self.launch
+        kernel, grid, shape, device, scalars, meta = self.launch_t if transposed else self.launch
         out = torch.empty(shape, dtype=FP8_DTYPE, device=device)
         code, absmax, nested_absmax, nested_map, offset = self.args
         kernel[grid](data.reshape(-1).view(torch.uint8), absmax, code, nested_absmax, nested_map, offset, self.inv,
-                     out, *scalars, **meta)
+                     out.view(torch.uint8) if transposed else out, *scalars, **meta)
         return out
 
 
@@ -143,29 +149,43 @@ def nf4_to_fp8_reference(w: torch.Tensor, inv_row: torch.Tensor) -> torch.Tensor
     return (w.float() * inv_row.reshape(-1, 1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-def dequantize_nf4_to_fp8(param, *, use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def dequantize_nf4_to_fp8(param, *, transposed: bool = False,
+                          use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A bitsandbytes Params4bit (or Linear4bit) -> (e4m3 (out, in), row scales (out,) fp32).
 
-    weight ~= e4m3.float() * scale[:, None]. The Triton kernel runs on CUDA (and the interpreter);
-    elsewhere the fp32 dequantization is scaled and cast in PyTorch (the same math).
+    weight ~= e4m3.float() * scale[:, None]. `transposed`: the e4m3 values as (in, out) row-major instead
+    (the FP8 backward's layout), bit-identical to the untransposed values' `.t().contiguous()`, written
+    directly (nf4_fp8_transposed.py). The Triton kernels run on CUDA (and the interpreter); elsewhere the
+    fp32 dequantization is scaled and cast in PyTorch (the same math).
     """
     data, state = _weight_state(param)
     entry = _CACHE.get(id(state))
-    if entry is not None and entry.launch is not None and use_triton is not False and entry.fresh(state, data):
-        return entry.run(data), entry.scale
+    if entry is not None and use_triton is not False and entry.fresh(state, data):
+        if (entry.launch_t if transposed else entry.launch) is not None:
+            return entry.run(data, transposed), entry.scale
     if state.quant_type != "nf4":
         raise ValueError(f"dequantize_nf4_to_fp8: only quant_type='nf4' is supported, got {state.quant_type!r}")
     rows = _row_scales(param, data, state, use_triton)
-    out_features, in_features = state.shape
-    n = out_features * in_features
     if not should_use_triton(data, use_triton) or state.blocksize < 16 or state.blocksize & (state.blocksize - 1):
         w = dequantize_nf4(data, state.absmax, state.code, blocksize=state.blocksize, shape=state.shape,
                            dtype=torch.float32, use_triton=False, **_nested(state))
-        return nf4_to_fp8_reference(w, rows.inv), rows.scale
+        reference = nf4_to_fp8_transposed_reference if transposed else nf4_to_fp8_reference
+        return reference(w, rows.inv), rows.scale
+    nested_blocksize = _nested(state)["nested_blocksize"]
+    if transposed:
+        plan = transposed_launch(tuple(state.shape), state.blocksize, nested_blocksize, state.state2 is not None)
+        if plan is None:  # odd in_features: convert, then transpose the bytes
+            values, scale = dequantize_nf4_to_fp8(param, use_triton=use_triton)
+            return transpose_bytes(values, use_triton=use_triton), scale
+        kernel, grid, shape, scalars, meta = plan
+        rows.launch_t = (kernel_for(kernel), grid, shape, data.device, scalars, meta)
+        return rows.run(data, transposed=True), rows.scale
+    out_features, in_features = state.shape
+    n = out_features * in_features
     blocksize = state.blocksize
     per_program = max(1, _TILE_VALUES // blocksize)
     n_blocks = -(-n // blocksize)
-    meta = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=_nested(state)["nested_blocksize"],
+    meta = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize,
                 NESTED=state.state2 is not None, ROWS=per_program, IDX64=n + per_program * blocksize >= 2**31,
                 num_warps=_NUM_WARPS, enable_fp_fusion=False)
     rows.launch = (kernel_for(_nf4_to_fp8_kernel), (-(-n_blocks // per_program),), state.shape, data.device,
