@@ -12,6 +12,15 @@ the speed-up over one GPU, and each GPU's peak allocated and reserved memory.
   PYTHONPATH=src python bench/bench_ddp.py --shape llama8b --quant none --seq 2048 --nprocs 1,2
   PYTHONPATH=src python bench/bench_ddp.py --shape llama8b --quant nf4 --seq 2048 --nprocs 1,2
   PYTHONPATH=src python bench/bench_ddp.py --dry-run      # tiny shape, 2 CPU processes (gloo), 2 steps
+
+The peer row (issue 19 item 5, "Unsloth's DDP where it runs"): `--stack unsloth --model FOLDER` loads a
+checkpoint folder (the peers' harness makes one: `peer_bench.py make --preset llama8b`) through Unsloth's
+FastLanguageModel on each rank's GPU (`device_map={"": local_rank}`), its get_peft_model with the same
+LoRA and "unsloth" checkpointing, and runs the same DDP loop; `--stack velotune --model FOLDER` loads the
+same folder through velotune's from_pretrained for the row beside it:
+
+  PYTHONPATH=$PWD/src:$PWD/.peers python bench/bench_ddp.py --stack unsloth --model /tmp/m8 --quant nf4 --nprocs 1,2
+  PYTHONPATH=$PWD/src:$PWD/.peers python bench/bench_ddp.py --stack velotune --model /tmp/m8 --quant nf4 --nprocs 1,2
 """
 
 from __future__ import annotations
@@ -42,14 +51,17 @@ def worker(args) -> None:
         torch.cuda.set_device(local_rank)  # bench_train builds on "cuda": the current device, this rank's GPU
     dist.init_process_group("nccl" if cuda else "gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
-    build_args = argparse.Namespace(model=None, shape="tiny" if args.dry_run else args.shape, quant=args.quant,
+    build_args = argparse.Namespace(model=args.model, shape="tiny" if args.dry_run else args.shape, quant=args.quant,
                                     seq=args.seq, rank=args.rank, checkpointing=args.checkpointing,
                                     offload_min_tokens=None)
-    model = bench_train.build(build_args, "cuda" if cuda else "cpu")
-    from velotune.fast.plan import plan_step, set_fast_path
+    if args.stack == "unsloth":
+        model, reason = unsloth_model(args, local_rank), "Unsloth FastLanguageModel"
+    else:
+        model = bench_train.build(build_args, "cuda" if cuda else "cpu")
+        from velotune.fast.plan import plan_step, set_fast_path
 
-    set_fast_path(model, None if cuda else True)
-    decision = plan_step(model)
+        set_fast_path(model, None if cuda else True)
+        reason = plan_step(model).reason
     model.train()
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if cuda else None,
                                                     find_unused_parameters=False)
@@ -98,9 +110,26 @@ def worker(args) -> None:
                       accum=args.accum, rank=args.rank, checkpointing=args.checkpointing,
                       tokens_per_s=round(tokens / step_s, 1), step_s=round(step_s, 4),
                       per_gpu=[{k: r[k] for k in ("rank", "peak_gib", "reserved_gib", "loss_last")} for r in gathered],
-                      reason=decision.reason, device=torch.cuda.get_device_name() if cuda else "cpu")
+                      stack=args.stack, reason=reason, device=torch.cuda.get_device_name() if cuda else "cpu")
         print("RESULT " + json.dumps(record), flush=True)
     dist.destroy_process_group()
+
+
+def unsloth_model(args, local_rank: int):
+    """The peer: Unsloth's FastLanguageModel on this rank's GPU, its LoRA as bench_train gives velotune's."""
+    import torch
+    import unsloth  # noqa: F401  (Unsloth asks to be imported before transformers)
+    from unsloth import FastLanguageModel
+
+    from bench_train import TARGETS
+
+    if not args.model:
+        raise SystemExit("--stack unsloth needs --model FOLDER (peer_bench.py make --preset llama8b --out FOLDER)")
+    model, _ = FastLanguageModel.from_pretrained(model_name=args.model, max_seq_length=args.seq, dtype=torch.bfloat16,
+                                                 load_in_4bit=args.quant == "nf4", device_map={"": local_rank})
+    return FastLanguageModel.get_peft_model(model, r=args.rank, lora_alpha=args.rank, lora_dropout=0, bias="none",
+                                            target_modules=TARGETS, use_gradient_checkpointing="unsloth",
+                                            random_state=3407, max_seq_length=args.seq)
 
 
 def launch(args, nproc: int) -> dict:
@@ -120,6 +149,8 @@ def launch(args, nproc: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stack", choices=["velotune", "unsloth"], default="velotune")
+    parser.add_argument("--model", default=None, help="a checkpoint folder to load instead of random weights")
     parser.add_argument("--shape", choices=["llama8b", "llama1b"], default="llama8b")
     parser.add_argument("--quant", choices=["nf4", "none"], default="nf4")
     parser.add_argument("--seq", type=int, default=2048)
