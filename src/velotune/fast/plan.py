@@ -220,7 +220,7 @@ def _with_fp8(plan: StepPlan, where, forced: bool) -> StepPlan:
     """`plan` with FP8 base GEMMs marked on the projections that can take them (fast/fp8_matmul.py).
 
     FP8 needs the fast path (the fused functions run the GEMMs), a GPU with FP8 tensor cores (or the
-    CPU under `fast_path=True`, how tests run torch's CPU `_scaled_mm`), sharded weights off (FSDP2
+    CPU under `fast_path=True`, where tests run the same path with the GEMMs in fp32), sharded weights off (FSDP2
     resolves projections inside each layer) and both dimensions of a projection multiples of 16.
     lm_head and the embeddings stay 16-bit. `VELOTUNE_REQUIRE_FP8=1` turns a model-wide refusal
     into an error; otherwise it is logged once and the 16-bit path runs.
