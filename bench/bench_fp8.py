@@ -236,10 +236,14 @@ def converge(args) -> None:
 def kernels(args) -> None:
     """Per-piece GPU times at Llama-8B shapes (M = 4096 tokens): the FP8 GEMMs of one projection
     (forward and backward) beside bf16's, and what they add (row quantization, NF4 -> e4m3, the
-    backward's transposed copy) beside NF4 -> bf16, so a missed speed target can be located."""
-    from velotune.fast.fp8_matmul import fp8_grad_input, fp8_linear, quantize_input
+    backward's transposed copy) beside NF4 -> bf16, so a missed speed target can be located.
+    The backward's (in, out) copy is timed both ways: PyTorch's `.t().contiguous()` (the old path,
+    `*_old_ms`) and our kernels (tiled transpose of the e4m3 weight; NF4 written transposed), with a
+    few transpose tiles beside the default (`transpose_tiles_ms`, "BLOCK_RxBLOCK_C/warps")."""
+    from velotune.fast.fp8_matmul import _ones, _scaled_mm, fp8_grad_input, fp8_linear, quantize_input
     from velotune.fast.lora_linear import LoraProjection
     from velotune.kernels import dequantize_nf4_to_fp8, dequantize_nf4_weight, quantize_fp8_rows
+    from velotune.kernels.fp8_transpose import DEFAULT_TILE, transpose_bytes
     from velotune.quant.fp8 import quantize_weight_fp8
     from velotune.quant.linear import to_linear4bit
 
@@ -253,8 +257,14 @@ def kernels(args) -> None:
         torch.cuda.synchronize()
         return (time.time() - start) / n * 1e3
 
+    def old_bwd(g, values_t_fn, scale):  # fp8_grad_input as it was: the weight's transposed copy by PyTorch
+        values_t = values_t_fn()  # (in, out) row-major
+        g8, g_scale = quantize_fp8_rows(g, col_scale=scale)
+        return _scaled_mm(g8, values_t.t(), g_scale, _ones(values_t.shape[0], g.device))
+
     rows = []
     m = 4096
+    tiles = [(64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 4), (128, 128, 8), (256, 128, 8)]
     for out_f, in_f in [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]:
         w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) * 0.02
         x = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
@@ -263,16 +273,33 @@ def kernels(args) -> None:
         p = LoraProjection(values, None, None, None, 0.0, scale, fp8=True)
         x8, sx = quantize_input(x)
         nf4 = to_linear4bit(torch.nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=torch.bfloat16)).weight
+        p_nf4 = LoraProjection(nf4, None, None, None, 0.0, None, fp8=True)
+        nf4_scale = dequantize_nf4_to_fp8(nf4)[1]
         flops = 2 * m * out_f * in_f
         row = dict(shape=f"{out_f}x{in_f}", m=m,
                    bf16_fwd_ms=ms(lambda: x @ w.t()), bf16_bwd_ms=ms(lambda: g @ w),
                    fp8_fwd_gemm_ms=ms(lambda: fp8_linear(x8, sx, p, torch.bfloat16)),
                    fp8_fwd_with_quant_ms=ms(lambda: fp8_linear(*quantize_input(x), p, torch.bfloat16)),
                    fp8_bwd_ms=ms(lambda: fp8_grad_input(g, p, torch.bfloat16)),
+                   fp8_bwd_old_ms=ms(lambda: old_bwd(g, lambda: values.t().contiguous(), scale)),
+                   nf4_fp8_bwd_ms=ms(lambda: fp8_grad_input(g, p_nf4, torch.bfloat16)),
+                   nf4_fp8_bwd_old_ms=ms(lambda: old_bwd(g, lambda: dequantize_nf4_to_fp8(nf4)[0].t().contiguous(),
+                                                         nf4_scale)),
                    quant_x_ms=ms(lambda: quantize_fp8_rows(x)), quant_g_ms=ms(lambda: quantize_fp8_rows(g, scale)),
-                   transpose_w8_ms=ms(lambda: values.t().contiguous()),
+                   transpose_w8_old_ms=ms(lambda: values.t().contiguous()),
+                   transpose_w8_ms=ms(lambda: transpose_bytes(values)),
+                   transpose_tiles_ms={f"{r}x{c}/{wp}": round(ms(lambda: transpose_bytes(values, tile=(r, c, wp))), 4)
+                                       for r, c, wp in tiles},
                    nf4_to_bf16_ms=ms(lambda: dequantize_nf4_weight(nf4)),
-                   nf4_to_fp8_ms=ms(lambda: dequantize_nf4_to_fp8(nf4)))
+                   nf4_to_fp8_ms=ms(lambda: dequantize_nf4_to_fp8(nf4)),
+                   nf4_to_fp8_t_old_ms=ms(lambda: dequantize_nf4_to_fp8(nf4)[0].t().contiguous()),
+                   nf4_to_fp8_t_ms=ms(lambda: dequantize_nf4_to_fp8(nf4, transposed=True)))
+        same = torch.equal(transpose_bytes(values).view(torch.uint8), values.t().contiguous().view(torch.uint8))
+        same &= torch.equal(dequantize_nf4_to_fp8(nf4, transposed=True)[0].view(torch.uint8),
+                            dequantize_nf4_to_fp8(nf4)[0].t().contiguous().view(torch.uint8))
+        row["transposes_bit_identical"] = bool(same)
+        row["default_tile"] = "{}x{}/{}".format(*DEFAULT_TILE)
+        row["transpose_w8_tb_s"] = round(2 * out_f * in_f / row["transpose_w8_ms"] / 1e9, 2)  # read + write
         row["bf16_fwd_tflops"] = round(flops / row["bf16_fwd_ms"] / 1e9)
         row["fp8_fwd_gemm_tflops"] = round(flops / row["fp8_fwd_gemm_ms"] / 1e9)
         rows.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})

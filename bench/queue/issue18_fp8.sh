@@ -1,6 +1,6 @@
 # H4 (issue 18 items 1-3: FP8 compute). Run from the repo root at H4's last commit (or later); carry .bench and .peers.
-# Parts, so they can go in separate device calls: PART=1 (tests, kernel pieces, convergence:
-# ~3 min) and PART=2 (8B 2K speed rows beside Unsloth: ~5 min); unset PART runs both (~8 min; every timeout hit: 13 min).
+# Parts, so they can go in separate device calls: PART=1 (tests, kernel pieces incl. the backward transposes, convergence:
+# ~3.5 min) and PART=2 (8B 2K speed rows beside Unsloth: ~5 min); unset PART runs both (~8 min; every timeout hit: 13 min).
 # PART=3 (optional, ~6 min alone): the 1B 2K rows and the 8B 32K rows.
 export PYTHONPATH=$PWD/src:$PWD/tests:$PWD/.peers HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p $OUT/h4
@@ -8,8 +8,8 @@ git log --oneline -1 > $OUT/h4/commit.txt 2>/dev/null; nvidia-smi --query-gpu=na
 if [ "${PART:-1}" = 1 ] || [ -z "${PART:-}" ]; then
 # 1. GPU tests + the kernel tests compiled (~60 s)
 timeout 120 python -m pytest -q -p no:cacheprovider tests/fast/test_fp8_gpu.py tests/kernels/test_fp8_kernels.py > $OUT/h4/tests_gpu.log 2>&1; echo "gpu tests rc=$?"; tail -n 15 $OUT/h4/tests_gpu.log
-# 1b. the pieces of one projection's FP8 GEMMs at 8B shapes vs bf16 (~20 s)
-timeout 60 python bench/bench_fp8.py kernels > $OUT/h4/kernels.log 2>&1; echo "kernels rc=$?"; grep RESULT $OUT/h4/kernels.log || tail -n 20 $OUT/h4/kernels.log
+# 1b. the pieces of one projection's FP8 GEMMs at 8B shapes vs bf16, old vs new backward transposes (~45 s)
+timeout 120 python bench/bench_fp8.py kernels > $OUT/h4/kernels.log 2>&1; echo "kernels rc=$?"; grep RESULT $OUT/h4/kernels.log || tail -n 20 $OUT/h4/kernels.log
 # 1c. convergence: Llama-3.2-1B shape (random weights as the peers' harness makes them, a 16K BPE tokenizer trained
 #     on the text), real text = the Python standard library's .py files (every 10th file held out), LoRA r=16 on all
 #     projections, 200 steps of 4 x 512 tokens, cosine lr 5e-4, bf16 vs FP8 storage+compute vs NF4+FP8 compute (~90 s)
