@@ -171,11 +171,13 @@ def bench_nf4(group: str, M: int, configs) -> None:
                gbps=round(nbytes / ms / 1e6, 1), max_err=round(err, 4))
 
 
-# kernels/nf4_gemv_stream.py launch shapes swept per group: (BLOCK_N, BLOCK_K, warps, LOOKUP); the
-# first is the module's default; LOOKUP 2 (pointer + nibble: 64 registers instead of 124, 13.6
-# instructions a byte instead of 11.3), and last the 256-entry pair table (the first kernel's look-up).
-STREAM_CONFIGS = [(8, 1024, 4, 0), (4, 1024, 4, 0), (16, 1024, 4, 0), (8, 512, 4, 0), (8, 2048, 4, 0),
-                  (8, 1024, 8, 0), (8, 1024, 4, 2), (16, 1024, 4, 2), (8, 512, 4, 2), (8, 1024, 4, 1)]
+# kernels/nf4_gemv_stream.py launch shapes swept per group: (BLOCK_N, BLOCK_K, warps, LOOKUP, PREFETCH);
+# the first is the module's default (pointer + nibble look-ups, next step prefetched: 66 registers);
+# LOOKUP 0 (addresses by OR: fewer instructions, 124 registers, 176 with the prefetch); last the
+# 256-entry pair table (the first kernel's look-up).
+STREAM_CONFIGS = [(8, 1024, 4, 2, True), (16, 1024, 4, 2, True), (8, 2048, 4, 2, True), (8, 512, 4, 2, True),
+                  (8, 1024, 8, 2, True), (8, 1024, 4, 2, False), (8, 1024, 4, 0, False), (8, 1024, 4, 0, True),
+                  (16, 1024, 4, 0, False), (8, 1024, 4, 1, True)]
 STREAM_BEST: dict[str, tuple] = {}  # group -> (GB/s, config) of the best plain launch
 BASELINE: dict[str, float] = {}  # group -> gemv_4bit's GB/s
 

@@ -34,7 +34,7 @@ def _wide_tiles(monkeypatch):
     """One program per 64 output rows: the interpreter's cost is per program (tests/kernels covers small tiles)."""
     monkeypatch.setattr(gemv_module, "CONFIG", {"dense": (64, 128, 4, False), "glu": (64, 128, 4, False)})
     monkeypatch.setattr(nf4_gemv_module, "CONFIG", {"dense": (64, 128, 4, True), "glu": (64, 128, 4, True)})
-    monkeypatch.setattr(nf4_stream_module, "CONFIG", {key: (64, 128, 4, 0) for key in nf4_stream_module.CONFIG})
+    monkeypatch.setattr(nf4_stream_module, "CONFIG", {key: (64, 128, 4, 0, True) for key in nf4_stream_module.CONFIG})
 
 
 def _model(family: str, lora: bool = False, nf4: bool = False):

@@ -94,7 +94,7 @@ def main() -> None:
         )  # fmt: skip
         if "fma.rn.f32" in compiled.asm["ptx"]:
             sys.exit("dequantize_nf4 kernel contains an FMA despite enable_fp_fusion=False")
-    stream = _module("nf4_gemv_stream")  # the NF4 GEMV's default shape: q/k/v-like, and gate/up + norm + GLU
+    stream = _module("nf4_gemv_stream")  # q/k/v-like + residual (OR look-ups), gate/up + norm + GLU (K tail)
     weight_types = {f"{name}{i}": kind for i in range(3) for name, kind in
                     (("P", "*i32"), ("A", "*u8"), ("NA", "*fp32"), ("NM", "*fp32"), ("OF", "*fp32"), ("QM", "*fp32"))}
     for glu, even in ((False, True), (True, False)):
@@ -102,8 +102,8 @@ def main() -> None:
             stream._nf4_stream_kernel,
             dict(XP="*i32", OUT0="*bf16", OUT1="*bf16", OUT2="*bf16", **weight_types, N0="i32", N1="i32", N2="i32",
                  K="i32", KW="i32", T0="i32", T1="i32", NORM_P="*i32", eps="fp32", norm_offset="fp32", RES="*bf16"),
-            dict(BN=8, BK=1024, BS=64, NBS=256, NESTED=True, EVEN_K=even, XKIND=0, NKIND=0, LOOKUP=0, GLU=glu, ACT=0,
-                 NORM=glu, RESIDUAL=not glu),
+            dict(BN=8, BK=1024, BS=64, NBS=256, NESTED=True, EVEN_K=even, XKIND=0, NKIND=0, LOOKUP=2 if glu else 0,
+                 PREFETCH=True, GLU=glu, ACT=0, NORM=glu, RESIDUAL=not glu),
             num_warps=4,
         )  # fmt: skip
     print("all kernels compiled for sm_90")

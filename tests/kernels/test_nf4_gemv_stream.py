@@ -14,7 +14,7 @@ from velotune.quant.linear import to_linear4bit
 
 from .tolerances import assert_close
 
-SMALL = {key: (16, 128, 4, 0) for key in module.CONFIG}
+SMALL = {key: (16, 128, 4, 0, True) for key in module.CONFIG}  # OR-addressed look-ups, prefetch
 
 
 @pytest.fixture(autouse=True)
@@ -69,14 +69,15 @@ def test_stream_norm_prologue_and_residual(offset, norm_dtype, device):
     _close(got, want, dtype)
 
 
-@pytest.mark.parametrize("lookup, nested", [(1, True), (2, True), (0, False)],
-                         ids=["pair-table", "pointer-plus-nibble", "fp32-absmax"])
-def test_stream_lookup_and_absmax_variants(lookup, nested, device, monkeypatch):
-    """The other code look-ups (LOOKUP = 1: the 256-entry pair table; 2: pointer + nibble) and weights
-    quantized without double quantization."""
-    monkeypatch.setitem(module.CONFIG, "dense", (16, 128, 4, lookup))
-    layer = _nf4(256, 24, device, torch.float32, nested)
-    x = torch.randn(1, 256, device=device)
+@pytest.mark.parametrize("lookup, prefetch, nested", [(1, True, True), (2, False, True), (0, False, False)],
+                         ids=["pair-table", "pointer-plus-nibble-no-prefetch", "fp32-absmax-no-prefetch"])
+def test_stream_lookup_and_absmax_variants(lookup, prefetch, nested, device, monkeypatch):
+    """The other code look-ups (LOOKUP = 1: the 256-entry pair table; 2: pointer + nibble), loads issued
+    in their own K step (no prefetch), and weights quantized without double quantization; K = 320 is
+    not a multiple of BLOCK_K (the last step masked)."""
+    monkeypatch.setitem(module.CONFIG, "dense", (16, 128, 4, lookup, prefetch))
+    layer = _nf4(320, 24, device, torch.float32, nested)
+    x = torch.randn(1, 320, device=device)
     got, = nf4_gemv_stream(x, [layer.weight], use_triton=True)
     want, = nf4_gemv_stream_reference(x, [layer.weight])
     _close(got, want, torch.float32)

@@ -9,10 +9,7 @@ compile of both (SASS of the K loop; no GPU run yet):
   * code look-ups read a 16-entry fp32 table (64 bytes: one L1 line) twice a byte. The first
     kernel's default read a 256-entry int64 pair table (2 KB, 16 lines): a warp's gather of 32
     random bytes touches ~13 lines, ~13 L1 passes per instruction instead of one, which caps it
-    near 0.6 TB/s whatever else it does (`LOOKUP` = 1 keeps that variant for the sweep). The
-    table sits at a 64-byte aligned address, so a code's address is the table's with 4 x nibble
-    ORed into its low bits (no 64-bit add, which costs two instructions a look-up: `LOOKUP` = 2),
-    and 4 x nibble is computed for a word's four bytes at once;
+    near 0.6 TB/s whatever else it does (`LOOKUP` = 1 keeps that variant for the sweep);
   * x is read as packed pairs: byte j of a weight row holds columns 2j (high nibble) and 2j + 1
     (low nibble), and x viewed as int32 (bf16/fp16) or int64 (fp32) puts exactly those columns in
     pair j, so a bf16 pair becomes two fp32 by a shift and a mask (the first kernel read even and
@@ -23,15 +20,19 @@ compile of both (SASS of the K loop; no GPU run yet):
     between layouts, x loads amortised over the rows;
   * a thread's 8 codes of a word are summed in a fused multiply-add chain, scaled once by their
     block's absmax, and kept per thread until after the K loop: one cross-thread sum per output
-    (the first kernel reduced across threads once per quantization block).
-  The K loop comes to 11.3 SASS instructions a weight byte at the default shape (13.6 with
-  `LOOKUP` = 2; the look-ups ~7, two FMAs, the rest x, scales and loads) and 2 barriers per K step
-  (the scales' change of layout); the first kernel's loop, compiled the same way (its default
-  shape), needs 40 a byte (47 with two look-ups a byte) and 48 barriers per K step (its x and
-  partial sums change layout through shared memory). An H200 issues about 33e12
-  thread-instructions a second, so 11.3 a byte allows ~3 TB/s at full issue, ~2 at 70%; 40
-  allowed 0.8 at full issue. The price: 124 registers a thread (64 with `LOOKUP` = 2), so 4
-  programs of 4 warps an SM, 16 KB of weight words in flight per SM per K step.
+    (the first kernel reduced across threads once per quantization block);
+  * the next K step's words and absmax are requested before this step's codes are read
+    (`PREFETCH`): Triton's pipeliner only overlaps loads that feed `tl.dot`, and otherwise each
+    program waits a DRAM round trip per step.
+  Counted in the sm_90 SASS of the K loop (default shape, 8 rows x 1024 columns, 4 warps): 14.0
+  instructions a weight byte, 66 registers (7 programs an SM, 56 KB of weight in flight an SM), 2
+  barriers a step (the scales' change of layout). `LOOKUP` = 0 addresses the codes by OR into the
+  64-byte aligned table instead of a 64-bit add: 11.3 a byte but 124 registers (176 with the
+  prefetch: 2-4 programs an SM); the sweep decides. The first kernel's loop, compiled the same way
+  (its default shape), needs 40 a byte (47 with two look-ups a byte) and 48 barriers a step (its x
+  and partial sums change layout through shared memory). An H200 issues about 33e12
+  thread-instructions a second: 14 a byte allows ~2.4 TB/s at full issue, ~1.7 at 70%; 40 allowed
+  0.8 at full issue.
 
 Not done, and why: split-K (programs are already 512-1792 per launch at the 8B shapes, several per
 SM, and a split would need an fp32 atomic or a second pass before the GLU and residual epilogues);
@@ -60,18 +61,20 @@ from ._triton import jit, kernel_for, next_power_of_2, should_use_triton, tl
 from .gemv import ACTIVATIONS, MAX_WEIGHTS, _activation, check_inputs, norm_arguments
 from .nf4_gemv import _tables, fusable, nf4_gemv_reference
 
-# (BLOCK_N rows, BLOCK_K columns, num_warps, LOOKUP) per launch kind; module-level so the bench can
-# sweep it. LOOKUP 0: two reads of the 16-entry code table a byte, addresses by OR; 2: the same by
-# pointer + index (fewer registers, more instructions); 1: one read of the 256-entry (high, low) pair
-# table. "rows": every kind when x has 2..8 rows (one program per row of x and tile).
-# Untuned: chosen from the instruction and register counts of the sm_90 compile, not a GPU run.
+# (BLOCK_N rows, BLOCK_K columns, num_warps, LOOKUP, PREFETCH) per launch kind; module-level so the
+# bench can sweep it. LOOKUP 0: two reads of the 16-entry code table a byte, addresses by OR (11.3
+# instructions a weight byte, 124 registers); 2: the same by pointer + index (13.6, 64 registers);
+# 1: one read of the 256-entry (high, low) pair table. PREFETCH: the next K step's loads are issued
+# before this step's codes are read (with LOOKUP 2: 66 registers, 7 programs an SM, 56 KB in flight
+# an SM; with LOOKUP 0: 176 registers, 2 programs). "rows": every kind when x has 2..8 rows (one
+# program per row of x and tile). Untuned: chosen from the sm_90 compile's counts, not a GPU run.
 CONFIG = {
-    "dense": (8, 1024, 4, 0),
-    "dense_long_k": (8, 1024, 4, 0),
-    "glu": (8, 1024, 4, 0),
-    "dense_norm": (8, 1024, 4, 0),
-    "glu_norm": (8, 1024, 4, 0),
-    "rows": (8, 1024, 4, 0),
+    "dense": (8, 1024, 4, 2, True),
+    "dense_long_k": (8, 1024, 4, 2, True),
+    "glu": (8, 1024, 4, 2, True),
+    "dense_norm": (8, 1024, 4, 2, True),
+    "glu_norm": (8, 1024, 4, 2, True),
+    "rows": (8, 1024, 4, 2, True),
 }
 LONG_K = 8192  # from this K on, "dense_long_k" (the down projection)
 _PAIR_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # x's dtype -> the kernel's XKIND
@@ -96,11 +99,24 @@ def _pairs(v, KIND: tl.constexpr):
 
 
 @jit
+def _step_loads(w_ptr, ABSMAX, blocks, col, k0, KW, K, HW: tl.constexpr, BS: tl.constexpr, EVEN_K: tl.constexpr):
+    """The K step at word k0: its weight words (BN, NB, HW) and its blocks' absmax (BN, NB) as stored
+    (uint8 codes when double-quantized, else fp32); blocks past K read as 0 (K is a multiple of BS,
+    so blocks are wholly in or out)."""
+    kb = k0 // HW  # the step's first block within the row
+    if EVEN_K:
+        return tl.load(w_ptr + k0), tl.load(ABSMAX + blocks + kb)
+    ok = (k0 + col) < KW  # (NB, HW)
+    block_ok = (kb + tl.arange(0, col.shape[0]))[None, :] < (K // BS)  # (1, NB)
+    return tl.load(w_ptr + k0, mask=ok[None, :, :], other=0), tl.load(ABSMAX + blocks + kb, mask=block_ok, other=0)
+
+
+@jit
 def _stream_tile(XP, WORDS, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, rows, N, K, KW,
                  eps, NORM_P, norm_offset,
                  BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
                  NESTED: tl.constexpr, EVEN_K: tl.constexpr, XKIND: tl.constexpr, NKIND: tl.constexpr,
-                 LOOKUP: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
+                 LOOKUP: tl.constexpr, PREFETCH: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
     """One row of x . W[rows] (BN, K)^T from packed NF4 -> (BN,) fp32 (rows past N read row N - 1).
 
     WORDS: the packed weight as int32 words, KW = K / 8 a row (4 bytes, 8 codes); XP: the row of x
@@ -128,24 +144,26 @@ def _stream_tile(XP, WORDS, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, ro
         offset = tl.load(OFFSET)
     if LOOKUP == 0:
         table = CODES.to(tl.int64, bitcast=True)  # the address of code 0, a multiple of 64
-    for k0 in range(0, KW, BK // 8):  # k0: the K step's first word
-        kb = k0 // HW  # its first block within the row
-        if EVEN_K:
-            word = tl.load(w_ptr + k0)
-            if NESTED:
-                q = tl.load(ABSMAX + blocks + kb).to(tl.int32)
+    step: tl.constexpr = BK // 8  # words a row per K step
+    if PREFETCH:
+        word, raw = _step_loads(w_ptr, ABSMAX, blocks, col, 0, KW, K, HW, BS, EVEN_K)
+    for k0 in range(0, KW, step):  # k0: the K step's first word
+        if PREFETCH:  # the next step's words and absmax are requested before this step's codes are read,
+            # so each thread keeps two steps of loads in flight (Triton pipelines only loads that feed tl.dot)
+            if EVEN_K:  # the last step re-reads itself: no mask
+                nxt = tl.minimum(k0 + step, KW - step)
             else:
-                scale = tl.load(ABSMAX + blocks + kb)
-        else:  # K is a multiple of BS: blocks are wholly in or out
-            ok = (k0 + col) < KW  # (NB, HW)
-            block_ok = (blocks * 0 + kb + b[None, :]) < (K // BS)  # (BN, NB)
-            word = tl.load(w_ptr + k0, mask=ok[None, :, :], other=0)
-            if NESTED:
-                q = tl.load(ABSMAX + blocks + kb, mask=block_ok, other=0).to(tl.int32)
-            else:
-                scale = tl.load(ABSMAX + blocks + kb, mask=block_ok, other=0.0)
+                nxt = k0 + step
+            word_next, raw_next = _step_loads(w_ptr, ABSMAX, blocks, col, nxt, KW, K, HW, BS, EVEN_K)
+        else:
+            word, raw = _step_loads(w_ptr, ABSMAX, blocks, col, k0, KW, K, HW, BS, EVEN_K)
+        if not EVEN_K:
+            ok = (k0 + col) < KW  # (NB, HW): x and the norm weight of blocks past K read as 0
         if NESTED:
-            scale = tl.load(NESTED_MAP + q) * tl.load(NESTED_ABSMAX + (blocks + kb) // NBS) + offset  # (BN, NB)
+            nested = tl.load(NESTED_ABSMAX + (blocks + k0 // HW) // NBS)  # (BN, NB)
+            scale = tl.load(NESTED_MAP + raw.to(tl.int32)) * nested + offset
+        else:
+            scale = raw  # (BN, NB) fp32
         part = tl.zeros((BN, NB, HW), dtype=tl.float32)
         if LOOKUP == 0:  # 4 x each nibble, four bytes at once: (BN, NB, HW), byte k of a word -> byte k
             hi4 = (word >> 2) & 0x3C3C3C3C
@@ -177,6 +195,8 @@ def _stream_tile(XP, WORDS, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, ro
             part += xe[None, :, :] * hi
             part += xo[None, :, :] * lo
         acc += part * scale[:, :, None]  # one multiply per 8 codes
+        if PREFETCH:
+            word, raw = word_next, raw_next
     out = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BN,)
     if NORM:
         out = out * tl.rsqrt(tl.sum(tl.sum(squares, axis=1), axis=0) / K + eps)
@@ -205,7 +225,7 @@ def _nf4_stream_kernel(
     RES,  # RESIDUAL (one weight): OUT0 = RES (M, N0) + x W0^T
     BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
     NESTED: tl.constexpr, EVEN_K: tl.constexpr, XKIND: tl.constexpr, NKIND: tl.constexpr, LOOKUP: tl.constexpr,
-    GLU: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+    PREFETCH: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
 ):  # fmt: skip
     """Grid (M, tiles): program (m, t) computes row m of x against tile t's BN output rows; the
     programs of one tile and different rows of x are neighbours in launch order, so a tile's bytes
@@ -216,26 +236,26 @@ def _nf4_stream_kernel(
     if GLU:  # weight 0 = gate, weight 1 = up -> OUT0 = act(x gate^T) * (x up^T)
         rows = pid * BN + tl.arange(0, BN)
         g = _stream_tile(xp, P0, A0, NA0, NM0, OF0, QM0, rows, N0, K, KW, eps, NORM_P, norm_offset,
-                         BN, BK, BS, NBS, NESTED, EVEN_K, XKIND, NKIND, LOOKUP, NORM)
+                         BN, BK, BS, NBS, NESTED, EVEN_K, XKIND, NKIND, LOOKUP, PREFETCH, NORM)
         u = _stream_tile(xp, P1, A1, NA1, NM1, OF1, QM1, rows, N0, K, KW, eps, NORM_P, norm_offset,
-                         BN, BK, BS, NBS, NESTED, EVEN_K, XKIND, NKIND, LOOKUP, NORM)
+                         BN, BK, BS, NBS, NESTED, EVEN_K, XKIND, NKIND, LOOKUP, PREFETCH, NORM)
         g = g.to(OUT0.dtype.element_ty).to(tl.float32)  # rounded as the unfused path's outputs are
         u = u.to(OUT0.dtype.element_ty).to(tl.float32)
         _store_row(OUT0, _activation(g, ACT) * u, m, rows, N0, OUT0, False)
     elif pid < T0:
         rows = pid * BN + tl.arange(0, BN)
         acc = _stream_tile(xp, P0, A0, NA0, NM0, OF0, QM0, rows, N0, K, KW, eps, NORM_P, norm_offset,
-                           BN, BK, BS, NBS, NESTED, EVEN_K, XKIND, NKIND, LOOKUP, NORM)
+                           BN, BK, BS, NBS, NESTED, EVEN_K, XKIND, NKIND, LOOKUP, PREFETCH, NORM)
         _store_row(OUT0, acc, m, rows, N0, RES, RESIDUAL)
     elif pid < T0 + T1:
         rows = (pid - T0) * BN + tl.arange(0, BN)
         acc = _stream_tile(xp, P1, A1, NA1, NM1, OF1, QM1, rows, N1, K, KW, eps, NORM_P, norm_offset,
-                           BN, BK, BS, NBS, NESTED, EVEN_K, XKIND, NKIND, LOOKUP, NORM)
+                           BN, BK, BS, NBS, NESTED, EVEN_K, XKIND, NKIND, LOOKUP, PREFETCH, NORM)
         _store_row(OUT1, acc, m, rows, N1, OUT1, False)
     else:
         rows = (pid - T0 - T1) * BN + tl.arange(0, BN)
         acc = _stream_tile(xp, P2, A2, NA2, NM2, OF2, QM2, rows, N2, K, KW, eps, NORM_P, norm_offset,
-                           BN, BK, BS, NBS, NESTED, EVEN_K, XKIND, NKIND, LOOKUP, NORM)
+                           BN, BK, BS, NBS, NESTED, EVEN_K, XKIND, NKIND, LOOKUP, PREFETCH, NORM)
         _store_row(OUT2, acc, m, rows, N2, OUT2, False)
 
 
@@ -278,7 +298,7 @@ def _words(packed: torch.Tensor) -> torch.Tensor:
 
 
 def config_for(M: int, K: int, activation: str | None, norm) -> tuple:
-    """The CONFIG entry of a launch: (BLOCK_N, BLOCK_K, num_warps, LOOKUP)."""
+    """The CONFIG entry of a launch: (BLOCK_N, BLOCK_K, num_warps, LOOKUP, PREFETCH)."""
     if M > 1:
         return CONFIG["rows"]
     base = "glu" if activation is not None else "dense"
@@ -310,7 +330,7 @@ def nf4_gemv_stream(x: torch.Tensor, weights, activation: str | None = None, use
         raise ValueError(f"nf4_gemv_stream: the norm weight must be bf16, fp16 or fp32, got {norm[0].dtype}")
     meta = prepared[0][1].meta
     bs = meta["BLOCKSIZE"]
-    BN, BK, warps, lookup = config_for(M, K, activation, norm)
+    BN, BK, warps, lookup, prefetch = config_for(M, K, activation, norm)
     BK = max(bs, min(BK, next_power_of_2(K)))
     if activation is not None:
         outs = [torch.empty(M, ns[0], dtype=x.dtype, device=x.device)]
@@ -330,7 +350,8 @@ def nf4_gemv_stream(x: torch.Tensor, weights, activation: str | None = None, use
         as_pairs(x), *os_, *args, *(ns + [ns[0]] * pad), K, K // 8, tiles[0], tiles[1],
         as_pairs(norm_w), eps, norm_offset, x if residual is None else residual.contiguous(),
         BN=BN, BK=BK, BS=bs, NBS=meta["NESTED_BLOCKSIZE"], NESTED=meta["NESTED"], EVEN_K=K % BK == 0,
-        XKIND=_PAIR_KINDS[x.dtype], NKIND=_PAIR_KINDS[norm_w.dtype], LOOKUP=lookup, GLU=activation is not None,
+        XKIND=_PAIR_KINDS[x.dtype], NKIND=_PAIR_KINDS[norm_w.dtype], LOOKUP=lookup, PREFETCH=bool(prefetch),
+        GLU=activation is not None,
         ACT=ACTIVATIONS.get(activation, 0), NORM=norm is not None, RESIDUAL=residual is not None, num_warps=warps,
     )  # fmt: skip
     return outs
