@@ -79,3 +79,36 @@ def test_gemv_decode_equals_plain_path_fp32(family, nf4, monkeypatch):
         runs.append([s.tokens for s in engine.generate(model, prompts, params, eos_ids=set())])
     assert plan_module.GEMV_ROWS > 0
     assert runs[0] == runs[1]
+
+
+def test_nf4_stream_gemv_decode_at_one_row(monkeypatch):
+    """kernels/nf4_gemv_stream.py inside the engine at one row (`OWN_NF4_GEMV_AT_ONE_ROW`): CUDA-graph decode
+    equals eager bit for bit (bf16, LoRA unmerged), and fp32 greedy equals the plain path's."""
+    from velotune.fast import decode_linear
+    from velotune.fast.plan import set_fast_path
+
+    monkeypatch.setattr(decode_linear, "OWN_NF4_GEMV_AT_ONE_ROW", True)
+    calls = {"stream": 0}
+    real = decode_linear.nf4_gemv_stream
+
+    def counted(*args, **kwargs):
+        calls["stream"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode_linear, "nf4_gemv_stream", counted)
+    model = get_peft_model(_frozen("llama", torch.bfloat16, True), r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    params = SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=16, logprobs=0)
+    runs = []
+    for graphs in (True, False):
+        engine.release(model)
+        seqs = engine.generate(model, [[5, 6, 7, 8, 9, 10, 11]], params, eos_ids=set(), use_graphs=graphs)
+        runs.append([(s.tokens, s.logprobs) for s in seqs])
+    assert runs[0] == runs[1] and calls["stream"] > 0
+    model = _frozen("llama", torch.float32, True)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    runs = []
+    for fast in (True, False):
+        set_fast_path(model, fast)
+        engine.release(model)
+        runs.append([s.tokens for s in engine.generate(model, [[5, 6, 7, 8, 9, 10, 11]], greedy, eos_ids=set())])
+    assert runs[0] == runs[1]
