@@ -1,6 +1,6 @@
 # H3 (session 9, issue 16's NF4 target): kernels/nf4_gemv_stream.py on the H200. Run from the repo root with
 # export PYTHONPATH=$PWD/src:$PWD/.peers and carry [".peers"] (bitsandbytes for the gemv_4bit baseline).
-# PART=1 (default, about 5 min): the per-group sweep (9 launch shapes x q/k/v, o, gate/up + SwiGLU, down at one
+# PART=1 (default, about 5 min): the per-group sweep (10 launch shapes x q/k/v, o, gate/up + SwiGLU, down at one
 #   row, gemv_4bit and kernels/nf4_gemv.py beside; then each group's best shape with the decode path's fusion:
 #   RMSNorm prologue / residual epilogue), `STREAM ...` summary lines at the end; then the kernel's tests on the GPU
 #   and the engine at one row through it (CUDA graph == eager bit for bit, fp32 greedy == plain path).
