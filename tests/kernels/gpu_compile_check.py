@@ -94,6 +94,21 @@ def main() -> None:
         )  # fmt: skip
         if "fma.rn.f32" in compiled.asm["ptx"]:
             sys.exit("dequantize_nf4 kernel contains an FMA despite enable_fp_fusion=False")
+    fp8_t, nf4_fp8_t = _module("fp8_transpose"), _module("nf4_fp8_transposed")  # the FP8 backward's layouts
+    block_r, block_c, warps = fp8_t.DEFAULT_TILE
+    compile_kernel(fp8_t._transpose_kernel, dict(X="*u8", Y="*u8", n_rows="i32", n_cols="i32", stride_r="i32",
+                                                 stride_c="i32"),
+                   dict(BLOCK_R=block_r, BLOCK_C=block_c, IDX64=False), num_warps=warps)  # fmt: skip
+    block_r, block_c, warps = nf4_fp8_t.TILE
+    compiled = compile_kernel(
+        nf4_fp8_t._nf4_to_fp8_t_kernel,
+        dict(PACKED="*u8", ABSMAX="*u8", QUANT_MAP="*fp32", NESTED_ABSMAX="*fp32", NESTED_MAP="*fp32", OFFSET="*fp32",
+             INV_ROW="*fp32", OUT="*u8", n_rows="i32", row_blocks="i32"),
+        dict(BLOCKSIZE=64, NESTED_BLOCKSIZE=256, NESTED=True, BLOCK_R=block_r, BLOCK_C=block_c, IDX64=True),
+        enable_fp_fusion=False, num_warps=warps,
+    )  # fmt: skip
+    if "fma.rn.f32" in compiled.asm["ptx"]:
+        sys.exit("nf4_fp8_transposed kernel contains an FMA despite enable_fp_fusion=False")
     stream = _module("nf4_gemv_stream")  # q/k/v-like + residual (OR look-ups), gate/up + norm + GLU (K tail)
     weight_types = {f"{name}{i}": kind for i in range(3) for name, kind in
                     (("P", "*i32"), ("A", "*u8"), ("NA", "*fp32"), ("NM", "*fp32"), ("OF", "*fp32"), ("QM", "*fp32"))}

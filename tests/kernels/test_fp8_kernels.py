@@ -124,13 +124,15 @@ def test_transpose_bytes_errors_name_the_problem():
 
 
 @pytest.mark.parametrize("nested", [True, False])
-# (32, 128): one tile row; (70, 200): tiles cut rows and columns; (40, 72): blocks straddle rows;
-# (24, 78): blocks straddle rows at odd row starts; (24, 77): odd in_features, converted then transposed
-@pytest.mark.parametrize("shape", [(32, 128), (70, 200), (40, 72), (24, 78), (24, 77)])
+# the kernel: (32, 128) one tile's columns; (70, 192), (130, 64): tiles cut rows and columns.
+# Converted row-major, then transposed: (40, 72) blocks straddle rows; (24, 77) odd in_features
+@pytest.mark.parametrize("shape", [(32, 128), (70, 192), (130, 64), (40, 72), (24, 77)])
 def test_nf4_to_fp8_transposed_equals_transpose_of_untransposed(device, nested, shape):
     from velotune.kernels import dequantize_nf4_weight
+    from velotune.kernels.nf4_fp8_transposed import transposed_launch
 
     weight = _nf4_weight(*shape, nested=nested)
+    assert (transposed_launch(shape, 64, 256, nested) is not None) == (shape[1] % 64 == 0)
     if device.type == "cuda":
         weight = weight.cuda()
     values, scale = dequantize_nf4_to_fp8(weight, use_triton=True)

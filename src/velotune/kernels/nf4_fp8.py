@@ -174,7 +174,7 @@ def dequantize_nf4_to_fp8(param, *, transposed: bool = False,
     nested_blocksize = _nested(state)["nested_blocksize"]
     if transposed:
         plan = transposed_launch(tuple(state.shape), state.blocksize, nested_blocksize, state.state2 is not None)
-        if plan is None:  # odd in_features: convert, then transpose the bytes
+        if plan is None:  # blocks straddling rows: convert row-major, then transpose the bytes
             values, scale = dequantize_nf4_to_fp8(param, use_triton=use_triton)
             return transpose_bytes(values, use_triton=use_triton), scale
         kernel, grid, shape, scalars, meta = plan

@@ -9,13 +9,14 @@ Math: exactly kernels/nf4_fp8.py's per value (w = quant_map[code] * absmax[block
 clamp(w * inv_row[row], +-448), round to nearest even on the e4m3 grid, cast), so the result is
 bit-identical to `dequantize_nf4_to_fp8(w)[0].t().contiguous()`; only the tiling differs.
 
-Tiling: a program owns a (BLOCK_R rows, BLOCK_C columns) tile of the (out, in) weight. It reads
-BLOCK_C / 2 packed bytes per row (two codes a byte, high nibble first, so `tl.interleave` restores
-row order), looks up each byte's block scale (a gather of at most a few distinct addresses per
-row, which the cache serves; a block may straddle rows, as in bitsandbytes' flat layout), and
-stores the tile transposed through `tl.trans` (shared memory), so both the read and the write are
-row-contiguous. It needs in_features even (a row then starts on a byte boundary): callers use the
-untransposed kernel plus a transpose otherwise.
+Tiling: a program owns a (BLOCK_R rows, BLOCK_C columns) tile of the (out, in) weight, held as
+(BLOCK_R, BLOCK_C / BLOCKSIZE, BLOCKSIZE): each quantization block's BLOCKSIZE / 2 packed bytes are
+one contiguous (vectorized) read, its scale one load broadcast over the block (two codes a byte,
+high nibble first, so `tl.interleave` restores row order). The tile is stored permuted to
+(columns, rows) (`tl.permute`, through shared memory), so the writes are row-contiguous too. It
+needs blocks that do not straddle rows (in_features % blocksize == 0, every Llama-style shape):
+other shapes are converted row-major and then transposed (kernels/fp8_transpose.py), which is
+bit-identical too.
 """
 
 import torch
@@ -31,37 +32,38 @@ TILE = (64, 128, 4)
 @jit
 def _nf4_to_fp8_t_kernel(
     PACKED, ABSMAX, QUANT_MAP, NESTED_ABSMAX, NESTED_MAP, OFFSET, INV_ROW, OUT,  # OUT (in, out) uint8 view
-    n_rows, n_cols,  # the weight's (out, in); n_cols even
+    n_rows, row_blocks,  # the weight's out_features, and in_features // BLOCKSIZE (blocks never straddle rows)
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
 ):  # fmt: skip
+    NB: tl.constexpr = BLOCK_C // BLOCKSIZE  # quantization blocks per tile row
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,) weight rows = output columns
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BC,) weight columns = output rows
-    high = tl.program_id(1) * BLOCK_C + 2 * tl.arange(0, BLOCK_C // 2)  # (BC/2,) columns of the high nibbles
+    col_blocks = tl.program_id(1) * NB + tl.arange(0, NB)  # (NB,) block index within a row
     if IDX64:
         rows = rows.to(tl.int64)
-        cols = cols.to(tl.int64)
-        high = high.to(tl.int64)
+        col_blocks = col_blocks.to(tl.int64)
     row_ok = rows < n_rows
-    byte_ok = row_ok[:, None] & (high[None, :] < n_cols)  # (BR, BC/2)
-    flat = rows[:, None] * n_cols + high[None, :]  # (BR, BC/2) flat index of each high nibble (even)
-    byte = tl.load(PACKED + flat // 2, mask=byte_ok, other=0).to(tl.int32)
-    block = flat // BLOCKSIZE  # both nibbles of a byte lie in one block (BLOCKSIZE is even)
+    col_ok = col_blocks < row_blocks
+    block_ok = row_ok[:, None] & col_ok[None, :]  # (BR, NB)
+    blocks = rows[:, None] * row_blocks + col_blocks[None, :]  # (BR, NB) flat block indices
+    byte_offs = blocks[:, :, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, None, :]  # (BR, NB, BS/2)
+    byte = tl.load(PACKED + byte_offs, mask=block_ok[:, :, None], other=0).to(tl.int32)
     if NESTED:
-        q = tl.load(ABSMAX + block, mask=byte_ok, other=0).to(tl.int32)
-        nested_absmax = tl.load(NESTED_ABSMAX + block // NESTED_BLOCKSIZE, mask=byte_ok, other=0.0)
+        q = tl.load(ABSMAX + blocks, mask=block_ok, other=0).to(tl.int32)
+        nested_absmax = tl.load(NESTED_ABSMAX + blocks // NESTED_BLOCKSIZE, mask=block_ok, other=0.0)
         scale = tl.load(NESTED_MAP + q) * nested_absmax
         scale = scale + tl.load(OFFSET)
     else:
-        scale = tl.load(ABSMAX + block, mask=byte_ok, other=0.0)
-    hi = tl.load(QUANT_MAP + (byte >> 4)) * scale  # (BR, BC/2) fp32
-    lo = tl.load(QUANT_MAP + (byte & 15)) * scale
-    w = tl.interleave(hi, lo)  # (BR, BC) in row order
+        scale = tl.load(ABSMAX + blocks, mask=block_ok, other=0.0)  # (BR, NB)
+    hi = tl.load(QUANT_MAP + (byte >> 4)) * scale[:, :, None]  # (BR, NB, BS/2) fp32
+    lo = tl.load(QUANT_MAP + (byte & 15)) * scale[:, :, None]
+    w = tl.interleave(hi, lo)  # (BR, NB, BS) in row order
     inv = tl.load(INV_ROW + rows, mask=row_ok, other=0.0)  # (BR,) the row's 448 / absmax
-    y = round_to_e4m3(tl.minimum(tl.maximum(w * inv[:, None], -448.0), 448.0))
+    y = round_to_e4m3(tl.minimum(tl.maximum(w * inv[:, None, None], -448.0), 448.0))
     y = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)  # e4m3 (torch's float8_e4m3fn), moved as bytes
-    tl.store(OUT + cols[:, None] * n_rows + rows[None, :], tl.trans(y),
-             mask=(cols[:, None] < n_cols) & row_ok[None, :])  # (BC, BR)
+    cols = col_blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (NB, BS) weight columns
+    tl.store(OUT + cols[:, :, None] * n_rows + rows[None, None, :], tl.permute(y, (1, 2, 0)),
+             mask=col_ok[:, None, None] & row_ok[None, None, :])  # (NB, BS, BR)
 
 
 def nf4_to_fp8_transposed_reference(w: torch.Tensor, inv_row: torch.Tensor) -> torch.Tensor:
@@ -71,14 +73,14 @@ def nf4_to_fp8_transposed_reference(w: torch.Tensor, inv_row: torch.Tensor) -> t
 
 def transposed_launch(shape: tuple[int, int], blocksize: int, nested_blocksize: int, nested: bool):
     """(kernel, grid, out shape, scalar args, meta) of one weight's transposed conversion, or None when
-    this kernel does not apply (odd in_features; block sizes the interleave cannot tile)."""
+    this kernel does not apply: quantization blocks that straddle rows (in_features % blocksize), or blocks
+    wider than a tile (bitsandbytes' QLoRA default is 64)."""
     out_features, in_features = shape
-    if in_features % 2 or blocksize < 2 or blocksize % 2:
-        return None
     block_r, block_c, warps = TILE
-    n = out_features * in_features
+    if in_features % blocksize or blocksize > block_c or blocksize < 2:
+        return None
     grid = (-(-out_features // block_r), -(-in_features // block_c))
     idx64 = (out_features + block_r) * (in_features + block_c) >= 2**31
     meta = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, NESTED=nested, BLOCK_R=block_r,
-                BLOCK_C=block_c, IDX64=idx64 or n >= 2**31, num_warps=warps, enable_fp_fusion=False)
-    return _nf4_to_fp8_t_kernel, grid, (in_features, out_features), (out_features, in_features), meta
+                BLOCK_C=block_c, IDX64=idx64, num_warps=warps, enable_fp_fusion=False)
+    return _nf4_to_fp8_t_kernel, grid, (in_features, out_features), (out_features, in_features // blocksize), meta
