@@ -239,7 +239,7 @@ def kernels(args) -> None:
     backward's transposed copy) beside NF4 -> bf16, so a missed speed target can be located.
     The backward's (in, out) copy is timed both ways: PyTorch's `.t().contiguous()` (the old path,
     `*_old_ms`) and our kernels (tiled transpose of the e4m3 weight; NF4 written transposed), with a
-    few transpose tiles beside the default (`transpose_tiles_ms`, "BLOCK_RxBLOCK_C/warps")."""
+    few tiles beside the defaults (`transpose_tiles_ms`, `nf4_t_tiles_ms`: "BLOCK_RxBLOCK_C/warps")."""
     from velotune.fast.fp8_matmul import _ones, _scaled_mm, fp8_grad_input, fp8_linear, quantize_input
     from velotune.fast.lora_linear import LoraProjection
     from velotune.kernels import dequantize_nf4_to_fp8, dequantize_nf4_weight, quantize_fp8_rows
@@ -261,6 +261,23 @@ def kernels(args) -> None:
         values_t = values_t_fn()  # (in, out) row-major
         g8, g_scale = quantize_fp8_rows(g, col_scale=scale)
         return _scaled_mm(g8, values_t.t(), g_scale, _ones(values_t.shape[0], g.device))
+
+    def nf4_tiles(weight, ms) -> dict:
+        """NF4 -> transposed e4m3 with other tiles than nf4_fp8_transposed.TILE (the weight's cached launch
+        is dropped before and after each, so the next call plans it again with the tile in force)."""
+        from velotune.kernels import nf4_fp8, nf4_fp8_transposed
+
+        default, times = nf4_fp8_transposed.TILE, {}
+        entry = nf4_fp8._CACHE[id(weight.quant_state)]
+        expected = dequantize_nf4_to_fp8(weight)[0].t().contiguous().view(torch.uint8)
+        for tile in [(64, 128, 4), (32, 128, 4), (64, 64, 4), (128, 128, 8), (64, 256, 8)]:
+            nf4_fp8_transposed.TILE, entry.launch_t = tile, None
+            name = "{}x{}/{}".format(*tile)
+            times[name] = round(ms(lambda: dequantize_nf4_to_fp8(weight, transposed=True)), 4)
+            if not torch.equal(dequantize_nf4_to_fp8(weight, transposed=True)[0].view(torch.uint8), expected):
+                times[name] = "DIFFERS"
+        nf4_fp8_transposed.TILE, entry.launch_t = default, None
+        return times
 
     rows = []
     m = 4096
@@ -293,7 +310,8 @@ def kernels(args) -> None:
                    nf4_to_bf16_ms=ms(lambda: dequantize_nf4_weight(nf4)),
                    nf4_to_fp8_ms=ms(lambda: dequantize_nf4_to_fp8(nf4)),
                    nf4_to_fp8_t_old_ms=ms(lambda: dequantize_nf4_to_fp8(nf4)[0].t().contiguous()),
-                   nf4_to_fp8_t_ms=ms(lambda: dequantize_nf4_to_fp8(nf4, transposed=True)))
+                   nf4_to_fp8_t_ms=ms(lambda: dequantize_nf4_to_fp8(nf4, transposed=True)),
+                   nf4_t_tiles_ms=nf4_tiles(nf4, ms))
         same = torch.equal(transpose_bytes(values).view(torch.uint8), values.t().contiguous().view(torch.uint8))
         same &= torch.equal(dequantize_nf4_to_fp8(nf4, transposed=True)[0].view(torch.uint8),
                             dequantize_nf4_to_fp8(nf4)[0].t().contiguous().view(torch.uint8))
