@@ -239,7 +239,8 @@ def kernels(args) -> None:
     backward's transposed copy) beside NF4 -> bf16, so a missed speed target can be located.
     The backward's (in, out) copy is timed both ways: PyTorch's `.t().contiguous()` (the old path,
     `*_old_ms`) and our kernels (tiled transpose of the e4m3 weight; NF4 written transposed), with a
-    few tiles beside the defaults (`transpose_tiles_ms`, `nf4_t_tiles_ms`: "BLOCK_RxBLOCK_C/warps")."""
+    few tiles beside the defaults (`transpose_tiles_ms`, `nf4_t_tiles_ms`: "BLOCK_RxBLOCK_C/warps"), and the
+    wider activation's row quantization one-pass vs two-pass (`quant_wide_ms`)."""
     from velotune.fast.fp8_matmul import _ones, _scaled_mm, fp8_grad_input, fp8_linear, quantize_input
     from velotune.fast.lora_linear import LoraProjection
     from velotune.kernels import dequantize_nf4_to_fp8, dequantize_nf4_weight, quantize_fp8_rows
@@ -279,6 +280,25 @@ def kernels(args) -> None:
         nf4_fp8_transposed.TILE, entry.launch_t = default, None
         return times
 
+    def quant_wide(t, col, ms) -> dict:
+        """The row quantization of the wider activation (x of down_proj, dY of gate/up) with one pass in
+        registers (the default up to fp8._ONE_PASS_COLS; at 14336 columns its 16-warp program holds 74
+        registers a thread, one program an SM by the sm_90 build) beside the two-pass loop, a few blocks."""
+        from velotune.kernels import fp8 as fp8_kernels
+
+        one_pass, loop_block, times = fp8_kernels._ONE_PASS_COLS, fp8_kernels._LOOP_BLOCK, {}
+        expected = quantize_fp8_rows(t, col)[0].view(torch.uint8)
+        default = "one_pass" if t.shape[1] <= one_pass else f"two_pass_{loop_block}"
+        times[default] = round(ms(lambda: quantize_fp8_rows(t, col)), 4)
+        for block in (1024, 2048, 4096):
+            fp8_kernels._ONE_PASS_COLS, fp8_kernels._LOOP_BLOCK = block, block
+            name = f"two_pass_{block}"
+            times[name] = round(ms(lambda: quantize_fp8_rows(t, col)), 4)
+            if not torch.equal(quantize_fp8_rows(t, col)[0].view(torch.uint8), expected):
+                times[name] = "DIFFERS"
+        fp8_kernels._ONE_PASS_COLS, fp8_kernels._LOOP_BLOCK = one_pass, loop_block
+        return times
+
     rows = []
     m = 4096
     tiles = [(64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 4), (128, 128, 8), (256, 128, 8)]
@@ -311,7 +331,8 @@ def kernels(args) -> None:
                    nf4_to_fp8_ms=ms(lambda: dequantize_nf4_to_fp8(nf4)),
                    nf4_to_fp8_t_old_ms=ms(lambda: dequantize_nf4_to_fp8(nf4)[0].t().contiguous()),
                    nf4_to_fp8_t_ms=ms(lambda: dequantize_nf4_to_fp8(nf4, transposed=True)),
-                   nf4_t_tiles_ms=nf4_tiles(nf4, ms))
+                   nf4_t_tiles_ms=nf4_tiles(nf4, ms),
+                   quant_wide_ms=quant_wide(x if in_f > out_f else g, None if in_f > out_f else scale, ms))
         same = torch.equal(transpose_bytes(values).view(torch.uint8), values.t().contiguous().view(torch.uint8))
         same &= torch.equal(dequantize_nf4_to_fp8(nf4, transposed=True)[0].view(torch.uint8),
                             dequantize_nf4_to_fp8(nf4)[0].t().contiguous().view(torch.uint8))
