@@ -172,9 +172,9 @@ def bench_nf4(group: str, M: int, configs) -> None:
 
 
 # kernels/nf4_gemv_stream.py launch shapes swept per group: (BLOCK_N, BLOCK_K, warps, LOOKUP, PREFETCH);
-# the first is the module's default (pointer + nibble look-ups, next step prefetched: 66 registers);
-# LOOKUP 0 (addresses by OR: fewer instructions, 124 registers, 176 with the prefetch); last the
-# 256-entry pair table (the first kernel's look-up).
+# the first is the module's default (pointer + nibble look-ups, next step prefetched: 64 registers);
+# LOOKUP 0 (addresses by OR: fewer instructions, 180 registers); last the 256-entry pair table (the
+# first kernel's look-up).
 STREAM_CONFIGS = [(8, 1024, 4, 2, True), (16, 1024, 4, 2, True), (8, 2048, 4, 2, True), (8, 512, 4, 2, True),
                   (8, 1024, 8, 2, True), (8, 1024, 4, 2, False), (8, 1024, 4, 0, False), (8, 1024, 4, 0, True),
                   (16, 1024, 4, 0, False), (8, 1024, 4, 1, True)]

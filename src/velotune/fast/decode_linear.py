@@ -49,7 +49,7 @@ FUSE_NORM = True
 # (then kernels/nf4_gemv_stream.py: flip the default once a GPU run shows it faster than gemv_4bit).
 OWN_NF4_GEMV_AT_ONE_ROW = False
 # Our 4-bit GEMVs: rows of x up to this many go to kernels/nf4_gemv_stream.py (built for bandwidth at
-# one row; 14 instructions a weight byte against 40-47 in its sm_90 compile, not yet run on a GPU),
+# one row; 14 instructions a weight byte against 42-47 in its sm_90 compile, not yet run on a GPU),
 # more rows to kernels/nf4_gemv.py (decodes each code once for all rows). So on CUDA the stream kernel
 # runs only when OWN_NF4_GEMV_AT_ONE_ROW is set; bench_generate's `nf4own` row measures it.
 NF4_STREAM_ROWS = 1

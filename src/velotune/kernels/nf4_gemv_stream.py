@@ -24,15 +24,15 @@ compile of both (SASS of the K loop; no GPU run yet):
   * the next K step's words and absmax are requested before this step's codes are read
     (`PREFETCH`): Triton's pipeliner only overlaps loads that feed `tl.dot`, and otherwise each
     program waits a DRAM round trip per step.
-  Counted in the sm_90 SASS of the K loop (default shape, 8 rows x 1024 columns, 4 warps): 14.0
-  instructions a weight byte, 66 registers (7 programs an SM, 56 KB of weight in flight an SM), 2
-  barriers a step (the scales' change of layout). `LOOKUP` = 0 addresses the codes by OR into the
-  64-byte aligned table instead of a 64-bit add: 11.3 a byte but 124 registers (176 with the
-  prefetch: 2-4 programs an SM); the sweep decides. The first kernel's loop, compiled the same way
-  (its default shape), needs 40 a byte (47 with two look-ups a byte) and 48 barriers a step (its x
-  and partial sums change layout through shared memory). An H200 issues about 33e12
-  thread-instructions a second: 14 a byte allows ~2.4 TB/s at full issue, ~1.7 at 70%; 40 allowed
-  0.8 at full issue.
+  Counted in the sm_90 SASS of the K loop as Triton 3.6 (the GPU machine's) compiles it, default
+  shape (8 rows x 1024 columns, 4 warps): 14.2 instructions a weight byte, 64 registers (8
+  programs an SM, ~64 KB of weight in flight an SM), 2 barriers a step (the scales' change of
+  layout). `LOOKUP` = 0 addresses the codes by OR into the 64-byte aligned table instead of a
+  64-bit add: 12.7 a byte but 180 registers (2 programs an SM); the sweep decides. The first
+  kernel's loop, compiled the same way (its default shape), needs 42 a byte (47 with two look-ups
+  a byte) and 64 barriers a step (its x and partial sums change layout through shared memory).
+  An H200 issues about 33e12 thread-instructions a second: 14 a byte allows ~2.4 TB/s at full
+  issue, ~1.7 at 70%; 42 allowed 0.8 at full issue.
 
 Not done, and why: split-K (programs are already 512-1792 per launch at the 8B shapes, several per
 SM, and a split would need an fp32 atomic or a second pass before the GLU and residual epilogues);
@@ -62,12 +62,12 @@ from .gemv import ACTIVATIONS, MAX_WEIGHTS, _activation, check_inputs, norm_argu
 from .nf4_gemv import _tables, fusable, nf4_gemv_reference
 
 # (BLOCK_N rows, BLOCK_K columns, num_warps, LOOKUP, PREFETCH) per launch kind; module-level so the
-# bench can sweep it. LOOKUP 0: two reads of the 16-entry code table a byte, addresses by OR (11.3
-# instructions a weight byte, 124 registers); 2: the same by pointer + index (13.6, 64 registers);
-# 1: one read of the 256-entry (high, low) pair table. PREFETCH: the next K step's loads are issued
-# before this step's codes are read (with LOOKUP 2: 66 registers, 7 programs an SM, 56 KB in flight
-# an SM; with LOOKUP 0: 176 registers, 2 programs). "rows": every kind when x has 2..8 rows (one
-# program per row of x and tile). Untuned: chosen from the sm_90 compile's counts, not a GPU run.
+# bench can sweep it. LOOKUP 2: two reads of the 16-entry code table a byte at pointer + nibble; 0:
+# the same at table | 4 x nibble (fewer instructions, 180 registers under Triton 3.6); 1: one read of
+# the 256-entry (high, low) pair table. PREFETCH: the next K step's loads are issued before this
+# step's codes are read. "rows": every kind when x has 2..8 rows (one program per row of x and tile).
+# Untuned: chosen from the sm_90 compile's counts (Triton 3.6: 14.2 instructions a byte, 64
+# registers), not a GPU run.
 CONFIG = {
     "dense": (8, 1024, 4, 2, True),
     "dense_long_k": (8, 1024, 4, 2, True),
@@ -100,15 +100,15 @@ def _pairs(v, KIND: tl.constexpr):
 
 @jit
 def _step_loads(w_ptr, ABSMAX, blocks, col, k0, KW, K, HW: tl.constexpr, BS: tl.constexpr, EVEN_K: tl.constexpr):
-    """The K step at word k0: its weight words (BN, NB, HW) and its blocks' absmax (BN, NB) as stored
+    """The K step at word k0: its weight words (HW, NB, BN) and its blocks' absmax (NB, BN) as stored
     (uint8 codes when double-quantized, else fp32); blocks past K read as 0 (K is a multiple of BS,
     so blocks are wholly in or out)."""
     kb = k0 // HW  # the step's first block within the row
     if EVEN_K:
         return tl.load(w_ptr + k0), tl.load(ABSMAX + blocks + kb)
-    ok = (k0 + col) < KW  # (NB, HW)
-    block_ok = (kb + tl.arange(0, col.shape[0]))[None, :] < (K // BS)  # (1, NB)
-    return tl.load(w_ptr + k0, mask=ok[None, :, :], other=0), tl.load(ABSMAX + blocks + kb, mask=block_ok, other=0)
+    ok = (k0 + col) < KW  # (HW, NB)
+    block_ok = (kb + tl.arange(0, col.shape[1]))[:, None] < (K // BS)  # (NB, 1)
+    return tl.load(w_ptr + k0, mask=ok[:, :, None], other=0), tl.load(ABSMAX + blocks + kb, mask=block_ok, other=0)
 
 
 @jit
@@ -122,9 +122,15 @@ def _stream_tile(XP, WORDS, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, ro
     WORDS: the packed weight as int32 words, KW = K / 8 a row (4 bytes, 8 codes); XP: the row of x
     as packed pairs (K / 2,), pair 4i + k holding the columns of byte k of word i; NORM_P: the norm
     weight as packed pairs. A K step is NB = BK / BS quantization blocks of HW = BS / 8 words: the
-    weight tile is (BN, NB, HW) words, one a thread and row (32-bit loads, a warp's 32 lanes one
-    contiguous 128-byte run), so each thread's x pairs are one (NB, HW) tensor per byte position k
-    in the tile's own layout and serve all BN rows the thread holds. The block's scale multiplies the
+    weight tile is (HW, NB, BN) words, one a thread and row (32-bit loads, a warp's 32 lanes one
+    contiguous 128-byte run), so each thread's x pairs are one (HW, NB) tensor per byte position k
+    in the tile's own layout and serve all BN rows the thread holds. Why this order of dimensions:
+    no dimension of the tile or of x's pairs is contiguous as Triton sees them (the words by the
+    hint, x's pairs by their stride of 4), and Triton 3.6 (the GPU machine's) then orders threads
+    from dimension 0 up, for both, which puts a warp's lanes along a row's words (coalesced) and
+    the rows inside each thread, and gives x the tile's layout (Triton 3.9 orders from the last
+    dimension: correct, but x changes layout through shared memory; re-check on an upgrade with
+    tests/kernels/gpu_compile_check.py's counts). The block's scale multiplies the
     thread's 8-code partial sum once (no cross-thread sum until after the K loop). CODES: the 16
     fp32 codes (LOOKUP 0: 64-byte aligned, read at table | 4 x nibble; 2: read at CODES + nibble)
     or the 256 int64 (high code bits << 32 | low code bits) pairs (LOOKUP 1, one read a byte).
@@ -135,11 +141,11 @@ def _stream_tile(XP, WORDS, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, ro
     b = tl.arange(0, NB)
     j = tl.max_contiguous(tl.arange(0, HW), 1)  # one word a thread: see the docstring
     safe_rows = tl.minimum(rows, N - 1).to(tl.int64)  # (BN,)
-    col = b[:, None] * HW + j[None, :]  # (NB, HW): word of the K step
-    w_ptr = WORDS + safe_rows[:, None, None] * KW + col[None, :, :]  # (BN, NB, HW)
-    blocks = safe_rows[:, None] * (K // BS) + b[None, :]  # (BN, NB): each tile block's absmax index at k0 = 0
-    acc = tl.zeros((BN, NB, HW), dtype=tl.float32)
-    squares = tl.zeros((NB, HW), dtype=tl.float32)
+    col = j[:, None] + b[None, :] * HW  # (HW, NB): word of the K step
+    w_ptr = WORDS + col[:, :, None] + safe_rows[None, None, :] * KW  # (HW, NB, BN)
+    blocks = b[:, None] + safe_rows[None, :] * (K // BS)  # (NB, BN): each tile block's absmax index at k0 = 0
+    acc = tl.zeros((HW, NB, BN), dtype=tl.float32)
+    squares = tl.zeros((HW, NB), dtype=tl.float32)
     if NESTED:
         offset = tl.load(OFFSET)
     if LOOKUP == 0:
@@ -158,18 +164,18 @@ def _stream_tile(XP, WORDS, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, ro
         else:
             word, raw = _step_loads(w_ptr, ABSMAX, blocks, col, k0, KW, K, HW, BS, EVEN_K)
         if not EVEN_K:
-            ok = (k0 + col) < KW  # (NB, HW): x and the norm weight of blocks past K read as 0
+            ok = (k0 + col) < KW  # (HW, NB): x and the norm weight of blocks past K read as 0
         if NESTED:
-            nested = tl.load(NESTED_ABSMAX + (blocks + k0 // HW) // NBS)  # (BN, NB)
+            nested = tl.load(NESTED_ABSMAX + (blocks + k0 // HW) // NBS)  # (NB, BN)
             scale = tl.load(NESTED_MAP + raw.to(tl.int32)) * nested + offset
         else:
-            scale = raw  # (BN, NB) fp32
-        part = tl.zeros((BN, NB, HW), dtype=tl.float32)
-        if LOOKUP == 0:  # 4 x each nibble, four bytes at once: (BN, NB, HW), byte k of a word -> byte k
+            scale = raw  # (NB, BN) fp32
+        part = tl.zeros((HW, NB, BN), dtype=tl.float32)
+        if LOOKUP == 0:  # 4 x each nibble, four bytes at once: (HW, NB, BN), byte k of a word -> byte k
             hi4 = (word >> 2) & 0x3C3C3C3C
             lo4 = (word << 2) & 0x3C3C3C3C
         for k in tl.static_range(4):  # byte k of each word: x's columns 8i + 2k (high nibble), 8i + 2k + 1
-            pairs = 4 * (k0 + col) + k  # (NB, HW)
+            pairs = 4 * (k0 + col) + k  # (HW, NB)
             if EVEN_K:
                 xe, xo = _pairs(tl.load(XP + pairs), XKIND)
             else:
@@ -189,15 +195,15 @@ def _stream_tile(XP, WORDS, ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, CODES, ro
                 hi = tl.load(CODES + ((word >> (8 * k + 4)) & 15))
                 lo = tl.load(CODES + ((word >> (8 * k)) & 15))
             else:
-                pair = tl.load(CODES + ((word >> (8 * k)) & 255))  # (BN, NB, HW) int64
+                pair = tl.load(CODES + ((word >> (8 * k)) & 255))  # (HW, NB, BN) int64
                 hi = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
                 lo = pair.to(tl.int32).to(tl.float32, bitcast=True)
-            part += xe[None, :, :] * hi
-            part += xo[None, :, :] * lo
-        acc += part * scale[:, :, None]  # one multiply per 8 codes
+            part += xe[:, :, None] * hi
+            part += xo[:, :, None] * lo
+        acc += part * scale[None, :, :]  # one multiply per 8 codes
         if PREFETCH:
             word, raw = word_next, raw_next
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BN,)
+    out = tl.sum(tl.sum(acc, axis=0), axis=0)  # (BN,)
     if NORM:
         out = out * tl.rsqrt(tl.sum(tl.sum(squares, axis=1), axis=0) / K + eps)
     return out
