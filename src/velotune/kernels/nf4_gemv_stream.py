@@ -28,7 +28,8 @@ compile of both (SASS of the K loop; no GPU run yet):
   shape (8 rows x 1024 columns, 4 warps): 14.2 instructions a weight byte, 64 registers (8
   programs an SM, ~64 KB of weight in flight an SM), 2 barriers a step (the scales' change of
   layout). `LOOKUP` = 0 addresses the codes by OR into the 64-byte aligned table instead of a
-  64-bit add: 12.7 a byte but 180 registers (2 programs an SM); the sweep decides. The first
+  64-bit add: 12.2-12.7 a byte but 180 registers (2 programs an SM); the sweep decides
+  (bench/nf4_gemv_sass.py prints these counts). The first
   kernel's loop, compiled the same way (its default shape), needs 42 a byte (47 with two look-ups
   a byte) and 64 barriers a step (its x and partial sums change layout through shared memory).
   An H200 issues about 33e12 thread-instructions a second: 14 a byte allows ~2.4 TB/s at full
