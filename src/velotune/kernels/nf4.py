@@ -38,6 +38,21 @@ _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @jit
+def block_scales(ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, blocks, ok, NESTED: tl.constexpr,
+                 NESTED_BLOCKSIZE: tl.constexpr):  # fmt: skip
+    """fp32 absmax of quantization blocks `blocks` (any shape; `ok` masks them): stored, or with double
+    quantization nested_map[q] * nested_absmax[block // NESTED_BLOCKSIZE] + offset, rounded as that reads."""
+    if NESTED:
+        q = tl.load(ABSMAX + blocks, mask=ok, other=0).to(tl.int32)
+        nested_absmax = tl.load(NESTED_ABSMAX + blocks // NESTED_BLOCKSIZE, mask=ok, other=0.0)
+        scale = tl.load(NESTED_MAP + q) * nested_absmax  # q in [0, 255]: no mask needed
+        scale = scale + tl.load(OFFSET)
+    else:
+        scale = tl.load(ABSMAX + blocks, mask=ok, other=0.0)
+    return scale  # one return: Triton types every return of a function, the other branch's too
+
+
+@jit
 def _dequantize_nf4_kernel(
     PACKED, ABSMAX, QUANT_MAP, NESTED_ABSMAX, NESTED_MAP, OFFSET, OUT,  # PACKED (ceil(n/2),) uint8
     n, n_bytes, n_blocks,  # values, packed bytes = ceil(n/2), quantization blocks = ceil(n/BLOCKSIZE)

@@ -24,7 +24,7 @@ import torch
 from ._triton import jit, kernel_for, should_use_triton, tl
 from .fp8 import FP8_DTYPE, FP8_MAX, TINY, round_to_e4m3
 from .fp8_transpose import transpose_bytes
-from .nf4 import _weight_state, dequantize_nf4
+from .nf4 import _weight_state, block_scales, dequantize_nf4
 from .nf4_fp8_transposed import nf4_to_fp8_transposed_reference, transposed_launch
 
 _TILE_VALUES = 8192
@@ -46,13 +46,7 @@ def _nf4_to_fp8_kernel(
     out_offs = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (R, BS)
     block_ok = blocks < n_blocks
     byte = tl.load(PACKED + byte_offs, mask=byte_offs < n_bytes, other=0).to(tl.int32)
-    if NESTED:
-        q = tl.load(ABSMAX + blocks, mask=block_ok, other=0).to(tl.int32)
-        nested_absmax = tl.load(NESTED_ABSMAX + blocks // NESTED_BLOCKSIZE, mask=block_ok, other=0.0)
-        scale = tl.load(NESTED_MAP + q) * nested_absmax
-        scale = scale + tl.load(OFFSET)
-    else:
-        scale = tl.load(ABSMAX + blocks, mask=block_ok, other=0.0)
+    scale = block_scales(ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, blocks, block_ok, NESTED, NESTED_BLOCKSIZE)
     hi = tl.load(QUANT_MAP + (byte >> 4)) * scale[:, None]  # (R, BS/2) fp32
     lo = tl.load(QUANT_MAP + (byte & 15)) * scale[:, None]
     w = tl.interleave(hi, lo)  # (R, BS) in row-major order

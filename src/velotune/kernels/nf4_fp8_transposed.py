@@ -23,6 +23,7 @@ import torch
 
 from ._triton import jit, tl
 from .fp8 import FP8_DTYPE, FP8_MAX, round_to_e4m3
+from .nf4 import block_scales
 
 # (BLOCK_R, BLOCK_C, num_warps): 64 weight rows x 128 columns = 8 KiB of e4m3 a program (the stores
 # write 64 contiguous bytes of each of 128 output rows).
@@ -48,13 +49,8 @@ def _nf4_to_fp8_t_kernel(
     blocks = rows[:, None] * row_blocks + col_blocks[None, :]  # (BR, NB) flat block indices
     byte_offs = blocks[:, :, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, None, :]  # (BR, NB, BS/2)
     byte = tl.load(PACKED + byte_offs, mask=block_ok[:, :, None], other=0).to(tl.int32)
-    if NESTED:
-        q = tl.load(ABSMAX + blocks, mask=block_ok, other=0).to(tl.int32)
-        nested_absmax = tl.load(NESTED_ABSMAX + blocks // NESTED_BLOCKSIZE, mask=block_ok, other=0.0)
-        scale = tl.load(NESTED_MAP + q) * nested_absmax
-        scale = scale + tl.load(OFFSET)
-    else:
-        scale = tl.load(ABSMAX + blocks, mask=block_ok, other=0.0)  # (BR, NB)
+    scale = block_scales(ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, blocks, block_ok,
+                         NESTED, NESTED_BLOCKSIZE)  # (BR, NB)
     hi = tl.load(QUANT_MAP + (byte >> 4)) * scale[:, :, None]  # (BR, NB, BS/2) fp32
     lo = tl.load(QUANT_MAP + (byte & 15)) * scale[:, :, None]
     w = tl.interleave(hi, lo)  # (BR, NB, BS) in row order
