@@ -35,14 +35,14 @@ CASES = [("llama", "nf4"), ("qwen2", "nf4"), ("qwen3", "nf4"), ("gemma3", "nf4")
          ("llama", "int8"), ("phi3", "int8"), ("qwen2", "fp8"), ("gemma3", "fp8")]
 
 
-def _load(folder, quant):
+def _load(folder, quant, device: torch.device = CPU):
     source = resolve_source(str(folder))
     config = load_config(source, False)
-    return load_own(model_class(config, False), source, config, DTYPE, CPU, quant)
+    return load_own(model_class(config, False), source, config, DTYPE, device, quant)
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+    return t.detach().reshape(-1).contiguous().view(torch.uint8).cpu()
 
 
 @pytest.mark.parametrize("family, quant", CASES, ids=[f"{f}-{q}" for f, q in CASES])

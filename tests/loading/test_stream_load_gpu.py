@@ -11,34 +11,21 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytest.importorskip("bitsandbytes")
 
-from velotune.models.from_folder import load_config, load_own, model_class  # noqa: E402
 from velotune.quant import quantize_model_  # noqa: E402
-from velotune.quant.fp8 import fp8_unavailable, quantize_model_fp8_  # noqa: E402
-from velotune.quant.int8 import quantize_model_int8_  # noqa: E402
-from velotune.resolve import resolve_source  # noqa: E402
+from velotune.quant.fp8 import fp8_unavailable  # noqa: E402
 
 from tiny.families import make_hf  # noqa: E402
 from tiny.sharded import write_sharded  # noqa: E402
 
-DTYPE = torch.bfloat16
+from .test_stream_load import DTYPE, WHOLE, _bytes  # noqa: E402
+from .test_stream_load import _load as _load_on  # noqa: E402
+
 CUDA = torch.device("cuda")
-SKIP = ("lm_head",)
-WHOLE = {
-    "nf4": lambda model: quantize_model_(model, skip_modules=SKIP, compute_dtype=DTYPE),
-    "int8": lambda model: quantize_model_int8_(model, skip_modules=SKIP),
-    "fp8": lambda model: quantize_model_fp8_(model, skip_modules=SKIP, compute_dtype=DTYPE),
-}
 CASES = [("llama", "nf4"), ("phi3", "nf4"), ("qwen3", "nf4"), ("llama", "int8"), ("qwen2", "fp8")]
 
 
 def _load(folder, quant):
-    source = resolve_source(str(folder))
-    config = load_config(source, False)
-    return load_own(model_class(config, False), source, config, DTYPE, CUDA, quant)
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().reshape(-1).contiguous().view(torch.uint8).cpu()
+    return _load_on(folder, quant, CUDA)
 
 
 @pytest.mark.parametrize("family, quant", CASES, ids=[f"{f}-{q}" for f, q in CASES])
