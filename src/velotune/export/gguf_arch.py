@@ -74,11 +74,23 @@ def write_hparams(writer: gguf.GGUFWriter, config) -> list[ExtraTensor]:
     writer.add_rope_freq_base(full.get("rope_theta", 10000.0))
     rotary = int(head_dim * full.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0) or 1.0))
     writer.add_rope_dimension_count(rotary)
+    if family.rope_sections:
+        writer.add_rope_dimension_sections(_mrope_sections(config, full, rotary))
     extras = _rope_scaling(writer, config, full, rotary)
     if sliding.get("rope_theta") is not None:
         writer.add_rope_freq_base_swa(sliding["rope_theta"])
     _attention_specials(writer, config, family)
     return extras
+
+
+def _mrope_sections(config, params: dict, rotary: int) -> list[int]:
+    """M-RoPE's (temporal, height, width) frequency counts padded to llama.cpp's four sections."""
+    sections = [int(n) for n in params.get("mrope_section") or ()]
+    if not sections or len(sections) > 4 or sum(sections) != rotary // 2:
+        raise ValueError(f"GGUF export of {config.model_type!r}: rope_parameters['mrope_section'] is "
+                         f"{params.get('mrope_section')!r}; llama.cpp needs up to 4 sections summing to "
+                         f"{rotary // 2} (head_dim / 2)")
+    return (sections + [0, 0, 0])[:4]
 
 
 def _rope_scaling(writer, config, params: dict, rotary: int) -> list[ExtraTensor]:

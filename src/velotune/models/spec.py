@@ -39,6 +39,7 @@ class GGUFSpec:
     sliding_window: str = ""       # "always": window or 0 (Gemma 2); "pattern": window and the per-layer
                                    # pattern (Gemma 3); "bounded": window if shorter than the context,
                                    # else 0 (Phi-3); "ignored": llama.cpp runs without it (warned)
+    rope_sections: bool = False    # `rope.dimension_sections` from the M-RoPE `mrope_section` (Qwen2-VL's text model)
 
 
 @dataclass(frozen=True)
@@ -80,11 +81,27 @@ FAMILIES: dict[str, FamilySpec] = {
 # Gemma 3 multimodal checkpoints name their text part "gemma3"; text-only ones "gemma3_text".
 _ALIASES = {"gemma3": "gemma3_text"}
 
+# The language models inside vision-language checkpoints whose text config has a model_type of its own. They
+# are not families FastLanguageModel loads (no checkpoint is one of them alone), but the GGUF export writes them
+# on their own beside the `mmproj` projector file (vision/export.py): Qwen2-VL's and Qwen2.5-VL's text model is
+# Qwen2's decoder, which llama.cpp runs as its `qwen2vl` architecture (M-RoPE sections in the metadata).
+TEXT_PARTS: dict[str, FamilySpec] = {
+    spec.model_type: spec
+    for spec in (
+        FamilySpec("qwen2_vl_text", qkv_bias=True,
+                   gguf=GGUFSpec("qwen2vl", sliding_window="ignored", rope_sections=True)),
+        FamilySpec("qwen2_5_vl_text", qkv_bias=True,
+                   gguf=GGUFSpec("qwen2vl", sliding_window="ignored", rope_sections=True)),
+    )
+}
+
 
 def family_of(config: PretrainedConfig) -> FamilySpec | None:
-    """The family record of a transformers config (our classes' or transformers' own), None if unknown."""
+    """The family record of a transformers config (our classes' or transformers' own, or the text part of a
+    vision-language one), None if unknown."""
     model_type = getattr(config, "model_type", None)
-    return FAMILIES.get(_ALIASES.get(model_type, model_type))
+    model_type = _ALIASES.get(model_type, model_type)
+    return FAMILIES.get(model_type) or TEXT_PARTS.get(model_type)
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
