@@ -16,13 +16,15 @@ import dataclasses
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
+# CausalLMOutputWithPast, not MultimodalCausalLMOutputWithPast: the latter is new in transformers 5.2x (absent in
+# the GPU machine's 5.17), and our decoder returns no image fields anyway.
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..fast.plan import plan_step
 from .decoder import DecoderModel, head_outputs
 from .spec import FAMILIES
 
-_CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(MultimodalCausalLMOutputWithPast)}
+_CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
                 else "past_key_values")
 
 
@@ -77,7 +79,7 @@ class OwnTextDecoder:
         return super().generate(*args, **kwargs)
 
     def run_decoder(self, embeds, attention_mask, positions, cache, use_cache, labels, num_items_in_batch,
-                    shift_labels, logits_to_keep, return_logits) -> MultimodalCausalLMOutputWithPast:
+                    shift_labels, logits_to_keep, return_logits) -> CausalLMOutputWithPast:
         """Our decoder over the input embeddings (B, T, C) at `positions`, under the step plan, then our head and
         loss. Training with labels on the fast path returns `logits=None` unless `return_logits=True` (as our
         causal LMs do)."""
@@ -90,7 +92,7 @@ class OwnTextDecoder:
                       use_cache=use_cache, plan=plan)
         loss, logits = head_outputs(self.lm_head, out.last_hidden_state, plan, labels, num_items_in_batch,
                                     shift_labels, logits_to_keep)
-        return MultimodalCausalLMOutputWithPast(loss=loss, logits=logits,
+        return CausalLMOutputWithPast(loss=loss, logits=logits,
                                                 **{_CACHE_FIELD: getattr(out, _CACHE_FIELD, None)})
 
     def uses_cache(self, use_cache: bool | None) -> bool:
