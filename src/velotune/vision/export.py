@@ -1,7 +1,11 @@
 """Export of vision-language models: LoRA folders and merged 16-bit folders through velotune's
 exporter (export/merged.py), checked here by loading the folder in transformers' own
 image-text-to-text class and comparing its logits on an image+text probe with the trained model's.
-GGUF is refused for now, naming what is supported."""
+
+GGUF, as llama.cpp runs a vision-language model: the language model through the text exporter
+(export/gguf_writer.py, on `models.vision_text.text_causal_lm`, which shares the model's decoder and
+head) plus the `mmproj` file of the vision tower and projector (export/gguf_mmproj.py), both checked
+against the model. Families llama.cpp cannot run from our files are refused with the supported list."""
 
 from __future__ import annotations
 
@@ -11,22 +15,99 @@ from pathlib import Path
 import torch
 
 from ..export import ExportMismatchError, save_pretrained_merged as save_merged_folder
+from ..export.folders import ExportRecord, human_size
+from ..export.gguf_mmproj import PROJECTORS, check_mmproj, open_writer, write_mmproj
+from ..export.gguf_writer import model_name_of, save_pretrained_gguf as save_text_gguf
+from ..export.hub import _local_folder, upload_folder
 from ..export.verify import MERGED_BUDGET, compare
 from ..export.weights import base_model_of, model_dtype
+from ..models.vision_text import text_causal_lm
 
 logger = logging.getLogger("velotune")
 
 VISION_SAVE_METHODS = ("merged_16bit", "lora")
+GGUF_FAMILIES = tuple(PROJECTORS)  # qwen2_vl, qwen2_5_vl: llama.cpp's qwen2vl text model + qwen merger mmproj
 
 
-def refuse_gguf(model) -> None:
+def refuse_gguf(model, what: str = "GGUF export") -> None:
     model_type = base_model_of(model).config.model_type
     raise NotImplementedError(
-        f"GGUF export of vision models ({model_type!r}: the language model plus an mmproj projector file) is not "
-        "supported by velotune yet. Supported for vision models: save_pretrained (LoRA adapter), "
-        "save_pretrained_merged(..., save_method='merged_16bit') (a transformers folder, which llama.cpp's "
-        "convert_hf_to_gguf.py --mmproj can convert), and save_method='lora'. GGUF export is supported for the text "
-        "models FastLanguageModel loads.")
+        f"{what} of vision model type {model_type!r} is not supported by velotune. GGUF (the language model plus "
+        f"an mmproj projector file for llama.cpp) is supported for {', '.join(GGUF_FAMILIES)}. For this model: "
+        "save_pretrained (LoRA adapter) or save_pretrained_merged(..., save_method='merged_16bit') (a transformers "
+        "folder, which llama.cpp's convert_hf_to_gguf.py, with --mmproj for the projector, converts where "
+        "llama.cpp supports the family).")
+
+
+def _processor_parts(model, processor):
+    """(text tokenizer, image processor) of the processor FastVisionModel.from_pretrained returned."""
+    image_processor = getattr(processor, "image_processor", None)
+    if processor is None or image_processor is None:
+        raise ValueError("save_pretrained_gguf of a vision model needs the processor FastVisionModel.from_pretrained "
+                         "returned (its tokenizer goes into the language model's GGUF, its image mean/std into the "
+                         "mmproj file); pass it as the tokenizer argument")
+    return getattr(processor, "tokenizer", processor), image_processor
+
+
+def save_pretrained_gguf(model, save_directory, tokenizer=None, quantization_method="fast_quantized",
+                         overwrite: bool = False, verify: bool = True, mmproj_type: str = "f16",
+                         **kwargs) -> list[Path]:
+    """`model-<METHOD>.gguf` per method (the language model, with a Modelfile, as for text models) and
+    `mmproj-<TYPE>.gguf` (vision tower + projector, f16 by default as llama.cpp's converter writes it).
+    Returns the language-model paths followed by the mmproj path."""
+    base = base_model_of(model)
+    if base.config.model_type not in GGUF_FAMILIES:
+        refuse_gguf(model)
+    text_tokenizer, image_processor = _processor_parts(model, tokenizer)
+    folder = Path(save_directory)
+    name = model_name_of(base.config, folder)
+    open_writer(model, image_processor, mmproj_type, name)[0].close()  # refuse before any file is written
+    paths = save_text_gguf(text_causal_lm(base), folder, text_tokenizer, quantization_method=quantization_method,
+                           overwrite=overwrite, verify=verify, **kwargs)
+    mmproj = folder / f"mmproj-{mmproj_type.upper()}.gguf"
+    record = ExportRecord(folder, "gguf")
+    record.begin([mmproj.name])
+    try:
+        digests = write_mmproj(model, mmproj, image_processor, mmproj_type, name)
+    except BaseException:
+        record.abort()
+        raise
+    details = {k: v for k, v in record.previous["groups"].get("gguf", {}).items() if k not in ("kind", "files")}
+    record.finish([mmproj.name], **{**details, "mmproj": mmproj.name})
+    logger.info("velotune: wrote %s (%s)", mmproj, human_size(mmproj.stat().st_size))
+    if verify:
+        check_vision_gguf(model, paths[0], mmproj, tokenizer, mmproj_type, digests)
+    return [*paths, mmproj]
+
+
+def check_vision_gguf(model, text_path: Path, mmproj: Path, processor, mmproj_type: str = "f16",
+                      digests: dict | None = None) -> None:
+    """The mmproj file's keys and every tensor against the model (the language model's file was checked by the
+    text exporter); then, where llama-cpp-python has its multimodal library, llama.cpp's image embeddings
+    against the model's on a probe image."""
+    from ..export.gguf_check import GGUFContentError
+    from ..export.gguf_layout import GGUFFileError
+    from ..export.mtmd_check import mtmd_available, check_image_embeddings
+
+    _, image_processor = _processor_parts(model, processor)
+    try:
+        n = check_mmproj(model, mmproj, image_processor, mmproj_type, model_name_of(base_model_of(model).config,
+                                                                                      mmproj.parent), digests)
+    except (GGUFContentError, GGUFFileError) as error:
+        raise ExportMismatchError(f"{error}. The file was kept for inspection.") from error
+    logger.info("velotune: export check %s: %d tensors and the metadata match the model", mmproj.name, n)
+    if mtmd_available():
+        check_image_embeddings(model, text_path, mmproj, image_processor)
+    else:
+        logger.info("velotune: %s was not run in llama.cpp: llama-cpp-python was built without its multimodal "
+                    "library (mtmd)", mmproj.name)
+
+
+def push_to_hub_gguf(model, repo_id: str, tokenizer=None, quantization_method="fast_quantized", token=None,
+                     private=None, save_directory=None, **kwargs) -> str:
+    folder = _local_folder(repo_id, save_directory)
+    save_pretrained_gguf(model, folder, tokenizer, quantization_method=quantization_method, **kwargs)
+    return upload_folder(folder, repo_id, token, private)
 
 
 def save_pretrained_merged(model, save_directory, tokenizer=None, save_method: str = "merged_16bit",

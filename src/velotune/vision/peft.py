@@ -23,7 +23,8 @@ logger = logging.getLogger("velotune")
 
 
 class VisionPeftModel(VelotunePeftModel):
-    """The LoRA model of a vision-language model: merged saves are checked with images; GGUF is refused."""
+    """The LoRA model of a vision-language model: merged saves are checked with images; GGUF writes the language
+    model and the mmproj projector file (vision/export.py); Ollama is refused."""
 
     def save_pretrained_merged(self, save_directory, tokenizer=None, save_method="merged_16bit", **kwargs):
         from .export import save_pretrained_merged
@@ -31,19 +32,21 @@ class VisionPeftModel(VelotunePeftModel):
         return save_pretrained_merged(self, save_directory, tokenizer, save_method=save_method, **kwargs)
 
     def save_pretrained_gguf(self, save_directory, tokenizer=None, quantization_method="fast_quantized", **kwargs):
-        from .export import refuse_gguf
+        from .export import save_pretrained_gguf
 
-        refuse_gguf(self)
+        return save_pretrained_gguf(self, save_directory, tokenizer, quantization_method=quantization_method,
+                                    **kwargs)
 
     def save_pretrained_ollama(self, save_directory, tokenizer=None, quantization_method="q4_k_m", **kwargs):
         from .export import refuse_gguf
 
-        refuse_gguf(self)
+        refuse_gguf(self, "Ollama export")
 
     def push_to_hub_gguf(self, repo_id, tokenizer=None, quantization_method="fast_quantized", token=None, **kwargs):
-        from .export import refuse_gguf
+        from .export import push_to_hub_gguf
 
-        refuse_gguf(self)
+        return push_to_hub_gguf(self, repo_id, tokenizer, quantization_method=quantization_method, token=token,
+                                **kwargs)
 
 
 def _is_linear(module) -> bool:
