@@ -5,7 +5,8 @@ Rows (each prints one `RESULT {json}` line):
     the peers' harness `peer_bench.py decode` counts);
   GRPO-shaped: 64 prompts x 8 samples x 512 new tokens, LoRA r=16 on every projection, sampling;
   time to first token of a 4096-token prompt;
-  NF4 batch 1 (every projection quantized by velotune.quant), through the fused NF4 GEMV, and
+  NF4 batch 1 (every projection quantized by velotune.quant), through the fused NF4 GEMV
+    (kernels/nf4_gemv_stream.py), (`nf4bnb`) with bitsandbytes' gemv_4bit on the fast path instead, and
     (`nf4plain`) through bitsandbytes' 4-bit GEMV on the plain path;
   `b1old`: bf16 batch 1 with the decode GEMV kernels off (cuBLAS per projection), for comparison;
   `b1nonorm`: bf16 batch 1 with the GEMVs but the pre-norms and residual adds as separate kernels;
@@ -230,15 +231,15 @@ def main():
                 step_time(model, 1)
             if args.profile:
                 profile_step(model, 1)
-            if "nf4own" in only:  # our NF4 GEMV (kernels/nf4_gemv_stream.py) at one row too (gemv_4bit by default)
+            if "nf4bnb" in only:  # bitsandbytes' gemv_4bit at one row instead (the default before 2026-11-30)
                 from velotune.fast import decode_linear
 
-                decode_linear.OWN_NF4_GEMV_AT_ONE_ROW = True
+                decode_linear.OWN_NF4_GEMV_AT_ONE_ROW = False
                 release(model)
-                decode_row(model, "NF4 greedy, kernels/nf4_gemv_stream.py at one row", 1)
+                decode_row(model, "NF4 greedy, bitsandbytes gemv_4bit at one row", 1)
                 if "step" in only:
                     step_time(model, 1)
-                decode_linear.OWN_NF4_GEMV_AT_ONE_ROW = False
+                decode_linear.OWN_NF4_GEMV_AT_ONE_ROW = True
                 release(model)
             if "nf4plain" in only:  # the plain path: bitsandbytes' own 4-bit GEMV per projection
                 from velotune.fast.plan import set_fast_path

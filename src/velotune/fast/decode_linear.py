@@ -43,15 +43,13 @@ _GATED = {0: swiglu, 1: partial(geglu, approximate="tanh"), 2: partial(geglu, ap
 # The decoder layer hands its pre-norms to the GEMVs (False: it runs them itself, as before).
 # Module-level so the bench and tests can compare.
 FUSE_NORM = True
-# 4-bit weights at one row on CUDA: bitsandbytes' gemv_4bit (1.0 TB/s of packed weights on the H200)
-# unless this is True; kernels/nf4_gemv.py reached 0.35 TB/s there (BENCHMARKS.md), so our kernels serve
-# the 2..8-row decode steps where the plan allows them (plan.GEMV_ROWS) and the CPU, and one row only when asked
-# (then kernels/nf4_gemv_stream.py: flip the default once a GPU run shows it faster than gemv_4bit).
-OWN_NF4_GEMV_AT_ONE_ROW = False
+# 4-bit weights at one row on CUDA: kernels/nf4_gemv_stream.py (1.0-1.3 TB/s of packed weights on the H200
+# per projection group, against gemv_4bit's 0.5-1.0; 8B NF4 batch-1 decode 248.5 against 198.1 tokens/s,
+# BENCHMARKS.md) unless this is False (then bitsandbytes' gemv_4bit, for comparison: bench_generate's `nf4`
+# row). 2..8 rows take kernels/nf4_gemv.py where the plan allows them (plan.GEMV_ROWS), and the CPU too.
+OWN_NF4_GEMV_AT_ONE_ROW = True
 # Our 4-bit GEMVs: rows of x up to this many go to kernels/nf4_gemv_stream.py (built for bandwidth at
-# one row; 14 instructions a weight byte against 42-47 in its sm_90 compile, not yet run on a GPU),
-# more rows to kernels/nf4_gemv.py (decodes each code once for all rows). So on CUDA the stream kernel
-# runs only when OWN_NF4_GEMV_AT_ONE_ROW is set; bench_generate's `nf4own` row measures it.
+# one row), more rows to kernels/nf4_gemv.py (decodes each code once for all rows).
 NF4_STREAM_ROWS = 1
 
 

@@ -49,9 +49,9 @@ epilogue), same reference. 2..8 rows of x: one program per row of x and tile of 
 programs of one tile neighbours in launch order (the tile's bytes come from DRAM once, then from
 L2), each decoding the codes again: kernels/nf4_gemv.py decodes once for all rows and stays the
 decode path's kernel there until a GPU sweep says otherwise. No autograd; CUDA-graph safe (tables
-prepared on a weight's first call). Status: correct in the interpreter, compiled for sm_90, not
-measured on a GPU (bench/bench_gemv.py --kinds nf4), so fast/decode_linear.py calls it only when
-`OWN_NF4_GEMV_AT_ONE_ROW` asks for our kernel at one row.
+prepared on a weight's first call). The decode path's one-row 4-bit GEMV on CUDA
+(fast/decode_linear.py `OWN_NF4_GEMV_AT_ONE_ROW`): faster than bitsandbytes' gemv_4bit on every 8B
+projection group on the H200 (bench/bench_gemv.py --kinds nf4stream).
 """
 
 from __future__ import annotations
@@ -67,13 +67,14 @@ from .nf4_gemv import _tables, fusable, nf4_gemv_reference
 # the same at table | 4 x nibble (fewer instructions, 180 registers under Triton 3.6); 1: one read of
 # the 256-entry (high, low) pair table. PREFETCH: the next K step's loads are issued before this
 # step's codes are read. "rows": every kind when x has 2..8 rows (one program per row of x and tile).
-# Untuned: chosen from the sm_90 compile's counts (Triton 3.6: 14.2 instructions a byte, 64
-# registers), not a GPU run.
+# Tuned on the H200 (bench_gemv.py --kinds nf4stream, 8B shapes at one row, BENCHMARKS.md): PREFETCH
+# off is 3-5% faster for q/k/v and o, on for gate/up; the down projection's long K takes BLOCK_K 2048.
+# "rows" is untuned (the decode path sends 2..8 rows to kernels/nf4_gemv.py).
 CONFIG = {
-    "dense": (8, 1024, 4, 2, True),
-    "dense_long_k": (8, 1024, 4, 2, True),
+    "dense": (8, 1024, 4, 2, False),
+    "dense_long_k": (8, 2048, 4, 2, True),
     "glu": (8, 1024, 4, 2, True),
-    "dense_norm": (8, 1024, 4, 2, True),
+    "dense_norm": (8, 1024, 4, 2, False),
     "glu_norm": (8, 1024, 4, 2, True),
     "rows": (8, 1024, 4, 2, True),
 }
