@@ -169,7 +169,8 @@ def _check_positive(name: str, value) -> None:
 
 def _quantization_mode(load_in_4bit: bool, load_in_8bit: bool, device: torch.device) -> str | None:
     if load_in_4bit and load_in_8bit:
-        raise ValueError("load_in_4bit and load_in_8bit are both True; choose one (4-bit is QLoRA)")
+        raise ValueError("load_in_4bit and load_in_8bit are both True (load_in_4bit defaults to True); choose one: for "
+                         "8-bit pass load_in_4bit=False, load_in_8bit=True (4-bit is QLoRA)")
     if not (load_in_4bit or load_in_8bit):
         return None
     ok, reason = nf4_available(device)

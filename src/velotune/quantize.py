@@ -23,6 +23,7 @@ are measured in memory with the exact NF4 values the folder holds, and saved wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ from torch import nn
 from .data.bundled import bundled_rows
 from .export.merged import quantizable_4bit, save_pretrained_merged
 from .export.weights import TensorPlan, base_model_of, plan_tensors
+from .fast.plan import find_decoder
 from .quant.dynamic import Candidate, OutputErrorMeter, choose_16bit, nf4_nbytes
 from .quant.int8 import is_linear8bit
 from .quant.linear import _skipped, is_linear4bit
@@ -193,6 +195,22 @@ def _swap(modules: dict[str, nn.Linear], weights: dict[str, torch.Tensor]) -> di
     return old
 
 
+@contextlib.contextmanager
+def _plain_path(model):
+    """Module-by-module forwards while the meter's hooks listen: the fast path (CUDA's default) runs fused
+    projections that never call the nn.Linear modules, so every hook would stay silent and every error read 0."""
+    decoder = find_decoder(model)
+    if decoder is None:  # a transformers model: always module by module
+        yield
+        return
+    before = decoder.runtime.fast_path
+    decoder.runtime.fast_path = False
+    try:
+        yield
+    finally:
+        decoder.runtime.fast_path = before
+
+
 def choose_dynamic(model, tokenizer, budget_gib: float | None = None, calibration: str | os.PathLike | None = None,
                    max_tokens: int = 4096, seq_len: int = 512, batch: int = 4, dtype: torch.dtype = torch.bfloat16,
                    evaluate: bool = True, heldout_tokens: int = 2048) -> DynamicReport:
@@ -227,7 +245,8 @@ def choose_dynamic(model, tokenizer, budget_gib: float | None = None, calibratio
     base.eval()
     # The decoder without its LM head: no candidate reads the logits, which cost SmolLM2 as much as its layers.
     backbone = getattr(base, base.base_model_prefix, base)
-    with OutputErrorMeter(modules, dtype, cache=evaluate, on_module=lambda _: bar.update(1)) as meter, torch.no_grad():
+    with _plain_path(base), torch.no_grad(), OutputErrorMeter(modules, dtype, cache=evaluate,
+                                                             on_module=lambda _: bar.update(1)) as meter:
         for start in range(0, len(ids), batch):
             backbone(input_ids=ids[start:start + batch].to(device))
     bar.close()

@@ -73,18 +73,22 @@ def test_folder_loads_in_velotune_and_transformers_with_kept_layers_16bit(tiny_l
     from transformers import AutoModelForCausalLM
 
     from velotune import FastLanguageModel
+    from velotune.fast.plan import runtime_settings, set_fast_path
     from velotune.quantize import REPORT_JSON, REPORT_TABLE, all_4bit_bytes, quantize_dynamic
 
     # a model in memory (the CLI test covers names/folders); fp32 "16-bit" layers and compute, so velotune's and
     # transformers' loads compare closely; a budget with room for about two MLP projections
     model, tokenizer = FastLanguageModel.from_pretrained(str(tiny_llama_dir), load_in_4bit=False, device_map="cpu",
                                                          max_seq_length=64)
+    # the fast path (CUDA's default) fuses the projections past the meter's hooks: measuring must still see them
+    set_fast_path(model, True)
     two_mlp = 2 * (64 * 32 * 4 - nf4_nbytes(64 * 32))
     budget = (all_4bit_bytes(model, torch.float32) + two_mlp + 500) / 2**30
     report = quantize_dynamic(model, tmp_path / "out", tokenizer=tokenizer, max_tokens=512, seq_len=64,
                               budget_gib=budget, dtype=torch.float32, evaluate=False)  # verify: loads it in both
     folder = tmp_path / "out"
-    assert report.kept, report.table()
+    assert report.kept and all(c.error > 0 for c in report.candidates), report.table()
+    assert runtime_settings(model).fast_path is True  # the user's setting is back
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert config["load_in_4bit"] and config["llm_int8_skip_modules"] == ["lm_head", *report.kept]
     saved = json.loads((folder / REPORT_JSON).read_text())

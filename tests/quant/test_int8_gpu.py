@@ -35,8 +35,8 @@ def test_load_in_8bit_trains_merges_and_exports(smollm2_shaped, tmp_path):
     from velotune import FastLanguageModel
     from velotune.quant.int8 import dequantize_int8_weight, is_linear8bit
 
-    model, tokenizer = FastLanguageModel.from_pretrained(str(smollm2_shaped), load_in_8bit=True, dtype=torch.bfloat16,
-                                                         max_seq_length=256)
+    model, tokenizer = FastLanguageModel.from_pretrained(str(smollm2_shaped), load_in_4bit=False, load_in_8bit=True,
+                                                         dtype=torch.bfloat16, max_seq_length=256)
     layers = [m for n, m in model.named_modules() if any(n.endswith(t) for t in TARGETS)]
     assert len(layers) == 30 * 7 and all(is_linear8bit(m) and m.weight.device.type == "cuda" for m in layers)
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS, random_state=0,
