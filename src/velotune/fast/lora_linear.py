@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..quant.fp8 import is_fp8_weight
+from ..quant.int8 import is_linear8bit
 from ..quant.linear import is_linear4bit
 from ..kernels import dequantize_nf4_weight
 from .fp8_matmul import fp8_grad_input, fp8_linear, quantize_input
@@ -49,6 +50,10 @@ def _is_4bit(weight: torch.Tensor) -> bool:
 
 
 def _is_base_linear(module: nn.Module) -> bool:
+    # bitsandbytes' Linear8bitLt is an nn.Linear whose int8 weight means nothing without its row scales:
+    # it runs as a module call (the plain path), never as a dense weight here.
+    if is_linear8bit(module):
+        return False
     return isinstance(module, nn.Linear) or (
         is_linear4bit(module) and _is_4bit(getattr(module, "weight", None))
     )
@@ -77,7 +82,7 @@ def inspect_projection(module: nn.Module) -> tuple[str | None, LoraProjection | 
     if base is None or lora_A is None:
         return f"it is a {type(module).__name__}, not a Linear/Linear4bit or PEFT LoRA layer over one", None
     if not _is_base_linear(base):
-        return f"its base layer is a {type(base).__name__} (only Linear and bitsandbytes Linear4bit fuse)", None
+        return f"its base layer is a {type(base).__name__} (only Linear, FP8 and bitsandbytes Linear4bit fuse)", None
     weight, bias = base.weight, base.bias
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return "its base weight or bias is trained (bias='all'/'lora_only' or a trainable base)", None
