@@ -26,7 +26,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from velotune import FastVisionModel
 from velotune.export.gguf_check import GGUFContentError
 from velotune.export.gguf_mmproj import MmprojUnsupported, check_mmproj
-from velotune.export.mtmd_check import EMBEDDING_BUDGET, check_image_embeddings, mtmd_available
+from velotune.export.mtmd_check import (EMBEDDING_BUDGET, check_image_embeddings, llama_cpp_prompt_logits,
+                                        mtmd_available, probe_image)
 from velotune.export.verify import llama_cpp_logits
 from velotune.vision.processors import image_only_processor
 
@@ -50,9 +51,12 @@ def _tokenizer():
 def _build(family: str, window_size: int = 112):
     tok = _tokenizer()
     ids = tok.convert_tokens_to_ids
+    # rope_theta 10: with 10000 and a head of 8 the height/width sections' frequencies are ~1e-3, so image
+    # positions hardly mattered (a file with all sections temporal answered within 9e-3 of the model); at 10
+    # wrong sections move the image prompt's logits by 0.4-1.7, the right file stays within 5e-3
     text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10.0})
     # initializer_range 0.2, not 0.02: near-zero weights make attention uniform, and llama.cpp's embeddings from a
     # file with block 0's q and k swapped were then within 2e-3 of the model's; at 0.2 that file is off by 0.2-0.3
     # and one with the wrong window pattern by 0.1 (relative), while the right file is within 7e-4
@@ -165,6 +169,30 @@ def test_damaged_mmproj_tensor_is_named(exported, tmp_path):
 def test_llama_cpp_image_embeddings_equal_the_model(exported):
     family, model, processor, (text_path, mmproj) = exported
     assert check_image_embeddings(model, text_path, mmproj, processor.image_processor) < EMBEDDING_BUDGET
+
+
+@pytest.mark.skipif(not mtmd_available(), reason="llama-cpp-python was built without its multimodal library (mtmd)")
+def test_llama_cpp_answers_an_image_prompt_like_the_model(exported):
+    """The two files together in llama.cpp: chat prompt with the probe image, next-token logits after it (the
+    image's embeddings at llama.cpp's own M-RoPE positions, then text after them) equal the model's."""
+    from llama_cpp import mtmd_cpp
+
+    family, model, processor, (text_path, mmproj) = exported
+    image = probe_image()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    batch = processor(text=[prompt], images=[[image]], do_resize=False, add_special_tokens=False, return_tensors="pt")
+    ids = batch["input_ids"][0].tolist()
+    marker = mtmd_cpp.mtmd_default_marker().decode()
+    # mtmd writes <|vision_start|> / <|vision_end|> around the image itself (tools/mtmd/mtmd.cpp)
+    cpp_prompt = prompt.replace("<|vision_start|><|image_pad|><|vision_end|>", marker)
+    tokens, cpp = llama_cpp_prompt_logits(text_path, mmproj, cpp_prompt, image)
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert tokens == [i for i in ids if i != pad]  # the same text tokens around the image
+    with torch.no_grad():
+        ours = model(**batch).logits[0, -1].float()  # (V,)
+    assert (ours - cpp).abs().max() < F16_ATOL
+    assert int(ours.argmax()) == int(cpp.argmax())
 
 
 def test_configurations_clip_cpp_cannot_run_are_refused_before_writing(tmp_path):

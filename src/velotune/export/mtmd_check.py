@@ -68,47 +68,92 @@ def model_image_embeddings(model, image_processor, image) -> torch.Tensor:
     return torch.cat(list(out), 0).float().cpu()
 
 
-def llama_cpp_image_embeddings(text_path: Path, mmproj: Path, image) -> torch.Tensor:
-    """(N, C) float32: what llama.cpp's mtmd feeds the language model for `image`."""
-    import llama_cpp
-    from llama_cpp import mtmd_cpp
+class _Mtmd:
+    """llama.cpp's language model and mtmd context for one text GGUF + mmproj pair, and the probe prompt
+    tokenized by mtmd (text chunks around the image chunk). Closes everything on exit."""
 
-    threads = min(4, psutil.cpu_count() or 1)
-    llm = llama_cpp.Llama(model_path=str(text_path), n_ctx=256, verbose=False, n_threads=threads)
-    ctx = chunks = bitmap = None
-    try:
+    def __init__(self, text_path: Path, mmproj: Path):
+        import llama_cpp
+        from llama_cpp import mtmd_cpp
+
+        self.lib, self.mtmd = llama_cpp, mtmd_cpp
+        threads = min(4, psutil.cpu_count() or 1)
+        self.llm = llama_cpp.Llama(model_path=str(text_path), n_ctx=256, verbose=False, n_threads=threads)
+        self.ctx = self.chunks = self.bitmap = None
         params = mtmd_cpp.mtmd_context_params_default()
         params.use_gpu, params.print_timings, params.n_threads, params.warmup = False, False, threads, False
-        ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), llm.model, params)
-        if not ctx:
+        self.ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), self.llm.model, params)
+        if not self.ctx:
+            self.close()
             raise ImageEmbeddingMismatch(f"llama.cpp's mtmd could not load {mmproj} (with {text_path})")
+        self.name = mmproj.name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        if self.chunks:
+            self.mtmd.mtmd_input_chunks_free(self.chunks)
+        if self.bitmap:
+            self.mtmd.mtmd_bitmap_free(self.bitmap)
+        if self.ctx:
+            self.mtmd.mtmd_free(self.ctx)
+        self.chunks = self.bitmap = self.ctx = None
+        self.llm.close()
+
+    def tokenize(self, image, text: str | None = None) -> list:
+        """The chunks of `text` (its one media marker replaced by `image`; just the image when None)."""
+        mtmd = self.mtmd
         rgb = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))  # (H, W, 3)
         data = rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
-        bitmap = mtmd_cpp.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0], data)
-        text = mtmd_cpp.mtmd_input_text()
-        marker = mtmd_cpp.mtmd_default_marker()
-        text.text, text.text_len, text.add_special, text.parse_special = marker, len(marker), False, True
-        chunks = mtmd_cpp.mtmd_input_chunks_init()
-        bitmaps = (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bitmap)
-        if mtmd_cpp.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1) != 0:
-            raise ImageEmbeddingMismatch(f"llama.cpp's mtmd could not tokenize the probe image with {mmproj}")
-        every = [mtmd_cpp.mtmd_input_chunks_get(chunks, i) for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks))]
-        image_type = mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE
-        image_chunks = [c for c in every if mtmd_cpp.mtmd_input_chunk_get_type(c) == image_type]
-        if len(image_chunks) != 1 or mtmd_cpp.mtmd_encode_chunk(ctx, image_chunks[0]) != 0:
+        self.bitmap = mtmd.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0], data)
+        encoded = mtmd.mtmd_default_marker() if text is None else text.encode()
+        prompt = mtmd.mtmd_input_text()
+        prompt.text, prompt.text_len, prompt.add_special, prompt.parse_special = encoded, len(encoded), False, True
+        self.chunks = mtmd.mtmd_input_chunks_init()
+        bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(self.bitmap)
+        if mtmd.mtmd_tokenize(self.ctx, self.chunks, ctypes.byref(prompt), bitmaps, 1) != 0:
+            raise ImageEmbeddingMismatch(f"llama.cpp's mtmd could not tokenize the probe prompt with {self.name}")
+        return [mtmd.mtmd_input_chunks_get(self.chunks, i) for i in range(mtmd.mtmd_input_chunks_size(self.chunks))]
+
+    def is_image(self, chunk) -> bool:
+        return self.mtmd.mtmd_input_chunk_get_type(chunk) == self.mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE
+
+    def text_tokens(self, chunk) -> list[int]:
+        n = ctypes.c_size_t(0)
+        tokens = self.mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+        return [int(tokens[i]) for i in range(n.value)]
+
+
+def llama_cpp_image_embeddings(text_path: Path, mmproj: Path, image) -> torch.Tensor:
+    """(N, C) float32: what llama.cpp's mtmd feeds the language model for `image`."""
+    with _Mtmd(text_path, mmproj) as run:
+        images = [c for c in run.tokenize(image) if run.is_image(c)]
+        if len(images) != 1 or run.mtmd.mtmd_encode_chunk(run.ctx, images[0]) != 0:
             raise ImageEmbeddingMismatch(f"llama.cpp's mtmd could not encode the probe image with {mmproj}")
-        n = mtmd_cpp.mtmd_input_chunk_get_n_tokens(image_chunks[0])
-        width = llama_cpp.llama_model_n_embd(llm.model)
-        values = np.ctypeslib.as_array(mtmd_cpp.mtmd_get_output_embd(ctx), shape=(n * width,))
+        n = run.mtmd.mtmd_input_chunk_get_n_tokens(images[0])
+        width = run.lib.llama_model_n_embd(run.llm.model)
+        values = np.ctypeslib.as_array(run.mtmd.mtmd_get_output_embd(run.ctx), shape=(n * width,))
         return torch.from_numpy(values.copy()).reshape(n, width)
-    finally:
-        if chunks:
-            mtmd_cpp.mtmd_input_chunks_free(chunks)
-        if bitmap:
-            mtmd_cpp.mtmd_bitmap_free(bitmap)
-        if ctx:
-            mtmd_cpp.mtmd_free(ctx)
-        llm.close()
+
+
+def llama_cpp_prompt_logits(text_path: Path, mmproj: Path, text: str, image) -> tuple[list[int], torch.Tensor]:
+    """(the text tokens mtmd made of `text`, in order, without the image's; the next-token logits (V,) float32
+    after the whole prompt): llama.cpp's language model fed text and image embeddings at its own M-RoPE
+    positions."""
+    with _Mtmd(text_path, mmproj) as run:
+        chunks = run.tokenize(image, text)
+        tokens = [t for c in chunks if not run.is_image(c) for t in run.text_tokens(c)]
+        past = run.lib.llama_pos(0)
+        if run.mtmd.mtmd_helper_eval_chunks(run.ctx, run.llm._ctx.ctx, run.chunks, 0, 0, 64, True,
+                                            ctypes.byref(past)) != 0:
+            raise ImageEmbeddingMismatch(f"llama.cpp could not evaluate the probe prompt with {mmproj}")
+        vocab = run.lib.llama_vocab_n_tokens(run.lib.llama_model_get_vocab(run.llm.model))
+        logits = np.ctypeslib.as_array(run.lib.llama_get_logits_ith(run.llm._ctx.ctx, -1), shape=(vocab,))
+        return tokens, torch.from_numpy(logits.copy())
 
 
 def check_image_embeddings(model, text_path: Path, mmproj: Path, image_processor) -> float:
