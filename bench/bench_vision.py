@@ -70,7 +70,9 @@ def make(shape: str, out: Path) -> None:
     if sizes is not None:
         config = resized_config(model.config, sizes)
         for key, value in sizes["image_processor"].items():
-            setattr(processor.image_processor, key, value)
+            for part in (processor.image_processor, getattr(processor, "video_processor", None)):
+                if part is not None and hasattr(part, key):
+                    setattr(part, key, value)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.manual_seed(0)
         with torch.device(device):

@@ -89,8 +89,6 @@ def build(family: str, seed: int = 0):
     if family in ("qwen2_vl", "qwen2_5_vl"):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        from velotune.vision.processors import image_only_processor
-
         rope = {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0}
         vision = dict(depth=2, hidden_size=32, num_heads=2, patch_size=8, temporal_patch_size=2, spatial_merge_size=2,
                       in_channels=3)
@@ -105,8 +103,7 @@ def build(family: str, seed: int = 0):
                             vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
         image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32},
                                                    patch_size=8, temporal_patch_size=2, merge_size=2)
-        processor = image_only_processor(proc_cls)(image_processor=image_processor, tokenizer=tok,
-                                                   chat_template=tok.chat_template)
+        processor = _qwen_processor(proc_cls, image_processor, tok)
     elif family == "mllama":
         from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
@@ -160,3 +157,23 @@ def write(folder: Path, family: str, seed: int = 0):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return model, processor
+
+
+def _qwen_processor(proc_cls, image_processor, tok):
+    """Qwen2-VL's processor as a real checkpoint has it: with a video processor where torchvision can build one
+    (the GPU machine: a folder without one does not load in transformers 5.17's AutoProcessor, nor in Unsloth),
+    image processor and tokenizer only where it cannot (CI: velotune.vision.processors)."""
+    from transformers.utils import is_torchvision_available
+
+    from velotune.vision.processors import image_only_processor
+
+    if not is_torchvision_available():
+        return image_only_processor(proc_cls)(image_processor=image_processor, tokenizer=tok,
+                                              chat_template=tok.chat_template)
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    video = Qwen2VLVideoProcessor(size=dict(image_processor.size), patch_size=image_processor.patch_size,
+                                  temporal_patch_size=image_processor.temporal_patch_size,
+                                  merge_size=image_processor.merge_size)
+    return proc_cls(image_processor=image_processor, tokenizer=tok, video_processor=video,
+                    chat_template=tok.chat_template)

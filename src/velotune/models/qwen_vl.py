@@ -8,11 +8,17 @@ vision tower, its merger, how image features are placed into the embeddings, and
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
 from .composite import OwnTextDecoder
+
+# The cache's keyword in transformers' compute_3d_position_ids: `cache` from 5.2x, `past_key_values` in 5.17.
+_CACHE_ARG = ("cache" if "cache" in inspect.signature(modeling_qwen2_vl.Qwen2VLModel.compute_3d_position_ids).parameters
+              else "past_key_values")
 
 
 class QwenVLDecoder(OwnTextDecoder):
@@ -47,8 +53,8 @@ class QwenVLDecoder(OwnTextDecoder):
         if position_ids is None:
             position_ids = self.model.compute_3d_position_ids(
                 input_ids=input_ids, inputs_embeds=inputs_embeds, image_grid_thw=image_grid_thw,
-                video_grid_thw=video_grid_thw, attention_mask=attention_mask, cache=cache,
-                mm_token_type_ids=mm_token_type_ids, **extra)
+                video_grid_thw=video_grid_thw, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
+                **{_CACHE_ARG: cache}, **extra)
         if position_ids is None:  # text only: consecutive ids on all three axes, as transformers' text model
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None, None].expand(3, B, -1)
