@@ -2,16 +2,17 @@
 built with it) encodes a probe image, and the image embeddings it hands to the language model must equal
 the ones our model computes from the same pixels.
 
-The probe is sized so neither side resizes it: 128 x 32 pixels is a whole number of 2x2 merged 8..16-pixel
-patches, above clip.cpp's minimum of 8 image tokens, and wider than Qwen2.5-VL's 112-pixel attention
-window, so windowed blocks are exercised too. Both sides normalise the same uint8 pixels with the
-processor's mean/std; what is left is llama.cpp's arithmetic (F16 weights, its own GELU/attention kernels):
+The probe is sized so neither side resizes it: 8 x 2 merged patches (16p x 4p pixels for patch size p, a
+whole number of 2x2 merged patches, above clip.cpp's minimum of 8 image tokens, and wider than Qwen2.5-VL's
+112-pixel attention window, so windowed blocks are exercised too). Both sides normalise the same uint8 pixels
+with the processor's mean/std; what is left is llama.cpp's arithmetic (F16 weights, its own GELU/attention kernels):
 on the tests' tiny Qwen2-VL / Qwen2.5-VL a relative error of 6-7e-4, where a file with one block's q and k
 swapped gives 0.2-0.3 and Qwen2.5-VL's window pattern off by one block 0.1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 from pathlib import Path
@@ -41,28 +42,48 @@ def mtmd_available() -> bool:
     return True
 
 
-def probe_image():
-    """128 x 32 RGB: horizontal and vertical ramps and a checker, so every patch differs."""
+def probe_image(image_processor):
+    """8 x 2 merged patches of the processor's size (128 x 32 pixels for patch 8, 224 x 56 for Qwen's 14): ramps
+    and a checker, so every patch differs."""
     from PIL import Image
 
-    x = torch.arange(128)[None, :].expand(32, 128)  # (H, W)
-    y = torch.arange(32)[:, None].expand(32, 128)
+    unit = int(image_processor.patch_size) * int(getattr(image_processor, "merge_size", 2))
+    H, W = 2 * unit, 8 * unit
+    x = torch.arange(W)[None, :].expand(H, W)  # (H, W)
+    y = torch.arange(H)[:, None].expand(H, W)
     checker = ((x // 8 + y // 8) % 2) * 120 + 60
-    pixels = torch.stack([x * 2, y * 8, checker], -1).clamp(0, 255).to(torch.uint8)  # (H, W, 3)
+    pixels = torch.stack([x * 255 // W, y * 255 // H, checker], -1).clamp(0, 255).to(torch.uint8)  # (H, W, 3)
     return Image.fromarray(pixels.numpy())
+
+
+@contextlib.contextmanager
+def _float32(module: torch.nn.Module):
+    """`module` computing in float32 for the block, then every tensor back in its own dtype. Lossless: a 16-bit
+    value is exact in float32 and casts back to itself. Why: a bf16 vision tower's own rounding was 1.5e-2
+    (relative, Qwen2-VL-2B's tower) away from its float32 result, where llama.cpp's F16 file was 7e-4 from it."""
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.float()
+    try:
+        yield module
+    finally:
+        for t, dtype in zip(tensors, dtypes):
+            t.data = t.data.to(dtype)
 
 
 @torch.no_grad()
 def model_image_embeddings(model, image_processor, image) -> torch.Tensor:
-    """(N, C) float32: the model's merged image features for `image`, at its own size."""
+    """(N, C) float32: the model's merged image features for `image`, at its own size, computed in float32."""
     base = base_model_of(model)
     batch = image_processor(images=[image], do_resize=False, return_tensors="pt")
     device = next(base.parameters()).device
     was_training = base.training
     base.eval()
     try:
-        out = base.model.get_image_features(batch["pixel_values"].to(device), batch["image_grid_thw"].to(device),
-                                            return_dict=True).pooler_output
+        with _float32(base.model.visual):
+            out = base.model.get_image_features(batch["pixel_values"].to(device), batch["image_grid_thw"].to(device),
+                                                return_dict=True).pooler_output
     finally:
         base.train(was_training)
     return torch.cat(list(out), 0).float().cpu()
@@ -158,7 +179,7 @@ def llama_cpp_prompt_logits(text_path: Path, mmproj: Path, text: str, image) -> 
 
 def check_image_embeddings(model, text_path: Path, mmproj: Path, image_processor) -> float:
     """Relative L2 error of llama.cpp's embeddings of the probe image vs the model's; raises above the budget."""
-    image = probe_image()
+    image = probe_image(image_processor)
     ours = model_image_embeddings(model, image_processor, image)
     theirs = llama_cpp_image_embeddings(text_path, mmproj, image)
     if theirs.shape != ours.shape:
