@@ -52,15 +52,21 @@ def test_unsupported_lora_settings_keep_the_plain_path(lora, expected):
 
 def test_int8_base_layers_keep_the_plain_path():
     """bitsandbytes' Linear8bitLt is an nn.Linear whose int8 weight means nothing without its row scales: the
-    fused path must not read it as a dense weight (it did, and load_in_8bit LoRA did not learn on the GPU)."""
+    fused path must not read it as a dense weight (it did, and load_in_8bit LoRA did not learn on the GPU);
+    the engine does not capture its decode steps (the export check's generation failed in capture)."""
+    from velotune.inference.engine import _graph_safe
+
     bnb = pytest.importorskip("bitsandbytes")
     model = lora_model("llama")
+    assert _graph_safe(fast_path.find_decoder(model))
     q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
     base = q_proj.base_layer
     q_proj.base_layer = bnb.nn.Linear8bitLt(base.in_features, base.out_features, bias=False, has_fp16_weights=False)
     decision = plan_step(model, fast_path=True)
     assert not decision.fast
     assert "model.layers.0.self_attn.q_proj" in decision.reason and "Linear8bitLt" in decision.reason
+    # nor is a decode step with int8 layers captured as a CUDA graph (their matmul syncs with the host)
+    assert not _graph_safe(fast_path.find_decoder(model))
 
 
 def test_generic_models_and_bad_settings():

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..fast.plan import StepPlan, find_decoder, plan_step
+from ..quant.int8 import is_linear8bit
 from .cache import InferenceSettings, StaticKVCache
 from .runner import DecodeGraphs, DecoderRunner
 from .sampling import SamplingParams, chosen_logprobs, sample
@@ -235,7 +236,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_ids: s
     limit = limit or context_limit(causal)
     prompts = check_prompts(prompts, params, limit, decoder.config.vocab_size)
     runner = DecoderRunner(causal, decoder, _plan(decoder, len(prompts) * params.n))
-    graphable = use_graphs and all(r.rope_type not in ("dynamic", "longrope") for r in decoder.rotary_emb.values())
+    graphable = use_graphs and _graph_safe(decoder)
     device, dtype = decoder.embed_tokens.weight.device, decoder.embed_tokens.weight.dtype
     n, count = params.n, len(prompts)
     rows = count * n
@@ -383,6 +384,15 @@ def _prefill(runner: DecoderRunner, cache: StaticKVCache, valid: torch.Tensor, p
         logits.append(runner.prefill(cache, ids[start:stop], positions[..., start:stop, :], real[start:stop], start,
                                      embeds=rows))
     return torch.cat(logits), next_positions.to(device)
+
+
+def _graph_safe(decoder) -> bool:
+    """Whether a decode step can be captured as a CUDA graph: not with RoPE tables that change with the
+    length (dynamic, longrope), nor with bitsandbytes int8 layers (their matmul asks the host whether any
+    activation is an outlier, a sync that capture forbids)."""
+    if any(r.rope_type in ("dynamic", "longrope") for r in decoder.rotary_emb.values()):
+        return False
+    return not any(is_linear8bit(m) for m in decoder.modules())
 
 
 def _plan(decoder, rows: int) -> StepPlan:
