@@ -18,6 +18,7 @@ own process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -118,6 +119,8 @@ def run(args) -> dict:
                                            finetune_attention_modules=True, finetune_mlp_modules=True, r=16,
                                            lora_alpha=16, lora_dropout=0, bias="none", random_state=3407)
     FastVisionModel.for_training(model)
+    if args.profile:
+        _mark_vision_tower(model)
     collate = UnslothVisionDataCollator(model, processor)
     batch = collate(rows(args.batch, args.image))
     device = next(p for p in model.parameters() if p.device.type != "meta").device
@@ -127,16 +130,20 @@ def run(args) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(args.steps):
+    for index in range(args.steps):
+        profiler = _profiler(cuda) if args.profile and index == args.steps - 1 else contextlib.nullcontext()
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
+        with profiler:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        if args.profile and index == args.steps - 1:
+            _print_profile(profiler, cuda)
     step = statistics.median(times[min(2, len(times) - 1):])
     result = {"stack": args.stack, "quant": args.quant, "batch": args.batch, "image": args.image,
               "tokens": tokens, "tokens_per_s": round(tokens / step, 1), "step_s": round(step, 4),
@@ -145,6 +152,43 @@ def run(args) -> dict:
               "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None}
     print("RESULT", json.dumps(result))
     return result
+
+
+def _profiler(cuda: bool):
+    """torch.profiler over one step, with the vision tower's forward marked (`vision_tower` in the table), so
+    the step splits into the tower and the rest (language model, loss, optimizer)."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    return torch.profiler.profile(activities=activities)
+
+
+def _mark_vision_tower(model) -> None:
+    """Wrap the vision tower's forward in a record_function range (a profile can then attribute its time)."""
+    import torch
+
+    tower = next((m for name, m in model.named_modules() if name.endswith(("visual", "vision_tower", "vision_model"))),
+                 None)
+    if tower is None:
+        return
+    forward = tower.forward
+
+    def marked(*args, **kwargs):
+        with torch.profiler.record_function("vision_tower"):
+            return forward(*args, **kwargs)
+
+    tower.forward = marked
+
+
+def _print_profile(profiler, cuda: bool) -> None:
+    table = profiler.key_averages()
+    for key in (["self_cuda_time_total"] if cuda else []) + ["self_cpu_time_total"]:
+        print(f"PROFILE last step by {key}\n" + table.table(sort_by=key, row_limit=30), flush=True)
+    tower = [e for e in table if e.key == "vision_tower"]
+    if tower:
+        e = tower[0]
+        print("PROFILE vision_tower forward: cpu %.1f ms, device %.1f ms" % (
+            e.cpu_time_total / 1e3, getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1e3))
 
 
 def main() -> None:
@@ -159,6 +203,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--image", type=int, default=512, help="image width in px (the docs advise 300-1000)")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--profile", action="store_true", help="torch.profiler tables of the last step, with the "
+                        "vision tower's forward time")
     args = parser.parse_args()
     if args.command == "make":
         make(args.shape, args.out)
