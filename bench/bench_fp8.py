@@ -23,6 +23,7 @@ checkpoint (e.g. SmolLM2) with its tokenizer.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -62,6 +63,40 @@ def load(model_path: str, mode: str, seq: int, rank: int, checkpointing="unsloth
     return model, tok
 
 
+@contextlib.contextmanager
+def _kernel_profile(enabled: bool, mode: str):
+    """torch.profiler over the block when `enabled`: its top CUDA kernels by self time, and the FP8 pieces
+    (quantization, transposes, scaled GEMMs) summed, so the step's FP8 overheads read beside its GEMMs."""
+    import torch
+
+    if not enabled:
+        yield
+        return
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        yield
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    print(f"PROFILE {mode}: one micro-batch, by self CUDA time\n" + table.table(sort_by="self_cuda_time_total",
+                                                                                 row_limit=30), flush=True)
+    groups: dict[str, float] = {}
+    for e in table:
+        name = e.key.lower()
+        kind = next((k for k, words in PROFILE_GROUPS.items() if any(w in name for w in words)), "other")
+        groups[kind] = groups.get(kind, 0.0) + getattr(e, "self_device_time_total", 0.0) / 1e3
+    print("PROFILE groups (ms): " + json.dumps({k: round(v, 2) for k, v in sorted(groups.items())}), flush=True)
+
+
+# Kernel-name fragments -> what they are, for the profile's sums (lower case).
+PROFILE_GROUPS = {
+    "fp8 gemm": ("f8", "fp8_gemm", "scaled_mm", "e4m3"),
+    "fp8 quantize": ("quantize_rows", "_quantize"),
+    "fp8/nf4 transpose": ("transpose", "_t_kernel", "nf4_fp8"),
+    "bf16 gemm": ("nvjet", "gemm", "cutlass", "sm90_xmma"),
+    "attention": ("flash", "sdpa", "fmha", "attention"),
+}
+
+
 def speed(args) -> None:
     import torch
 
@@ -81,16 +116,20 @@ def speed(args) -> None:
     for step in range(args.warmup + args.steps):
         torch.cuda.synchronize()
         t = time.time()
-        for _ in range(args.ga):
+        for micro in range(args.ga):
             ids = torch.randint(4, min(vocab, 32000), (args.bs, args.seq), device="cuda", generator=g)
-            out = model(input_ids=ids, labels=ids)
-            (out.loss / args.ga).backward()
+            last = args.profile and step == args.warmup + args.steps - 1 and micro == args.ga - 1
+            with _kernel_profile(last, args.mode):  # one micro-batch of the last step (its time is not used)
+                out = model(input_ids=ids, labels=ids)
+                (out.loss / args.ga).backward()
             losses.append(float(out.loss.detach()))
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        if step >= args.warmup:
+        if step >= args.warmup and not args.profile:
             times.append(time.time() - t)
+    if args.profile:
+        return
     times.sort()
     med = times[len(times) // 2]
     res = dict(stack="velotune", quant=args.mode, seq=args.seq, bs=args.bs, ga=args.ga, rank=args.rank,
@@ -357,6 +396,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--profile", action="store_true", help="speed: profile one micro-batch of the last step (kernel "
+                    "table + FP8 pieces summed) instead of timing")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--held-rows", type=int, default=64)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
