@@ -23,7 +23,7 @@ from .lora.peft_model import get_peft_model, load_adapter_model
 from .models.from_folder import load_config, load_generic, load_own, model_class
 from .quant import nf4_available
 from .resolve import Source, resolve_source, travel_name
-from .tokenizer import fix_tokenizer as fix_pad_token
+from .tokenizer import apply_gguf_special_tokens, fix_tokenizer as fix_pad_token
 
 logger = logging.getLogger("velotune")
 
@@ -243,7 +243,11 @@ def _load_tokenizer(source: Source, trust_remote_code: bool):
             f"{folder} holds a model but no tokenizer files (none of {', '.join(TOKENIZER_FILES)}). Save the tokenizer "
             f"beside the weights with tokenizer.save_pretrained({str(folder)!r}), or copy the tokenizer files of the "
             f"model it was trained from{hint} into the folder")
-    return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file,
+                                              trust_remote_code=trust_remote_code)
+    if source.gguf_file is not None:
+        apply_gguf_special_tokens(tokenizer, folder / source.gguf_file)
+    return tokenizer
 
 
 def _apply_rope_scaling(config: PretrainedConfig, max_seq_length: int, rope_scaling: dict | None) -> None:
@@ -291,6 +295,7 @@ def _converted_fixture(source: Source) -> Source:
         config = AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+        apply_gguf_special_tokens(tokenizer, source.folder / source.gguf_file)
         state = {k: v.contiguous() for k, v in model.state_dict().items()
                  if not (config.tie_word_embeddings and k == "lm_head.weight")}
         partial = target.with_name(target.name + ".partial")

@@ -9,6 +9,7 @@ an existing token that chat data never contains, and only add a new one when non
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 logger = logging.getLogger("velotune")
 
@@ -54,3 +55,35 @@ def fix_tokenizer(tokenizer) -> bool:
                        tokenizer.pad_token_id, ", a new token" if added else "")
     tokenizer.padding_side = "right"
     return added
+
+
+# GGUF metadata key -> the tokenizer attribute it names.
+GGUF_SPECIAL_TOKENS = {"tokenizer.ggml.bos_token_id": "bos_token", "tokenizer.ggml.eos_token_id": "eos_token",
+                       "tokenizer.ggml.unknown_token_id": "unk_token", "tokenizer.ggml.padding_token_id": "pad_token"}
+
+
+def apply_gguf_special_tokens(tokenizer, path) -> list[str]:
+    """Set BOS/EOS/UNK/PAD to the tokens whose ids the GGUF file itself records; returns what changed.
+
+    transformers builds a tokenizer from a GGUF file, and how it reads the special tokens differs by version:
+    5.17 (the GPU machine's) gave SmolLM2's file EOS <|im_start|> (id 1) where the file says id 2,
+    <|im_end|>, so training data ended with the wrong token and the model never learned to stop.
+    The file is the truth whatever the version."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    changed = []
+    for key, attr in GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(key)
+        if field is None:
+            continue
+        token_id = int(field.contents())
+        if not 0 <= token_id < len(tokenizer):
+            continue
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        if getattr(tokenizer, attr) != token:
+            setattr(tokenizer, attr, token)
+            changed.append(f"{attr}={token!r}")
+    if changed:
+        logger.info("velotune: special tokens from %s's metadata: %s", Path(path).name, ", ".join(changed))
+    return changed

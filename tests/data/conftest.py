@@ -5,6 +5,7 @@ because `get_chat_template` edits the tokenizer it is given."""
 import copy
 import importlib.util
 import os
+from pathlib import Path
 import sys
 
 import pytest
@@ -33,7 +34,11 @@ def smollm2_tokenizer_session():
     pytest.importorskip("gguf")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
+    from velotune.tokenizer import apply_gguf_special_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
+    apply_gguf_special_tokens(tokenizer, Path(path) / SMOLLM2_GGUF)  # as velotune's loaders do (any transformers)
+    return tokenizer
 
 
 @pytest.fixture
