@@ -9,8 +9,8 @@ launches per layer leave a third of that bound unused (BENCHMARKS.md). Here:
     or a bias (an adapter's term must be added before the activation);
   * 4-bit (NF4) weights go through our NF4 GEMVs, which dequantize in registers, where the
     training path would dequantize each weight to bf16 first: kernels/nf4_gemv_stream.py for up to
-    `NF4_STREAM_ROWS` rows, kernels/nf4_gemv.py above (at one row on CUDA, bitsandbytes' gemv_4bit
-    unless `OWN_NF4_GEMV_AT_ONE_ROW`);
+    `NF4_STREAM_ROWS` rows, kernels/nf4_gemv.py above (bitsandbytes' gemv_4bit at one row on CUDA
+    only when `OWN_NF4_GEMV_AT_ONE_ROW` is turned off, for comparison);
   * LoRA adapters stay unmerged: x A^T for every adapter of a group is one matmul and each B
     term one addmm into its output (as lora_linear.group_forward), biases one add each;
   * the decoder layer's pre-norms (input_layernorm before q/k/v, post_attention_layernorm before
