@@ -31,6 +31,8 @@ import gguf
 import numpy as np
 import torch
 
+from ..models.spec import PROJECTORS, ProjectorSpec
+from ..models.spec import projector_of as projector_record
 from . import quants
 from .gguf_check import check_metadata, compare_tensor, digest
 from .gguf_layout import read_layout
@@ -45,25 +47,9 @@ class MmprojUnsupported(ValueError):
     """llama.cpp's clip.cpp cannot run this vision tower as the checkpoint configures it."""
 
 
-@dataclass(frozen=True)
-class ProjectorSpec:
-    """One vision-language family as clip.cpp takes it."""
-
-    model_type: str    # the vision-language config's model_type
-    projector: str     # `clip.projector_type` (gguf.VisionProjectorType)
-    prefix: str        # the vision side's module prefix in our model (the converter's names drop "model.")
-    gated_silu: bool   # `clip.use_silu`: the blocks' MLP is gate/up/down with SiLU (else quick GELU fc1/fc2)
-    windows: bool      # `clip.vision.n_wa_pattern` from `fullatt_block_indexes`
-
-
-PROJECTORS = {p.model_type: p for p in (
-    ProjectorSpec("qwen2_vl", gguf.VisionProjectorType.QWEN2VL, "model.visual.", gated_silu=False, windows=False),
-    ProjectorSpec("qwen2_5_vl", gguf.VisionProjectorType.QWEN25VL, "model.visual.", gated_silu=True, windows=True),
-)}
-
-
 def projector_of(config) -> ProjectorSpec:
-    spec = PROJECTORS.get(getattr(config, "model_type", None))
+    """The family's record (velotune.models.spec.PROJECTORS), or MmprojUnsupported naming the supported ones."""
+    spec = projector_record(config)
     if spec is None:
         raise MmprojUnsupported(f"no mmproj writer for model_type {config.model_type!r}; supported: "
                                 f"{', '.join(PROJECTORS)}")
@@ -115,8 +101,8 @@ def _check_supported(config, spec: ProjectorSpec) -> None:
 
 
 def _width(v, spec: ProjectorSpec) -> int:
-    """The vision blocks' width: Qwen2-VL's config calls it embed_dim (its hidden_size is the merger's output)."""
-    return v.embed_dim if spec.model_type == "qwen2_vl" else v.hidden_size
+    """The vision blocks' width (the config field the family's record names)."""
+    return getattr(v, spec.width)
 
 
 def _window_pattern(v) -> int:

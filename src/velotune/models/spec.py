@@ -178,3 +178,28 @@ def split_state_dict(spec: FamilySpec, config: PretrainedConfig, state: dict, pr
                                      f"need {sizes} (sum {sum(sizes)}): the checkpoint does not match its config.json")
                 for part, value in zip(group.parts, state.pop(key).split(sizes, dim=0)):
                     state[f"{layer}{part}.weight"] = value
+
+
+@dataclass(frozen=True)
+class ProjectorSpec:
+    """One vision-language family as llama.cpp's clip.cpp takes it: what export/gguf_mmproj.py writes into the
+    `mmproj` file (facts read off llama.cpp's converter and clip.cpp; see that module)."""
+
+    model_type: str    # the vision-language config's model_type
+    projector: str     # `clip.projector_type` (a gguf.VisionProjectorType value)
+    prefix: str        # the vision side's module prefix in our model (the converter's names drop "model.")
+    gated_silu: bool   # `clip.use_silu`: the blocks' MLP is gate/up/down with SiLU (else quick GELU fc1/fc2)
+    windows: bool      # `clip.vision.n_wa_pattern` from `fullatt_block_indexes`
+    width: str         # the vision config's field with the blocks' width (Qwen2-VL's hidden_size is the merger's)
+
+
+PROJECTORS = {p.model_type: p for p in (
+    ProjectorSpec("qwen2_vl", "qwen2vl_merger", "model.visual.", gated_silu=False, windows=False, width="embed_dim"),
+    ProjectorSpec("qwen2_5_vl", "qwen2.5vl_merger", "model.visual.", gated_silu=True, windows=True,
+                  width="hidden_size"),
+)}
+
+
+def projector_of(config: PretrainedConfig) -> ProjectorSpec | None:
+    """The vision-language family's mmproj record, or None (llama.cpp's file is not written for it)."""
+    return PROJECTORS.get(getattr(config, "model_type", None))
