@@ -4,6 +4,11 @@ Written here (not imported from the other suites' helpers) because the worker pr
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -31,6 +36,32 @@ def ddp_tiny_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp-model") / "tiny-llama"
     write_tiny_llama(folder)
     return folder
+
+
+def launch_fsdp_trainer_worker(*worker_args, nproc: int | None) -> None:
+    """fsdp_trainer_worker.py under `torchrun --standalone` (gloo, no GPU) or as one plain process (nproc None),
+    without TRITON_INTERPRET: the fast path's autograd functions are under test there, not the kernels."""
+    here = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join([str(here.parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    done = subprocess.run([sys.executable, *launcher, str(here / "fsdp_trainer_worker.py"), *map(str, worker_args)],
+                          env=env, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+@pytest.fixture(scope="session")
+def fsdp_runs(ddp_tiny_dir, tmp_path_factory):
+    """One torchrun launch (2 ranks) and one plain process serve test_fsdp2_trainer.py and test_fsdp2.py: each
+    launch costs two shared cores 10-15 s of imports, so fsdp2_worker.py's job runs first in the same processes
+    (--fsdp2-out). Returns (sharded trainer runs, one-process trainer runs, fsdp2 results folder)."""
+    sharded, one = tmp_path_factory.mktemp("fsdp2-trainer"), tmp_path_factory.mktemp("fsdp2-one")
+    fsdp2 = tmp_path_factory.mktemp("fsdp2")
+    launch_fsdp_trainer_worker("--folder", ddp_tiny_dir, "--out", sharded, "--fsdp2-out", fsdp2, nproc=2)
+    launch_fsdp_trainer_worker("--folder", ddp_tiny_dir, "--out", one, "--references", sharded,
+                               "--fsdp2-out", fsdp2, nproc=None)
+    return sharded, one, fsdp2
 
 
 @pytest.fixture(autouse=True)

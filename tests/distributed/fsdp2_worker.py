@@ -25,7 +25,15 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--fast", action="store_true", help="force the fast path on the CPU")
     options = parser.parse_args()
+    run(options.folder, options.out, options.fast)
+
+
+def run(folder: str, out: str, fast: bool, keep_group: bool = False) -> None:
+    """The whole job; fsdp_trainer_worker.py calls it first in its own processes (--fsdp2-out), which saves the
+    CI two launches. Under torchrun it makes its own process group and destroys it, unless keep_group (the
+    trainers that follow take the group that is there: a second rendezvous on torchrun's store hangs)."""
     torch.set_num_threads(1)
+    options = argparse.Namespace(folder=folder, out=out, fast=fast)
     model, _ = FastLanguageModel.from_pretrained(options.folder, load_in_4bit=False, device_map="cpu", max_seq_length=64)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3407,
                                              use_gradient_checkpointing="unsloth")
@@ -67,7 +75,7 @@ def main() -> None:
         result = {"losses": losses, "adapter": adapter, "fast": plan.fast, "per_layer": plan.per_layer,
                   "checkpoint": plan.checkpoint}
         (Path(options.out) / f"fsdp2-{world}.json").write_text(json.dumps(result))
-    if sharded:
+    if sharded and not keep_group:
         torch.distributed.destroy_process_group()
 
 

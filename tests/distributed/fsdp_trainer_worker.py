@@ -110,11 +110,17 @@ def main() -> None:
     parser.add_argument("--cuda", action="store_true", help="train on the GPUs (NCCL), one per rank")
     parser.add_argument("--bf16", action="store_true", help="with --cuda: bf16 weights and bf16=True")
     parser.add_argument("--cpu-load", action="store_true", help="with --cuda: load into host memory first")
+    parser.add_argument("--fsdp2-out", default=None,
+                        help="first run fsdp2_worker.py's job (fast path) in these processes, writing into this folder")
     options = parser.parse_args()
     global BF16, CPU_LOAD
     BF16 = options.bf16
     CPU_LOAD = options.cpu_load
     torch.set_num_threads(1)
+    if options.fsdp2_out is not None:  # under torchrun it makes the process group the trainers then use
+        from fsdp2_worker import run as fsdp2_run
+
+        fsdp2_run(options.folder, options.fsdp2_out, fast=True, keep_group=True)
     out = Path(options.out)
     if options.references is None:  # under torchrun: 2 ranks x batch 2, sharded
         for kind, full in (("lora", False), ("full", True)):

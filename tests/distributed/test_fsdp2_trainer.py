@@ -13,34 +13,19 @@ load in velotune and in transformers (+ PEFT) with equal logits.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-HERE = Path(__file__).resolve().parent
 WEIGHTS = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
 
 
-def launch(*worker_args, nproc: int | None) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join([str(HERE.parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
-    done = subprocess.run([sys.executable, *launcher, str(HERE / "fsdp_trainer_worker.py"), *map(str, worker_args)],
-                          env=env, capture_output=True, text=True, timeout=500)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-
-
 @pytest.fixture(scope="module")
-def runs(ddp_tiny_dir, tmp_path_factory):
-    sharded, one = tmp_path_factory.mktemp("fsdp2-trainer"), tmp_path_factory.mktemp("fsdp2-one")
-    launch("--folder", ddp_tiny_dir, "--out", sharded, nproc=2)
-    launch("--folder", ddp_tiny_dir, "--out", one, "--references", sharded, nproc=None)
+def runs(fsdp_runs):
+    """The 2-rank and the one-process launches (conftest.py: shared with test_fsdp2.py's job)."""
+    sharded, one, _ = fsdp_runs
     return sharded, one
 
 
