@@ -51,16 +51,18 @@ def _image_processor(folder, trust_remote_code: bool):
     except ImportError:
         import transformers
 
-        name = _saved_settings(folder).get("image_processor", {}).get("image_processor_type", "")
+        settings = _saved_settings(folder).get("image_processor") or _saved_settings(folder, "preprocessor_config.json")
+        name = settings.get("image_processor_type", "")
         pil = getattr(transformers, name.removesuffix("Pil") + "Pil", None) if name else None
         if pil is None:
             raise
         return pil.from_pretrained(folder)
 
 
-def _saved_settings(folder) -> dict:
-    """processor_config.json of a local folder ({} when there is none)."""
-    config = Path(folder) / "processor_config.json"
+def _saved_settings(folder, name: str = "processor_config.json") -> dict:
+    """A settings file of a local folder ({} when there is none): processor_config.json (transformers 5 saves
+    every part in it), preprocessor_config.json (the image processor alone, as most checkpoints have it)."""
+    config = Path(folder) / name
     return json.loads(config.read_text()) if config.is_file() else {}
 
 
