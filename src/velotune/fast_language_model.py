@@ -294,8 +294,7 @@ def _converted_fixture(source: Source) -> Source:
         logger.warning("velotune: converting %s once into %s", source.folder / source.gguf_file, target)
         config = AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
-        apply_gguf_special_tokens(tokenizer, source.folder / source.gguf_file)
+        tokenizer = _load_tokenizer(source, trust_remote_code=False)
         state = {k: v.contiguous() for k, v in model.state_dict().items()
                  if not (config.tie_word_embeddings and k == "lm_head.weight")}
         partial = target.with_name(target.name + ".partial")

@@ -92,8 +92,7 @@ class OwnTextDecoder:
                       use_cache=use_cache, plan=plan)
         loss, logits = head_outputs(self.lm_head, out.last_hidden_state, plan, labels, num_items_in_batch,
                                     shift_labels, logits_to_keep)
-        return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                                **{_CACHE_FIELD: getattr(out, _CACHE_FIELD, None)})
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD, None)})
 
     def uses_cache(self, use_cache: bool | None) -> bool:
         """Whether this call reads/writes a KV cache (as our decoder decides it)."""
