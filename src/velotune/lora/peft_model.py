@@ -21,6 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..fast.plan import find_decoder
 from ..models.decoder import DecoderModel
+from ..models.foreign_checkpoints import checkpoint_foreign_layers
 from ..quant.linear import is_linear4bit
 
 logger = logging.getLogger("velotune")
@@ -266,6 +267,9 @@ def _set_checkpointing(model, mode) -> None:
         decoder.set_checkpointing(mode)
     else:
         if mode:  # transformers' modules: the generic path, or a vision model's tower
+            # Layers transformers' toggle flags but never checkpoints (Mllama's vision encoders), first, so that
+            # the toggle below sets their flag as it sets the others
+            checkpoint_foreign_layers(model, True, own=(DecoderModel,))
             if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.2x's name, with its own keyword
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
