@@ -59,6 +59,50 @@ def test_quantize_rows_two_pass_for_wide_rows(device, monkeypatch):
     assert torch.equal(_bits(y), _bits(y_ref)) and torch.equal(scale, scale_ref)
 
 
+def _near_e4m3_midpoints() -> torch.Tensor:
+    """fp32 values on, and 1-2 ulps either side of, every e4m3 rounding boundary (ties between grid
+    values, the saturation at 448, the flush to zero at 2^-10), both signs, -0.0 and values past 448."""
+    grid = torch.tensor(sorted({m / 8 * 2.0**e for e in range(-6, 9) for m in range(8, 16)} |
+                               {k * 2.0**-9 for k in range(8)}), dtype=torch.float64)
+    mids = torch.cat([(grid[:-1] + grid[1:]) / 2, grid, torch.tensor([2.0**-10, 464.0, 480.0, 1e4])]).float()
+    bits = mids.view(torch.int32)[:, None] + torch.arange(-2, 3, dtype=torch.int32)[None, :]
+    v = bits.reshape(-1).view(torch.float32)
+    v = v[v.isfinite()]  # 0.0's neighbours below are NaN patterns
+    return torch.cat([v, -v, torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+
+
+@pytest.mark.parametrize("with_col", [False, True])
+def test_quantize_rows_ties_signed_zeros_and_partial_programs(device, with_col):
+    """Quotients x / scale on and beside e4m3's ties (the kernel divides by fma correction from the row's
+    reciprocal, the reference by IEEE division), -0.0 kept, and a row count that leaves the last
+    several-row program partly empty (13 rows of 1000 columns: 8 rows a program)."""
+    mids = _near_e4m3_midpoints()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(13, 1000, generator=g) * torch.logspace(-5, 3, 13)[:, None]
+    x[:, 0] = x.abs().amax(1)  # each row's absmax at column 0, so the scale is known before the ties are placed
+    scale = (x[:, :1] / torch.full((), FP8_MAX))  # (13, 1) as the kernel computes it
+    picks = mids[torch.randint(0, mids.numel(), (13, 999), generator=g)]
+    x[:, 1:] = (picks.double() * scale.double()).float().clamp(-x[:, :1], x[:, :1])  # quotients at the ties
+    x[2, 5:9] = -0.0
+    x = x.to(device)
+    col = torch.ones(1000, device=device) if with_col else None
+    y, s = quantize_fp8_rows(x, col, use_triton=True)
+    y_ref, s_ref = quantize_fp8_rows_reference(x, col)
+    assert torch.equal(s, s_ref) and torch.equal(_bits(y), _bits(y_ref))
+    assert _bits(y)[2, 5:9].eq(0x80).all()  # -0.0
+
+
+def test_round_to_e4m3_near_every_boundary(device):
+    """The kernels' rounding (one path for normal and subnormal e4m3 values, saturating at 448) against
+    clamp then PyTorch's cast, on values around every rounding boundary, through a one-pass quantization
+    whose row scale is exactly 1 (absmax 448)."""
+    v = _near_e4m3_midpoints()
+    row = torch.cat([torch.tensor([448.0]), v.clamp(-448, 448)])
+    y, scale = quantize_fp8_rows(row[None, :].to(device), use_triton=True)
+    assert scale.item() == 1.0
+    assert torch.equal(_bits(y)[0].cpu(), _bits(row.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)))
+
+
 def test_reference_round_trip_within_e4m3_precision():
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     y, scale = quantize_fp8_rows_reference(x)

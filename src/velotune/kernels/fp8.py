@@ -11,8 +11,9 @@ would become NaN) and cast. `col_scale` c is optional: the backward quantizes dY
 weight's row scales, which lie along dY's columns) so that dX = dY @ W needs only the FP8 weight
 as stored (see fast/fp8_matmul.py).
 
-Divisions are `div_rn` (IEEE, as PyTorch's): Triton's `/` on fp32 compiles to an approximate
-division on the GPU. Rounding: the kernels round to the e4m3 grid in fp32 themselves (`round_to_e4m3`: round to
+Divisions give IEEE's correctly rounded quotient, as PyTorch's (Triton's `/` on fp32 compiles to an
+approximate division on the GPU): `div_rn` once a row for the scale and its reciprocal, then per value
+a multiplication and two fmas (`_quantize_values` says why that is exact). Rounding: the kernels round to the e4m3 grid in fp32 themselves (`round_to_e4m3`: round to
 nearest even, as PyTorch's cast) and only then cast, so the cast is exact wherever it runs. The
 GPU's conversion rounds to nearest even too, but Triton's interpreter (CI's CPU path) does not, and
 CI tests the kernels bit for bit against the PyTorch reference through the interpreter.
@@ -29,45 +30,89 @@ TINY = 1e-12  # an all-zero row gets scale TINY / 448 and zeros, never a divisio
 # H200 (bench_fp8.py kernels, 4096 rows): at 14336 columns (Llama-8B's down-projection input and gate/up
 # gradient) two passes of 2048 take 0.084-0.097 ms against one pass's 0.167-0.192 (a 16-warp program an
 # SM); at 4096 columns both take 0.034-0.037 ms.
+# One-pass programs hold _PROGRAM_VALUES values (whole rows: 2 of 4096 columns, 8 of 1024) with
+# _ONE_PASS_WARPS warps: one row a program made 4096 programs of 8 warps for an 8B activation, each
+# waiting on its own load, reduction and store; several rows a program spread the fixed per-program work
+# (the scale's reduction and divisions) and keep more bytes in flight a warp. Not yet measured on the
+# H200 (bench_fp8.py kernels: `quant_rows_ms` sweeps it).
 _ONE_PASS_COLS = 8192
+_PROGRAM_VALUES = 8192
+_ONE_PASS_WARPS = 4
 _LOOP_BLOCK = 2048
 
 
 @jit
 def round_to_e4m3(v):
-    """fp32 values within +-448 -> the nearest e4m3 value (ties to even), still fp32.
+    """fp32 values -> the nearest e4m3 value (ties to even), saturated at +-448, still fp32.
 
-    Normal range (|v| >= 2^-6): keep 3 of fp32's 23 mantissa bits, rounding on the bit pattern
-    (a carry moves into the exponent, as it should). Subnormal range: multiples of 2^-9, by the
-    add-and-subtract of 2^14, whose fp32 spacing is exactly 2^-9 (the FPU rounds to even)."""
-    a = tl.abs(v)
-    bits = a.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
-    normal = bits.to(tl.float32, bitcast=True)
-    small = (a + 16384.0) - 16384.0
-    r = tl.where(a < 0.015625, small, normal)
-    return tl.where(v < 0, -r, r)
+    Same bits as clamp(v, +-448) then PyTorch's cast (checked for every fp32 pattern below 500 in
+    magnitude, both signs, subnormals included).
+    """
+    return _round_magnitude(tl.abs(v), v.to(tl.uint32, bitcast=True) & 0x80000000)
+
+
+@jit
+def _round_magnitude(a, sign):
+    """a >= 0 (fp32) rounded to e4m3 as `round_to_e4m3`, with the sign bits `sign` (uint32) or-ed back.
+
+    About 7 instructions a value (sm_90 SASS) where the earlier bit-pattern rounding took 13: it
+    rounded normal and subnormal values separately, selected, then restored the sign by a compare and
+    a select. Here one path serves both ranges: with E = max(exponent(a), -6), c = 2^(E + 20) puts
+    a + c in the binade whose fp32 spacing is 2^(E - 3), e4m3's spacing at a's exponent (2^-9, the
+    subnormal spacing, below 2^-6); the FPU rounds the sum to nearest even (c is an even multiple of
+    that spacing, so the evenness is a's own) and subtracting c is exact. min(a, 448) is the callers'
+    clamp folded in (e4m3fn has no infinity: a value rounded past 448 would become NaN)."""
+    a = tl.minimum(a, 448.0)
+    exponent = tl.maximum(a.to(tl.uint32, bitcast=True) & 0x7F800000, 0x3C800000)  # 0x3C800000: 2^-6
+    c = (exponent + (20 << 23)).to(tl.float32, bitcast=True)  # 2^(E + 20)
+    r = (a + c) - c
+    return (r.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@jit
+def _quantize_values(x, scale, inv):
+    """fp32 values x and their row's scale (and inv = 1 / scale, correctly rounded) -> x / scale rounded
+    to e4m3, fp32, bit for bit what IEEE division then the cast give.
+
+    Why not `div_rn` per value: ptxas emits it as a reciprocal (MUFU), two refinements, the quotient, a
+    residual and a correction, plus a range check and a branch, about 10 instructions a value, the
+    reciprocal redone for every value of the row. With the row's correctly rounded reciprocal computed
+    once, q = |x| * inv, r = fma(-q, scale, |x|) (exact), q + r * inv (one fma) is the correctly rounded
+    quotient (Markstein's theorem: the reciprocal within half an ulp of 1 / scale and q within one ulp
+    of the quotient; no underflow where it matters: scale >= TINY / 448, so a quotient near e4m3's
+    smallest rounding boundary 2^-10 has |x| >= 2^-59 and r stays normal). Checked on 3 x 126M
+    (x, scale) pairs against numpy's IEEE division (random, quotients within 2 ulps of every e4m3
+    midpoint, the row's absmax and its neighbours, tiny values) with the interpreter's fp32 fma: no
+    difference. The magnitude is divided and x's own sign bit or-ed back, so -0.0 stays -0.0 (the
+    residual's +0 would turn -0.0 / scale into +0.0)."""
+    ax = tl.abs(x)
+    q = ax * inv
+    q = tl.fma(tl.fma(-q, scale, ax), inv, q)
+    return _round_magnitude(q, x.to(tl.uint32, bitcast=True) & 0x80000000)
 
 
 @jit
 def _quantize_rows_kernel(
     X, COL_SCALE, Y, SCALE,  # X (N, K) any float, COL_SCALE (K,) fp32, Y (N, K) e4m3, SCALE (N,) fp32
-    n_cols, stride_x, stride_y,
-    HAS_COL: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
+    n_rows, n_cols, stride_x, stride_y,
+    HAS_COL: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, ONE_PASS: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    x_row = X + row * stride_x
-    y_row = Y + row * stride_y
-    if ONE_PASS:
+    if ONE_PASS:  # ROWS whole rows a program, held in registers: (ROWS, BLOCK)
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (R,)
         cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
+        mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]  # (R, BLOCK)
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_COL:
-            x = x * tl.load(COL_SCALE + cols, mask=mask, other=0.0)
-        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), 448.0)
-        y = round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0))
-        tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
-    else:  # wider rows: one pass for the absmax, one to cast (both over BLOCK-wide slices)
+            x = x * tl.load(COL_SCALE + cols, mask=cols < n_cols, other=0.0)[None, :]
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), 448.0)  # (R,)
+        inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)  # (R,)
+        y = _quantize_values(x, scale[:, None], inv[:, None])
+        tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(SCALE + rows, scale, mask=rows < n_rows)
+    else:  # one wider row a program: one pass for the absmax, one to cast (both over BLOCK-wide slices)
+        row = tl.program_id(0).to(tl.int64)
+        x_row = X + row * stride_x
+        y_row = Y + row * stride_y
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -77,15 +122,16 @@ def _quantize_rows_kernel(
                 x = x * tl.load(COL_SCALE + cols, mask=mask, other=0.0)
             amax = tl.maximum(amax, tl.abs(x))
         scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), 448.0)
+        inv = tl.math.div_rn(1.0, scale)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_COL:
                 x = x * tl.load(COL_SCALE + cols, mask=mask, other=0.0)
-            y = round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0))
+            y = _quantize_values(x, scale, inv)
             tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(SCALE + row, scale)
+        tl.store(SCALE + row, scale)
 
 
 def quantize_fp8_rows_reference(x: torch.Tensor, col_scale: torch.Tensor | None = None):
@@ -121,14 +167,21 @@ def quantize_fp8_rows(x: torch.Tensor, col_scale: torch.Tensor | None = None, *,
     if n == 0:
         return y, scale
     col = scale if col_scale is None else col_scale.to(device=x.device, dtype=torch.float32).contiguous()
-    one_pass = k <= _ONE_PASS_COLS
-    block = next_power_of_2(k) if one_pass else _LOOP_BLOCK
-    warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    kernel_for(_quantize_rows_kernel)[(n,)](
-        x, col, y, scale, k, x.stride(0), y.stride(0),
-        HAS_COL=col_scale is not None, BLOCK=block, ONE_PASS=one_pass, num_warps=warps,
+    one_pass, block, rows, warps = _launch_shape(k)
+    kernel_for(_quantize_rows_kernel)[(-(-n // rows),)](
+        x, col, y, scale, n, k, x.stride(0), y.stride(0),
+        HAS_COL=col_scale is not None, BLOCK=block, ROWS=rows, ONE_PASS=one_pass, num_warps=warps,
     )  # fmt: skip
     return y, scale
+
+
+def _launch_shape(k: int) -> tuple[bool, int, int, int]:
+    """(one pass, BLOCK, rows a program, warps) for rows of k columns (module constants: the bench sweeps them)."""
+    if k > _ONE_PASS_COLS:
+        return False, _LOOP_BLOCK, 1, 4 if _LOOP_BLOCK <= 2048 else 8
+    block = next_power_of_2(k)
+    rows = max(1, _PROGRAM_VALUES // block)
+    return True, block, rows, _ONE_PASS_WARPS if rows > 1 else (4 if block <= 2048 else 8)
 
 
 def dequantize_fp8_rows(y: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

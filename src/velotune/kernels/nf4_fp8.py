@@ -11,8 +11,11 @@ scales (row_absmax / 448) depend only on the frozen weight, so they are computed
 weight (from its block scales, see `_row_absmax`) and cached per bitsandbytes QuantState;
 afterwards a call is the kernel launch alone.
 
-Tiling: as kernels/nf4.py, a program owns `ROWS` whole quantization blocks; each output value
-looks up its row's inverse scale (row = flat index // in_features), so a block may straddle rows.
+Tiling: when quantization blocks do not straddle rows (in_features % blocksize == 0, every
+Llama-style shape) a program owns a (rows, columns) tile (`_nf4_to_fp8_rows_kernel`, `ROW_TILE`): one
+inverse-scale load a row, one scale load a block. Other shapes take the flat kernel: as kernels/nf4.py,
+a program owns `ROWS` whole quantization blocks and each output value looks up its row's inverse scale
+(row = flat index // in_features).
 `transposed=True` writes the (in, out) layout of the FP8 backward instead, through the tiled kernel
 of nf4_fp8_transposed.py (same math per value, same cached row scales).
 """
@@ -27,8 +30,12 @@ from .fp8_transpose import transpose_bytes
 from .nf4 import _weight_state, block_scales, dequantize_nf4
 from .nf4_fp8_transposed import nf4_to_fp8_transposed_reference, transposed_launch
 
-_TILE_VALUES = 8192
+_TILE_VALUES = 8192  # the flat kernel (blocks straddling rows): values a program
 _NUM_WARPS = 4
+# The tiled kernel's (BLOCK_R, BLOCK_C, num_warps): 8192 values a program as the flat kernel; rows of 512
+# columns (eight 64-value blocks, 256 contiguous output bytes a row). sm_90 SASS is the same for the
+# other shapes of 8192 (bench_fp8.py `kernels` times a few: `nf4_rows_tiles_ms`).
+ROW_TILE = (16, 512, 4)
 
 
 @jit
@@ -52,9 +59,44 @@ def _nf4_to_fp8_kernel(
     w = tl.interleave(hi, lo)  # (R, BS) in row-major order
     in_range = out_offs < n
     inv = tl.load(INV_ROW + out_offs // n_cols, mask=in_range, other=0.0)  # (R, BS) the row's 448 / absmax
-    y = round_to_e4m3(tl.minimum(tl.maximum(w * inv, -448.0), 448.0))
+    y = round_to_e4m3(w * inv)  # saturates at +-448 (the reference's clamp)
     tl.store(OUT + out_offs, y.to(OUT.dtype.element_ty), mask=in_range)
 
+
+
+@jit
+def _nf4_to_fp8_rows_kernel(
+    PACKED, ABSMAX, QUANT_MAP, NESTED_ABSMAX, NESTED_MAP, OFFSET, INV_ROW, OUT,  # OUT (out, in) e4m3
+    n_rows, row_blocks,  # the weight's out_features, and in_features // BLOCKSIZE (blocks never straddle rows)
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
+):  # fmt: skip
+    """The row-major conversion tiled as nf4_fp8_transposed.py's kernel (whose reads and math it shares):
+    a program owns a (BLOCK_R rows, BLOCK_C columns) tile, so each row's inverse scale is one load and
+    each block's scale one load broadcast over the block, where the flat kernel above divides every
+    value's flat index by in_features and gathers its row's scale (sm_90 SASS: 28 instructions and two
+    gathers a value there). The store is row-major, no permutation."""
+    NB: tl.constexpr = BLOCK_C // BLOCKSIZE  # quantization blocks per tile row
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,) weight rows
+    col_blocks = tl.program_id(1) * NB + tl.arange(0, NB)  # (NB,) block index within a row
+    if IDX64:
+        rows = rows.to(tl.int64)
+        col_blocks = col_blocks.to(tl.int64)
+    row_ok = rows < n_rows
+    col_ok = col_blocks < row_blocks
+    block_ok = row_ok[:, None] & col_ok[None, :]  # (BR, NB)
+    blocks = rows[:, None] * row_blocks + col_blocks[None, :]  # (BR, NB) flat block indices
+    byte_offs = blocks[:, :, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, None, :]  # (BR, NB, BS/2)
+    byte = tl.load(PACKED + byte_offs, mask=block_ok[:, :, None], other=0).to(tl.int32)
+    scale = block_scales(ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, blocks, block_ok,
+                         NESTED, NESTED_BLOCKSIZE)  # (BR, NB)
+    hi = tl.load(QUANT_MAP + (byte >> 4)) * scale[:, :, None]  # (BR, NB, BS/2) fp32
+    lo = tl.load(QUANT_MAP + (byte & 15)) * scale[:, :, None]
+    w = tl.interleave(hi, lo)  # (BR, NB, BS) in row order
+    inv = tl.load(INV_ROW + rows, mask=row_ok, other=0.0)  # (BR,) the row's 448 / absmax
+    y = round_to_e4m3(w * inv[:, None, None])  # saturates at +-448 (the reference's clamp)
+    out_offs = blocks[:, :, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, None, :]  # (BR, NB, BS) row-major
+    tl.store(OUT + out_offs, y.to(OUT.dtype.element_ty), mask=block_ok[:, :, None])
 
 class _RowScales:
     """One weight's cached row scales: (scale (out,) fp32, inv (out,) fp32), valid while the
@@ -175,8 +217,17 @@ def dequantize_nf4_to_fp8(param, *, transposed: bool = False,
         rows.launch_t = (kernel_for(kernel), grid, shape, data.device, scalars, meta)
         return rows.run(data, transposed=True), rows.scale
     out_features, in_features = state.shape
-    n = out_features * in_features
     blocksize = state.blocksize
+    block_r, block_c, warps = ROW_TILE
+    if in_features % blocksize == 0 and blocksize <= block_c:  # the tiled kernel: whole blocks in every row
+        grid = (-(-out_features // block_r), -(-in_features // block_c))
+        meta = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, NESTED=state.state2 is not None,
+                    BLOCK_R=block_r, BLOCK_C=block_c, IDX64=(out_features + block_r) * (in_features + block_c) >= 2**31,
+                    num_warps=warps, enable_fp_fusion=False)
+        rows.launch = (kernel_for(_nf4_to_fp8_rows_kernel), grid, state.shape, data.device,
+                       (out_features, in_features // blocksize), meta)
+        return rows.run(data), rows.scale
+    n = out_features * in_features
     per_program = max(1, _TILE_VALUES // blocksize)
     n_blocks = -(-n // blocksize)
     meta = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize,
