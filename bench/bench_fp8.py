@@ -17,7 +17,8 @@ the peers' harness does) with a BPE tokenizer trained on the corpus; `--model PA
 checkpoint (e.g. SmolLM2) with its tokenizer.
   python bench/bench_fp8.py converge --model llama1b --modes bf16,fp8 --steps 200 --out $OUT/fp8_converge
 
-`kernels` times the pieces of one projection's FP8 GEMMs at Llama-8B shapes (GPU only).
+`kernels` times the pieces of one projection's FP8 GEMMs at Llama-8B shapes (GPU only), after
+`conversions`: each conversion kernel's GPU time and achieved GB/s (bench/fp8_conversions.py).
 """
 
 from __future__ import annotations
@@ -338,6 +339,9 @@ def kernels(args) -> None:
         fp8_kernels._ONE_PASS_COLS, fp8_kernels._LOOP_BLOCK = one_pass, loop_block
         return times
 
+    from fp8_conversions import conversion_rows
+
+    conversion_rows()
     rows = []
     m = 4096
     tiles = [(64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 4), (128, 128, 8), (256, 128, 8)]
@@ -386,7 +390,7 @@ def kernels(args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("cmd", choices=["speed", "converge", "kernels"])
+    ap.add_argument("cmd", choices=["speed", "converge", "kernels", "conversions"])
     ap.add_argument("--model", default="")
     ap.add_argument("--mode", choices=sorted(MODES), default="fp8")
     ap.add_argument("--modes", default="bf16,fp8,nf4,nf4-fp8")
@@ -403,6 +407,11 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    if args.cmd == "conversions":
+        from fp8_conversions import conversion_rows
+
+        conversion_rows()
+        return
     {"speed": speed, "converge": converge, "kernels": kernels}[args.cmd](args)
 
 

@@ -13,8 +13,9 @@ as stored (see fast/fp8_matmul.py).
 
 Divisions give IEEE's correctly rounded quotient, as PyTorch's (Triton's `/` on fp32 compiles to an
 approximate division on the GPU): `div_rn` once a row for the scale and its reciprocal, then per value
-a multiplication and two fmas (`_quantize_values` says why that is exact). Rounding: the kernels round to the e4m3 grid in fp32 themselves (`round_to_e4m3`: round to
-nearest even, as PyTorch's cast) and only then cast, so the cast is exact wherever it runs. The
+a multiplication and two fmas (`_quantize_values` says why that is exact). Rounding: the kernels
+round to the e4m3 grid in fp32 themselves (`round_to_e4m3`: round to nearest even, as PyTorch's cast,
+saturating at 448) and only then cast, so the cast is exact wherever it runs. The
 GPU's conversion rounds to nearest even too, but Triton's interpreter (CI's CPU path) does not, and
 CI tests the kernels bit for bit against the PyTorch reference through the interpreter.
 """
