@@ -35,7 +35,7 @@ from ..kernels import geglu, rms_norm, swiglu
 from ..kernels.gemv import ACTIVATIONS, MAX_ROWS, gemv
 from ..kernels.nf4_gemv import nf4_gemv
 from ..kernels.nf4_gemv_stream import nf4_gemv_stream
-from .lora_linear import LoraProjection, _cast, _is_4bit, adapter_inputs, adapters_of
+from .lora_linear import LoraProjection, _cast, _is_4bit, adapter_inputs, adapters_of, usable
 
 # The epilogue's activation ids (kernels/gemv.py ACTIVATIONS) -> the separate activation kernel,
 # used when gate or up has an adapter.
@@ -104,9 +104,10 @@ def _bitsandbytes_gemv(x: torch.Tensor, projections) -> list[torch.Tensor]:
 
 
 def decode_projections(x: torch.Tensor, projections: tuple[LoraProjection, ...], norm=None,
-                       residual: torch.Tensor | None = None) -> list[torch.Tensor] | None:  # fmt: skip
+                       residual: torch.Tensor | None = None, stacked=None) -> list[torch.Tensor] | None:  # fmt: skip
     """x (N, in) -> [(N, out_i)]: y_i = x' W_i^T + b_i + s_i (x' A_i^T) B_i^T with x' = x, or
     RMSNorm(x) with the norm module `norm`; `residual` (N, out), one projection: residual + y.
+    `stacked`: the group's adapters in generation's persistent buffers (lora_linear.adapter_inputs).
     None when the kernels cannot run (the caller's path)."""
     bitsandbytes = _bitsandbytes_rows(x, projections)
     if norm is not None and (bitsandbytes or any(p.lora_A is not None for p in projections)):
@@ -122,7 +123,7 @@ def decode_projections(x: torch.Tensor, projections: tuple[LoraProjection, ...],
     for out, p in zip(outs, projections):
         if p.bias is not None:
             out.add_(_cast(p.bias, out.dtype))
-    layout, saved = adapter_inputs(x, adapters_of(projections))
+    layout, saved = adapter_inputs(x, adapters_of(projections), usable(stacked, x))
     if saved:
         _, xa, *bs = saved  # x A^T (N, R) of every adapter of the group, B_j (out_j, r_j)
         for i, rows, b in zip(layout.with_adapter, layout.rows, bs):
@@ -133,9 +134,10 @@ def decode_projections(x: torch.Tensor, projections: tuple[LoraProjection, ...],
 
 
 def decode_mlp(x: torch.Tensor, projections: tuple[LoraProjection, ...], activation: str, norm=None,
-               residual: torch.Tensor | None = None) -> torch.Tensor | None:  # fmt: skip
+               residual: torch.Tensor | None = None, stacked=(None, None)) -> torch.Tensor | None:  # fmt: skip
     """x (N, H) -> down(act(gate(x')) * up(x')) (N, H) (+ `residual`), x' = x or RMSNorm(x) with the
-    norm module `norm`; None when the kernels cannot run (the caller's fused MLP runs)."""
+    norm module `norm`; `stacked`: the (gate/up, down) groups' persistent adapter buffers or None.
+    None when the kernels cannot run (the caller's fused MLP runs)."""
     if activation not in ACTIVATIONS:
         return None
     gate, up, down = projections
@@ -145,9 +147,9 @@ def decode_mlp(x: torch.Tensor, projections: tuple[LoraProjection, ...], activat
             return None
         h = fused[0]
     else:
-        gate_up = decode_projections(x, (gate, up), norm)
+        gate_up = decode_projections(x, (gate, up), norm, stacked=stacked[0])
         if gate_up is None:
             return None
         h = _GATED[ACTIVATIONS[activation]](*gate_up)  # (N, I)
-    out = decode_projections(h, (down,), residual=residual)
+    out = decode_projections(h, (down,), residual=residual, stacked=stacked[1])
     return None if out is None else out[0]

@@ -161,11 +161,23 @@ def _adapters_in(dtype: torch.dtype, As, Bs) -> tuple[torch.Tensor, list[torch.T
     return a, bs
 
 
-def adapter_inputs(x: torch.Tensor, adapters) -> tuple[GroupLayout, list[torch.Tensor]]:
+def usable(stacked, x: torch.Tensor):
+    """`stacked` (a group's StackedAdapters, stacked_adapters.py) when a call with input x (N, in) may
+    read it: no autograd (training keeps the adapters as autograd inputs) and x in the buffers' dtype
+    and device; else None (the call stacks and casts the adapters itself, as in training)."""
+    if stacked is None or torch.is_grad_enabled() or stacked.a.dtype != x.dtype or stacked.a.device != x.device:
+        return None
+    return stacked
+
+
+def adapter_inputs(x: torch.Tensor, adapters, stacked=None) -> tuple[GroupLayout, list[torch.Tensor]]:
     """What group_backward needs of a group's adapters, without the base outputs: (layout,
     [A stacked (R, in), x A^T (N, R), B_j (out_j, r_j)...]) in x's dtype (empty when no
     projection of the group has an adapter). One cat + one cast of all the group's adapters,
-    one matmul for every x A_j^T."""
+    one matmul for every x A_j^T. `stacked` (no-grad calls in generation: stacked_adapters.py):
+    the group's adapters already stacked and cast, read as they are (no cat, no cast)."""
+    if stacked is not None:
+        return stacked.layout, [stacked.a, x @ stacked.a.t(), *stacked.bs]  # x A^T: (N, R)
     with_adapter = tuple(i for i, A in enumerate(adapters[0::2]) if A is not None)
     if not with_adapter:
         return GroupLayout((), (), ()), []
@@ -180,13 +192,14 @@ def adapter_inputs(x: torch.Tensor, adapters) -> tuple[GroupLayout, list[torch.T
     return layout, [a, x @ a.t(), *bs]  # x A^T: (N, R)
 
 
-def group_forward(x: torch.Tensor, projections, adapters) -> tuple[list[torch.Tensor], GroupLayout, list[torch.Tensor]]:
+def group_forward(x: torch.Tensor, projections, adapters, stacked=None
+                  ) -> tuple[list[torch.Tensor], GroupLayout, list[torch.Tensor]]:  # fmt: skip
     """x (N, in) -> ([(N, out_i)], layout, tensors backward needs), in x's dtype.
 
     y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T. Launches per group: adapter_inputs, then per
     projection one matmul with W (addmm when biased) and one addmm adding the LoRA term with the
     scaling as alpha. The adapters' casts and x A^T are returned for backward (saved, not
-    recomputed; x A^T is (N, R), small next to x).
+    recomputed; x A^T is (N, R), small next to x). `stacked`: see adapter_inputs.
     """
     dtype = x.dtype
     outs = []
@@ -200,7 +213,7 @@ def group_forward(x: torch.Tensor, projections, adapters) -> tuple[list[torch.Te
         w = dense_weight(p.weight, dtype, p.weight_scale)  # (out, in); 4-bit: dequantized now, dropped after use
         outs.append(x @ w.t() if p.bias is None else torch.addmm(_cast(p.bias, dtype), x, w.t()))  # (N, out)
         del w
-    layout, saved = adapter_inputs(x, adapters)
+    layout, saved = adapter_inputs(x, adapters, stacked)
     if saved:
         _, xa, *bs = saved
         for i, r, b in zip(layout.with_adapter, layout.rows, bs):
@@ -303,7 +316,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def lora_projections(x: torch.Tensor, modules: list[nn.Module], projections=None,
                      gemv_rows: int = 0, prenorm: nn.Module | None = None,
-                     residual: torch.Tensor | None = None) -> list[torch.Tensor]:
+                     residual: torch.Tensor | None = None, stacked=None) -> list[torch.Tensor]:
     """x (..., in) through each module -> [(..., out_i)], fused when every module allows it,
     otherwise the modules' own calls (exactly the plain path). `projections`: the modules' fused
     views when the caller already has them (plan.LayerPlan), else they are looked up here.
@@ -311,7 +324,8 @@ def lora_projections(x: torch.Tensor, modules: list[nn.Module], projections=None
     run the base weights (decode_linear.py). `prenorm`: an RMSNorm module to apply to x first
     (decode steps hand it over so the GEMVs normalise x as they read it). `residual` (..., out),
     one module: the result is residual + its output (a decode step's o projection adds it in the
-    GEMV's epilogue)."""
+    GEMV's epilogue). `stacked`: the group's adapters in generation's persistent buffers
+    (stacked_adapters.py), read instead of the adapters by calls without autograd."""
     if projections is None:
         projections = [projection_of(m) for m in modules]
     if prenorm is not None:
@@ -321,17 +335,22 @@ def lora_projections(x: torch.Tensor, modules: list[nn.Module], projections=None
         return _plus(residual, [m(x) for m in modules])
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype(x))  # (N, in)
+    stacked = usable(stacked, x2)
     if gemv_rows:
         from . import decode_linear  # imports this module
 
         if decode_linear.applies(x2, gemv_rows):
             res2 = None if residual is None else residual.reshape(-1, residual.shape[-1])
-            outs = decode_linear.decode_projections(x2, tuple(projections), prenorm, res2)
+            outs = decode_linear.decode_projections(x2, tuple(projections), prenorm, res2, stacked)
             if outs is not None:
                 return [o.view(*lead, o.shape[-1]) for o in outs]
     if prenorm is not None:
         x2 = decode_linear.normalized(x2, prenorm)
-    outs = LoraProjectionsFunction.apply(x2, tuple(projections), *adapters_of(projections))
+    if stacked is not None:  # no autograd: the forward alone, on the persistent buffers
+        with autocast_off(x2):
+            outs, _, _ = group_forward(x2, tuple(projections), adapters_of(projections), stacked)
+    else:
+        outs = LoraProjectionsFunction.apply(x2, tuple(projections), *adapters_of(projections))
     return _plus(residual, [o.view(*lead, o.shape[-1]) for o in outs])
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from .lora_linear import (
     adapter_inputs, adapters_of, autocast_off, compute_dtype, dense_weight, group_backward, group_forward,
-    projection_of,
+    projection_of, usable,
 )
 from ..kernels import geglu, swiglu
 from .fp8_matmul import fp8_weight
@@ -62,27 +62,37 @@ def _rows(saved: list[torch.Tensor], rows: slice) -> list[torch.Tensor]:
     return [a, xa[rows], *bs]
 
 
+def mlp_forward(x: torch.Tensor, activation: str, projections, adapters, stacked=(None, None)):
+    """x (N, H) -> (out (N, H), g, u (N, I), (gate/up layout, down layout), gate/up saved, down saved):
+    the MLP's forward and what its backward needs (group_forward's saved tensors). `stacked`: the
+    (gate/up, down) groups' persistent adapter buffers for no-grad calls (stacked_adapters.py)."""
+    gate, up, down = projections
+    act = GATED_ACTIVATIONS[activation]
+    with autocast_off(x):
+        (g, u), gate_up, gate_up_saved = group_forward(x, (gate, up), adapters[:4], stacked[0])  # (N, I) each
+        chunks = _chunks(x.shape[0])
+        if len(chunks) == 1:
+            (out,), down_layout, down_saved = group_forward(act(g, u), (down,), adapters[4:], stacked[1])  # (N, H)
+        else:
+            (dense_down,) = _dense([down], x.dtype)
+            out = torch.empty_like(x)  # (N, H)
+            xa_parts = []
+            for rows in chunks:
+                (out[rows],), down_layout, down_saved = group_forward(
+                    act(g[rows], u[rows]), (dense_down,), adapters[4:], stacked[1]
+                )
+                xa_parts.append(down_saved[1] if down_saved else None)
+            del dense_down
+            if down_saved:  # the chunks' h A_down^T, (N, r), as one saved tensor
+                down_saved[1] = torch.cat(xa_parts)
+    return out, g, u, (gate_up, down_layout), gate_up_saved, down_saved
+
+
 class LoraMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, activation, gate, up, down, *adapters):  # x (N, H); adapters Ag, Bg, Au, Bu, Ad, Bd
-        act = GATED_ACTIVATIONS[activation]
-        with autocast_off(x):
-            (g, u), gate_up, gate_up_saved = group_forward(x, (gate, up), adapters[:4])  # (N, I) each
-            chunks = _chunks(x.shape[0])
-            if len(chunks) == 1:
-                (out,), down_layout, down_saved = group_forward(act(g, u), (down,), adapters[4:])  # (N, H)
-            else:
-                (dense_down,) = _dense([down], x.dtype)
-                out = torch.empty_like(x)  # (N, H)
-                xa_parts = []
-                for rows in chunks:
-                    (out[rows],), down_layout, down_saved = group_forward(
-                        act(g[rows], u[rows]), (dense_down,), adapters[4:]
-                    )
-                    xa_parts.append(down_saved[1] if down_saved else None)
-                del dense_down
-                if down_saved:  # the chunks' h A_down^T, (N, r), as one saved tensor
-                    down_saved[1] = torch.cat(xa_parts)
+        out, g, u, (gate_up, down_layout), gate_up_saved, down_saved = mlp_forward(
+            x, activation, (gate, up, down), adapters)
         ctx.activation = activation
         ctx.projections = (gate, up, down)  # as given: a 4-bit weight stays packed until backward
         ctx.layouts = (gate_up, down_layout)
@@ -180,6 +190,7 @@ def _chunk_backward(activation, grad_out, x, g, u, projections, layouts, gate_up
 def lora_mlp(
     x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, activation: str, value_unused: bool = False,
     projections=None, gemv_rows: int = 0, prenorm: nn.Module | None = None, residual: torch.Tensor | None = None,
+    stacked=None,
 ) -> torch.Tensor | None:
     """x (..., H) -> (..., H) through the fused function, or None when it cannot run (an
     activation without a gated kernel, or a projection `why_not_fused` rejects): the caller
@@ -190,24 +201,30 @@ def lora_mlp(
     it (decode_linear.py: gate/up one launch with the activation in its epilogue). `prenorm`: an
     RMSNorm module to apply to x first (decode steps hand it over to the GEMV); without the fused
     path it must run here, before the plain modules too. `residual` (..., H): the result is
-    residual + the MLP's output (a decode step adds it in the down GEMV's epilogue)."""
+    residual + the MLP's output (a decode step adds it in the down GEMV's epilogue). `stacked`: the
+    (gate/up, down) groups' adapters in generation's persistent buffers (stacked_adapters.py), read
+    instead of the adapters by calls without autograd."""
     if projections is None:
         projections = [projection_of(m) for m in (gate, up, down)]
     if activation not in GATED_ACTIVATIONS or any(p is None for p in projections):
         return None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype(x))  # (N, H)
+    stacked = (None, None) if stacked is None else (usable(stacked[0], x2), usable(stacked[1], x2))
     if gemv_rows or prenorm is not None:
         from . import decode_linear
 
         if gemv_rows and decode_linear.applies(x2, gemv_rows):
             res2 = None if residual is None else residual.reshape(-1, residual.shape[-1])
-            out = decode_linear.decode_mlp(x2, tuple(projections), activation, prenorm, res2)
+            out = decode_linear.decode_mlp(x2, tuple(projections), activation, prenorm, res2, stacked)
             if out is not None:
                 return out.view(*lead, out.shape[-1])
         if prenorm is not None:
             x2 = decode_linear.normalized(x2, prenorm)
-    function = LoraMLPInBackwardFunction if value_unused and torch.is_grad_enabled() else LoraMLPFunction
-    out = function.apply(x2, activation, *projections, *adapters_of(projections))
+    if stacked != (None, None):  # no autograd: the forward alone, on the persistent buffers
+        out = mlp_forward(x2, activation, tuple(projections), adapters_of(projections), stacked)[0]
+    else:
+        function = LoraMLPInBackwardFunction if value_unused and torch.is_grad_enabled() else LoraMLPFunction
+        out = function.apply(x2, activation, *projections, *adapters_of(projections))
     out = out.view(*lead, out.shape[-1])
     return out if residual is None else residual + out

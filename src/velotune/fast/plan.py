@@ -69,6 +69,9 @@ class LayerPlan:
     qkv: tuple  # q, k, v
     o: tuple  # (o,)
     mlp: tuple  # gate, up, down
+    # Generation only: the groups' adapters stacked in persistent 16-bit buffers (stacked_adapters.py
+    # LayerAdapters), read by no-grad calls instead of a cat + cast per call; None: stack per call.
+    adapters: object = None
 
 
 @dataclass

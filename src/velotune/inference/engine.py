@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..fast.plan import StepPlan, find_decoder, plan_step
+from ..fast.stacked_adapters import refresh_adapters, with_stacked_adapters
 from ..quant.int8 import is_linear8bit
 from .cache import InferenceSettings, StaticKVCache
 from .runner import DecodeGraphs, DecoderRunner
@@ -139,7 +140,10 @@ class _Resident:
     """The cache and graphs kept with a model between calls (repeated GRPO generations reuse them).
 
     Held by the model's engine object (`model.generation_engine.resident`, api.GenerationEngine),
-    so they live and die with the model; a model without one allocates per call."""
+    so they live and die with the model; a model without one allocates per call. The graphs' runner
+    holds the plan whose layers carry the LoRA adapters stacked in the model's dtype
+    (fast/stacked_adapters.py): kept with the graphs, which read them, refreshed at the start of
+    every call (`_resident`), given back with the cache by `release`."""
 
     def __init__(self, cache: StaticKVCache, graphs: DecodeGraphs, valid: torch.Tensor, signature: tuple):
         self.cache, self.graphs, self.valid, self.signature = cache, graphs, valid, signature
@@ -171,8 +175,13 @@ def _resident(runner: DecoderRunner, rows: int, length: int, dtype, device, sett
         old_plan = old.graphs.runner.plan
         same_plan = (old_plan.fast, old_plan.gemv_rows) == (runner.plan.fast, runner.plan.gemv_rows)
         if old.signature != signature or not same_plan or old.graphs.use_graphs != (graphable and device.type == "cuda"):
-            old.graphs = DecodeGraphs(runner, old.cache, old.valid, graphable)
+            old.graphs = None  # the old graphs' adapter buffers go before the new ones are made
+            old.graphs = DecodeGraphs(_with_adapters(runner, dtype), old.cache, old.valid, graphable)
             old.signature = signature
+        else:
+            # The same buffers (captured graphs read them) get the adapters' values of now: the trainer
+            # changed them in place since the last call, unseen by any version counter.
+            refresh_adapters(old.graphs.runner.plan)
         return old
     if holder is not None:
         holder.resident = None  # free the old buffers before allocating larger ones
@@ -181,10 +190,17 @@ def _resident(runner: DecoderRunner, rows: int, length: int, dtype, device, sett
         rows = _bucket(rows, 1 << 30)
     cache = StaticKVCache(runner.kv_shapes(), rows, length, dtype, device, fp8, settings.gpu_memory_utilization)
     valid = torch.zeros(rows, length, dtype=torch.bool, device=device)
-    resident = _Resident(cache, DecodeGraphs(runner, cache, valid, graphable), valid, signature)
+    resident = _Resident(cache, DecodeGraphs(_with_adapters(runner, dtype), cache, valid, graphable), valid, signature)
     if holder is not None:
         holder.resident = resident
     return resident
+
+
+def _with_adapters(runner: DecoderRunner, dtype) -> DecoderRunner:
+    """A runner like `runner` whose plan's layers carry their LoRA adapters stacked in `dtype`, in
+    buffers made now (fast/stacked_adapters.py): decode steps read those instead of stacking and
+    casting the adapters again on every step."""
+    return DecoderRunner(runner.causal, runner.decoder, with_stacked_adapters(runner.plan, dtype))
 
 
 class StopChecker:
@@ -248,6 +264,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_ids: s
     with eval_mode(model), torch.no_grad():
         resident = _resident(runner, rows, P + max(budget), dtype, device, settings_of(model), graphable)
         cache, valid, graphs = resident.cache, resident.valid, resident.graphs
+        runner = graphs.runner  # its plan holds the adapters' buffers of this call (prefill reads them too)
         logits, next_positions = _prefill(runner, cache, valid, prompts, P, device, prefill_inputs)  # (count, V)
         expand = torch.arange(rows, device=device) // n
         if n > 1:

@@ -81,10 +81,11 @@ class GatedMLP(nn.Module):
         step so the gate/up GEMV normalises x as it reads it (fast/decode_linear.py); `residual`: the
         result is residual + the MLP's output (the down GEMV adds it in its epilogue)."""
         if plan.fast:  # one fused autograd node with the plan's resolved projections
-            projections = plan.layer(self.layer_idx).mlp
+            layer = plan.layer(self.layer_idx)
+            stacked = None if layer.adapters is None else (layer.adapters.gate_up, layer.adapters.down)
             out = lora_mlp.lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.activation,
-                                    value_unused=value_unused, projections=projections, gemv_rows=plan.gemv_rows,
-                                    prenorm=prenorm, residual=residual)
+                                    value_unused=value_unused, projections=layer.mlp, gemv_rows=plan.gemv_rows,
+                                    prenorm=prenorm, residual=residual, stacked=stacked)
             if out is not None:
                 return out
         if prenorm is not None:
@@ -166,8 +167,10 @@ class Attention(nn.Module):
         result is residual + the attention's output (the o GEMV adds it in its epilogue)."""
         fast = plan.fast
         if fast:
-            q, k, v = lora_linear.lora_projections(x, [self.q_proj, self.k_proj, self.v_proj],
-                                                   plan.layer(self.layer_idx).qkv, plan.gemv_rows, prenorm)
+            layer = plan.layer(self.layer_idx)
+            adapters = layer.adapters  # generation's persistent adapter buffers, or None
+            q, k, v = lora_linear.lora_projections(x, [self.q_proj, self.k_proj, self.v_proj], layer.qkv,
+                                                   plan.gemv_rows, prenorm, stacked=adapters.qkv if adapters else None)
         else:
             if prenorm is not None:
                 x = prenorm(x, plan)
@@ -200,7 +203,7 @@ class Attention(nn.Module):
             out = _attend(q, k, v, mask, causal, self.scaling, self.softcap, dropout)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         if fast:
-            o = plan.layer(self.layer_idx).o
-            return lora_linear.lora_projections(out, [self.o_proj], o, plan.gemv_rows, residual=residual)[0]
+            return lora_linear.lora_projections(out, [self.o_proj], layer.o, plan.gemv_rows, residual=residual,
+                                                stacked=adapters.o if adapters else None)[0]
         out = self.o_proj(out)
         return out if residual is None else residual + out
