@@ -24,6 +24,7 @@ import torch
 
 REPEAT = 20
 M = 4096
+DEVICE = "cuda"  # a CPU dry run of the code paths sets "cpu" (with TRITON_INTERPRET=1 and small shapes)
 WEIGHTS = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # q/o, k/v, gate/up, down
 
 
@@ -77,7 +78,7 @@ def _nf4_rows(out_f: int, in_f: int) -> list[dict]:
     from velotune.kernels.nf4_fp8 import dequantize_nf4_to_fp8
     from velotune.quant.linear import to_linear4bit
 
-    weight = to_linear4bit(torch.nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=torch.bfloat16)).weight
+    weight = to_linear4bit(torch.nn.Linear(in_f, out_f, bias=False, device=DEVICE, dtype=torch.bfloat16)).weight
     n = out_f * in_f
     state = weight.quant_state
     nbytes = n // 2 + n // state.blocksize * state.absmax.element_size() + n  # codes + scales in, e4m3 out
@@ -102,8 +103,8 @@ def _quant_rows(n_rows: int, k: int, with_col: bool) -> dict:
     from velotune.kernels import fp8 as fp8_kernels
     from velotune.kernels.fp8 import quantize_fp8_rows
 
-    x = torch.randn(n_rows, k, device="cuda", dtype=torch.bfloat16)
-    col = torch.rand(k, device="cuda") + 0.5 if with_col else None
+    x = torch.randn(n_rows, k, device=DEVICE, dtype=torch.bfloat16)
+    col = torch.rand(k, device=DEVICE) + 0.5 if with_col else None
     nbytes = n_rows * k * (x.element_size() + 1) + n_rows * 4 + (k * 4 if with_col else 0)
     expected = quantize_fp8_rows(x, col)[0].view(torch.uint8).clone()
     saved = (fp8_kernels._PROGRAM_VALUES, fp8_kernels._ONE_PASS_WARPS, fp8_kernels._ONE_PASS_COLS,
@@ -111,14 +112,16 @@ def _quant_rows(n_rows: int, k: int, with_col: bool) -> dict:
     sweep = {}
     if k <= fp8_kernels._ONE_PASS_COLS:  # rows a program x warps
         variants = [(values, warps, saved[2], saved[3]) for values, warps in
-                    [(k, 8), (2 * k, 4), (2 * k, 8), (4 * k, 4), (4 * k, 8)]]
-        names = [f"{v // k}rows/{w}w" for v, w, _, _ in variants]
+                    [saved[:2], (k, 8), (2 * k, 4), (2 * k, 8), (4 * k, 4), (4 * k, 8), (8 * k, 8)]]
     else:  # two passes over BLOCK columns, or one pass of the whole (padded) row
         variants = [(saved[0], saved[1], saved[2], b) for b in (1024, 2048, 4096)] + [(saved[0], saved[1], k, saved[3])]
-        names = [f"two_pass_{v[3]}" for v in variants[:3]] + ["one_pass"]
-    for name, variant in zip(names, variants):
+    for variant in variants:
         (fp8_kernels._PROGRAM_VALUES, fp8_kernels._ONE_PASS_WARPS, fp8_kernels._ONE_PASS_COLS,
          fp8_kernels._LOOP_BLOCK) = variant
+        one_pass, block, rows, warps = fp8_kernels._launch_shape(k)
+        name = f"{'one' if one_pass else 'two'}_pass {rows}x{block}/{warps}w"
+        if name in sweep:
+            continue
         sweep[name] = round(gpu_ms(lambda: quantize_fp8_rows(x, col))[0], 4)
         if not torch.equal(quantize_fp8_rows(x, col)[0].view(torch.uint8), expected):
             sweep[name] = "DIFFERS"
@@ -133,7 +136,7 @@ def _transpose_row(out_f: int, in_f: int) -> dict:
     from velotune.kernels.fp8_transpose import transpose_bytes
     from velotune.quant.fp8 import quantize_weight_fp8
 
-    values, _ = quantize_weight_fp8(torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16))
+    values, _ = quantize_weight_fp8(torch.randn(out_f, in_f, device=DEVICE, dtype=torch.bfloat16))
     return dict(kernel="transpose_bytes (FP8 storage backward)", shape=f"{out_f}x{in_f}",
                 **_timed(lambda: transpose_bytes(values), 2 * out_f * in_f))
 
