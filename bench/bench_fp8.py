@@ -93,6 +93,7 @@ PROFILE_GROUPS = {
     "fp8 gemm": ("f8", "fp8_gemm", "scaled_mm", "e4m3"),
     "fp8 quantize": ("quantize_rows", "_quantize"),
     "fp8/nf4 transpose": ("transpose", "_t_kernel", "nf4_fp8"),
+    "nf4 -> fp8 (row-major)": ("nf4_to_fp8",),  # after the transposes: _nf4_to_fp8_t_kernel is one of those
     "bf16 gemm": ("nvjet", "gemm", "cutlass", "sm90_xmma"),
     "attention": ("flash", "sdpa", "fmha", "attention"),
 }
