@@ -15,6 +15,7 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
 from .composite import OwnTextDecoder
+from .vision_attention import install_grouped_attention
 
 # The cache's keyword in transformers' compute_3d_position_ids: `cache` from 5.2x, `past_key_values` in 5.17.
 _CACHE_ARG = ("cache" if "cache" in inspect.signature(modeling_qwen2_vl.Qwen2VLModel.compute_3d_position_ids).parameters
@@ -27,6 +28,14 @@ class QwenVLDecoder(OwnTextDecoder):
     @classmethod
     def text_family(cls, config) -> str:
         return "qwen2"  # the text config's model_type is qwen2_vl_text / qwen2_5_vl_text
+
+    @classmethod
+    def adopt(cls, reference):
+        """As OwnTextDecoder.adopt, and the vision tower's attention runs one SDPA call per chunk length
+        (vision_attention.py; transformers' per-chunk loop where the tower's attention is not SDPA)."""
+        model = super().adopt(reference)
+        install_grouped_attention(model.model.visual)
+        return model
 
     def _embeddings(self, input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos,
                     video_grid_thw) -> torch.Tensor:

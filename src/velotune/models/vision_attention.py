@@ -1,0 +1,129 @@
+"""Qwen2-VL / Qwen2.5-VL vision attention in one SDPA call per distinct chunk length.
+
+transformers' vision attention (both families, every 5.x we run) attends within the chunks `cu_seqlens` marks
+(one per image, or per window in Qwen2.5-VL's windowed layers). Without flash-attention it splits q/k/v at those
+bounds and calls SDPA once per chunk, after a `.tolist()` host sync in every layer: two 512 px images are ~50
+windows, so a Qwen2.5-VL-7B vision forward makes ~1,400 SDPA calls (28 windowed layers), again in the
+checkpoint's recompute, and the H200 profile showed the tower at 235 ms of host time for 31 ms of GPU time.
+
+Chunks of one length attend alike, so they can run as one batch: the rows are gathered into chunk order
+grouped by length, each group viewed as (n_chunks, heads, L, head_dim) for a single SDPA call, and the output
+rows put back by the inverse permutation. Windows come in few lengths (full windows, edge strips, one corner),
+so a layer makes ~3 SDPA calls. The grouping is computed once per `cu_seqlens` tensor (one host sync per
+vision forward and kind of layer, not per layer) and shared by the tower's blocks; the recompute in backward
+passes the same tensor, so it finds the grouping too.
+
+It is installed per instance (`install_grouped_attention`): each block's attention module keeps its class,
+its `qkv` / `proj` Linear layers (LoRA wrappers injected on them later keep working, and PEFT's targeting
+finds them under the same names) and its state dict; only its `forward` is set on the instance. When the
+tower's attention is not SDPA (flash-attention requested, eager), the class's forward runs unchanged.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ChunkGroups:
+    """The chunks of one `cu_seqlens`, grouped by length. `perm` (S,) lists the rows chunk by chunk, groups
+    one after another; `inverse` puts them back; both None when that order is the rows' own (one length, in
+    order). `spans` holds (first row in `perm` order, number of chunks, chunk length) per group."""
+
+    perm: torch.Tensor | None
+    inverse: torch.Tensor | None
+    spans: tuple[tuple[int, int, int], ...]
+
+
+def group_chunks(cu_seqlens: torch.Tensor, rows: int) -> ChunkGroups:
+    """Group the chunks `cu_seqlens` (n + 1,) bounds by length (one host sync)."""
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != rows:
+        raise ValueError(f"cu_seqlens spans rows {bounds[0]}..{bounds[-1]}, the hidden states have {rows}")
+    starts_by_length: dict[int, list[int]] = {}
+    for start, end in zip(bounds, bounds[1:]):
+        if end > start:
+            starts_by_length.setdefault(end - start, []).append(start)
+    spans, first = [], 0
+    for length, starts in starts_by_length.items():
+        spans.append((first, len(starts), length))
+        first += len(starts) * length
+    if len(starts_by_length) == 1:  # one length: the chunks are already consecutive rows of one shape
+        return ChunkGroups(None, None, tuple(spans))
+    perm = torch.cat([(torch.tensor(starts)[:, None] + torch.arange(length)).flatten()
+                      for length, starts in starts_by_length.items()])  # (S,) on the host
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(rows)
+    device = cu_seqlens.device
+    return ChunkGroups(perm.to(device, non_blocking=True), inverse.to(device, non_blocking=True), tuple(spans))
+
+
+class ChunkGroupCache:
+    """The groupings of the last few `cu_seqlens` tensors, found by identity (a tower passes the same tensor to
+    each of its blocks, and the checkpoint's recompute passes it again). Shared by one tower's blocks."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.entries: list[tuple[weakref.ref, int, ChunkGroups]] = []
+
+    def get(self, cu_seqlens: torch.Tensor, rows: int) -> ChunkGroups:
+        for ref, version, groups in self.entries:
+            if ref() is cu_seqlens and version == cu_seqlens._version:
+                return groups
+        groups = group_chunks(cu_seqlens, rows)
+        self.entries = [(weakref.ref(cu_seqlens), cu_seqlens._version, groups)] + self.entries[: self.size - 1]
+        return groups
+
+
+def grouped_attention_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                              position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                              max_seqlen: int | None = None, **kwargs) -> torch.Tensor:
+    """Set on a Qwen-VL vision attention instance: its class's computation, one SDPA call per chunk length."""
+    if self.config._attn_implementation != "sdpa" or position_embeddings is None:
+        return type(self).forward(self, hidden_states, cu_seqlens, position_embeddings=position_embeddings,
+                                  max_seqlen=max_seqlen, **kwargs)
+    rows = hidden_states.shape[0]
+    heads = self.num_heads
+    q, k, v = self.qkv(hidden_states).reshape(rows, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)  # (S, H, D) each
+    cos, sin = position_embeddings
+    q, k = self._velotune_rotary(q, k, cos, sin)
+    groups = self._velotune_chunks.get(cu_seqlens, rows)
+    if groups.perm is not None:
+        q, k, v = q[groups.perm], k[groups.perm], v[groups.perm]  # (S, H, D) in chunk order, grouped by length
+    dropout = self.attention_dropout if self.training else 0.0
+    outputs = []
+    for first, chunks, length in groups.spans:
+        part = slice(first, first + chunks * length)
+        qg, kg, vg = (t[part].reshape(chunks, length, heads, -1).transpose(1, 2) for t in (q, k, v))  # (n, H, L, D)
+        out = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, scale=self.scaling)  # (n, H, L, D)
+        outputs.append(out.transpose(1, 2).reshape(chunks * length, -1))  # (n*L, H*D)
+    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]  # (S, C)
+    if groups.inverse is not None:
+        out = out[groups.inverse]
+    return self.proj(out)
+
+
+def _rotary_of(attention: nn.Module):
+    """The family's `apply_rotary_pos_emb_vision` (the module that defines the attention's class)."""
+    return sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
+
+
+def install_grouped_attention(visual: nn.Module) -> int:
+    """Set the grouped forward on the attention of each of `visual.blocks` (a Qwen2-VL / Qwen2.5-VL vision
+    tower); returns how many. The blocks share one grouping cache."""
+    cache = ChunkGroupCache()
+    count = 0
+    for block in visual.blocks:
+        attention = block.attn
+        attention._velotune_rotary = _rotary_of(attention)
+        attention._velotune_chunks = cache
+        attention.forward = types.MethodType(grouped_attention_forward, attention)
+        count += 1
+    return count
