@@ -130,3 +130,31 @@ def test_loaded_model_runs_grouped_attention_through_lora(vision_folder):
     assert qkv_grads and all(outputs[0][1][n].abs().sum() > 0 for n in qkv_grads)
     for name, grad in outputs[0][1].items():
         torch.testing.assert_close(grad, outputs[1][1][name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_attention_on_cuda_equals_transformers(dtype):
+    """On the GPU, Qwen2.5-VL-7B's head size (80) and window (112 px: windows of 64, 32 and 16 patches), two
+    images of 504x392 and 280x280 px: SDPA's CUDA kernels batched over the chunks against one call a chunk."""
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(vision_config=dict(
+        depth=2, hidden_size=160, num_heads=2, intermediate_size=256, out_hidden_size=64, patch_size=14,
+        temporal_patch_size=2, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[1])).vision_config
+    reference = Qwen2_5_VisionTransformerPretrainedModel._from_config(config, dtype=dtype).cuda().train()
+    ours = copy.deepcopy(reference)
+    install_grouped_attention(ours)
+    grid = torch.tensor([[1, 36, 28], [1, 20, 20]], device="cuda")
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, device="cuda", dtype=dtype)
+    results = []
+    for tower in (reference, ours):
+        x = pixels.clone().requires_grad_()
+        out = tower(x, grid_thw=grid).pooler_output
+        out.float().pow(2).mean().backward()
+        results.append((out.float(), x.grad.float(), {n: p.grad.float() for n, p in tower.named_parameters()}))
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(results[1][0], results[0][0], **tolerance)
+    torch.testing.assert_close(results[1][1], results[0][1], **tolerance)
+    for name, grad in results[0][2].items():
+        scale = grad.abs().max().clamp(min=1e-6)
+        assert (results[1][2][name] - grad).abs().max() / scale < (1e-4 if dtype == torch.float32 else 3e-2), name
