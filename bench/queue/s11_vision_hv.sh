@@ -23,3 +23,10 @@ for m in qwen mllama; do
     echo "$m $s rc=$?"; grep RESULT $OUT/hv/${m}_${s}_nf4.log || tail -n 25 $OUT/hv/${m}_${s}_nf4.log
   done
 done
+# D. optional (PROFILE=1, ~1.2 min): the Qwen2.5-VL-7B velotune step's profile after the grouped attention (what is left
+#    of the host-bound step: session 10's showed 2,312 SDPA calls, 235 ms host time in the vision tower's forward)
+if [ "${PROFILE:-}" = 1 ]; then
+  timeout 110 python bench/bench_vision.py run --model /tmp/v_qwen --stack velotune --quant nf4 --batch 2 --image 512 --steps 8 \
+    --profile > $OUT/hv/qwen_velotune_nf4_profile.log 2>&1
+  echo "profile rc=$?"; grep -E "RESULT|vision_tower forward|scaled_dot_product|LoraMLP|MmBackward0" $OUT/hv/qwen_velotune_nf4_profile.log | head -n 12
+fi
