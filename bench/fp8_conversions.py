@@ -107,16 +107,16 @@ def _quant_rows(n_rows: int, k: int, with_col: bool) -> dict:
     col = torch.rand(k, device=DEVICE) + 0.5 if with_col else None
     nbytes = n_rows * k * (x.element_size() + 1) + n_rows * 4 + (k * 4 if with_col else 0)
     expected = quantize_fp8_rows(x, col)[0].view(torch.uint8).clone()
-    saved = (fp8_kernels._PROGRAM_VALUES, fp8_kernels._ONE_PASS_WARPS, fp8_kernels._ONE_PASS_COLS,
+    saved = (fp8_kernels._PROGRAM_VALUES, fp8_kernels._THREAD_VALUES, fp8_kernels._ONE_PASS_COLS,
              fp8_kernels._LOOP_BLOCK)
     sweep = {}
-    if k <= fp8_kernels._ONE_PASS_COLS:  # rows a program x warps
-        variants = [(values, warps, saved[2], saved[3]) for values, warps in
-                    [saved[:2], (k, 8), (2 * k, 4), (2 * k, 8), (4 * k, 4), (4 * k, 8), (8 * k, 8)]]
+    if k <= fp8_kernels._ONE_PASS_COLS:  # (values a program, values a thread): rows a program x warps
+        variants = [(values, per_thread, saved[2], saved[3]) for values, per_thread in
+                    [saved[:2], (k, 32), (k, 16), (2 * k, 16), (2 * k, 64), (4 * k, 32), (8 * k, 32)]]
     else:  # two passes over BLOCK columns, or one pass of the whole (padded) row
         variants = [(saved[0], saved[1], saved[2], b) for b in (1024, 2048, 4096)] + [(saved[0], saved[1], k, saved[3])]
     for variant in variants:
-        (fp8_kernels._PROGRAM_VALUES, fp8_kernels._ONE_PASS_WARPS, fp8_kernels._ONE_PASS_COLS,
+        (fp8_kernels._PROGRAM_VALUES, fp8_kernels._THREAD_VALUES, fp8_kernels._ONE_PASS_COLS,
          fp8_kernels._LOOP_BLOCK) = variant
         one_pass, block, rows, warps = fp8_kernels._launch_shape(k)
         name = f"{'one' if one_pass else 'two'}_pass {rows}x{block}/{warps}w"
@@ -125,7 +125,7 @@ def _quant_rows(n_rows: int, k: int, with_col: bool) -> dict:
         sweep[name] = round(gpu_ms(lambda: quantize_fp8_rows(x, col))[0], 4)
         if not torch.equal(quantize_fp8_rows(x, col)[0].view(torch.uint8), expected):
             sweep[name] = "DIFFERS"
-    (fp8_kernels._PROGRAM_VALUES, fp8_kernels._ONE_PASS_WARPS, fp8_kernels._ONE_PASS_COLS,
+    (fp8_kernels._PROGRAM_VALUES, fp8_kernels._THREAD_VALUES, fp8_kernels._ONE_PASS_COLS,
      fp8_kernels._LOOP_BLOCK) = saved
     name = "quantize_rows " + ("dY * s_W (backward)" if with_col else "x (forward)")
     return dict(kernel=name, shape=f"{n_rows}x{k}", launch=list(fp8_kernels._launch_shape(k)),

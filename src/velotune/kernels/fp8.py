@@ -31,14 +31,14 @@ TINY = 1e-12  # an all-zero row gets scale TINY / 448 and zeros, never a divisio
 # H200 (bench_fp8.py kernels, 4096 rows): at 14336 columns (Llama-8B's down-projection input and gate/up
 # gradient) two passes of 2048 take 0.084-0.097 ms against one pass's 0.167-0.192 (a 16-warp program an
 # SM); at 4096 columns both take 0.034-0.037 ms.
-# One-pass programs hold _PROGRAM_VALUES values (whole rows: 2 of 4096 columns, 8 of 1024) with
-# _ONE_PASS_WARPS warps: one row a program made 4096 programs of 8 warps for an 8B activation, each
-# waiting on its own load, reduction and store; several rows a program spread the fixed per-program work
-# (the scale's reduction and divisions) and keep more bytes in flight a warp. Not yet measured on the
-# H200 (bench_fp8.py kernels: `quant_rows_ms` sweeps it).
+# One-pass programs hold _PROGRAM_VALUES values (whole rows: 2 of 4096 columns, 8 of 1024), each thread
+# _THREAD_VALUES of a row (4096 columns: 4 warps; 1024: one warp, whose row reductions need no barrier).
+# One row a program made 4096 programs of 8 warps for an 8B activation, each waiting on its own load,
+# reduction and store; several rows a program share the column scales' load and overlap one row's
+# reduction with the next row's loads. Not yet measured on the H200 (bench_fp8.py conversions sweeps it).
 _ONE_PASS_COLS = 8192
 _PROGRAM_VALUES = 8192
-_ONE_PASS_WARPS = 4
+_THREAD_VALUES = 32
 _LOOP_BLOCK = 2048
 
 
@@ -98,18 +98,26 @@ def _quantize_rows_kernel(
     n_rows, n_cols, stride_x, stride_y,
     HAS_COL: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, ONE_PASS: tl.constexpr,
 ):  # fmt: skip
-    if ONE_PASS:  # ROWS whole rows a program, held in registers: (ROWS, BLOCK)
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (R,)
+    if ONE_PASS:  # ROWS whole rows a program, one after the other (unrolled), each held in registers
+        # Rows as a loop, not an (ROWS, BLOCK) tile: the column scales (BLOCK,) then share the rows' 1-D
+        # layout; broadcast over a 2-D tile, Triton converted the whole tile through shared memory to
+        # match the fp32 scales' layout (sm_90 SASS: 8 stmatrix and 16 more barriers a program).
         cols = tl.arange(0, BLOCK)
-        mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]  # (R, BLOCK)
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        col_ok = cols < n_cols
         if HAS_COL:
-            x = x * tl.load(COL_SCALE + cols, mask=cols < n_cols, other=0.0)[None, :]
-        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), 448.0)  # (R,)
-        inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)  # (R,)
-        y = _quantize_values(x, scale[:, None], inv[:, None])
-        tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-        tl.store(SCALE + rows, scale, mask=rows < n_rows)
+            c = tl.load(COL_SCALE + cols, mask=col_ok, other=0.0)  # (BLOCK,), once for the program's rows
+        first = tl.program_id(0).to(tl.int64) * ROWS
+        for r in tl.static_range(ROWS):
+            row = first + r
+            ok = cols < tl.where(row < n_rows, n_cols, 0)  # a row past the end: no column (`&` of a scalar
+            # bool and a tensor gives a mask the interpreter rejects)
+            x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)  # (BLOCK,)
+            if HAS_COL:
+                x = x * c
+            scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), 448.0)
+            y = _quantize_values(x, scale, tl.math.div_rn(1.0, scale))
+            tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=ok)
+            tl.store(SCALE + row, scale, mask=row < n_rows)
     else:  # one wider row a program: one pass for the absmax, one to cast (both over BLOCK-wide slices)
         row = tl.program_id(0).to(tl.int64)
         x_row = X + row * stride_x
@@ -182,7 +190,7 @@ def _launch_shape(k: int) -> tuple[bool, int, int, int]:
         return False, _LOOP_BLOCK, 1, 4 if _LOOP_BLOCK <= 2048 else 8
     block = next_power_of_2(k)
     rows = max(1, _PROGRAM_VALUES // block)
-    return True, block, rows, _ONE_PASS_WARPS if rows > 1 else (4 if block <= 2048 else 8)
+    return True, block, rows, min(16, max(1, block // (32 * _THREAD_VALUES)))
 
 
 def dequantize_fp8_rows(y: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
