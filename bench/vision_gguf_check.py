@@ -76,7 +76,7 @@ def main() -> None:
     text_path, mmproj = save_pretrained_gguf(model, tempfile.mkdtemp(), processor, quantization_method="f16",
                                              verify=False)
     written = time.perf_counter() - start
-    image = probe_image(processor.image_processor)
+    image = probe_image(model, processor.image_processor)
     ours = model_image_embeddings(model, processor.image_processor, image)  # float32 (see mtmd_check)
     start = time.perf_counter()
     theirs = llama_cpp_image_embeddings(text_path, mmproj, image)

@@ -178,7 +178,7 @@ def test_llama_cpp_answers_an_image_prompt_like_the_model(exported):
     from llama_cpp import mtmd_cpp
 
     family, model, processor, (text_path, mmproj) = exported
-    image = probe_image(processor.image_processor)
+    image = probe_image(model, processor.image_processor)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
     prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     batch = processor(text=[prompt], images=[[image]], do_resize=False, add_special_tokens=False, return_tensors="pt")

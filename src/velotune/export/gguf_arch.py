@@ -34,6 +34,24 @@ def gguf_family(config) -> FamilySpec:
     return spec
 
 
+def check_attention_scale(config, spec: FamilySpec) -> None:
+    """llama.cpp's Gemma 2/3 read no attention-scale key: they scale queries by head_dim ** -0.5, or by
+    (hidden / heads) ** -0.5 when the layer count is the 27B's. A config whose query_pre_attn_scalar is neither
+    would run in llama.cpp with other attention than the model's: ValueError before any file is written."""
+    layers = spec.gguf.large_layers
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if not layers or scalar is None:
+        return
+    heads = config.num_attention_heads
+    used = config.hidden_size // heads if config.num_hidden_layers == layers else head_dim_of(config)
+    if float(scalar) != float(used):
+        raise ValueError(f"GGUF export: query_pre_attn_scalar={scalar} but llama.cpp's {spec.gguf.arch} scales "
+                         f"attention by {used} ** -0.5 (head_dim, or hidden_size / num_attention_heads in a "
+                         f"{layers}-layer model) and reads no key for it, so the file would not behave like the "
+                         "model. Every released checkpoint of the family matches that rule; save this model with "
+                         "save_pretrained_merged instead.")
+
+
 def gguf_arch(config) -> str:
     """The GGUF architecture name; ValueError (before anything is written) for other families."""
     return gguf_family(config).gguf.arch
@@ -171,6 +189,7 @@ class TensorNamer:
     def __init__(self, config):
         self.config = config
         self.spec = gguf_family(config)
+        check_attention_scale(config, self.spec)
         self.arch_name = self.spec.gguf.arch
         arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.arch_name)
         self.map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)

@@ -2,9 +2,7 @@
 built with it) encodes a probe image, and the image embeddings it hands to the language model must equal
 the ones our model computes from the same pixels.
 
-The probe is sized so neither side resizes it: 8 x 2 merged patches (16p x 4p pixels for patch size p, a
-whole number of 2x2 merged patches, above clip.cpp's minimum of 8 image tokens, and wider than Qwen2.5-VL's
-112-pixel attention window, so windowed blocks are exercised too). Both sides normalise the same uint8 pixels
+The probe is sized so neither side resizes it (`probe_size`). Both sides normalise the same uint8 pixels
 with the processor's mean/std; what is left is llama.cpp's arithmetic (F16 weights, its own GELU/attention kernels):
 on the tests' tiny Qwen2-VL / Qwen2.5-VL a relative error of 6-7e-4, where a file with one block's q and k
 swapped gives 0.2-0.3 and Qwen2.5-VL's window pattern off by one block 0.1.
@@ -22,6 +20,7 @@ import psutil
 import torch
 
 from .verify import ExportMismatchError
+from .gguf_mmproj import projector_of
 from .weights import base_model_of
 
 logger = logging.getLogger("velotune")
@@ -42,13 +41,23 @@ def mtmd_available() -> bool:
     return True
 
 
-def probe_image(image_processor):
-    """8 x 2 merged patches of the processor's size (128 x 32 pixels for patch 8, 224 x 56 for Qwen's 14): ramps
-    and a checker, so every patch differs."""
+def probe_size(model, image_processor) -> tuple[int, int]:
+    """(height, width) of a probe neither side resizes: the tower's square image_size where clip.cpp resizes
+    every image to it (Gemma 3); else 8 x 2 merged patches (16p x 4p pixels for patch size p: a whole number of
+    2x2 merged patches, above clip.cpp's minimum of 8 image tokens, wider than Qwen2.5-VL's 112-pixel window)."""
+    config = base_model_of(model).config
+    if projector_of(config).fixed_size:
+        size = int(config.vision_config.image_size)
+        return size, size
+    unit = int(image_processor.patch_size) * int(getattr(image_processor, "merge_size", 2))
+    return 2 * unit, 8 * unit
+
+
+def probe_image(model, image_processor):
+    """The probe (`probe_size`): ramps and a checker, so every patch differs."""
     from PIL import Image
 
-    unit = int(image_processor.patch_size) * int(getattr(image_processor, "merge_size", 2))
-    H, W = 2 * unit, 8 * unit
+    H, W = probe_size(model, image_processor)
     x = torch.arange(W)[None, :].expand(H, W)  # (H, W)
     y = torch.arange(H)[:, None].expand(H, W)
     checker = ((x // 8 + y // 8) % 2) * 120 + 60
@@ -72,20 +81,34 @@ def _float32(module: torch.nn.Module):
             t.data = t.data.to(dtype)
 
 
+@contextlib.contextmanager
+def _all_float32(modules: list[torch.nn.Module]):
+    with contextlib.ExitStack() as stack:
+        for module in modules:
+            stack.enter_context(_float32(module))
+        yield
+
+
 @torch.no_grad()
 def model_image_embeddings(model, image_processor, image) -> torch.Tensor:
-    """(N, C) float32: the model's merged image features for `image`, at its own size, computed in float32."""
+    """(N, C) float32: the model's image features for `image` (what replaces the image tokens), at its own size,
+    computed in float32."""
     base = base_model_of(model)
+    spec = projector_of(base.config)
     batch = image_processor(images=[image], do_resize=False, return_tensors="pt")
     device = next(base.parameters()).device
+    inputs = {k: batch[k].to(device) for k in ("pixel_values", "image_grid_thw") if k in batch}
+    vision = [base.get_submodule(prefix.rstrip(".")) for prefix in spec.prefixes]
     was_training = base.training
     base.eval()
     try:
-        with _float32(base.model.visual):
-            out = base.model.get_image_features(batch["pixel_values"].to(device), batch["image_grid_thw"].to(device),
-                                                return_dict=True).pooler_output
+        with _all_float32(vision):
+            out = base.model.get_image_features(**inputs, return_dict=True)
     finally:
         base.train(was_training)
+    out = getattr(out, "pooler_output", out)  # Qwen: one (n_i, C) per image; Gemma 3: (images, n, C)
+    if torch.is_tensor(out):
+        return out.reshape(-1, out.shape[-1]).float().cpu()
     return torch.cat(list(out), 0).float().cpu()
 
 
@@ -179,7 +202,7 @@ def llama_cpp_prompt_logits(text_path: Path, mmproj: Path, text: str, image) -> 
 
 def check_image_embeddings(model, text_path: Path, mmproj: Path, image_processor) -> float:
     """Relative L2 error of llama.cpp's embeddings of the probe image vs the model's; raises above the budget."""
-    image = probe_image(image_processor)
+    image = probe_image(model, image_processor)
     ours = model_image_embeddings(model, image_processor, image)
     theirs = llama_cpp_image_embeddings(text_path, mmproj, image)
     if theirs.shape != ours.shape:

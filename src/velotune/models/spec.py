@@ -40,6 +40,8 @@ class GGUFSpec:
                                    # pattern (Gemma 3); "bounded": window if shorter than the context,
                                    # else 0 (Phi-3); "ignored": llama.cpp runs without it (warned)
     rope_sections: bool = False    # `rope.dimension_sections` from the M-RoPE `mrope_section` (Qwen2-VL's text model)
+    large_layers: int = 0          # llama.cpp ignores query_pre_attn_scalar (Gemma 2/3): it scales by head_dim ** -0.5,
+                                   # or (hidden / heads) ** -0.5 in a model of this many layers (the 27B); 0: no scalar
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,12 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec("qwen3", qk_norm=True, gguf=GGUFSpec("qwen3")),
         FamilySpec("gemma", norm_offset=1.0, scale_embeddings=True, gguf=GGUFSpec("gemma", tied_output=True)),
         FamilySpec("gemma2", norm_offset=1.0, sandwich_norm=True, scale_embeddings=True, query_pre_attn_scalar=True,
-                   gguf=GGUFSpec("gemma2", tied_output=True, softcapping="both", sliding_window="always")),
+                   gguf=GGUFSpec("gemma2", tied_output=True, softcapping="both", sliding_window="always",
+                                 large_layers=46)),
         FamilySpec("gemma3_text", norm_offset=1.0, qk_norm=True, sandwich_norm=True, scale_embeddings=True,
                    query_pre_attn_scalar=True,
-                   gguf=GGUFSpec("gemma3", tied_output=True, softcapping="final", sliding_window="pattern")),
+                   gguf=GGUFSpec("gemma3", tied_output=True, softcapping="final", sliding_window="pattern",
+                                 large_layers=62)),
         FamilySpec("phi3", fused_groups=_PHI3_FUSED, gguf=GGUFSpec("phi3", sliding_window="bounded")),
     )
 }
@@ -183,20 +187,26 @@ def split_state_dict(spec: FamilySpec, config: PretrainedConfig, state: dict, pr
 @dataclass(frozen=True)
 class ProjectorSpec:
     """One vision-language family as llama.cpp's clip.cpp takes it: what export/gguf_mmproj.py writes into the
-    `mmproj` file (facts read off llama.cpp's converter and clip.cpp; see that module)."""
+    `mmproj` file (facts read off llama.cpp's converter and clip.cpp; see the layout modules it names)."""
 
     model_type: str    # the vision-language config's model_type
     projector: str     # `clip.projector_type` (a gguf.VisionProjectorType value)
-    prefix: str        # the vision side's module prefix in our model (the converter's names drop "model.")
-    gated_silu: bool   # `clip.use_silu`: the blocks' MLP is gate/up/down with SiLU (else quick GELU fc1/fc2)
-    windows: bool      # `clip.vision.n_wa_pattern` from `fullatt_block_indexes`
-    width: str         # the vision config's field with the blocks' width (Qwen2-VL's hidden_size is the merger's)
+    layout: str        # the writer: "qwen_merger" (export/mmproj_qwen.py), "siglip_pool" (export/mmproj_gemma3.py)
+    prefixes: tuple[str, ...]  # the vision side's module prefixes in our model (tower, projector)
+    gated_silu: bool = False   # `clip.use_silu`: the blocks' MLP is gate/up/down with SiLU (else quick GELU fc1/fc2)
+    windows: bool = False      # `clip.vision.n_wa_pattern` from `fullatt_block_indexes`
+    width: str = "hidden_size"  # the vision config's field with the blocks' width (Qwen2-VL's hidden_size is the
+                                # merger's)
+    fixed_size: bool = False   # clip.cpp resizes every image to the tower's square image_size (Gemma 3); else it
+                               # takes any size in whole merged patches (Qwen)
 
 
 PROJECTORS = {p.model_type: p for p in (
-    ProjectorSpec("qwen2_vl", "qwen2vl_merger", "model.visual.", gated_silu=False, windows=False, width="embed_dim"),
-    ProjectorSpec("qwen2_5_vl", "qwen2.5vl_merger", "model.visual.", gated_silu=True, windows=True,
-                  width="hidden_size"),
+    ProjectorSpec("qwen2_vl", "qwen2vl_merger", "qwen_merger", ("model.visual.",), width="embed_dim"),
+    ProjectorSpec("qwen2_5_vl", "qwen2.5vl_merger", "qwen_merger", ("model.visual.",), gated_silu=True,
+                  windows=True),
+    ProjectorSpec("gemma3", "gemma3", "siglip_pool", ("model.vision_tower.", "model.multi_modal_projector."),
+                  fixed_size=True),
 )}
 
 

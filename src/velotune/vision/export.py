@@ -3,9 +3,11 @@ exporter (export/merged.py), checked here by loading the folder in transformers'
 image-text-to-text class and comparing its logits on an image+text probe with the trained model's.
 
 GGUF, as llama.cpp runs a vision-language model: the language model through the text exporter
-(export/gguf_writer.py, on `models.vision_text.text_causal_lm`, which shares the model's decoder and
+(export/gguf_writer.py, on `models.vision_text.text_causal_lm`, which shares the model's text model and
 head) plus the `mmproj` file of the vision tower and projector (export/gguf_mmproj.py), both checked
-against the model. Families llama.cpp cannot run from our files are refused with the supported list."""
+against the model. Families llama.cpp cannot run from our files are refused with the supported list:
+Llava (the vendored llama.cpp's llava graph puts CLS last, transformers first) and Mllama (no mllama
+projector in that llama.cpp: its cross-attention layers have no llama.cpp text architecture either)."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from ..models.vision_text import text_causal_lm
 logger = logging.getLogger("velotune")
 
 VISION_SAVE_METHODS = ("merged_16bit", "lora")
-GGUF_FAMILIES = tuple(PROJECTORS)  # qwen2_vl, qwen2_5_vl: llama.cpp's qwen2vl text model + qwen merger mmproj
+GGUF_FAMILIES = tuple(PROJECTORS)  # qwen2_vl, qwen2_5_vl (qwen2vl text + merger), gemma3 (gemma3 text + gemma3)
 
 
 def refuse_gguf(model, what: str = "GGUF export") -> None:
