@@ -47,11 +47,13 @@ def run(args) -> dict:
     from transformers import TrainerCallback
 
     import velotune
+    from velotune.inference import engine as engine_module
     from velotune.inference.engine import resident_of
     from velotune.rl.generation import Sampler
     from velotune.rl.trainer import GRPOTrainer
 
     cuda = torch.cuda.is_available() and not args.cpu
+    engine_module.STACK_ADAPTERS = not args.no_stacked_adapters
 
     def sync():
         if cuda:
@@ -161,7 +163,8 @@ def run(args) -> dict:
     return dict(
         stack="velotune", bench="grpo", model=args.model, quant=args.quant, gens=args.gens, prompts=args.prompts,
         prompt_words=args.prompt_words, completion=args.completion, beta=args.beta,
-        num_iterations=args.num_iterations, rank=args.rank, **{k: round(v, 3) for k, v in median.items()},
+        num_iterations=args.num_iterations, rank=args.rank, stacked_adapters=engine_module.STACK_ADAPTERS,
+        **{k: round(v, 3) for k, v in median.items()},
         completion_tokens_per_s=round(tokens / median["step_s"], 1),
         peak_gib=round(torch.cuda.max_memory_allocated() / gib, 2) if cuda else None,
         reserved_gib=round(torch.cuda.max_memory_reserved() / gib, 2) if cuda else None,
@@ -204,6 +207,8 @@ def parse(argv):
     parser.add_argument("--max-seq-length", type=int, default=None, help="from_pretrained's (default: prompt + "
                         "completion + 8)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables of step 2")
+    parser.add_argument("--no-stacked-adapters", action="store_true", help="decode steps stack and cast the LoRA "
+                        "adapters on every step, as before fast/stacked_adapters.py (for comparison)")
     parser.add_argument("--keep-cache-fraction", type=float, default=None, help="the engine's KV cache is kept "
                         "between steps below this share of the weight bytes (default: the trainer's; 0: release "
                         "every step; inf: keep)")

@@ -57,7 +57,7 @@ def _generate(model, buffers: bool) -> tuple[list[list[int]], torch.Tensor]:
     with contextlib.ExitStack() as stack:
         if not buffers:
             patch = stack.enter_context(pytest.MonkeyPatch.context())
-            patch.setattr(engine, "with_stacked_adapters", lambda plan, dtype: plan)
+            patch.setattr(engine, "STACK_ADAPTERS", False)
         seqs = engine.generate(model, PROMPTS, PARAMS, eos_ids=set(), use_graphs=False)
     return [s.tokens for s in seqs], torch.tensor([s.logprobs for s in seqs])
 
@@ -153,3 +153,42 @@ def test_nothing_is_stacked_without_adapters_or_on_the_plain_path(one_layer_dir)
     set_fast_path(model, False)
     plain = plan_step(model, cache=True)
     assert with_stacked_adapters(plain, torch.bfloat16) is plain
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_graphs_read_refreshed_buffers_on_cuda(one_layer_dir):
+    """On CUDA the decode steps are graphs captured on the buffers: after an optimizer step the same graphs,
+    replayed, give what a fresh eager engine without buffers gives (so the refresh reaches the graphs)."""
+    model, _ = FastLanguageModel.from_pretrained(str(one_layer_dir), dtype=torch.bfloat16, load_in_4bit=False,
+                                                 device_map="cuda", max_seq_length=64)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator("cuda").manual_seed(1))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=4, logprobs=0)
+
+    def run(graphs: bool, buffers: bool):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engine, "STACK_ADAPTERS", buffers)
+            seqs = engine.generate(model, PROMPTS, params, eos_ids=set(), use_graphs=graphs)
+        return [s.tokens for s in seqs], torch.tensor([s.logprobs for s in seqs])
+
+    engine.release(model)
+    first = run(graphs=True, buffers=True)
+    graphs = resident_of(model).graphs
+    assert graphs.use_graphs and _buffers(model) is not None
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    optimizer = torch.optim.AdamW(adapters, lr=0.05)
+    model.train()
+    ids = torch.tensor([PROMPTS[0] * 2], device="cuda")
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    tokens, logps = run(graphs=True, buffers=True)
+    assert resident_of(model).graphs is graphs  # the same captured graphs, replayed
+    engine.release(model)
+    fresh_tokens, fresh_logps = run(graphs=False, buffers=False)
+    assert tokens == fresh_tokens
+    torch.testing.assert_close(logps, fresh_logps, atol=1e-2, rtol=0)
+    assert (fresh_logps - first[1]).abs().max() > 0.05 or fresh_tokens != first[0]  # stale graphs would fail

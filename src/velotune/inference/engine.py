@@ -29,6 +29,9 @@ from .sampling import SamplingParams, chosen_logprobs, sample
 PREFILL_TOKENS = 8192
 # Cache lengths are rounded up to this on CUDA, so later calls reuse the cache and its graphs.
 LENGTH_QUANTUM = 128
+# Decode steps read the LoRA adapters from persistent buffers stacked once per call (fast/stacked_adapters.py);
+# False: every step stacks and casts them, as before (module-level so bench_grpo.py can compare the two).
+STACK_ADAPTERS = True
 
 
 @dataclass
@@ -200,6 +203,8 @@ def _with_adapters(runner: DecoderRunner, dtype) -> DecoderRunner:
     """A runner like `runner` whose plan's layers carry their LoRA adapters stacked in `dtype`, in
     buffers made now (fast/stacked_adapters.py): decode steps read those instead of stacking and
     casting the adapters again on every step."""
+    if not STACK_ADAPTERS:
+        return runner
     return DecoderRunner(runner.causal, runner.decoder, with_stacked_adapters(runner.plan, dtype))
 
 
