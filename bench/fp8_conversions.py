@@ -92,9 +92,13 @@ def _nf4_rows(out_f: int, in_f: int) -> list[dict]:
         if not torch.equal(dequantize_nf4_to_fp8(weight)[0].view(torch.uint8), expected):
             sweep[name] = "DIFFERS"
     nf4_fp8.ROW_TILE, entry.launch = default, None
-    rows = [dict(kernel="nf4_to_fp8 (row-major)", shape=f"{out_f}x{in_f}",
+    reference = dequantize_nf4_to_fp8(weight, use_triton=False)[0].view(torch.uint8)  # fp32 dequant, PyTorch cast
+    mismatches = int((expected != reference).sum())
+    reference_t = reference.t().contiguous()
+    mismatches_t = int((dequantize_nf4_to_fp8(weight, transposed=True)[0].view(torch.uint8) != reference_t).sum())
+    rows = [dict(kernel="nf4_to_fp8 (row-major)", shape=f"{out_f}x{in_f}", mismatches_vs_reference=mismatches,
                  **_timed(lambda: dequantize_nf4_to_fp8(weight), nbytes), tile_sweep_ms=sweep),
-            dict(kernel="nf4_to_fp8_t (transposed)", shape=f"{out_f}x{in_f}",
+            dict(kernel="nf4_to_fp8_t (transposed)", shape=f"{out_f}x{in_f}", mismatches_vs_reference=mismatches_t,
                  **_timed(lambda: dequantize_nf4_to_fp8(weight, transposed=True), nbytes))]
     return rows
 
@@ -128,7 +132,12 @@ def _quant_rows(n_rows: int, k: int, with_col: bool) -> dict:
     (fp8_kernels._PROGRAM_VALUES, fp8_kernels._THREAD_VALUES, fp8_kernels._ONE_PASS_COLS,
      fp8_kernels._LOOP_BLOCK) = saved
     name = "quantize_rows " + ("dY * s_W (backward)" if with_col else "x (forward)")
+    y_ref, s_ref = fp8_kernels.quantize_fp8_rows_reference(x, col)  # PyTorch: IEEE division, then the cast
+    y, s = quantize_fp8_rows(x, col)
+    mismatches = dict(values=int((y.view(torch.uint8) != y_ref.view(torch.uint8)).sum()),
+                      scales=int((s != s_ref).sum()))
     return dict(kernel=name, shape=f"{n_rows}x{k}", launch=list(fp8_kernels._launch_shape(k)),
+                mismatches_vs_reference=mismatches,
                 **_timed(lambda: quantize_fp8_rows(x, col), nbytes), sweep_ms=sweep)
 
 
