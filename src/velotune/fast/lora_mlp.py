@@ -36,6 +36,7 @@ from .lora_linear import (
     projection_of, usable,
 )
 from ..kernels import geglu, swiglu
+from ..kernels.glu import gated_activation_backward
 from .fp8_matmul import fp8_weight
 
 # transformers' activation names (ACT2FN keys) -> the gated kernel computing act(gate) * up.
@@ -45,6 +46,9 @@ GATED_ACTIVATIONS = {
     "gelu_pytorch_tanh": partial(geglu, approximate="tanh"),
     "gelu": partial(geglu, approximate="none"),
 }
+
+# The same activations as gated_activation_backward names them.
+GATED_KINDS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_none"}
 
 # Token rows per chunk of the per-token part of the MLP (module-level so tests can shrink it).
 CHUNK_TOKENS = 4096
@@ -177,12 +181,13 @@ def _chunk_backward(activation, grad_out, x, g, u, projections, layouts, gate_up
     or None, [dAg, dBg, dAu, dBu, dAd, dBd] in the adapters' dtypes, None where no adapter)."""
     gate, up, down = projections
     gate_up, down_layout = layouts
-    with torch.enable_grad():
-        g_leaf, u_leaf = g.detach().requires_grad_(), u.detach().requires_grad_()
-        h = GATED_ACTIVATIONS[activation](g_leaf, u_leaf)  # (n, I)
-    dh, down_grads = group_backward([grad_out], h.detach(), (down,), down_layout, down_saved)
-    dg, du = torch.autograd.grad(h, (g_leaf, u_leaf), dh)
-    del h, g_leaf, u_leaf, dh
+    with torch.no_grad():
+        h = GATED_ACTIVATIONS[activation](g, u)  # (n, I)
+    dh, down_grads = group_backward([grad_out], h, (down,), down_layout, down_saved)
+    del h
+    # the activation's backward kernel called directly: no autograd node, no nested engine run (host time)
+    dg, du = gated_activation_backward(g, u, dh, GATED_KINDS[activation])  # (n, I) each
+    del dh
     dx, gate_up_grads = group_backward([dg, du], x, (gate, up), gate_up, gate_up_saved, need_dx)
     return dx, [*gate_up_grads, *down_grads]
 

@@ -5,6 +5,8 @@ One elementwise kernel per direction, the activation chosen at compile time. The
 recomputes the activation from the saved gate/up instead of saving act(gate).
 """
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -81,6 +83,33 @@ class GatedActivationFunction(torch.autograd.Function):
                 gate, up, dout, dout, dgate, dup, n, ACT=ctx.activation, BACKWARD=True, BLOCK=_BLOCK
             )
         return dgate, dup, None
+
+
+def gated_activation_backward(gate: torch.Tensor, up: torch.Tensor, dout: torch.Tensor, activation: str, *,
+                              use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d gate, d up) of act(gate) * up for the upstream gradient `dout`, for a caller that is itself a backward
+    (the fused LoRA MLP): the backward kernel launched directly, without building an autograd node for the
+    activation and re-entering the autograd engine to differentiate it (host time on every call of a
+    launch-bound step). `activation`: "silu", "gelu_tanh" or "gelu_none". Same kernel, same inputs, so the
+    result is bit for bit what `GatedActivationFunction`'s backward gives; the reference differentiates the
+    reference formula."""
+    _check(gate, up, "gated_activation_backward")
+    kind = _ACTIVATIONS[activation]
+    if not should_use_triton(gate, use_triton):
+        reference = swiglu_reference if kind == _SILU else partial(
+            geglu_reference, approximate="tanh" if kind == _GELU_TANH else "none")
+        with torch.enable_grad():
+            g, u = gate.detach().requires_grad_(), up.detach().requires_grad_()
+            out = reference(g, u)
+        return torch.autograd.grad(out, (g, u), dout)
+    gate, up, dout = gate.contiguous(), up.contiguous(), dout.contiguous()
+    dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+    n = gate.numel()
+    if n:
+        kernel_for(_glu_kernel)[(_cdiv(n, _BLOCK),)](
+            gate, up, dout, dout, dgate, dup, n, ACT=kind, BACKWARD=True, BLOCK=_BLOCK
+        )
+    return dgate, dup
 
 
 def _cdiv(a: int, b: int) -> int:
