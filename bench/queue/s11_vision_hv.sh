@@ -1,5 +1,5 @@
 # HV (issue 20 item 7): vision training speed and memory, session 11. Run from the repo root at HV's commit (or later);
-# carry .peers. One GPU (nvidia-h200). Expected ~7.5 min: A tests ~1.5, B models ~1 each (skipped if present),
+# carry .peers. One GPU (nvidia-h200). Expected ~8 min: A tests ~1.5, A2 ~0.5, B models ~1 each (skipped if present),
 # C four rows ~1 each. Rows to set beside session 10's (logs/w2): Qwen2.5-VL-7B QLoRA velotune 1,183 tok/s (no
 # profile) vs Unsloth 1,343 at 7.76 / 7.55 GiB; Llama-3.2-11B-Vision QLoRA velotune 294 tok/s at 36.26 GiB vs
 # Unsloth 357 at 9.64 GiB. What changed: Mllama's vision encoder layers are checkpointed (models/foreign_checkpoints.py)
@@ -12,6 +12,9 @@ git log --oneline -1 > $OUT/hv/commit.txt; nvidia-smi --query-gpu=name,driver_ve
 timeout 150 python -m pytest -q -p no:cacheprovider --durations=5 tests/vision/test_gpu.py \
   tests/vision/test_vision_own_decoder.py tests/vision/test_vision_grouped_attention.py \
   tests/vision/test_vision_checkpointing.py > $OUT/hv/gpu_tests.log 2>&1; echo "gpu tests rc=$?"; tail -n 15 $OUT/hv/gpu_tests.log
+# A2. the fused LoRA MLP's backward now calls the activation's backward kernel directly: kernel + fused-path GPU tests
+timeout 120 python -m pytest -q -p no:cacheprovider --durations=3 tests/kernels/test_glu.py tests/fast/test_gpu.py \
+  > $OUT/hv/gpu_tests_fast.log 2>&1; echo "fast gpu tests rc=$?"; tail -n 8 $OUT/hv/gpu_tests_fast.log
 # B. the random-weight checkpoints (as session 10's)
 [ -d /tmp/v_qwen ] || timeout 120 python bench/bench_vision.py make --shape qwen2_5_vl_7b --out /tmp/v_qwen > $OUT/hv/make_qwen.log 2>&1
 [ -d /tmp/v_mllama ] || timeout 120 python bench/bench_vision.py make --shape llama32_11b_vision --out /tmp/v_mllama > $OUT/hv/make_mllama.log 2>&1
