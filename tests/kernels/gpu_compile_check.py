@@ -109,6 +109,26 @@ def main() -> None:
     )  # fmt: skip
     if "fma.rn.f32" in compiled.asm["ptx"]:
         sys.exit("nf4_fp8_transposed kernel contains an FMA despite enable_fp_fusion=False")
+    nf4_fp8, fp8 = _module("nf4_fp8"), _module("fp8")  # NF4 -> e4m3 row-major (tiled), row quantization
+    block_r, block_c, warps = nf4_fp8.ROW_TILE
+    compiled = compile_kernel(
+        nf4_fp8._nf4_to_fp8_rows_kernel,
+        dict(PACKED="*u8", ABSMAX="*fp32", QUANT_MAP="*fp32", NESTED_ABSMAX="*fp32", NESTED_MAP="*fp32",
+             OFFSET="*fp32", INV_ROW="*fp32", OUT="*fp8e4nv", n_rows="i32", row_blocks="i32"),
+        dict(BLOCKSIZE=64, NESTED_BLOCKSIZE=256, NESTED=False, BLOCK_R=block_r, BLOCK_C=block_c, IDX64=True),
+        enable_fp_fusion=False, num_warps=warps,
+    )  # fmt: skip
+    if "fma.rn.f32" in compiled.asm["ptx"]:
+        sys.exit("nf4_fp8 row-major kernel contains an FMA despite enable_fp_fusion=False")
+    for k, has_col in ((4096, True), (14336, False)):  # one pass (several rows a program), two passes
+        one_pass, block, rows, warps = fp8._launch_shape(k)
+        compile_kernel(
+            fp8._quantize_rows_kernel,
+            dict(X="*bf16", COL_SCALE="*fp32", Y="*fp8e4nv", SCALE="*fp32", n_rows="i32", n_cols="i32",
+                 stride_x="i32", stride_y="i32"),
+            dict(HAS_COL=has_col, BLOCK=block, ROWS=rows, ONE_PASS=one_pass),
+            enable_fp_fusion=False, num_warps=warps,
+        )  # fmt: skip
     stream = _module("nf4_gemv_stream")  # q/k/v-like + residual (OR look-ups), gate/up + norm + GLU (K tail)
     weight_types = {f"{name}{i}": kind for i in range(3) for name, kind in
                     (("P", "*i32"), ("A", "*u8"), ("NA", "*fp32"), ("NM", "*fp32"), ("OF", "*fp32"), ("QM", "*fp32"))}
