@@ -9,9 +9,12 @@ difference between a 2-layer and a 1-layer model, so the embedding/loss are not 
 It also counts the Python function calls and the calls into C (torch ops, builtins) of one
 step per layer (`sys.setprofile`): the host's share of a launch-bound step that is not a kernel.
 `--checkpointing unsloth` runs the step through the offloading checkpoint (its CPU stand-in),
-as training does: forward, recomputation and backward.
+as training does: forward, recomputation and backward. `--decode ROWS` counts one no-grad decode
+step of the generation engine instead (ROWS token rows, GRPO's group: 8), with the LoRA adapters
+read from generation's persistent buffers (fast/stacked_adapters.py) and, beside it, stacked and
+cast on every step as before (`stacked_adapters: false`).
 
-    PYTHONPATH=src python bench/count_fused_ops.py [--checkpointing unsloth]
+    PYTHONPATH=src python bench/count_fused_ops.py [--checkpointing unsloth | --decode 8]
 """
 
 from __future__ import annotations
@@ -64,10 +67,44 @@ def _counts(layers: int, checkpointing: str) -> Counter:
     return counts
 
 
+def _decode_counts(layers: int, rows: int, stacked: bool) -> Counter:
+    """Op calls of one decode step of `rows` rows on the engine's runner (eager: what a CUDA graph captures)."""
+    from velotune.fast.plan import find_decoder, plan_step
+    from velotune.inference import engine
+    from velotune.inference.cache import StaticKVCache
+    from velotune.inference.runner import DecodeGraphs, DecoderRunner
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    model = get_peft_model(LlamaForCausalLM(config).to(torch.bfloat16), r=8, lora_alpha=16,
+                           use_gradient_checkpointing=False).eval()
+    set_fast_path(model, True)
+    engine.STACK_ADAPTERS = stacked
+    decoder = find_decoder(model)
+    runner = engine._with_adapters(DecoderRunner(model.get_base_model(), decoder, plan_step(decoder, cache=True)),
+                                   torch.bfloat16)
+    cache = StaticKVCache(runner.kv_shapes(), rows, 32, torch.bfloat16, torch.device("cpu"), False, 0.9)
+    graphs = DecodeGraphs(runner, cache, torch.ones(rows, 32, dtype=torch.bool), use_graphs=False)
+    with torch.no_grad():
+        graphs.run(rows)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            graphs.run(rows)
+    return Counter({e.key: e.count for e in prof.key_averages()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpointing", choices=["none", "unsloth"], default="none")
+    parser.add_argument("--decode", type=int, default=0, metavar="ROWS", help="count one decode step of ROWS rows")
     args = parser.parse_args()
+    if args.decode:
+        for stacked in (True, False):
+            one, two = _decode_counts(1, args.decode, stacked), _decode_counts(2, args.decode, stacked)
+            per_layer = {op: two[op] - one[op] for op in OPS if two[op] - one[op]}
+            print(json.dumps({"decode_rows": args.decode, "stacked_adapters": stacked, "per_layer": per_layer,
+                              "kernels_per_layer": sum(per_layer.get(k, 0) for k in KERNELS)}))
+        return
     one, two = _counts(1, args.checkpointing), _counts(2, args.checkpointing)
     per_layer = {op: two[op] - one[op] for op in OPS if two[op] - one[op]}
     host = {k: two[k] - one[k] for k in ("python calls", "C calls")}
