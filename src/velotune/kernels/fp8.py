@@ -56,9 +56,10 @@ def round_to_e4m3(v):
 def _round_magnitude(a, sign):
     """a >= 0 (fp32) rounded to e4m3 as `round_to_e4m3`, with the sign bits `sign` (uint32) or-ed back.
 
-    About 7 instructions a value (sm_90 SASS) where the earlier bit-pattern rounding took 13: it
-    rounded normal and subnormal values separately, selected, then restored the sign by a compare and
-    a select. Here one path serves both ranges: with E = max(exponent(a), -6), c = 2^(E + 20) puts
+    Three instructions a value fewer than the earlier bit-pattern rounding with the callers' clamp
+    (sm_90 SASS of a load, round, store kernel: 12.75 against 15.75 a value), which rounded normal
+    and subnormal values separately, selected, then restored the sign by a compare and a select.
+    Here one path serves both ranges: with E = max(exponent(a), -6), c = 2^(E + 20) puts
     a + c in the binade whose fp32 spacing is 2^(E - 3), e4m3's spacing at a's exponent (2^-9, the
     subnormal spacing, below 2^-6); the FPU rounds the sum to nearest even (c is an even multiple of
     that spacing, so the evenness is a's own) and subtracting c is exact. min(a, 448) is the callers'
