@@ -1,12 +1,14 @@
 """Vision GGUF at real vision-tower sizes: how far llama.cpp's image embeddings from our mmproj file are from the
 model's, and how long the export and llama.cpp's encoding take (issue 20 item 5; a measurement, not a test).
 
-Qwen2-VL-2B's or Qwen2.5-VL-3B's vision tower and merger (config.json sizes, random weights), a one-layer text
-model of the right width (the mmproj's projection_dim) with a small BPE vocabulary. Needs llama-cpp-python with
+Qwen2-VL-2B's or Qwen2.5-VL-3B's vision tower and merger, or Gemma 3 4B's SigLIP tower and projector (896 px,
+4096 patches pooled into 256 tokens) (config.json sizes, random weights), a one-layer text model of the right
+width (the mmproj's projection_dim) with a small BPE vocabulary. Needs llama-cpp-python with
 its multimodal library (mtmd); a scratch build of llama-cpp-python's CMake project can be pointed at with
 LLAMA_CPP_LIB_PATH=<build>/bin MTMD_CPP_LIB=<build>/vendor/llama.cpp/tools/mtmd. CPU is enough (~1 min a run).
 
     PYTHONPATH=src:tests python bench/vision_gguf_check.py --family qwen2_5_vl --dtype bfloat16
+    PYTHONPATH=src:tests python bench/vision_gguf_check.py --family gemma3 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -21,16 +23,59 @@ import torch
 TEXT = {
     "qwen2_vl": dict(hidden_size=1536, num_attention_heads=12),
     "qwen2_5_vl": dict(hidden_size=2048, num_attention_heads=16),
+    "gemma3": dict(hidden_size=2560, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                   query_pre_attn_scalar=256),
 }
 VISION = {
     "qwen2_vl": dict(depth=32, embed_dim=1280, hidden_size=1536, mlp_ratio=4, num_heads=16, patch_size=14),
     "qwen2_5_vl": dict(depth=32, hidden_size=1280, intermediate_size=3420, out_hidden_size=2048, num_heads=16,
                        patch_size=14, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+    "gemma3": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                   image_size=896, patch_size=14, vision_use_head=False),
 }
+
+
+def build_gemma3(folder: Path) -> None:
+    """Gemma 3 4B's vision side; the input projection drawn at random (transformers starts it at zero, which
+    would make every image embedding zero)."""
+    import json
+
+    import transformers as T
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from tiny import export_shapes, vision as tiny_vision  # tests/tiny
+
+    spec = json.loads(export_shapes.sentencepiece_tokenizer().backend_tokenizer.to_str())
+    spec["pre_tokenizer"]["prepend_scheme"] = "never"  # Gemma's: no space before the text
+    image_tokens = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>",
+                                  eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                  extra_special_tokens=image_tokens)
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>", *image_tokens.values()]})
+    tok.chat_template = tiny_vision.TEMPLATES["gemma3"]
+    ids = tok.convert_tokens_to_ids
+    text = dict(vocab_size=len(tok), intermediate_size=256, num_hidden_layers=1, **TEXT["gemma3"])
+    config = T.Gemma3Config(text_config=text, vision_config=VISION["gemma3"], mm_tokens_per_image=256,
+                            image_token_index=ids("<image_soft_token>"), boi_token_index=ids("<start_of_image>"),
+                            eoi_token_index=ids("<end_of_image>"))
+    processor = T.Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 896, "width": 896}),
+                                  tokenizer=tok, image_seq_length=256, chat_template=tok.chat_template)
+    torch.manual_seed(0)
+    model = T.AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.02)
+        model.model.multi_modal_projector.mm_soft_emb_norm.weight.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
 
 
 def build(family: str, folder: Path) -> None:
     import transformers as T
+
+    if family == "gemma3":
+        return build_gemma3(folder)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from tiny import export_shapes, vision as tiny_vision  # tests/tiny
