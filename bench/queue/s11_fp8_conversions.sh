@@ -1,5 +1,5 @@
 # HF (issue 18 item 3: the FP8 conversion kernels' overhead), session 11. Run from the repo root at HF's last commit
-# (or later); carry .peers (and .bench for PART=2). One GPU. PART=1 (~3 min): the FP8 GPU tests (bit for bit at size,
+# (or later); carry .peers (and .bench for PART=2). One GPU. PART=1 (~5 min: many launch shapes compile once): the FP8 GPU tests (bit for bit at size,
 # the new kernels compiled for sm_90) and `bench_fp8.py kernels` (each conversion's GPU time and GB/s via CUDA-graph
 # replay, launch-shape sweeps, then the per-projection pieces). PART=2 (optional, ~2.5 min): one profiled NF4+FP8
 # 8B micro-batch (the per-kernel sums to set beside session 10's fp8_profile_nf4-fp8.log: _nf4_to_fp8_kernel was
