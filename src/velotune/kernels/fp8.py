@@ -39,6 +39,7 @@ TINY = 1e-12  # an all-zero row gets scale TINY / 448 and zeros, never a divisio
 _ONE_PASS_COLS = 8192
 _PROGRAM_VALUES = 8192
 _THREAD_VALUES = 32
+_MAX_ROWS = 16  # the row loop is unrolled: narrow rows (tests, tiny models) would otherwise compile 64 copies
 _LOOP_BLOCK = 2048
 
 
@@ -190,7 +191,7 @@ def _launch_shape(k: int) -> tuple[bool, int, int, int]:
     if k > _ONE_PASS_COLS:
         return False, _LOOP_BLOCK, 1, 4 if _LOOP_BLOCK <= 2048 else 8
     block = next_power_of_2(k)
-    rows = max(1, _PROGRAM_VALUES // block)
+    rows = max(1, min(_MAX_ROWS, _PROGRAM_VALUES // block))
     return True, block, rows, min(16, max(1, block // (32 * _THREAD_VALUES)))
 
 
