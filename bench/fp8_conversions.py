@@ -112,25 +112,27 @@ def _quant_rows(n_rows: int, k: int, with_col: bool) -> dict:
     nbytes = n_rows * k * (x.element_size() + 1) + n_rows * 4 + (k * 4 if with_col else 0)
     expected = quantize_fp8_rows(x, col)[0].view(torch.uint8).clone()
     saved = (fp8_kernels._PROGRAM_VALUES, fp8_kernels._THREAD_VALUES, fp8_kernels._ONE_PASS_COLS,
-             fp8_kernels._LOOP_BLOCK)
+             fp8_kernels._LOOP_BLOCK, fp8_kernels._L2_HINTS)
     sweep = {}
     if k <= fp8_kernels._ONE_PASS_COLS:  # (values a program, values a thread): rows a program x warps
-        variants = [(values, per_thread, saved[2], saved[3]) for values, per_thread in
+        variants = [(values, per_thread, saved[2], saved[3], saved[4]) for values, per_thread in
                     [saved[:2], (k, 32), (k, 16), (2 * k, 16), (2 * k, 64), (4 * k, 32), (8 * k, 32)]]
-    else:  # two passes over BLOCK columns, or one pass of the whole (padded) row
-        variants = [(saved[0], saved[1], saved[2], b) for b in (1024, 2048, 4096)] + [(saved[0], saved[1], k, saved[3])]
+    else:  # two passes over BLOCK columns (L2 hints on and off), or one pass of the whole (padded) row
+        variants = ([(saved[0], saved[1], saved[2], b, hints) for hints in (True, False) for b in (1024, 2048, 4096)]
+                    + [(saved[0], saved[1], k, saved[3], saved[4])])
     for variant in variants:
         (fp8_kernels._PROGRAM_VALUES, fp8_kernels._THREAD_VALUES, fp8_kernels._ONE_PASS_COLS,
-         fp8_kernels._LOOP_BLOCK) = variant
+         fp8_kernels._LOOP_BLOCK, fp8_kernels._L2_HINTS) = variant
         one_pass, block, rows, warps = fp8_kernels._launch_shape(k)
         name = f"{'one' if one_pass else 'two'}_pass {rows}x{block}/{warps}w"
+        name += "" if one_pass or variant[4] else " no L2 hints"
         if name in sweep:
             continue
         sweep[name] = round(gpu_ms(lambda: quantize_fp8_rows(x, col))[0], 4)
         if not torch.equal(quantize_fp8_rows(x, col)[0].view(torch.uint8), expected):
             sweep[name] = "DIFFERS"
     (fp8_kernels._PROGRAM_VALUES, fp8_kernels._THREAD_VALUES, fp8_kernels._ONE_PASS_COLS,
-     fp8_kernels._LOOP_BLOCK) = saved
+     fp8_kernels._LOOP_BLOCK, fp8_kernels._L2_HINTS) = saved
     name = "quantize_rows " + ("dY * s_W (backward)" if with_col else "x (forward)")
     y_ref, s_ref = fp8_kernels.quantize_fp8_rows_reference(x, col)  # PyTorch: IEEE division, then the cast
     y, s = quantize_fp8_rows(x, col)

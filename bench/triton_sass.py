@@ -49,7 +49,8 @@ def kernels() -> list[tuple[str, object, dict, dict, int, int]]:
         one_pass, block, rows, qwarps = fp8._launch_shape(k)
         for has_col in (False, True):
             out.append((f"quantize_rows {k} cols{' x col scale' if has_col else ''}", fp8._quantize_rows_kernel,
-                        QUANT_ARGS, dict(HAS_COL=has_col, BLOCK=block, ROWS=rows, ONE_PASS=one_pass), qwarps,
+                        QUANT_ARGS, dict(HAS_COL=has_col, BLOCK=block, ROWS=rows, ONE_PASS=one_pass,
+                                                     L2_HINTS=fp8._L2_HINTS), qwarps,
                         rows * block if one_pass else 2 * block))  # two passes: per loop iteration, both loops
     r, c, w = DEFAULT_TILE
     out.append(("transpose_bytes", _transpose_kernel, {"X": "*u8", "Y": "*u8", "n_rows": "i32", "n_cols": "i32",

@@ -126,7 +126,7 @@ def main() -> None:
             fp8._quantize_rows_kernel,
             dict(X="*bf16", COL_SCALE="*fp32", Y="*fp8e4nv", SCALE="*fp32", n_rows="i32", n_cols="i32",
                  stride_x="i32", stride_y="i32"),
-            dict(HAS_COL=has_col, BLOCK=block, ROWS=rows, ONE_PASS=one_pass),
+            dict(HAS_COL=has_col, BLOCK=block, ROWS=rows, ONE_PASS=one_pass, L2_HINTS=fp8._L2_HINTS),
             enable_fp_fusion=False, num_warps=warps,
         )  # fmt: skip
     stream = _module("nf4_gemv_stream")  # q/k/v-like + residual (OR look-ups), gate/up + norm + GLU (K tail)
