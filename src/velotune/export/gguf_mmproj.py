@@ -26,7 +26,7 @@ import torch
 
 from ..models.spec import PROJECTORS, ProjectorSpec
 from ..models.spec import projector_of as projector_record
-from . import mmproj_gemma3, mmproj_qwen, quants
+from . import mmproj_gemma3, mmproj_pixtral, mmproj_qwen, quants
 from .gguf_check import check_metadata, compare_tensor, digest
 from .gguf_layout import read_layout
 from .mmproj_parts import MmprojTensor, MmprojUnsupported
@@ -34,7 +34,7 @@ from .weights import TensorPlan, base_model_of, materialize
 
 Q = gguf.GGMLQuantizationType
 MMPROJ_TYPES = {"f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16), "f32": (Q.F32, gguf.LlamaFileType.ALL_F32)}
-LAYOUTS = {"qwen_merger": mmproj_qwen, "siglip_pool": mmproj_gemma3}
+LAYOUTS = {"qwen_merger": mmproj_qwen, "siglip_pool": mmproj_gemma3, "pixtral_breaks": mmproj_pixtral}
 
 __all__ = ["MMPROJ_TYPES", "MmprojTensor", "MmprojUnsupported", "PROJECTORS", "check_mmproj", "open_writer",
            "plan_mmproj", "projector_of", "write_mmproj"]
@@ -49,14 +49,15 @@ def projector_of(config) -> ProjectorSpec:
     return spec
 
 
-def plan_mmproj(model, file_qtype: Q) -> list[MmprojTensor]:
-    """Every tensor of the file, in the model's order, without computing any."""
+def plan_mmproj(model, file_qtype: Q, tokenizer=None) -> list[MmprojTensor]:
+    """Every tensor of the file, in the model's order, without computing any (`tokenizer`: for layouts that
+    store a token's embedding, Pixtral's [IMG_BREAK])."""
     config = base_model_of(model).config
     spec = projector_of(config)
-    return LAYOUTS[spec.layout].plan(model, config, spec, file_qtype)
+    return LAYOUTS[spec.layout].plan(model, config, spec, file_qtype, tokenizer)
 
 
-def open_writer(model, image_processor, mmproj_type: str, model_name: str):
+def open_writer(model, image_processor, mmproj_type: str, model_name: str, tokenizer=None):
     """(a writer with every key and tensor announced, the tensors): all of the file but its tensor data."""
     base = base_model_of(model)
     spec = projector_of(base.config)
@@ -71,7 +72,7 @@ def open_writer(model, image_processor, mmproj_type: str, model_name: str):
     writer.add_file_type(int(file_type))
     layout.write_keys(writer, base.config, spec, image_processor)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    tensors = plan_mmproj(model, file_qtype)
+    tensors = plan_mmproj(model, file_qtype, tokenizer)
     for t in tensors:
         writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), quants.quantized_nbytes(t.shape, t.qtype),
                                raw_dtype=t.qtype)
@@ -83,9 +84,10 @@ def _encode(t: MmprojTensor, value: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def write_mmproj(model, path: Path, image_processor, mmproj_type: str = "f16", model_name: str = "") -> dict:
+def write_mmproj(model, path: Path, image_processor, mmproj_type: str = "f16", model_name: str = "",
+                 tokenizer=None) -> dict:
     """Write the file at `path` (through `path.partial`); returns each tensor's digest for `check_mmproj`."""
-    writer, tensors = open_writer(model, image_processor, mmproj_type, model_name)
+    writer, tensors = open_writer(model, image_processor, mmproj_type, model_name, tokenizer)
     partial = path.with_name(path.name + ".partial")
     digests: dict[str, bytes] = {}
     try:
@@ -110,13 +112,13 @@ def write_mmproj(model, path: Path, image_processor, mmproj_type: str = "f16", m
 
 @torch.no_grad()
 def check_mmproj(model, path: Path, image_processor, mmproj_type: str = "f16", model_name: str = "",
-                 digests: dict | None = None) -> int:
+                 digests: dict | None = None, tokenizer=None) -> int:
     """The file holds what the model holds: every key the writer would write, every tensor byte for byte
     (hashed against `digests` from the export, else encoded again). Returns the tensor count; raises
     gguf_check.GGUFContentError naming the first differences."""
     from .gguf_check import GGUFContentError
 
-    writer, tensors = open_writer(model, image_processor, mmproj_type, model_name)
+    writer, tensors = open_writer(model, image_processor, mmproj_type, model_name, tokenizer)
     layout = read_layout(path)
     check_metadata(writer, layout, path)
     writer.close()

@@ -92,8 +92,9 @@ def _qtype(hub: str, name: str, ndim: int, file_qtype: Q) -> Q:
     return default_qtype(name, ndim, file_qtype)
 
 
-def plan(model, config, spec: ProjectorSpec, file_qtype) -> list[MmprojTensor]:
-    """Every tensor of the file, in the model's order, without computing any."""
+def plan(model, config, spec: ProjectorSpec, file_qtype, tokenizer=None) -> list[MmprojTensor]:
+    """Every tensor of the file, in the model's order, without computing any (no token embedding here: the
+    tokenizer is not needed)."""
     names = tensor_names(config.vision_config.num_hidden_layers)
     out: list[MmprojTensor] = []
     for p in plan_tensors(model):

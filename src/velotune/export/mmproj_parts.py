@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import gguf
 import torch
 
+from .gguf_arch import _interleave_heads
 from .weights import TensorPlan
 
 Q = gguf.GGMLQuantizationType
@@ -22,8 +23,9 @@ class MmprojUnsupported(ValueError):
 @dataclass(frozen=True)
 class MmprojTensor:
     """One tensor of the file: made from `plan`'s merged tensor, the `rows` slice of it (q/k/v of a fused
-    qkv) or one temporal `frame` of a Conv3d kernel, or all of it; `shift` is added to every value (a norm
-    stored as 1 + w where the model computes (1 + w) from w, as llama.cpp's converter does for Gemma)."""
+    qkv, one token's embedding row) or one temporal `frame` of a Conv3d kernel, or all of it; `shift` is added
+    to every value (a norm stored as 1 + w where the model computes (1 + w) from w, as llama.cpp's converter
+    does for Gemma); `interleave` > 0: q/k rows interleaved per head for a rope on adjacent pairs (Pixtral)."""
 
     gguf_name: str
     shape: tuple[int, ...]
@@ -32,6 +34,7 @@ class MmprojTensor:
     rows: tuple[int, int] | None = None
     frame: int | None = None
     shift: float = 0.0
+    interleave: int = 0
 
     def take(self, value: torch.Tensor) -> torch.Tensor:
         if self.rows is not None:
@@ -41,7 +44,9 @@ class MmprojTensor:
         value = value.float()
         if self.shift:
             value = value + self.shift
-        return value.contiguous()
+        if self.interleave:
+            value = _interleave_heads(value, self.interleave)
+        return value.reshape(self.shape).contiguous()
 
 
 def default_qtype(gguf_name: str, ndim: int, file_qtype: Q) -> Q:

@@ -77,8 +77,9 @@ def write_keys(writer: gguf.GGUFWriter, config, spec: ProjectorSpec, image_proce
     writer.add_vision_attention_layernorm_eps(1e-6)  # both families' vision norms (transformers hard-codes it)
 
 
-def plan(model, config, spec: ProjectorSpec, file_qtype) -> list[MmprojTensor]:
-    """Every tensor of the file, in the model's order, without computing any."""
+def plan(model, config, spec: ProjectorSpec, file_qtype, tokenizer=None) -> list[MmprojTensor]:
+    """Every tensor of the file, in the model's order, without computing any (no token embedding here: the
+    tokenizer is not needed)."""
     names = tensor_names(config.vision_config.depth)
     out: list[MmprojTensor] = []
     for p in plan_tensors(model):

@@ -90,14 +90,16 @@ def _all_float32(modules: list[torch.nn.Module]):
 
 
 @torch.no_grad()
-def model_image_embeddings(model, image_processor, image) -> torch.Tensor:
+def model_image_embeddings(model, image_processor, image, tokenizer=None) -> torch.Tensor:
     """(N, C) float32: the model's image features for `image` (what replaces the image tokens), at its own size,
-    computed in float32."""
+    computed in float32; for a family whose image tokens have a break token after each row of patches
+    (Pixtral's [IMG_BREAK], `ProjectorSpec.row_break`), that token's embedding after each row but the last, as
+    the language model receives them and llama.cpp hands them over (`tokenizer` gives its id)."""
     base = base_model_of(model)
     spec = projector_of(base.config)
     batch = image_processor(images=[image], do_resize=False, return_tensors="pt")
     device = next(base.parameters()).device
-    inputs = {k: batch[k].to(device) for k in ("pixel_values", "image_grid_thw") if k in batch}
+    inputs = {k: batch[k].to(device) for k in ("pixel_values", "image_grid_thw", "image_sizes") if k in batch}
     vision = [base.get_submodule(prefix.rstrip(".")) for prefix in spec.prefixes]
     was_training = base.training
     base.eval()
@@ -106,10 +108,26 @@ def model_image_embeddings(model, image_processor, image) -> torch.Tensor:
             out = base.model.get_image_features(**inputs, return_dict=True)
     finally:
         base.train(was_training)
-    out = getattr(out, "pooler_output", out)  # Qwen: one (n_i, C) per image; Gemma 3: (images, n, C)
-    if torch.is_tensor(out):
-        return out.reshape(-1, out.shape[-1]).float().cpu()
-    return torch.cat(list(out), 0).float().cpu()
+    out = getattr(out, "pooler_output", out)  # Qwen, Llava: one (n_i, C) per image; Gemma 3: (images, n, C)
+    features = out.reshape(-1, out.shape[-1]) if torch.is_tensor(out) else torch.cat(list(out), 0)
+    features = features.float().cpu()  # (N, C)
+    if spec.row_break:
+        features = _with_row_breaks(base, features, image, image_processor, tokenizer, spec.row_break)
+    return features
+
+
+def _with_row_breaks(base, features: torch.Tensor, image, image_processor, tokenizer, token: str) -> torch.Tensor:
+    """(rows * columns, C) patch features -> rows of patches with `token`'s input embedding between them."""
+    token_id = None if tokenizer is None else tokenizer.convert_tokens_to_ids(token)
+    if token_id is None:
+        raise ValueError(f"the image embeddings of this model hold the {token} token's embedding: pass the "
+                         "processor (its tokenizer has the token)")
+    patch = int(base.config.vision_config.patch_size)
+    rows, columns = image.height // patch, image.width // patch
+    embed = base.get_input_embeddings()(torch.tensor([token_id], device=base.device)).float().cpu()  # (1, C)
+    grid = features.reshape(rows, columns, -1)
+    pieces = [torch.cat([grid[r], embed], 0) if r < rows - 1 else grid[r] for r in range(rows)]
+    return torch.cat(pieces, 0)  # (rows * (columns + 1) - 1, C)
 
 
 class _Mtmd:
@@ -200,10 +218,10 @@ def llama_cpp_prompt_logits(text_path: Path, mmproj: Path, text: str, image) -> 
         return tokens, torch.from_numpy(logits.copy())
 
 
-def check_image_embeddings(model, text_path: Path, mmproj: Path, image_processor) -> float:
+def check_image_embeddings(model, text_path: Path, mmproj: Path, image_processor, tokenizer=None) -> float:
     """Relative L2 error of llama.cpp's embeddings of the probe image vs the model's; raises above the budget."""
     image = probe_image(model, image_processor)
-    ours = model_image_embeddings(model, image_processor, image)
+    ours = model_image_embeddings(model, image_processor, image, tokenizer)
     theirs = llama_cpp_image_embeddings(text_path, mmproj, image)
     if theirs.shape != ours.shape:
         raise ImageEmbeddingMismatch(f"{mmproj.name}: llama.cpp made {tuple(theirs.shape)} image embeddings of the "

@@ -191,14 +191,18 @@ class ProjectorSpec:
 
     model_type: str    # the vision-language config's model_type
     projector: str     # `clip.projector_type` (a gguf.VisionProjectorType value)
-    layout: str        # the writer: "qwen_merger" (export/mmproj_qwen.py), "siglip_pool" (export/mmproj_gemma3.py)
+    layout: str        # the writer: "qwen_merger" (export/mmproj_qwen.py), "siglip_pool" (export/mmproj_gemma3.py),
+                       # "pixtral_breaks" (export/mmproj_pixtral.py)
     prefixes: tuple[str, ...]  # the vision side's module prefixes in our model (tower, projector)
     gated_silu: bool = False   # `clip.use_silu`: the blocks' MLP is gate/up/down with SiLU (else quick GELU fc1/fc2)
     windows: bool = False      # `clip.vision.n_wa_pattern` from `fullatt_block_indexes`
     width: str = "hidden_size"  # the vision config's field with the blocks' width (Qwen2-VL's hidden_size is the
                                 # merger's)
     fixed_size: bool = False   # clip.cpp resizes every image to the tower's square image_size (Gemma 3); else it
-                               # takes any size in whole merged patches (Qwen)
+                               # takes any size in whole merged patches (Qwen, Pixtral)
+    vision_type: str = ""      # only towers of this vision config model_type (Llava: Pixtral's, not CLIP's)
+    row_break: str = ""        # a token whose embedding clip.cpp puts after each row of patches but the last
+                               # (Pixtral's [IMG_BREAK]): part of the image embeddings llama.cpp hands over
 
 
 PROJECTORS = {p.model_type: p for p in (
@@ -207,9 +211,17 @@ PROJECTORS = {p.model_type: p for p in (
                   windows=True),
     ProjectorSpec("gemma3", "gemma3", "siglip_pool", ("model.vision_tower.", "model.multi_modal_projector."),
                   fixed_size=True),
+    # Llava with a CLIP tower is left out: the vendored llama.cpp's llava graph puts the CLS embedding last
+    ProjectorSpec("llava", "pixtral", "pixtral_breaks", ("model.vision_tower.", "model.multi_modal_projector."),
+                  vision_type="pixtral", row_break="[IMG_BREAK]"),
 )}
 
 
 def projector_of(config: PretrainedConfig) -> ProjectorSpec | None:
     """The vision-language family's mmproj record, or None (llama.cpp's file is not written for it)."""
-    return PROJECTORS.get(getattr(config, "model_type", None))
+    spec = PROJECTORS.get(getattr(config, "model_type", None))
+    if spec is not None and spec.vision_type:
+        vision = getattr(config, "vision_config", None)
+        if getattr(vision, "model_type", None) != spec.vision_type:
+            return None
+    return spec

@@ -19,6 +19,7 @@ import torch
 from ..export import ExportMismatchError, save_pretrained_merged as save_merged_folder
 from ..export.folders import ExportRecord, human_size
 from ..export.gguf_mmproj import PROJECTORS, check_mmproj, open_writer, write_mmproj
+from ..models.spec import projector_of
 from ..export.gguf_writer import model_name_of, save_pretrained_gguf as save_text_gguf
 from ..export.hub import _local_folder, upload_folder
 from ..export.verify import MERGED_BUDGET, compare
@@ -28,7 +29,10 @@ from ..models.vision_text import text_causal_lm
 logger = logging.getLogger("velotune")
 
 VISION_SAVE_METHODS = ("merged_16bit", "lora")
-GGUF_FAMILIES = tuple(PROJECTORS)  # qwen2_vl, qwen2_5_vl (qwen2vl text + merger), gemma3 (gemma3 text + gemma3)
+# qwen2_vl, qwen2_5_vl (qwen2vl text + merger mmproj), gemma3 (gemma3 + gemma3), llava with a Pixtral tower (llama +
+# pixtral)
+GGUF_FAMILIES = tuple(f"{name} (with a {spec.vision_type} vision tower)" if spec.vision_type else name
+                      for name, spec in PROJECTORS.items())
 
 
 def refuse_gguf(model, what: str = "GGUF export") -> None:
@@ -58,19 +62,19 @@ def save_pretrained_gguf(model, save_directory, tokenizer=None, quantization_met
     `mmproj-<TYPE>.gguf` (vision tower + projector, f16 by default as llama.cpp's converter writes it).
     Returns the language-model paths followed by the mmproj path."""
     base = base_model_of(model)
-    if base.config.model_type not in GGUF_FAMILIES:
+    if projector_of(base.config) is None:
         refuse_gguf(model)
     text_tokenizer, image_processor = _processor_parts(model, tokenizer)
     folder = Path(save_directory)
     name = model_name_of(base.config, folder)
-    open_writer(model, image_processor, mmproj_type, name)[0].close()  # refuse before any file is written
+    open_writer(model, image_processor, mmproj_type, name, text_tokenizer)[0].close()  # refuse before any file
     paths = save_text_gguf(text_causal_lm(base), folder, text_tokenizer, quantization_method=quantization_method,
                            overwrite=overwrite, verify=verify, **kwargs)
     mmproj = folder / f"mmproj-{mmproj_type.upper()}.gguf"
     record = ExportRecord(folder, "gguf")
     record.begin([mmproj.name])
     try:
-        digests = write_mmproj(model, mmproj, image_processor, mmproj_type, name)
+        digests = write_mmproj(model, mmproj, image_processor, mmproj_type, name, text_tokenizer)
     except BaseException:
         record.abort()
         raise
@@ -91,15 +95,15 @@ def check_vision_gguf(model, text_path: Path, mmproj: Path, processor, mmproj_ty
     from ..export.gguf_layout import GGUFFileError
     from ..export.mtmd_check import mtmd_available, check_image_embeddings
 
-    _, image_processor = _processor_parts(model, processor)
+    text_tokenizer, image_processor = _processor_parts(model, processor)
     try:
-        n = check_mmproj(model, mmproj, image_processor, mmproj_type, model_name_of(base_model_of(model).config,
-                                                                                      mmproj.parent), digests)
+        n = check_mmproj(model, mmproj, image_processor, mmproj_type,
+                         model_name_of(base_model_of(model).config, mmproj.parent), digests, text_tokenizer)
     except (GGUFContentError, GGUFFileError) as error:
         raise ExportMismatchError(f"{error}. The file was kept for inspection.") from error
     logger.info("velotune: export check %s: %d tensors and the metadata match the model", mmproj.name, n)
     if mtmd_available():
-        check_image_embeddings(model, text_path, mmproj, image_processor)
+        check_image_embeddings(model, text_path, mmproj, image_processor, text_tokenizer)
     else:
         logger.info("velotune: %s was not run in llama.cpp: llama-cpp-python was built without its multimodal "
                     "library (mtmd)", mmproj.name)
