@@ -36,10 +36,13 @@ GGUF_FAMILIES = tuple(f"{name} (with a {spec.vision_type} vision tower)" if spec
 
 
 def refuse_gguf(model, what: str = "GGUF export") -> None:
-    model_type = base_model_of(model).config.model_type
+    config = base_model_of(model).config
+    vision = getattr(getattr(config, "vision_config", None), "model_type", None)
+    tower = f" (vision tower {vision!r})" if vision else ""
     raise NotImplementedError(
-        f"{what} of vision model type {model_type!r} is not supported by velotune. GGUF (the language model plus "
-        f"an mmproj projector file for llama.cpp) is supported for {', '.join(GGUF_FAMILIES)}. For this model: "
+        f"{what} of vision model type {config.model_type!r}{tower} is not supported by velotune. GGUF (the language "
+        f"model plus an mmproj projector file for llama.cpp) is supported for {', '.join(GGUF_FAMILIES)}. For this "
+        "model: "
         "save_pretrained (LoRA adapter) or save_pretrained_merged(..., save_method='merged_16bit') (a transformers "
         "folder, which llama.cpp's convert_hf_to_gguf.py, with --mmproj for the projector, converts where "
         "llama.cpp supports the family).")
