@@ -150,6 +150,19 @@ class MergedCheck:
     greedy: dict[str, tuple[int, int]]
 
 
+def same_on_every_cpu(model):
+    """`model` (loaded by transformers) with bitsandbytes' AVX512-BF16 CPU path off in its 4-bit layers.
+
+    On a CPU with that instruction set bitsandbytes' `Linear4bit` repacks its bytes in place on the
+    first no-grad eval forward (rounding the block scales to bf16), and fails outright on a layer
+    narrower than one quantization block; elsewhere it dequantizes. The check judges the folder, so
+    it runs the same NF4 math on every processor (quant/nf4_linear.py says more about that path)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def check_merged(model, folder: Path, tokenizer, quantized: bool = False) -> MergedCheck | None:
     """Load the merged folder through velotune's loader and through transformers' own class; both
     must compute what `model` computes (one at a time, so the memory is one extra copy)."""
@@ -168,8 +181,8 @@ def check_merged(model, folder: Path, tokenizer, quantized: bool = False) -> Mer
     expected = engine_greedy(model, prompts)
     results, greedy = {}, {}
     loaders = {"velotune": lambda: load_weights(folder, dtype, device),
-               "transformers": lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
-                                                                            device_map={"": device})}
+               "transformers": lambda: same_on_every_cpu(AutoModelForCausalLM.from_pretrained(
+                   folder, dtype=dtype, device_map={"": device}))}
     for runner, load in loaders.items():
         loaded = load().eval()
         exported = _logits(loaded, prompts, device)
