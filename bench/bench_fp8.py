@@ -104,7 +104,7 @@ def speed(args) -> None:
 
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    model, _ = load(args.model, args.mode, args.seq, args.rank)
+    model, _ = load(model_folder(args.model), args.mode, args.seq, args.rank, checkpointing=args.checkpointing)
     load_s = time.time() - t0
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -186,6 +186,17 @@ def make_llama1b(folder: Path, train: list[str], shape: dict) -> None:
     fast.save_pretrained(folder)
 
 
+def model_folder(model: str, train: list[str] | None = None) -> str:
+    """`model` as a folder: "llama1b" / "tiny" (a CPU dry run) are built once under /tmp (random
+    weights, a tokenizer trained on `train`, by default the corpus' training texts)."""
+    if model not in ("llama1b", "tiny"):
+        return model
+    folder = Path(f"/tmp/fp8_{model}")
+    if not (folder / "config.json").is_file():
+        make_llama1b(folder, corpus()[0] if train is None else train, LLAMA1B if model == "llama1b" else TINY)
+    return str(folder)
+
+
 def blocks(tok, texts: list[str], seq: int):
     """The texts tokenized, joined with EOS and cut into (n, seq) rows."""
     import torch
@@ -204,11 +215,7 @@ def converge(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train, held = corpus()
-    model_path = args.model
-    if args.model in ("llama1b", "tiny"):  # tiny: a CPU dry run of this script
-        model_path = f"/tmp/fp8_{args.model}"
-        if not Path(model_path, "config.json").is_file():
-            make_llama1b(Path(model_path), train, LLAMA1B if args.model == "llama1b" else TINY)
+    model_path = model_folder(args.model, train)
     results = {"model": args.model, "steps": args.steps, "bs": args.bs, "seq": args.seq, "lr": args.lr,
                "rank": args.rank, "corpus": "Python stdlib .py files (every 10th held out)", "modes": {}}
     data = held_data = None
@@ -403,10 +410,13 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="speed: profile one micro-batch of the last step (kernel "
                     "table + FP8 pieces summed) instead of timing")
+    ap.add_argument("--checkpointing", default="unsloth", choices=["unsloth", "true", "false"],
+                    help="speed: use_gradient_checkpointing (unsloth: layer inputs offloaded to pinned host memory)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--held-rows", type=int, default=64)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     args = ap.parse_args(argv)
+    args.checkpointing = {"true": True, "false": False}.get(args.checkpointing, args.checkpointing)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     if args.cmd == "conversions":
         from fp8_conversions import conversion_rows
