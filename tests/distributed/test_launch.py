@@ -74,3 +74,25 @@ def test_find_unused_parameters_with_the_offloading_checkpoint_is_refused(monkey
         SFTTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_dict({"text": rows(4)}),
                    args=args)
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_find_unused_parameters_sends_checkpointing_true_through_torchs_checkpoint(monkeypatch, ddp_tiny_dir, tmp_path):
+    """use_gradient_checkpointing=True runs velotune's reentrant-style checkpoint on the fast path, which DDP's
+    find_unused_parameters=True would fail on as it does on "unsloth"'s: there the launch check makes the plan use
+    torch's non-reentrant checkpoint instead (and leaves velotune's function in place otherwise)."""
+    from velotune.fast.plan import plan_step
+    from velotune.training.distributed import check_launch
+
+    model, _ = FastLanguageModel.from_pretrained(str(ddp_tiny_dir), load_in_4bit=False, device_map="cpu",
+                                                 max_seq_length=64)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=True)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=1, max_length=64,
+                             ddp_find_unused_parameters=True)
+    launch_env(monkeypatch)
+    step = dict(training=True, grad=True, tokens=64, fast_path=True)
+    assert plan_step(model, **step).checkpoint == "keep"
+    check_launch(args, model)
+    assert plan_step(model, **step).checkpoint == "plain"
+    args.ddp_find_unused_parameters = False
+    check_launch(args, model)
+    assert plan_step(model, **step).checkpoint == "keep"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tiny.lora import batch, loss_and_grads, lora_model
-from velotune.fast.checkpointing import OFFLOAD_MIN_TOKENS, OffloadedCheckpointer
+from velotune.fast.checkpointing import OFFLOAD_MIN_TOKENS, LayerCheckpointer
 from velotune.fast.plan import plan_step, runtime_settings, set_fast_path
 
 
@@ -23,11 +23,11 @@ def _assert_same(grads, reference):
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
-def _offload_everywhere(model) -> OffloadedCheckpointer:
+def _offload_everywhere(model) -> LayerCheckpointer:
     settings = runtime_settings(model)
     assert settings.checkpointing == "unsloth"
     settings.offload_min_tokens, settings.offload_on_cpu = 0, True
-    return model.get_base_model().model._offloader
+    return model.get_base_model().model._checkpointer
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["plain", "fused"])
@@ -38,7 +38,7 @@ def test_unsloth_mode_on_cpu_equals_no_checkpointing(fast):
     _, expected = loss_and_grads(reference, inputs)
     model = lora_model("llama", checkpointing="unsloth")
     set_fast_path(model, fast)
-    checkpointer = model.get_base_model().model._offloader
+    checkpointer = model.get_base_model().model._checkpointer
     _, grads = loss_and_grads(model, inputs)
     assert checkpointer.offloaded == 0  # CPU tensors: plain checkpointing
     _assert_same(grads, expected)
@@ -117,16 +117,18 @@ def test_trainer_reenabling_checkpointing_keeps_offloading():
     model = lora_model("llama", checkpointing="unsloth")
     decoder = model.get_base_model().model
     model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert isinstance(decoder._gradient_checkpointing_func, OffloadedCheckpointer) and decoder.gradient_checkpointing
+    assert isinstance(decoder._gradient_checkpointing_func, LayerCheckpointer) and decoder.gradient_checkpointing
     plain = lora_model("llama", checkpointing=True).get_base_model().model
-    assert not isinstance(plain._gradient_checkpointing_func, OffloadedCheckpointer)
+    assert not isinstance(plain._gradient_checkpointing_func, LayerCheckpointer)
     decoder.set_checkpointing(True)  # our own switch does change it
-    assert not isinstance(decoder._gradient_checkpointing_func, OffloadedCheckpointer)
+    assert not isinstance(decoder._gradient_checkpointing_func, LayerCheckpointer)
 
 
 def test_the_plan_offloads_long_training_micro_batches_only():
     """The checkpoint mode is the plan's: offload from OFFLOAD_MIN_TOKENS tokens on the device
-    (CUDA, or the CPU when a test asks), plain below, none without grad, in eval or with a cache."""
+    (CUDA, or the CPU when a test asks), below it torch's checkpoint off the fast path (velotune's
+    function keeping the input on the fast path: test_kept_inputs_...), none without grad, in eval or
+    with a cache."""
     model = lora_model("llama", checkpointing="unsloth")
     step = dict(training=True, grad=True, tokens=OFFLOAD_MIN_TOKENS)
     assert plan_step(model, **step).checkpoint == "plain"  # CPU tensors
@@ -138,7 +140,69 @@ def test_the_plan_offloads_long_training_micro_batches_only():
     assert plan_step(model, **{**step, "training": False}).checkpoint == "off"
     assert plan_step(model, **step, cache=True).checkpoint == "off"
     assert plan_step(model, **step, checkpointing=False).checkpoint == "off"
-    assert plan_step(lora_model("llama", checkpointing=True), **step, device="cuda").checkpoint == "plain"
+    assert plan_step(lora_model("llama", checkpointing=True), **step, device="cuda").checkpoint == "keep"
+
+
+def test_the_plan_keeps_inputs_on_the_fast_path_without_offloading():
+    """use_gradient_checkpointing=True, and "unsloth" where it does not offload, run velotune's own
+    checkpoint on the fast path (the input kept on the device); off the fast path, and where DDP's
+    find_unused_parameters needs it (`torch_checkpoint`), torch's checkpoint."""
+    step = dict(training=True, grad=True, tokens=OFFLOAD_MIN_TOKENS)
+    model = lora_model("llama", checkpointing=True)
+    set_fast_path(model, True)
+    assert plan_step(model, **step).checkpoint == "keep"
+    assert plan_step(model, **step, device="cuda").checkpoint == "keep"
+    runtime_settings(model).torch_checkpoint = True
+    assert plan_step(model, **step, device="cuda").checkpoint == "plain"
+    set_fast_path(model, False)
+    runtime_settings(model).torch_checkpoint = False
+    assert plan_step(model, **step, device="cuda").checkpoint == "plain"
+    unsloth = lora_model("llama", checkpointing="unsloth")
+    set_fast_path(unsloth, True)
+    assert plan_step(unsloth, **step).checkpoint == "keep"  # CPU tensors: nothing to offload to
+    assert plan_step(unsloth, **{**step, "tokens": OFFLOAD_MIN_TOKENS - 1}, device="cuda").checkpoint == "keep"
+    assert plan_step(unsloth, **step, device="cuda").checkpoint == "offload"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+def test_kept_inputs_give_the_same_gradients(family, monkeypatch):
+    """use_gradient_checkpointing=True on the fast path: every layer goes through the checkpoint
+    function with its input kept, the recomputation skips the MLP's forward (the MLP runs in backward
+    only, except gemma2's sandwich norms), and the gradients equal the uncheckpointed model's."""
+    from velotune.fast import lora_mlp
+
+    inputs = batch()
+    reference = lora_model(family)
+    set_fast_path(reference, True)
+    expected_out, expected = loss_and_grads(reference, inputs)
+    model = lora_model(family, checkpointing=True)
+    set_fast_path(model, True)
+    checkpointer = model.get_base_model().model._checkpointer
+    calls = []
+    original = lora_mlp.LoraMLPInBackwardFunction.forward
+    monkeypatch.setattr(lora_mlp.LoraMLPInBackwardFunction, "forward",
+                        staticmethod(lambda *a: calls.append(1) or original(*a)))
+    out, grads = loss_and_grads(model, inputs)
+    layers = model.config.num_hidden_layers
+    assert (checkpointer.kept, checkpointer.offloaded) == (layers, 0)
+    assert len(calls) == (0 if family == "gemma2" else layers)
+    torch.testing.assert_close(out.loss, expected_out.loss)
+    _assert_same(grads, expected)
+
+
+def test_a_kept_input_changed_in_place_is_an_error():
+    """The kept input is held by reference: an in-place change between forward and backward would make
+    the recomputation silently differ, so backward refuses it."""
+    checkpointer = LayerCheckpointer()
+    weight = torch.randn(4, 4, requires_grad=True)
+    hidden = torch.randn(2, 4) * 1.0
+    out = checkpointer(lambda h: h @ weight, hidden, offload=False)
+    hidden.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()
+    fresh = torch.randn(2, 4)
+    checkpointer(lambda h: h @ weight, fresh, offload=False).sum().backward()
+    torch.testing.assert_close(weight.grad, fresh.sum(0)[:, None].expand(4, 4))
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 1 << 20, (1 << 20) + 3, 344064 * 4096, 3 * (1 << 21) + 17])

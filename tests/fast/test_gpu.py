@@ -66,7 +66,7 @@ def test_offloaded_checkpointing_on_cuda_matches_no_checkpointing(fast):
     out_ref, expected = loss_and_grads(reference, inputs)
     model = lora_model("llama", dtype=torch.bfloat16, device="cuda", checkpointing="unsloth")
     set_fast_path(model, fast)
-    checkpointer = model.get_base_model().model._offloader
+    checkpointer = model.get_base_model().model._checkpointer
     model.get_base_model().model.runtime.offload_min_tokens = 0  # offload these short sequences too
     out, grads = loss_and_grads(model, inputs)
     assert checkpointer.offloaded == model.config.num_hidden_layers

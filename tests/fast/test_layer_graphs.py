@@ -26,8 +26,9 @@ def _unpadded(device="cpu", B=2, T=9, seed=0):
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def _graphed_model(family="llama", device="cpu", **kwargs):
-    model = lora_model(family, device=device, checkpointing="unsloth", **kwargs)
+def _graphed_model(family="llama", device="cpu", checkpointing="unsloth", **kwargs):
+    """A fast-path model whose layers are checkpointed (offloaded, or kept with checkpointing=True) and graphed."""
+    model = lora_model(family, device=device, checkpointing=checkpointing, **kwargs)
     set_fast_path(model, True if device == "cpu" else None)
     decoder = model.get_base_model().model
     decoder.runtime.offload_min_tokens = 0
@@ -41,16 +42,18 @@ def _layers(graphs) -> dict:
     return next(iter(graphs.shapes.values())).layers if graphs.shapes else {}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_graphed_layers_give_the_gradients_of_no_checkpointing(family):
+@pytest.mark.parametrize("family, checkpointing", [("llama", "unsloth"), ("qwen3", "unsloth"), ("llama", True)])
+def test_graphed_layers_give_the_gradients_of_no_checkpointing(family, checkpointing):
     inputs = _unpadded()
     reference = lora_model(family)
     set_fast_path(reference, True)
     expected_out, expected = loss_and_grads(reference, inputs)
-    model, graphs = _graphed_model(family)
+    model, graphs = _graphed_model(family, checkpointing=checkpointing)
     out, grads = loss_and_grads(model, inputs)
     layers = _layers(graphs)
     assert len(layers) == model.config.num_hidden_layers
+    checkpointer = model.get_base_model().model._checkpointer
+    assert checkpointer.kept == (model.config.num_hidden_layers if checkpointing is True else 0)
     assert all(g.forward_calls == 1 and g.backward_calls == 1 for g in layers.values())
     torch.testing.assert_close(out.loss, expected_out.loss)
     assert grads.keys() == expected.keys()
@@ -145,10 +148,11 @@ def _step_grads(model, inputs):
 
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("nf4", [False, True], ids=["bf16", "nf4"])
-def test_replayed_graphs_equal_the_eager_layers_on_cuda(nf4, monkeypatch):
+@pytest.mark.parametrize("nf4, checkpointing", [(False, "unsloth"), (True, "unsloth"), (True, True)],
+                         ids=["bf16", "nf4", "nf4-kept"])
+def test_replayed_graphs_equal_the_eager_layers_on_cuda(nf4, checkpointing, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    model, graphs = _graphed_model(device="cuda", dtype=torch.bfloat16, nf4=nf4)
+    model, graphs = _graphed_model(device="cuda", dtype=torch.bfloat16, nf4=nf4, checkpointing=checkpointing)
     micro_batches = [_unpadded("cuda", B=2, T=64, seed=s) for s in range(3)]
     monkeypatch.setenv(plan.GRAPHS_ENV, "0")
     expected = [_step_grads(model, b) for b in micro_batches]

@@ -1,18 +1,22 @@
-"""Per-layer gradient checkpointing, and the "unsloth" mode that offloads each layer's input.
+"""Per-layer gradient checkpointing: the layer input kept on the GPU, or offloaded ("unsloth").
 
-Plain checkpointing keeps each decoder layer's input (B, T, C) on the GPU and recomputes the
-layer in backward; at long sequences those inputs are most of what is left in memory (32 layers
-x T x 4096 x 2 bytes for an 8B model). `use_gradient_checkpointing="unsloth"` copies each input to
-pinned CPU memory on a side CUDA stream while the next layers compute, and brings it back when
-that layer's backward needs it. Below `OFFLOAD_MIN_TOKENS` tokens per micro-batch (and off CUDA)
-the step's plan (plan.py) checkpoints plainly instead (torch's non-reentrant checkpoint).
+Checkpointing keeps each decoder layer's input (B, T, C) and recomputes the layer in backward; at
+long sequences those inputs are most of what is left in memory (32 layers x T x 4096 x 2 bytes for
+an 8B model). `use_gradient_checkpointing="unsloth"` copies each input to pinned CPU memory on a
+side CUDA stream while the next layers compute, and brings it back when that layer's backward
+needs it. Below `OFFLOAD_MIN_TOKENS` tokens per micro-batch (and off CUDA) the step's plan
+(plan.py) keeps the input on the device instead; so does `use_gradient_checkpointing=True`.
 
-The offloading checkpoint is a reentrant-style autograd function: the layer runs under no_grad
-in forward and again with grad in backward, where `torch.autograd.backward` accumulates the
-layer's parameter gradients. Like every reentrant checkpoint, that supports `loss.backward()`
-(what trainers call), not `torch.autograd.grad` on the parameters. Layers that replay as CUDA
-graphs (layer_graphs.py) go through `_GraphedCheckpointFunction` instead, which returns the
-parameters' gradients to autograd.
+The checkpoint is a reentrant-style autograd function (`LayerCheckpointer`): the layer runs under
+no_grad in forward and again with grad in backward, where `torch.autograd.backward` accumulates the
+layer's parameter gradients. On the fast path that beats torch's checkpoint even with the input kept
+on the GPU: the recomputation knows it is one and skips the MLP's forward matmul
+(plan.StepPlan.recompute), the random state is saved only where a layer draws random numbers, and
+small layers replay as CUDA graphs (layer_graphs.py, through `_GraphedCheckpointFunction`, which
+returns the parameters' gradients to autograd). Like every reentrant checkpoint, it supports
+`loss.backward()` (what trainers call), not `torch.autograd.grad` on the parameters, and not DDP's
+`find_unused_parameters=True`: there the plan uses torch's non-reentrant checkpoint
+(RuntimeSettings.torch_checkpoint), as it does off the fast path.
 """
 
 from __future__ import annotations
@@ -135,19 +139,47 @@ class _HostCopy:
         return tensor
 
 
+class _KeptInput:
+    """A layer input kept where it is (no offloading): `restore` hands it back as it was.
+
+    It is held by reference, not through `save_for_backward`, so autograd would not notice an in-place
+    change after the forward; the version counter (which `detach` shares) stands in for that check."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.device = tensor.device
+        self.tensor = tensor.detach()
+        self.version = tensor._version
+
+    def prefetch(self) -> None:
+        pass
+
+    def restore(self) -> torch.Tensor:
+        if self.tensor._version != self.version:
+            raise RuntimeError("a checkpointed decoder layer's input was modified in place after the layer's forward; "
+                               "its recomputation would use the changed values. Modify a clone instead, or train "
+                               "without use_gradient_checkpointing")
+        return self.tensor
+
+
 @dataclass
 class _Link:
-    """Between consecutive offloaded layers: the copy before (to prefetch) and the one made now;
-    and whether the recomputation must replay the forward's random numbers (dropout)."""
+    """Between consecutive checkpointed layers: the host copy before (to prefetch) and the saved input
+    of this layer; whether it is offloaded; whether the recomputation must replay the forward's random
+    numbers (dropout)."""
 
     previous: _HostCopy | None
     preserve_rng_state: bool = True
-    copy: _HostCopy | None = None
+    offload: bool = True
+    copy: _HostCopy | _KeptInput | None = None
+
+    def save(self, hidden: torch.Tensor) -> _HostCopy | _KeptInput:
+        self.copy = _HostCopy(hidden, self.previous) if self.offload else _KeptInput(hidden)
+        return self.copy
 
 
-class _OffloadedCheckpointFunction(torch.autograd.Function):
+class _CheckpointFunction(torch.autograd.Function):
     """forward(functions, hidden, anchor, link, *args) = functions[0](hidden, *args), keeping only
-    a host copy of `hidden` (`link` passes in the previous layer's copy and hands back this one);
+    `hidden` (a host copy when offloading: `link` passes in the previous layer's copy and hands back this one);
     backward re-runs functions[1] (the layer told it is a recomputation) at the restored input.
     `anchor` is an empty tensor that requires grad, so that backward runs (and the layer's
     adapters get gradients) even when `hidden` itself needs no gradient (layer 0 with frozen
@@ -162,7 +194,7 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.autocast = (torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type))
         ctx.cpu_rng = torch.get_rng_state() if link.preserve_rng_state else None
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda and ctx.cpu_rng is not None else None
-        ctx.saved = link.copy = _HostCopy(hidden, link.previous)
+        ctx.saved = link.save(hidden)
         with torch.no_grad():
             return function(hidden, *args)
 
@@ -187,15 +219,15 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
 
 
 class _GraphedCheckpointFunction(torch.autograd.Function):
-    """The offloading checkpoint of a layer run through CUDA graphs (layer_graphs.py):
-    forward(run, hidden, link, *params) = run.forward(hidden), keeping a host copy of `hidden`;
+    """The checkpoint of a layer run through CUDA graphs (layer_graphs.py):
+    forward(run, hidden, link, *params) = run.forward(hidden), keeping `hidden` (or its host copy);
     backward replays the recomputation and backward, and returns the gradients of `hidden` and of
     the layer's trainable `params` (autograd accumulates those into `.grad`)."""
 
     @staticmethod
     def forward(ctx, run, hidden, link, *params):
         ctx.run = run
-        ctx.saved = link.copy = _HostCopy(hidden, link.previous)
+        ctx.saved = link.save(hidden)
         return run.forward(hidden)
 
     @staticmethod
@@ -206,36 +238,39 @@ class _GraphedCheckpointFunction(torch.autograd.Function):
         return (None, grad_hidden, None, *grads)
 
 
-class OffloadedCheckpointer:
-    """Runs one model call's offloaded layer checkpoints (the plan's checkpoint mode "offload").
+class LayerCheckpointer:
+    """Runs one model call's layer checkpoints (the plan's checkpoint modes "offload" and "keep").
 
-    `__call__(function, hidden, *args, recompute=..., preserve_rng_state=..., graphed=...)` is
-    function(hidden, *args) keeping only a host copy of `hidden`; backward calls `recompute` (the
-    same layer, told by its plan that it is a recomputation) at the restored input. Whether a
-    call offloads is the plan's decision (plan.plan_step: the threshold, the device), not this
-    object's. `preserve_rng_state=False` skips saving and replaying the random-number state, for a
-    layer that draws none (no dropout); that round trip costs host time on every layer of a
-    host-bound step. `graphed`: a layer_graphs.LayerRun, which then runs the layer (CUDA graphs;
-    `function` and `args` are not called). It remembers the previous layer's host copy, so
-    backward can prefetch it; `offloaded` counts the calls.
+    `__call__(function, hidden, *args, recompute=..., preserve_rng_state=..., graphed=..., offload=...)`
+    is function(hidden, *args) keeping only `hidden`, in a host copy when `offload`, else on its
+    device; backward calls `recompute` (the same layer, told by its plan that it is a recomputation)
+    at the restored input. Whether a call offloads is the plan's decision (plan.plan_step: the mode,
+    the threshold, the device), not this object's. `preserve_rng_state=False` skips saving and
+    replaying the random-number state, for a layer that draws none (no dropout); that round trip
+    costs host time on every layer of a host-bound step. `graphed`: a layer_graphs.LayerRun, which
+    then runs the layer (CUDA graphs; `function` and `args` are not called). It remembers the
+    previous layer's host copy, so backward can prefetch it; `offloaded` and `kept` count the calls.
     """
 
     def __init__(self):
-        self.offloaded = 0
-        self._last_copy: weakref.ref | None = None  # the copy of the previous layer's input
+        self.offloaded = self.kept = 0
+        self._last_copy: weakref.ref | None = None  # the host copy of the previous layer's input
 
     def __call__(self, function, hidden: torch.Tensor, *args, recompute=None, preserve_rng_state: bool = True,
-                 graphed=None):  # fmt: skip
-        self.offloaded += 1
-        previous = self._last_copy() if self._last_copy is not None else None
+                 graphed=None, offload: bool = True):  # fmt: skip
+        previous = self._last_copy() if self._last_copy is not None and offload else None
         if previous is not None and previous.device != hidden.device:
             previous = None
-        link = _Link(previous, preserve_rng_state)
+        link = _Link(previous, preserve_rng_state, offload)
         if graphed is not None:
             out = _GraphedCheckpointFunction.apply(graphed, hidden, link, *graphed.params)
         else:
             anchor = torch.empty(0, device=hidden.device, requires_grad=True)
             functions = (function, recompute or function)
-            out = _OffloadedCheckpointFunction.apply(functions, hidden, anchor, link, *args)
-        self._last_copy = weakref.ref(link.copy)
+            out = _CheckpointFunction.apply(functions, hidden, anchor, link, *args)
+        if offload:
+            self.offloaded += 1
+            self._last_copy = weakref.ref(link.copy)
+        else:
+            self.kept += 1
         return out

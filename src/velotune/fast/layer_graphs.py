@@ -2,13 +2,14 @@
 recomputation together with its backward, replayed by one call each.
 
 Why: on a small model the fast path's training step is bound by the host, not the GPU (BENCHMARKS.md:
-a Llama-3.2-1B step held about 0.3 s of GPU work in 0.48 s). Under the offloading checkpoint every
-layer runs twice per micro-batch, forward and recomputation + backward, which is a few hundred
-PyTorch calls and Triton launches per layer whose host cost is larger than their GPU time. A
-captured graph replays the same kernels on the same memory without any of that Python.
+a Llama-3.2-1B step held about 0.3 s of GPU work in 0.48 s). Under velotune's checkpoint
+(fast/checkpointing.py, the input offloaded or kept) every layer runs twice per micro-batch, forward
+and recomputation + backward, which is a few hundred PyTorch calls and Triton launches per layer
+whose host cost is larger than their GPU time. A captured graph replays the same kernels on the
+same memory without any of that Python.
 
 When (`ModelGraphs.begin` and `LayerMasks.tensor_free` decide): the fast path is on, on CUDA, the
-layer goes through the offloading checkpoint, its input is small enough that launching its kernels
+layer goes through velotune's checkpoint, its input is small enough that launching its kernels
 takes longer than running them (plan.MAX_GRAPHED_ELEMENTS), nothing draws random numbers (no attention dropout),
 attention is plain causal (padding, packing and sliding-window masks are tensors built per batch,
 so such batches run eagerly), no KV cache, and the same shapes come back: the first call of a
@@ -223,7 +224,7 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
 
 
 class LayerRun:
-    """One layer call under the offloading checkpoint: eager, captured or replayed."""
+    """One layer call under velotune's checkpoint (offloaded or kept): eager, captured or replayed."""
 
     def __init__(self, owner: ModelGraphs, buffers: _Buffers, graphs: _LayerGraphs, layer, index: int, plan,
                  params, kind, cos_sin, masks, hidden_grad: bool):  # fmt: skip

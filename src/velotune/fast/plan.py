@@ -45,7 +45,7 @@ RETURN_LOGITS_ENV = "VELOTUNE_RETURN_LOGITS"
 GRAPHS_ENV = "VELOTUNE_CUDA_GRAPHS"
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-CHECKPOINT_MODES = ("off", "plain", "offload")
+CHECKPOINT_MODES = ("off", "plain", "keep", "offload")
 # CUDA graphs where a layer's launches outlast its GPU work: up to this many elements in a layer
 # input (tokens per micro-batch x hidden size). Measured (BENCHMARKS.md): a Llama-3.2-1B layer at
 # 4,096 tokens (2048 hidden, 8.4M) took about 7 ms of host time for 4.7 ms of GPU work, and graphs
@@ -90,6 +90,9 @@ class RuntimeSettings:
     offload_min_tokens: int = OFFLOAD_MIN_TOKENS
     offload_on_cpu: bool = False
     fp8_compute: bool = False  # base projection GEMMs in FP8 where possible (load_in_fp8 / fp8_compute)
+    # Checkpoint with torch's non-reentrant checkpoint even on the fast path (DDP with find_unused_parameters:
+    # fast/checkpointing.py's reentrant-style function would have DDP mark a weight ready twice).
+    torch_checkpoint: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,8 @@ class StepPlan:
 
     fast: fused LoRA functions and kernels (`layers` holds each layer's fused projections).
     fused_loss: the causal-LM loss through the fused linear cross-entropy; logits are not built.
-    checkpoint: "off", "plain" (torch's checkpoint per layer) or "offload" (fast/checkpointing.py).
+    checkpoint: "off", "plain" (torch's checkpoint per layer), "keep" or "offload" (fast/checkpointing.py's
+      function, the layer input kept on the device or copied to pinned host memory).
     replay_rng: checkpoint recomputations replay the random state (a layer draws random numbers).
     graphs: checkpointed layers may replay CUDA graphs (fast/layer_graphs.py; each layer still
       needs a mask without tensors).
@@ -205,15 +209,16 @@ def plan_step(model: nn.Module, *, training: bool = False, grad: bool = False, l
     if mode and training and grad and not cache:
         on_device = _device(decoder, device).type == "cuda" or settings.offload_on_cpu
         offload = mode == "unsloth" and on_device and tokens >= settings.offload_min_tokens
-        checkpoint = "offload" if offload else "plain"
+        own = fast.fast and not settings.torch_checkpoint  # the recomputation-aware function (checkpointing.py)
+        checkpoint = "offload" if offload else "keep" if own else "plain"
     # Layers draw random numbers only through dropout: the fast path has no LoRA dropout, so only
     # attention dropout could; without it no recomputation needs the random state replayed.
     draws = not fast.fast or getattr(decoder.config, "attention_dropout", 0.0) > 0
     switches = env.current()
     set_fast_launch(switches.triton_fast_launch)  # kernels/ reads no velotune module: each plan tells it
     asked = switches.return_logits if return_logits is None else bool(return_logits)
-    graphs = (checkpoint == "offload" and fast.fast and not draws and switches.cuda_graphs and not fast.per_layer
-              and tokens * decoder.config.hidden_size <= MAX_GRAPHED_ELEMENTS)
+    graphs = (checkpoint in ("keep", "offload") and fast.fast and not draws and switches.cuda_graphs
+              and not fast.per_layer and tokens * decoder.config.hidden_size <= MAX_GRAPHED_ELEMENTS)
     return dataclasses.replace(fast, fused_loss=fast.fast and training and grad and labels and not asked,
                                checkpoint=checkpoint, replay_rng=draws, graphs=graphs,
                                gemv_rows=GEMV_ROWS if fast.fast and cache and not grad else 0)

@@ -17,7 +17,7 @@ from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTra
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..fast import decode_linear
-from ..fast.checkpointing import OffloadedCheckpointer, plain_checkpoint
+from ..fast.checkpointing import LayerCheckpointer, plain_checkpoint
 from ..fast.layer_graphs import ModelGraphs
 from ..fast.plan import PLAIN, FastPathDecoder, RuntimeSettings, StepPlan, layer_plan, plan_step
 from .generation import unpack_generate_inputs
@@ -88,7 +88,7 @@ class DecoderModel(FastPathDecoder):
         self.rotary_emb = nn.ModuleDict({kind: RotaryEmbedding(config, kind) for kind in sorted(set(self.layer_types))})
         self.runtime = RuntimeSettings()
         self._plain_checkpoint = plain_checkpoint  # transformers' toggle may install its own
-        self._offloader = OffloadedCheckpointer()
+        self._checkpointer = LayerCheckpointer()
         self._graphs = ModelGraphs()  # CUDA graphs of the checkpointed layers (fast/layer_graphs.py)
 
     # transformers' checkpointing toggle (gradient_checkpointing_enable / disable, which Trainer
@@ -107,15 +107,17 @@ class DecoderModel(FastPathDecoder):
 
     @property
     def _gradient_checkpointing_func(self):
-        return self._offloader if self.runtime.checkpointing == "unsloth" else self._plain_checkpoint
+        return self._checkpointer if self.runtime.checkpointing == "unsloth" else self._plain_checkpoint
 
     @_gradient_checkpointing_func.setter
     def _gradient_checkpointing_func(self, function) -> None:
         self._plain_checkpoint = function
 
     def set_checkpointing(self, mode: bool | str) -> None:
-        """get_peft_model's `use_gradient_checkpointing`: False, True (plain per-layer
-        checkpoints) or "unsloth" (per-layer checkpoints whose inputs wait in pinned CPU memory)."""
+        """get_peft_model's `use_gradient_checkpointing`: False, True (per-layer checkpoints whose
+        inputs stay on the device) or "unsloth" (whose inputs wait in pinned CPU memory). On the fast
+        path both run fast/checkpointing.py's function; elsewhere True is torch's checkpoint, or the
+        function transformers' toggle installs (`_gradient_checkpointing_func`)."""
         self.runtime.checkpointing = mode
         self._plain_checkpoint = plain_checkpoint
 
@@ -175,7 +177,7 @@ class DecoderModel(FastPathDecoder):
         cos_sin = {kind: rope(h, position_ids) for kind, rope in self.rotary_emb.items()}
         masks = {kind: LayerMasks(masks_in, self.config.sliding_window if kind == "sliding_attention" else None)
                  for kind in cos_sin}
-        ours = plan.checkpoint == "offload" or self._plain_checkpoint is plain_checkpoint
+        ours = plan.checkpoint != "plain" or self._plain_checkpoint is plain_checkpoint
         rng = {} if plan.replay_rng or not ours else {"preserve_rng_state": False}
         graphs = None
         if plan.graphs and any(m.tensor_free() for m in masks.values()):  # padding/packing masks: eager
@@ -192,7 +194,8 @@ class DecoderModel(FastPathDecoder):
             if graphs is not None and masks[kind].tensor_free():
                 graphed = self._graphs.layer(graphs, index, layer, plan, kind, cos_sin[kind], masks[kind], h)
             recompute = functools.partial(layer.__call__, plan=plan.for_recomputation())
-            h = self._offloader(run, h, cos_sin[kind], masks[kind], None, recompute=recompute, graphed=graphed, **rng)
+            h = self._checkpointer(run, h, cos_sin[kind], masks[kind], None, recompute=recompute, graphed=graphed,
+                                   offload=plan.checkpoint == "offload", **rng)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h, plan), **{_CACHE_FIELD: cache})
 
     @staticmethod

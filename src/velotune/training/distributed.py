@@ -47,7 +47,9 @@ def apply_ddp_defaults(args) -> None:
 def check_launch(args, model) -> None:
     """Before any work: more processes than GPUs on this machine is an error naming both numbers, and
     `ddp_find_unused_parameters=True` with the offloading checkpoint (which DDP would fail on in the
-    first backward, see above) is an error naming the two fixes."""
+    first backward, see above) is an error naming the two fixes; with use_gradient_checkpointing=True
+    it makes the plan checkpoint through torch's non-reentrant checkpoint (RuntimeSettings.torch_checkpoint)
+    instead of the fast path's reentrant-style function, which DDP would fail on the same way."""
     launch = current()
     if not launch.distributed:
         return
@@ -60,6 +62,8 @@ def check_launch(args, model) -> None:
             "checkpoint recomputes each layer in backward, where DDP would see weights it had marked unused and "
             "stop ('mark a variable ready only once'). Leave ddp_find_unused_parameters unset (velotune sets False: "
             "every LoRA weight gets a gradient each step), or use use_gradient_checkpointing=True")
+    if decoder is not None:
+        decoder.runtime.torch_checkpoint = args.ddp_find_unused_parameters is True
 
 
 def active() -> bool:
