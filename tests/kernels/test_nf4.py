@@ -14,6 +14,7 @@ from velotune.quant.linear import to_linear4bit
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbF  # noqa: E402
+from tiny.bnb_reference import bnb_dequantize_4bit  # noqa: E402
 
 # aligned with several nested absmax blocks (320 blocks of 64 > 256); odd: partial block, odd count
 SHAPES = [(128, 160), (37, 77)]
@@ -36,7 +37,7 @@ def _kwargs(state, dtype=None):
 def test_bit_exact_vs_bitsandbytes(shape, dtype, double_quant, device):
     w = (torch.randn(shape, device=device) * 0.05).to(dtype)
     packed, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
-    want = bnbF.dequantize_4bit(packed, state)
+    want = bnb_dequantize_4bit(packed, state)
     got = dequantize_nf4(packed, state.absmax, state.code, **_kwargs(state), use_triton=True)
     assert got.dtype == dtype and got.shape == torch.Size(shape)
     assert torch.equal(got, want)
@@ -65,7 +66,7 @@ def test_other_output_dtype_and_quant_storage(device):
     packed, state = bnbF.quantize_4bit(
         w, blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=torch.bfloat16
     )
-    want = bnbF.dequantize_4bit(packed, state).to(torch.bfloat16)  # fp32 product, one rounding
+    want = bnb_dequantize_4bit(packed, state).to(torch.bfloat16)  # fp32 product, one rounding
     got = dequantize_nf4(packed, state.absmax, state.code, **_kwargs(state, torch.bfloat16), use_triton=True)
     assert torch.equal(got, want)
 
@@ -96,7 +97,7 @@ def test_blocksizes_and_tails_bit_exact(tiling, blocksize, double_quant, device)
     w = torch.randn(shape, device=device) * 0.05
     packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
     for dtype in DTYPES:
-        want = bnbF.dequantize_4bit(packed, state).to(dtype)  # fp32 product, one rounding (as ours)
+        want = bnb_dequantize_4bit(packed, state).to(dtype)  # fp32 product, one rounding (as ours)
         got = dequantize_nf4(packed, state.absmax, state.code, **_kwargs(state, dtype), use_triton=True)
         assert got.dtype == dtype and got.shape == torch.Size(shape)
         assert torch.equal(got, want), (dtype, (got != want).sum().item())
@@ -235,7 +236,7 @@ def test_real_size_gpu(double_quant):
     w = (torch.randn(14336, 4096, device="cuda") * 0.02).to(torch.bfloat16)
     packed, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
     got = dequantize_nf4(packed, state.absmax, state.code, **_kwargs(state), use_triton=True)
-    assert torch.equal(got, bnbF.dequantize_4bit(packed, state))
+    assert torch.equal(got, bnb_dequantize_4bit(packed, state))
 
 
 @pytest.mark.gpu
@@ -245,7 +246,7 @@ def test_real_size_weight_path_gpu(shape):
     """The QLoRA hot path (cached launch) on a real Linear4bit, first call and cache hit."""
     linear = torch.nn.Linear(shape[1], shape[0], bias=False, device="cuda", dtype=torch.bfloat16)
     module = to_linear4bit(linear)
-    want = bnbF.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    want = bnb_dequantize_4bit(module.weight.data, module.weight.quant_state)
     assert torch.equal(dequantize_nf4_weight(module), want)
     assert torch.equal(dequantize_nf4_weight(module), want)
 
@@ -256,7 +257,7 @@ def test_weight_on_another_gpu_than_the_current_one():
     """device_map over GPUs: the launch runs on the weight's GPU whatever device is current."""
     linear = torch.nn.Linear(256, 192, bias=False, device="cuda:1", dtype=torch.bfloat16)
     module = to_linear4bit(linear)
-    want = bnbF.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    want = bnb_dequantize_4bit(module.weight.data, module.weight.quant_state)
     with torch.cuda.device(0):
         for _ in range(2):
             got = dequantize_nf4_weight(module)

@@ -8,6 +8,7 @@ import bitsandbytes.functional as bnbF  # noqa: E402
 
 from velotune.quant import NF4_CODE, dequantize_nf4_state, quantize_nf4
 from velotune.quant.blockwise8 import dynamic_map, quantize_blockwise_8bit
+from tiny.bnb_reference import bnb_dequantize_4bit  # noqa: E402
 
 
 
@@ -55,7 +56,7 @@ def test_dequantize_bit_exact_vs_bitsandbytes(shape, dtype):
     w = torch.randn(shape).to(dtype)
     for compress_statistics in (True, False):
         ref_packed, ref_state = bnb_quantize(w, compress_statistics)
-        ref = bnbF.dequantize_4bit(ref_packed, ref_state)
+        ref = bnb_dequantize_4bit(ref_packed, ref_state)
         ours = dequantize_nf4_state(ref_packed, ref_state)
         assert ours.dtype == ref.dtype == dtype and ours.shape == w.shape
         assert torch.equal(ours, ref)
@@ -68,7 +69,7 @@ def test_quant_storage(storage):
     ref_packed, ref_state = bnb_quantize(w, True, quant_storage=storage)
     assert packed.dtype == storage and packed.shape == ref_packed.shape
     assert torch.equal(packed.view(torch.uint8), ref_packed.view(torch.uint8))
-    assert torch.equal(dequantize_nf4_state(packed, state), bnbF.dequantize_4bit(ref_packed, ref_state))
+    assert torch.equal(dequantize_nf4_state(packed, state), bnb_dequantize_4bit(ref_packed, ref_state))
 
 
 def test_zero_blocks_and_extremes():
@@ -150,4 +151,4 @@ def test_bit_exact_vs_bitsandbytes_cuda(shape, dtype):
         ref_packed, ref_state = bnb_quantize(w, cs)
         assert torch.equal(packed, ref_packed)
         _assert_same_state(state, ref_state)
-        assert torch.equal(dequantize_nf4_state(packed, state), bnbF.dequantize_4bit(ref_packed, ref_state))
+        assert torch.equal(dequantize_nf4_state(packed, state), bnb_dequantize_4bit(ref_packed, ref_state))

@@ -151,15 +151,22 @@ class MergedCheck:
 
 
 def same_on_every_cpu(model):
-    """`model` (loaded by transformers) with bitsandbytes' AVX512-BF16 CPU path off in its 4-bit layers.
+    """`model` (loaded by transformers) with its bitsandbytes 4-bit layers computing velotune's NF4 math.
 
-    On a CPU with that instruction set bitsandbytes' `Linear4bit` repacks its bytes in place on the
-    first no-grad eval forward (rounding the block scales to bf16), and fails outright on a layer
-    narrower than one quantization block; elsewhere it dequantizes. The check judges the folder, so
-    it runs the same NF4 math on every processor (quant/nf4_linear.py says more about that path)."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    bitsandbytes 0.50 on a CPU with AVX512 runs native kernels: its dequantization reads each row's
+    blocks from the row's start, wrong wherever quantization blocks straddle rows (in_features not a
+    multiple of the blocksize, e.g. 96 or 160 columns in blocks of 64), and with AVX512-BF16 its layer
+    also repacks its bytes on the first no-grad forward (block scales rounded to bf16; failing outright
+    on a layer narrower than one block). Elsewhere it computes what ours computes (tests/kernels/
+    test_nf4.py: bit for bit against its portable implementation). The check judges the folder, so it
+    computes the same on every processor: `NF4Linear` (quant/nf4_linear.py) takes over the same
+    Parameters, is still a `Linear4bit`, and on a GPU runs bitsandbytes' forward unchanged."""
+    from ..quant.linear import is_linear4bit
+
+    if any(is_linear4bit(m) for m in model.modules()):
+        from ..quant.nf4_linear import adopt_linear4bit_layers_
+
+        adopt_linear4bit_layers_(model)
     return model
 
 
