@@ -230,3 +230,33 @@ def test_offloaded_round_trip_in_several_pieces(monkeypatch):
     _offload_everywhere(model)
     _, grads = loss_and_grads(model, inputs)
     _assert_same(grads, expected)
+
+
+def test_an_unchecked_process_group_checkpoints_through_torch(monkeypatch):
+    """Under a process group that no launch check has vetted (the GRPO and preference trainers, whose DDP wrapper
+    transformers builds with find_unused_parameters=True for a PEFT model; a user's own DDP) the fast path
+    checkpoints through torch's non-reentrant checkpoint: DDP would fail on the reentrant-style function. A launch
+    check that saw find_unused_parameters=False lets velotune's function run again."""
+    step = dict(training=True, grad=True, tokens=OFFLOAD_MIN_TOKENS)
+    model = lora_model("llama", checkpointing=True)
+    set_fast_path(model, True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    assert runtime_settings(model).torch_checkpoint is None
+    assert plan_step(model, **step).checkpoint == "plain"
+    runtime_settings(model).torch_checkpoint = False  # what check_launch sets for find_unused_parameters=False
+    assert plan_step(model, **step).checkpoint == "keep"
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offloaded", "kept"])
+def test_a_second_backward_and_create_graph_are_refused_by_name(offload):
+    checkpointer = LayerCheckpointer()
+    weight = torch.randn(4, 4, requires_grad=True)
+    message = r"recomputes each layer once.*retain_graph.*create_graph=True are not supported"
+    out = checkpointer(lambda h: h @ weight, torch.randn(2, 4), offload=offload).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=message):
+        out.backward()
+    out = checkpointer(lambda h: h @ weight, torch.randn(2, 4), offload=offload).sum()
+    with pytest.raises(RuntimeError, match=message):
+        out.backward(create_graph=True)

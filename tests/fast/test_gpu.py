@@ -58,18 +58,22 @@ def test_qlora_fast_path_matches_plain(family):
     _compare_bf16(fast, plain, fast_grads, plain_grads)
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fused", "plain"])
-def test_offloaded_checkpointing_on_cuda_matches_no_checkpointing(fast):
+@pytest.mark.parametrize("fast, checkpointing", [(True, "unsloth"), (False, "unsloth"), (True, True)],
+                         ids=["fused", "plain", "fused-kept"])
+def test_offloaded_checkpointing_on_cuda_matches_no_checkpointing(fast, checkpointing):
+    """Offloaded ("unsloth") and kept (True on the fast path) layer inputs, eager (the padded batch's mask is a
+    tensor, so no CUDA graphs): the gradients of no checkpointing."""
     inputs = batch("cuda", B=2, T=64)
     reference = lora_model("llama", dtype=torch.bfloat16, device="cuda")
     set_fast_path(reference, fast)
     out_ref, expected = loss_and_grads(reference, inputs)
-    model = lora_model("llama", dtype=torch.bfloat16, device="cuda", checkpointing="unsloth")
+    model = lora_model("llama", dtype=torch.bfloat16, device="cuda", checkpointing=checkpointing)
     set_fast_path(model, fast)
     checkpointer = model.get_base_model().model._checkpointer
     model.get_base_model().model.runtime.offload_min_tokens = 0  # offload these short sequences too
     out, grads = loss_and_grads(model, inputs)
-    assert checkpointer.offloaded == model.config.num_hidden_layers
+    layers = model.config.num_hidden_layers
+    assert (checkpointer.offloaded, checkpointer.kept) == ((layers, 0) if checkpointing == "unsloth" else (0, layers))
     torch.testing.assert_close(out.loss, out_ref.loss)
     for name, g in expected.items():
         assert _relative_error(grads[name], g) < 1e-2, name

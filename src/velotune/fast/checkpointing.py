@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 # than torch's checkpoint at the same peak (6.96 vs 6.94 GiB), at 16,384 tokens 1.05x faster in
 # 3.9 GiB less: its recomputation skips the MLP's forward matmul (plan.StepPlan.recompute), and at short
 # lengths its host path costs less (not profiled). Shorter micro-batches were not measured, so
-# they keep torch's checkpoint.
+# they are not offloaded: on the fast path they keep their input on the device (plan mode "keep").
 OFFLOAD_MIN_TOKENS = 1024
 
 _side_streams: dict[torch.device, "torch.cuda.Stream"] = {}
@@ -139,6 +139,23 @@ class _HostCopy:
         return tensor
 
 
+def _backward_once(ctx) -> "_HostCopy | _KeptInput":
+    """The saved input, for the one backward a checkpointed layer supports: the layer is recomputed from it once
+    and it is freed, so a second backward through the same forward (retain_graph) finds nothing, and a backward
+    that builds a graph (create_graph: second-order gradients) would differentiate a recomputation that autograd
+    never recorded. Both are refused by name instead of failing obscurely or giving gradients that cannot be
+    differentiated further."""
+    saved = getattr(ctx, "saved", None)
+    if saved is None or torch.is_grad_enabled():
+        raise RuntimeError(
+            "velotune's layer checkpoint (use_gradient_checkpointing=True or \"unsloth\" on the fast path) recomputes "
+            "each layer once, in the first backward: a second backward through the same forward (retain_graph) and "
+            "backward with create_graph=True are not supported. Run the model again for each backward, or set "
+            "use_gradient_checkpointing=False")
+    del ctx.saved
+    return saved
+
+
 class _KeptInput:
     """A layer input kept where it is (no offloading): `restore` hands it back as it was.
 
@@ -200,8 +217,7 @@ class _CheckpointFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden = ctx.saved.restore().detach().requires_grad_(ctx.hidden_requires_grad)
-        del ctx.saved
+        hidden = _backward_once(ctx).restore().detach().requires_grad_(ctx.hidden_requires_grad)
         devices = [hidden.device] if hidden.is_cuda else []
         enabled, dtype = ctx.autocast
         preserve = ctx.cpu_rng is not None
@@ -232,8 +248,7 @@ class _GraphedCheckpointFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden = ctx.saved.restore()
-        del ctx.saved
+        hidden = _backward_once(ctx).restore()
         grad_hidden, grads = ctx.run.backward(hidden, grad_out)
         return (None, grad_hidden, None, *grads)
 

@@ -31,6 +31,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .. import settings as env
@@ -76,7 +77,7 @@ class LayerPlan:
 
 @dataclass
 class RuntimeSettings:
-    """A model's runtime choices, as the user made them; `plan_step` reads them, nothing else does.
+    """A model's runtime choices, as the user (and the trainer's launch check) made them; `plan_step` reads them.
 
     `fast_path`: True (fast path wherever the LoRA settings allow, even off CUDA), False (always
     the plain path), None (automatic). `checkpointing`: get_peft_model's
@@ -90,9 +91,11 @@ class RuntimeSettings:
     offload_min_tokens: int = OFFLOAD_MIN_TOKENS
     offload_on_cpu: bool = False
     fp8_compute: bool = False  # base projection GEMMs in FP8 where possible (load_in_fp8 / fp8_compute)
-    # Checkpoint with torch's non-reentrant checkpoint even on the fast path (DDP with find_unused_parameters:
-    # fast/checkpointing.py's reentrant-style function would have DDP mark a weight ready twice).
-    torch_checkpoint: bool = False
+    # Whether layers checkpoint through torch's non-reentrant checkpoint even on the fast path: a DDP wrapper with
+    # find_unused_parameters=True fails on fast/checkpointing.py's reentrant-style function (a weight marked ready
+    # twice). training/distributed.check_launch sets it from the trainer's DDP settings (True / False); None (not
+    # checked, e.g. a trainer that does not run that check): torch's checkpoint whenever a process group is active.
+    torch_checkpoint: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,7 @@ def plan_step(model: nn.Module, *, training: bool = False, grad: bool = False, l
     if mode and training and grad and not cache:
         on_device = _device(decoder, device).type == "cuda" or settings.offload_on_cpu
         offload = mode == "unsloth" and on_device and tokens >= settings.offload_min_tokens
-        own = fast.fast and not settings.torch_checkpoint  # the recomputation-aware function (checkpointing.py)
+        own = fast.fast and not _torch_checkpoint(settings)  # the recomputation-aware function (checkpointing.py)
         checkpoint = "offload" if offload else "keep" if own else "plain"
     # Layers draw random numbers only through dropout: the fast path has no LoRA dropout, so only
     # attention dropout could; without it no recomputation needs the random state replayed.
@@ -222,6 +225,14 @@ def plan_step(model: nn.Module, *, training: bool = False, grad: bool = False, l
     return dataclasses.replace(fast, fused_loss=fast.fast and training and grad and labels and not asked,
                                checkpoint=checkpoint, replay_rng=draws, graphs=graphs,
                                gemv_rows=GEMV_ROWS if fast.fast and cache and not grad else 0)
+
+
+def _torch_checkpoint(settings: RuntimeSettings) -> bool:
+    """RuntimeSettings.torch_checkpoint, with None resolved: torch's checkpoint under an active process group."""
+    if settings.torch_checkpoint is not None:
+        return settings.torch_checkpoint
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _with_fp8(plan: StepPlan, where, forced: bool) -> StepPlan:

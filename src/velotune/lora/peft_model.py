@@ -255,11 +255,12 @@ def _seed(random_state: int) -> None:
 
 
 def _set_checkpointing(model, mode) -> None:
-    """Checkpoint each decoder layer (non-reentrant, so frozen embeddings need no grad hooks).
+    """Checkpoint each decoder layer (frozen embeddings need no grad hooks).
 
-    Our models take the mode directly (transformers has renamed its toggle across 5.x):
-    "unsloth" also parks each layer's input in pinned CPU memory until backward needs it
-    (fast/checkpointing.py). The generic path uses whichever toggle the installed
+    Our models take the mode directly (transformers has renamed its toggle across 5.x): on the fast
+    path both True and "unsloth" run fast/checkpointing.py's reentrant-style function, "unsloth"
+    also parking each layer's input in pinned CPU memory until backward needs it; elsewhere torch's
+    non-reentrant checkpoint. The generic path uses whichever toggle the installed
     transformers has, and checkpoints plainly for "unsloth".
     """
     decoder = getattr(model, "model", None)

@@ -107,6 +107,7 @@ class DecoderModel(FastPathDecoder):
 
     @property
     def _gradient_checkpointing_func(self):
+        """What transformers' code reads as the layer checkpoint; the fast path's plan decides itself (plan.py)."""
         return self._checkpointer if self.runtime.checkpointing == "unsloth" else self._plain_checkpoint
 
     @_gradient_checkpointing_func.setter
@@ -177,7 +178,9 @@ class DecoderModel(FastPathDecoder):
         cos_sin = {kind: rope(h, position_ids) for kind, rope in self.rotary_emb.items()}
         masks = {kind: LayerMasks(masks_in, self.config.sliding_window if kind == "sliding_attention" else None)
                  for kind in cos_sin}
-        ours = plan.checkpoint != "plain" or self._plain_checkpoint is plain_checkpoint
+        # torch's checkpoint where the launch check asked for it, else the function transformers' toggle installed
+        plain = plain_checkpoint if self.runtime.torch_checkpoint else self._plain_checkpoint
+        ours = plan.checkpoint != "plain" or plain is plain_checkpoint
         rng = {} if plan.replay_rng or not ours else {"preserve_rng_state": False}
         graphs = None
         if plan.graphs and any(m.tensor_free() for m in masks.values()):  # padding/packing masks: eager
@@ -188,7 +191,7 @@ class DecoderModel(FastPathDecoder):
                 continue
             run = functools.partial(layer.__call__, plan=plan)
             if plan.checkpoint == "plain":
-                h = self._plain_checkpoint(run, h, cos_sin[kind], masks[kind], None, **rng)
+                h = plain(run, h, cos_sin[kind], masks[kind], None, **rng)
                 continue
             graphed = None
             if graphs is not None and masks[kind].tensor_free():
