@@ -28,7 +28,7 @@ from ._triton import jit, kernel_for, should_use_triton, tl
 from .fp8 import FP8_DTYPE, FP8_MAX, TINY, round_to_e4m3
 from .fp8_transpose import transpose_bytes
 from .nf4 import _weight_state, block_scales, dequantize_nf4
-from .nf4_fp8_transposed import nf4_to_fp8_transposed_reference, transposed_launch
+from .nf4_fp8_transposed import nf4_fp8_tile, nf4_to_fp8_transposed_reference, transposed_launch
 
 _TILE_VALUES = 8192  # the flat kernel (blocks straddling rows): values a program
 _NUM_WARPS = 4
@@ -63,7 +63,6 @@ def _nf4_to_fp8_kernel(
     tl.store(OUT + out_offs, y.to(OUT.dtype.element_ty), mask=in_range)
 
 
-
 @jit
 def _nf4_to_fp8_rows_kernel(
     PACKED, ABSMAX, QUANT_MAP, NESTED_ABSMAX, NESTED_MAP, OFFSET, INV_ROW, OUT,  # OUT (out, in) e4m3
@@ -76,27 +75,12 @@ def _nf4_to_fp8_rows_kernel(
     each block's scale one load broadcast over the block, where the flat kernel above divides every
     value's flat index by in_features and gathers its row's scale (sm_90 SASS: 28 instructions and two
     gathers a value there). The store is row-major, no permutation."""
-    NB: tl.constexpr = BLOCK_C // BLOCKSIZE  # quantization blocks per tile row
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,) weight rows
-    col_blocks = tl.program_id(1) * NB + tl.arange(0, NB)  # (NB,) block index within a row
-    if IDX64:
-        rows = rows.to(tl.int64)
-        col_blocks = col_blocks.to(tl.int64)
-    row_ok = rows < n_rows
-    col_ok = col_blocks < row_blocks
-    block_ok = row_ok[:, None] & col_ok[None, :]  # (BR, NB)
-    blocks = rows[:, None] * row_blocks + col_blocks[None, :]  # (BR, NB) flat block indices
-    byte_offs = blocks[:, :, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, None, :]  # (BR, NB, BS/2)
-    byte = tl.load(PACKED + byte_offs, mask=block_ok[:, :, None], other=0).to(tl.int32)
-    scale = block_scales(ABSMAX, NESTED_ABSMAX, NESTED_MAP, OFFSET, blocks, block_ok,
-                         NESTED, NESTED_BLOCKSIZE)  # (BR, NB)
-    hi = tl.load(QUANT_MAP + (byte >> 4)) * scale[:, :, None]  # (BR, NB, BS/2) fp32
-    lo = tl.load(QUANT_MAP + (byte & 15)) * scale[:, :, None]
-    w = tl.interleave(hi, lo)  # (BR, NB, BS) in row order
-    inv = tl.load(INV_ROW + rows, mask=row_ok, other=0.0)  # (BR,) the row's 448 / absmax
-    y = round_to_e4m3(w * inv[:, None, None])  # saturates at +-448 (the reference's clamp)
+    y, _, _, _, _, blocks, block_ok = nf4_fp8_tile(
+        PACKED, ABSMAX, QUANT_MAP, NESTED_ABSMAX, NESTED_MAP, OFFSET, INV_ROW, n_rows, row_blocks,
+        BLOCKSIZE, NESTED_BLOCKSIZE, NESTED, BLOCK_R, BLOCK_C, IDX64)  # y (BR, NB, BS)
     out_offs = blocks[:, :, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, None, :]  # (BR, NB, BS) row-major
     tl.store(OUT + out_offs, y.to(OUT.dtype.element_ty), mask=block_ok[:, :, None])
+
 
 class _RowScales:
     """One weight's cached row scales: (scale (out,) fp32, inv (out,) fp32), valid while the

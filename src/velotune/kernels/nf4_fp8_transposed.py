@@ -31,14 +31,18 @@ TILE = (64, 128, 4)
 
 
 @jit
-def _nf4_to_fp8_t_kernel(
-    PACKED, ABSMAX, QUANT_MAP, NESTED_ABSMAX, NESTED_MAP, OFFSET, INV_ROW, OUT,  # OUT (in, out) uint8 view
+def nf4_fp8_tile(
+    PACKED, ABSMAX, QUANT_MAP, NESTED_ABSMAX, NESTED_MAP, OFFSET, INV_ROW,
     n_rows, row_blocks,  # the weight's out_features, and in_features // BLOCKSIZE (blocks never straddle rows)
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
 ):  # fmt: skip
+    """This program's (BLOCK_R rows, BLOCK_C columns) tile of an NF4 weight as e4m3 values (still fp32, on the
+    grid), with its indices: (y (BR, NB, BS) in row order, rows (BR,), col_blocks (NB,), row_ok, col_ok,
+    blocks (BR, NB) flat block indices, block_ok). The reads and math of both tiled conversions (this file's
+    transposed one, nf4_fp8.py's row-major one); they differ in their stores only."""
     NB: tl.constexpr = BLOCK_C // BLOCKSIZE  # quantization blocks per tile row
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,) weight rows = output columns
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,) weight rows
     col_blocks = tl.program_id(1) * NB + tl.arange(0, NB)  # (NB,) block index within a row
     if IDX64:
         rows = rows.to(tl.int64)
@@ -56,6 +60,19 @@ def _nf4_to_fp8_t_kernel(
     w = tl.interleave(hi, lo)  # (BR, NB, BS) in row order
     inv = tl.load(INV_ROW + rows, mask=row_ok, other=0.0)  # (BR,) the row's 448 / absmax
     y = round_to_e4m3(w * inv[:, None, None])  # saturates at +-448 (the reference's clamp)
+    return y, rows, col_blocks, row_ok, col_ok, blocks, block_ok
+
+
+@jit
+def _nf4_to_fp8_t_kernel(
+    PACKED, ABSMAX, QUANT_MAP, NESTED_ABSMAX, NESTED_MAP, OFFSET, INV_ROW, OUT,  # OUT (in, out) uint8 view
+    n_rows, row_blocks,  # the weight's out_features, and in_features // BLOCKSIZE (blocks never straddle rows)
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
+):  # fmt: skip
+    y, rows, col_blocks, row_ok, col_ok, _, _ = nf4_fp8_tile(
+        PACKED, ABSMAX, QUANT_MAP, NESTED_ABSMAX, NESTED_MAP, OFFSET, INV_ROW, n_rows, row_blocks,
+        BLOCKSIZE, NESTED_BLOCKSIZE, NESTED, BLOCK_R, BLOCK_C, IDX64)  # y (BR, NB, BS)
     y = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)  # e4m3 (torch's float8_e4m3fn), moved as bytes
     cols = col_blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (NB, BS) weight columns
     tl.store(OUT + cols[:, :, None] * n_rows + rows[None, None, :], tl.permute(y, (1, 2, 0)),
