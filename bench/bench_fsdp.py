@@ -292,6 +292,7 @@ def worker(args) -> None:
             record = run_one(args, mode, engine, cuda, world, rank, local_rank)
             if rank == 0:
                 print("RESULT " + json.dumps(record), flush=True)
+    dist.barrier()  # every rank done before any tears its group down (a CPU rank once aborted in an unordered teardown)
     dist.destroy_process_group()
 
 

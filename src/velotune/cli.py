@@ -166,13 +166,26 @@ def train(config_path: str | None = None, nproc: int | None = None, nnodes: int 
     if getattr(trainer, "_sharding", None) is not None:
         trainer.save_model(str(adapter))  # FSDP2: every rank takes part in gathering the adapter; rank 0 writes it
     if not launch.main:
+        _close_process_group()
         return adapter  # rank 0 writes it
     if getattr(trainer, "_sharding", None) is None:
         model.save_pretrained(adapter)
     tokenizer.save_pretrained(adapter)
     print(f"velotune: adapter saved to {adapter}")
     _export(model, tokenizer, Path(args.output_dir), **config["export"])
+    _close_process_group()
     return adapter
+
+
+def _close_process_group() -> None:
+    """A launched rank destroys its process group itself once its part is done (the others' last collective is
+    behind it: rank 0 only writes files after this point). Left to the interpreter's exit, the gloo group's threads
+    were torn down in no set order and a finished CPU rank aborted ("terminate called without an active
+    exception", SIGABRT), failing a run whose training had completed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _export(model, tokenizer, out: Path, merged: str | None = None, gguf=None, ollama: bool = False) -> None:
