@@ -19,5 +19,5 @@ if [ "${PART:-}" = 2 ]; then
 [ -d /tmp/m_llama8b ] || timeout 120 python3 .bench/peer_bench.py make --out /tmp/m_llama8b --preset llama8b 2>&1 | grep -v Writing
 for ck in true unsloth; do run 8b_nf4_$ck 110 bench/bench_fp8.py speed --model /tmp/m_llama8b --mode nf4 --seq 2048 --bs 2 --ga 4 --steps 3 --warmup 1 --checkpointing $ck; done
 for mode in nf4-fp8 fp8; do run 8b_$mode 110 bench/bench_fp8.py speed --model /tmp/m_llama8b --mode $mode --seq 2048 --bs 2 --ga 4 --steps 3 --warmup 1; done
-OUT=$O PER_RUN_S=110 timeout 260 bash .bench/run_peers.sh llama8b 2048 unsloth/nf4 unsloth/none > $O/peers_8b.log 2>&1; echo "peers rc=$?"; grep -h RESULT $O/peers_8b.log $O/*/*.log 2>/dev/null | head
+OUT=$O PER_RUN_S=110 timeout 260 bash .bench/run_peers.sh llama8b 2048 unsloth/nf4 unsloth/none > $O/peers_8b.log 2>&1; echo "peers rc=$?"; grep -h RESULT $O/peers_8b.log
 fi
