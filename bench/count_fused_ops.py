@@ -9,12 +9,14 @@ difference between a 2-layer and a 1-layer model, so the embedding/loss are not 
 It also counts the Python function calls and the calls into C (torch ops, builtins) of one
 step per layer (`sys.setprofile`): the host's share of a launch-bound step that is not a kernel.
 `--checkpointing unsloth` runs the step through the offloading checkpoint (its CPU stand-in),
-as training does: forward, recomputation and backward. `--decode ROWS` counts one no-grad decode
+as training does: forward, recomputation and backward; `true` through the same function with the layer
+input kept (use_gradient_checkpointing=True since session 12); `torch` through torch's non-reentrant
+checkpoint (what True ran before, and still runs where RuntimeSettings.torch_checkpoint asks). `--decode ROWS` counts one no-grad decode
 step of the generation engine instead (ROWS token rows, GRPO's group: 8), with the LoRA adapters
 read from generation's persistent buffers (fast/stacked_adapters.py) and, beside it, stacked and
 cast on every step as before (`stacked_adapters: false`).
 
-    PYTHONPATH=src python bench/count_fused_ops.py [--checkpointing unsloth | --decode 8]
+    PYTHONPATH=src python bench/count_fused_ops.py [--checkpointing unsloth|true|torch | --decode 8]
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ def _counts(layers: int, checkpointing: str) -> Counter:
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
-    mode = "unsloth" if checkpointing == "unsloth" else False
+    mode = {"none": False, "unsloth": "unsloth"}.get(checkpointing, True)
     model = get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=mode).train()
-    if mode:
-        runtime = model.get_base_model().model.runtime
+    runtime = model.get_base_model().model.runtime
+    if mode == "unsloth":
         runtime.offload_min_tokens, runtime.offload_on_cpu = 0, True
+    runtime.torch_checkpoint = checkpointing == "torch"
     set_fast_path(model, True)
     ids = torch.randint(0, 128, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()  # warm-up
@@ -95,7 +98,7 @@ def _decode_counts(layers: int, rows: int, stacked: bool) -> Counter:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpointing", choices=["none", "unsloth"], default="none")
+    parser.add_argument("--checkpointing", choices=["none", "unsloth", "true", "torch"], default="none")
     parser.add_argument("--decode", type=int, default=0, metavar="ROWS", help="count one decode step of ROWS rows")
     args = parser.parse_args()
     if args.decode:
