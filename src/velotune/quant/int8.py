@@ -18,15 +18,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from velotune.quant.linear import _skipped
+from velotune.quant.linear import _skipped, is_bitsandbytes_class
 
 _INV_127 = 7.874015718698502e-3  # bitsandbytes multiplies by this fp32 reciprocal rather than dividing
 
 
 def is_linear8bit(module) -> bool:
     """Whether ``module`` is bitsandbytes' ``Linear8bitLt`` (or a subclass), without importing bitsandbytes."""
-    return any(cls.__name__ == "Linear8bitLt" and cls.__module__.startswith("bitsandbytes")
-               for cls in type(module).__mro__)
+    return is_bitsandbytes_class(type(module), "Linear8bitLt")
 
 
 def dequantize_int8_weight(module) -> torch.Tensor:

@@ -9,6 +9,7 @@ state dict is the "bnb-4bit" checkpoint format. We replace *how* the weights are
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -48,8 +49,14 @@ def to_linear4bit(
 
 def is_linear4bit(module) -> bool:
     """Whether ``module`` is bitsandbytes' ``Linear4bit`` or a subclass (ours), without importing bitsandbytes."""
-    return any(cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes")
-               for cls in type(module).__mro__)
+    return is_bitsandbytes_class(type(module), "Linear4bit")
+
+
+@functools.cache
+def is_bitsandbytes_class(cls: type, name: str) -> bool:
+    """Whether ``cls`` is bitsandbytes' class ``name`` or a subclass of it, by name (no bitsandbytes import). Cached
+    per class: the fast path's plan asks it of every projection on every forward."""
+    return any(c.__name__ == name and c.__module__.startswith("bitsandbytes") for c in cls.__mro__)
 
 
 def _skipped(name: str, skip_modules: Iterable[str]) -> bool:
