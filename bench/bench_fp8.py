@@ -307,15 +307,7 @@ def kernels(args) -> None:
     from velotune.quant.fp8 import quantize_weight_fp8
     from velotune.quant.linear import to_linear4bit
 
-    def ms(fn, n=20):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        start = time.time()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        return (time.time() - start) / n * 1e3
+    from fp8_conversions import wall_ms as ms  # Python calls back to back, host launch cost included
 
     def old_bwd(g, values_t_fn, scale):  # fp8_grad_input as it was: the weight's transposed copy by PyTorch
         values_t = values_t_fn()  # (in, out) row-major

@@ -57,7 +57,7 @@ def gpu_ms(fn) -> tuple[float, str]:
 
 
 def wall_ms(fn, n=20) -> float:
-    """bench_fp8.py's `ms`: Python calls back to back, host launch cost included."""
+    """Milliseconds a call of fn, its Python calls back to back (host launch cost included), after 3 warm-ups."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()

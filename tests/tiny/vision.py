@@ -177,3 +177,28 @@ def _qwen_processor(proc_cls, image_processor, tok):
                                   merge_size=image_processor.merge_size)
     return proc_cls(image_processor=image_processor, tokenizer=tok, video_processor=video,
                     chat_template=tok.chat_template)
+
+
+def lora_from_folder(folder):
+    """(model, processor): a saved vision folder loaded by velotune in fp32 with LoRA (r=4) on both towers'
+    attention and MLP, every B random (so a merged export differs from the base weights), in eval mode."""
+    from velotune import FastVisionModel
+
+    model, processor = FastVisionModel.from_pretrained(str(folder), load_in_4bit=False, dtype=torch.float32)
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)  # both towers, attention and MLP
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model.eval(), processor
+
+
+def gguf_fields(reader) -> dict:
+    """A GGUFReader's key-value fields (the header's own GGUF.* entries left out)."""
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def gguf_tensor(tensor) -> torch.Tensor:
+    """A GGUFReader tensor as fp32 in PyTorch's axis order (GGUF lists the dimensions innermost first)."""
+    return torch.from_numpy(tensor.data.astype("float32")).reshape(tuple(reversed([int(n) for n in tensor.shape])))

@@ -23,7 +23,6 @@ import torch
 import transformers as T
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from velotune import FastVisionModel
 from velotune.export.gguf_check import GGUFContentError
 from velotune.export.gguf_mmproj import MmprojUnsupported, check_mmproj
 from velotune.export.mtmd_check import (EMBEDDING_BUDGET, check_image_embeddings, llama_cpp_prompt_logits,
@@ -33,6 +32,7 @@ from velotune.vision.processors import image_only_processor
 
 from tiny import export_shapes
 from tiny import vision as tiny_vision
+from tiny.vision import gguf_fields, lora_from_folder
 
 pytest.importorskip("llama_cpp")
 
@@ -83,14 +83,7 @@ def _trained(family: str, folder, **build):
     reference, processor = _build(family, **build)
     reference.save_pretrained(folder)
     processor.save_pretrained(folder)
-    model, processor = FastVisionModel.from_pretrained(str(folder), load_in_4bit=False, dtype=torch.float32)
-    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)  # both towers, attention and MLP
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return model.eval(), processor
+    return lora_from_folder(folder)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -103,14 +96,10 @@ def exported(request, tmp_path_factory):
     return family, model, processor, paths
 
 
-def _fields(reader: gguf.GGUFReader) -> dict:
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-
-
 def test_language_model_runs_in_llama_cpp_as_qwen2vl(exported):
     family, model, processor, (text_path, mmproj) = exported
     assert (text_path.name, mmproj.name) == ("model-F16.gguf", "mmproj-F16.gguf")
-    fields = _fields(gguf.GGUFReader(text_path))
+    fields = gguf_fields(gguf.GGUFReader(text_path))
     assert fields["general.architecture"] == "qwen2vl"
     assert fields["qwen2vl.rope.dimension_sections"] == [2, 1, 1, 0]
     prompts = [processor.tokenizer("What is the capital of France?")["input_ids"], [5, 9, 200, 31, 7, 64]]
@@ -124,7 +113,7 @@ def test_language_model_runs_in_llama_cpp_as_qwen2vl(exported):
 def test_mmproj_holds_what_clip_cpp_reads(exported):
     family, model, processor, (_, mmproj) = exported
     reader = gguf.GGUFReader(mmproj)
-    fields = _fields(reader)
+    fields = gguf_fields(reader)
     assert fields["general.architecture"] == "clip" and fields["general.type"] == "mmproj"
     assert fields["clip.projector_type"] == {"qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger"}[family]
     assert fields["clip.vision.projection_dim"] == 32 and fields["clip.vision.block_count"] == 3

@@ -34,7 +34,6 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-from velotune import FastVisionModel
 from velotune.export.gguf_mmproj import MmprojUnsupported
 from velotune.export.mmproj_gemma3 import write_keys
 from velotune.export.mtmd_check import (EMBEDDING_BUDGET, ImageEmbeddingMismatch, check_image_embeddings,
@@ -44,6 +43,7 @@ from velotune.models.spec import PROJECTORS
 
 from tiny import export_shapes
 from tiny import vision as tiny_vision
+from tiny.vision import gguf_fields, gguf_tensor, lora_from_folder
 
 pytest.importorskip("llama_cpp")
 
@@ -97,14 +97,7 @@ def _trained(folder, **config):
         projector.mm_soft_emb_norm.weight.normal_(0, 0.2)
     reference.save_pretrained(folder)
     processor.save_pretrained(folder)
-    model, processor = FastVisionModel.from_pretrained(str(folder), load_in_4bit=False, dtype=torch.float32)
-    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)  # both towers, attention and MLP
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return model.eval(), processor
+    return lora_from_folder(folder)
 
 
 @pytest.fixture(scope="module")
@@ -115,18 +108,10 @@ def exported(tmp_path_factory):
     return model, processor, paths
 
 
-def _fields(reader: gguf.GGUFReader) -> dict:
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-
-
-def _stored(tensor) -> torch.Tensor:
-    return torch.from_numpy(tensor.data.astype("float32")).reshape(tuple(reversed([int(n) for n in tensor.shape])))
-
-
 def test_language_model_runs_in_llama_cpp_as_gemma3(exported):
     model, processor, (text_path, mmproj) = exported
     assert (text_path.name, mmproj.name) == ("model-F16.gguf", "mmproj-F16.gguf")
-    assert _fields(gguf.GGUFReader(text_path))["general.architecture"] == "gemma3"
+    assert gguf_fields(gguf.GGUFReader(text_path))["general.architecture"] == "gemma3"
     prompts = [processor.tokenizer("What is the capital of France?")["input_ids"], [5, 9, 200, 31, 7, 64]]
     with torch.no_grad():  # the vision-language model itself, text only
         ours = [model(input_ids=torch.tensor([p])).logits[0].float() for p in prompts]
@@ -138,7 +123,7 @@ def test_language_model_runs_in_llama_cpp_as_gemma3(exported):
 def test_mmproj_holds_what_clip_cpp_reads(exported):
     model, processor, (_, mmproj) = exported
     reader = gguf.GGUFReader(mmproj)
-    fields = _fields(reader)
+    fields = gguf_fields(reader)
     assert fields["general.architecture"] == "clip" and fields["general.type"] == "mmproj"
     assert fields["clip.projector_type"] == "gemma3" and fields["clip.use_gelu"] is True
     assert fields["clip.vision.projector.scale_factor"] == 2  # 8 patches a side pooled into 4 tokens a side
@@ -157,13 +142,13 @@ def test_mmproj_holds_what_clip_cpp_reads(exported):
     base = model.get_base_model().model
     projector = base.multi_modal_projector
     # stored as the checkpoint holds it, (vision width, text width): clip.cpp transposes it
-    torch.testing.assert_close(_stored(tensors["mm.input_projection.weight"]),
+    torch.testing.assert_close(gguf_tensor(tensors["mm.input_projection.weight"]),
                                projector.mm_input_projection_weight.detach().half().float(), rtol=0, atol=0)
-    torch.testing.assert_close(_stored(tensors["mm.soft_emb_norm.weight"]),
+    torch.testing.assert_close(gguf_tensor(tensors["mm.soft_emb_norm.weight"]),
                                1 + projector.mm_soft_emb_norm.weight.detach(), rtol=0, atol=0)
     q = base.vision_tower.encoder.layers[0].self_attn.q_proj
     merged = q.base_layer.weight + q.get_delta_weight("default")  # (32, 32), LoRA merged
-    torch.testing.assert_close(_stored(tensors["v.blk.0.attn_q.weight"]), merged.detach().half().float(),
+    torch.testing.assert_close(gguf_tensor(tensors["v.blk.0.attn_q.weight"]), merged.detach().half().float(),
                                rtol=0, atol=0)
 
 

@@ -38,6 +38,7 @@ from velotune.export.verify import llama_cpp_logits
 
 from tiny import export_shapes
 from tiny import vision as tiny_vision
+from tiny.vision import gguf_fields, gguf_tensor, lora_from_folder
 
 pytest.importorskip("llama_cpp")
 
@@ -76,14 +77,7 @@ def _trained(folder, act: str = "silu", strategy: str = "full", layers: int = 2)
     T.AutoModelForImageTextToText.from_config(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     PixtralImageProcessorPil(size={"longest_edge": 128}, patch_size=8).save_pretrained(folder)
-    model, processor = FastVisionModel.from_pretrained(str(folder), load_in_4bit=False, dtype=torch.float32)
-    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)  # both towers, attention and MLP
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return model.eval(), processor
+    return lora_from_folder(folder)
 
 
 @pytest.fixture(scope="module")
@@ -94,17 +88,9 @@ def exported(tmp_path_factory):
     return model, processor, paths
 
 
-def _fields(reader: gguf.GGUFReader) -> dict:
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-
-
-def _stored(tensor) -> torch.Tensor:
-    return torch.from_numpy(tensor.data.astype("float32")).reshape(tuple(reversed([int(n) for n in tensor.shape])))
-
-
 def test_language_model_runs_in_llama_cpp(exported):
     model, processor, (text_path, mmproj) = exported
-    assert _fields(gguf.GGUFReader(text_path))["general.architecture"] == "llama"
+    assert gguf_fields(gguf.GGUFReader(text_path))["general.architecture"] == "llama"
     prompts = [processor.tokenizer("What is the capital of France?")["input_ids"], [5, 9, 200, 31, 7, 64]]
     with torch.no_grad():
         ours = [model(input_ids=torch.tensor([p])).logits[0].float() for p in prompts]
@@ -116,7 +102,7 @@ def test_language_model_runs_in_llama_cpp(exported):
 def test_mmproj_holds_what_clip_cpp_reads(exported):
     model, processor, (_, mmproj) = exported
     reader = gguf.GGUFReader(mmproj)
-    fields = _fields(reader)
+    fields = gguf_fields(reader)
     assert fields["clip.projector_type"] == "pixtral" and fields["clip.use_silu"] is True
     assert fields["clip.vision.attention.layer_norm_epsilon"] == pytest.approx(1e-5)
     assert fields["clip.vision.projection_dim"] == 32 and fields["clip.vision.block_count"] == 2
@@ -127,10 +113,10 @@ def test_mmproj_holds_what_clip_cpp_reads(exported):
     base = model.get_base_model()
     q = base.model.vision_tower.transformer.layers[0].attention.q_proj
     merged = (q.base_layer.weight + q.get_delta_weight("default")).detach()  # (32, 32), LoRA merged
-    torch.testing.assert_close(_stored(tensors["v.blk.0.attn_q.weight"]), _interleave_heads(merged, 2).half().float(),
+    torch.testing.assert_close(gguf_tensor(tensors["v.blk.0.attn_q.weight"]), _interleave_heads(merged, 2).half().float(),
                                rtol=0, atol=0)
     row = base.get_input_embeddings().weight[processor.tokenizer.convert_tokens_to_ids("[IMG_BREAK]")].detach()
-    torch.testing.assert_close(_stored(tensors["v.token_embd.img_break"]), row, rtol=0, atol=0)
+    torch.testing.assert_close(gguf_tensor(tensors["v.token_embd.img_break"]), row, rtol=0, atol=0)
 
 
 def test_clip_tower_llava_is_still_refused(vision_folder, tmp_path):
