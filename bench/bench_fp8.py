@@ -52,15 +52,20 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load(model_path: str, mode: str, seq: int, rank: int, checkpointing="unsloth"):
+    """`checkpointing`: get_peft_model's use_gradient_checkpointing, or "torch": True through torch's non-reentrant
+    checkpoint (RuntimeSettings.torch_checkpoint; what True ran before session 12), for the same-run comparison."""
     import torch
 
     from velotune import FastLanguageModel
+    from velotune.fast.plan import runtime_settings
 
     model, tok = FastLanguageModel.from_pretrained(model_name=model_path, max_seq_length=seq, dtype=torch.bfloat16,
                                                    **MODES[mode])
     model = FastLanguageModel.get_peft_model(
         model, r=rank, lora_alpha=rank, lora_dropout=0, bias="none", target_modules=TARGETS,
-        use_gradient_checkpointing=checkpointing, random_state=3407, max_seq_length=seq)
+        use_gradient_checkpointing=True if checkpointing == "torch" else checkpointing, random_state=3407,
+        max_seq_length=seq)
+    runtime_settings(model).torch_checkpoint = checkpointing == "torch"
     return model, tok
 
 
@@ -413,8 +418,9 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="speed: profile one micro-batch of the last step (kernel "
                     "table + FP8 pieces summed) instead of timing")
-    ap.add_argument("--checkpointing", default="unsloth", choices=["unsloth", "true", "false"],
-                    help="speed: use_gradient_checkpointing (unsloth: layer inputs offloaded to pinned host memory)")
+    ap.add_argument("--checkpointing", default="unsloth", choices=["unsloth", "true", "false", "torch"],
+                    help="speed: use_gradient_checkpointing (unsloth: layer inputs offloaded to pinned host memory; "
+                    "torch: True through torch's checkpoint, as before session 12)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--held-rows", type=int, default=64)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
