@@ -4,7 +4,7 @@
 # profile) vs Unsloth 1,343 at 7.76 / 7.55 GiB; Llama-3.2-11B-Vision QLoRA velotune 294 tok/s at 36.26 GiB vs
 # Unsloth 357 at 9.64 GiB. What changed: Mllama's vision encoder layers are checkpointed (models/foreign_checkpoints.py)
 # and Qwen-VL's vision attention runs one SDPA call per window length (models/vision_attention.py).
-export PYTHONPATH=$PWD/src:$PWD/tests:$PWD/.peers HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD/src:$PWD:$PWD/tests:$PWD/.peers HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p $OUT/hv
 git log --oneline -1 > $OUT/hv/commit.txt; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >> $OUT/hv/commit.txt
 # A. vision GPU tests: NF4 load + LoRA step, own-decoder fast path and engine on CUDA, grouped attention on CUDA
