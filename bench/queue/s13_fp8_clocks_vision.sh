@@ -7,6 +7,10 @@
 # PART=2 (~8 min): vision rows beside Unsloth (Unsloth's Mllama compile needs more than 150 s: 280 s here):
 #   Qwen2.5-VL-7B bf16 LoRA both stacks, Llama-3.2-11B-Vision QLoRA both stacks (and velotune-hf, the language model
 #   on transformers' classes, when Mllama's own decoder has landed: compare).
+# PART=3 (~6 min): issue 17's memory target (no more than Unsloth's GRPO peak): the 8B GRPO step with the engine's
+#   KV cache kept between steps (the default below 1/8 of the weight bytes) and given back every step
+#   (--keep-cache-fraction 0: re-captures the decode graphs), beside Unsloth's GRPO in the same call (session 10 on
+#   x2: velotune 18.04 GiB, Unsloth 17.26).
 export PYTHONPATH=$PWD/src:$PWD:$PWD/tests:$PWD/.peers HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 [ -d .peers ] || tar xJf .peerspack/peers.tar.xz
 O=$OUT/s13; mkdir -p $O
@@ -46,4 +50,10 @@ run qwen_velotune_bf16 90 bench/bench_vision.py run --model /tmp/v_qwen --stack 
 run qwen_unsloth_bf16 200 bench/bench_vision.py run --model /tmp/v_qwen --stack unsloth --quant none --batch 2 --image 512 --steps 8
 run mllama_velotune_nf4 90 bench/bench_vision.py run --model /tmp/v_mllama --stack velotune --quant nf4 --batch 2 --image 512 --steps 8
 run mllama_unsloth_nf4 280 bench/bench_vision.py run --model /tmp/v_mllama --stack unsloth --quant nf4 --batch 2 --image 512 --steps 8
+fi
+if [ "${PART:-}" = 3 ]; then
+[ -d /tmp/m_llama8b ] || timeout 120 python3 .bench/peer_bench.py make --out /tmp/m_llama8b --preset llama8b 2>&1 | grep -v Writing
+run grpo_8b_512 150 bench/bench_grpo.py --model /tmp/m_llama8b --gens 8 --completion 512
+run grpo_8b_512_release 150 bench/bench_grpo.py --model /tmp/m_llama8b --gens 8 --completion 512 --keep-cache-fraction 0
+run grpo_8b_512_unsloth 200 .bench/grpo_bench.py --model /tmp/m_llama8b --stack unsloth --gens 8 --completion 512
 fi
