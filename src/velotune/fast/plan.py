@@ -123,7 +123,7 @@ class StepPlan:
     fast: bool = False
     reason: str = "plain path"
     warn: bool = False  # a CUDA model lost the fast path to its own settings (dropout, bias, DoRA)
-    layers: tuple[LayerPlan, ...] = ()
+    layers: tuple[LayerPlan | None, ...] = ()  # None for a borrowed layer (FastPathDecoder)
     fused_loss: bool = False
     checkpoint: str = "off"
     replay_rng: bool = True
@@ -155,9 +155,12 @@ class FastPathDecoder(nn.Module):
     Declared here and subclassed there, so the plan recognises our decoder without importing the
     models package, which sits above this one (tests/test_layering.py). A subclass has
     `embed_tokens`, `layers` (each with `mlp.activation` and the PROJECTIONS), `config` and
-    `runtime` (its RuntimeSettings)."""
+    `runtime` (its RuntimeSettings). `borrowed_layers`: the indices of layers that are transformers' own
+    modules (Mllama's cross-attention layers): they run their own modules, so the plan, the layer
+    checkpointer and the CUDA graphs leave them out (their `layers` entry is None)."""
 
     runtime: RuntimeSettings
+    borrowed_layers: frozenset[int] = frozenset()
 
 
 def find_decoder(model: nn.Module):
@@ -263,6 +266,9 @@ def _with_fp8(plan: StepPlan, where, forced: bool) -> StepPlan:
                                             "matmuls run in 16-bit"))
     layers, skipped, total = [], [], 0
     for i, layer in enumerate(plan.layers):
+        if layer is None:  # a borrowed layer: transformers' modules, no fused projections
+            layers.append(None)
+            continue
         groups = {}
         for group in ("qkv", "o", "mlp"):
             marked = []
@@ -323,6 +329,9 @@ def _fast_plan(model: nn.Module, decoder, setting: bool | None, device) -> StepP
     warn = where.type == "cuda"
     plans = []
     for i, layer in enumerate(decoder.layers):
+        if i in decoder.borrowed_layers:
+            plans.append(None)
+            continue
         if layer.mlp.activation not in GATED_ACTIVATIONS:
             return StepPlan(reason=f"activation {layer.mlp.activation!r} has no gated kernel "
                                    f"(fused: {', '.join(GATED_ACTIVATIONS)})", warn=warn)

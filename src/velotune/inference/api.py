@@ -77,10 +77,14 @@ class GenerationEngine:
         inputs = args[0] if args else kwargs.pop("inputs", None)
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
-        multimodal = hasattr(engine.base_model(model), "prefill_inputs")  # a vision model on our decoder
+        base = engine.base_model(model)
+        unserved = engine.unserved(base)  # Mllama: transformers' loop over our model (its cross layers cache the image)
+        multimodal = hasattr(base, "prefill_inputs")  # a vision model on our decoder
         unsupported = engine_handles(kwargs, multimodal) if len(args) <= 1 else "positional arguments"
-        if not self.serves_generate or inputs is None or unsupported is not None:
-            if self.serves_generate and unsupported is not None:
+        if not self.serves_generate or inputs is None or unserved is not None or unsupported is not None:
+            if self.serves_generate and unserved is not None:
+                engine.log_once(f"velotune: generate runs on transformers' loop, not velotune's engine: {unserved}")
+            elif self.serves_generate and unsupported is not None:
                 logger.info("velotune: generate(%s=...) runs on transformers' loop, not the engine", unsupported)
             if inputs is not None:
                 kwargs["input_ids"] = inputs

@@ -14,6 +14,7 @@ sampling stay on the device.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,9 @@ from ..quant.int8 import is_linear8bit
 from .cache import InferenceSettings, StaticKVCache
 from .runner import DecodeGraphs, DecoderRunner
 from .sampling import SamplingParams, chosen_logprobs, sample
+
+logger = logging.getLogger("velotune")
+_logged: set[str] = set()
 
 # Tokens per prefill chunk (rows are prefilled in groups of about this many tokens).
 PREFILL_TOKENS = 8192
@@ -71,6 +75,23 @@ def base_model(model):
     """The causal LM under a PEFT wrapper (PEFT's LoRA layers live inside it)."""
     get = getattr(model, "get_base_model", None)
     return get() if get is not None else model
+
+
+def unserved(causal) -> str | None:
+    """Why the engine cannot run `causal` (a model whose decoder is ours), or None. Decoders with borrowed layers
+    (transformers' own modules among ours: Mllama's cross-attention into the image, decoder.py) are not served: the
+    static cache holds self-attention keys only, and the runner calls our layers alone."""
+    decoder = find_decoder(causal)
+    if decoder is not None and decoder.borrowed_layers:
+        return (f"its decoder's layers {sorted(decoder.borrowed_layers)} are transformers' cross-attention layers, "
+                "which the engine's static cache and runner do not run")
+    return None
+
+
+def log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.info(message)
 
 
 def context_limit(causal) -> int:
@@ -250,7 +271,10 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_ids: s
     (3, count, P) for M-RoPE) and each row's next position (count,); decode steps are text only."""
     causal = base_model(model)
     decoder = find_decoder(causal)
-    if decoder is None:
+    why = unserved(causal)
+    if why is not None:
+        log_once(f"velotune: generation runs the generic loop over the model's forward, not the engine: {why}")
+    if decoder is None or why is not None:
         from .generic import generate as generic_generate
 
         return generic_generate(model, prompts, params, eos_ids, tokenizer, on_token, limit)

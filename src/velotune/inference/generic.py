@@ -23,7 +23,8 @@ def generate(model, prompts, params: SamplingParams, eos_ids: set[int], tokenize
 
     causal = base_model(model)
     limit = limit or context_limit(causal)
-    prompts = check_prompts(prompts, params, limit, causal.config.vocab_size)
+    # a vision-language config keeps the vocabulary in its text config (Mllama: this loop, not the engine, serves it)
+    prompts = check_prompts(prompts, params, limit, causal.config.get_text_config().vocab_size)
     n = params.n
     rows = [p for p in prompts for _ in range(n)]
     P = max(len(p) for p in rows)

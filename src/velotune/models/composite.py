@@ -1,5 +1,5 @@
 """The shared part of our vision-language classes: transformers' vision tower and projector, our decoder as
-the language model (see qwen_vl.py and llava.py for the families).
+the language model (see qwen_vl.py, llava.py and mllama.py for the families).
 
 A family's class subclasses transformers' own under the same name and keeps its module tree (`model.<tower>`,
 `model.<projector>`, `model.language_model`, `lm_head`), with our `DecoderModel` at `model.language_model`, so
@@ -32,6 +32,7 @@ class OwnTextDecoder:
     """Mixed into a family's class (before transformers' class): our decoder as its language model."""
 
     _transformers_class: type  # the transformers class the family subclasses
+    _decoder_class: type = DecoderModel  # our language model (Mllama's holds transformers' cross-attention layers)
 
     @classmethod
     def text_family(cls, config) -> str:
@@ -41,7 +42,7 @@ class OwnTextDecoder:
     def _install_decoder(self) -> None:
         # transformers' __init__ built its text model; ours takes its place under the same name.
         text = self.config.get_text_config()
-        self.model.language_model = DecoderModel(text, FAMILIES[self.text_family(self.config)])
+        self.model.language_model = self._decoder_class(text, FAMILIES[self.text_family(self.config)])
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -79,17 +80,18 @@ class OwnTextDecoder:
         return super().generate(*args, **kwargs)
 
     def run_decoder(self, embeds, attention_mask, positions, cache, use_cache, labels, num_items_in_batch,
-                    shift_labels, logits_to_keep, return_logits) -> CausalLMOutputWithPast:
+                    shift_labels, logits_to_keep, return_logits,
+                    borrowed: dict | None = None) -> CausalLMOutputWithPast:
         """Our decoder over the input embeddings (B, T, C) at `positions`, under the step plan, then our head and
         loss. Training with labels on the fast path returns `logits=None` unless `return_logits=True` (as our
-        causal LMs do)."""
+        causal LMs do). `borrowed`: the decoder's keyword arguments for its borrowed layers (Mllama)."""
         decoder = self.model.language_model
         has_labels = labels is not None or shift_labels is not None
         plan = plan_step(decoder, training=self.training, grad=torch.is_grad_enabled(), labels=has_labels,
                          return_logits=return_logits, tokens=embeds.shape[0] * embeds.shape[1],
                          cache=self.uses_cache(use_cache))
         out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, cache=cache,
-                      use_cache=use_cache, plan=plan)
+                      use_cache=use_cache, plan=plan, borrowed=borrowed)
         loss, logits = head_outputs(self.lm_head, out.last_hidden_state, plan, labels, num_items_in_batch,
                                     shift_labels, logits_to_keep)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD, None)})
@@ -103,8 +105,12 @@ class OwnTextDecoder:
 def adopt_modules(ours: nn.Module, theirs: nn.Module) -> None:
     """Move the weights of transformers' text model `theirs` into our decoder `ours` (same dotted names):
     each leaf module that holds weights (Linear, bitsandbytes' Linear4bit, Embedding) is taken whole, each
-    norm's weight Parameter is taken into our norm (our norm classes compute the family's formula). A name
-    transformers has and we lack, or the reverse, is an error naming it."""
+    norm's weight Parameter is taken into our norm (our norm classes compute the family's formula). A borrowed
+    layer (transformers' own class among ours, DecoderModel.make_layer) is taken whole, with the parameters it
+    holds itself (Mllama's cross-attention gates). A name transformers has and we lack, or the reverse, is an
+    error naming it."""
+    for index in sorted(getattr(ours, "borrowed_layers", ())):
+        ours.layers[index] = theirs.layers[index]
     our_leaves = {name: m for name, m in ours.named_modules() if not list(m.children()) and _has_weights(m)}
     their_leaves = {name: m for name, m in theirs.named_modules() if not list(m.children()) and _has_weights(m)}
     if our_leaves.keys() != their_leaves.keys():

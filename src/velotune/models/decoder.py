@@ -81,9 +81,9 @@ class DecoderModel(FastPathDecoder):
         self.spec = spec
         self.layer_types = layer_types_of(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, getattr(config, "pad_token_id", None))
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, spec, i, kind == "sliding_attention") for i, kind in enumerate(self.layer_types)
-        )
+        self.layers = nn.ModuleList(self.make_layer(i, kind) for i, kind in enumerate(self.layer_types))
+        # Layers of transformers' own classes among ours (Mllama's cross-attention layers): see `borrowed_call`
+        self.borrowed_layers = frozenset(i for i, m in enumerate(self.layers) if not isinstance(m, DecoderLayer))
         self.norm = make_norm(spec, config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = nn.ModuleDict({kind: RotaryEmbedding(config, kind) for kind in sorted(set(self.layer_types))})
         self.runtime = RuntimeSettings()
@@ -122,6 +122,33 @@ class DecoderModel(FastPathDecoder):
         self.runtime.checkpointing = mode
         self._plain_checkpoint = plain_checkpoint
 
+    def make_layer(self, index: int, kind: str) -> nn.Module:
+        """Layer `index` of kind `kind` ("full_attention" / "sliding_attention"): ours. A decoder whose family
+        interleaves layers of another kind (Mllama's cross-attention into the image) returns transformers' own
+        module for those (a "borrowed" layer, run through `borrowed_call`)."""
+        return DecoderLayer(self.config, self.spec, index, kind == "sliding_attention")
+
+    def borrowed_call(self, index: int, layer: nn.Module, cache, inputs: dict):
+        """How borrowed layer `index` runs in this call: a function of the hidden states (B, T, C) -> (B, T, C), or
+        None to skip the layer. `inputs`: the forward's `borrowed` keyword arguments (the family's own, e.g. the
+        cross-attention states and masks). Decoders that make borrowed layers define it (models/mllama.py)."""
+        raise NotImplementedError(f"{type(self).__name__} holds borrowed layer {index} ({type(layer).__name__}) "
+                                  "but does not define borrowed_call")
+
+    def _run_borrowed(self, index: int, layer: nn.Module, h: torch.Tensor, cache, plan: StepPlan,
+                      inputs: dict) -> torch.Tensor:
+        """A borrowed layer in the layer loop. The fast path's fused projections, its layer checkpointer and the
+        CUDA graphs are ours only, so this layer runs its own modules (PEFT's LoRA layers inside included). Where
+        the plan checkpoints, torch's non-reentrant checkpoint (its inputs come as keyword arguments, which a
+        reentrant one would cut from the graph), unless transformers' toggle made the layer checkpoint itself
+        (a GradientCheckpointingLayer with its flag on): checkpointing it twice would recompute it twice."""
+        run = self.borrowed_call(index, layer, cache, inputs)
+        if run is None:
+            return h
+        if plan.checkpoint == "off" or getattr(layer, "gradient_checkpointing", False):
+            return run(h)
+        return plain_checkpoint(run, h)
+
     def get_input_embeddings(self) -> nn.Embedding:
         """As transformers' text models (a composite model such as Qwen2-VL asks its language model)."""
         return self.embed_tokens
@@ -146,11 +173,13 @@ class DecoderModel(FastPathDecoder):
         use_cache: bool | None = None,
         cache=None,
         plan: StepPlan | None = None,
+        borrowed: dict | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """transformers' `*Model.forward` contract (TRL calls the backbone directly for its fused
         loss); unused kwargs (output_attentions, cache_position, ...) are accepted and ignored.
-        `plan`: the call's plan when the caller made it (DecoderForCausalLM), else made here."""
+        `plan`: the call's plan when the caller made it (DecoderForCausalLM), else made here.
+        `borrowed`: keyword arguments for the borrowed layers (`borrowed_call`)."""
         cache = cache if cache is not None else past_key_values
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
@@ -186,6 +215,9 @@ class DecoderModel(FastPathDecoder):
         if plan.graphs and any(m.tensor_free() for m in masks.values()):  # padding/packing masks: eager
             graphs = self._graphs.begin(h)
         for index, (layer, kind) in enumerate(zip(self.layers, self.layer_types)):
+            if index in self.borrowed_layers:
+                h = self._run_borrowed(index, layer, h, cache, plan, borrowed or {})
+                continue
             if plan.checkpoint == "off":
                 h = layer(h, cos_sin[kind], masks[kind], cache, plan)
                 continue

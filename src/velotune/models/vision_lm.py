@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from .llava import TEXT_FAMILIES as LLAVA_TEXT_FAMILIES
 from .llava import LlavaForConditionalGeneration
+from .mllama import MllamaForConditionalGeneration
 from .qwen_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 OWN_DECODER_CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration,
                        "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-                       "llava": LlavaForConditionalGeneration}
+                       "llava": LlavaForConditionalGeneration,
+                       "mllama": MllamaForConditionalGeneration}
 
 
 def own_decoder_class(config):

@@ -5,9 +5,11 @@ Why transformers' classes: the vision encoders, projectors and the ways each fam
 features into the text (Qwen's M-RoPE, Mllama's cross-attention, Gemma 3's bidirectional image
 attention) are many and change between releases, and parity with transformers is then exact by
 construction. Where a family's language model is one of our decoders (Qwen2-VL, Qwen2.5-VL: Qwen2
-with M-RoPE; Llava / Pixtral with a Llama or Mistral text model), the loaded model is adopted into
-velotune's class for it (models/vision_lm.py), whose language model is our decoder over the same
-tensors, so training runs the fast path there and generation the engine.
+with M-RoPE; Llava / Pixtral with a Llama or Mistral text model; Mllama: Llama with transformers'
+cross-attention layers kept among ours), the loaded model is adopted into velotune's class for it
+(models/vision_lm.py), whose language model is our decoder over the same tensors, so training runs
+the fast path there and generation the engine (Mllama's generation: transformers' loop, as the
+engine does not run cross-attention).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from transformers import AutoConfig
 
 from ..device import resolve_device, resolve_dtype
 from ..inference import GenerationEngine, InferenceSettings
+from ..inference.engine import unserved
 from ..models.vision_lm import own_decoder_class
 from ..quant import nf4_available, quantize_model_
 from ..resolve import resolve_source, travel_name
@@ -128,12 +131,11 @@ def from_pretrained(model_name: str | os.PathLike, max_seq_length: int = 2048, d
         model.generation_engine = GenerationEngine(settings, tokenizer=processor.tokenizer)  # after for_inference
         logger.info("velotune: %s's language model runs on velotune's %s decoder (the vision tower and projector "
                     "are transformers')", config.model_type, own.text_family(config))
-    else:
-        for name, value in inference.items():
-            if value:
-                logger.warning("velotune: %s is for velotune's generation engine, which does not serve %s (its "
-                               "language model is transformers'); generation runs transformers' loop", name,
-                               config.model_type)
+    why = "its language model is transformers'" if own is None else unserved(model)
+    for name, value in inference.items():
+        if value and why is not None:
+            logger.warning("velotune: %s is for velotune's generation engine, which does not serve %s (%s); "
+                           "generation runs transformers' loop", name, config.model_type, why)
     if prequantized:  # transformers built bitsandbytes' layers
         from ..quant.nf4_linear import adopt_linear4bit_layers_
 

@@ -1,0 +1,165 @@
+"""Mllama (Llama 3.2 Vision) with velotune's own text decoder (the shared part: composite.py).
+
+Mllama's language model is Llama (its embedding has 8 rows past `vocab_size`, for the image tokens) with
+cross-attention layers into the image at `config.cross_attention_layers` (every fifth layer of the 11B). The
+self-attention layers are our `DecoderLayer`s, so they run the fast path (fused LoRA, kernels, our layer
+checkpoint, CUDA graphs); the cross-attention layers stay transformers' `MllamaCrossAttentionDecoderLayer`
+modules, taken whole from the loaded model (weights shared, names unchanged: `model.language_model.layers.N.
+cross_attn.q_proj`), so PEFT's target modules, the vision layer groups, save_pretrained and merged exports are
+transformers' exactly. Our decoder runs them as "borrowed" layers (decoder.py `borrowed_call`): called with
+transformers' arguments and skipped exactly where transformers' text model skips them (no image states given and
+none cached for the layer). Why transformers' module for those: it keeps parity with each release for free, and
+the 32 self-attention layers of the 11B's 40 are where most of the step goes; the 8 cross layers run PEFT's plain
+LoRA path (not fused), which a later change could replace with our own cross-attention layer.
+
+The vision side is transformers' as its `MllamaModel.forward` computes it: the vision tower, the projector, the
+cross-attention mask expanded per image token (`_prepare_cross_attention_mask`) and sliced to the tokens of the
+call when a cache holds earlier ones. Generation runs transformers' loop over this model (the image's keys and
+values cached by the cross layers at their layer index, as transformers does); velotune's engine does not serve
+it (its static cache holds self-attention keys only; inference/engine.py says so in the log).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from torch import nn
+from transformers.models.mllama import modeling_mllama
+
+from .composite import OwnTextDecoder
+from .decoder import DecoderModel
+
+# The cache's keyword of transformers' cross-attention layer: `cache` from 5.2x, `past_key_values` in 5.17.
+_CACHE_ARG = ("cache" if "cache" in inspect.signature(modeling_mllama.MllamaCrossAttentionDecoderLayer.forward)
+              .parameters else "past_key_values")
+EXTRA_EMBEDDING_ROWS = 8  # transformers' MllamaTextModel: vocab_size + 8 rows
+
+
+def holds_image(cache, index: int) -> bool:
+    """Whether cross-attention layer `index` has the image's keys/values in `cache` (transformers' test in both
+    5.17 and 5.2x: an initialized cache layer with keys)."""
+    if cache is None or index >= len(getattr(cache, "layers", ())):
+        return False
+    layer = cache.layers[index]
+    keys = getattr(layer, "keys", None)
+    return bool(getattr(layer, "is_initialized", True)) and keys is not None and keys.numel() > 0
+
+
+class MllamaTextDecoder(DecoderModel):
+    """Llama's decoder with transformers' cross-attention layers at `config.cross_attention_layers`."""
+
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
+        self.embed_tokens = nn.Embedding(config.vocab_size + EXTRA_EMBEDDING_ROWS, config.hidden_size,
+                                         getattr(config, "pad_token_id", None))
+
+    def make_layer(self, index: int, kind: str) -> nn.Module:
+        if index in self.config.cross_attention_layers:
+            return modeling_mllama.MllamaCrossAttentionDecoderLayer(self.config, index)
+        return super().make_layer(index, kind)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cross_attention_states=None,
+                cross_attention_mask=None, full_text_row_masked_out_mask=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, cache=None, plan=None, borrowed=None, **kwargs):
+        """transformers' MllamaTextModel.forward contract (the image arguments as it takes them); other kwargs as
+        DecoderModel.forward."""
+        if borrowed is None:
+            borrowed = dict(cross_attention_states=cross_attention_states, cross_attention_mask=cross_attention_mask,
+                            full_text_row_masked_out_mask=full_text_row_masked_out_mask)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                               cache=cache, plan=plan, borrowed=borrowed)
+
+    def borrowed_call(self, index: int, layer: nn.Module, cache, inputs: dict):
+        """transformers' text model's call of a cross-attention layer: skipped when it has neither image states
+        (B, N, C) nor their keys/values in the cache (a text-only call)."""
+        states = inputs.get("cross_attention_states")
+        if states is None and not holds_image(cache, index):
+            return None
+        # attention_mask: unused by the layer (its mask is the cross-attention one), but a required argument
+        return functools.partial(layer, cross_attention_states=states,
+                                 cross_attention_mask=inputs.get("cross_attention_mask"), attention_mask=None,
+                                 full_text_row_masked_out_mask=inputs.get("full_text_row_masked_out_mask"),
+                                 **{_CACHE_ARG: cache})
+
+
+class MllamaForConditionalGeneration(OwnTextDecoder, modeling_mllama.MllamaForConditionalGeneration):
+    """Llama 3.2 Vision: transformers' vision tower, projector and cross-attention layers, velotune's Llama decoder
+    for the self-attention layers. Named as transformers' class, so `save_pretrained` writes an `architectures`
+    entry transformers loads."""
+
+    _no_split_modules = ["DecoderLayer", "MllamaCrossAttentionDecoderLayer", "MllamaVisionEncoderLayer"]
+    _transformers_class = modeling_mllama.MllamaForConditionalGeneration
+    _decoder_class = MllamaTextDecoder
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_decoder()
+
+    @classmethod
+    def text_family(cls, config) -> str:
+        return "llama"  # the text config's model_type is mllama_text_model
+
+    def _image_states(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask,
+                      cross_attention_states) -> torch.Tensor | None:
+        """The projected image states (B, images * tiles * patches, C) the cross-attention layers attend to
+        (transformers' MllamaModel.forward), or the given ones, or None (text only, or cached)."""
+        if pixel_values is None:
+            return cross_attention_states
+        if cross_attention_states is not None:
+            raise ValueError("`pixel_values` and `cross_attention_states` cannot be provided simultaneously")
+        if aspect_ratio_ids is None:
+            raise ValueError("`aspect_ratio_ids` must be provided if `pixel_values` is provided")
+        backbone = self.model
+        states = backbone.vision_model(pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids,
+                                       aspect_ratio_mask=aspect_ratio_mask).last_hidden_state  # (B, I, K, P, Dv)
+        return backbone.multi_modal_projector(states).reshape(-1, states.shape[-2], backbone.hidden_size)
+
+    def _cross_masks(self, cross_attention_mask, T: int, cache) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(cross-attention mask (B, 1, T, N) additive, full-text-row mask (B, 1, T, 1)) from the processor's
+        (B, T', images, tiles) mask, or (None, None). A mask longer than the call's T tokens (a plain forward with a
+        cache, or transformers 5.17's generate, which passes the whole mask) is cut to the tokens after the cached
+        ones, as transformers does."""
+        if cross_attention_mask is None:
+            return None, None
+        if cross_attention_mask.shape[1] != T:
+            past = int(cache.get_seq_length()) if cache is not None else 0
+            cross_attention_mask = cross_attention_mask[:, past:past + T]
+        return modeling_mllama._prepare_cross_attention_mask(
+            cross_attention_mask, num_vision_tokens=self.model.vision_model.num_patches, dtype=self.model.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        aspect_ratio_mask: torch.Tensor | None = None,
+        aspect_ratio_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+        cross_attention_states: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cache=None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        shift_labels: torch.Tensor | None = None,
+        return_logits: bool | None = None,
+        **kwargs,
+    ):
+        """transformers' Mllama forward contract; other kwargs (cache_position, return_dict, ...) are ignored."""
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        decoder = self.model.language_model
+        embeds = decoder.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        states = self._image_states(pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_states)
+        mask, rows = self._cross_masks(cross_attention_mask, embeds.shape[1],
+                                       cache if self.uses_cache(use_cache) else None)
+        borrowed = dict(cross_attention_states=states, cross_attention_mask=mask, full_text_row_masked_out_mask=rows)
+        return self.run_decoder(embeds, attention_mask, position_ids, cache, use_cache, labels, num_items_in_batch,
+                                shift_labels, logits_to_keep, return_logits, borrowed=borrowed)

@@ -1,0 +1,299 @@
+"""Mllama (Llama 3.2 Vision) on velotune's own text decoder (models/mllama.py): the self-attention layers are our
+DecoderLayers, the cross-attention layers transformers' own modules borrowed into our decoder. Against transformers'
+MllamaForConditionalGeneration of the same weights (fp32): logits and loss with images and text only, every LoRA
+gradient against transformers + PEFT on the plain and the fast path under each checkpointing mode, greedy
+generation, and the module tree, save_pretrained and the merged export, which stay transformers'.
+
+The tiny checkpoint's cross-attention gates are opened (Mllama initialises them at 0, which would make the image
+invisible to the text and leave the vision tower without gradients)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from peft import LoraConfig
+from peft import get_peft_model as peft_get_peft_model
+from PIL import Image
+from transformers import AutoModelForImageTextToText
+from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer
+
+from velotune import FastVisionModel, UnslothVisionDataCollator
+from velotune.fast.plan import plan_step, set_fast_path
+from velotune.models.decoder import DecoderLayer
+from velotune.models.mllama import MllamaForConditionalGeneration, MllamaTextDecoder
+from velotune.vision.processors import load_processor
+
+from tiny import vision as tiny
+
+from .test_collator import _rows
+from .test_vision_own_decoder import mixed_batch
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The tiny Mllama (text layers: 0 self-attention, 1 cross-attention) with open cross-attention gates."""
+    path = tmp_path_factory.mktemp("mllama_open")
+    model, processor = tiny.build("mllama")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("cross_attn_attn_gate"):
+                parameter.fill_(0.8)
+            elif name.endswith("cross_attn_mlp_gate"):
+                parameter.fill_(-0.6)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def _reference(folder):
+    return AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+
+
+def _text_batch(processor):
+    batch = processor(text=["hi there", "a longer line of text"], add_special_tokens=False, return_tensors="pt",
+                      padding=True)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
+def _prompt_batch(processor, side: str = "left"):
+    """Padded prompts (left: as for generation): one image and a question, and a shorter text-only row (with an
+    image on transformers 5.17, whose processor wants one in every row)."""
+    processor.tokenizer.padding_side = side
+    image = Image.new("RGB", (40, 28), (200, 30, 30))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return mixed_batch(processor, text, "hi there", image)
+
+
+@pytest.mark.parametrize("images", [True, False])
+def test_logits_and_loss_equal_transformers(folder, images):
+    reference = _reference(folder)
+    ours = MllamaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    decoder = ours.model.language_model
+    assert isinstance(decoder, MllamaTextDecoder) and decoder.borrowed_layers == {1}
+    assert isinstance(decoder.layers[0], DecoderLayer)
+    assert isinstance(decoder.layers[1], MllamaCrossAttentionDecoderLayer)  # transformers' module, taken whole
+    processor = load_processor(folder, False)
+    batch = UnslothVisionDataCollator(reference, processor)(_rows()) if images else _text_batch(processor)
+    assert ("pixel_values" in batch) is images
+    outputs, calls = [], []
+    hook = decoder.layers[1].register_forward_hook(lambda *_: calls.append(1))
+    for model in (ours, reference):
+        model.train()  # dropout is 0; train mode takes the training path (no cache)
+        outputs.append(model(**batch, return_logits=True) if model is ours else model(**batch))
+    hook.remove()
+    assert len(calls) == (1 if images else 0)  # text only: the cross layer is skipped, as transformers skips it
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(outputs[0].logits[real], outputs[1].logits[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs[0].loss, outputs[1].loss, rtol=1e-6, atol=1e-6)
+    if images:  # the image reaches the text: closing the gates changes the logits
+        with torch.no_grad():
+            decoder.layers[1].cross_attn_attn_gate.zero_()
+            decoder.layers[1].cross_attn_mlp_gate.zero_()
+            closed = ours(**batch, return_logits=True).logits
+        assert not torch.allclose(closed[real], outputs[0].logits[real], atol=1e-3)
+
+
+def _peft_pair(folder, checkpointing):
+    """(velotune's LoRA model, transformers' model + PEFT with the same adapters on the same layers), both in
+    training mode. Every B is random so every A gets a gradient."""
+    model, processor = FastVisionModel.from_pretrained(str(folder), load_in_4bit=False, device_map="cpu",
+                                                       dtype=torch.float32)
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=checkpointing)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    targets = sorted({name.removeprefix("base_model.model.").rpartition(".lora_A")[0]
+                      for name, _ in model.named_modules() if name.endswith(".lora_A")})
+    assert any(".cross_attn." in t for t in targets) and any(".vision_model." in t for t in targets)
+    reference = peft_get_peft_model(_reference(folder), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                    target_modules=targets))
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    missing = reference.load_state_dict({n: p.detach().clone() for n, p in lora.items()}, strict=False)
+    assert not missing.unexpected_keys and not [k for k in missing.missing_keys if "lora_" in k]
+    FastVisionModel.for_training(model)
+    reference.train()
+    return model, reference, processor
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+@pytest.mark.parametrize("checkpointing", [False, True, "unsloth"], ids=["off", "true", "unsloth"])
+def test_lora_gradients_equal_transformers_and_peft(folder, fast, checkpointing, monkeypatch):
+    """Every LoRA parameter's gradient (both towers, self- and cross-attention, MLPs, projector). The fast path is
+    forced on the CPU (its kernels run their PyTorch references, as in test_vision_own_decoder.py), "unsloth" offloads
+    to host copies; the plan and our layer checkpointer see the self-attention layer only (the cross layer checkpoints
+    itself: get_peft_model's call of transformers' toggle flagged it)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model, reference, processor = _peft_pair(folder, checkpointing)
+    decoder = model.get_base_model().model.language_model
+    set_fast_path(model, fast)
+    decoder.runtime.offload_on_cpu, decoder.runtime.offload_min_tokens = True, 0
+    batch = UnslothVisionDataCollator(model, processor)(_rows())
+    plan = plan_step(decoder, training=True, grad=True, labels=True, tokens=batch["input_ids"].numel())
+    assert plan.fast is fast and plan.checkpoint == {False: "off", True: "keep" if fast else "plain",
+                                                     "unsloth": "offload"}[checkpointing]
+    if fast:
+        assert plan.layers[1] is None and plan.layers[0] is not None  # the cross layer is not in the plan
+    checkpointed = decoder._checkpointer.kept + decoder._checkpointer.offloaded
+    ours = model(**batch)
+    assert (ours.logits is None) is fast  # the fused cross-entropy ran on the fast path
+    theirs = reference(**batch)
+    ours.loss.backward()
+    theirs.loss.backward()
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
+    if fast and checkpointing:  # our checkpointer ran the self-attention layer only
+        assert decoder._checkpointer.kept + decoder._checkpointer.offloaded - checkpointed == 1
+    mine, expected = _grads(model), _grads(reference)
+    assert mine.keys() == expected.keys() and len(mine) > 40
+    for name, grad in expected.items():
+        assert grad is not None and mine[name] is not None, name
+        torch.testing.assert_close(mine[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_layer_graphs_run_the_self_attention_layer_only(folder, monkeypatch):
+    """The CUDA-graph code path (rehearsed eagerly on the CPU, on an unpadded batch) takes layer 0 and leaves the
+    cross layer to its own modules; the gradients stay transformers' + PEFT's."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model, reference, processor = _peft_pair(folder, "unsloth")
+    decoder = model.get_base_model().model.language_model
+    set_fast_path(model, True)
+    decoder.runtime.offload_on_cpu, decoder.runtime.offload_min_tokens = True, 0
+    decoder._graphs.cpu_rehearsal = True
+    batch = UnslothVisionDataCollator(model, processor)(_rows()[:1])
+    assert batch["attention_mask"].bool().all()  # no padding: the masks hold no tensor, the layers may be graphed
+    model(**batch).loss.backward()
+    reference(**batch).loss.backward()
+    (buffers,) = decoder._graphs.shapes.values()
+    assert set(buffers.layers) == {0}
+    assert buffers.layers[0].forward_calls == 1 and buffers.layers[0].backward_calls == 1
+    mine, expected = _grads(model), _grads(reference)
+    for name, grad in expected.items():
+        torch.testing.assert_close(mine[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("own_flag", [True, False], ids=["toggle", "decoder"])
+def test_the_cross_layer_is_recomputed_once(folder, own_flag):
+    """With checkpointing on, the cross-attention layer runs again in backward exactly once, whether transformers'
+    toggle made it checkpoint itself (get_peft_model calls it) or our decoder checkpoints it (torch's non-reentrant
+    checkpoint, its flag off); the LoRA gradients are transformers' + PEFT's either way."""
+    model, reference, processor = _peft_pair(folder, True)
+    layer = model.get_base_model().model.language_model.layers[1]
+    assert layer.gradient_checkpointing is True  # transformers' toggle flagged it
+    layer.gradient_checkpointing = own_flag
+    calls = []
+    hook = layer.input_layernorm.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    batch = UnslothVisionDataCollator(model, processor)(_rows())
+    loss = model(**batch).loss
+    forward_calls = len(calls)
+    loss.backward()
+    hook.remove()
+    assert (forward_calls, len(calls)) == (1, 2)
+    reference(**batch).loss.backward()
+    mine, expected = _grads(model), _grads(reference)
+    for name, grad in expected.items():
+        torch.testing.assert_close(mine[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_greedy_generation_equals_transformers(folder, caplog):
+    """generate(**processor(image, text)) after for_inference: transformers' loop over our model (the engine does
+    not run cross-attention, and says so once), token for token transformers' own, with a left-padded text-only
+    row beside the image row. The engine's loading arguments are refused with the reason."""
+    with caplog.at_level(logging.WARNING, logger="velotune"):
+        model, processor = FastVisionModel.from_pretrained(str(folder), load_in_4bit=False, device_map="cpu",
+                                                           dtype=torch.float32, fast_inference=True)
+    assert "fast_inference is for velotune's generation engine, which does not serve mllama" in caplog.text
+    reference = _reference(folder).eval()
+    batch = _prompt_batch(processor)
+    assert batch["attention_mask"][1].eq(0).any()
+    FastVisionModel.for_inference(model)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="velotune"):
+        theirs = reference.generate(**batch, **settings)
+        mine = model.generate(**batch, **settings)
+    assert model.generation_engine.resident is None  # the engine did not run
+    assert "transformers' loop, not velotune's engine" in caplog.text
+    assert mine.shape[1] > batch["input_ids"].shape[1]
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_fast_generate_runs_the_generic_loop(folder, caplog):
+    """fast_generate (vLLM's API, the GRPO notebooks' call) on the LoRA model: the engine's generic loop over our
+    model's forward (text prompts), greedy tokens equal to transformers' generate of the same weights."""
+    from velotune import SamplingParams
+
+    model, processor = FastVisionModel.from_pretrained(str(folder), load_in_4bit=False, device_map="cpu",
+                                                       dtype=torch.float32)
+    model = FastVisionModel.get_peft_model(model, r=4)  # B = 0: the base model's outputs
+    FastVisionModel.for_inference(model)
+    ids = processor.tokenizer("hi there", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with caplog.at_level(logging.INFO, logger="velotune"):
+        out = model.fast_generate([ids[0].tolist()], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    assert "generic loop over the model's forward, not the engine" in caplog.text
+    with torch.no_grad():
+        theirs = _reference(folder).eval().generate(input_ids=ids, max_new_tokens=5, min_new_tokens=5,
+                                                    do_sample=False)
+    assert out[0].outputs[0].token_ids == theirs[0, ids.shape[1]:].tolist()
+
+
+def test_a_cached_step_with_the_whole_cross_attention_mask_equals_transformers(folder):
+    """A plain forward over a cache: the prompt but its last token, then the last token with the whole (B, T, images,
+    tiles) mask and no image (the cross layer reads the image's keys/values from the cache): the mask is cut to the
+    new token after the cached ones (what transformers 5.17's generate relies on), as transformers does."""
+    reference = _reference(folder).eval()
+    ours = MllamaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    batch = _prompt_batch(load_processor(folder, False), side="right")
+    ids, mask, cross = batch["input_ids"][:1], batch["attention_mask"][:1], batch["cross_attention_mask"][:1]
+    image = {k: batch[k][:1] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+    results = []
+    for model in (ours, reference):
+        with torch.no_grad():
+            first = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], cross_attention_mask=cross[:, :-1],
+                          use_cache=True, **image)
+            name = "cache" if hasattr(first, "cache") else "past_key_values"  # transformers 5.2x / 5.17
+            cache = getattr(first, name)
+            assert cache.get_seq_length() == ids.shape[1] - 1
+            step = model(input_ids=ids[:, -1:], attention_mask=mask, cross_attention_mask=cross, use_cache=True,
+                         **{name: cache})
+        results.append(step.logits)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # and the whole prompt at once gives the same last logits
+        whole = ours(**{k: v[:1] for k, v in batch.items()}).logits[:, -1:]
+    torch.testing.assert_close(results[0], whole, rtol=1e-5, atol=1e-5)
+
+
+def test_module_tree_and_saves_are_transformers(folder, tmp_path):
+    """Same parameter names, storage and linear layers as transformers' model (nothing copied); save_pretrained
+    writes a folder transformers loads with equal logits; the merged 16-bit export of a LoRA model reloads in
+    transformers with the LoRA model's logits."""
+    reference = _reference(folder)
+    names = {n: p.data_ptr() for n, p in reference.named_parameters()}
+    linears = {n for n, m in reference.named_modules() if isinstance(m, torch.nn.Linear)}
+    keys = set(reference.state_dict())
+    model = MllamaForConditionalGeneration.adopt(reference).eval()
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == names
+    assert {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} == linears
+    assert set(model.state_dict()) == keys
+    assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
+    # right padding: without position ids transformers counts padding into the positions, our decoder does not
+    batch = _prompt_batch(load_processor(folder, False), side="right")
+    real = batch["attention_mask"].bool()
+    model.save_pretrained(tmp_path / "saved")
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    assert type(loaded).__module__.startswith("transformers.")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits[real], model(**batch).logits[real], rtol=0, atol=0)
+
+    lora, processor = tiny.lora_from_folder(folder)
+    lora.save_pretrained_merged(str(tmp_path / "merged"), processor)
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits[real], lora(**batch).logits[real], rtol=1e-5, atol=1e-5)
