@@ -6,7 +6,7 @@
 #   NF4+FP8 step rows, then the NF4+FP8 step profiled (the FP8 pieces summed: compare session 11's lease 1 numbers).
 # PART=2 (~8 min): vision rows beside Unsloth (Unsloth's Mllama compile needs more than 150 s: 280 s here):
 #   Qwen2.5-VL-7B bf16 LoRA both stacks, Llama-3.2-11B-Vision QLoRA both stacks (and velotune-hf, the language model
-#   on transformers' classes, when Mllama's own decoder has landed: compare).
+#   on transformers' classes, the row before Mllama's own decoder (session 13): compare).
 # PART=3 (~6 min): issue 17's memory target (no more than Unsloth's GRPO peak): the 8B GRPO step with the engine's
 #   KV cache kept between steps (the default below 1/8 of the weight bytes) and given back every step
 #   (--keep-cache-fraction 0: re-captures the decode graphs), beside Unsloth's GRPO in the same call (session 10 on
@@ -49,6 +49,7 @@ done
 run qwen_velotune_bf16 90 bench/bench_vision.py run --model /tmp/v_qwen --stack velotune --quant none --batch 2 --image 512 --steps 8
 run qwen_unsloth_bf16 200 bench/bench_vision.py run --model /tmp/v_qwen --stack unsloth --quant none --batch 2 --image 512 --steps 8
 run mllama_velotune_nf4 90 bench/bench_vision.py run --model /tmp/v_mllama --stack velotune --quant nf4 --batch 2 --image 512 --steps 8
+run mllama_velotune-hf_nf4 90 bench/bench_vision.py run --model /tmp/v_mllama --stack velotune-hf --quant nf4 --batch 2 --image 512 --steps 8
 run mllama_unsloth_nf4 280 bench/bench_vision.py run --model /tmp/v_mllama --stack unsloth --quant nf4 --batch 2 --image 512 --steps 8
 fi
 if [ "${PART:-}" = 3 ]; then
