@@ -202,10 +202,8 @@ def plan_step(model: nn.Module, *, training: bool = False, grad: bool = False, l
     settings = decoder.runtime if decoder is not None else RuntimeSettings()
     setting = settings.fast_path if fast_path is None else fast_path
     fast = _fast_plan(model, decoder, setting, device)
-    if fast.reason not in _logged:
-        _logged.add(fast.reason)
-        level = logging.WARNING if fast.warn else logging.INFO
-        logger.log(level, "velotune: %s path: %s", "fast" if fast.fast else "plain", fast.reason)
+    log_once(f"velotune: {'fast' if fast.fast else 'plain'} path: {fast.reason}",
+             logging.WARNING if fast.warn else logging.INFO)
     if decoder is not None and settings.fp8_compute:
         fast = _with_fp8(fast, _device(decoder, device), forced=setting is True)
     if decoder is None:
@@ -293,10 +291,15 @@ def _group_names(group: str) -> tuple[str, ...]:
 
 
 def _log_fp8(plan: StepPlan) -> StepPlan:
-    if plan.fp8_reason not in _logged:
-        _logged.add(plan.fp8_reason)
-        logger.log(logging.INFO if plan.fp8 else logging.WARNING, "velotune: %s", plan.fp8_reason)
+    log_once(f"velotune: {plan.fp8_reason}", logging.INFO if plan.fp8 else logging.WARNING)
     return plan
+
+
+def log_once(message: str, level: int = logging.INFO) -> None:
+    """Log `message` the first time it comes (a plan is made for every model call; the engine for every generate)."""
+    if message not in _logged:
+        _logged.add(message)
+        logger.log(level, message)
 
 
 def set_fp8_compute(model: nn.Module, enabled: bool) -> None:

@@ -9,6 +9,7 @@ import logging
 
 import torch
 
+from ..fast.plan import log_once
 from . import engine
 from .adapters import LoRARequest, load_lora, save_lora, using_lora
 from .cache import InferenceSettings
@@ -83,7 +84,7 @@ class GenerationEngine:
         unsupported = engine_handles(kwargs, multimodal) if len(args) <= 1 else "positional arguments"
         if not self.serves_generate or inputs is None or unserved is not None or unsupported is not None:
             if self.serves_generate and unserved is not None:
-                engine.log_once(f"velotune: generate runs on transformers' loop, not velotune's engine: {unserved}")
+                log_once(f"velotune: generate runs on transformers' loop, not velotune's engine: {unserved}")
             elif self.serves_generate and unsupported is not None:
                 logger.info("velotune: generate(%s=...) runs on transformers' loop, not the engine", unsupported)
             if inputs is not None:

@@ -14,20 +14,17 @@ sampling stay on the device.
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass, field
 
 import torch
 
-from ..fast.plan import StepPlan, find_decoder, plan_step
+from ..fast.plan import StepPlan, find_decoder, log_once, plan_step
 from ..fast.stacked_adapters import refresh_adapters, with_stacked_adapters
 from ..quant.int8 import is_linear8bit
 from .cache import InferenceSettings, StaticKVCache
 from .runner import DecodeGraphs, DecoderRunner
 from .sampling import SamplingParams, chosen_logprobs, sample
 
-logger = logging.getLogger("velotune")
-_logged: set[str] = set()
 
 # Tokens per prefill chunk (rows are prefilled in groups of about this many tokens).
 PREFILL_TOKENS = 8192
@@ -86,12 +83,6 @@ def unserved(causal) -> str | None:
         return (f"its decoder's layers {sorted(decoder.borrowed_layers)} are transformers' cross-attention layers, "
                 "which the engine's static cache and runner do not run")
     return None
-
-
-def log_once(message: str) -> None:
-    if message not in _logged:
-        _logged.add(message)
-        logger.info(message)
 
 
 def context_limit(causal) -> int:
