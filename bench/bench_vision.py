@@ -119,6 +119,10 @@ def run(args) -> dict:
                                            finetune_attention_modules=True, finetune_mlp_modules=True, r=16,
                                            lora_alpha=16, lora_dropout=0, bias="none", random_state=3407)
     FastVisionModel.for_training(model)
+    if args.offload_min_tokens is not None:
+        from velotune.fast.plan import runtime_settings
+
+        runtime_settings(model).offload_min_tokens = args.offload_min_tokens
     if args.profile:
         _mark_vision_tower(model)
     collate = UnslothVisionDataCollator(model, processor)
@@ -127,31 +131,66 @@ def run(args) -> dict:
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     tokens = int(batch["attention_mask"].sum())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    phases = {"weights": _gib(torch.cuda.memory_allocated()) if cuda else None}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
     for index in range(args.steps):
         profiler = _profiler(cuda) if args.profile and index == args.steps - 1 else contextlib.nullcontext()
+        measure = cuda and index == 1  # the optimizer's state exists; the timed steps start at 2
+        if measure and args.snapshot:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
         start = time.perf_counter()
         with profiler:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = model(**batch).loss
-            loss.backward()
+            with _phase(phases, "forward", measure):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    loss = model(**batch).loss
+            with _phase(phases, "backward", measure):
+                loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if cuda:
                 torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        if measure and args.snapshot:
+            torch.cuda.memory._dump_snapshot(args.snapshot)
+            torch.cuda.memory._record_memory_history(enabled=None)
         if args.profile and index == args.steps - 1:
             _print_profile(profiler, cuda)
     step = statistics.median(times[min(2, len(times) - 1):])
     result = {"stack": args.stack, "quant": args.quant, "batch": args.batch, "image": args.image,
               "tokens": tokens, "tokens_per_s": round(tokens / step, 1), "step_s": round(step, 4),
               "loss": round(float(loss.detach()), 4),
-              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-              "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None}
+              "peak_gib": round(max(torch.cuda.max_memory_allocated(), phases.pop("_peak", 0)) / 2**30, 2)
+              if cuda else None,
+              "reserved_gib": round(max(torch.cuda.max_memory_reserved(), phases.pop("_reserved", 0)) / 2**30, 2)
+              if cuda else None,
+              "phases_gib": phases}
     print("RESULT", json.dumps(result))
     return result
+
+
+def _gib(nbytes: int) -> float:
+    return round(nbytes / 2**30, 3)
+
+
+@contextlib.contextmanager
+def _phase(phases: dict, name: str, measure: bool):
+    """Where the peak comes from: allocated memory before a phase, its own peak, and what it leaves held
+    (forward: the tensors saved for backward). The peak counters are reset here; the peaks before each reset
+    are kept in `phases` ("_peak", "_reserved") so the run's overall peaks stay the ones reported."""
+    import torch
+
+    if not measure:
+        yield
+        return
+    for key, value in (("_peak", torch.cuda.max_memory_allocated()), ("_reserved", torch.cuda.max_memory_reserved())):
+        phases[key] = max(phases.get(key, 0), value)
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    yield
+    peak = torch.cuda.max_memory_allocated()
+    phases[name] = {"before": _gib(before), "peak": _gib(peak), "after": _gib(torch.cuda.memory_allocated())}
 
 
 def _profiler(cuda: bool):
@@ -205,6 +244,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables of the last step, with the "
                         "vision tower's forward time")
+    parser.add_argument("--offload-min-tokens", type=int, help="velotune: offload checkpointed layer inputs from "
+                        "this many tokens a micro-batch (RuntimeSettings.offload_min_tokens; default 1024)")
+    parser.add_argument("--snapshot", help="write torch.cuda.memory's snapshot of step 2 here (pickle; "
+                        "https://pytorch.org/memory_viz reads it)")
     args = parser.parse_args()
     if args.command == "make":
         make(args.shape, args.out)
