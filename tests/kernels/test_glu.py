@@ -83,3 +83,7 @@ def test_direct_backward_equals_the_autograd_backward(op, kind, use_triton, devi
     dout = torch.randn(out.shape, generator=torch.Generator(device=out.device).manual_seed(5), device=out.device)
     dgate, dup = gated_activation_backward(gate, up, dout.to(out.dtype), kind, use_triton=use_triton)
     assert torch.equal(dgate, want_dgate) and torch.equal(dup, want_dup)
+    # overwrite=True: the same values, written over gate and up (the recomputing MLP backward's two buffers)
+    dgate, dup = gated_activation_backward(gate, up, dout.to(out.dtype), kind, use_triton=use_triton, overwrite=True)
+    assert dgate.data_ptr() == gate.data_ptr() and dup.data_ptr() == up.data_ptr()
+    assert torch.equal(dgate, want_dgate) and torch.equal(dup, want_dup)

@@ -135,14 +135,15 @@ class LoraMLPInBackwardFunction(torch.autograd.Function):
             down_layout, down_saved = adapter_inputs(act(g, u), adapters[4:])  # h A_down^T: (n, r)
             return g, u, (gate_up, down_layout), gate_up_saved, down_saved
 
-        return _backward_in_chunks(ctx, x, grad_out, chunk)
+        return _backward_in_chunks(ctx, x, grad_out, chunk, overwrite=True)
 
 
-def _backward_in_chunks(ctx, x: torch.Tensor, grad_out: torch.Tensor, chunk) -> tuple:
+def _backward_in_chunks(ctx, x: torch.Tensor, grad_out: torch.Tensor, chunk, overwrite: bool = False) -> tuple:
     """Both functions' backward: per chunk of token rows, `chunk(rows, gate, up)` gives (g, u,
     layouts, gate/up saved, down saved) for those rows; dx is assembled from the chunks and the
     adapter gradients summed over them. With several chunks each 4-bit weight is dequantized once
-    here instead of once per chunk."""
+    here instead of once per chunk. `overwrite`: g and u were computed for this backward alone (the
+    recomputation), so their gradients are written over them (not over a forward's saved tensors)."""
     chunks = _chunks(x.shape[0])
     gate, up, down = _dense(ctx.projections, x.dtype) if len(chunks) > 1 else ctx.projections
     need_dx = ctx.needs_input_grad[0]
@@ -153,7 +154,7 @@ def _backward_in_chunks(ctx, x: torch.Tensor, grad_out: torch.Tensor, chunk) -> 
         for rows in chunks:
             g, u, layouts, gate_up_saved, down_saved = chunk(rows, gate, up)
             dx_rows, grads = _chunk_backward(ctx.activation, grad_out[rows], x[rows], g, u, (gate, up, down),
-                                             layouts, gate_up_saved, down_saved, need_dx)
+                                             layouts, gate_up_saved, down_saved, need_dx, overwrite)
             del g, u, gate_up_saved, down_saved
             if dx_rows is not None and len(chunks) == 1:
                 dx = dx_rows
@@ -176,7 +177,8 @@ def _dense(projections, dtype: torch.dtype) -> list:
     return out
 
 
-def _chunk_backward(activation, grad_out, x, g, u, projections, layouts, gate_up_saved, down_saved, need_dx):
+def _chunk_backward(activation, grad_out, x, g, u, projections, layouts, gate_up_saved, down_saved, need_dx,
+                    overwrite=False):
     """Gradients of one chunk of token rows: grad_out (n, H), x (n, H), g/u (n, I) -> (dx (n, H)
     or None, [dAg, dBg, dAu, dBu, dAd, dBd] in the adapters' dtypes, None where no adapter)."""
     gate, up, down = projections
@@ -186,7 +188,8 @@ def _chunk_backward(activation, grad_out, x, g, u, projections, layouts, gate_up
     dh, down_grads = group_backward([grad_out], h, (down,), down_layout, down_saved)
     del h
     # the activation's backward kernel called directly: no autograd node, no nested engine run (host time)
-    dg, du = gated_activation_backward(g, u, dh, GATED_KINDS[activation])  # (n, I) each
+    overwrite = overwrite and g.is_contiguous() and u.is_contiguous()
+    dg, du = gated_activation_backward(g, u, dh, GATED_KINDS[activation], overwrite=overwrite)  # (n, I) each
     del dh
     dx, gate_up_grads = group_backward([dg, du], x, (gate, up), gate_up, gate_up_saved, need_dx)
     return dx, [*gate_up_grads, *down_grads]

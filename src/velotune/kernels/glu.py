@@ -86,13 +86,15 @@ class GatedActivationFunction(torch.autograd.Function):
 
 
 def gated_activation_backward(gate: torch.Tensor, up: torch.Tensor, dout: torch.Tensor, activation: str, *,
-                              use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              use_triton: bool | None = None, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(d gate, d up) of act(gate) * up for the upstream gradient `dout`, for a caller that is itself a backward
     (the fused LoRA MLP): the backward kernel launched directly, without building an autograd node for the
     activation and re-entering the autograd engine to differentiate it (host time on every call of a
     launch-bound step). `activation`: "silu", "gelu_tanh" or "gelu_none". Same kernel, same inputs, so the
     result is bit for bit what `GatedActivationFunction`'s backward gives; the reference differentiates the
-    reference formula."""
+    reference formula. `overwrite=True` writes (d gate, d up) into `gate` and `up` (contiguous) themselves, for a
+    caller that needs them no more: two (n, I) buffers less at the peak of an MLP backward (each element is read
+    before it is written, by the same program)."""
     _check(gate, up, "gated_activation_backward")
     kind = _ACTIVATIONS[activation]
     if not should_use_triton(gate, use_triton):
@@ -101,9 +103,12 @@ def gated_activation_backward(gate: torch.Tensor, up: torch.Tensor, dout: torch.
         with torch.enable_grad():
             g, u = gate.detach().requires_grad_(), up.detach().requires_grad_()
             out = reference(g, u)
-        return torch.autograd.grad(out, (g, u), dout)
+        dgate, dup = torch.autograd.grad(out, (g, u), dout)
+        return (gate.copy_(dgate), up.copy_(dup)) if overwrite else (dgate, dup)
+    if overwrite and not (gate.is_contiguous() and up.is_contiguous()):
+        raise ValueError("gated_activation_backward(overwrite=True) needs contiguous gate and up")
     gate, up, dout = gate.contiguous(), up.contiguous(), dout.contiguous()
-    dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+    dgate, dup = (gate, up) if overwrite else (torch.empty_like(gate), torch.empty_like(up))
     n = gate.numel()
     if n:
         kernel_for(_glu_kernel)[(_cdiv(n, _BLOCK),)](

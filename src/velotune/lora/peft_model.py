@@ -19,9 +19,9 @@ import torch
 from peft import LoraConfig, PeftModel, PeftModelForCausalLM, load_peft_weights, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from ..fast.plan import find_decoder
+from ..fast.plan import RuntimeSettings, find_decoder
 from ..models.decoder import DecoderModel
-from ..models.foreign_checkpoints import checkpoint_foreign_layers
+from ..models.foreign_checkpoints import checkpoint_foreign_layers, offload_foreign_layers
 from ..quant.linear import is_linear4bit
 
 logger = logging.getLogger("velotune")
@@ -261,7 +261,8 @@ def _set_checkpointing(model, mode) -> None:
     path both True and "unsloth" run fast/checkpointing.py's reentrant-style function, "unsloth"
     also parking each layer's input in pinned CPU memory until backward needs it; elsewhere torch's
     non-reentrant checkpoint. The generic path uses whichever toggle the installed
-    transformers has, and checkpoints plainly for "unsloth".
+    transformers has; under "unsloth" transformers' layers (vision towers,
+    the generic path's decoder) offload their inputs too (models/foreign_checkpoints.py TowerCheckpoint).
     """
     decoder = getattr(model, "model", None)
     if isinstance(decoder, DecoderModel):
@@ -278,6 +279,9 @@ def _set_checkpointing(model, mode) -> None:
         own = find_decoder(model)  # our decoder as a composite model's language model (Qwen2-VL)
         if own is not None:
             own.set_checkpointing(mode)  # after transformers' toggle: "unsloth" offloads there too
+        if mode:  # "unsloth": transformers' layers (vision towers) offload their inputs as ours do
+            settings = None if mode != "unsloth" else own.runtime if own is not None else RuntimeSettings()
+            offload_foreign_layers(model, settings, own=(DecoderModel,))
     if mode:
         model.config.use_cache = False
 

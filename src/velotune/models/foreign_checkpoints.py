@@ -16,26 +16,123 @@ toggle passes: these layers take their hidden states as keyword arguments (Mllam
 checkpoint would cut from the graph.
 
 Our decoders checkpoint their own layers (fast/checkpointing.py, the step plan), so their layers are skipped.
+
+`use_gradient_checkpointing="unsloth"` offloads the towers' layer inputs too (`TowerCheckpoint`, installed by
+`offload_foreign_layers`): measured on the H200 (BENCHMARKS.md, session 14), torch's checkpoint kept 39 x 63 MiB of
+Mllama-11B vision-layer inputs (2.4 GiB, fp32 under autocast: the encoder's layer norms) and 31 x 4.9 MiB of
+Qwen2.5-VL-7B's on the GPU, where Unsloth keeps bf16 ones (Mllama) or offloads them (Qwen).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 
 import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ..fast.checkpointing import plain_checkpoint
+from ..fast.checkpointing import LayerCheckpointer, plain_checkpoint
+from ..fast.plan import RuntimeSettings
 
 
 def _checkpointed_forward(self, *args, **kwargs):
-    """The class's forward, checkpointed while the instance's flag is on and it trains with grad."""
+    """The class's forward, checkpointed while the instance's flag is on and it trains with grad (through the
+    instance's `TowerCheckpoint` when "unsloth" installed one, else torch's non-reentrant checkpoint). Hidden
+    states given by keyword (Mllama's `hidden_state=`) become the first positional argument, which an offloading
+    checkpoint keeps."""
+    if not args:
+        first = _first_parameter(type(self).forward)
+        if first in kwargs:
+            args = (kwargs.pop(first),)
     forward = functools.partial(type(self).forward, self, **kwargs)
     if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-        return plain_checkpoint(forward, *args)
+        return getattr(self, "_velotune_checkpoint", plain_checkpoint)(forward, *args)
     return forward(*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _first_parameter(forward) -> str | None:
+    names = list(inspect.signature(forward).parameters)
+    return names[1] if len(names) > 1 else None
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+class _NotATensor(Exception):
+    """A checkpointed layer returned something other than one tensor (the offloading function carries one)."""
+
+
+class TowerCheckpoint:
+    """The checkpoint function of transformers' layers under `use_gradient_checkpointing="unsloth"`: each layer's
+    input goes to pinned host memory on a side stream and comes back for its recomputation in backward, as our
+    decoders' layers do (fast/checkpointing.py's LayerCheckpointer, which also prefetches the previous layer's input
+    while this one recomputes). Called as transformers calls its `_gradient_checkpointing_func`:
+    `(function, hidden, *args)`, the keyword arguments bound in `function`.
+
+    It falls back to torch's non-reentrant checkpoint where offloading would be wrong or does not pay: an input
+    other than the first that needs a gradient (the reentrant-style function returns none for it), a layer that
+    returns more than one tensor (remembered per layer class after its first call), a micro-batch below
+    `settings.offload_min_tokens` rows, a tensor off CUDA (unless `settings.offload_on_cpu`, how tests run it), and
+    DDP (`settings.torch_checkpoint`, as plan.py decides for our layers). `settings` are the model's decoder's
+    RuntimeSettings when it has one of ours, so one threshold serves both."""
+
+    def __init__(self, settings: RuntimeSettings):
+        self.settings = settings
+        self.checkpointer = LayerCheckpointer()
+        self.plain_classes: set[type] = set()
+
+    def __call__(self, function, *args, **kwargs):
+        layer = _layer_of(function)
+        if not self._offloads(function, layer, args, kwargs):
+            return plain_checkpoint(function, *args, **kwargs)
+        call = functools.partial(function, **kwargs) if kwargs else function
+
+        def single(hidden, *rest):
+            out = call(hidden, *rest)
+            if not isinstance(out, torch.Tensor):
+                raise _NotATensor
+            return out
+
+        try:
+            return self.checkpointer(single, args[0], *args[1:], offload=True)
+        except _NotATensor:
+            self.plain_classes.add(type(layer))
+            return plain_checkpoint(function, *args, **kwargs)
+
+    def _offloads(self, function, layer, args, kwargs) -> bool:
+        settings = self.settings
+        if not args or not isinstance(args[0], torch.Tensor) or type(layer) in self.plain_classes:
+            return False
+        hidden = args[0]
+        if not (hidden.is_cuda or settings.offload_on_cpu) or hidden.numel() // max(hidden.shape[-1], 1) < \
+                settings.offload_min_tokens:
+            return False
+        ddp = settings.torch_checkpoint
+        if ddp or (ddp is None and torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return False
+        others = (args[1:], kwargs, getattr(function, "keywords", {}))
+        return not any(t.requires_grad for t in _tensors(others))
+
+
+def _layer_of(function):
+    """The layer a checkpointed call runs: transformers binds it as `partial(forward, layer, **kwargs)` (5.2x) or
+    `partial(layer.__call__, **kwargs)` (5.17); ours as the former."""
+    if isinstance(function, functools.partial):
+        if function.args and isinstance(function.args[0], nn.Module):
+            return function.args[0]
+        return getattr(function.func, "__self__", None)
+    return getattr(function, "__self__", None)
 
 
 def foreign_layers(model: nn.Module, own: tuple[type, ...] = ()) -> list[tuple[str, nn.Module]]:
@@ -69,3 +166,26 @@ def checkpoint_foreign_layers(model: nn.Module, enable: bool, own: tuple[type, .
         layer.gradient_checkpointing = bool(enable)
         names.append(name)
     return names
+
+
+def offload_foreign_layers(model: nn.Module, settings: RuntimeSettings | None, own: tuple[type, ...] = ()) -> int:
+    """Give transformers' checkpointed layers outside our decoders (`GradientCheckpointingLayer`s and the layers
+    `foreign_layers` finds) one `TowerCheckpoint` over `settings`; returns how many. Call after transformers'
+    toggle, which sets `_gradient_checkpointing_func` on each layer (an instance attribute: we replace that, not
+    the class). `settings=None` takes the foreign layers back to torch's checkpoint (the toggle resets the rest)."""
+    tower = TowerCheckpoint(settings) if settings is not None else None
+    skipped = [name for name, module in model.named_modules() if isinstance(module, own)]
+    count = 0
+    for name, module in model.named_modules():
+        if tower is None or not isinstance(module, GradientCheckpointingLayer) or \
+                any(name.startswith(s + ".") for s in skipped):
+            continue
+        module._gradient_checkpointing_func = tower
+        count += 1
+    for _, layer in foreign_layers(model, own):
+        if tower is None:
+            layer.__dict__.pop("_velotune_checkpoint", None)
+        else:
+            layer._velotune_checkpoint = tower
+            count += 1
+    return count
