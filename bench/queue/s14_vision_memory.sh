@@ -11,6 +11,9 @@
 # its gate/up outputs): PART=C (~8 min) the GPU tests of both, then Qwen2.5-VL-7B QLoRA and bf16 both stacks and Mllama
 # QLoRA velotune (its folder written in the background); PART=D (~6 min, within 30 s) Mllama QLoRA Unsloth, bf16
 # both stacks.
+# PART=E (~8 min, what session 14 ran last): after Mllama's keyword hidden states reach the offloading checkpoint and
+# OFFLOAD_MIN_TOKENS fell to 512: the checkpointing tests, Qwen2.5-VL-7B QLoRA and bf16 both stacks, Mllama QLoRA
+# velotune, Qwen QLoRA velotune at the old threshold (--offload-min-tokens 1024: text inputs kept) for the speed.
 export PYTHONPATH=$PWD/src:$PWD:$PWD/tests:$PWD/.peers HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 [ -d .peers ] || tar xJf .peerspack/peers.tar.xz
 O=$OUT/s14; mkdir -p $O /tmp/snap
@@ -50,6 +53,18 @@ if [ "${PART:-}" = D ]; then
 run mllama_unsloth_nf4 200 $V run --model /tmp/v_mllama --stack unsloth --quant nf4 --batch 2 --image 512 --steps 8
 run mllama_velotune_bf16 70 $V run --model /tmp/v_mllama --stack velotune --quant none --batch 2 --image 512 --steps 8
 run mllama_unsloth_bf16 150 $V run --model /tmp/v_mllama --stack unsloth --quant none --batch 2 --image 512 --steps 8
+fi
+if [ "${PART:-}" = E ]; then
+[ -d /tmp/v_mllama ] || timeout 400 python3 $V make --shape llama32_11b_vision --out /tmp/v_mllama > $O/make_mllama.log 2>&1 &
+[ -d /tmp/v_qwen ] || timeout 100 python3 $V make --shape qwen2_5_vl_7b --out /tmp/v_qwen > $O/make_qwen.log 2>&1
+timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/vision/test_vision_checkpointing.py > $O/gpu_tests.log 2>&1; echo "tests rc=$?"; tail -n 2 $O/gpu_tests.log
+run qwen_velotune_nf4 70 $V run --model /tmp/v_qwen --stack velotune --quant nf4 --batch 2 --image 512 --steps 8
+run qwen_unsloth_nf4 140 $V run --model /tmp/v_qwen --stack unsloth --quant nf4 --batch 2 --image 512 --steps 8
+run qwen_velotune_bf16 50 $V run --model /tmp/v_qwen --stack velotune --quant none --batch 2 --image 512 --steps 8
+run qwen_unsloth_bf16 100 $V run --model /tmp/v_qwen --stack unsloth --quant none --batch 2 --image 512 --steps 8
+wait; ls /tmp/v_mllama >> $O/make_mllama.log
+run mllama_velotune_nf4 70 $V run --model /tmp/v_mllama --stack velotune --quant nf4 --batch 2 --image 512 --steps 8
+run qwen_velotune_nf4_keep1024 60 $V run --model /tmp/v_qwen --stack velotune --quant nf4 --batch 2 --image 512 --steps 8 --offload-min-tokens 1024
 fi
 cd /tmp/snap && for f in *.pickle; do [ -f "$f" ] && xz -T8 -3 "$f"; done; tar cf $O/snaps.tar *.xz 2>/dev/null; rm -f /tmp/snap/*.xz
 cd $OUT && tar czf s14_$PART.tgz s14 && rm -rf s14

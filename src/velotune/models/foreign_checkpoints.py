@@ -42,9 +42,11 @@ def _checkpointed_forward(self, *args, **kwargs):
     instance's `TowerCheckpoint` when "unsloth" installed one, else torch's non-reentrant checkpoint). Hidden
     states given by keyword (Mllama's `hidden_state=`) become the first positional argument, which an offloading
     checkpoint keeps."""
-    if not args:
-        first = _first_parameter(type(self).forward)
-        if first in kwargs:
+    if not args:  # the forward's first parameter, or transformers' other spelling of it (Mllama's encoder passes
+        # `hidden_state=` to a forward whose parameter became `hidden_states`, through a deprecation wrapper)
+        first = next((k for k in (_first_parameter(type(self).forward), "hidden_states", "hidden_state") if k in kwargs),
+                     None)
+        if first is not None:
             args = (kwargs.pop(first),)
     forward = functools.partial(type(self).forward, self, **kwargs)
     if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
