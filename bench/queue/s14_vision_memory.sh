@@ -12,8 +12,10 @@
 # QLoRA velotune (its folder written in the background); PART=D (~6 min, within 30 s) Mllama QLoRA Unsloth, bf16
 # both stacks.
 # PART=E (~8 min, what session 14 ran last): after Mllama's keyword hidden states reach the offloading checkpoint and
-# OFFLOAD_MIN_TOKENS fell to 512: the checkpointing tests, Qwen2.5-VL-7B QLoRA and bf16 both stacks, Mllama QLoRA
-# velotune, Qwen QLoRA velotune at the old threshold (--offload-min-tokens 1024: text inputs kept) for the speed.
+# OFFLOAD_MIN_TOKENS fell to 512 (at dc43f6d; back to 1024 after this call, so the default rows now keep Qwen's text
+# inputs, as the keep1024 row did): the checkpointing tests, Qwen2.5-VL-7B QLoRA and bf16 both stacks (Unsloth's QLoRA
+# row timed out at 140 s: Mllama's folder was being written beside it), Mllama QLoRA velotune, Qwen QLoRA velotune with
+# --offload-min-tokens 1024.
 export PYTHONPATH=$PWD/src:$PWD:$PWD/tests:$PWD/.peers HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 [ -d .peers ] || tar xJf .peerspack/peers.tar.xz
 O=$OUT/s14; mkdir -p $O /tmp/snap

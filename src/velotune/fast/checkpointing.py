@@ -31,11 +31,11 @@ from torch.utils.checkpoint import checkpoint
 # Offload from this many tokens per micro-batch (B*T). Measured on the H200 (BENCHMARKS.md): at 1,024 tokens (8B
 # QLoRA, batch 1, bench/bench_train.py) the offloading function ran 1.49x faster than torch's checkpoint at the same
 # peak (6.96 vs 6.94 GiB), at 16,384 tokens 1.05x faster in 3.9 GiB less: its recomputation skips the MLP's forward
-# matmul (plan.StepPlan.recompute). Session 14 (Qwen2.5-VL-7B QLoRA, 844 tokens a micro-batch, bench_vision.py):
-# offloaded 1,319.7 tokens/s, kept 1,321.3 (another call), 0.16 GiB less; Unsloth offloads there and its peak was
-# below ours by about that much. Below 512 tokens a layer's input is small (4 MiB at 8B) against the host work of a
-# copy, which was not measured, so such micro-batches keep their input on the device (plan mode "keep").
-OFFLOAD_MIN_TOKENS = 512
+# matmul (plan.StepPlan.recompute). Below, the input stays on the device (plan mode "keep"): session 14 measured
+# Qwen2.5-VL-7B QLoRA at 844 tokens a micro-batch (bench_vision.py, one call) offloaded at 1,336.5 tokens/s and
+# 7.60 GiB, kept at 1,440.6 and 7.61 GiB: 7% slower for no lower peak (the step's peak is in backward, after the
+# first layers' inputs are freed).
+OFFLOAD_MIN_TOKENS = 1024
 
 _side_streams: dict[torch.device, "torch.cuda.Stream"] = {}
 
