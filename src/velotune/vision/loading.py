@@ -28,6 +28,7 @@ from ..quant import nf4_available, quantize_model_
 from ..resolve import resolve_source, travel_name
 from ..tokenizer import fix_tokenizer as fix_pad_token
 from .families import family_of, kept_16bit, supported_list
+from .norms import keep_tower_norms_16bit
 from .processors import load_processor
 
 logger = logging.getLogger("velotune")
@@ -145,6 +146,7 @@ def from_pretrained(model_name: str | os.PathLike, max_seq_length: int = 2048, d
         logger.info("velotune: %d linear layers of the text decoder in NF4; the vision encoder, projector and "
                     "lm_head stay %s (vision/families.py kept_16bit says why)", count, dtype)
     model.to(device)
+    keep_tower_norms_16bit(model)  # 16-bit vision activations under autocast (vision/norms.py says why)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if fix_pad_token(processor.tokenizer):
