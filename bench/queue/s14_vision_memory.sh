@@ -22,6 +22,12 @@ O=$OUT/s14; mkdir -p $O /tmp/snap
 git log --oneline -1 > $O/commit.txt; git status --short >> $O/commit.txt
 run() { name=$1; t=$2; shift 2; s=$(date +%s); timeout $t python3 "$@" --snapshot /tmp/snap/$name.pickle > $O/$name.log 2>&1; echo "$name rc=$? $(( $(date +%s) - s ))s"; grep RESULT $O/$name.log || tail -n 8 $O/$name.log; }
 V=bench/bench_vision.py
+qwen_rows() {  # Qwen2.5-VL-7B QLoRA and bf16 LoRA, velotune then Unsloth (its compile: up to 130 s)
+  for q in nf4 none; do
+    run qwen_velotune_${q/none/bf16} 80 $V run --model /tmp/v_qwen --stack velotune --quant $q --batch 2 --image 512 --steps 8
+    run qwen_unsloth_${q/none/bf16} 150 $V run --model /tmp/v_qwen --stack unsloth --quant $q --batch 2 --image 512 --steps 8
+  done
+}
 if [ "${PART:-A}" = A ]; then
 [ -d /tmp/v_qwen ] || timeout 100 python3 $V make --shape qwen2_5_vl_7b --out /tmp/v_qwen > $O/make_qwen.log 2>&1
 [ -d /tmp/v_mllama ] || timeout 400 python3 $V make --shape llama32_11b_vision --out /tmp/v_mllama > $O/make_mllama.log 2>&1 &
@@ -43,10 +49,7 @@ if [ "${PART:-}" = C ]; then
 [ -d /tmp/v_mllama ] || timeout 400 python3 $V make --shape llama32_11b_vision --out /tmp/v_mllama > $O/make_mllama.log 2>&1 &
 timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/vision/test_vision_checkpointing.py tests/kernels/test_glu.py \
   tests/vision/test_vision_own_decoder.py -k "cuda or checkpoint or direct" > $O/gpu_tests.log 2>&1; echo "gpu tests rc=$?"; tail -n 3 $O/gpu_tests.log
-run qwen_velotune_nf4 80 $V run --model /tmp/v_qwen --stack velotune --quant nf4 --batch 2 --image 512 --steps 8
-run qwen_unsloth_nf4 150 $V run --model /tmp/v_qwen --stack unsloth --quant nf4 --batch 2 --image 512 --steps 8
-run qwen_velotune_bf16 60 $V run --model /tmp/v_qwen --stack velotune --quant none --batch 2 --image 512 --steps 8
-run qwen_unsloth_bf16 100 $V run --model /tmp/v_qwen --stack unsloth --quant none --batch 2 --image 512 --steps 8
+qwen_rows
 wait; ls /tmp/v_mllama >> $O/make_mllama.log
 run mllama_velotune_nf4 80 $V run --model /tmp/v_mllama --stack velotune --quant nf4 --batch 2 --image 512 --steps 8
 fi
@@ -60,10 +63,7 @@ if [ "${PART:-}" = E ]; then
 [ -d /tmp/v_mllama ] || timeout 400 python3 $V make --shape llama32_11b_vision --out /tmp/v_mllama > $O/make_mllama.log 2>&1 &
 [ -d /tmp/v_qwen ] || timeout 100 python3 $V make --shape qwen2_5_vl_7b --out /tmp/v_qwen > $O/make_qwen.log 2>&1
 timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/vision/test_vision_checkpointing.py > $O/gpu_tests.log 2>&1; echo "tests rc=$?"; tail -n 2 $O/gpu_tests.log
-run qwen_velotune_nf4 70 $V run --model /tmp/v_qwen --stack velotune --quant nf4 --batch 2 --image 512 --steps 8
-run qwen_unsloth_nf4 140 $V run --model /tmp/v_qwen --stack unsloth --quant nf4 --batch 2 --image 512 --steps 8
-run qwen_velotune_bf16 50 $V run --model /tmp/v_qwen --stack velotune --quant none --batch 2 --image 512 --steps 8
-run qwen_unsloth_bf16 100 $V run --model /tmp/v_qwen --stack unsloth --quant none --batch 2 --image 512 --steps 8
+qwen_rows  # (session 14 ran these with 70/140/50/100 s limits)
 wait; ls /tmp/v_mllama >> $O/make_mllama.log
 run mllama_velotune_nf4 70 $V run --model /tmp/v_mllama --stack velotune --quant nf4 --batch 2 --image 512 --steps 8
 run qwen_velotune_nf4_keep1024 60 $V run --model /tmp/v_qwen --stack velotune --quant nf4 --batch 2 --image 512 --steps 8 --offload-min-tokens 1024
