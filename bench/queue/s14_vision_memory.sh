@@ -47,7 +47,7 @@ fi
 if [ "${PART:-}" = C ]; then
 [ -d /tmp/v_qwen ] || timeout 100 python3 $V make --shape qwen2_5_vl_7b --out /tmp/v_qwen > $O/make_qwen.log 2>&1
 [ -d /tmp/v_mllama ] || timeout 400 python3 $V make --shape llama32_11b_vision --out /tmp/v_mllama > $O/make_mllama.log 2>&1 &
-timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/vision/test_vision_checkpointing.py tests/kernels/test_glu.py \
+timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/vision/test_vision_checkpointing.py tests/vision/test_vision_norms.py tests/kernels/test_glu.py \
   tests/vision/test_vision_own_decoder.py -k "cuda or checkpoint or direct" > $O/gpu_tests.log 2>&1; echo "gpu tests rc=$?"; tail -n 3 $O/gpu_tests.log
 qwen_rows
 wait; ls /tmp/v_mllama >> $O/make_mllama.log
