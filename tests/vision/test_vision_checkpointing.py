@@ -95,7 +95,8 @@ def _towers_checkpoint(model):
     """The TowerCheckpoint "unsloth" installed on transformers' layers (one per model), and those layers' names."""
     found = {}
     for name, module in model.named_modules():
-        for function in (getattr(module, "_gradient_checkpointing_func", None), module.__dict__.get("_velotune_checkpoint")):
+        functions = (getattr(module, "_gradient_checkpointing_func", None), module.__dict__.get("_velotune_checkpoint"))
+        for function in functions:
             if isinstance(function, TowerCheckpoint):
                 found[name] = function
     assert found and len({id(f) for f in found.values()}) == 1, found

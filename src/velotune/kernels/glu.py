@@ -86,7 +86,8 @@ class GatedActivationFunction(torch.autograd.Function):
 
 
 def gated_activation_backward(gate: torch.Tensor, up: torch.Tensor, dout: torch.Tensor, activation: str, *,
-                              use_triton: bool | None = None, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                              use_triton: bool | None = None, overwrite: bool = False
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d gate, d up) of act(gate) * up for the upstream gradient `dout`, for a caller that is itself a backward
     (the fused LoRA MLP): the backward kernel launched directly, without building an autograd node for the
     activation and re-entering the autograd engine to differentiate it (host time on every call of a

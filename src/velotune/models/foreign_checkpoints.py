@@ -44,8 +44,8 @@ def _checkpointed_forward(self, *args, **kwargs):
     checkpoint keeps."""
     if not args:  # the forward's first parameter, or transformers' other spelling of it (Mllama's encoder passes
         # `hidden_state=` to a forward whose parameter became `hidden_states`, through a deprecation wrapper)
-        first = next((k for k in (_first_parameter(type(self).forward), "hidden_states", "hidden_state") if k in kwargs),
-                     None)
+        names = (_first_parameter(type(self).forward), "hidden_states", "hidden_state")
+        first = next((k for k in names if k in kwargs), None)
         if first is not None:
             args = (kwargs.pop(first),)
     forward = functools.partial(type(self).forward, self, **kwargs)
