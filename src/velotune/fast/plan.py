@@ -213,7 +213,7 @@ def plan_step(model: nn.Module, *, training: bool = False, grad: bool = False, l
     if mode and training and grad and not cache:
         on_device = _device(decoder, device).type == "cuda" or settings.offload_on_cpu
         offload = mode == "unsloth" and on_device and tokens >= settings.offload_min_tokens
-        own = fast.fast and not _torch_checkpoint(settings)  # the recomputation-aware function (checkpointing.py)
+        own = fast.fast and not uses_torch_checkpoint(settings)  # the recomputation-aware function (checkpointing.py)
         checkpoint = "offload" if offload else "keep" if own else "plain"
     # Layers draw random numbers only through dropout: the fast path has no LoRA dropout, so only
     # attention dropout could; without it no recomputation needs the random state replayed.
@@ -228,7 +228,7 @@ def plan_step(model: nn.Module, *, training: bool = False, grad: bool = False, l
                                gemv_rows=GEMV_ROWS if fast.fast and cache and not grad else 0)
 
 
-def _torch_checkpoint(settings: RuntimeSettings) -> bool:
+def uses_torch_checkpoint(settings: RuntimeSettings) -> bool:
     """RuntimeSettings.torch_checkpoint, with None resolved: torch's checkpoint under an active process group."""
     if settings.torch_checkpoint is not None:
         return settings.torch_checkpoint

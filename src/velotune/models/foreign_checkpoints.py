@@ -34,7 +34,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..fast.checkpointing import LayerCheckpointer, plain_checkpoint
-from ..fast.plan import RuntimeSettings
+from ..fast.plan import RuntimeSettings, uses_torch_checkpoint
 
 
 def _checkpointed_forward(self, *args, **kwargs):
@@ -120,8 +120,7 @@ class TowerCheckpoint:
         if not (hidden.is_cuda or settings.offload_on_cpu) or hidden.numel() // max(hidden.shape[-1], 1) < \
                 settings.offload_min_tokens:
             return False
-        ddp = settings.torch_checkpoint
-        if ddp or (ddp is None and torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if uses_torch_checkpoint(settings):  # DDP: the same decision as for our layers
             return False
         others = (args[1:], kwargs, getattr(function, "keywords", {}))
         return not any(t.requires_grad for t in _tensors(others))
