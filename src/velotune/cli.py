@@ -165,27 +165,40 @@ def train(config_path: str | None = None, nproc: int | None = None, nnodes: int 
     adapter = Path(args.output_dir) / "lora_model"
     if getattr(trainer, "_sharding", None) is not None:
         trainer.save_model(str(adapter))  # FSDP2: every rank takes part in gathering the adapter; rank 0 writes it
+    _leave_process_group(trainer)
     if not launch.main:
-        _close_process_group()
         return adapter  # rank 0 writes it
     if getattr(trainer, "_sharding", None) is None:
         model.save_pretrained(adapter)
     tokenizer.save_pretrained(adapter)
     print(f"velotune: adapter saved to {adapter}")
     _export(model, tokenizer, Path(args.output_dir), **config["export"])
-    _close_process_group()
     return adapter
 
 
-def _close_process_group() -> None:
-    """A launched rank destroys its process group itself once its part is done (the others' last collective is
-    behind it: rank 0 only writes files after this point). Left to the interpreter's exit, the gloo group's threads
-    were torn down in no set order and a finished CPU rank aborted ("terminate called without an active
-    exception", SIGABRT), failing a run whose training had completed."""
+def _leave_process_group(trainer) -> None:
+    """Under a launch, every rank leaves the process group together once training's last collective is done,
+    before rank 0 writes the adapter and exports (which need no other rank, and may take longer than the group's
+    timeout).
+
+    Why this order: gloo's group joins its worker threads in its C++ destructor while the caller holds the GIL,
+    and a worker releasing the last collective's tensors needs the GIL; when the DDP wrapper (whose Reducer holds
+    the group) was freed with train()'s frame, rank 0 deadlocked there in about one run in three on the CPU
+    (gdb: ~ProcessGroupGloo joining a thread in ~AsyncAllgatherWork). So: a barrier (its work holds no tensors)
+    after the trainer's last gather, the wrapper freed while the group is still registered, then the group
+    destroyed. Left to the interpreter's exit, the group's threads were torn down in no set order and a finished
+    CPU rank aborted ("terminate called without an active exception")."""
+    import gc
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    trainer.accelerator.free_memory()  # drops accelerate's references to the DDP wrapper
+    trainer.model_wrapped = trainer.model
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def _export(model, tokenizer, out: Path, merged: str | None = None, gguf=None, ollama: bool = False) -> None:
