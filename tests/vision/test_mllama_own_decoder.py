@@ -10,6 +10,7 @@ invisible to the text and leave the vision tower without gradients)."""
 from __future__ import annotations
 
 import logging
+import weakref
 
 import pytest
 import torch
@@ -297,3 +298,44 @@ def test_module_tree_and_saves_are_transformers(folder, tmp_path):
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits[real], lora(**batch).logits[real], rtol=1e-5, atol=1e-5)
+
+
+def test_the_vision_tower_keeps_only_the_layer_outputs_it_reads():
+    """Four local vision layers, the tower reading layer 1's output: while the global layers run (no autograd graph,
+    which would hold them all; under checkpointing it holds none), our tower holds layers 1 and 3 (the last is the
+    encoder's output), transformers' all four; the tower's output and gradients are transformers' exactly."""
+    reference, _ = tiny.build("mllama")
+    config = reference.config
+    config.vision_config.num_hidden_layers = 4
+    config.vision_config.intermediate_layers_indices = [1]
+    torch.manual_seed(0)
+    theirs = type(reference)(config).eval()
+    ours = MllamaForConditionalGeneration(config).eval()
+    ours.load_state_dict(theirs.state_dict())
+    vision = config.vision_config
+    pixels = torch.randn(1, 1, vision.max_num_tiles, 3, vision.image_size, vision.image_size)
+    inputs = dict(pixel_values=pixels, aspect_ratio_ids=torch.tensor([[6]]),
+                  aspect_ratio_mask=torch.tensor([[[1, 1, 1, 0]]]))
+
+    def run(model):
+        tower = model.model.vision_model
+        outputs = [None] * len(tower.transformer.layers)
+        alive = []
+        for index, layer in enumerate(tower.transformer.layers):
+            layer.register_forward_hook(lambda m, a, out, i=index: outputs.__setitem__(i, weakref.ref(out)))
+        tower.global_transformer.layers[0].register_forward_pre_hook(
+            lambda m, a: alive.append([i for i, ref in enumerate(outputs) if ref() is not None]))
+        with torch.no_grad():
+            tower(**inputs)
+        result = tower(**inputs).last_hidden_state
+        result.pow(2).sum().backward()
+        return result, alive[0], {n: p.grad for n, p in tower.named_parameters()}
+
+    ours_out, ours_alive, ours_grads = run(ours)
+    theirs_out, theirs_alive, theirs_grads = run(theirs)
+    assert theirs_alive == [0, 1, 2, 3]  # what the change is about: transformers' encoder keeps every output
+    assert ours_alive == [1, 3]
+    torch.testing.assert_close(ours_out, theirs_out, rtol=0, atol=0)
+    assert ours_grads.keys() == theirs_grads.keys()
+    for name, grad in theirs_grads.items():
+        torch.testing.assert_close(ours_grads[name], grad, rtol=0, atol=0, msg=name)

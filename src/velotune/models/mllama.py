@@ -17,15 +17,20 @@ cross-attention mask expanded per image token (`_prepare_cross_attention_mask`) 
 call when a cache holds earlier ones. Generation runs transformers' loop over this model (the image's keys and
 values cached by the cross layers at their layer index, as transformers does); velotune's engine does not serve
 it (its static cache holds self-attention keys only; inference/engine.py says so in the log).
+
+The vision tower's two encoders keep only the layer outputs the tower reads (`keep_read_states`): transformers'
+encoder holds every layer's output until the tower returns, of which the tower reads five (its intermediate layers).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import types
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.mllama import modeling_mllama
 
 from .composite import OwnTextDecoder
@@ -45,6 +50,32 @@ def holds_image(cache, index: int) -> bool:
     layer = cache.layers[index]
     keys = getattr(layer, "keys", None)
     return bool(getattr(layer, "is_initialized", True)) and keys is not None and keys.numel() > 0
+
+
+def _encoder_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    """transformers' MllamaVisionEncoder.forward, with the outputs of the layers outside `self._velotune_kept` left
+    out of `hidden_states` (None in their places, so the tower's `hidden_states[i]` still reads layer i)."""
+    kept = self._velotune_kept
+    states = []
+    for index, layer in enumerate(self.layers):
+        hidden_states = layer(hidden_states, attention_mask=attention_mask)  # (B * images, tiles * patches, Dv)
+        states.append(hidden_states if index in kept else None)
+    return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=tuple(states))
+
+
+def keep_read_states(vision_model: nn.Module) -> None:
+    """The local encoder keeps the outputs of `intermediate_layers_indices` only, the global encoder none.
+
+    Why: transformers' encoder collects every layer's output into the `hidden_states` it returns, and the tower holds
+    that tuple until it returns, through the 8 global layers, although it reads five of the 32 (its intermediate
+    layers, concatenated into the projector's input). Under gradient checkpointing these were the largest thing
+    alive at the forward's peak (BENCHMARKS.md, session 14: Llama-3.2-11B-Vision, batch 2, 40 x 63 MiB). Set on
+    the two encoder instances (transformers' classes are unchanged); the layers run as transformers calls them,
+    so the checkpointing each layer has (foreign_checkpoints.py) applies unchanged."""
+    for encoder, kept in ((vision_model.transformer, vision_model.intermediate_layers_indices),
+                          (vision_model.global_transformer, ())):
+        encoder._velotune_kept = frozenset(kept)
+        encoder.forward = types.MethodType(_encoder_forward, encoder)
 
 
 class MllamaTextDecoder(DecoderModel):
@@ -97,6 +128,13 @@ class MllamaForConditionalGeneration(OwnTextDecoder, modeling_mllama.MllamaForCo
     def __init__(self, config):
         super().__init__(config)
         self._install_decoder()
+        keep_read_states(self.model.vision_model)
+
+    @classmethod
+    def adopt(cls, reference):
+        model = super().adopt(reference)
+        keep_read_states(model.model.vision_model)  # transformers' tower, taken from `reference`
+        return model
 
     @classmethod
     def text_family(cls, config) -> str:
