@@ -18,8 +18,10 @@ call when a cache holds earlier ones. Generation runs transformers' loop over th
 values cached by the cross layers at their layer index, as transformers does); velotune's engine does not serve
 it (its static cache holds self-attention keys only; inference/engine.py says so in the log).
 
-The vision tower's two encoders keep only the layer outputs the tower reads (`keep_read_states`): transformers'
-encoder holds every layer's output until the tower returns, of which the tower reads five (its intermediate layers).
+The vision tower is transformers' with two changes set on its instances (`install_tower`): its encoders keep only the
+layer outputs the tower reads (`keep_read_states`: transformers' encoder holds every layer's output until the tower
+returns, of which the tower reads five), and its attention runs as two SDPA calls without a mask
+(mllama_vision_attention.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from transformers.models.mllama import modeling_mllama
 
 from .composite import OwnTextDecoder
 from .decoder import DecoderModel
+from .mllama_vision_attention import install_split_attention
 
 # The cache's keyword of transformers' cross-attention layer: `cache` from 5.2x, `past_key_values` in 5.17.
 _CACHE_ARG = ("cache" if "cache" in inspect.signature(modeling_mllama.MllamaCrossAttentionDecoderLayer.forward)
@@ -76,6 +79,13 @@ def keep_read_states(vision_model: nn.Module) -> None:
                           (vision_model.global_transformer, ())):
         encoder._velotune_kept = frozenset(kept)
         encoder.forward = types.MethodType(_encoder_forward, encoder)
+
+
+def install_tower(vision_model: nn.Module) -> None:
+    """Set on transformers' vision tower's instances: its encoders keep the states it reads, its attention runs
+    without the mask (mllama_vision_attention.py says why)."""
+    keep_read_states(vision_model)
+    install_split_attention(vision_model)
 
 
 class MllamaTextDecoder(DecoderModel):
@@ -128,12 +138,12 @@ class MllamaForConditionalGeneration(OwnTextDecoder, modeling_mllama.MllamaForCo
     def __init__(self, config):
         super().__init__(config)
         self._install_decoder()
-        keep_read_states(self.model.vision_model)
+        install_tower(self.model.vision_model)
 
     @classmethod
     def adopt(cls, reference):
         model = super().adopt(reference)
-        keep_read_states(model.model.vision_model)  # transformers' tower, taken from `reference`
+        install_tower(model.model.vision_model)  # transformers' tower, taken from `reference`
         return model
 
     @classmethod

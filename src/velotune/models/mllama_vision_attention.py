@@ -1,0 +1,123 @@
+"""Mllama's vision attention as two SDPA calls without a mask per image.
+
+transformers' Mllama tower gives every one of its 40 layers a float mask (B, 1, L, L) from
+`_prepare_aspect_ratio_attention_mask`: finfo.min where both the query and the key are padding (the 7 padded patches
+of each tile, every patch of the tiles an image does not use) and 0 elsewhere. So a real position attends to every
+key, padding included, and a padding position to the real keys only. With an arbitrary mask SDPA runs a masked
+kernel (cuDNN's on the H200, 4,128 positions an image at 4 tiles): the H200 profile of a Llama-3.2-11B-Vision QLoRA
+step (BENCHMARKS.md, session 16) had attention at half of the step's GPU time, nearly all of it the tower's.
+
+Split by rows, the same attention is two calls without a mask, which run the flash kernels: the real queries over
+every key, the padding queries over the real keys (the masked entries' weights are exactly 0 in the masked softmax:
+exp of finfo.min). The rows of q, k and v are put in the order real-then-padding once per image and the output rows
+put back (`index_select`), so the keys' order changes, which only changes the rounding of the sums. The real rows
+are read from the mask's diagonal (entry (i, i) is masked exactly when i is padding), once per mask tensor: the
+tower passes one mask to all its layers and the checkpoint's recompute passes it again (one host sync a forward). An
+image with no real position (a padded image slot) keeps the masked call, whose output is then the mean of its values.
+
+Installed per instance like vision_attention.py's Qwen grouping: each layer's `self_attn` keeps its class, its
+q/k/v/o Linear layers (LoRA is injected on them later) and its state dict; only its `forward` is set on the instance.
+Attention other than SDPA (eager, flash-attention requested) runs the class's forward.
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ImageRows:
+    """One image's rows: `order` (L,) real rows then padding rows, `inverse` puts them back, `real` how many are
+    real; `order` None when every row is real (no split needed)."""
+
+    order: torch.Tensor | None
+    inverse: torch.Tensor | None
+    real: int
+
+
+def image_rows(mask: torch.Tensor) -> list[ImageRows]:
+    """The split of each image (one host sync) from transformers' (B, 1, L, L) aspect-ratio mask."""
+    padding = mask[:, 0].diagonal(dim1=-2, dim2=-1) != 0  # (B, L)
+    counts = padding.sum(1).tolist()
+    rows = []
+    for b, padded in enumerate(counts):
+        length = padding.shape[1]
+        if padded == 0:
+            rows.append(ImageRows(None, None, length))
+            continue
+        order = torch.argsort(padding[b].to(torch.int8), stable=True)  # (L,) real rows first, each in order
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(length, device=order.device)
+        rows.append(ImageRows(order, inverse, length - padded))
+    return rows
+
+
+class MaskRowsCache:
+    """The splits of the last few masks, found by identity and version (the tower's layers share one)."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.entries: list[tuple[weakref.ref, int, list[ImageRows]]] = []
+
+    def get(self, mask: torch.Tensor) -> list[ImageRows]:
+        for ref, version, rows in self.entries:
+            if ref() is mask and version == mask._version:
+                return rows
+        rows = image_rows(mask)
+        self.entries = [(weakref.ref(mask), mask._version, rows)] + self.entries[: self.size - 1]
+        return rows
+
+
+def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, rows: list[ImageRows],
+                    heads: int, scale: float) -> torch.Tensor:
+    """Attention of (B, L, H*D) q, k, v under Mllama's aspect-ratio mask (B, 1, L, L); returns (B, L, H*D)."""
+    B, L, _ = q.shape
+    outputs = []
+    for b, split in enumerate(rows):
+        if split.order is None:
+            qb, kb, vb = (t[b].view(1, L, heads, -1).transpose(1, 2) for t in (q, k, v))  # (1, H, L, D)
+            out = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
+        elif split.real == 0:  # no real row: the masked call (its weights are uniform)
+            qb, kb, vb = (t[b].view(1, L, heads, -1).transpose(1, 2) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[b:b + 1].to(qb.dtype), scale=scale)
+        else:
+            r = split.real
+            qb, kb, vb = (t[b].index_select(0, split.order).view(1, L, heads, -1).transpose(1, 2)
+                          for t in (q, k, v))  # (1, H, L, D), real rows first
+            real = F.scaled_dot_product_attention(qb[:, :, :r], kb, vb, scale=scale)  # (1, H, r, D)
+            pad = F.scaled_dot_product_attention(qb[:, :, r:], kb[:, :, :r], vb[:, :, :r], scale=scale)
+            out = torch.cat([real, pad], dim=2)  # (1, H, L, D) in split order
+        out = out.transpose(1, 2).reshape(L, -1)  # (L, H*D)
+        outputs.append(out if split.order is None or split.real == 0 else out.index_select(0, split.inverse))
+    return torch.stack(outputs)  # (B, L, H*D)
+
+
+def split_attention_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                            **kwargs):
+    """Set on a MllamaVisionAttention instance: its class's computation with the mask split into rows."""
+    if self.config._attn_implementation != "sdpa" or attention_mask is None or attention_mask.dim() != 4:
+        return type(self).forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
+    q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)  # (B, L, H*D)
+    out = split_attention(q, k, v, attention_mask, self._velotune_rows.get(attention_mask), self.num_heads,
+                          self.scaling)
+    return self.o_proj(out), None
+
+
+def install_split_attention(vision_model: nn.Module) -> int:
+    """Set the split forward on the attention of every layer of both Mllama vision encoders; returns how many.
+    The layers share one cache of mask splits."""
+    cache = MaskRowsCache()
+    count = 0
+    for encoder in (vision_model.transformer, vision_model.global_transformer):
+        for layer in encoder.layers:
+            attention = layer.self_attn
+            attention._velotune_rows = cache
+            attention.forward = types.MethodType(split_attention_forward, attention)
+            count += 1
+    return count
