@@ -11,6 +11,7 @@ from datasets import Dataset
 
 from velotune import FastLanguageModel, SFTTrainer, TrainingArguments
 from velotune.cli import main
+from velotune.fast.plan import is_sharded
 from velotune.training import fsdp
 
 from .fsdp_trainer_worker import rows
@@ -68,7 +69,7 @@ def test_trainer_refuses_nf4_and_accelerates_fsdp_config_before_any_work(ddp_tin
     args = arguments(tmp_path, fsdp=True)
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=data, args=args)
     assert args.fsdp and not trainer.args.fsdp  # the caller's arguments keep the switch; accelerate never sees it
-    assert trainer._sharding == fsdp.Sharding() and not fsdp.is_sharded(trainer.model)  # one process: unsharded
+    assert trainer._sharding == fsdp.Sharding() and not is_sharded(trainer.model)  # one process: unsharded
     assert not any(p.name.startswith("checkpoint") for p in tmp_path.iterdir())
 
 
@@ -115,7 +116,7 @@ def test_saving_or_exporting_a_sharded_model_names_the_way(ddp_tiny_dir, tmp_pat
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         fsdp.shard(model, fsdp.Sharding(), arguments(tmp_path))
-        assert fsdp.is_sharded(model)
+        assert is_sharded(model)
         for call in (lambda: model.save_pretrained(tmp_path / "a"),
                      lambda: model.save_pretrained_merged(tmp_path / "m", tokenizer)):
             with pytest.raises(ValueError, match=r"sharded over the ranks.*trainer.save_model\(DIR\) on every rank"):

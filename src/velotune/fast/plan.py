@@ -343,7 +343,7 @@ def _fast_plan(model: nn.Module, decoder, setting: bool | None, device) -> StepP
             return StepPlan(reason=f"model.layers.{i}.{reason}", warn=warn)
         plans.append(plan)
     where_text = "CUDA" if where.type == "cuda" else f"{where.type}, forced by fast_path=True"
-    sharded = _sharded(decoder.layers[0]) if len(decoder.layers) else False
+    sharded = is_sharded(decoder.layers[0]) if len(decoder.layers) else False
     return StepPlan(fast=True, reason=f"{decoder.config.model_type} on {where_text}; fused LoRA and kernels"
                     + ("; projections resolved per layer (sharded weights)" if sharded else ""),
                     layers=() if sharded else tuple(plans), per_layer=sharded)
@@ -371,7 +371,7 @@ def layer_plan(layer: nn.Module) -> LayerPlan:
     return plan
 
 
-def _sharded(module: nn.Module) -> bool:
+def is_sharded(module: nn.Module) -> bool:
     """Whether `module`'s parameters are DTensors (FSDP2's `fully_shard` shards them between calls)."""
     import torch
 

@@ -20,8 +20,8 @@ it (its static cache holds self-attention keys only; inference/engine.py says so
 
 The vision tower is transformers' with two changes set on its instances (`install_tower`): its encoders keep only the
 layer outputs the tower reads (`keep_read_states`: transformers' encoder holds every layer's output until the tower
-returns, of which the tower reads five), and its attention runs as two SDPA calls without a mask
-(mllama_vision_attention.py).
+returns, of which the tower reads five), its attention runs as two SDPA calls without a mask
+(mllama_vision_attention.py), and its projections run our fused LoRA on the fast path (tower_lora.py).
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.mllama import modeling_mllama
 
+from ..fast.plan import RuntimeSettings
 from .composite import OwnTextDecoder
 from .decoder import DecoderModel
 from .mllama_vision_attention import install_split_attention
+from .tower_lora import install_fused_mlps
 
 # The cache's keyword of transformers' cross-attention layer: `cache` from 5.2x, `past_key_values` in 5.17.
 _CACHE_ARG = ("cache" if "cache" in inspect.signature(modeling_mllama.MllamaCrossAttentionDecoderLayer.forward)
@@ -81,11 +83,13 @@ def keep_read_states(vision_model: nn.Module) -> None:
         encoder.forward = types.MethodType(_encoder_forward, encoder)
 
 
-def install_tower(vision_model: nn.Module) -> None:
+def install_tower(vision_model: nn.Module, settings: RuntimeSettings) -> None:
     """Set on transformers' vision tower's instances: its encoders keep the states it reads, its attention runs
-    without the mask (mllama_vision_attention.py says why)."""
+    without the mask (mllama_vision_attention.py says why), its projections through our fused LoRA on the fast path
+    (tower_lora.py), under our decoder's `settings`."""
     keep_read_states(vision_model)
-    install_split_attention(vision_model)
+    install_split_attention(vision_model, settings)
+    install_fused_mlps(vision_model, settings)
 
 
 class MllamaTextDecoder(DecoderModel):
@@ -138,12 +142,12 @@ class MllamaForConditionalGeneration(OwnTextDecoder, modeling_mllama.MllamaForCo
     def __init__(self, config):
         super().__init__(config)
         self._install_decoder()
-        install_tower(self.model.vision_model)
+        install_tower(self.model.vision_model, self.model.language_model.runtime)
 
     @classmethod
     def adopt(cls, reference):
         model = super().adopt(reference)
-        install_tower(model.model.vision_model)  # transformers' tower, taken from `reference`
+        install_tower(model.model.vision_model, model.model.language_model.runtime)  # the tower of `reference`
         return model
 
     @classmethod

@@ -17,6 +17,7 @@ image with no real position (a padded image slot) keeps the masked call, whose o
 
 Installed per instance like vision_attention.py's Qwen grouping: each layer's `self_attn` keeps its class, its
 q/k/v/o Linear layers (LoRA is injected on them later) and its state dict; only its `forward` is set on the instance.
+The projections run through tower_lora.py (fused LoRA on the fast path).
 Attention other than SDPA (eager, flash-attention requested) runs the class's forward.
 """
 
@@ -29,6 +30,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..fast.plan import RuntimeSettings
+from .tower_lora import tower_projections
 
 
 @dataclass(frozen=True)
@@ -103,21 +107,23 @@ def split_attention_forward(self, hidden_states: torch.Tensor, attention_mask: t
     """Set on a MllamaVisionAttention instance: its class's computation with the mask split into rows."""
     if self.config._attn_implementation != "sdpa" or attention_mask is None or attention_mask.dim() != 4:
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
-    q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)  # (B, L, H*D)
+    settings = self._velotune_settings
+    q, k, v = tower_projections(settings, hidden_states, (self.q_proj, self.k_proj, self.v_proj))  # (B, L, H*D)
     out = split_attention(q, k, v, attention_mask, self._velotune_rows.get(attention_mask), self.num_heads,
                           self.scaling)
-    return self.o_proj(out), None
+    return tower_projections(settings, out, (self.o_proj,))[0], None
 
 
-def install_split_attention(vision_model: nn.Module) -> int:
-    """Set the split forward on the attention of every layer of both Mllama vision encoders; returns how many.
-    The layers share one cache of mask splits."""
+def install_split_attention(vision_model: nn.Module, settings: RuntimeSettings) -> int:
+    """Set the split forward on the attention of every layer of both Mllama vision encoders (their projections
+    through tower_lora.py under `settings`); returns how many. The layers share one cache of mask splits."""
     cache = MaskRowsCache()
     count = 0
     for encoder in (vision_model.transformer, vision_model.global_transformer):
         for layer in encoder.layers:
             attention = layer.self_attn
             attention._velotune_rows = cache
+            attention._velotune_settings = settings
             attention.forward = types.MethodType(split_attention_forward, attention)
             count += 1
     return count

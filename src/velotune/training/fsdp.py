@@ -150,13 +150,6 @@ def active() -> bool:
             and torch.distributed.get_world_size() > 1)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """Whether any weight of `model` is a DTensor (a module under fully_shard)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 class ShardedModel(nn.Module):
     """The model the Trainer trains under velotune's FSDP2: the sharded model, called through.
 

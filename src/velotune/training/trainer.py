@@ -29,7 +29,7 @@ from trl import SFTTrainer as TRLSFTTrainer
 from trl.trainer import sft_trainer as trl_sft_module
 
 from ..export.folders import file_states
-from ..fast.plan import find_decoder
+from ..fast.plan import find_decoder, is_sharded
 from ..launch import quiet_replicas
 from . import checkpoints_dcp
 from . import dataset_prep
@@ -285,7 +285,7 @@ class SFTTrainer(TRLSFTTrainer):
         return super()._move_model_to_device(model, device)
 
     def _wrap_model(self, model, training=True, dataloader=None):
-        if self._sharding is not None and training and fsdp.is_sharded(self.model):
+        if self._sharding is not None and training and is_sharded(self.model):
             return model if isinstance(model, fsdp.ShardedModel) else fsdp.ShardedModel(self.model)
         return super()._wrap_model(model, training, dataloader)
 
@@ -300,7 +300,7 @@ class SFTTrainer(TRLSFTTrainer):
             if self.args.should_save:
                 self._save_configs(output_dir)
             return None
-        if not fsdp.is_sharded(self.model):
+        if not is_sharded(self.model):
             return super().save_model(str(output_dir), _internal_call)
         state = checkpoints_dcp.full_state_dict(self.model)  # a collective: every rank takes part
         if self.args.should_save:
