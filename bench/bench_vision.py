@@ -229,7 +229,17 @@ def held_by_kind(model, batch: dict) -> dict:
     other = torch.cuda.memory_allocated() - sum(kinds.values())
     kinds["cublas workspaces"] = before - torch.cuda.memory_allocated()
     kinds["other (caches a stack keeps)"] = other
-    return {k: round(v / 2**30, 4) for k, v in sorted(kinds.items())}
+    result = {k: round(v / 2**30, 4) for k, v in sorted(kinds.items())}
+    if other > 2**20:  # name the largest CUDA tensors Python holds outside the model and batch
+        import gc
+
+        found = []
+        for obj in gc.get_objects():
+            if torch.is_tensor(obj) and obj.is_cuda and obj.untyped_storage().data_ptr() not in seen:
+                holders = [type(r).__name__ for r in gc.get_referrers(obj)[:3]]
+                found.append((obj.untyped_storage().nbytes(), f"{tuple(obj.shape)} {obj.dtype} held by {holders}"))
+        result["other tensors"] = [f"{n / 2**20:.1f} MiB {what}" for n, what in sorted(found, reverse=True)[:6]]
+    return result
 
 
 def _profiler(cuda: bool):
