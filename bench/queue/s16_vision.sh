@@ -7,7 +7,7 @@
 # PART=2 (~9 min, send within 30 s): Mllama QLoRA Unsloth (its compile: up to 280 s), Mllama bf16 velotune / Unsloth.
 # PART=3 (~7 min): Qwen bf16 both stacks, Qwen QLoRA velotune again (after a fix of what PART=1 locates).
 # After Mllama's vision attention runs without its mask (mllama_vision_attention.py; PART=1's profile: the masked
-# cuDNN attention was half the step's GPU time): PART=4 (~7.5 min) the GPU tests, Qwen bf16 both stacks, Mllama
+# cuDNN attention was half the step's GPU time): PART=4 (~8.5 min) the GPU tests, Qwen bf16 both stacks and QLoRA velotune, Mllama
 # QLoRA and bf16 velotune (+ profile); PART=5 (~4.5 min, within 30 s) Mllama QLoRA and bf16 Unsloth.
 export PYTHONPATH=$PWD/src:$PWD:$PWD/tests:$PWD/.peers HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 [ -d .peers ] || tar xJf .peerspack/peers.tar.xz
@@ -52,6 +52,7 @@ timeout 100 python3 -m pytest -q -p no:cacheprovider tests/vision/test_gpu.py te
   tests/vision/test_vision_checkpointing.py > $O/gpu_tests.log 2>&1; echo "gpu tests rc=$?"; tail -n 3 $O/gpu_tests.log
 run qwen_velotune_bf16 80 $V run --model /tmp/v_qwen --stack velotune --quant none $ARGS
 run qwen_unsloth_bf16 130 $V run --model /tmp/v_qwen --stack unsloth --quant none $ARGS
+run qwen_velotune_nf4 60 $V run --model /tmp/v_qwen --stack velotune --quant nf4 $ARGS
 wait; ls /tmp/v_mllama >> $O/make_mllama.log
 run mllama_velotune_nf4 80 $V run --model /tmp/v_mllama --stack velotune --quant nf4 $ARGS --snapshot /tmp/snap/mllama_velotune_nf4.pickle
 run mllama_velotune_bf16 60 $V run --model /tmp/v_mllama --stack velotune --quant none $ARGS
