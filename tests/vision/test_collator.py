@@ -151,3 +151,17 @@ def test_a_template_that_renders_turns_differently_in_context_is_refused():
         "<|im_end|>\n{% endfor %}", "{% if loop.last %}<|im_end|>{% else %}<|im_end|>\n{% endif %}{% endfor %}")
     with pytest.raises(ValueError, match="row 0 of the batch: the conversation rendered up to its turn 1"):
         UnslothVisionDataCollator(model, processor)(_rows()[:1])
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_pixels_come_in_the_models_16bit_dtype_with_the_same_result(family):
+    """A bf16 model gets bf16 pixel values (half the batch); its tower would cast fp32 ones to bf16 itself, so the
+    loss is the same bit for bit."""
+    model, processor = tiny.build(family)
+    model = model.to(torch.bfloat16).eval()
+    batch = UnslothVisionDataCollator(model, processor)(_rows())
+    assert batch["pixel_values"].dtype == torch.bfloat16
+    full = UnslothVisionDataCollator(None, processor)(_rows())
+    assert full["pixel_values"].dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(model(**batch).loss, model(**full).loss)

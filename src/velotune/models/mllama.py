@@ -21,7 +21,8 @@ it (its static cache holds self-attention keys only; inference/engine.py says so
 The vision tower is transformers' with two changes set on its instances (`install_tower`): its encoders keep only the
 layer outputs the tower reads (`keep_read_states`: transformers' encoder holds every layer's output until the tower
 returns, of which the tower reads five), its attention runs as two SDPA calls without a mask
-(mllama_vision_attention.py), and its projections run our fused LoRA on the fast path (tower_lora.py).
+(mllama_vision_attention.py), and its projections and the projector run our fused LoRA on the fast path
+(tower_lora.py).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ..fast.plan import RuntimeSettings
 from .composite import OwnTextDecoder
 from .decoder import DecoderModel
 from .mllama_vision_attention import install_split_attention
-from .tower_lora import install_fused_mlps
+from .tower_lora import install_fused_mlps, tower_projections
 
 # The cache's keyword of transformers' cross-attention layer: `cache` from 5.2x, `past_key_values` in 5.17.
 _CACHE_ARG = ("cache" if "cache" in inspect.signature(modeling_mllama.MllamaCrossAttentionDecoderLayer.forward)
@@ -167,7 +168,8 @@ class MllamaForConditionalGeneration(OwnTextDecoder, modeling_mllama.MllamaForCo
         backbone = self.model
         states = backbone.vision_model(pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids,
                                        aspect_ratio_mask=aspect_ratio_mask).last_hidden_state  # (B, I, K, P, Dv)
-        return backbone.multi_modal_projector(states).reshape(-1, states.shape[-2], backbone.hidden_size)
+        projected = tower_projections(backbone.language_model.runtime, states, (backbone.multi_modal_projector,))[0]
+        return projected.reshape(-1, states.shape[-2], backbone.hidden_size)  # (B, images * tiles * patches, C)
 
     def _cross_masks(self, cross_attention_mask, T: int, cache) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(cross-attention mask (B, 1, T, N) additive, full-text-row mask (B, 1, T, 1)) from the processor's

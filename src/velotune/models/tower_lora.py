@@ -1,10 +1,13 @@
-"""The fused LoRA projections (fast/lora_linear.py) for the layers of transformers' Mllama vision tower.
+"""The fused LoRA projections (fast/lora_linear.py) for the layers of transformers' Mllama vision tower and its
+projector.
 
 Why: PEFT's LoRA layer casts its input to the adapter's fp32 before the adapter (a copy of x per projection, a second
 one where autocast casts it back to bf16, again in the checkpoint's recompute), and autograd keeps x once per branch.
 The tower runs every tile's patches (4,128 positions an image) through 40 layers of 6 projections: in the H200
 profile of a Llama-3.2-11B-Vision QLoRA step (BENCHMARKS.md, session 16) copies were 19% of the GPU time. Our fused
 function runs x W^T + b + s (x A^T) B^T in the compute dtype as one autograd node per input (q, k and v share one).
+The projector (7680 -> 4096 over every patch) is where this mattered most for memory: at the step's forward peak PEFT
+held its input cast to fp32 (375 MiB) and 6 outputs and intermediates (389 MiB) in that profile.
 
 The same rule as our decoders' fast path decides, per call: the model's `fast_path` setting (True: also off CUDA,
 how tests run it; False: never; None: on CUDA), `VELOTUNE_DISABLE_KERNELS`, and weights not sharded by FSDP2; a

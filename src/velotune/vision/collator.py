@@ -51,6 +51,10 @@ class VisionDataCollator:
         self.ignore_index = ignore_index
         self.max_seq_length = max_seq_length or getattr(model, "max_seq_length", None)
         self.pad_id = processor.tokenizer.pad_token_id
+        # The pixels in the model's 16-bit dtype: every family's tower casts them to its weights' dtype first, so the
+        # result is the same and the batch half the size (Unsloth's collator does the same).
+        dtype = getattr(model, "dtype", None)
+        self.pixel_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
         self.image_token_ids = _image_token_ids(processor)
         self._warned_size = False
 
@@ -149,6 +153,9 @@ class VisionDataCollator:
         if self.image_token_ids:
             labels[torch.isin(labels, torch.tensor(sorted(self.image_token_ids)))] = self.ignore_index
         batch["labels"] = labels
+        pixels = batch.get("pixel_values")
+        if self.pixel_dtype is not None and pixels is not None and pixels.is_floating_point():
+            batch["pixel_values"] = pixels.to(self.pixel_dtype)
         return self._cut(batch)
 
     def _row_offset(self, batch, b: int, length: int) -> int:
