@@ -13,6 +13,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from velotune import FastVisionModel
+from velotune.models import tower_lora
 from velotune.models.decoder import DecoderModel
 from velotune.models.vision_lm import OWN_DECODER_CLASSES
 from velotune.vision.families import family_of
@@ -174,7 +175,8 @@ def test_greedy_generation_on_the_engine_equals_transformers(family, vision_fold
     assert model.generation_engine.resident is None
 
 
-def test_fast_path_equals_the_plain_path(vision_folder, monkeypatch):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_fast_path_equals_the_plain_path(family, vision_folder, monkeypatch):
     """The fast path forced on the CPU (fused LoRA and loss through their reference paths, the offloading
     checkpoint on host copies) gives the plain path's loss and LoRA gradients, and never builds the logits.
     The kernel ops run their PyTorch references (Triton's interpreter costs seconds per step; tests/kernels
@@ -184,25 +186,34 @@ def test_fast_path_equals_the_plain_path(vision_folder, monkeypatch):
 
     from .test_collator import _rows
 
-    model, processor = FastVisionModel.from_pretrained(str(vision_folder("qwen2_vl")), load_in_4bit=False,
+    model, processor = FastVisionModel.from_pretrained(str(vision_folder(family)), load_in_4bit=False,
                                                        device_map="cpu")
     model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth")
     FastVisionModel.for_training(model)
     batch = UnslothVisionDataCollator(model, processor)(_rows()[:1])
     runtime = model.get_base_model().model.language_model.runtime
     runtime.offload_on_cpu, runtime.offload_min_tokens = True, 0
-    results = {}
+    results, fused = {}, []
+    monkeypatch.setattr(tower_lora, "lora_projections",  # the vision tower's projections fused (tower_lora.py)
+                        lambda x, modules, _f=tower_lora.lora_projections: fused.append(len(modules)) or _f(x, modules))
     for fast in (False, True):
         runtime.fast_path = fast
         out = model(**batch)
+        if not fast:
+            assert fused == []
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[fast] = out, grads
         model.zero_grad(set_to_none=True)
+    # qkv, proj, then fc1, fc2 (Qwen2-VL) or gate/up as one node, down (Qwen2.5-VL) of the tiny tower's 2 blocks
+    block = [1, 1, 1, 1] if family == "qwen2_vl" else [1, 1, 2, 1]
+    assert fused[:2 * len(block)] == block * 2
     (plain, plain_grads), (fast, fast_grads) = results[False], results[True]
     assert plain.logits is not None and fast.logits is None  # the fused cross-entropy ran
     torch.testing.assert_close(fast.loss, plain.loss, rtol=1e-5, atol=1e-6)
-    assert plain_grads.keys() == fast_grads.keys() and len(plain_grads) == 48  # A and B of 24 LoRA layers
+    # A and B of each LoRA layer: 14 text, the merger's 2, and 4 (Qwen2-VL) or 5 (Qwen2.5-VL) a vision block
+    per_block = 4 if family == "qwen2_vl" else 5
+    assert plain_grads.keys() == fast_grads.keys() and len(plain_grads) == 2 * (16 + 2 * per_block)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 

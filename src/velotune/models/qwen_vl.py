@@ -15,6 +15,7 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
 from .composite import OwnTextDecoder
+from .tower_lora import install_fused_mlps
 from .vision_attention import install_grouped_attention
 
 # The cache's keyword in transformers' compute_3d_position_ids: `cache` from 5.2x, `past_key_values` in 5.17.
@@ -32,9 +33,12 @@ class QwenVLDecoder(OwnTextDecoder):
     @classmethod
     def adopt(cls, reference):
         """As OwnTextDecoder.adopt, and the vision tower's attention runs one SDPA call per chunk length
-        (vision_attention.py; transformers' per-chunk loop where the tower's attention is not SDPA)."""
+        (vision_attention.py; transformers' per-chunk loop where the tower's attention is not SDPA), its projections
+        through our fused LoRA on the fast path (tower_lora.py)."""
         model = super().adopt(reference)
-        install_grouped_attention(model.model.visual)
+        settings = model.model.language_model.runtime
+        install_grouped_attention(model.model.visual, settings)
+        install_fused_mlps((block.mlp for block in model.model.visual.blocks), settings)
         return model
 
     def _embeddings(self, input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos,

@@ -1,5 +1,5 @@
-"""The fused LoRA projections (fast/lora_linear.py) for the layers of transformers' Mllama vision tower and its
-projector.
+"""The fused LoRA projections (fast/lora_linear.py) for the layers of transformers' vision towers (Mllama's with its
+projector, Qwen2-VL's and Qwen2.5-VL's).
 
 Why: PEFT's LoRA layer casts its input to the adapter's fp32 before the adapter (a copy of x per projection, a second
 one where autocast casts it back to bf16, again in the checkpoint's recompute), and autograd keeps x once per branch.
@@ -26,16 +26,16 @@ from ..fast.lora_linear import lora_projections
 from ..fast.plan import RuntimeSettings, is_sharded
 
 
-def fuses(settings: RuntimeSettings, x: torch.Tensor, modules) -> bool:
-    """Whether the tower's projections `modules` run fused for input x."""
-    if env.current().disable_kernels or settings.fast_path is False:
+def fuses(settings: RuntimeSettings | None, x: torch.Tensor, modules) -> bool:
+    """Whether the tower's projections `modules` run fused for input x (never without `settings`)."""
+    if settings is None or env.current().disable_kernels or settings.fast_path is False:
         return False
     if settings.fast_path is None and not x.is_cuda:
         return False
     return not any(is_sharded(m) for m in modules)
 
 
-def tower_projections(settings: RuntimeSettings, x: torch.Tensor, modules) -> list[torch.Tensor]:
+def tower_projections(settings: RuntimeSettings | None, x: torch.Tensor, modules) -> list[torch.Tensor]:
     """x (..., in) through each of `modules` -> [(..., out_i)]: fused where `fuses`, else the modules' calls."""
     if fuses(settings, x, modules):
         return lora_projections(x, list(modules))
@@ -43,18 +43,28 @@ def tower_projections(settings: RuntimeSettings, x: torch.Tensor, modules) -> li
 
 
 def fused_mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Set on a MllamaVisionMLP instance: fc1, the activation, fc2, each through `tower_projections`."""
+    """Set on a tower MLP of fc1, activation, fc2 (Mllama's MllamaVisionMLP, Qwen2-VL's VisionMlp): each projection
+    through `tower_projections`."""
     settings = self._velotune_settings
-    hidden = tower_projections(settings, hidden_states, (self.fc1,))[0]  # (B, L, intermediate)
-    return tower_projections(settings, self.activation_fn(hidden), (self.fc2,))[0]  # (B, L, hidden)
+    act = self.activation_fn if hasattr(self, "activation_fn") else self.act
+    hidden = tower_projections(settings, hidden_states, (self.fc1,))[0]  # (..., intermediate)
+    return tower_projections(settings, act(hidden), (self.fc2,))[0]  # (..., hidden)
 
 
-def install_fused_mlps(vision_model: nn.Module, settings: RuntimeSettings) -> int:
-    """Set `fused_mlp_forward` on the MLP of every layer of both Mllama vision encoders; returns how many."""
+def fused_gated_mlp_forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+    """Set on Qwen2.5-VL's vision MLP: down(act(gate(x)) * up(x)), gate and up as one fused node."""
+    settings = self._velotune_settings
+    gate, up = tower_projections(settings, hidden_state, (self.gate_proj, self.up_proj))  # (..., intermediate)
+    return tower_projections(settings, self.act_fn(gate) * up, (self.down_proj,))[0]  # (..., hidden)
+
+
+def install_fused_mlps(mlps, settings: RuntimeSettings) -> int:
+    """Set the fused forward on each of the tower MLP modules `mlps` (gated when it has `gate_proj`); returns how
+    many."""
     count = 0
-    for encoder in (vision_model.transformer, vision_model.global_transformer):
-        for layer in encoder.layers:
-            layer.mlp._velotune_settings = settings
-            layer.mlp.forward = types.MethodType(fused_mlp_forward, layer.mlp)
-            count += 1
+    for mlp in mlps:
+        forward = fused_gated_mlp_forward if hasattr(mlp, "gate_proj") else fused_mlp_forward
+        mlp._velotune_settings = settings
+        mlp.forward = types.MethodType(forward, mlp)
+        count += 1
     return count

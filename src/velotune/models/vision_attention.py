@@ -16,7 +16,8 @@ passes the same tensor, so it finds the grouping too.
 It is installed per instance (`install_grouped_attention`): each block's attention module keeps its class,
 its `qkv` / `proj` Linear layers (LoRA wrappers injected on them later keep working, and PEFT's targeting
 finds them under the same names) and its state dict; only its `forward` is set on the instance. When the
-tower's attention is not SDPA (flash-attention requested, eager), the class's forward runs unchanged.
+tower's attention is not SDPA (flash-attention requested, eager), the class's forward runs unchanged. The qkv and
+proj projections run through tower_lora.py (fused LoRA on the fast path).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..fast.plan import RuntimeSettings
+from .tower_lora import tower_projections
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,8 @@ def grouped_attention_forward(self, hidden_states: torch.Tensor, cu_seqlens: tor
                                   max_seqlen=max_seqlen, **kwargs)
     rows = hidden_states.shape[0]
     heads = self.num_heads
-    q, k, v = self.qkv(hidden_states).reshape(rows, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)  # (S, H, D) each
+    qkv = tower_projections(self._velotune_settings, hidden_states, (self.qkv,))[0]  # (S, 3 * H * D)
+    q, k, v = qkv.reshape(rows, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)  # (S, H, D) each
     cos, sin = position_embeddings
     q, k = self._velotune_rotary(q, k, cos, sin)
     groups = self._velotune_chunks.get(cu_seqlens, rows)
@@ -107,7 +112,7 @@ def grouped_attention_forward(self, hidden_states: torch.Tensor, cu_seqlens: tor
     out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]  # (S, C)
     if groups.inverse is not None:
         out = out[groups.inverse]
-    return self.proj(out)
+    return tower_projections(self._velotune_settings, out, (self.proj,))[0]
 
 
 def _rotary_of(attention: nn.Module):
@@ -115,15 +120,17 @@ def _rotary_of(attention: nn.Module):
     return sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
 
 
-def install_grouped_attention(visual: nn.Module) -> int:
+def install_grouped_attention(visual: nn.Module, settings: RuntimeSettings | None = None) -> int:
     """Set the grouped forward on the attention of each of `visual.blocks` (a Qwen2-VL / Qwen2.5-VL vision
-    tower); returns how many. The blocks share one grouping cache."""
+    tower), its projections through tower_lora.py under `settings` (None: the modules' own calls); returns how many.
+    The blocks share one grouping cache."""
     cache = ChunkGroupCache()
     count = 0
     for block in visual.blocks:
         attention = block.attn
         attention._velotune_rotary = _rotary_of(attention)
         attention._velotune_chunks = cache
+        attention._velotune_settings = settings
         attention.forward = types.MethodType(grouped_attention_forward, attention)
         count += 1
     return count
