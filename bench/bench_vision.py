@@ -113,6 +113,8 @@ def run(args) -> dict:
     else:
         from velotune import FastVisionModel, UnslothVisionDataCollator
     cuda = torch.cuda.is_available()
+    if cuda and args.snapshot_load:  # every allocation from here to the "weights" measurement, with C++ stacks
+        torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="all")
     model, processor = FastVisionModel.from_pretrained(args.model, load_in_4bit=args.quant == "nf4",
                                                        use_gradient_checkpointing="unsloth")
     model = FastVisionModel.get_peft_model(model, finetune_vision_layers=True, finetune_language_layers=True,
@@ -134,6 +136,9 @@ def run(args) -> dict:
     phases = {"weights": _gib(torch.cuda.memory_allocated()) if cuda else None}
     if cuda:
         phases["weights_by_kind"] = held_by_kind(model, batch)
+        if args.snapshot_load:
+            torch.cuda.memory._dump_snapshot(args.snapshot_load)
+            torch.cuda.memory._record_memory_history(enabled=None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -295,6 +300,8 @@ def main() -> None:
                         "vision tower's forward time")
     parser.add_argument("--offload-min-tokens", type=int, help="velotune: offload checkpointed layer inputs from "
                         "this many tokens a micro-batch (RuntimeSettings.offload_min_tokens; default 1024)")
+    parser.add_argument("--snapshot-load", help="write torch.cuda.memory's snapshot of loading here (pickle; "
+                        "bench/snapshot_peak.py's `end` lists what loading left allocated, by allocation site)")
     parser.add_argument("--snapshot", help="write torch.cuda.memory's snapshot of step 2 here (pickle; "
                         "https://pytorch.org/memory_viz reads it)")
     args = parser.parse_args()

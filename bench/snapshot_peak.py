@@ -3,7 +3,9 @@
 `bench_vision.py run --snapshot FILE` (and any `torch.cuda.memory._dump_snapshot`) records every allocation and free of
 one step with its Python stack. This replays that trace, finds the moment the most memory was allocated above the
 recording's start (the whole step, and the forward alone: the events before the first allocation made inside a
-`backward`), and sums the blocks alive then by their first frames in velotune, transformers, PEFT or a peer's code.
+`backward`), and sums the blocks alive then by their first frames in velotune, transformers, PEFT or a peer's code;
+then the same for the blocks still alive when the snapshot was dumped (`bench_vision.py --snapshot-load`: what loading
+left allocated).
 Session 14 found the vision rows' memory gaps with it (BENCHMARKS.md "Session 14"). Reads .pickle or .pickle.xz.
 
   python bench/snapshot_peak.py /tmp/snap/qwen_velotune_nf4.pickle.xz [more files] [--top 14] [--depth 3]
@@ -43,13 +45,25 @@ def alive_at_peak(trace: list[dict], forward_only: bool = False) -> tuple[int, d
     return peak, at_peak
 
 
+def alive_at_end(trace: list[dict]) -> tuple[int, dict]:
+    """(bytes allocated during the recording and still alive when it was dumped, {address: alloc event})."""
+    alive = {}
+    for event in trace:
+        if event["action"] == "alloc":
+            alive[event["addr"]] = event
+        elif event["action"] == "free_completed":
+            alive.pop(event["addr"], None)
+    return sum(e["size"] for e in alive.values()), alive
+
+
 def report(path: str, top: int, depth: int) -> None:
     opener = lzma.open if path.endswith(".xz") else open
     with opener(path, "rb") as handle:
         trace = pickle.load(handle)["device_traces"][0]
-    for label, forward_only in (("step", False), ("forward", True)):
-        peak, alive = alive_at_peak(trace, forward_only)
-        print(f"== {path} ({label}): peak {peak / 2**30:.3f} GiB above the recording's start, {len(alive)} blocks")
+    for label, forward_only in (("step", False), ("forward", True), ("end", None)):
+        peak, alive = alive_at_end(trace) if forward_only is None else alive_at_peak(trace, forward_only)
+        what = "alive at the dump: {}" if forward_only is None else "peak {} above the recording's start"
+        print(f"== {path} ({label}): {what.format(f'{peak / 2**30:.3f} GiB')}, {len(alive)} blocks")
         sizes, counts = collections.Counter(), collections.Counter()
         for event in alive.values():
             key = where(event.get("frames", []), depth)

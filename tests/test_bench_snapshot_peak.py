@@ -49,5 +49,8 @@ def test_the_peak_and_what_is_alive_then(tmp_path, capsys):
     module.report(str(path), top=5, depth=1)
     out = capsys.readouterr().out
     assert "(step): peak 0.049 GiB" in out and "(forward): peak 0.024 GiB" in out
+    assert "(end): alive at the dump: 0.000 GiB, 0 blocks" in out  # everything was freed by the trace's end
+    size, alive = module.alive_at_end(_trace()[:5])  # stopped after the backward's 30 MiB: 1, 2 and 4 alive
+    assert size == 50 * MIB and sorted(alive) == [1, 2, 4]
     assert "30.0 MiB x   1  src/velotune/mlp.py:7:backward" in out
     assert "20.0 MiB x   2  src/velotune/layers.py:7:forward" in out
