@@ -313,8 +313,8 @@ def test_module_tree_and_saves_are_transformers(folder, tmp_path):
 def test_the_vision_tower_keeps_only_the_layer_outputs_it_reads():
     """Four local vision layers, the tower reading layer 1's output: while the global layers run (no autograd graph,
     which would hold them all; under checkpointing it holds none), our tower holds layers 1 and 3 (the last is the
-    encoder's output), transformers' all four; the tower's output and gradients are transformers' (to fp32 rounding:
-    the split attention sums in another order)."""
+    encoder's output), transformers' all four; the graph of ours does not hold the aspect-ratio mask; the tower's
+    output and gradients are transformers' (to fp32 rounding: the split attention sums in another order)."""
     reference, _ = tiny.build("mllama")
     config = reference.config
     config.vision_config.num_hidden_layers = 4
@@ -336,16 +336,21 @@ def test_the_vision_tower_keeps_only_the_layer_outputs_it_reads():
             layer.register_forward_hook(lambda m, a, out, i=index: outputs.__setitem__(i, weakref.ref(out)))
         tower.global_transformer.layers[0].register_forward_pre_hook(
             lambda m, a: alive.append([i for i, ref in enumerate(outputs) if ref() is not None]))
+        masks = []  # the aspect-ratio mask (B, 1, L, L) transformers' tower builds and hands its encoders
+        tower.transformer.register_forward_pre_hook(
+            lambda m, a, kw: masks.append(weakref.ref(kw["attention_mask"])), with_kwargs=True)
         with torch.no_grad():
             tower(**inputs)
         result = tower(**inputs).last_hidden_state
+        mask_kept = masks[-1]() is not None  # by the autograd graph, until the backward
         result.pow(2).sum().backward()
-        return result, alive[0], {n: p.grad for n, p in tower.named_parameters()}
+        return result, alive[0], {n: p.grad for n, p in tower.named_parameters()}, mask_kept
 
-    ours_out, ours_alive, ours_grads = run(ours)
-    theirs_out, theirs_alive, theirs_grads = run(theirs)
+    ours_out, ours_alive, ours_grads, ours_mask = run(ours)
+    theirs_out, theirs_alive, theirs_grads, theirs_mask = run(theirs)
     assert theirs_alive == [0, 1, 2, 3]  # what the change is about: transformers' encoder keeps every output
     assert ours_alive == [1, 3]
+    assert theirs_mask and not ours_mask  # our layers hold the (B, L) padding rows, not the (B, 1, L, L) mask
     torch.testing.assert_close(ours_out, theirs_out, rtol=1e-5, atol=1e-5)
     assert ours_grads.keys() == theirs_grads.keys()
     for name, grad in theirs_grads.items():
@@ -358,7 +363,7 @@ def test_split_vision_attention_equals_the_masked_one(tiles):
     with transformers' aspect-ratio mask (padding patches in every tile; an unused tile; a padded image slot)."""
     from transformers.models.mllama.modeling_mllama import _prepare_aspect_ratio_attention_mask
 
-    from velotune.models.mllama_vision_attention import image_rows, split_attention
+    from velotune.models.mllama_vision_attention import image_rows, padding_rows, split_attention
 
     torch.manual_seed(0)
     tile, patches, heads = 8, 5, 2
@@ -372,10 +377,11 @@ def test_split_vision_attention_equals_the_masked_one(tiles):
 
     expected = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask, scale=0.5)
     expected = expected.transpose(1, 2).reshape(B, L, -1)
-    got = split_attention(q, k, v, mask, image_rows(mask), heads, 0.5)
+    padding = padding_rows(mask)  # (B, L)
+    got = split_attention(q, k, v, padding, image_rows(padding), heads, 0.5)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     weights = torch.randn_like(got)
     grads = torch.autograd.grad((got * weights).sum(), (q, k, v))
     for got_grad, want in zip(grads, torch.autograd.grad((expected * weights).sum(), (q, k, v))):
         torch.testing.assert_close(got_grad, want, rtol=1e-5, atol=1e-6)
-    assert [r.real for r in image_rows(mask)] == [sum(tiles) * patches, patches]
+    assert [r.real for r in image_rows(padding)] == [sum(tiles) * patches, patches]

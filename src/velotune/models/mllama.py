@@ -39,7 +39,7 @@ from transformers.models.mllama import modeling_mllama
 from ..fast.plan import RuntimeSettings
 from .composite import OwnTextDecoder
 from .decoder import DecoderModel
-from .mllama_vision_attention import install_split_attention
+from .mllama_vision_attention import install_split_attention, padding_rows, splits
 from .tower_lora import install_fused_mlps, tower_projections
 
 # The cache's keyword of transformers' cross-attention layer: `cache` from 5.2x, `past_key_values` in 5.17.
@@ -60,8 +60,12 @@ def holds_image(cache, index: int) -> bool:
 
 def _encoder_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
     """transformers' MllamaVisionEncoder.forward, with the outputs of the layers outside `self._velotune_kept` left
-    out of `hidden_states` (None in their places, so the tower's `hidden_states[i]` still reads layer i)."""
+    out of `hidden_states` (None in their places, so the tower's `hidden_states[i]` still reads layer i). Where the
+    layers' attention is split (mllama_vision_attention.py) they get the mask's (B, L) padding rows instead of it."""
     kept = self._velotune_kept
+    attention = self.layers[0].self_attn
+    if hasattr(attention, "_velotune_rows") and splits(attention, attention_mask):  # (B, L) padding rows, not the mask
+        attention_mask = padding_rows(attention_mask)
     states = []
     for index, layer in enumerate(self.layers):
         hidden_states = layer(hidden_states, attention_mask=attention_mask)  # (B * images, tiles * patches, Dv)

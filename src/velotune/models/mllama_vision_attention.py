@@ -14,6 +14,9 @@ put back (`index_select`), so the keys' order changes, which only changes the ro
 are read from the mask's diagonal (entry (i, i) is masked exactly when i is padding), once per mask tensor: the
 tower passes one mask to all its layers and the checkpoint's recompute passes it again (one host sync a forward). An
 image with no real position (a padded image slot) keeps the masked call, whose output is then the mean of its values.
+Our encoder forward (mllama.py `keep_read_states`) hands the layers those (B, L) padding rows instead of the
+(B, 1, L, L) mask, so the checkpointed layers do not keep the mask alive until the backward (158 MiB in the 11B step's
+snapshot at the backward peak).
 
 Installed per instance like vision_attention.py's Qwen grouping: each layer's `self_attn` keeps its class, its
 q/k/v/o Linear layers (LoRA is injected on them later) and its state dict; only its `forward` is set on the instance.
@@ -45,9 +48,16 @@ class ImageRows:
     real: int
 
 
-def image_rows(mask: torch.Tensor) -> list[ImageRows]:
-    """The split of each image (one host sync) from transformers' (B, 1, L, L) aspect-ratio mask."""
-    padding = mask[:, 0].diagonal(dim1=-2, dim2=-1) != 0  # (B, L)
+def padding_rows(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool, True at padding rows, from transformers' (B, 1, L, L) aspect-ratio mask (its diagonal); a (B, L)
+    bool is returned as it is."""
+    if mask.dim() == 2 and mask.dtype == torch.bool:
+        return mask
+    return mask[:, 0].diagonal(dim1=-2, dim2=-1) != 0
+
+
+def image_rows(padding: torch.Tensor) -> list[ImageRows]:
+    """The split of each image (one host sync) from its (B, L) padding rows."""
     counts = padding.sum(1).tolist()
     rows = []
     for b, padded in enumerate(counts):
@@ -63,33 +73,35 @@ def image_rows(mask: torch.Tensor) -> list[ImageRows]:
 
 
 class MaskRowsCache:
-    """The splits of the last few masks, found by identity and version (the tower's layers share one)."""
+    """The splits of the last few padding tensors, found by identity and version (the tower's layers share one)."""
 
     def __init__(self, size: int = 4):
         self.size = size
         self.entries: list[tuple[weakref.ref, int, list[ImageRows]]] = []
 
-    def get(self, mask: torch.Tensor) -> list[ImageRows]:
+    def get(self, padding: torch.Tensor) -> list[ImageRows]:
         for ref, version, rows in self.entries:
-            if ref() is mask and version == mask._version:
+            if ref() is padding and version == padding._version:
                 return rows
-        rows = image_rows(mask)
-        self.entries = [(weakref.ref(mask), mask._version, rows)] + self.entries[: self.size - 1]
+        rows = image_rows(padding)
+        self.entries = [(weakref.ref(padding), padding._version, rows)] + self.entries[: self.size - 1]
         return rows
 
 
-def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, rows: list[ImageRows],
+def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: torch.Tensor, rows: list[ImageRows],
                     heads: int, scale: float) -> torch.Tensor:
-    """Attention of (B, L, H*D) q, k, v under Mllama's aspect-ratio mask (B, 1, L, L); returns (B, L, H*D)."""
+    """Attention of (B, L, H*D) q, k, v under Mllama's aspect-ratio mask, given as its (B, L) padding rows; returns
+    (B, L, H*D)."""
     B, L, _ = q.shape
     outputs = []
     for b, split in enumerate(rows):
-        if split.order is None:
+        if split.order is None or split.real == 0:
             qb, kb, vb = (t[b].view(1, L, heads, -1).transpose(1, 2) for t in (q, k, v))  # (1, H, L, D)
-            out = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
-        elif split.real == 0:  # no real row: the masked call (its weights are uniform)
-            qb, kb, vb = (t[b].view(1, L, heads, -1).transpose(1, 2) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[b:b + 1].to(qb.dtype), scale=scale)
+            mask = None
+            if split.real == 0:  # no real row: transformers' mask, masked everywhere (uniform weights)
+                both = padding[b][:, None] & padding[b][None, :]  # (L, L)
+                mask = torch.zeros(L, L, dtype=qb.dtype, device=qb.device).masked_fill(both, torch.finfo(qb.dtype).min)
+            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
         else:
             r = split.real
             qb, kb, vb = (t[b].index_select(0, split.order).view(1, L, heads, -1).transpose(1, 2)
@@ -102,15 +114,23 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return torch.stack(outputs)  # (B, L, H*D)
 
 
+def splits(attention: nn.Module, mask: torch.Tensor | None) -> bool:
+    """Whether `attention` (a MllamaVisionAttention) runs the split forward for `mask`: SDPA, and a 4D aspect-ratio
+    mask or its (B, L) padding rows."""
+    return attention.config._attn_implementation == "sdpa" and mask is not None and (
+        mask.dim() == 4 or mask.dim() == 2 and mask.dtype == torch.bool)
+
+
 def split_attention_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                             **kwargs):
-    """Set on a MllamaVisionAttention instance: its class's computation with the mask split into rows."""
-    if self.config._attn_implementation != "sdpa" or attention_mask is None or attention_mask.dim() != 4:
+    """Set on a MllamaVisionAttention instance: its class's computation with the mask split into rows.
+    `attention_mask`: transformers' (B, 1, L, L) mask, or the (B, L) padding rows our encoder passes instead."""
+    if not splits(self, attention_mask):
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
     settings = self._velotune_settings
+    padding = padding_rows(attention_mask)  # (B, L)
     q, k, v = tower_projections(settings, hidden_states, (self.q_proj, self.k_proj, self.v_proj))  # (B, L, H*D)
-    out = split_attention(q, k, v, attention_mask, self._velotune_rows.get(attention_mask), self.num_heads,
-                          self.scaling)
+    out = split_attention(q, k, v, padding, self._velotune_rows.get(padding), self.num_heads, self.scaling)
     return tower_projections(settings, out, (self.o_proj,))[0], None
 
 
