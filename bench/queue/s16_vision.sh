@@ -63,6 +63,24 @@ make_folders; wait
 run mllama_unsloth_nf4 200 $V run --model /tmp/v_mllama --stack unsloth --quant nf4 $ARGS
 run mllama_unsloth_bf16 150 $V run --model /tmp/v_mllama --stack unsloth --quant none $ARGS
 fi
+if [ "${PART:-}" = 6 ]; then
+make_folders
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/vision/test_gpu.py tests/vision/test_mllama_own_decoder.py \
+  tests/vision/test_vision_own_decoder.py tests/vision/test_vision_checkpointing.py > $O/gpu_tests.log 2>&1
+echo "gpu tests rc=$?"; tail -n 3 $O/gpu_tests.log
+run qwen_velotune_nf4 70 $V run --model /tmp/v_qwen --stack velotune --quant nf4 $ARGS --snapshot-load /tmp/snap/qwen_load.pickle
+export TORCH_CUBLASLT_UNIFIED_WORKSPACE=1; run qwen_velotune_nf4_unified 60 $V run --model /tmp/v_qwen --stack velotune --quant nf4 $ARGS; unset TORCH_CUBLASLT_UNIFIED_WORKSPACE
+run qwen_unsloth_nf4 150 $V run --model /tmp/v_qwen --stack unsloth --quant nf4 $ARGS
+wait; ls /tmp/v_mllama >> $O/make_mllama.log
+run mllama_velotune_nf4 80 $V run --model /tmp/v_mllama --stack velotune --quant nf4 $ARGS --snapshot /tmp/snap/mllama_velotune_nf4.pickle
+fi
+if [ "${PART:-}" = 7 ]; then
+make_folders; wait
+run mllama_unsloth_nf4 200 $V run --model /tmp/v_mllama --stack unsloth --quant nf4 $ARGS
+run mllama_velotune_bf16 60 $V run --model /tmp/v_mllama --stack velotune --quant none $ARGS
+run qwen_velotune_bf16 60 $V run --model /tmp/v_qwen --stack velotune --quant none $ARGS
+run qwen_unsloth_bf16 130 $V run --model /tmp/v_qwen --stack unsloth --quant none $ARGS
+fi
 for f in /tmp/snap/*.pickle; do [ -f "$f" ] && python3 bench/snapshot_peak.py "$f" > "${f%.pickle}.peak.txt" 2>&1 && mv "${f%.pickle}.peak.txt" $O/; done
 rm -f /tmp/snap/*.pickle
 cd $OUT && tar czf s16_$PART.tgz s16 && rm -rf s16
