@@ -18,11 +18,11 @@ call when a cache holds earlier ones. Generation runs transformers' loop over th
 values cached by the cross layers at their layer index, as transformers does); velotune's engine does not serve
 it (its static cache holds self-attention keys only; inference/engine.py says so in the log).
 
-The vision tower is transformers' with two changes set on its instances (`install_tower`): its encoders keep only the
+The vision tower is transformers' with changes set on its instances (`install_tower`): its encoders keep only the
 layer outputs the tower reads (`keep_read_states`: transformers' encoder holds every layer's output until the tower
-returns, of which the tower reads five), its attention runs as two SDPA calls without a mask
-(mllama_vision_attention.py), and its projections and the projector run our fused LoRA on the fast path
-(tower_lora.py).
+returns, of which the tower reads five) and hand the layers the mask's padding rows, its attention runs as two SDPA
+calls without a mask (mllama_vision_attention.py), and its projections and the projector run our fused LoRA on the
+fast path (tower_lora.py).
 """
 
 from __future__ import annotations

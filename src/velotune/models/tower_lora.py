@@ -6,8 +6,8 @@ one where autocast casts it back to bf16, again in the checkpoint's recompute), 
 The tower runs every tile's patches (4,128 positions an image) through 40 layers of 6 projections: in the H200
 profile of a Llama-3.2-11B-Vision QLoRA step (BENCHMARKS.md, session 16) copies were 19% of the GPU time. Our fused
 function runs x W^T + b + s (x A^T) B^T in the compute dtype as one autograd node per input (q, k and v share one).
-The projector (7680 -> 4096 over every patch) is where this mattered most for memory: at the step's forward peak PEFT
-held its input cast to fp32 (375 MiB) and 6 outputs and intermediates (389 MiB) in that profile.
+Mllama's projector (7680 -> 4096 over every patch) held the most memory under PEFT: at the step's forward peak in that
+run's snapshot, its input cast to fp32 (375 MiB) and 6 outputs and intermediates (389 MiB).
 
 The same rule as our decoders' fast path decides, per call: the model's `fast_path` setting (True: also off CUDA,
 how tests run it; False: never; None: on CUDA), `VELOTUNE_DISABLE_KERNELS`, and weights not sharded by FSDP2; a
@@ -19,7 +19,6 @@ from __future__ import annotations
 import types
 
 import torch
-from torch import nn
 
 from .. import settings as env
 from ..fast.lora_linear import lora_projections

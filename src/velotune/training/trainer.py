@@ -15,7 +15,6 @@ import contextlib
 import copy
 import dataclasses
 import logging
-import math
 import os
 import shutil
 import time
