@@ -152,8 +152,8 @@ def test_lora_gradients_equal_transformers_and_peft(folder, fast, checkpointing,
                         lambda x, modules, _f=tower_lora.lora_projections: fused.append(len(modules)) or _f(x, modules))
     ours = model(**batch)
     assert (ours.logits is None) is fast  # the fused cross-entropy ran on the fast path
-    # q/k/v, o, fc1, fc2 of the tiny tower's 3 layers, then the projector
-    assert fused[:13] == ([3, 1, 1, 1] * 3 + [1] if fast else [])
+    # q/k/v, o, fc1, fc2 of the tiny tower's 3 layers, the projector, then the cross-attention layer's q, k, v, o
+    assert fused[:17] == ([3, 1, 1, 1] * 3 + [1] + [1] * 4 if fast else [])
     theirs = reference(**batch)
     ours.loss.backward()
     theirs.loss.backward()

@@ -22,6 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from ..fast.plan import RuntimeSettings, find_decoder
 from ..models.decoder import DecoderModel
 from ..models.foreign_checkpoints import checkpoint_foreign_layers, offload_foreign_layers
+from ..models.tower_lora import install_fused_linears
 from ..quant.linear import is_linear4bit
 
 logger = logging.getLogger("velotune")
@@ -43,6 +44,9 @@ class VelotunePeftModel(PeftModelForCausalLM):
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                                     category=FutureWarning)
             super().__init__(model, peft_config, *args, **kwargs)
+        decoder = find_decoder(self)
+        for index in getattr(decoder, "borrowed_layers", ()):  # transformers' layers among ours (Mllama's cross
+            install_fused_linears(decoder.layers[index], decoder.runtime)  # attention): their LoRA fused too
 
     @property
     def max_seq_length(self) -> int | None:

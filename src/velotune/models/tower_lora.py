@@ -1,5 +1,5 @@
-"""The fused LoRA projections (fast/lora_linear.py) for the layers of transformers' vision towers (Mllama's with its
-projector, Qwen2-VL's and Qwen2.5-VL's).
+"""The fused LoRA projections (fast/lora_linear.py) for transformers' layers we run: the vision towers (Mllama's with
+its projector, Qwen2-VL's and Qwen2.5-VL's) and the layers our decoders borrow (Mllama's cross-attention layers).
 
 Why: PEFT's LoRA layer casts its input to the adapter's fp32 before the adapter (a copy of x per projection, a second
 one where autocast casts it back to bf16, again in the checkpoint's recompute), and autograd keeps x once per branch.
@@ -8,6 +8,11 @@ profile of a Llama-3.2-11B-Vision QLoRA step (BENCHMARKS.md, session 16) copies 
 function runs x W^T + b + s (x A^T) B^T in the compute dtype as one autograd node per input (q, k and v share one).
 Mllama's projector (7680 -> 4096 over every patch) held the most memory under PEFT: at the step's forward peak in that
 run's snapshot, its input cast to fp32 (375 MiB) and 6 outputs and intermediates (389 MiB).
+
+Mllama's cross-attention layers project the image states (8,200 positions at batch 2) to keys and values: in the
+same run's snapshot PEFT's k/v intermediates were 201 MiB at the backward peak, during a cross layer's recompute.
+Those layers are transformers' modules whose projections PEFT wraps after loading, so `install_fused_linears` sets the
+fused forward on the LoRA wrappers themselves (VelotunePeftModel does it when it wraps a model).
 
 The same rule as our decoders' fast path decides, per call: the model's `fast_path` setting (True: also off CUDA,
 how tests run it; False: never; None: on CUDA), `VELOTUNE_DISABLE_KERNELS`, and weights not sharded by FSDP2; a
@@ -21,7 +26,7 @@ import types
 import torch
 
 from .. import settings as env
-from ..fast.lora_linear import lora_projections
+from ..fast.lora_linear import lora_projections, projection_of
 from ..fast.plan import RuntimeSettings, is_sharded
 
 
@@ -66,4 +71,24 @@ def install_fused_mlps(mlps, settings: RuntimeSettings) -> int:
         mlp._velotune_settings = settings
         mlp.forward = types.MethodType(forward, mlp)
         count += 1
+    return count
+
+
+def fused_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Set on a PEFT LoRA layer over a Linear/Linear4bit: the fused projection where `fuses` and the layer can fuse
+    (one active adapter, no dropout, ...), else PEFT's own forward."""
+    if not args and not kwargs and fuses(self._velotune_settings, x, (self,)) and projection_of(self) is not None:
+        return lora_projections(x, [self])[0]
+    return type(self).forward(self, x, *args, **kwargs)
+
+
+def install_fused_linears(module: torch.nn.Module, settings: RuntimeSettings) -> int:
+    """Set `fused_linear_forward` on every PEFT LoRA layer under `module` (those with `base_layer` and `lora_A`);
+    returns how many."""
+    count = 0
+    for layer in module.modules():
+        if hasattr(layer, "base_layer") and hasattr(layer, "lora_A"):
+            layer._velotune_settings = settings
+            layer.forward = types.MethodType(fused_linear_forward, layer)
+            count += 1
     return count
