@@ -113,8 +113,8 @@ def run(args) -> dict:
     else:
         from velotune import FastVisionModel, UnslothVisionDataCollator
     cuda = torch.cuda.is_available()
-    if cuda and args.snapshot_load:  # every allocation from here to the "weights" measurement, with C++ stacks
-        torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="all")
+    if cuda and args.snapshot_load:  # every allocation from here to the "weights" measurement, with its Python stack
+        torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
     model, processor = FastVisionModel.from_pretrained(args.model, load_in_4bit=args.quant == "nf4",
                                                        use_gradient_checkpointing="unsloth")
     model = FastVisionModel.get_peft_model(model, finetune_vision_layers=True, finetune_language_layers=True,
