@@ -23,7 +23,6 @@ from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecod
 
 from velotune import FastVisionModel, UnslothVisionDataCollator
 from velotune.fast.plan import plan_step, set_fast_path
-from velotune.models import tower_lora
 from velotune.models.decoder import DecoderLayer
 from velotune.models.mllama import MllamaForConditionalGeneration, MllamaTextDecoder
 from velotune.vision.processors import load_processor
@@ -31,7 +30,7 @@ from velotune.vision.processors import load_processor
 from tiny import vision as tiny
 
 from .test_collator import _rows
-from .test_vision_own_decoder import mixed_batch
+from .test_vision_own_decoder import fused_calls, mixed_batch
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +146,7 @@ def test_lora_gradients_equal_transformers_and_peft(folder, fast, checkpointing,
     if fast:
         assert plan.layers[1] is None and plan.layers[0] is not None  # the cross layer is not in the plan
     checkpointed = decoder._checkpointer.kept + decoder._checkpointer.offloaded
-    fused = []  # the vision tower's projections through our fused LoRA (tower_lora.py), on the fast path only
-    monkeypatch.setattr(tower_lora, "lora_projections",
-                        lambda x, modules, _f=tower_lora.lora_projections: fused.append(len(modules)) or _f(x, modules))
+    fused = fused_calls(monkeypatch)  # transformers' layers through our fused LoRA (tower_lora.py): fast path only
     ours = model(**batch)
     assert (ours.logits is None) is fast  # the fused cross-entropy ran on the fast path
     # q/k/v, o, fc1, fc2 of the tiny tower's 3 layers, the projector, then the cross-attention layer's q, k, v, o

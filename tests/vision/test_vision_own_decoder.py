@@ -175,6 +175,20 @@ def test_greedy_generation_on_the_engine_equals_transformers(family, vision_fold
     assert model.generation_engine.resident is None
 
 
+def fused_calls(monkeypatch) -> list[int]:
+    """The number of projections of each call through tower_lora's fused LoRA (transformers' layers on our fast
+    path), in call order, from now on."""
+    calls = []
+    fused = tower_lora.lora_projections
+
+    def counted(x, modules, **kwargs):
+        calls.append(len(modules))
+        return fused(x, modules, **kwargs)
+
+    monkeypatch.setattr(tower_lora, "lora_projections", counted)
+    return calls
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_fast_path_equals_the_plain_path(family, vision_folder, monkeypatch):
     """The fast path forced on the CPU (fused LoRA and loss through their reference paths, the offloading
@@ -193,9 +207,7 @@ def test_fast_path_equals_the_plain_path(family, vision_folder, monkeypatch):
     batch = UnslothVisionDataCollator(model, processor)(_rows()[:1])
     runtime = model.get_base_model().model.language_model.runtime
     runtime.offload_on_cpu, runtime.offload_min_tokens = True, 0
-    results, fused = {}, []
-    monkeypatch.setattr(tower_lora, "lora_projections",  # the vision tower's projections fused (tower_lora.py)
-                        lambda x, modules, _f=tower_lora.lora_projections: fused.append(len(modules)) or _f(x, modules))
+    results, fused = {}, fused_calls(monkeypatch)
     for fast in (False, True):
         runtime.fast_path = fast
         out = model(**batch)

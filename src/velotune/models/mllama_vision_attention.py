@@ -27,7 +27,6 @@ Attention other than SDPA (eager, flash-attention requested) runs the class's fo
 from __future__ import annotations
 
 import types
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +35,7 @@ from torch import nn
 
 from ..fast.plan import RuntimeSettings
 from .tower_lora import tower_projections
+from .vision_attention import TensorKeyedCache
 
 
 @dataclass(frozen=True)
@@ -70,22 +70,6 @@ def image_rows(padding: torch.Tensor) -> list[ImageRows]:
         inverse[order] = torch.arange(length, device=order.device)
         rows.append(ImageRows(order, inverse, length - padded))
     return rows
-
-
-class MaskRowsCache:
-    """The splits of the last few padding tensors, found by identity and version (the tower's layers share one)."""
-
-    def __init__(self, size: int = 4):
-        self.size = size
-        self.entries: list[tuple[weakref.ref, int, list[ImageRows]]] = []
-
-    def get(self, padding: torch.Tensor) -> list[ImageRows]:
-        for ref, version, rows in self.entries:
-            if ref() is padding and version == padding._version:
-                return rows
-        rows = image_rows(padding)
-        self.entries = [(weakref.ref(padding), padding._version, rows)] + self.entries[: self.size - 1]
-        return rows
 
 
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: torch.Tensor, rows: list[ImageRows],
@@ -137,7 +121,7 @@ def split_attention_forward(self, hidden_states: torch.Tensor, attention_mask: t
 def install_split_attention(vision_model: nn.Module, settings: RuntimeSettings) -> int:
     """Set the split forward on the attention of every layer of both Mllama vision encoders (their projections
     through tower_lora.py under `settings`); returns how many. The layers share one cache of mask splits."""
-    cache = MaskRowsCache()
+    cache = TensorKeyedCache(image_rows)
     count = 0
     for encoder in (vision_model.transformer, vision_model.global_transformer):
         for layer in encoder.layers:

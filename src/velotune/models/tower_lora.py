@@ -77,8 +77,9 @@ def install_fused_mlps(mlps, settings: RuntimeSettings) -> int:
 def fused_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Set on a PEFT LoRA layer over a Linear/Linear4bit: the fused projection where `fuses` and the layer can fuse
     (one active adapter, no dropout, ...), else PEFT's own forward."""
-    if not args and not kwargs and fuses(self._velotune_settings, x, (self,)) and projection_of(self) is not None:
-        return lora_projections(x, [self])[0]
+    projection = None if args or kwargs or not fuses(self._velotune_settings, x, (self,)) else projection_of(self)
+    if projection is not None:
+        return lora_projections(x, [self], projections=[projection])[0]
     return type(self).forward(self, x, *args, **kwargs)
 
 

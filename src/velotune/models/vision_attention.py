@@ -69,21 +69,22 @@ def group_chunks(cu_seqlens: torch.Tensor, rows: int) -> ChunkGroups:
     return ChunkGroups(perm.to(device, non_blocking=True), inverse.to(device, non_blocking=True), tuple(spans))
 
 
-class ChunkGroupCache:
-    """The groupings of the last few `cu_seqlens` tensors, found by identity (a tower passes the same tensor to
-    each of its blocks, and the checkpoint's recompute passes it again). Shared by one tower's blocks."""
+class TensorKeyedCache:
+    """`compute(tensor, *args)` for the last few tensors, found by identity and version: a tower passes the same
+    tensor (Qwen's `cu_seqlens`, Mllama's padding rows) to each of its layers, and the checkpoint's recompute passes
+    it again, so one host sync serves them all. Shared by one tower's layers."""
 
-    def __init__(self, size: int = 4):
-        self.size = size
-        self.entries: list[tuple[weakref.ref, int, ChunkGroups]] = []
+    def __init__(self, compute, size: int = 4):
+        self.compute, self.size = compute, size
+        self.entries: list[tuple[weakref.ref, int, object]] = []
 
-    def get(self, cu_seqlens: torch.Tensor, rows: int) -> ChunkGroups:
-        for ref, version, groups in self.entries:
-            if ref() is cu_seqlens and version == cu_seqlens._version:
-                return groups
-        groups = group_chunks(cu_seqlens, rows)
-        self.entries = [(weakref.ref(cu_seqlens), cu_seqlens._version, groups)] + self.entries[: self.size - 1]
-        return groups
+    def get(self, tensor: torch.Tensor, *args):
+        for ref, version, value in self.entries:
+            if ref() is tensor and version == tensor._version:
+                return value
+        value = self.compute(tensor, *args)
+        self.entries = [(weakref.ref(tensor), tensor._version, value)] + self.entries[: self.size - 1]
+        return value
 
 
 def grouped_attention_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -124,7 +125,7 @@ def install_grouped_attention(visual: nn.Module, settings: RuntimeSettings | Non
     """Set the grouped forward on the attention of each of `visual.blocks` (a Qwen2-VL / Qwen2.5-VL vision
     tower), its projections through tower_lora.py under `settings` (None: the modules' own calls); returns how many.
     The blocks share one grouping cache."""
-    cache = ChunkGroupCache()
+    cache = TensorKeyedCache(group_chunks)
     count = 0
     for block in visual.blocks:
         attention = block.attn
