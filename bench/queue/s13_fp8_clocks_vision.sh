@@ -21,7 +21,7 @@ if [ "${PART:-1}" = 1 ]; then
 nvidia-smi -q -d CLOCK,POWER,PERFORMANCE > $O/smi_idle.txt 2>&1
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active --format=csv -lms 200 > $O/smi_trace.csv 2>&1 &
 SMI=$!
-run kernels 120 bench/bench_fp8.py kernels
+[ -n "${SKIP_KERNELS:-}" ] || run kernels 120 bench/bench_fp8.py kernels
 [ -d /tmp/m_llama8b ] || timeout 120 python3 .bench/peer_bench.py make --out /tmp/m_llama8b --preset llama8b 2>&1 | grep -v Writing
 echo "nf4 start $(date +%s.%N)" >> $O/marks.txt
 run 8b_nf4 110 bench/bench_fp8.py speed --model /tmp/m_llama8b --mode nf4 --seq 2048 --bs 2 --ga 4 --steps 3 --warmup 1
@@ -58,3 +58,4 @@ run grpo_8b_512 150 bench/bench_grpo.py --model /tmp/m_llama8b --gens 8 --comple
 run grpo_8b_512_release 150 bench/bench_grpo.py --model /tmp/m_llama8b --gens 8 --completion 512 --keep-cache-fraction 0
 run grpo_8b_512_unsloth 200 .bench/grpo_bench.py --model /tmp/m_llama8b --stack unsloth --gens 8 --completion 512
 fi
+cd $OUT && tar czf s13_$PART.tgz s13 && rm -rf s13

@@ -44,20 +44,30 @@ def _check(device: str) -> tuple[bool, str]:
         from velotune.quant.nf4 import dequantize_nf4_state
 
         gen = torch.Generator().manual_seed(0)
-        linear = nn.Linear(64, 8, dtype=torch.float32)
+        linear = nn.Linear(64, 8, bias=False, dtype=torch.float32)
         with torch.no_grad():
             linear.weight.copy_(torch.randn(8, 64, generator=gen))
-            linear.bias.zero_()
         layer = to_linear4bit(linear.to(dev), torch.float32)
         x = torch.randn(3, 64, generator=gen).to(dev)
         with torch.no_grad():
             got = layer(x)
             ref = torch.nn.functional.linear(x, dequantize_nf4_state(layer.weight.data, layer.weight.quant_state))
+        _release_workspaces(dev)
         if not torch.allclose(got.float(), ref, atol=1e-3, rtol=1e-3):
             return False, f"bitsandbytes {version}'s 4-bit matmul on {device} gives wrong results"
     except Exception as exc:
         return False, f"bitsandbytes {version} cannot run a 4-bit layer on {device} ({type(exc).__name__}: {exc})"
     return True, f"NF4 4-bit layers run on {device} (bitsandbytes {version})"
+
+
+def _release_workspaces(dev: torch.device) -> None:
+    """Give back the cuBLAS workspaces the probe's products made. Session 17's snapshot of a Qwen2.5-VL-7B QLoRA
+    load (BENCHMARKS.md) has the probe's call holding a 32 MiB block at the load's peak, and that row stays 32 MiB
+    above Unsloth's after loading; a workspace the training's products need comes back at their first call. (The
+    probe also has no bias, so it makes no biased product, which takes cuBLASLt's path and its own workspace.)"""
+    if dev.type == "cuda" and hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+        torch.cuda.synchronize(dev)
+        torch._C._cuda_clearCublasWorkspaces()
 
 
 def nf4_available(device: torch.device | str = "cpu") -> tuple[bool, str]:
