@@ -159,6 +159,55 @@ def test_mlp_saves_only_x_gate_up_and_adapters():
     assert not any(s in [(I, H), (H, I)] for s in saved)
 
 
+class TowerMLP(nn.Module):
+    """A vision tower's MLP without a gate (Mllama's, Qwen2-VL's): fc1, activation, fc2, both biased."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(H, I), nn.Linear(I, H)
+
+
+def _tower_mlp(dtype, nf4=False, targets=("fc1", "fc2")) -> TowerMLP:
+    torch.manual_seed(0)
+    mlp = TowerMLP()
+    if nf4:
+        from velotune.quant.linear import to_linear4bit
+
+        mlp.fc1, mlp.fc2 = (to_linear4bit(m, compute_dtype=dtype) for m in (mlp.fc1, mlp.fc2))
+    mlp = mlp if nf4 else mlp.to(dtype)
+    mlp = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=list(targets),
+                                             init_lora_weights=False), mlp)
+    for name, p in mlp.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return mlp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("chunk", [7, 4096], ids=["3-chunks", "1-chunk"])
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+@pytest.mark.parametrize("targets", [("fc1", "fc2"), ("fc1",)], ids=["both", "no-fc2-adapter"])
+def test_plain_mlp_keeps_x_alone_and_has_peft_gradients(monkeypatch, dtype, nf4, chunk, act, targets):
+    """The towers' fc2(act(fc1(x))) as one node (lora_plain_mlp.py): output and the gradients of x and every
+    adapter equal PEFT's modules composed with the activation, in one chunk and in 3 (21 rows, chunks of 7);
+    the graph keeps x and the adapters, no (N, I) tensor."""
+    import velotune.fast.lora_plain_mlp as plain_module
+    from velotune.fast.lora_plain_mlp import lora_plain_mlp
+
+    monkeypatch.setattr(plain_module, "CHUNK_TOKENS", chunk)
+    mlp = _tower_mlp(dtype, nf4, targets)
+    x = torch.randn(3, 7, H, dtype=dtype, requires_grad=True)
+    plain = mlp.fc2(ACT2FN[act](mlp.fc1(x)))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        fused = lora_plain_mlp(x, mlp.fc1, mlp.fc2, ACT2FN[act])
+    assert _through(fused, "LoraPlainMLP") and fused.shape == plain.shape
+    assert sorted(saved) == sorted([(21, H), *[s for t in targets for s in {"fc1": [(4, H), (I, 4)],
+                                                                           "fc2": [(4, I), (H, 4)]}[t]]])
+    params = [p for n, p in mlp.named_parameters() if "lora_" in n]
+    _compare([fused], [plain], params, x, dtype)
+
+
 def test_projections_without_adapter_and_disabled_adapter():
     """Un-targeted Linear layers and a disabled adapter run the base weight alone, like PEFT."""
     block = _block(torch.float32, targets=["q_proj"])

@@ -54,8 +54,13 @@ GATED_KINDS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"
 CHUNK_TOKENS = 4096
 
 
+def token_chunks(n: int, size: int) -> list[slice]:
+    """Slices of `size` rows covering n rows (the last one short)."""
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
 def _chunks(n: int) -> list[slice]:
-    return [slice(start, min(start + CHUNK_TOKENS, n)) for start in range(0, n, CHUNK_TOKENS)]
+    return token_chunks(n, CHUNK_TOKENS)
 
 
 def _rows(saved: list[torch.Tensor], rows: slice) -> list[torch.Tensor]:
@@ -78,7 +83,7 @@ def mlp_forward(x: torch.Tensor, activation: str, projections, adapters, stacked
         if len(chunks) == 1:
             (out,), down_layout, down_saved = group_forward(act(g, u), (down,), adapters[4:], stacked[1])  # (N, H)
         else:
-            (dense_down,) = _dense([down], x.dtype)
+            (dense_down,) = dense_projections([down], x.dtype)
             out = torch.empty_like(x)  # (N, H)
             xa_parts = []
             for rows in chunks:
@@ -145,7 +150,7 @@ def _backward_in_chunks(ctx, x: torch.Tensor, grad_out: torch.Tensor, chunk, ove
     here instead of once per chunk. `overwrite`: g and u were computed for this backward alone (the
     recomputation), so their gradients are written over them (not over a forward's saved tensors)."""
     chunks = _chunks(x.shape[0])
-    gate, up, down = _dense(ctx.projections, x.dtype) if len(chunks) > 1 else ctx.projections
+    gate, up, down = dense_projections(ctx.projections, x.dtype) if len(chunks) > 1 else ctx.projections
     need_dx = ctx.needs_input_grad[0]
     dx = x.new_empty(x.shape) if need_dx and len(chunks) > 1 else None  # (N, H)
     totals: list = [None] * 6  # dAg, dBg, dAu, dBu, dAd, dBd
@@ -164,7 +169,7 @@ def _backward_in_chunks(ctx, x: torch.Tensor, grad_out: torch.Tensor, chunk, ove
     return (dx, None, None, None, None, *totals)
 
 
-def _dense(projections, dtype: torch.dtype) -> list:
+def dense_projections(projections, dtype: torch.dtype) -> list:
     """The projections with their weights dense in `dtype` (4-bit ones dequantized once here); an
     FP8-computed projection gets its e4m3 values and row scales (NF4 converted once here)."""
     out = []

@@ -27,6 +27,7 @@ import torch
 
 from .. import settings as env
 from ..fast.lora_linear import lora_projections, projection_of
+from ..fast.lora_plain_mlp import lora_plain_mlp
 from ..fast.plan import RuntimeSettings, is_sharded
 
 
@@ -47,10 +48,15 @@ def tower_projections(settings: RuntimeSettings | None, x: torch.Tensor, modules
 
 
 def fused_mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Set on a tower MLP of fc1, activation, fc2 (Mllama's MllamaVisionMLP, Qwen2-VL's VisionMlp): each projection
-    through `tower_projections`."""
+    """Set on a tower MLP of fc1, activation, fc2 (Mllama's MllamaVisionMLP, Qwen2-VL's VisionMlp): one fused node
+    that keeps x alone (fast/lora_plain_mlp.py) where both projections fuse, else each projection through
+    `tower_projections`."""
     settings = self._velotune_settings
     act = self.activation_fn if hasattr(self, "activation_fn") else self.act
+    if fuses(settings, hidden_states, (self.fc1, self.fc2)):
+        out = lora_plain_mlp(hidden_states, self.fc1, self.fc2, act)
+        if out is not None:
+            return out  # (..., hidden)
     hidden = tower_projections(settings, hidden_states, (self.fc1,))[0]  # (..., intermediate)
     return tower_projections(settings, act(hidden), (self.fc2,))[0]  # (..., hidden)
 

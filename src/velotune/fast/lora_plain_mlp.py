@@ -1,0 +1,94 @@
+"""Fused LoRA MLP without a gate: fc2(act(fc1(x))), the vision towers' MLP (Mllama's, Qwen2-VL's), as one autograd
+node that keeps x alone.
+
+Why: composed of two fused projections and the activation's own node, autograd keeps fc1's output for the
+activation's backward and the activation's output for fc2's adapter gradient, and the backward makes two more
+tensors of that width. In the snapshot of a Llama-3.2-11B-Vision QLoRA step (BENCHMARKS.md, session 17) three of
+them, (12,862 positions, 5120) each, 377 MiB, were alive at the step's peak, during a tower layer's recomputed
+backward. This node keeps none: forward runs the token rows in chunks of `CHUNK_TOKENS` and keeps the output alone;
+backward recomputes fc1 chunk by chunk (one more fc1 product a layer, an eighth of the MLP's matmul work over forward,
+recomputation and backward), so at most one chunk's (n, I) tensors exist at a time.
+
+The activation's derivative comes from autograd on the chunk, so every activation module transformers gives a tower
+(Mllama's exact GELU, Qwen2-VL's quick GELU) runs as it is, in the compute dtype as before.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .lora_linear import (
+    adapter_inputs, adapters_of, autocast_off, compute_dtype, group_backward, group_forward, projection_of,
+)
+from .lora_mlp import dense_projections, token_chunks
+
+# Token rows per chunk: (2048, 5120) bf16 is 20 MiB for Mllama's tower (module-level so tests can shrink it).
+CHUNK_TOKENS = 2048
+
+
+def _chunks(n: int) -> list[slice]:
+    return token_chunks(n, CHUNK_TOKENS)
+
+
+class LoraPlainMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, act, fc1, fc2, *adapters):  # x (N, H); adapters A1, B1, A2, B2 (None where none)
+        chunks = _chunks(x.shape[0])
+        with autocast_off(x):
+            dense = dense_projections((fc1, fc2), x.dtype) if len(chunks) > 1 else (fc1, fc2)
+            out = None  # (N, out)
+            for rows in chunks:
+                (h,), _, _ = group_forward(x[rows], dense[:1], adapters[:2])  # (n, I)
+                (part,), _, _ = group_forward(act(h), dense[1:], adapters[2:])  # (n, out)
+                del h
+                if len(chunks) == 1:
+                    out = part
+                else:
+                    out = part.new_empty((x.shape[0], part.shape[1])) if out is None else out
+                    out[rows] = part
+        ctx.act, ctx.projections = act, (fc1, fc2)  # as given: a 4-bit weight stays packed until backward
+        ctx.save_for_backward(x, *adapters)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, *adapters = ctx.saved_tensors
+        chunks = _chunks(x.shape[0])
+        fc1, fc2 = dense_projections(ctx.projections, x.dtype) if len(chunks) > 1 else ctx.projections
+        need_dx = ctx.needs_input_grad[0]
+        dx = x.new_empty(x.shape) if need_dx and len(chunks) > 1 else None  # (N, H)
+        totals = [None] * 4  # dA1, dB1, dA2, dB2
+        with autocast_off(x):
+            grad_out = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)  # (N, out)
+            for rows in chunks:
+                xr = x[rows]  # (n, H)
+                (h,), fc1_layout, fc1_saved = group_forward(xr, (fc1,), adapters[:2])  # (n, I), recomputed
+                with torch.enable_grad():
+                    h = h.detach().requires_grad_()
+                    a = ctx.act(h)  # (n, I)
+                fc2_layout, fc2_saved = adapter_inputs(a.detach(), adapters[2:])  # a A_2^T: (n, r)
+                da, fc2_grads = group_backward([grad_out[rows]], a.detach(), (fc2,), fc2_layout, fc2_saved)
+                (dh,) = torch.autograd.grad(a, h, da)  # (n, I)
+                del a, h, da, fc2_saved
+                dx_rows, fc1_grads = group_backward([dh], xr, (fc1,), fc1_layout, fc1_saved, need_dx)
+                del dh
+                if dx_rows is not None and len(chunks) == 1:
+                    dx = dx_rows
+                elif dx_rows is not None:
+                    dx[rows] = dx_rows
+                totals = [p if t is None else (t if p is None else t.add_(p))
+                          for t, p in zip(totals, [*fc1_grads, *fc2_grads])]
+        return (dx, None, None, None, *totals)
+
+
+def lora_plain_mlp(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, act) -> torch.Tensor | None:
+    """x (..., H) -> fc2(act(fc1(x))) (..., out) through the fused function, or None when a projection cannot fuse
+    (`why_not_fused`): the caller then runs its modules."""
+    projections = [projection_of(m) for m in (fc1, fc2)]
+    if any(p is None for p in projections):
+        return None
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype(x))  # (N, H)
+    out = LoraPlainMLPFunction.apply(x2, act, *projections, *adapters_of(projections))
+    return out.view(*lead, out.shape[-1])
