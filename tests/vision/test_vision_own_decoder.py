@@ -177,20 +177,21 @@ def test_greedy_generation_on_the_engine_equals_transformers(family, vision_fold
 
 def fused_calls(monkeypatch) -> list[int]:
     """The number of projections of each call through tower_lora's fused LoRA (transformers' layers on our fast
-    path; an MLP without a gate as one call of 2), in call order, from now on."""
+    path; a whole MLP as one call of its 2 or 3 projections), in call order, from now on."""
     calls = []
-    fused, mlp = tower_lora.lora_projections, tower_lora.lora_plain_mlp
 
-    def counted(x, modules, **kwargs):
-        calls.append(len(modules))
-        return fused(x, modules, **kwargs)
+    def spy(name: str, count):
+        function = getattr(tower_lora, name)
 
-    def counted_mlp(x, fc1, fc2, act):
-        calls.append(2)
-        return mlp(x, fc1, fc2, act)
+        def counted(x, *args, **kwargs):
+            calls.append(count(args))
+            return function(x, *args, **kwargs)
 
-    monkeypatch.setattr(tower_lora, "lora_projections", counted)
-    monkeypatch.setattr(tower_lora, "lora_plain_mlp", counted_mlp)
+        monkeypatch.setattr(tower_lora, name, counted)
+
+    spy("lora_projections", lambda args: len(args[0]))
+    spy("lora_plain_mlp", lambda args: 2)  # fc1, fc2
+    spy("lora_mlp", lambda args: 3)  # gate, up, down
     return calls
 
 
@@ -222,9 +223,9 @@ def test_fast_path_equals_the_plain_path(family, vision_folder, monkeypatch):
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[fast] = out, grads
         model.zero_grad(set_to_none=True)
-    # qkv, proj, then fc1 and fc2 as one node (Qwen2-VL) or gate/up as one node, down (Qwen2.5-VL) of the tiny
+    # qkv, proj, then the MLP as one node (fc1 and fc2 for Qwen2-VL, gate, up and down for Qwen2.5-VL) of the tiny
     # tower's 2 blocks
-    block = [1, 1, 2] if family == "qwen2_vl" else [1, 1, 2, 1]
+    block = [1, 1, 2] if family == "qwen2_vl" else [1, 1, 3]
     assert fused[:2 * len(block)] == block * 2
     (plain, plain_grads), (fast, fast_grads) = results[False], results[True]
     assert plain.logits is not None and fast.logits is None  # the fused cross-entropy ran

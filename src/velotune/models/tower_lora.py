@@ -24,9 +24,11 @@ from __future__ import annotations
 import types
 
 import torch
+from transformers.activations import ACT2FN
 
 from .. import settings as env
 from ..fast.lora_linear import lora_projections, projection_of
+from ..fast.lora_mlp import GATED_ACTIVATIONS, lora_mlp
 from ..fast.lora_plain_mlp import lora_plain_mlp
 from ..fast.plan import RuntimeSettings, is_sharded
 
@@ -61,9 +63,22 @@ def fused_mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return tower_projections(settings, act(hidden), (self.fc2,))[0]  # (..., hidden)
 
 
+def _gated_kind(act: torch.nn.Module) -> str | None:
+    """The name the decoders' fused gated MLP (fast/lora_mlp.py) knows the activation module `act` by, or None."""
+    return next((name for name in GATED_ACTIVATIONS if type(ACT2FN[name]) is type(act)), None)
+
+
 def fused_gated_mlp_forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
-    """Set on Qwen2.5-VL's vision MLP: down(act(gate(x)) * up(x)), gate and up as one fused node."""
+    """Set on Qwen2.5-VL's vision MLP: down(act(gate(x)) * up(x)) as the decoders' fused gated MLP (one node keeping
+    x and the gate/up outputs, where composing the projections and the activation kept four (N, I) tensors) where
+    its activation has a kernel and all three projections fuse; else gate and up as one fused node, then down."""
     settings = self._velotune_settings
+    kind = _gated_kind(self.act_fn)
+    projections = (self.gate_proj, self.up_proj, self.down_proj)
+    if kind is not None and fuses(settings, hidden_state, projections):
+        out = lora_mlp(hidden_state, *projections, kind)
+        if out is not None:
+            return out  # (..., hidden)
     gate, up = tower_projections(settings, hidden_state, (self.gate_proj, self.up_proj))  # (..., intermediate)
     return tower_projections(settings, self.act_fn(gate) * up, (self.down_proj,))[0]  # (..., hidden)
 
