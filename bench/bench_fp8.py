@@ -133,6 +133,10 @@ def speed(args) -> None:
     import torch
 
     torch.cuda.reset_peak_memory_stats()
+    if args.max_graphed_elements is not None:  # plan.py's bound on CUDA-graphed layers (8B layers are above it)
+        from velotune.fast import plan
+
+        plan.MAX_GRAPHED_ELEMENTS = args.max_graphed_elements
     t0 = time.time()
     model, _ = load(model_folder(args.model), args.mode, args.seq, args.rank, checkpointing=args.checkpointing)
     load_s = time.time() - t0
@@ -142,30 +146,35 @@ def speed(args) -> None:
     vocab = model.config.vocab_size
     g = torch.Generator(device="cuda").manual_seed(0)
     n = args.bs * args.seq
-    times, losses = [], []
+    times, losses, waits = [], [], []  # waits: seconds a step's host spent blocked on the GPU (near 0: host-bound)
     torch.cuda.reset_peak_memory_stats()
     mem_after_load = torch.cuda.memory_allocated()
     for step in range(args.warmup + args.steps):
         torch.cuda.synchronize()
-        t = time.time()
+        t, wait = time.time(), 0.0
         for micro in range(args.ga):
             ids = torch.randint(4, min(vocab, 32000), (args.bs, args.seq), device="cuda", generator=g)
             last = args.profile and step == args.warmup + args.steps - 1 and micro == args.ga - 1
             with _kernel_profile(last, args.mode):  # one micro-batch of the last step (its time is not used)
                 out = model(input_ids=ids, labels=ids)
                 (out.loss / args.ga).backward()
+            w = time.time()
             losses.append(float(out.loss.detach()))
+            wait += time.time() - w
         opt.step()
         opt.zero_grad(set_to_none=True)
+        w = time.time()
         torch.cuda.synchronize()
         if step >= args.warmup and not args.profile:
             times.append(time.time() - t)
+            waits.append(wait + time.time() - w)
     if args.profile:
         return
     times.sort()
     med = times[len(times) // 2]
     res = dict(stack="velotune", quant=args.mode, seq=args.seq, bs=args.bs, ga=args.ga, rank=args.rank,
                tokens_per_s=round(n * args.ga / med, 1), step_s=round(med, 4),
+               gpu_wait_s=round(sorted(waits)[len(waits) // 2], 4), max_graphed_elements=args.max_graphed_elements,
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                load_gib=round(mem_after_load / 2**30, 2), load_s=round(load_s, 1),
@@ -435,6 +444,9 @@ def main(argv=None) -> None:
     ap.add_argument("--checkpointing", default="unsloth", choices=["unsloth", "true", "false", "torch"],
                     help="speed: use_gradient_checkpointing (unsloth: layer inputs offloaded to pinned host memory; "
                     "torch: True through torch's checkpoint, as before session 12)")
+    ap.add_argument("--max-graphed-elements", type=int, default=None,
+                    help="speed: plan.MAX_GRAPHED_ELEMENTS for this run (tokens x hidden up to which layers are "
+                         "CUDA-graphed; an 8B layer at 4,096 tokens is 16.8M, above the default)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--held-rows", type=int, default=64)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
