@@ -9,14 +9,16 @@ backward. This node keeps none: forward runs the token rows in chunks of `CHUNK_
 backward recomputes fc1 chunk by chunk (one more fc1 product a layer, an eighth of the MLP's matmul work over forward,
 recomputation and backward), so at most one chunk's (n, I) tensors exist at a time.
 
-The activation's derivative comes from autograd on the chunk, so every activation module transformers gives a tower
-(Mllama's exact GELU, Qwen2-VL's quick GELU) runs as it is, in the compute dtype as before.
+The activation runs as the tower's own module, in the compute dtype as before. Its derivative: GELU's own backward
+op for transformers' GELU modules (Mllama's tower; no autograd node, no nested engine run, which cost ~120 us of host
+time a call in the decoders' MLP, docs/decisions.md), autograd on the chunk for any other (Qwen2-VL's quick GELU).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 
 from .lora_linear import (
     adapter_inputs, adapters_of, autocast_off, compute_dtype, group_backward, group_forward, projection_of,
@@ -29,6 +31,23 @@ CHUNK_TOKENS = 2048
 
 def _chunks(n: int) -> list[slice]:
     return token_chunks(n, CHUNK_TOKENS)
+
+
+def _gelu_approximation(act: nn.Module) -> str | None:
+    """The `approximate` argument of GELU's backward op when `act` is a GELU module, else None."""
+    if isinstance(act, nn.GELU):
+        return act.approximate
+    return {type(ACT2FN["gelu"]): "none", type(ACT2FN["gelu_pytorch_tanh"]): "tanh"}.get(type(act))
+
+
+def _activation_backward(act: nn.Module, h: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+    """dh (n, I) of a = act(h) given da."""
+    approximate = _gelu_approximation(act)
+    if approximate is not None:
+        return torch.ops.aten.gelu_backward(da, h, approximate=approximate)
+    with torch.enable_grad():
+        h = h.detach().requires_grad_()
+        return torch.autograd.grad(act(h), h, da)[0]
 
 
 class LoraPlainMLPFunction(torch.autograd.Function):
@@ -64,13 +83,12 @@ class LoraPlainMLPFunction(torch.autograd.Function):
             for rows in chunks:
                 xr = x[rows]  # (n, H)
                 (h,), fc1_layout, fc1_saved = group_forward(xr, (fc1,), adapters[:2])  # (n, I), recomputed
-                with torch.enable_grad():
-                    h = h.detach().requires_grad_()
-                    a = ctx.act(h)  # (n, I)
-                fc2_layout, fc2_saved = adapter_inputs(a.detach(), adapters[2:])  # a A_2^T: (n, r)
-                da, fc2_grads = group_backward([grad_out[rows]], a.detach(), (fc2,), fc2_layout, fc2_saved)
-                (dh,) = torch.autograd.grad(a, h, da)  # (n, I)
-                del a, h, da, fc2_saved
+                a = ctx.act(h)  # (n, I)
+                fc2_layout, fc2_saved = adapter_inputs(a, adapters[2:])  # a A_2^T: (n, r)
+                da, fc2_grads = group_backward([grad_out[rows]], a, (fc2,), fc2_layout, fc2_saved)
+                del a, fc2_saved
+                dh = _activation_backward(ctx.act, h, da)  # (n, I)
+                del h, da
                 dx_rows, fc1_grads = group_backward([dh], xr, (fc1,), fc1_layout, fc1_saved, need_dx)
                 del dh
                 if dx_rows is not None and len(chunks) == 1:
