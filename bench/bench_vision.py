@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+import cpu_memory_peak
+
 # Real models' shapes (their config.json), random weights.
 SHAPES = {
     "qwen2_5_vl_7b": ("qwen2_5_vl", dict(
@@ -46,6 +48,11 @@ SHAPES = {
         image_processor=dict(size={"height": 560, "width": 560}, max_image_tiles=4))),
     "tiny": ("qwen2_vl", None),
 }
+# Llama-3.2-11B-Vision's vision tower and projector on a tiny text model, 224 px tiles (264 positions a tile instead of
+# 1,608): the tower's memory on the CPU (`run --cpu-memory`), where the 11B step's peak sits.
+SHAPES["llama32_11b_vision_tower"] = ("mllama", dict(
+    text={}, vision={**SHAPES["llama32_11b_vision"][1]["vision"], "image_size": 224},
+    image_processor=dict(size={"height": 224, "width": 224}, max_image_tiles=4)))
 
 
 DERIVED = ("layer_types", "head_dim")  # recomputed from the sizes by the config classes
@@ -125,6 +132,11 @@ def run(args) -> dict:
         from velotune.fast.plan import runtime_settings
 
         runtime_settings(model).offload_min_tokens = args.offload_min_tokens
+    if args.cpu_memory:  # the GPU's fused functions and offloading checkpoint, run on the CPU
+        from velotune.fast.plan import runtime_settings, set_fast_path
+
+        set_fast_path(model, True)
+        runtime_settings(model).offload_on_cpu, runtime_settings(model).offload_min_tokens = True, 0
     if args.profile:
         _mark_vision_tower(model)
     collate = UnslothVisionDataCollator(model, processor)
@@ -144,11 +156,13 @@ def run(args) -> dict:
     times = []
     for index in range(args.steps):
         profiler = _profiler(cuda) if args.profile and index == args.steps - 1 else contextlib.nullcontext()
+        if args.cpu_memory and index == 1:  # the optimizer's state exists, as at the GPU rows' measured step
+            profiler = cpu_memory_peak.record()
         measure = cuda and index == 1  # the optimizer's state exists; the timed steps start at 2
         if measure and args.snapshot:
             torch.cuda.memory._record_memory_history(max_entries=200_000)
         start = time.perf_counter()
-        with profiler:
+        with profiler as recording:
             with _phase(phases, "forward", measure):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                     loss = model(**batch).loss
@@ -164,6 +178,9 @@ def run(args) -> dict:
             torch.cuda.memory._record_memory_history(enabled=None)
         if args.profile and index == args.steps - 1:
             _print_profile(profiler, cuda)
+        if args.cpu_memory and index == 1:
+            print(f"CPU_MEMORY (parameters {next(model.parameters()).dtype}, host copies of offloaded layer inputs "
+                  f"left out)\n" + recording.report(top=args.top, exclude=cpu_memory_peak.HOST_COPIES), flush=True)
     step = statistics.median(times[min(2, len(times) - 1):])
     result = {"stack": args.stack, "quant": args.quant, "batch": args.batch, "image": args.image,
               "tokens": tokens, "tokens_per_s": round(tokens / step, 1), "step_s": round(step, 4),
@@ -300,6 +317,9 @@ def main() -> None:
                         "vision tower's forward time")
     parser.add_argument("--offload-min-tokens", type=int, help="velotune: offload checkpointed layer inputs from "
                         "this many tokens a micro-batch (RuntimeSettings.offload_min_tokens; default 1024)")
+    parser.add_argument("--cpu-memory", action="store_true", help="on the CPU: run the fast path there and print what "
+                        "is alive at step 2's peak by allocation site (bench/cpu_memory_peak.py)")
+    parser.add_argument("--top", type=int, default=16, help="--cpu-memory: allocation sites listed")
     parser.add_argument("--snapshot-load", help="write torch.cuda.memory's snapshot of loading here (pickle; "
                         "bench/snapshot_peak.py's `end` lists what loading left allocated, by allocation site)")
     parser.add_argument("--snapshot", help="write torch.cuda.memory's snapshot of step 2 here (pickle; "

@@ -24,7 +24,7 @@ from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecod
 from velotune import FastVisionModel, UnslothVisionDataCollator
 from velotune.fast.plan import plan_step, set_fast_path
 from velotune.models.decoder import DecoderLayer
-from velotune.models.mllama import MllamaForConditionalGeneration, MllamaTextDecoder
+from velotune.models.mllama import MllamaForConditionalGeneration, MllamaTextDecoder, OwnGradient
 from velotune.vision.processors import load_processor
 
 from tiny import vision as tiny
@@ -353,6 +353,25 @@ def test_the_vision_tower_keeps_only_the_layer_outputs_it_reads():
     assert ours_grads.keys() == theirs_grads.keys()
     for name, grad in theirs_grads.items():
         torch.testing.assert_close(ours_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_read_states_get_gradients_of_their_own():
+    """The tower stacks the layer outputs it reads, so their gradients arrive as strided views of one buffer; our
+    encoder hands them through OwnGradient, whose backward copies each into its own contiguous storage (same values),
+    so the buffer is freed at once and each copy when its layer has used it."""
+    stacked = torch.randn(6, 4, 3)  # a stack's gradient (..., H, states)
+    x = torch.randn(6, 4, requires_grad=True)
+    y = OwnGradient.apply(x)
+    (grad,) = torch.autograd.grad(y, x, stacked[..., 1])
+    assert grad.is_contiguous() and grad.untyped_storage().data_ptr() != stacked.untyped_storage().data_ptr()
+    torch.testing.assert_close(grad, stacked[..., 1])
+    model, _ = tiny.build("mllama")
+    model = MllamaForConditionalGeneration(model.config)
+    tower, vision = model.model.vision_model, model.config.vision_config
+    out = tower.transformer(torch.randn(1, vision.max_num_tiles * 8, vision.hidden_size, requires_grad=True))
+    read = set(vision.intermediate_layers_indices)
+    assert [i for i, h in enumerate(out.hidden_states) if h is not None] == sorted(read)
+    assert all(type(out.hidden_states[i].grad_fn).__name__ == "OwnGradientBackward" for i in read)
 
 
 @pytest.mark.parametrize("tiles", [[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]], ids=["padded", "full", "empty"])

@@ -69,8 +69,26 @@ def _encoder_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Te
     states = []
     for index, layer in enumerate(self.layers):
         hidden_states = layer(hidden_states, attention_mask=attention_mask)  # (B * images, tiles * patches, Dv)
-        states.append(hidden_states if index in kept else None)
+        states.append(OwnGradient.apply(hidden_states) if index in kept else None)
     return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=tuple(states))
+
+
+class OwnGradient(torch.autograd.Function):
+    """The identity, whose backward copies the gradient it gets into a tensor of its own.
+
+    Why: the tower stacks the layer outputs it reads (torch.stack along a new last axis), so their gradients arrive
+    as strided views of one buffer, which stays alive until the last of them is consumed: layer 3's, by then at the
+    end of the tower's backward, where the step's peak is (LoRA gradients have accumulated). On the 11B at batch 2
+    that buffer is 157 MiB (BENCHMARKS.md, session 17); copied out (the same bytes, once), each gradient is freed
+    when its layer's backward has added it in."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clone(memory_format=torch.contiguous_format)
 
 
 def keep_read_states(vision_model: nn.Module) -> None:
