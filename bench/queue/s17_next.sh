@@ -16,14 +16,7 @@ O=$OUT/s17; mkdir -p $O /tmp/snap
 git log --oneline -1 > $O/commit.txt; git status --short >> $O/commit.txt
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv >> $O/commit.txt
 lscpu | grep -E "Model name|^CPU\(s\)|MHz|Thread|Socket" >> $O/commit.txt
-run() { name=$1; t=$2; shift 2; s=$(date +%s); timeout $t python3 "$@" > $O/$name.log 2>&1; echo "$name rc=$? $(( $(date +%s) - s ))s"; grep RESULT $O/$name.log || tail -n 8 $O/$name.log; }
-V=bench/bench_vision.py
-ARGS="--batch 2 --image 512 --steps 8"
-make_folders() {
-  [ -f /tmp/v_mllama/processor_config.json ] || [ -f /tmp/v_mllama/preprocessor_config.json ] || \
-    timeout 400 python3 $V make --shape llama32_11b_vision --out /tmp/v_mllama > $O/make_mllama.log 2>&1 &
-  [ -d /tmp/v_qwen ] || timeout 100 python3 $V make --shape qwen2_5_vl_7b --out /tmp/v_qwen > $O/make_qwen.log 2>&1
-}
+. bench/queue/vision_common.sh
 if [ "${PART:-1}" = 1 ]; then
 make_folders
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/vision/test_gpu.py tests/vision/test_mllama_own_decoder.py \
