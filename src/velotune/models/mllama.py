@@ -69,7 +69,10 @@ def _encoder_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Te
     states = []
     for index, layer in enumerate(self.layers):
         hidden_states = layer(hidden_states, attention_mask=attention_mask)  # (B * images, tiles * patches, Dv)
-        states.append(OwnGradient.apply(hidden_states) if index in kept else None)
+        states.append(hidden_states if index in kept else None)
+    # After the last layer, so that autograd's engine (which runs the ready node made last first) copies their
+    # gradients out before the backward of any of these layers (OwnGradient says why).
+    states = [None if state is None else OwnGradient.apply(state) for state in states]
     return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=tuple(states))
 
 
@@ -80,7 +83,8 @@ class OwnGradient(torch.autograd.Function):
     as strided views of one buffer, which stays alive until the last of them is consumed: layer 3's, by then at the
     end of the tower's backward, where the step's peak is (LoRA gradients have accumulated). On the 11B at batch 2
     that buffer is 157 MiB (BENCHMARKS.md, session 17); copied out (the same bytes, once), each gradient is freed
-    when its layer's backward has added it in."""
+    when its layer's backward has added it in. The copies must be made before those layers' backward: autograd's
+    engine runs the ready node created last first, so these nodes are created after the encoder's last layer."""
 
     @staticmethod
     def forward(ctx, x):
