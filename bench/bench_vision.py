@@ -133,7 +133,11 @@ def run(args) -> dict:
 
         runtime_settings(model).offload_min_tokens = args.offload_min_tokens
     if args.cpu_memory:  # the GPU's fused functions and offloading checkpoint, run on the CPU
+        from velotune.fast import lora_plain_mlp
         from velotune.fast.plan import runtime_settings, set_fast_path
+
+        if args.chunk_tokens:  # a smaller replay keeps the GPU step's rows per MLP chunk (its chunks' share of memory)
+            lora_plain_mlp.CHUNK_TOKENS = args.chunk_tokens
 
         set_fast_path(model, True)
         runtime_settings(model).offload_on_cpu, runtime_settings(model).offload_min_tokens = True, 0
@@ -320,6 +324,9 @@ def main() -> None:
     parser.add_argument("--cpu-memory", action="store_true", help="on the CPU: run the fast path there and print what "
                         "is alive at step 2's peak by allocation site (bench/cpu_memory_peak.py)")
     parser.add_argument("--top", type=int, default=16, help="--cpu-memory: allocation sites listed")
+    parser.add_argument("--chunk-tokens", type=int, help="--cpu-memory: token rows per chunk of the towers' MLP "
+                        "(fast/lora_plain_mlp.py's CHUNK_TOKENS, 2048: 168 gives the 224 px tower shape at batch 1 "
+                        "the 11B GPU rows' chunks per layer)")
     parser.add_argument("--snapshot-load", help="write torch.cuda.memory's snapshot of loading here (pickle; "
                         "bench/snapshot_peak.py's `end` lists what loading left allocated, by allocation site)")
     parser.add_argument("--snapshot", help="write torch.cuda.memory's snapshot of step 2 here (pickle; "

@@ -358,7 +358,7 @@ def test_the_vision_tower_keeps_only_the_layer_outputs_it_reads():
 def test_the_read_states_get_gradients_of_their_own():
     """The tower stacks the layer outputs it reads, so their gradients arrive as strided views of one buffer; our
     encoder hands them through OwnGradient, whose backward copies each into its own contiguous storage (same values),
-    so the buffer is freed at once and each copy when its layer has used it."""
+    so the buffer is freed before the encoder's backward and each copy when its layer has used it."""
     stacked = torch.randn(6, 4, 3)  # a stack's gradient (..., H, states)
     x = torch.randn(6, 4, requires_grad=True)
     y = OwnGradient.apply(x)
@@ -372,6 +372,10 @@ def test_the_read_states_get_gradients_of_their_own():
     read = set(vision.intermediate_layers_indices)
     assert [i for i, h in enumerate(out.hidden_states) if h is not None] == sorted(read)
     assert all(type(out.hidden_states[i].grad_fn).__name__ == "OwnGradientBackward" for i in read)
+    # made after the last layer's node, so autograd's engine (the ready node made last runs first) copies the
+    # gradients out before any of these layers' backward
+    last = out.last_hidden_state.grad_fn._sequence_nr()
+    assert all(out.hidden_states[i].grad_fn._sequence_nr() > last for i in read)
 
 
 @pytest.mark.parametrize("tiles", [[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]], ids=["padded", "full", "empty"])
