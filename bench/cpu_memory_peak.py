@@ -33,6 +33,7 @@ class Allocation:
     size: int  # negative: a free
     frames: tuple[str, ...]  # Python calls around it, outermost first
     in_backward: bool
+    op: str = ""  # the innermost operator it was made in (aten::mm, autograd::engine::evaluate_function: ...)
 
 
 def _allocations(profiler) -> list[Allocation]:
@@ -40,18 +41,20 @@ def _allocations(profiler) -> list[Allocation]:
 
     found = []
 
-    def walk(node, frames: tuple[str, ...]):
+    def walk(node, frames: tuple[str, ...], op: str):
         if node.tag == _EventType.PyCall:
             frames = (*frames, node.name)
+        elif node.tag == _EventType.TorchOp:
+            op = op if node.name.startswith("aten::empty") and op else node.name  # the op, not its allocation call
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
             f = node.extra_fields
             found.append(Allocation(node.start_time_ns, f.ptr, f.alloc_size, frames,
-                                    any("_engine_run_backward" in name for name in frames)))
+                                    any("_engine_run_backward" in name for name in frames), op))
         for child in node.children:
-            walk(child, frames)
+            walk(child, frames, op)
 
     for root in profiler.profiler.kineto_results.experimental_event_tree():
-        walk(root, ())
+        walk(root, (), "")
     return sorted(found, key=lambda a: a.time_ns)
 
 
@@ -93,7 +96,7 @@ class Recording:
             total, alive = self.peak(forward_only, exclude)
             groups: dict[str, list[int]] = {}
             for a in alive:
-                entry = groups.setdefault(site(a.frames, depth), [0, 0])
+                entry = groups.setdefault(f"{site(a.frames, depth)} [{a.op}]", [0, 0])
                 entry[0] += a.size
                 entry[1] += 1
             lines.append(f"== {label}: peak {total / 2**20:.1f} MiB above the recording's start, {len(alive)} blocks")

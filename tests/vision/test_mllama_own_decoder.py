@@ -378,18 +378,22 @@ def test_the_read_states_get_gradients_of_their_own():
     assert all(out.hidden_states[i].grad_fn._sequence_nr() > last for i in read)
 
 
-@pytest.mark.parametrize("tiles", [[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]], ids=["padded", "full", "empty"])
+@pytest.mark.parametrize("tiles", [[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0], None],
+                         ids=["padded", "full", "empty", "unpadded"])
 def test_split_vision_attention_equals_the_masked_one(tiles):
     """mllama_vision_attention.py: real queries over every key, padding queries over the real keys, against SDPA
-    with transformers' aspect-ratio mask (padding patches in every tile; an unused tile; a padded image slot)."""
+    with transformers' aspect-ratio mask (padding patches in every tile; an unused tile; a padded image slot; an
+    image without padding rows)."""
     from transformers.models.mllama.modeling_mllama import _prepare_aspect_ratio_attention_mask
 
     from velotune.models.mllama_vision_attention import image_rows, padding_rows, split_attention
 
     torch.manual_seed(0)
     tile, patches, heads = 8, 5, 2
-    aspect = torch.tensor([tiles, [1, 0, 0, 0]])  # (B, tiles): the second image uses one tile
+    aspect = torch.tensor([tiles or [1, 1, 1, 1], [1, 0, 0, 0]])  # (B, tiles): the second image uses one tile
     mask = _prepare_aspect_ratio_attention_mask(aspect, num_patches=patches, target_length=tile, dtype=torch.float32)
+    if tiles is None:  # the first image without a padding row (Mllama's tiles always have some; the code allows it)
+        mask[0] = 0
     B, L = aspect.shape[0], aspect.shape[1] * tile
     q, k, v = (torch.randn(B, L, heads * 4, requires_grad=True) for _ in range(3))
 
@@ -405,4 +409,4 @@ def test_split_vision_attention_equals_the_masked_one(tiles):
     grads = torch.autograd.grad((got * weights).sum(), (q, k, v))
     for got_grad, want in zip(grads, torch.autograd.grad((expected * weights).sum(), (q, k, v))):
         torch.testing.assert_close(got_grad, want, rtol=1e-5, atol=1e-6)
-    assert [r.real for r in image_rows(padding)] == [sum(tiles) * patches, patches]
+    assert [r.real for r in image_rows(padding).images] == [sum(tiles) * patches if tiles else L, patches]

@@ -9,8 +9,9 @@ step (BENCHMARKS.md, session 16) had attention at half of the step's GPU time, n
 
 Split by rows, the same attention is two calls without a mask, which run the flash kernels: the real queries over
 every key, the padding queries over the real keys (the masked entries' weights are exactly 0 in the masked softmax:
-exp of finfo.min). The rows of q, k and v are put in the order real-then-padding once per image and the output rows
-put back (`index_select`), so the keys' order changes, which only changes the rounding of the sums. The real rows
+exp of finfo.min). The query rows are gathered per call and the output rows scattered back, the padding queries'
+real keys and values gathered (autograd functions whose backwards write one tensor each, `GatherRows` says why);
+the sums run in another order than the masked call's, which only changes their rounding. The real rows
 are read from the mask's diagonal (entry (i, i) is masked exactly when i is padding), once per mask tensor: the
 tower passes one mask to all its layers and the checkpoint's recompute passes it again (one host sync a forward). An
 image with no real position (a padded image slot) keeps the masked call, whose output is then the mean of its values.
@@ -40,12 +41,24 @@ from .vision_attention import TensorKeyedCache
 
 @dataclass(frozen=True)
 class ImageRows:
-    """One image's rows: `order` (L,) real rows then padding rows, `inverse` puts them back, `real` how many are
-    real; `order` None when every row is real (no split needed)."""
+    """One image's rows: `real` how many are real; `real_rows` / `padding_rows` their indices into the batch's
+    flattened (B * L) rows, None when the image needs no split (every row real, or none: the masked call)."""
 
-    order: torch.Tensor | None
-    inverse: torch.Tensor | None
     real: int
+    real_rows: torch.Tensor | None
+    padding_rows: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class BatchRows:
+    """The batch's split, for the row gathers: `queries` the flattened rows of every SDPA call's queries, call after
+    call (`query_sizes` each), `real_keys` the real rows of the split images (`key_sizes` each)."""
+
+    images: list[ImageRows]
+    queries: torch.Tensor
+    query_sizes: tuple[int, ...]
+    real_keys: torch.Tensor | None
+    key_sizes: tuple[int, ...]
 
 
 def padding_rows(mask: torch.Tensor) -> torch.Tensor:
@@ -56,46 +69,98 @@ def padding_rows(mask: torch.Tensor) -> torch.Tensor:
     return mask[:, 0].diagonal(dim1=-2, dim2=-1) != 0
 
 
-def image_rows(padding: torch.Tensor) -> list[ImageRows]:
+def image_rows(padding: torch.Tensor) -> BatchRows:
     """The split of each image (one host sync) from its (B, L) padding rows."""
+    B, L = padding.shape
     counts = padding.sum(1).tolist()
-    rows = []
+    flat = torch.arange(B * L, device=padding.device).view(B, L)
+    images, queries, keys = [], [], []
     for b, padded in enumerate(counts):
-        length = padding.shape[1]
-        if padded == 0:
-            rows.append(ImageRows(None, None, length))
+        if padded in (0, L):  # one call over the image's rows: unmasked, or the masked one
+            images.append(ImageRows(L - padded, None, None))
+            queries.append(flat[b])
             continue
-        order = torch.argsort(padding[b].to(torch.int8), stable=True)  # (L,) real rows first, each in order
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(length, device=order.device)
-        rows.append(ImageRows(order, inverse, length - padded))
-    return rows
+        real, pad = flat[b][~padding[b]], flat[b][padding[b]]  # each in order
+        images.append(ImageRows(L - padded, real, pad))
+        queries += [real, pad]
+        keys.append(real)
+    return BatchRows(images, torch.cat(queries), tuple(len(t) for t in queries),
+                     torch.cat(keys) if keys else None, tuple(len(t) for t in keys))
 
 
-def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: torch.Tensor, rows: list[ImageRows],
+class GatherRows(torch.autograd.Function):
+    """x (M, C) -> its rows `index` in consecutive parts of `sizes` rows, each its own tensor.
+
+    Backward writes every part's gradient into one (M, C) tensor (index_copy_; zeros first only where `index` does
+    not reach every row or a part has no gradient). Why not `x[b].index_select` and slices: in the 11B step's CPU
+    replay (BENCHMARKS.md, session 17) the backwards of those (select, index_select and slice each fill a zero tensor
+    of their input's size, then the engine sums them) were five (N, C) zero tensors alive at the step's peak."""
+
+    @staticmethod
+    def forward(ctx, x, index, sizes):
+        ctx.save_for_backward(index)
+        ctx.rows, ctx.sizes = x.shape[0], sizes
+        return tuple(x.index_select(0, part) for part in index.split(sizes))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (index,) = ctx.saved_tensors
+        first = next(g for g in grads if g is not None)
+        covered = index.numel() == ctx.rows and all(g is not None for g in grads)
+        out = (first.new_empty if covered else first.new_zeros)((ctx.rows, *first.shape[1:]))  # (M, C)
+        for part, grad in zip(index.split(ctx.sizes), grads):
+            if grad is not None:
+                out.index_copy_(0, part, grad)
+        return out, None, None
+
+
+class ScatterRows(torch.autograd.Function):
+    """Parts (n_i, ...) written to the rows `index` (consecutive parts of `sizes`) of one (M, ...) tensor, every row
+    covered; backward gathers each part's rows of the gradient."""
+
+    @staticmethod
+    def forward(ctx, index, sizes, *parts):
+        ctx.save_for_backward(index)
+        ctx.sizes = sizes
+        out = parts[0].new_empty((index.numel(), *parts[0].shape[1:]))
+        for rows, part in zip(index.split(sizes), parts):
+            out.index_copy_(0, rows, part)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return (None, None, *(grad.index_select(0, rows) for rows in index.split(ctx.sizes)))
+
+
+def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: torch.Tensor, rows: BatchRows,
                     heads: int, scale: float) -> torch.Tensor:
     """Attention of (B, L, H*D) q, k, v under Mllama's aspect-ratio mask, given as its (B, L) padding rows; returns
-    (B, L, H*D)."""
-    B, L, _ = q.shape
+    (B, L, H*D). The keys and values of an image's real queries are its rows as they are (unbind: views), the
+    queries and the padding queries' real keys are gathered (GatherRows), the outputs scattered back (ScatterRows)."""
+    B, L, C = q.shape
+
+    def by_head(t: torch.Tensor) -> torch.Tensor:
+        return t.view(1, -1, heads, C // heads).transpose(1, 2)  # (n, H*D) -> (1, H, n, D)
+
+    queries = iter(GatherRows.apply(q.reshape(B * L, C), rows.queries, rows.query_sizes))
+    real_k, real_v = ((iter(GatherRows.apply(t.reshape(B * L, C), rows.real_keys, rows.key_sizes)) for t in (k, v))
+                      if rows.real_keys is not None else (None, None))
     outputs = []
-    for b, split in enumerate(rows):
-        if split.order is None or split.real == 0:
-            qb, kb, vb = (t[b].view(1, L, heads, -1).transpose(1, 2) for t in (q, k, v))  # (1, H, L, D)
+    for b, (image, kb, vb) in enumerate(zip(rows.images, k.unbind(0), v.unbind(0))):
+        kb, vb = by_head(kb), by_head(vb)  # (1, H, L, D)
+        if image.real_rows is None:
             mask = None
-            if split.real == 0:  # no real row: transformers' mask, masked everywhere (uniform weights)
+            if image.real == 0:  # no real row: transformers' mask, masked everywhere (uniform weights)
                 both = padding[b][:, None] & padding[b][None, :]  # (L, L)
-                mask = torch.zeros(L, L, dtype=qb.dtype, device=qb.device).masked_fill(both, torch.finfo(qb.dtype).min)
-            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
-        else:
-            r = split.real
-            qb, kb, vb = (t[b].index_select(0, split.order).view(1, L, heads, -1).transpose(1, 2)
-                          for t in (q, k, v))  # (1, H, L, D), real rows first
-            real = F.scaled_dot_product_attention(qb[:, :, :r], kb, vb, scale=scale)  # (1, H, r, D)
-            pad = F.scaled_dot_product_attention(qb[:, :, r:], kb[:, :, :r], vb[:, :, :r], scale=scale)
-            out = torch.cat([real, pad], dim=2)  # (1, H, L, D) in split order
-        out = out.transpose(1, 2).reshape(L, -1)  # (L, H*D)
-        outputs.append(out if split.order is None or split.real == 0 else out.index_select(0, split.inverse))
-    return torch.stack(outputs)  # (B, L, H*D)
+                mask = torch.zeros(L, L, dtype=q.dtype, device=q.device).masked_fill(both, torch.finfo(q.dtype).min)
+            outputs.append(F.scaled_dot_product_attention(by_head(next(queries)), kb, vb, attn_mask=mask, scale=scale))
+            continue
+        outputs.append(F.scaled_dot_product_attention(by_head(next(queries)), kb, vb, scale=scale))  # real: every key
+        outputs.append(F.scaled_dot_product_attention(by_head(next(queries)), by_head(next(real_k)),
+                                                      by_head(next(real_v)), scale=scale))  # padding: the real keys
+    parts = [out.squeeze(0).transpose(0, 1) for out in outputs]  # (n, H, D) each
+    return ScatterRows.apply(rows.queries, rows.query_sizes, *parts).view(B, L, C)
 
 
 def splits(attention: nn.Module, mask: torch.Tensor | None) -> bool:
