@@ -41,12 +41,11 @@ from .vision_attention import TensorKeyedCache
 
 @dataclass(frozen=True)
 class ImageRows:
-    """One image's rows: `real` how many are real; `real_rows` / `padding_rows` their indices into the batch's
-    flattened (B * L) rows, None when the image needs no split (every row real, or none: the masked call)."""
+    """One image's rows: `real` how many are real; `split` whether its queries run as two calls (real and padding
+    rows), else as one (every row real, or none: the masked call)."""
 
     real: int
-    real_rows: torch.Tensor | None
-    padding_rows: torch.Tensor | None
+    split: bool
 
 
 @dataclass(frozen=True)
@@ -77,11 +76,11 @@ def image_rows(padding: torch.Tensor) -> BatchRows:
     images, queries, keys = [], [], []
     for b, padded in enumerate(counts):
         if padded in (0, L):  # one call over the image's rows: unmasked, or the masked one
-            images.append(ImageRows(L - padded, None, None))
+            images.append(ImageRows(L - padded, split=False))
             queries.append(flat[b])
             continue
         real, pad = flat[b][~padding[b]], flat[b][padding[b]]  # each in order
-        images.append(ImageRows(L - padded, real, pad))
+        images.append(ImageRows(L - padded, split=True))
         queries += [real, pad]
         keys.append(real)
     return BatchRows(images, torch.cat(queries), tuple(len(t) for t in queries),
@@ -149,7 +148,7 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: 
     outputs = []
     for b, (image, kb, vb) in enumerate(zip(rows.images, k.unbind(0), v.unbind(0))):
         kb, vb = by_head(kb), by_head(vb)  # (1, H, L, D)
-        if image.real_rows is None:
+        if not image.split:
             mask = None
             if image.real == 0:  # no real row: transformers' mask, masked everywhere (uniform weights)
                 both = padding[b][:, None] & padding[b][None, :]  # (L, L)
