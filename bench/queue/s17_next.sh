@@ -1,11 +1,12 @@
 # Session 17's changes on the GPU, and why FP8 slows the 8B step on the single-GPU kind. One nvidia-h200;
 # carry .peerspack and .bench (see README.md). Each PART writes $OUT/s17_PART.tgz.
-# PART=1 (~9.5 min): GPU vision tests (the towers' MLPs as one fused node each: fast/lora_plain_mlp.py for Mllama and
-#   Qwen2-VL, the decoders' gated MLP for Qwen2.5-VL; Mllama's read states' own gradients (OwnGradient) and its split
-#   attention's row gather/scatter functions), Qwen2.5-VL-7B QLoRA velotune (the NF4 probe now gives back its
-#   32 MiB: is "other (caches a stack keeps)" 0?) and Unsloth, Llama-3.2-11B-Vision QLoRA velotune with a snapshot
-#   (session 17: 10.06 GiB vs Unsloth's 9.64; the CPU replay estimates ~9.75 after the changes).
-# PART=2 (~8 min, send within 30 s): Mllama QLoRA Unsloth, bf16 rows of both families and both stacks.
+# PART=1 (~9.5 min): GPU vision tests (the towers' MLPs as one fused node each: fast/lora_plain_mlp.py for Mllama
+#   and Qwen2-VL, the decoders' gated MLP for Qwen2.5-VL; Mllama's read states' own gradients (OwnGradient); both
+#   towers' attention through the row gather/scatter functions), Qwen2.5-VL-7B QLoRA velotune (the NF4 probe now
+#   gives back its 32 MiB: is "other (caches a stack keeps)" 0?) and Unsloth, Llama-3.2-11B-Vision QLoRA velotune
+#   with a snapshot (session 17: 10.06 GiB vs Unsloth's 9.64; the CPU replay estimates ~9.75 after the changes).
+# PART=2 (~8 min, send within 30 s): Mllama QLoRA Unsloth, Mllama bf16 both stacks, Qwen bf16 velotune (its Unsloth
+#   row: session 17, same machine kind).
 # PART=3 (~6 min): FP8 at 8B. Session 17's profile: an NF4+FP8 micro-batch ran 302 ms of kernels in ~450 ms of wall
 #   time (bf16 GEMMs: ~385 ms, GPU-bound), and the bf16 row, not the FP8 one, was power-capped. Host-bound? Rows with
 #   `gpu_wait_s` (seconds a step's host waited on the GPU: near 0 = host-bound), the same rows with the layers
@@ -22,6 +23,7 @@ if [ "${PART:-1}" = 1 ]; then
 make_folders
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/vision/test_gpu.py tests/vision/test_mllama_own_decoder.py \
   tests/vision/test_vision_own_decoder.py tests/vision/test_vision_checkpointing.py tests/fast/test_fused_lora.py \
+  tests/vision/test_vision_grouped_attention.py \
   > $O/gpu_tests.log 2>&1
 echo "gpu tests rc=$?"; tail -n 3 $O/gpu_tests.log
 run qwen_velotune_nf4 70 $V run --model /tmp/v_qwen --stack velotune --quant nf4 $ARGS --snapshot /tmp/snap/qwen_velotune_nf4.pickle

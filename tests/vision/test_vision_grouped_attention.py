@@ -16,7 +16,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTra
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from velotune import FastVisionModel
-from velotune.models.vision_attention import group_chunks, install_grouped_attention
+from velotune.models.vision_attention import GatherRows, ScatterRows, group_chunks, install_grouped_attention
 
 # Two images (t, h, w in patches): 6x10 and 4x4. With window_size 32 (2x2 merged units of 2x2 patches) the first
 # has windows of 16, 8 (edge strips) and 4 (corner) patches, the second two... of 16: lengths {16, 8, 4}.
@@ -94,7 +94,19 @@ def test_group_chunks_orders_and_restores_rows():
     groups = group_chunks(cu, 13)
     assert groups.spans == ((0, 2, 4), (8, 2, 2), (12, 1, 1))
     assert groups.perm.tolist() == [0, 1, 2, 3, 6, 7, 8, 9, 4, 5, 11, 12, 10]
-    assert torch.equal(groups.perm[groups.inverse], torch.arange(13))
+    # the groups' rows gathered, then scattered back: the rows as they were; the gradients too, each backward one
+    # tensor (GatherRows / ScatterRows)
+    sizes = (8, 4, 1)
+    x = torch.randn(13, 3, requires_grad=True)
+    parts = GatherRows.apply(x, groups.perm, sizes)
+    assert [p.shape[0] for p in parts] == list(sizes) and torch.equal(parts[1], x[[4, 5, 11, 12]].detach())
+    back = ScatterRows.apply(groups.perm, sizes, *parts)
+    assert torch.equal(back, x)
+    weights = torch.randn(13, 3)
+    (grad,) = torch.autograd.grad((back * weights).sum(), x, retain_graph=True)
+    assert torch.equal(grad, weights)
+    (grad,) = torch.autograd.grad(parts[1].sum(), x)  # one part alone: zeros on the other rows
+    assert torch.equal(grad, torch.zeros(13, 3).index_fill(0, torch.tensor([4, 5, 11, 12]), 1.0))
     same = group_chunks(torch.tensor([0, 3, 6]), 6)
     assert same.perm is None and same.spans == ((0, 2, 3),)
     with pytest.raises(ValueError, match="cu_seqlens spans rows 0..6, the hidden states have 7"):

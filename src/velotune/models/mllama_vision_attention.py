@@ -36,7 +36,7 @@ from torch import nn
 
 from ..fast.plan import RuntimeSettings
 from .tower_lora import tower_projections
-from .vision_attention import TensorKeyedCache
+from .vision_attention import GatherRows, ScatterRows, TensorKeyedCache
 
 
 @dataclass(frozen=True)
@@ -85,51 +85,6 @@ def image_rows(padding: torch.Tensor) -> BatchRows:
         keys.append(real)
     return BatchRows(images, torch.cat(queries), tuple(len(t) for t in queries),
                      torch.cat(keys) if keys else None, tuple(len(t) for t in keys))
-
-
-class GatherRows(torch.autograd.Function):
-    """x (M, C) -> its rows `index` in consecutive parts of `sizes` rows, each its own tensor.
-
-    Backward writes every part's gradient into one (M, C) tensor (index_copy_; zeros first only where `index` does
-    not reach every row or a part has no gradient). Why not `x[b].index_select` and slices: in the 11B step's CPU
-    replay (BENCHMARKS.md, session 17) the backwards of those (select, index_select and slice each fill a zero tensor
-    of their input's size, then the engine sums them) were five (N, C) zero tensors alive at the step's peak."""
-
-    @staticmethod
-    def forward(ctx, x, index, sizes):
-        ctx.save_for_backward(index)
-        ctx.rows, ctx.sizes = x.shape[0], sizes
-        return tuple(x.index_select(0, part) for part in index.split(sizes))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        (index,) = ctx.saved_tensors
-        first = next(g for g in grads if g is not None)
-        covered = index.numel() == ctx.rows and all(g is not None for g in grads)
-        out = (first.new_empty if covered else first.new_zeros)((ctx.rows, *first.shape[1:]))  # (M, C)
-        for part, grad in zip(index.split(ctx.sizes), grads):
-            if grad is not None:
-                out.index_copy_(0, part, grad)
-        return out, None, None
-
-
-class ScatterRows(torch.autograd.Function):
-    """Parts (n_i, ...) written to the rows `index` (consecutive parts of `sizes`) of one (M, ...) tensor, every row
-    covered; backward gathers each part's rows of the gradient."""
-
-    @staticmethod
-    def forward(ctx, index, sizes, *parts):
-        ctx.save_for_backward(index)
-        ctx.sizes = sizes
-        out = parts[0].new_empty((index.numel(), *parts[0].shape[1:]))
-        for rows, part in zip(index.split(sizes), parts):
-            out.index_copy_(0, rows, part)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        return (None, None, *(grad.index_select(0, rows) for rows in index.split(ctx.sizes)))
 
 
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: torch.Tensor, rows: BatchRows,

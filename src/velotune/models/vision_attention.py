@@ -8,7 +8,7 @@ checkpoint's recompute, and the H200 profile showed the tower at 235 ms of host 
 
 Chunks of one length attend alike, so they can run as one batch: the rows are gathered into chunk order
 grouped by length, each group viewed as (n_chunks, heads, L, head_dim) for a single SDPA call, and the output
-rows put back by the inverse permutation. Windows come in few lengths (full windows, edge strips, one corner),
+rows scattered back (`GatherRows` / `ScatterRows`: one tensor written by each backward). Windows come in few lengths (full windows, edge strips, one corner),
 so a layer makes ~3 SDPA calls. The grouping is computed once per `cu_seqlens` tensor (one host sync per
 vision forward and kind of layer, not per layer) and shared by the tower's blocks; the recompute in backward
 passes the same tensor, so it finds the grouping too.
@@ -38,11 +38,10 @@ from .tower_lora import tower_projections
 @dataclass(frozen=True)
 class ChunkGroups:
     """The chunks of one `cu_seqlens`, grouped by length. `perm` (S,) lists the rows chunk by chunk, groups
-    one after another; `inverse` puts them back; both None when that order is the rows' own (one length, in
-    order). `spans` holds (first row in `perm` order, number of chunks, chunk length) per group."""
+    one after another; None when that order is the rows' own (one length, in order). `spans` holds (first row in
+    `perm` order, number of chunks, chunk length) per group."""
 
     perm: torch.Tensor | None
-    inverse: torch.Tensor | None
     spans: tuple[tuple[int, int, int], ...]
 
 
@@ -60,13 +59,10 @@ def group_chunks(cu_seqlens: torch.Tensor, rows: int) -> ChunkGroups:
         spans.append((first, len(starts), length))
         first += len(starts) * length
     if len(starts_by_length) == 1:  # one length: the chunks are already consecutive rows of one shape
-        return ChunkGroups(None, None, tuple(spans))
+        return ChunkGroups(None, tuple(spans))
     perm = torch.cat([(torch.tensor(starts)[:, None] + torch.arange(length)).flatten()
                       for length, starts in starts_by_length.items()])  # (S,) on the host
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(rows)
-    device = cu_seqlens.device
-    return ChunkGroups(perm.to(device, non_blocking=True), inverse.to(device, non_blocking=True), tuple(spans))
+    return ChunkGroups(perm.to(cu_seqlens.device, non_blocking=True), tuple(spans))
 
 
 class TensorKeyedCache:
@@ -87,6 +83,52 @@ class TensorKeyedCache:
         return value
 
 
+class GatherRows(torch.autograd.Function):
+    """x (M, C) -> its rows `index` in consecutive parts of `sizes` rows, each its own tensor.
+
+    Backward writes every part's gradient into one (M, C) tensor (index_copy_; zeros first only where `index` does
+    not reach every row or a part has no gradient). Why not indexing and slices: their backwards each fill a zero
+    tensor of their input's size, which the engine then sums; in the CPU replay of Llama-3.2-11B-Vision's step
+    (BENCHMARKS.md, session 17) five such (N, C) zero tensors of the tower's attention were alive at the step's peak.
+    Both towers' attention (Qwen-VL's chunk groups here, Mllama's real/padding rows) gather and scatter through these."""
+
+    @staticmethod
+    def forward(ctx, x, index, sizes):
+        ctx.save_for_backward(index)
+        ctx.rows, ctx.sizes = x.shape[0], sizes
+        return tuple(x.index_select(0, part) for part in index.split(sizes))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (index,) = ctx.saved_tensors
+        first = next(g for g in grads if g is not None)
+        covered = index.numel() == ctx.rows and all(g is not None for g in grads)
+        out = (first.new_empty if covered else first.new_zeros)((ctx.rows, *first.shape[1:]))  # (M, C)
+        for part, grad in zip(index.split(ctx.sizes), grads):
+            if grad is not None:
+                out.index_copy_(0, part, grad)
+        return out, None, None
+
+
+class ScatterRows(torch.autograd.Function):
+    """Parts (n_i, ...) written to the rows `index` (consecutive parts of `sizes`) of one (M, ...) tensor, every row
+    covered; backward gathers each part's rows of the gradient."""
+
+    @staticmethod
+    def forward(ctx, index, sizes, *parts):
+        ctx.save_for_backward(index)
+        ctx.sizes = sizes
+        out = parts[0].new_empty((index.numel(), *parts[0].shape[1:]))
+        for rows, part in zip(index.split(sizes), parts):
+            out.index_copy_(0, rows, part)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return (None, None, *(grad.index_select(0, rows) for rows in index.split(ctx.sizes)))
+
+
 def grouped_attention_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
                               position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                               max_seqlen: int | None = None, **kwargs) -> torch.Tensor:
@@ -101,18 +143,18 @@ def grouped_attention_forward(self, hidden_states: torch.Tensor, cu_seqlens: tor
     cos, sin = position_embeddings
     q, k = self._velotune_rotary(q, k, cos, sin)
     groups = self._velotune_chunks.get(cu_seqlens, rows)
-    if groups.perm is not None:
-        q, k, v = q[groups.perm], k[groups.perm], v[groups.perm]  # (S, H, D) in chunk order, grouped by length
+    sizes = tuple(chunks * length for _, chunks, length in groups.spans)
+    if groups.perm is not None:  # each group's rows, chunk after chunk: [(n_g * L_g, H, D)] for q, k and v
+        parts = [GatherRows.apply(t, groups.perm, sizes) for t in (q, k, v)]
+    else:  # one length, the chunks consecutive already
+        parts = [(t,) for t in (q, k, v)]
     dropout = self.attention_dropout if self.training else 0.0
     outputs = []
-    for first, chunks, length in groups.spans:
-        part = slice(first, first + chunks * length)
-        qg, kg, vg = (t[part].reshape(chunks, length, heads, -1).transpose(1, 2) for t in (q, k, v))  # (n, H, L, D)
+    for g, (_, chunks, length) in enumerate(groups.spans):
+        qg, kg, vg = (p[g].reshape(chunks, length, heads, -1).transpose(1, 2) for p in parts)  # (n, H, L, D)
         out = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, scale=self.scaling)  # (n, H, L, D)
         outputs.append(out.transpose(1, 2).reshape(chunks * length, -1))  # (n*L, H*D)
-    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]  # (S, C)
-    if groups.inverse is not None:
-        out = out[groups.inverse]
+    out = ScatterRows.apply(groups.perm, sizes, *outputs) if groups.perm is not None else outputs[0]  # (S, C)
     return tower_projections(self._velotune_settings, out, (self.proj,))[0]
 
 
