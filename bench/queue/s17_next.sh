@@ -5,8 +5,7 @@
 #   towers' attention through the row gather/scatter functions), Qwen2.5-VL-7B QLoRA velotune (the NF4 probe now
 #   gives back its 32 MiB: is "other (caches a stack keeps)" 0?) and Unsloth, Llama-3.2-11B-Vision QLoRA velotune
 #   with a snapshot (session 17: 10.06 GiB vs Unsloth's 9.64; the CPU replay estimates ~9.75 after the changes).
-# PART=2 (~8 min, send within 30 s): Mllama QLoRA Unsloth, Mllama bf16 both stacks, Qwen bf16 velotune (its Unsloth
-#   row: session 17, same machine kind).
+# PART=2 (~8.5 min, send within 30 s): Mllama QLoRA Unsloth, the bf16 rows of both families and both stacks.
 # PART=3 (~6 min): FP8 at 8B. Session 17's profile: an NF4+FP8 micro-batch ran 302 ms of kernels in ~450 ms of wall
 #   time (bf16 GEMMs: ~385 ms, GPU-bound), and the bf16 row, not the FP8 one, was power-capped. Host-bound? Rows with
 #   `gpu_wait_s` (seconds a step's host waited on the GPU: near 0 = host-bound), the same rows with the layers
@@ -37,6 +36,7 @@ run mllama_unsloth_nf4 200 $V run --model /tmp/v_mllama --stack unsloth --quant 
 run mllama_velotune_bf16 60 $V run --model /tmp/v_mllama --stack velotune --quant none $ARGS
 run mllama_unsloth_bf16 150 $V run --model /tmp/v_mllama --stack unsloth --quant none $ARGS
 run qwen_velotune_bf16 50 $V run --model /tmp/v_qwen --stack velotune --quant none $ARGS
+run qwen_unsloth_bf16 110 $V run --model /tmp/v_qwen --stack unsloth --quant none $ARGS
 fi
 if [ "${PART:-}" = 3 ]; then
 [ -d /tmp/m_llama8b ] || timeout 120 python3 .bench/peer_bench.py make --out /tmp/m_llama8b --preset llama8b 2>&1 | grep -v Writing
