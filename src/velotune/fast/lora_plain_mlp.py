@@ -33,21 +33,13 @@ def _chunks(n: int) -> list[slice]:
     return token_chunks(n, CHUNK_TOKENS)
 
 
+# transformers' GELU module types -> the `approximate` argument of GELU's backward op
+_GELU_TYPES = {type(ACT2FN["gelu"]): "none", type(ACT2FN["gelu_pytorch_tanh"]): "tanh"}
+
+
 def _gelu_approximation(act: nn.Module) -> str | None:
     """The `approximate` argument of GELU's backward op when `act` is a GELU module, else None."""
-    if isinstance(act, nn.GELU):
-        return act.approximate
-    return {type(ACT2FN["gelu"]): "none", type(ACT2FN["gelu_pytorch_tanh"]): "tanh"}.get(type(act))
-
-
-def _activation_backward(act: nn.Module, h: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
-    """dh (n, I) of a = act(h) given da."""
-    approximate = _gelu_approximation(act)
-    if approximate is not None:
-        return torch.ops.aten.gelu_backward(da, h, approximate=approximate)
-    with torch.enable_grad():
-        h = h.detach().requires_grad_()
-        return torch.autograd.grad(act(h), h, da)[0]
+    return act.approximate if isinstance(act, nn.GELU) else _GELU_TYPES.get(type(act))
 
 
 class LoraPlainMLPFunction(torch.autograd.Function):
@@ -67,6 +59,7 @@ class LoraPlainMLPFunction(torch.autograd.Function):
                     out = part.new_empty((x.shape[0], part.shape[1])) if out is None else out
                     out[rows] = part
         ctx.act, ctx.projections = act, (fc1, fc2)  # as given: a 4-bit weight stays packed until backward
+        ctx.approximate = _gelu_approximation(act)
         ctx.save_for_backward(x, *adapters)
         return out
 
@@ -83,12 +76,14 @@ class LoraPlainMLPFunction(torch.autograd.Function):
             for rows in chunks:
                 xr = x[rows]  # (n, H)
                 (h,), fc1_layout, fc1_saved = group_forward(xr, (fc1,), adapters[:2])  # (n, I), recomputed
-                a = ctx.act(h)  # (n, I)
-                fc2_layout, fc2_saved = adapter_inputs(a, adapters[2:])  # a A_2^T: (n, r)
-                da, fc2_grads = group_backward([grad_out[rows]], a, (fc2,), fc2_layout, fc2_saved)
-                del a, fc2_saved
-                dh = _activation_backward(ctx.act, h, da)  # (n, I)
-                del h, da
+                with torch.enable_grad():  # records the activation only for autograd's derivative (not GELU)
+                    a = ctx.act(h.requires_grad_(ctx.approximate is None))  # (n, I)
+                fc2_layout, fc2_saved = adapter_inputs(a.detach(), adapters[2:])  # a A_2^T: (n, r)
+                da, fc2_grads = group_backward([grad_out[rows]], a.detach(), (fc2,), fc2_layout, fc2_saved)
+                del fc2_saved
+                dh = (torch.ops.aten.gelu_backward(da, h, approximate=ctx.approximate) if ctx.approximate
+                      else torch.autograd.grad(a, h, da)[0])  # (n, I)
+                del a, h, da
                 dx_rows, fc1_grads = group_backward([dh], xr, (fc1,), fc1_layout, fc1_saved, need_dx)
                 del dh
                 if dx_rows is not None and len(chunks) == 1:

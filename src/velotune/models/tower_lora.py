@@ -71,12 +71,12 @@ def _gated_kind(act: torch.nn.Module) -> str | None:
 def fused_gated_mlp_forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
     """Set on Qwen2.5-VL's vision MLP: down(act(gate(x)) * up(x)) as the decoders' fused gated MLP (one node keeping
     x and the gate/up outputs, where composing the projections and the activation kept four (N, I) tensors) where
-    its activation has a kernel and all three projections fuse; else gate and up as one fused node, then down."""
+    its activation has a kernel (its name set at install: `_velotune_kind`) and all three projections fuse; else gate
+    and up as one fused node, then down."""
     settings = self._velotune_settings
-    kind = _gated_kind(self.act_fn)
     projections = (self.gate_proj, self.up_proj, self.down_proj)
-    if kind is not None and fuses(settings, hidden_state, projections):
-        out = lora_mlp(hidden_state, *projections, kind)
+    if self._velotune_kind is not None and fuses(settings, hidden_state, projections):
+        out = lora_mlp(hidden_state, *projections, self._velotune_kind)
         if out is not None:
             return out  # (..., hidden)
     gate, up = tower_projections(settings, hidden_state, (self.gate_proj, self.up_proj))  # (..., intermediate)
@@ -88,7 +88,10 @@ def install_fused_mlps(mlps, settings: RuntimeSettings) -> int:
     many."""
     count = 0
     for mlp in mlps:
-        forward = fused_gated_mlp_forward if hasattr(mlp, "gate_proj") else fused_mlp_forward
+        gated = hasattr(mlp, "gate_proj")
+        forward = fused_gated_mlp_forward if gated else fused_mlp_forward
+        if gated:
+            mlp._velotune_kind = _gated_kind(mlp.act_fn)
         mlp._velotune_settings = settings
         mlp.forward = types.MethodType(forward, mlp)
         count += 1
