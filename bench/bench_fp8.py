@@ -131,6 +131,7 @@ PROFILE_GROUPS = {
 
 def speed(args) -> None:
     import torch
+    from bench_train import memory_record  # the graphs' pool counted (bench/ is the script's path)
 
     torch.cuda.reset_peak_memory_stats()
     if args.max_graphed_elements is not None:  # plan.py's bound on CUDA-graphed layers (8B layers are above it)
@@ -149,8 +150,12 @@ def speed(args) -> None:
     times, losses, waits = [], [], []  # waits: seconds a step's host spent blocked on the GPU (near 0: host-bound)
     torch.cuda.reset_peak_memory_stats()
     mem_after_load = torch.cuda.memory_allocated()
+    peak_with_warmup = 0
     for step in range(args.warmup + args.steps):
         torch.cuda.synchronize()
+        if step == args.warmup:  # CUDA graphs are captured by now: later steps allocate outside their pool
+            peak_with_warmup = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         t, wait = time.time(), 0.0
         for micro in range(args.ga):
             ids = torch.randint(4, min(vocab, 32000), (args.bs, args.seq), device="cuda", generator=g)
@@ -175,8 +180,7 @@ def speed(args) -> None:
     res = dict(stack="velotune", quant=args.mode, seq=args.seq, bs=args.bs, ga=args.ga, rank=args.rank,
                tokens_per_s=round(n * args.ga / med, 1), step_s=round(med, 4),
                gpu_wait_s=round(sorted(waits)[len(waits) // 2], 4), max_graphed_elements=args.max_graphed_elements,
-               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-               reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+               **memory_record(peak_with_warmup, torch.cuda.max_memory_allocated()),
                load_gib=round(mem_after_load / 2**30, 2), load_s=round(load_s, 1),
                loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
                trainable=sum(p.numel() for p in params))
