@@ -25,6 +25,7 @@ from velotune import FastVisionModel, UnslothVisionDataCollator
 from velotune.fast.plan import plan_step, set_fast_path
 from velotune.models.decoder import DecoderLayer
 from velotune.models.mllama import MllamaForConditionalGeneration, MllamaTextDecoder, OwnGradient
+from velotune.models.mllama_tiles import used_tiles
 from velotune.vision.processors import load_processor
 
 from tiny import vision as tiny
@@ -125,6 +126,66 @@ def _peft_pair(folder, checkpointing):
 
 def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _small_image_rows():
+    """Two conversations whose images fill 1 and 2 of the tiny model's 4 tiles (16 px tiles)."""
+    def row(size, colour, answer):
+        return {"messages": [
+            {"role": "user", "content": [{"type": "image", "image": Image.new("RGB", size, colour)},
+                                         {"type": "text", "text": "Colour?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+
+    return [row((12, 12), (200, 0, 0), "red"), row((30, 14), (0, 0, 200), "a blue strip")]
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_tiles_no_token_attends_to_leave_before_the_projector(folder, fast, monkeypatch):
+    """Images filling 1 and 2 of 4 tiles: the projector and the cross-attention layer see the 2 used tiles of each
+    row (mllama_tiles.py), and the loss and every LoRA gradient (the vision tower's too, whose padding tiles now get
+    a zero gradient from the left-out rows) stay transformers' + PEFT's, which project all 4."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model, reference, processor = _peft_pair(folder, "unsloth")
+    set_fast_path(model, fast)
+    batch = UnslothVisionDataCollator(model, processor)(_small_image_rows())
+    assert batch["aspect_ratio_mask"].sum(-1).flatten().tolist() == [1, 2]
+    tiles = used_tiles(batch["cross_attention_mask"])
+    assert tiles.tolist() == [[0, 1], [0, 1]]  # row 0: its one used tile and one left-out tile, still masked
+    seen = {}  # the image states each cross-attention layer gets: (B * tiles, patches, C)
+    for name, net in (("ours", model.get_base_model()), ("theirs", reference.get_base_model())):
+        net.model.language_model.layers[1].register_forward_pre_hook(
+            lambda m, args, kwargs, name=name: seen.update({name: kwargs["cross_attention_states"].shape[:2]}),
+            with_kwargs=True)
+    ours, theirs = model(**batch), reference(**batch)
+    patches = seen["theirs"][1]
+    assert seen["ours"] == (2 * 2, patches) and seen["theirs"] == (2 * 4, patches)
+    ours.loss.backward()
+    theirs.loss.backward()
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
+    mine, expected = _grads(model), _grads(reference)
+    assert mine.keys() == expected.keys()
+    for name, grad in expected.items():
+        assert mine[name] is not None, name
+        torch.testing.assert_close(mine[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_every_tile_used_or_a_cache_keeps_them_all(folder):
+    """Nothing to leave out when every tile is attended (None), and a cached call (generation's prefill) projects
+    every tile: later calls' masks index the cross layers' cached keys by tile."""
+    mask = torch.ones(2, 3, 1, 4, dtype=torch.long)
+    assert used_tiles(mask) is None
+    mask[:, :, 0, 2:] = 0
+    assert used_tiles(mask).tolist() == [[0, 1], [0, 1]]
+    ours = MllamaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = load_processor(folder, False)
+    batch = UnslothVisionDataCollator(ours, processor)(_small_image_rows())
+    seen = []
+    ours.model.language_model.layers[1].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["cross_attention_states"].shape[0]), with_kwargs=True)
+    with torch.no_grad():
+        ours(**batch, use_cache=True)
+        ours(**batch, use_cache=False)
+    assert seen == [2 * 4, 2 * 2]
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])

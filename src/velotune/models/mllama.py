@@ -14,7 +14,8 @@ LoRA path (not fused), which a later change could replace with our own cross-att
 
 The vision side is transformers' as its `MllamaModel.forward` computes it: the vision tower, the projector, the
 cross-attention mask expanded per image token (`_prepare_cross_attention_mask`) and sliced to the tokens of the
-call when a cache holds earlier ones. Generation runs transformers' loop over this model (the image's keys and
+call when a cache holds earlier ones; a call without a cache leaves the tiles no token attends to out of the
+projector and the cross-attention layers (mllama_tiles.py). Generation runs transformers' loop over this model (the image's keys and
 values cached by the cross layers at their layer index, as transformers does); velotune's engine does not serve
 it (its static cache holds self-attention keys only; inference/engine.py says so in the log).
 
@@ -39,6 +40,7 @@ from transformers.models.mllama import modeling_mllama
 from ..fast.plan import RuntimeSettings
 from .composite import OwnTextDecoder
 from .decoder import DecoderModel
+from .mllama_tiles import select_tile_mask, select_tile_states, used_tiles
 from .mllama_vision_attention import install_split_attention, padding_rows, splits
 from .tower_lora import install_fused_mlps, tower_projections
 
@@ -182,10 +184,11 @@ class MllamaForConditionalGeneration(OwnTextDecoder, modeling_mllama.MllamaForCo
     def text_family(cls, config) -> str:
         return "llama"  # the text config's model_type is mllama_text_model
 
-    def _image_states(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask,
-                      cross_attention_states) -> torch.Tensor | None:
+    def _image_states(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_states,
+                      tiles: torch.Tensor | None = None) -> torch.Tensor | None:
         """The projected image states (B, images * tiles * patches, C) the cross-attention layers attend to
-        (transformers' MllamaModel.forward), or the given ones, or None (text only, or cached)."""
+        (transformers' MllamaModel.forward), or the given ones, or None (text only, or cached). `tiles` (B, C): only
+        those tiles of each row are projected and returned (mllama_tiles.py)."""
         if pixel_values is None:
             return cross_attention_states
         if cross_attention_states is not None:
@@ -195,6 +198,8 @@ class MllamaForConditionalGeneration(OwnTextDecoder, modeling_mllama.MllamaForCo
         backbone = self.model
         states = backbone.vision_model(pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids,
                                        aspect_ratio_mask=aspect_ratio_mask).last_hidden_state  # (B, I, K, P, Dv)
+        if tiles is not None:
+            states = select_tile_states(states, tiles)  # (B, 1, C, P, Dv)
         projected = tower_projections(backbone.language_model.runtime, states, (backbone.multi_modal_projector,))[0]
         return projected.reshape(-1, states.shape[-2], backbone.hidden_size)  # (B, images * tiles * patches, C)
 
@@ -238,9 +243,15 @@ class MllamaForConditionalGeneration(OwnTextDecoder, modeling_mllama.MllamaForCo
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         decoder = self.model.language_model
         embeds = decoder.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
-        states = self._image_states(pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_states)
-        mask, rows = self._cross_masks(cross_attention_mask, embeds.shape[1],
-                                       cache if self.uses_cache(use_cache) else None)
+        cached = self.uses_cache(use_cache)
+        tiles = None  # the tiles some token attends to, when others can leave (mllama_tiles.py; not with a cache)
+        if pixel_values is not None and cross_attention_mask is not None and not cached \
+                and cross_attention_mask.shape[1] == embeds.shape[1]:
+            tiles = used_tiles(cross_attention_mask)
+        states = self._image_states(pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_states, tiles)
+        if tiles is not None:
+            cross_attention_mask = select_tile_mask(cross_attention_mask, tiles)  # (B, T, 1, C)
+        mask, rows = self._cross_masks(cross_attention_mask, embeds.shape[1], cache if cached else None)
         borrowed = dict(cross_attention_states=states, cross_attention_mask=mask, full_text_row_masked_out_mask=rows)
         return self.run_decoder(embeds, attention_mask, position_ids, cache, use_cache, labels, num_items_in_batch,
                                 shift_labels, logits_to_keep, return_logits, borrowed=borrowed)
