@@ -24,13 +24,21 @@ from .lora_linear import (
     adapter_inputs, adapters_of, autocast_off, compute_dtype, group_backward, group_forward, projection_of,
 )
 from .lora_mlp import dense_projections, token_chunks
+from .stacked_adapters import stack_group
 
-# Token rows per chunk: (2048, 5120) bf16 is 20 MiB for Mllama's tower (module-level so tests can shrink it).
-CHUNK_TOKENS = 2048
+# Token rows per chunk: (4096, 5120) bf16 is 40 MiB for Mllama's tower (module-level so tests can shrink it). 2,048
+# made 7 chunks of the 11B's 12,862 tower rows and left that step host-bound (BENCHMARKS.md, session 18).
+CHUNK_TOKENS = 4096
 
 
 def _chunks(n: int) -> list[slice]:
     return token_chunks(n, CHUNK_TOKENS)
+
+
+def _stacks(projections, dtype: torch.dtype) -> tuple:
+    """fc1's and fc2's adapters stacked and cast to `dtype` once for every chunk (else each chunk's group call casts
+    them again: host calls per chunk); None for a projection without an adapter."""
+    return tuple(stack_group((p,), dtype) for p in projections)
 
 
 # transformers' GELU module types -> the `approximate` argument of GELU's backward op
@@ -48,10 +56,11 @@ class LoraPlainMLPFunction(torch.autograd.Function):
         chunks = _chunks(x.shape[0])
         with autocast_off(x):
             dense = dense_projections((fc1, fc2), x.dtype) if len(chunks) > 1 else (fc1, fc2)
+            stack1, stack2 = _stacks(dense, x.dtype)
             out = None  # (N, out)
             for rows in chunks:
-                (h,), _, _ = group_forward(x[rows], dense[:1], adapters[:2])  # (n, I)
-                (part,), _, _ = group_forward(act(h), dense[1:], adapters[2:])  # (n, out)
+                (h,), _, _ = group_forward(x[rows], dense[:1], adapters[:2], stack1)  # (n, I)
+                (part,), _, _ = group_forward(act(h), dense[1:], adapters[2:], stack2)  # (n, out)
                 del h
                 if len(chunks) == 1:
                     out = part
@@ -68,6 +77,7 @@ class LoraPlainMLPFunction(torch.autograd.Function):
         x, *adapters = ctx.saved_tensors
         chunks = _chunks(x.shape[0])
         fc1, fc2 = dense_projections(ctx.projections, x.dtype) if len(chunks) > 1 else ctx.projections
+        stack1, stack2 = _stacks((fc1, fc2), x.dtype)
         need_dx = ctx.needs_input_grad[0]
         dx = x.new_empty(x.shape) if need_dx and len(chunks) > 1 else None  # (N, H)
         totals = [None] * 4  # dA1, dB1, dA2, dB2
@@ -75,10 +85,10 @@ class LoraPlainMLPFunction(torch.autograd.Function):
             grad_out = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)  # (N, out)
             for rows in chunks:
                 xr = x[rows]  # (n, H)
-                (h,), fc1_layout, fc1_saved = group_forward(xr, (fc1,), adapters[:2])  # (n, I), recomputed
+                (h,), fc1_layout, fc1_saved = group_forward(xr, (fc1,), adapters[:2], stack1)  # (n, I), recomputed
                 with torch.enable_grad():  # records the activation only for autograd's derivative (not GELU)
                     a = ctx.act(h.requires_grad_(ctx.approximate is None))  # (n, I)
-                fc2_layout, fc2_saved = adapter_inputs(a.detach(), adapters[2:])  # a A_2^T: (n, r)
+                fc2_layout, fc2_saved = adapter_inputs(a.detach(), adapters[2:], stack2)  # a A_2^T: (n, r)
                 da, fc2_grads = group_backward([grad_out[rows]], a.detach(), (fc2,), fc2_layout, fc2_saved)
                 del fc2_saved
                 dh = (torch.ops.aten.gelu_backward(da, h, approximate=ctx.approximate) if ctx.approximate
