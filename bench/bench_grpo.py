@@ -12,7 +12,9 @@ synchronized around each part:
   generate_s    sampling on velotune's engine (prefill shared by a group, decode to the completion length)
   logps_s       extra no-grad log-prob passes (old policy for num_iterations > 1; reference when beta > 0)
   train_s       the rest: the policy's forward + backward with chunked log-probs, the optimizer step
-peak_gib is torch's max allocated (what the peers' harness reports), reserved_gib beside it.
+peak_gib is torch's max allocated (what the peers' harness reports); graph_pool_gib the CUDA graphs' private pool
+(decode and training layers), which replays use without the allocator counting it, and peak_with_graphs_gib the
+steps after the first at their peak plus that pool (bench_train.memory_record); reserved_gib beside them.
 
   python bench/bench_grpo.py --model /tmp/m_llama1b [--gens 8 --completion 512 --prompt-words 64 --quant nf4]
   python bench/bench_grpo.py --dry-run          # a tiny random Llama on the CPU, 2 steps: the script runs
@@ -43,6 +45,7 @@ def reward_len(completions, **kwargs):
 
 def run(args) -> dict:
     import torch
+    from bench_train import memory_record  # bench/ is on the path (main)
     from datasets import Dataset
     from transformers import TrainerCallback
 
@@ -113,6 +116,9 @@ def run(args) -> dict:
 
         def on_step_begin(self, args_, state, *_, **__):
             sync()
+            if cuda and state.global_step == 1:  # step 1 captured the graphs: later steps replay them
+                parts.warm_peak = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
             if args.profile and state.global_step == 1:
                 self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
                     [torch.profiler.ProfilerActivity.CUDA] if cuda else []))
@@ -166,8 +172,8 @@ def run(args) -> dict:
         num_iterations=args.num_iterations, rank=args.rank, stacked_adapters=engine_module.STACK_ADAPTERS,
         **{k: round(v, 3) for k, v in median.items()},
         completion_tokens_per_s=round(tokens / median["step_s"], 1),
-        peak_gib=round(torch.cuda.max_memory_allocated() / gib, 2) if cuda else None,
-        reserved_gib=round(torch.cuda.max_memory_reserved() / gib, 2) if cuda else None,
+        **(memory_record(getattr(parts, "warm_peak", 0), torch.cuda.max_memory_allocated()) if cuda
+           else {"peak_gib": None}),
         engine=trainer.untimed_sampler.last_engine,
         # how many distinct graph sets the engine used over the run (1 = captured once, reused every step)
         cache_released=trainer.untimed_sampler.released,
