@@ -7,7 +7,8 @@ tensors of that width. In the snapshot of a Llama-3.2-11B-Vision QLoRA step (BEN
 them, (12,862 positions, 5120) each, 377 MiB, were alive at the step's peak, during a tower layer's recomputed
 backward. This node keeps none: forward runs the token rows in chunks of `CHUNK_TOKENS` and keeps the output alone;
 backward recomputes fc1 chunk by chunk (one more fc1 product a layer, an eighth of the MLP's matmul work over forward,
-recomputation and backward), so at most one chunk's (n, I) tensors exist at a time.
+recomputation and backward), so at most one chunk's (n, I) tensors exist at a time: three at most (fc1's output,
+the activation's, fc2's input gradient; GELU's derivative is written over the last).
 
 The activation runs as the tower's own module, in the compute dtype as before. Its derivative: GELU's own backward
 op for transformers' GELU modules (Mllama's tower; no autograd node, no nested engine run, which cost ~120 us of host
@@ -91,9 +92,13 @@ class LoraPlainMLPFunction(torch.autograd.Function):
                 fc2_layout, fc2_saved = adapter_inputs(a.detach(), adapters[2:], stack2)  # a A_2^T: (n, r)
                 da, fc2_grads = group_backward([grad_out[rows]], a.detach(), (fc2,), fc2_layout, fc2_saved)
                 del fc2_saved
-                dh = (torch.ops.aten.gelu_backward(da, h, approximate=ctx.approximate) if ctx.approximate
-                      else torch.autograd.grad(a, h, da)[0])  # (n, I)
-                del a, h, da
+                if ctx.approximate:  # GELU's derivative written over da: h and da alone are alive, not four (n, I)
+                    del a
+                    dh = torch.ops.aten.gelu_backward.grad_input(da, h, approximate=ctx.approximate, grad_input=da)
+                else:
+                    dh = torch.autograd.grad(a, h, da)[0]  # (n, I)
+                    del a
+                del h, da
                 dx_rows, fc1_grads = group_backward([dh], xr, (fc1,), fc1_layout, fc1_saved, need_dx)
                 del dh
                 if dx_rows is not None and len(chunks) == 1:
