@@ -31,7 +31,7 @@ from velotune.vision.processors import load_processor
 from tiny import vision as tiny
 
 from .test_collator import _rows
-from .test_vision_own_decoder import fused_calls, mixed_batch
+from .test_vision_own_decoder import fused_calls, mixed_batch, mlp_value_flags
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +208,7 @@ def test_lora_gradients_equal_transformers_and_peft(folder, fast, checkpointing,
         assert plan.layers[1] is None and plan.layers[0] is not None  # the cross layer is not in the plan
     checkpointed = decoder._checkpointer.kept + decoder._checkpointer.offloaded
     fused = fused_calls(monkeypatch)  # transformers' layers through our fused LoRA (tower_lora.py): fast path only
+    flags = mlp_value_flags(monkeypatch)
     ours = model(**batch)
     assert (ours.logits is None) is fast  # the fused cross-entropy ran on the fast path
     # q/k/v, o, the MLP (fc1 and fc2 as one node) of the tiny tower's 3 layers, the projector, then the
@@ -219,6 +220,10 @@ def test_lora_gradients_equal_transformers_and_peft(folder, fast, checkpointing,
     torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
     if fast and checkpointing:  # our checkpointer ran the self-attention layer only
         assert decoder._checkpointer.kept + decoder._checkpointer.offloaded - checkpointed == 1
+    # the tiny tower's 3 layer MLPs (2 local, 1 gated global whose gate is frozen): forward, then, offloaded, their
+    # recomputations without values
+    assert flags == ([False] * 3 + [True] * 3 if checkpointing == "unsloth" else [False] * 6 if checkpointing
+                     else [False] * 3) if fast else not flags
     mine, expected = _grads(model), _grads(reference)
     assert mine.keys() == expected.keys() and len(mine) > 40
     for name, grad in expected.items():
@@ -471,3 +476,19 @@ def test_split_vision_attention_equals_the_masked_one(tiles):
     for got_grad, want in zip(grads, torch.autograd.grad((expected * weights).sum(), (q, k, v))):
         torch.testing.assert_close(got_grad, want, rtol=1e-5, atol=1e-6)
     assert [r.real for r in image_rows(padding).images] == [sum(tiles) * patches if tiles else L, patches]
+
+
+def test_a_gate_that_trains_keeps_the_mlp_value_in_recomputation():
+    """A gated tower layer scales its MLP's output by tanh(gate): when the gate trains, its gradient needs that output,
+    so the recomputation computes it; outside a recomputation it is always computed."""
+    from velotune.models import foreign_checkpoints, tower_lora
+
+    gate = torch.nn.Parameter(torch.ones(1))
+    mlp = torch.nn.Module()
+    mlp._velotune_gates = (gate,)
+    assert not tower_lora._value_unused(mlp)
+    with foreign_checkpoints._recomputation():
+        assert not tower_lora._value_unused(mlp)
+        gate.requires_grad_(False)
+        assert tower_lora._value_unused(mlp)
+    assert not tower_lora._value_unused(mlp)

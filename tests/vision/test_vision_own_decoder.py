@@ -195,6 +195,21 @@ def fused_calls(monkeypatch) -> list[int]:
     return calls
 
 
+def mlp_value_flags(monkeypatch) -> list[bool]:
+    """The `value_unused` each fused tower MLP call gets (tower_lora.py: True in a layer's recomputation under the
+    offloading checkpoint, whose MLP then computes nothing in forward), in call order, from now on."""
+    flags = []
+    for name in ("lora_plain_mlp", "lora_mlp"):
+        function = getattr(tower_lora, name)
+
+        def recorded(*args, function=function, **kwargs):
+            flags.append(kwargs.get("value_unused", False))
+            return function(*args, **kwargs)
+
+        monkeypatch.setattr(tower_lora, name, recorded)
+    return flags
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_fast_path_equals_the_plain_path(family, vision_folder, monkeypatch):
     """The fast path forced on the CPU (fused LoRA and loss through their reference paths, the offloading
@@ -213,7 +228,7 @@ def test_fast_path_equals_the_plain_path(family, vision_folder, monkeypatch):
     batch = UnslothVisionDataCollator(model, processor)(_rows()[:1])
     runtime = model.get_base_model().model.language_model.runtime
     runtime.offload_on_cpu, runtime.offload_min_tokens = True, 0
-    results, fused = {}, fused_calls(monkeypatch)
+    results, fused, flags = {}, fused_calls(monkeypatch), mlp_value_flags(monkeypatch)
     for fast in (False, True):
         runtime.fast_path = fast
         out = model(**batch)
@@ -227,6 +242,7 @@ def test_fast_path_equals_the_plain_path(family, vision_folder, monkeypatch):
     # tower's 2 blocks
     block = [1, 1, 2] if family == "qwen2_vl" else [1, 1, 3]
     assert fused[:2 * len(block)] == block * 2
+    assert flags == [False, False, True, True]  # the 2 blocks' forward, then their recomputations (values unused)
     (plain, plain_grads), (fast, fast_grads) = results[False], results[True]
     assert plain.logits is not None and fast.logits is None  # the fused cross-entropy ran
     torch.testing.assert_close(fast.loss, plain.loss, rtol=1e-5, atol=1e-6)

@@ -53,7 +53,12 @@ def _gelu_approximation(act: nn.Module) -> str | None:
 
 class LoraPlainMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, act, fc1, fc2, *adapters):  # x (N, H); adapters A1, B1, A2, B2 (None where none)
+    def forward(ctx, x, act, fc1, fc2, value_unused, *adapters):  # x (N, H); adapters A1, B1, A2, B2 (None: none)
+        ctx.act, ctx.projections = act, (fc1, fc2)  # as given: a 4-bit weight stays packed until backward
+        ctx.approximate = _gelu_approximation(act)
+        ctx.save_for_backward(x, *adapters)
+        if value_unused:  # a recomputation: backward computes everything it needs from x
+            return torch.empty_like(x)  # (N, H): the MLP maps H -> H (lora_plain_mlp checks); never read
         chunks = _chunks(x.shape[0])
         with autocast_off(x):
             dense = dense_projections((fc1, fc2), x.dtype) if len(chunks) > 1 else (fc1, fc2)
@@ -68,9 +73,6 @@ class LoraPlainMLPFunction(torch.autograd.Function):
                 else:
                     out = part.new_empty((x.shape[0], part.shape[1])) if out is None else out
                     out[rows] = part
-        ctx.act, ctx.projections = act, (fc1, fc2)  # as given: a 4-bit weight stays packed until backward
-        ctx.approximate = _gelu_approximation(act)
-        ctx.save_for_backward(x, *adapters)
         return out
 
     @staticmethod
@@ -107,16 +109,20 @@ class LoraPlainMLPFunction(torch.autograd.Function):
                     dx[rows] = dx_rows
                 totals = [p if t is None else (t if p is None else t.add_(p))
                           for t, p in zip(totals, [*fc1_grads, *fc2_grads])]
-        return (dx, None, None, None, *totals)
+        return (dx, None, None, None, None, *totals)
 
 
-def lora_plain_mlp(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, act) -> torch.Tensor | None:
+def lora_plain_mlp(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, act, value_unused: bool = False
+                   ) -> torch.Tensor | None:  # fmt: skip
     """x (..., H) -> fc2(act(fc1(x))) (..., out) through the fused function, or None when a projection cannot fuse
-    (`why_not_fused`): the caller then runs its modules."""
+    (`why_not_fused`): the caller then runs its modules. `value_unused=True` (a checkpoint's recomputation whose
+    caller only differentiates the result, and an MLP mapping H -> H): the returned tensor's values are unset, its
+    gradient exact, and the forward's matmuls are skipped (backward recomputes fc1 anyway)."""
     projections = [projection_of(m) for m in (fc1, fc2)]
     if any(p is None for p in projections):
         return None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype(x))  # (N, H)
-    out = LoraPlainMLPFunction.apply(x2, act, *projections, *adapters_of(projections))
+    value_unused = value_unused and fc2.out_features == x.shape[-1]
+    out = LoraPlainMLPFunction.apply(x2, act, *projections, value_unused, *adapters_of(projections))
     return out.view(*lead, out.shape[-1])

@@ -25,6 +25,8 @@ Qwen2.5-VL-7B's on the GPU, where Unsloth keeps bf16 ones (Mllama) or offloads t
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
 import types
@@ -71,6 +73,25 @@ def _tensors(value):
             yield from _tensors(item)
 
 
+# True while TowerCheckpoint's recomputation of a layer runs (in backward; the engine's thread runs the whole call).
+_RECOMPUTING = contextvars.ContextVar("velotune_tower_recomputing", default=False)
+
+
+def recomputing() -> bool:
+    """Whether the current call is a tower layer's recomputation under `TowerCheckpoint`, whose output only gets
+    differentiated: an MLP that knows how its output is consumed may return it unset (tower_lora.py)."""
+    return _RECOMPUTING.get()
+
+
+@contextlib.contextmanager
+def _recomputation():
+    token = _RECOMPUTING.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
+
+
 class _NotATensor(Exception):
     """A checkpointed layer returned something other than one tensor (the offloading function carries one)."""
 
@@ -106,8 +127,12 @@ class TowerCheckpoint:
                 raise _NotATensor
             return out
 
+        def recompute(hidden, *rest):
+            with _recomputation():
+                return single(hidden, *rest)
+
         try:
-            return self.checkpointer(single, args[0], *args[1:], offload=True)
+            return self.checkpointer(single, args[0], *args[1:], offload=True, recompute=recompute)
         except _NotATensor:
             self.plain_classes.add(type(layer))
             return plain_checkpoint(function, *args, **kwargs)

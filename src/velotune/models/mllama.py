@@ -118,7 +118,8 @@ def install_tower(vision_model: nn.Module, settings: RuntimeSettings) -> None:
     (tower_lora.py), under our decoder's `settings`."""
     keep_read_states(vision_model)
     install_split_attention(vision_model, settings)
-    install_fused_mlps((layer.mlp for encoder in (vision_model.transformer, vision_model.global_transformer)
+    install_fused_mlps(((layer.mlp, layer.gate_ffn if layer.is_gated else None)  # x + [tanh(gate) *] mlp(norm(x))
+                        for encoder in (vision_model.transformer, vision_model.global_transformer)
                         for layer in encoder.layers), settings)
 
 

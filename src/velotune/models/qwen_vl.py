@@ -38,7 +38,7 @@ class QwenVLDecoder(OwnTextDecoder):
         model = super().adopt(reference)
         settings = model.model.language_model.runtime
         install_grouped_attention(model.model.visual, settings)
-        install_fused_mlps((block.mlp for block in model.model.visual.blocks), settings)
+        install_fused_mlps(((block.mlp, None) for block in model.model.visual.blocks), settings)  # x + mlp(norm(x))
         return model
 
     def _embeddings(self, input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos,

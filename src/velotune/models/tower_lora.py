@@ -31,6 +31,7 @@ from ..fast.lora_linear import lora_projections, projection_of
 from ..fast.lora_mlp import GATED_ACTIVATIONS, lora_mlp
 from ..fast.lora_plain_mlp import lora_plain_mlp
 from ..fast.plan import RuntimeSettings, is_sharded
+from .foreign_checkpoints import recomputing
 
 
 def fuses(settings: RuntimeSettings | None, x: torch.Tensor, modules) -> bool:
@@ -49,6 +50,14 @@ def tower_projections(settings: RuntimeSettings | None, x: torch.Tensor, modules
     return [m(x) for m in modules]
 
 
+def _value_unused(mlp) -> bool:
+    """Whether `mlp` runs in a tower layer's recomputation (foreign_checkpoints.TowerCheckpoint) and may return its
+    output unset there: its layer only adds that output to the residual, or scales it by a gate that takes no
+    gradient (install_fused_mlps), so only the output's gradient is used. Saves the recomputation's MLP matmuls and
+    their host calls, as the decoders' recomputing MLP does (fast/lora_mlp.py)."""
+    return recomputing() and not any(gate.requires_grad for gate in mlp._velotune_gates)
+
+
 def fused_mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """Set on a tower MLP of fc1, activation, fc2 (Mllama's MllamaVisionMLP, Qwen2-VL's VisionMlp): one fused node
     that keeps x alone (fast/lora_plain_mlp.py) where both projections fuse, else each projection through
@@ -56,7 +65,7 @@ def fused_mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     settings = self._velotune_settings
     act = self.activation_fn if hasattr(self, "activation_fn") else self.act
     if fuses(settings, hidden_states, (self.fc1, self.fc2)):
-        out = lora_plain_mlp(hidden_states, self.fc1, self.fc2, act)
+        out = lora_plain_mlp(hidden_states, self.fc1, self.fc2, act, value_unused=_value_unused(self))
         if out is not None:
             return out  # (..., hidden)
     hidden = tower_projections(settings, hidden_states, (self.fc1,))[0]  # (..., intermediate)
@@ -76,7 +85,7 @@ def fused_gated_mlp_forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
     settings = self._velotune_settings
     projections = (self.gate_proj, self.up_proj, self.down_proj)
     if self._velotune_kind is not None and fuses(settings, hidden_state, projections):
-        out = lora_mlp(hidden_state, *projections, self._velotune_kind)
+        out = lora_mlp(hidden_state, *projections, self._velotune_kind, value_unused=_value_unused(self))
         if out is not None:
             return out  # (..., hidden)
     gate, up = tower_projections(settings, hidden_state, (self.gate_proj, self.up_proj))  # (..., intermediate)
@@ -84,10 +93,12 @@ def fused_gated_mlp_forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
 
 
 def install_fused_mlps(mlps, settings: RuntimeSettings) -> int:
-    """Set the fused forward on each of the tower MLP modules `mlps` (gated when it has `gate_proj`); returns how
-    many."""
+    """Set the fused forward on each tower MLP module of `mlps`, (module, gate) pairs: `gate` None where the layer
+    adds the MLP's output to its residual, else the parameter it scales that output by first (Mllama's gated
+    layers: its gradient needs the output's value). Gated when the module has `gate_proj`. Returns how many."""
     count = 0
-    for mlp in mlps:
+    for mlp, gate in mlps:
+        mlp._velotune_gates = () if gate is None else (gate,)  # a tuple: as an attribute, a Parameter would register
         gated = hasattr(mlp, "gate_proj")
         forward = fused_gated_mlp_forward if gated else fused_mlp_forward
         if gated:
