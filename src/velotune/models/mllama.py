@@ -40,7 +40,8 @@ from transformers.models.mllama import modeling_mllama
 from ..fast.plan import RuntimeSettings
 from .composite import OwnTextDecoder
 from .decoder import DecoderModel
-from .mllama_tiles import select_tile_mask, select_tile_states, used_tiles
+from .mllama_tiles import select_tile_mask, used_tiles
+from .mllama_tower import install_tower_forward
 from .mllama_vision_attention import install_split_attention, padding_rows, splits
 from .tower_lora import install_fused_mlps, tower_projections
 
@@ -118,6 +119,7 @@ def install_tower(vision_model: nn.Module, settings: RuntimeSettings) -> None:
     (tower_lora.py), under our decoder's `settings`."""
     keep_read_states(vision_model)
     install_split_attention(vision_model, settings)
+    install_tower_forward(vision_model)
     install_fused_mlps(((layer.mlp, layer.gate_ffn if layer.is_gated else None)  # x + [tanh(gate) *] mlp(norm(x))
                         for encoder in (vision_model.transformer, vision_model.global_transformer)
                         for layer in encoder.layers), settings)
@@ -198,9 +200,8 @@ class MllamaForConditionalGeneration(OwnTextDecoder, modeling_mllama.MllamaForCo
             raise ValueError("`aspect_ratio_ids` must be provided if `pixel_values` is provided")
         backbone = self.model
         states = backbone.vision_model(pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids,
-                                       aspect_ratio_mask=aspect_ratio_mask).last_hidden_state  # (B, I, K, P, Dv)
-        if tiles is not None:
-            states = select_tile_states(states, tiles)  # (B, 1, C, P, Dv)
+                                       aspect_ratio_mask=aspect_ratio_mask, tiles=tiles  # mllama_tower.py
+                                       ).last_hidden_state  # (B, I, K, P, Dv), or (B, 1, C, P, Dv) with tiles
         projected = tower_projections(backbone.language_model.runtime, states, (backbone.multi_modal_projector,))[0]
         return projected.reshape(-1, states.shape[-2], backbone.hidden_size)  # (B, images * tiles * patches, C)
 
