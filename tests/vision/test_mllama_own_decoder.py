@@ -508,3 +508,46 @@ def test_tile_padding_rows_are_the_diagonal_of_transformers_mask(patches, padded
     mask = _prepare_aspect_ratio_attention_mask(aspect, num_patches=patches, target_length=padded,
                                                 dtype=torch.float32)
     assert torch.equal(tile_padding_rows(aspect, patches, padded), padding_rows(mask))
+
+
+def test_cross_attention_keeps_the_key_value_heads_and_equals_transformers(monkeypatch):
+    """Our cross-attention forward (mllama_cross_attention.py) on a grouped-query layer (4 query heads, 2 key/value
+    heads): SDPA gets the 2 key/value heads as projected (no repeat), and the output and every gradient equal the
+    class's forward, under a mask with masked tiles and a zeroed text row (as transformers prepares it)."""
+    from transformers.models.mllama.configuration_mllama import MllamaTextConfig
+    from transformers.models.mllama.modeling_mllama import MllamaTextCrossAttention
+
+    from velotune.models.mllama_cross_attention import install_cross_attention
+
+    config = MllamaTextConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                              cross_attention_layers=[0], num_hidden_layers=1)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    theirs = MllamaTextCrossAttention(config, layer_idx=0)
+    ours = MllamaTextCrossAttention(config, layer_idx=0)
+    ours.load_state_dict(theirs.state_dict())
+    layer = torch.nn.Module()
+    layer.cross_attn = ours
+    assert install_cross_attention([layer, torch.nn.Module()]) == 1
+    hidden, states = torch.randn(2, 5, 32), torch.randn(2, 12, 32)
+    mask = torch.zeros(2, 1, 5, 12)
+    mask[:, :, :, 8:] = torch.finfo(torch.float32).min  # the last tile masked for every token
+    mask[1, :, 0] = 0.0  # a text row before the image: transformers zeroes its mask (its output is zeroed later)
+    keys = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, *a, **kw: keys.append(k.shape) or
+                        sdpa(q, k, *a, **kw))
+    results = []
+    for module in (ours, theirs):
+        x, s = hidden.clone().requires_grad_(), states.clone().requires_grad_()
+        out, _ = module(x, cross_attention_states=s, attention_mask=mask)
+        out.pow(2).sum().backward()
+        results.append((out, x.grad, s.grad, {n: p.grad for n, p in module.named_parameters()}))
+        module.zero_grad()
+    assert keys[0] == (2, 2, 12, 8)  # ours: the 2 key/value heads (transformers repeats them to 4)
+    (out, dx, ds, grads), (ref, rdx, rds, rgrads) = results
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, rdx, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ds, rds, rtol=1e-5, atol=1e-6)
+    for name, grad in rgrads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)

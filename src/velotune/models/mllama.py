@@ -40,6 +40,7 @@ from transformers.models.mllama import modeling_mllama
 from ..fast.plan import RuntimeSettings
 from .composite import OwnTextDecoder
 from .decoder import DecoderModel
+from .mllama_cross_attention import install_cross_attention
 from .mllama_tiles import select_tile_mask, used_tiles
 from .mllama_tower import install_tower_forward
 from .mllama_vision_attention import install_split_attention, padding_rows, splits
@@ -175,13 +176,20 @@ class MllamaForConditionalGeneration(OwnTextDecoder, modeling_mllama.MllamaForCo
     def __init__(self, config):
         super().__init__(config)
         self._install_decoder()
-        install_tower(self.model.vision_model, self.model.language_model.runtime)
+        self._install_transformers_parts()
 
     @classmethod
     def adopt(cls, reference):
         model = super().adopt(reference)
-        install_tower(model.model.vision_model, model.model.language_model.runtime)  # the tower of `reference`
+        model._install_transformers_parts()  # the tower and cross layers of `reference`
         return model
+
+    def _install_transformers_parts(self) -> None:
+        """Our forwards on the instances of transformers' modules we run: the vision tower's (install_tower) and the
+        cross-attention layers' attention (mllama_cross_attention.py)."""
+        decoder = self.model.language_model
+        install_tower(self.model.vision_model, decoder.runtime)
+        install_cross_attention(decoder.layers[i] for i in decoder.borrowed_layers)
 
     @classmethod
     def text_family(cls, config) -> str:
