@@ -171,7 +171,8 @@ def test_tiles_no_token_attends_to_leave_before_the_projector(folder, fast, monk
 
 def test_every_tile_used_or_a_cache_keeps_them_all(folder):
     """Nothing to leave out when every tile is attended (None), and a cached call (generation's prefill) projects
-    every tile: later calls' masks index the cross layers' cached keys by tile."""
+    every tile: later calls' masks index the cross layers' cached keys by tile. With eager attention in the tower
+    (transformers' forward runs) the tiles are gathered from its output, with the same logits."""
     mask = torch.ones(2, 3, 1, 4, dtype=torch.long)
     assert used_tiles(mask) is None
     mask[:, :, 0, 2:] = 0
@@ -184,8 +185,13 @@ def test_every_tile_used_or_a_cache_keeps_them_all(folder):
         lambda m, args, kwargs: seen.append(kwargs["cross_attention_states"].shape[0]), with_kwargs=True)
     with torch.no_grad():
         ours(**batch, use_cache=True)
-        ours(**batch, use_cache=False)
-    assert seen == [2 * 4, 2 * 2]
+        split = ours(**batch, use_cache=False).logits
+        tower = ours.model.vision_model
+        assert tower.transformer.layers[0].self_attn.config is tower.config
+        tower.config._attn_implementation = "eager"  # the class's tower forward, the tiles gathered from its output
+        masked = ours(**batch, use_cache=False).logits
+    assert seen == [2 * 4, 2 * 2, 2 * 2]
+    torch.testing.assert_close(masked, split, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])

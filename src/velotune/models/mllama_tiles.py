@@ -11,9 +11,10 @@ values to every query head. In a Llama-3.2-11B-Vision QLoRA step at 512 px (BENC
 quarters of those rows were padding tiles, and one cross layer's expanded keys and values (2 x 100 MiB), its
 normalised keys (50 MiB) and the projector's output (100 MiB) stood at the step's memory peak.
 
-`used_tiles` picks, per row, the tiles some token attends to (one host sync); the tower's output keeps those tiles
-only, before the projector (`GatherRows`: its backward writes the tower's output gradient once, zeros at the left
-out tiles, which the tower needs whole anyway), and the mask keeps the same columns. Rows with fewer used tiles than
+`used_tiles` picks, per row, the tiles some token attends to (one host sync); the tower returns those tiles only
+(mllama_tower.py gathers them before stacking its read layer outputs; `GatherRows`, whose backward writes each
+gradient once, zeros at the left-out tiles, which the tower's layers need whole anyway), and the mask keeps the same
+columns. Rows with fewer used tiles than
 the batch's largest count take some of their unused tiles along, still masked. The tower itself still runs every
 tile: its layers' real positions attend to the padding ones (mllama_vision_attention.py). Only calls without a KV
 cache compact: a cached generation keeps the cross layers' keys for every tile, which later calls' masks index.
@@ -36,10 +37,15 @@ def used_tiles(cross_attention_mask: torch.Tensor) -> torch.Tensor | None:
     return torch.sort((~used).to(torch.int8), dim=1, stable=True).indices[:, :keep]  # used tiles first, in order
 
 
+def tile_rows(tiles: torch.Tensor, per_row: int) -> torch.Tensor:
+    """(B, C) tile indices within each row's `per_row` (images * tiles) -> (B * C,) indices among the batch's."""
+    return (tiles + torch.arange(tiles.shape[0], device=tiles.device)[:, None] * per_row).flatten()
+
+
 def select_tile_states(states: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
     """The tower's output (B, images, tiles, patches, D) -> (B, 1, C, patches, D): the tiles `tiles` (B, C) lists."""
     B, images, per_image, patches, D = states.shape
-    rows = (tiles + torch.arange(B, device=tiles.device)[:, None] * (images * per_image)).flatten()  # (B * C,)
+    rows = tile_rows(tiles, images * per_image)  # (B * C,)
     (picked,) = GatherRows.apply(states.reshape(B * images * per_image, patches * D), rows, (rows.numel(),))
     return picked.view(B, 1, tiles.shape[1], patches, D)
 

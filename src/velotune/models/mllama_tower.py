@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from .mllama_tiles import select_tile_states
+from .mllama_tiles import select_tile_states, tile_rows
 from .vision_attention import GatherRows
 
 
@@ -82,7 +82,7 @@ def tower_forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tens
     if tiles is None:
         rows, out_shape = None, (B, images, per_image, patches)
     else:  # the tiles' rows among every (row, image, tile) of the batch
-        rows = (tiles + torch.arange(B, device=tiles.device)[:, None] * (images * per_image)).flatten()  # (B * C,)
+        rows = tile_rows(tiles, images * per_image)  # (B * C,)
         out_shape = (B, 1, tiles.shape[1], patches)
     states = [_tile_rows(t, rows, padded, D)[:, :patches] for t in (hidden, *read)]  # (n, patches, D) each
     del hidden, read
