@@ -36,15 +36,20 @@ class Allocation:
     op: str = ""  # the innermost operator it was made in (aten::mm, autograd::engine::evaluate_function: ...)
 
 
-def _allocations(profiler) -> list[Allocation]:
+def _allocations(profiler) -> tuple[list[Allocation], int]:
+    """(every CPU allocation and free, in time order; how many operators Python called: those not inside another
+    operator, the host's share of a step that a GPU's launches follow)."""
     from torch._C._profiler import _EventType
 
     found = []
+    calls = 0
 
     def walk(node, frames: tuple[str, ...], op: str):
+        nonlocal calls
         if node.tag == _EventType.PyCall:
             frames = (*frames, node.name)
         elif node.tag == _EventType.TorchOp:
+            calls += not op
             op = op if node.name.startswith("aten::empty") and op else node.name  # the op, not its allocation call
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
             f = node.extra_fields
@@ -55,7 +60,7 @@ def _allocations(profiler) -> list[Allocation]:
 
     for root in profiler.profiler.kineto_results.experimental_event_tree():
         walk(root, (), "")
-    return sorted(found, key=lambda a: a.time_ns)
+    return sorted(found, key=lambda a: a.time_ns), calls
 
 
 def site(frames: tuple[str, ...], depth: int) -> str:
@@ -68,6 +73,7 @@ def site(frames: tuple[str, ...], depth: int) -> str:
 class Recording:
     def __init__(self):
         self.allocations: list[Allocation] = []
+        self.calls = 0  # operators called from Python (not from inside another operator)
 
     def peak(self, forward_only: bool = False, exclude: tuple[str, ...] = ()) -> tuple[int, list[Allocation]]:
         """(bytes above the recording's start at its peak, the allocations alive then). `forward_only`: up to the first
@@ -91,7 +97,7 @@ class Recording:
         return best, at_best
 
     def report(self, top: int = 14, depth: int = 3, exclude: tuple[str, ...] = ()) -> str:
-        lines = []
+        lines = [f"== operators called from Python in the step: {self.calls}"]
         for label, forward_only in (("step", False), ("forward", True)):
             total, alive = self.peak(forward_only, exclude)
             groups: dict[str, list[int]] = {}
@@ -113,4 +119,4 @@ def record():
     recording = Recording()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=True) as profiler:
         yield recording
-    recording.allocations = _allocations(profiler)
+    recording.allocations, recording.calls = _allocations(profiler)
