@@ -37,26 +37,28 @@ class Allocation:
 
 
 def _allocations(profiler) -> tuple[list[Allocation], int]:
-    """(every CPU allocation and free, in time order; how many operators Python called: those not inside another
-    operator, the host's share of a step that a GPU's launches follow)."""
+    """(every CPU allocation and free, in time order; how many aten operators were called from outside another aten
+    operator: from Python, autograd functions' bodies and the engine included, the host's share of a step that a
+    GPU's launches follow)."""
     from torch._C._profiler import _EventType
 
     found = []
     calls = 0
 
-    def walk(node, frames: tuple[str, ...], op: str):
+    def walk(node, frames: tuple[str, ...], op: str, in_aten: bool = False):
         nonlocal calls
         if node.tag == _EventType.PyCall:
             frames = (*frames, node.name)
         elif node.tag == _EventType.TorchOp:
-            calls += not op
+            if node.name.startswith("aten::") and not in_aten:
+                calls, in_aten = calls + 1, True
             op = op if node.name.startswith("aten::empty") and op else node.name  # the op, not its allocation call
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
             f = node.extra_fields
             found.append(Allocation(node.start_time_ns, f.ptr, f.alloc_size, frames,
                                     any("_engine_run_backward" in name for name in frames), op))
         for child in node.children:
-            walk(child, frames, op)
+            walk(child, frames, op, in_aten)
 
     for root in profiler.profiler.kineto_results.experimental_event_tree():
         walk(root, (), "")
@@ -73,7 +75,7 @@ def site(frames: tuple[str, ...], depth: int) -> str:
 class Recording:
     def __init__(self):
         self.allocations: list[Allocation] = []
-        self.calls = 0  # operators called from Python (not from inside another operator)
+        self.calls = 0  # aten operators called from outside another aten operator
 
     def peak(self, forward_only: bool = False, exclude: tuple[str, ...] = ()) -> tuple[int, list[Allocation]]:
         """(bytes above the recording's start at its peak, the allocations alive then). `forward_only`: up to the first
@@ -97,7 +99,7 @@ class Recording:
         return best, at_best
 
     def report(self, top: int = 14, depth: int = 3, exclude: tuple[str, ...] = ()) -> str:
-        lines = [f"== operators called from Python in the step: {self.calls}"]
+        lines = [f"== aten operators called in the step (not from inside another): {self.calls}"]
         for label, forward_only in (("step", False), ("forward", True)):
             total, alive = self.peak(forward_only, exclude)
             groups: dict[str, list[int]] = {}
