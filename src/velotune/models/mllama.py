@@ -9,21 +9,23 @@ cross_attn.q_proj`), so PEFT's target modules, the vision layer groups, save_pre
 transformers' exactly. Our decoder runs them as "borrowed" layers (decoder.py `borrowed_call`): called with
 transformers' arguments and skipped exactly where transformers' text model skips them (no image states given and
 none cached for the layer). Why transformers' module for those: it keeps parity with each release for free, and
-the 32 self-attention layers of the 11B's 40 are where most of the step goes; the 8 cross layers run PEFT's plain
-LoRA path (not fused), which a later change could replace with our own cross-attention layer.
+the 32 self-attention layers of the 11B's 40 are where most of the step goes; their projections run our fused LoRA
+(tower_lora.py) and their attention our grouped-query forward without copies of the image's keys and values
+(mllama_cross_attention.py), both set on the instances.
 
-The vision side is transformers' as its `MllamaModel.forward` computes it: the vision tower, the projector, the
+The vision side computes what transformers' `MllamaModel.forward` computes: the vision tower, the projector, the
 cross-attention mask expanded per image token (`_prepare_cross_attention_mask`) and sliced to the tokens of the
 call when a cache holds earlier ones; a call without a cache leaves the tiles no token attends to out of the
-projector and the cross-attention layers (mllama_tiles.py). Generation runs transformers' loop over this model (the image's keys and
-values cached by the cross layers at their layer index, as transformers does); velotune's engine does not serve
-it (its static cache holds self-attention keys only; inference/engine.py says so in the log).
+projector and the cross-attention layers (mllama_tiles.py). Generation runs transformers' loop over this model (the
+image's keys and values cached by the cross layers at their layer index, as transformers does); velotune's engine
+does not serve it (its static cache holds self-attention keys only; inference/engine.py says so in the log).
 
-The vision tower is transformers' with changes set on its instances (`install_tower`): its encoders keep only the
-layer outputs the tower reads (`keep_read_states`: transformers' encoder holds every layer's output until the tower
-returns, of which the tower reads five) and hand the layers the mask's padding rows, its attention runs as two SDPA
-calls without a mask (mllama_vision_attention.py), and its projections and the projector run our fused LoRA on the
-fast path (tower_lora.py).
+The vision tower is transformers' modules with changes set on its instances (`install_tower`): its forward is ours
+(mllama_tower.py: no (B, 1, L, L) mask, the used tiles stacked only), its encoders keep only the layer outputs the
+tower reads (`keep_read_states`: transformers' encoder holds every layer's output until the tower returns, of which
+the tower reads five) and hand the layers the padding rows, its attention runs as two SDPA calls without a mask
+(mllama_vision_attention.py), and its projections, MLPs and the projector run our fused LoRA on the fast path
+(tower_lora.py).
 """
 
 from __future__ import annotations
@@ -115,9 +117,9 @@ def keep_read_states(vision_model: nn.Module) -> None:
 
 
 def install_tower(vision_model: nn.Module, settings: RuntimeSettings) -> None:
-    """Set on transformers' vision tower's instances: its encoders keep the states it reads, its attention runs
-    without the mask (mllama_vision_attention.py says why), its projections through our fused LoRA on the fast path
-    (tower_lora.py), under our decoder's `settings`."""
+    """Set on transformers' vision tower's instances: its forward (mllama_tower.py), its encoders keep the states it
+    reads, its attention runs without the mask (mllama_vision_attention.py says why), its projections and MLPs
+    through our fused LoRA on the fast path (tower_lora.py), under our decoder's `settings`."""
     keep_read_states(vision_model)
     install_split_attention(vision_model, settings)
     install_tower_forward(vision_model)
