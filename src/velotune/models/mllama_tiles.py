@@ -14,8 +14,8 @@ normalised keys (50 MiB) and the projector's output (100 MiB) stood at the step'
 `used_tiles` picks, per row, the tiles some token attends to (one host sync); the tower returns those tiles only
 (mllama_tower.py gathers them before stacking its read layer outputs; `GatherRows`, whose backward writes each
 gradient once, zeros at the left-out tiles, which the tower's layers need whole anyway), and the mask keeps the same
-columns. Rows with fewer used tiles than
-the batch's largest count take some of their unused tiles along, still masked. The tower itself still runs every
+columns. Rows with fewer used tiles than the batch's largest count take some of their unused tiles along, still
+masked. The tower itself still runs every
 tile: its layers' real positions attend to the padding ones (mllama_vision_attention.py). Only calls without a KV
 cache compact: a cached generation keeps the cross layers' keys for every tile, which later calls' masks index.
 """
@@ -42,12 +42,17 @@ def tile_rows(tiles: torch.Tensor, per_row: int) -> torch.Tensor:
     return (tiles + torch.arange(tiles.shape[0], device=tiles.device)[:, None] * per_row).flatten()
 
 
+def gather_tiles(by_tile: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(M, ...) per tile of the batch -> (n, ...): the tiles `rows` (n,) lists (GatherRows: one gradient write)."""
+    (picked,) = GatherRows.apply(by_tile.reshape(by_tile.shape[0], -1), rows, (rows.numel(),))
+    return picked.view(rows.numel(), *by_tile.shape[1:])
+
+
 def select_tile_states(states: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
     """The tower's output (B, images, tiles, patches, D) -> (B, 1, C, patches, D): the tiles `tiles` (B, C) lists."""
-    B, images, per_image, patches, D = states.shape
-    rows = tile_rows(tiles, images * per_image)  # (B * C,)
-    (picked,) = GatherRows.apply(states.reshape(B * images * per_image, patches * D), rows, (rows.numel(),))
-    return picked.view(B, 1, tiles.shape[1], patches, D)
+    B, images, per_image = states.shape[:3]
+    picked = gather_tiles(states.flatten(0, 2), tile_rows(tiles, images * per_image))  # (B * C, patches, D)
+    return picked.view(B, 1, tiles.shape[1], *states.shape[3:])
 
 
 def select_tile_mask(cross_attention_mask: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:

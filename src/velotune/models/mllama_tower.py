@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from .mllama_tiles import select_tile_states, tile_rows
-from .vision_attention import GatherRows
+from .mllama_tiles import gather_tiles, select_tile_states, tile_rows
 
 
 def tile_padding_rows(aspect_ratio_mask: torch.Tensor, patches: int, padded: int) -> torch.Tensor:
@@ -84,21 +83,13 @@ def tower_forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tens
     else:  # the tiles' rows among every (row, image, tile) of the batch
         rows = tile_rows(tiles, images * per_image)  # (B * C,)
         out_shape = (B, 1, tiles.shape[1], patches)
-    states = [_tile_rows(t, rows, padded, D)[:, :patches] for t in (hidden, *read)]  # (n, patches, D) each
+    states = [(by_tile if rows is None else gather_tiles(by_tile, rows))[:, :patches]  # (n, patches, D) each
+              for by_tile in (t.reshape(-1, padded, D) for t in (hidden, *read))]  # (media * tiles, padded, D)
     del hidden, read
     last, stacked = states[0], torch.stack(states[1:], dim=-1)  # (n, patches, D), (n, patches, D, 5)
     del states
     states = torch.cat([last, stacked.flatten(-2)], dim=-1).view(*out_shape, -1)  # (..., patches, D * 6)
     return BaseModelOutput(last_hidden_state=states)
-
-
-def _tile_rows(t: torch.Tensor, rows: torch.Tensor | None, padded: int, D: int) -> torch.Tensor:
-    """(media, tiles * padded, D) -> (n, padded, D): every tile, or the tiles `rows` lists (GatherRows)."""
-    by_tile = t.reshape(-1, padded, D)  # (media * tiles, padded, D)
-    if rows is None:
-        return by_tile
-    (picked,) = GatherRows.apply(by_tile.view(by_tile.shape[0], padded * D), rows, (rows.numel(),))
-    return picked.view(-1, padded, D)
 
 
 def install_tower_forward(vision_model: nn.Module) -> None:
