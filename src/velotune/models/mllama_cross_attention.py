@@ -50,7 +50,8 @@ def cross_attention_forward(self, hidden_states: torch.Tensor, cross_attention_s
     q = q.reshape(B, kv_heads, groups * T, D)  # query head h = kv * G + j: its kv head's j-th block of T rows
     mask = attention_mask.to(q.dtype).expand(B, 1, T, N).unsqueeze(2).expand(B, 1, groups, T, N)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.reshape(B, 1, groups * T, N), scale=self.scaling)
-    out = out.view(B, heads, T, D).transpose(1, 2).reshape(B, T, heads * D)  # (B, T, H * D)
+    # reshape, not view: CUDA's SDPA kernels may return (B, Hkv, G * T, D) with the heads innermost in memory
+    out = out.reshape(B, heads, T, D).transpose(1, 2).reshape(B, T, heads * D)  # (B, T, H * D)
     return self.o_proj(out), None
 
 
