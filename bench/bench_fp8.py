@@ -137,7 +137,7 @@ def speed(args) -> None:
     if args.max_graphed_elements is not None:  # plan.py's bound on CUDA-graphed layers (8B layers are above it)
         from velotune.fast import plan
 
-        plan.MAX_GRAPHED_ELEMENTS = args.max_graphed_elements
+        plan.MAX_GRAPHED_ELEMENTS = plan.MAX_GRAPHED_ELEMENTS_FP8 = args.max_graphed_elements
     t0 = time.time()
     model, _ = load(model_folder(args.model), args.mode, args.seq, args.rank, checkpointing=args.checkpointing)
     load_s = time.time() - t0
@@ -449,8 +449,9 @@ def main(argv=None) -> None:
                     help="speed: use_gradient_checkpointing (unsloth: layer inputs offloaded to pinned host memory; "
                     "torch: True through torch's checkpoint, as before session 12)")
     ap.add_argument("--max-graphed-elements", type=int, default=None,
-                    help="speed: plan.MAX_GRAPHED_ELEMENTS for this run (tokens x hidden up to which layers are "
-                         "CUDA-graphed; an 8B layer at 4,096 tokens is 16.8M, above the default)")
+                    help="speed: plan.MAX_GRAPHED_ELEMENTS and MAX_GRAPHED_ELEMENTS_FP8 for this run (tokens x "
+                         "hidden up to which layers are CUDA-graphed; an 8B layer at 4,096 tokens is 16.8M, graphed "
+                         "by default with FP8 only; 0: no graphs)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--held-rows", type=int, default=64)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))

@@ -62,3 +62,10 @@ def resolve_device(device_map) -> torch.device:
     if isinstance(device_map, int):
         return torch.device("cuda", device_map)
     return torch.device(device_map)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where `model`'s layers run: its `device` (our causal LMs name the layers' device: their first parameter, the
+    input embedding, may wait in host memory while training, fast/host_embedding.py), else its first parameter's."""
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device

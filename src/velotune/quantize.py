@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .data.bundled import bundled_rows
+from .device import model_device
 from .export.merged import quantizable_4bit, save_pretrained_merged
 from .export.weights import TensorPlan, base_model_of, plan_tensors
 from .fast.plan import find_decoder
@@ -175,7 +176,7 @@ def _check_model(model) -> nn.Module:
 
 @torch.no_grad()
 def _perplexity(model, ids: torch.Tensor, batch: int) -> float:
-    device = next(model.parameters()).device
+    device = model_device(model)
     total, count = 0.0, 0
     for start in range(0, len(ids), batch):
         chunk = ids[start:start + batch].to(device)  # (b, T)
@@ -240,7 +241,7 @@ def choose_dynamic(model, tokenizer, budget_gib: float | None = None, calibratio
 
     bar = tqdm(total=len(modules) * math.ceil(len(ids) / batch), desc="velotune: NF4 error per layer", unit="layer",
                leave=False)
-    device = next(base.parameters()).device
+    device = model_device(base)
     was_training = base.training
     base.eval()
     # The decoder without its LM head: no candidate reads the logits, which cost SmolLM2 as much as its layers.

@@ -37,6 +37,7 @@ class Settings:
     cache_dir: Path = Path.home() / ".cache" / "velotune"
     hub_offline: bool = False
     require_fp8: bool = False
+    host_embedding: bool = True
 
 
 # field -> (variables read, first set one wins; what it does). The order is the README table's.
@@ -56,6 +57,9 @@ SWITCHES = {
     "require_fp8": (("VELOTUNE_REQUIRE_FP8",),
                     "1: FP8 compute that was asked for (load_in_fp8, fp8_compute) and cannot run is an error, "
                     "not a notice and the 16-bit path"),
+    "host_embedding": (("VELOTUNE_HOST_EMBEDDING",),
+                       "0 keeps a frozen, untied input embedding on the GPU while training (it waits in pinned host "
+                       "memory otherwise)"),
 }
 VARIABLES = tuple(name for names, _ in SWITCHES.values() for name in names)
 

@@ -97,6 +97,27 @@ def test_plan_marks_every_projection_when_fp8_can_run():
     assert all(p.fp8 for layer in plan.layers for p in (*layer.qkv, *layer.o, *layer.mlp))
 
 
+def test_fp8_plans_graph_larger_layers(monkeypatch):
+    """FP8 layers are host-bound at sizes where 16-bit ones are not: checkpointed layers replay CUDA graphs up to
+    MAX_GRAPHED_ELEMENTS_FP8 with FP8 compute, MAX_GRAPHED_ELEMENTS without."""
+    from velotune.fast import plan as plan_module
+    from velotune.fast.plan import runtime_settings
+
+    model = _model("fp8")
+    set_fast_path(model, True)
+    runtime_settings(model).checkpointing = True
+    hidden = model.config.hidden_size
+    monkeypatch.setattr(plan_module, "MAX_GRAPHED_ELEMENTS", 8 * hidden)
+    monkeypatch.setattr(plan_module, "MAX_GRAPHED_ELEMENTS_FP8", 32 * hidden)
+
+    def graphs(tokens):
+        return plan_step(model, training=True, grad=True, labels=True, tokens=tokens).graphs
+
+    assert graphs(8) and not graphs(16) and not graphs(32)
+    set_fp8_compute(model, True)
+    assert graphs(8) and graphs(16) and graphs(32) and not graphs(33)
+
+
 def test_projection_shapes_not_multiple_of_16_stay_16bit():
     config = make_config("llama")
     config.intermediate_size = 72  # gate/up out, down in: not multiples of 16

@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 import torch
 
+from ..device import model_device
 from .verify import ExportMismatchError
 from .gguf_mmproj import projector_of
 from .weights import base_model_of
@@ -98,7 +99,7 @@ def model_image_embeddings(model, image_processor, image, tokenizer=None) -> tor
     base = base_model_of(model)
     spec = projector_of(base.config)
     batch = image_processor(images=[image], do_resize=False, return_tensors="pt")
-    device = next(base.parameters()).device
+    device = model_device(base)
     inputs = {k: batch[k].to(device) for k in ("pixel_values", "image_grid_thw", "image_sizes") if k in batch}
     vision = [base.get_submodule(prefix.rstrip(".")) for prefix in spec.prefixes]
     was_training = base.training

@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from ..device import model_device
 from ..models.from_folder import load_weights
 from .weights import base_model_of, model_dtype
 
@@ -73,7 +74,7 @@ def reference_logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
     """The in-memory (adapter) model's logits, (T, V) float32 per prompt."""
     was_training = model.training
     model.eval()
-    device = next(base_model_of(model).parameters()).device
+    device = model_device(base_model_of(model))
     try:
         return [model(input_ids=torch.tensor([p], device=device), use_cache=False).logits[0].float().cpu()
                 for p in prompts]
@@ -182,7 +183,7 @@ def check_merged(model, folder: Path, tokenizer, quantized: bool = False) -> Mer
     base = base_model_of(model)
     prompts = probe_ids(tokenizer, base.config.vocab_size)
     reference = reference_logits(model, prompts)
-    device = next(base.parameters()).device
+    device = model_device(base)
     dtype = model_dtype(model)
     budget = NF4_BUDGET if quantized else MERGED_BUDGET.get(dtype, 2e-2)
     expected = engine_greedy(model, prompts)

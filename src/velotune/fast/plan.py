@@ -53,6 +53,10 @@ CHECKPOINT_MODES = ("off", "plain", "keep", "offload")
 # doubled the step's tokens/s; a Llama-3.1-8B layer at 4,096 tokens (4096 hidden) is bound by the
 # GPU, where graphs gained nothing and their pool cost 1.1 GiB.
 MAX_GRAPHED_ELEMENTS = 2048 * 4096
+# With FP8 base GEMMs the GPU work shrinks and the layer's launches grow (the quantization kernels): the 8B layer at
+# 4,096 tokens was host-bound, 7,238 tokens/s eager against 14,160 graphed (BENCHMARKS.md, sessions 18-19), its pool
+# ~1 GiB, offset by the input embedding waiting in host memory (host_embedding.py). Plans with FP8 graph up to this.
+MAX_GRAPHED_ELEMENTS_FP8 = 4096 * 4096
 # Decode: calls with a KV cache and no autograd run projections of up to this many token rows
 # through the small-batch GEMV kernels and the fused decode attention (decode_linear.py). One row:
 # there they beat cuBLAS (BENCHMARKS.md, 217 vs 167 tokens/s at 8B). At 8 rows (a GRPO group) cuBLAS
@@ -96,6 +100,9 @@ class RuntimeSettings:
     # twice). training/distributed.check_launch sets it from the trainer's DDP settings (True / False); None (not
     # checked, e.g. a trainer that does not run that check): torch's checkpoint whenever a process group is active.
     torch_checkpoint: bool | None = None
+    # Training calls may keep a frozen, untied input embedding in pinned host memory (host_embedding.py); the
+    # generation engine sets False: its decode graphs read the table on the device.
+    host_embedding: bool = True
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,8 @@ class StepPlan:
       them, and `layers` starts empty. It must: FSDP2 hands every tensor it finds in a layer's
       call arguments (dataclasses included) to its post-backward hook, and sharded adapters there
       get plain-tensor gradients ("got mixed torch.Tensor and DTensor").
+    host_embedding: the decoder moves its frozen input embedding into pinned host memory before this call
+      (host_embedding.py says when and why); the lookup reads it there.
     """
 
     fast: bool = False
@@ -133,6 +142,7 @@ class StepPlan:
     gemv_rows: int = 0
     fp8: bool = False  # some projections' base GEMMs run in FP8 (their LoraProjection.fp8 is set)
     fp8_reason: str = ""  # where FP8 runs and why not elsewhere; empty when it was not asked for
+    host_embedding: bool = False
 
     def layer(self, index: int) -> LayerPlan | None:
         return self.layers[index] if self.fast else None
@@ -189,7 +199,8 @@ def set_fast_path(model: nn.Module, enabled: bool | None) -> None:
 
 def plan_step(model: nn.Module, *, training: bool = False, grad: bool = False, labels: bool = False,
               return_logits: bool | None = None, tokens: int = 0, cache: bool = False, device=None,
-              fast_path: bool | None = None, checkpointing: bool | str | None = None) -> StepPlan:
+              fast_path: bool | None = None, checkpointing: bool | str | None = None,
+              lm_head: nn.Module | None = None) -> StepPlan:
     """The plan of one call of `model` (any wrapper of our decoder).
 
     Caller hints: `training` (module in training mode), `grad` (autograd on), `labels` (a loss is
@@ -197,6 +208,8 @@ def plan_step(model: nn.Module, *, training: bool = False, grad: bool = False, l
     VELOTUNE_RETURN_LOGITS=1), `tokens` (per micro-batch), `cache` (a KV cache is read/written).
     `device` (default: where the weights are), `fast_path` and `checkpointing` override the
     model's settings, which is how the memory estimate plans a run before the model is on the GPU.
+    `lm_head`: the caller's output head, to tell whether the input embedding may wait in host memory (a tied head
+    shares its weight; host_embedding.py).
     """
     decoder = find_decoder(model)
     settings = decoder.runtime if decoder is not None else RuntimeSettings()
@@ -222,10 +235,31 @@ def plan_step(model: nn.Module, *, training: bool = False, grad: bool = False, l
     set_fast_launch(switches.triton_fast_launch)  # kernels/ reads no velotune module: each plan tells it
     asked = switches.return_logits if return_logits is None else bool(return_logits)
     graphs = (checkpoint in ("keep", "offload") and fast.fast and not draws and switches.cuda_graphs
-              and not fast.per_layer and tokens * decoder.config.hidden_size <= MAX_GRAPHED_ELEMENTS)
+              and not fast.per_layer and tokens * decoder.config.hidden_size <= graphed_elements(fast))
+    host = (training and grad and not cache and settings.host_embedding and switches.host_embedding
+            and _device(decoder, device).type == "cuda" and _embedding_to_host(decoder, lm_head))
     return dataclasses.replace(fast, fused_loss=fast.fast and training and grad and labels and not asked,
                                checkpoint=checkpoint, replay_rng=draws, graphs=graphs,
-                               gemv_rows=GEMV_ROWS if fast.fast and cache and not grad else 0)
+                               gemv_rows=GEMV_ROWS if fast.fast and cache and not grad else 0, host_embedding=host)
+
+
+def _embedding_to_host(decoder, lm_head: nn.Module | None) -> bool:
+    """Whether the input embedding may wait in host memory in this call (host_embedding.py); the reason it may not
+    is logged once."""
+    from .host_embedding import offloadable
+
+    embedding = decoder.embed_tokens
+    if embedding.weight.device.type == "cpu" and not embedding.weight.requires_grad:
+        return True  # moved there by an earlier call, with what was checked then
+    why = offloadable(embedding, lm_head)
+    log_once("velotune: input embedding " + ("in pinned host memory while training" if why is None else
+                                              f"stays on the GPU: {why}"))
+    return why is None
+
+
+def graphed_elements(plan: StepPlan) -> int:
+    """The largest layer input (tokens x hidden) whose checkpointed layers replay CUDA graphs under `plan`."""
+    return MAX_GRAPHED_ELEMENTS_FP8 if plan.fp8 else MAX_GRAPHED_ELEMENTS
 
 
 def uses_torch_checkpoint(settings: RuntimeSettings) -> bool:
@@ -313,7 +347,8 @@ def set_fp8_compute(model: nn.Module, enabled: bool) -> None:
 def _device(decoder, device):
     import torch
 
-    return torch.device(device) if device is not None else decoder.embed_tokens.weight.device
+    # The final norm, not the input embedding: that one may wait in host memory (host_embedding.py)
+    return torch.device(device) if device is not None else decoder.norm.weight.device
 
 
 def _fast_plan(model: nn.Module, decoder, setting: bool | None, device) -> StepPlan:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..fast.host_embedding import keep_on_device
 from ..fast.plan import StepPlan, find_decoder, log_once, plan_step
 from ..fast.stacked_adapters import refresh_adapters, with_stacked_adapters
 from ..quant.int8 import is_linear8bit
@@ -262,6 +263,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_ids: s
     (3, count, P) for M-RoPE) and each row's next position (count,); decode steps are text only."""
     causal = base_model(model)
     decoder = find_decoder(causal)
+    if decoder is not None:
+        keep_on_device(decoder)
     why = unserved(causal)
     if why is not None:
         log_once(f"velotune: generation runs the generic loop over the model's forward, not the engine: {why}")

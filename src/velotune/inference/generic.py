@@ -13,6 +13,7 @@ import inspect
 import torch
 from transformers import DynamicCache
 
+from ..device import model_device
 from .sampling import SamplingParams, chosen_logprobs, sample
 
 
@@ -28,7 +29,7 @@ def generate(model, prompts, params: SamplingParams, eos_ids: set[int], tokenize
     n = params.n
     rows = [p for p in prompts for _ in range(n)]
     P = max(len(p) for p in rows)
-    device = next(causal.parameters()).device
+    device = model_device(causal)
     ids = torch.zeros(len(rows), P, dtype=torch.long)
     mask = torch.zeros(len(rows), P, dtype=torch.long)
     for i, prompt in enumerate(rows):

@@ -89,7 +89,7 @@ class OwnTextDecoder:
         has_labels = labels is not None or shift_labels is not None
         plan = plan_step(decoder, training=self.training, grad=torch.is_grad_enabled(), labels=has_labels,
                          return_logits=return_logits, tokens=embeds.shape[0] * embeds.shape[1],
-                         cache=self.uses_cache(use_cache))
+                         cache=self.uses_cache(use_cache), lm_head=self.lm_head)
         out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, cache=cache,
                       use_cache=use_cache, plan=plan, borrowed=borrowed)
         loss, logits = head_outputs(self.lm_head, out.last_hidden_state, plan, labels, num_items_in_batch,

@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from ..fast import decode_linear
 from ..fast.checkpointing import LayerCheckpointer, plain_checkpoint
+from ..fast.host_embedding import host_lookup, is_on_host, to_device, to_host
 from ..fast.layer_graphs import ModelGraphs
 from ..fast.plan import PLAIN, FastPathDecoder, RuntimeSettings, StepPlan, layer_plan, plan_step
 from .generation import unpack_generate_inputs
@@ -157,7 +158,15 @@ class DecoderModel(FastPathDecoder):
         self.embed_tokens = value
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)  # (B, T, C)
+        """(B, T) ids -> (B, T, C) on the layers' device, from a table there or in host memory (host_embedding.py:
+        a training plan put it there; one that trains goes back first)."""
+        device = self.norm.weight.device
+        if is_on_host(self.embed_tokens, device) and self.embed_tokens.weight.requires_grad:
+            to_device(self.embed_tokens, device)
+        if is_on_host(self.embed_tokens, device):
+            h = host_lookup(self.embed_tokens.weight, input_ids, device)  # (B, T, C)
+        else:
+            h = self.embed_tokens(input_ids)  # (B, T, C)
         if self.spec.scale_embeddings:
             # Gemma scales by sqrt(hidden) rounded to the weights' dtype, as its checkpoints expect.
             h = h * torch.tensor(self.config.hidden_size ** 0.5, dtype=self.embed_tokens.weight.dtype)
@@ -189,6 +198,8 @@ class DecoderModel(FastPathDecoder):
             cache = DynamicCache(config=self.config)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if plan is not None and plan.host_embedding and self.embed_tokens.weight.device.type != "cpu":
+            to_host(self.embed_tokens)  # this and later calls read it there (a composite model embedded already)
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = h.shape
         if plan is None:
@@ -315,6 +326,12 @@ class DecoderForCausalLM(PreTrainedModel, GenerationMixin):
         safetensors_only(safe_serialization, "the model")
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the layers run (transformers' property reads the first parameter: the input embedding, which may
+        wait in host memory while training, host_embedding.py)."""
+        return self.model.norm.weight.device
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
@@ -355,7 +372,7 @@ class DecoderForCausalLM(PreTrainedModel, GenerationMixin):
         tokens = (input_ids if input_ids is not None else inputs_embeds[..., 0]).numel()
         cached = bool(use_cache if use_cache is not None else self.config.use_cache and not self.training)
         plan = plan_step(self.model, training=self.training, grad=torch.is_grad_enabled(), labels=has_labels,
-                         return_logits=return_logits, tokens=tokens, cache=cached)
+                         return_logits=return_logits, tokens=tokens, cache=cached, lm_head=self.lm_head)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, cache=cache,
                          past_key_values=past_key_values, plan=plan)

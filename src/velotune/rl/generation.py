@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..device import model_device
+
 logger = logging.getLogger("velotune")
 # transformers renamed `past_key_values` to `cache` after 5.2x (the decoder reads both the same way)
 CACHE_KEY = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -143,7 +145,7 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
 def transformers_sample(model, tokenizer, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
     """`model.generate` with one prefill per prompt: the prompts minus their last token are run once, the
     cache is repeated n times, and generate continues from it (it only feeds the uncached last token)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     stops = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else stops[0]
     ids, mask = left_pad(prompts, pad, device)  # (P, L)

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..device import model_device
+
 logger = logging.getLogger("velotune")
 GIB = 1024 ** 3
 
@@ -176,17 +178,17 @@ def fast_path_activations(model, tokens: int, dtype: torch.dtype, checkpointing:
                           m.layers * layer_input if offload else 0)
 
 
-def _runtime(model, tokens: int, checkpointing: bool, fast_path: bool | None, device) -> tuple[bool, bool, bool]:
-    """(fast path, offloaded checkpointing, CUDA graphs) of a training step's plan on `device`."""
+def _runtime(model, tokens: int, checkpointing: bool, fast_path: bool | None, device):
+    """The plan of a training step on `device` (None off CUDA or for a model without our decoder)."""
     from ..fast.plan import find_decoder, plan_step
 
     decoder = find_decoder(model)
     if decoder is None or device.type != "cuda":
-        return False, False, False
+        return None
     mode = (decoder.runtime.checkpointing or True) if checkpointing else False
-    plan = plan_step(model, training=True, grad=True, labels=True, tokens=tokens, device=device,
-                     fast_path=fast_path, checkpointing=mode)
-    return plan.fast, plan.checkpoint == "offload", plan.graphs
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return plan_step(model, training=True, grad=True, labels=True, tokens=tokens, device=device,
+                     fast_path=fast_path, checkpointing=mode, lm_head=head)
 
 
 def estimate(model, batch_size: int, max_seq_length: int, optim: str, compute_dtype: torch.dtype,
@@ -202,17 +204,24 @@ def estimate(model, batch_size: int, max_seq_length: int, optim: str, compute_dt
     checkpointing = uses_checkpointing(model) if checkpointing is None else checkpointing
     tokens = batch_size * max_seq_length
     trainable = trainable_bytes(model)
-    device = next(model.parameters()).device if device is None else device
-    fast, offload, graphs = _runtime(model, tokens, checkpointing, fast_path, torch.device(device))
-    if fast:
+    device = model_device(model) if device is None else device
+    plan = _runtime(model, tokens, checkpointing, fast_path, torch.device(device))
+    if plan is not None and plan.fast:
         four_bit = any(is_linear4bit(m) for m in model.modules())
-        parts = fast_path_activations(model, tokens, compute_dtype, checkpointing, offload, graphs, four_bit)
+        parts = fast_path_activations(model, tokens, compute_dtype, checkpointing, plan.checkpoint == "offload",
+                                      plan.graphs, four_bit)
         activations, host = parts.device, parts.host
     else:
         activations, host = activation_bytes(model, tokens, compute_dtype, checkpointing), 0
-    return MemoryEstimate(weights=weight_bytes(model), trainable=trainable, gradients=trainable,
+    weights = weight_bytes(model)
+    if plan is not None and plan.host_embedding:  # the input embedding waits in host memory (host_embedding.py)
+        table = model.get_input_embeddings().weight
+        weights -= table.numel() * table.element_size()
+        host += table.numel() * table.element_size()
+    return MemoryEstimate(weights=weights, trainable=trainable, gradients=trainable,
                           optimizer=optimizer_bytes(model, optim), activations=activations, tokens=tokens,
-                          checkpointing=checkpointing, host=host, fast_path=fast)
+                          checkpointing=checkpointing, host=host,
+                          fast_path=plan is not None and plan.fast)
 
 
 def host_memory() -> int:

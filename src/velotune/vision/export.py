@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..device import model_device
 from ..export import ExportMismatchError, save_pretrained_merged as save_merged_folder
 from ..export.folders import ExportRecord, human_size
 from ..export.gguf_mmproj import PROJECTORS, check_mmproj, open_writer, write_mmproj
@@ -155,7 +156,7 @@ def check_merged_vision(model, folder: Path, processor) -> float | None:
         logger.info("velotune: export check of %s skipped: pass the processor to check it with an image", folder)
         return None
     base = base_model_of(model)
-    device = next(base.parameters()).device
+    device = model_device(base)
     dtype = model_dtype(model)
     inputs = probe_inputs(processor, device)
     was_training = model.training
