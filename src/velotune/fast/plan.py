@@ -37,6 +37,7 @@ from torch import nn
 from .. import settings as env
 from ..kernels import set_fast_launch
 from .checkpointing import OFFLOAD_MIN_TOKENS
+from .host_embedding import offloadable
 
 logger = logging.getLogger("velotune")
 
@@ -246,8 +247,6 @@ def plan_step(model: nn.Module, *, training: bool = False, grad: bool = False, l
 def _embedding_to_host(decoder, lm_head: nn.Module | None) -> bool:
     """Whether the input embedding may wait in host memory in this call (host_embedding.py); the reason it may not
     is logged once."""
-    from .host_embedding import offloadable
-
     embedding = decoder.embed_tokens
     if embedding.weight.device.type == "cpu" and not embedding.weight.requires_grad:
         return True  # moved there by an earlier call, with what was checked then
