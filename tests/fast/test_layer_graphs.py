@@ -16,6 +16,7 @@ import torch
 from tiny.lora import batch, loss_and_grads, lora_model
 from velotune.fast import layer_graphs, plan
 from velotune.fast.plan import set_fast_path
+from velotune.models import masks
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -71,10 +72,36 @@ def _calls(graphs) -> int:
     return sum(g.forward_calls for b in graphs.shapes.values() for g in b.layers.values())
 
 
-def test_padding_dropout_and_the_switch_keep_the_layers_eager(monkeypatch):
+def test_padded_and_packed_batches_read_their_masks_from_the_buffers():
+    """Padding and packing masks are tensors: the graphs read a copy (StaticMasks), refreshed every forward. On the
+    CPU the eager calls read those copies too, so a micro-batch reading the previous one's mask would show here."""
+    reference = lora_model("llama")
+    set_fast_path(reference, True)
     model, graphs = _graphed_model()
-    model(**batch()).loss.backward()  # a left-padded batch: its mask is a tensor
+    B, T = 2, 9
+    other = batch(seed=1)  # the same shape, another padding
+    other["attention_mask"][0, :2] = 0
+    other["labels"][0, :2] = -100
+    packed = _unpadded(seed=2)
+    packed["position_ids"] = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]]).repeat(B, 1)  # two sequences a row
+    for inputs in (_unpadded(), batch(), other, packed):
+        _, expected = loss_and_grads(reference, inputs)
+        _, grads = loss_and_grads(model, inputs)
+        for name, g in expected.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    buffers = next(iter(graphs.shapes.values()))
+    assert _calls(graphs) == 3 * model.config.num_hidden_layers  # the masked ones: the unpadded had no mask
+    assert buffers.masks["full_attention"].mask.shape == (B, 1, T, T)
+
+
+def test_dropout_large_masks_and_the_switch_keep_the_layers_eager(monkeypatch):
+    model, graphs = _graphed_model()
+    monkeypatch.setattr(masks, "MAX_GRAPHED_MASK_ELEMENTS", 2 * 9 * 9 - 1)  # B x T x T of the padded batch
+    model(**batch()).loss.backward()
     assert not graphs.shapes  # no buffers made for it either
+    model(**_unpadded()).loss.backward()  # no mask: graphed whatever its size
+    assert _calls(graphs) == model.config.num_hidden_layers
+    graphs.shapes.clear()
     monkeypatch.setenv(plan.GRAPHS_ENV, "0")
     model(**_unpadded()).loss.backward()
     assert _calls(graphs) == 0
@@ -146,14 +173,24 @@ def _step_grads(model, inputs):
     return out.loss.detach(), grads
 
 
+def _padded(device, B, T, seed):
+    """A batch whose rows are left-padded by a different count each seed (same shape: one set of graphs)."""
+    inputs = batch(device, B=B, T=T, seed=seed)
+    inputs["attention_mask"][:] = 1
+    inputs["attention_mask"][seed % B, :3 + 5 * seed] = 0
+    inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    return inputs
+
+
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("nf4, checkpointing", [(False, "unsloth"), (True, "unsloth"), (True, True)],
-                         ids=["bf16", "nf4", "nf4-kept"])
-def test_replayed_graphs_equal_the_eager_layers_on_cuda(nf4, checkpointing, monkeypatch):
+@pytest.mark.parametrize("nf4, checkpointing, make", [(False, "unsloth", _unpadded), (True, "unsloth", _unpadded),
+                                                      (True, True, _unpadded), (False, "unsloth", _padded)],
+                         ids=["bf16", "nf4", "nf4-kept", "bf16-padded"])
+def test_replayed_graphs_equal_the_eager_layers_on_cuda(nf4, checkpointing, make, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model, graphs = _graphed_model(device="cuda", dtype=torch.bfloat16, nf4=nf4, checkpointing=checkpointing)
-    micro_batches = [_unpadded("cuda", B=2, T=64, seed=s) for s in range(3)]
+    micro_batches = [make("cuda", B=2, T=64, seed=s) for s in range(3)]
     monkeypatch.setenv(plan.GRAPHS_ENV, "0")
     expected = [_step_grads(model, b) for b in micro_batches]
     monkeypatch.delenv(plan.GRAPHS_ENV)

@@ -237,22 +237,25 @@ def test_lora_gradients_equal_transformers_and_peft(folder, fast, checkpointing,
         torch.testing.assert_close(mine[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_layer_graphs_run_the_self_attention_layer_only(folder, monkeypatch):
-    """The CUDA-graph code path (rehearsed eagerly on the CPU, on an unpadded batch) takes layer 0 and leaves the
-    cross layer to its own modules; the gradients stay transformers' + PEFT's."""
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_layer_graphs_run_the_self_attention_layer_only(folder, padded, monkeypatch):
+    """The CUDA-graph code path (rehearsed eagerly on the CPU) takes layer 0 and leaves the cross layer to its own
+    modules; the gradients stay transformers' + PEFT's. A padded batch too: its mask is read from the graphs'
+    buffer (layer_graphs.StaticMasks), as the bench's padded vision batches are on the GPU."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     model, reference, processor = _peft_pair(folder, "unsloth")
     decoder = model.get_base_model().model.language_model
     set_fast_path(model, True)
     decoder.runtime.offload_on_cpu, decoder.runtime.offload_min_tokens = True, 0
     decoder._graphs.cpu_rehearsal = True
-    batch = UnslothVisionDataCollator(model, processor)(_rows()[:1])
-    assert batch["attention_mask"].bool().all()  # no padding: the masks hold no tensor, the layers may be graphed
+    batch = UnslothVisionDataCollator(model, processor)(_rows()[:2] if padded else _rows()[:1])
+    assert batch["attention_mask"].bool().all() != padded
     model(**batch).loss.backward()
     reference(**batch).loss.backward()
     (buffers,) = decoder._graphs.shapes.values()
     assert set(buffers.layers) == {0}
     assert buffers.layers[0].forward_calls == 1 and buffers.layers[0].backward_calls == 1
+    assert bool(buffers.masks) == padded
     mine, expected = _grads(model), _grads(reference)
     for name, grad in expected.items():
         torch.testing.assert_close(mine[name], grad, rtol=1e-4, atol=1e-6, msg=name)

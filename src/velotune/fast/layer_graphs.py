@@ -8,13 +8,15 @@ and recomputation + backward, which is a few hundred PyTorch calls and Triton la
 whose host cost is larger than their GPU time. A captured graph replays the same kernels on the
 same memory without any of that Python.
 
-When (`ModelGraphs.begin` and `LayerMasks.tensor_free` decide): the fast path is on, on CUDA, the
+When (`ModelGraphs.begin` and `LayerMasks.graphable` decide): the fast path is on, on CUDA, the
 layer goes through velotune's checkpoint, its input is small enough that launching its kernels
 takes longer than running them (plan.MAX_GRAPHED_ELEMENTS), nothing draws random numbers (no attention dropout),
-attention is plain causal (padding, packing and sliding-window masks are tensors built per batch,
-so such batches run eagerly), no KV cache, and the same shapes come back: the first call of a
+no KV cache, and the same shapes come back: the first call of a
 shape runs eagerly (Triton compiles, cuBLAS picks its kernels: neither may happen during capture),
-the second captures, later ones replay. `VELOTUNE_CUDA_GRAPHS=0` turns graphs off. The step's
+the second captures, later ones replay. Padding, packing and sliding-window masks are tensors built per
+batch: the graphs read them from a buffer of the shape's, into which each forward's mask is copied
+before a replay, as the RoPE tables are (`StaticMasks`; a padded vision batch, whose 32 text layers
+ran eagerly before, BENCHMARKS.md session 20). `VELOTUNE_CUDA_GRAPHS=0` turns graphs off. The step's
 plan (plan.py, `StepPlan.graphs`) makes every decision that does not depend on the batch's masks.
 
 Exactness: a replay launches the kernels the eager call launched, on the same inputs, so it gives
@@ -104,6 +106,24 @@ class _LayerGraphs:
     grad_views: list = field(default_factory=list)  # per parameter: (flat buffer, slice, shape) or None (unused)
 
 
+def mask_of(masks) -> torch.Tensor | None:
+    """The (B|1, 1, T, T) bool mask a layer's attention reads from `masks` (a LayerMasks without a cache) in a
+    training forward, or None for plain causal attention."""
+    return masks.for_keys(masks.inputs.q_len)[0]
+
+
+class StaticMasks:
+    """A LayerMasks stand-in for captured layers: every key count reads the one buffer (no cache: the keys are
+    the call's tokens), which `_Buffers.masks_for` refreshes before each replay."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask  # (B|1, 1, T, T) bool
+        self.source: torch.Tensor | None = None  # the mask last copied in
+
+    def for_keys(self, k_len: int) -> tuple[torch.Tensor, bool]:
+        return self.mask, False
+
+
 class _Buffers:
     """The tensors every layer's graphs of one shape read and write (allocated outside the pool)."""
 
@@ -112,6 +132,7 @@ class _Buffers:
         self.out = torch.empty_like(hidden)  # (B, T, C) forward: its output; backward: the input's gradient
         self.grad = torch.empty_like(hidden)  # (B, T, C) the output's gradient
         self.rope: dict[str, tuple] = {}  # layer kind -> (static cos, static sin, the tuple last copied in)
+        self.masks: dict[str, StaticMasks] = {}  # layer kind -> its static mask
         self.flats: dict[tuple, torch.Tensor] = {}  # (dtype, numel) -> flat parameter-gradient buffer
         self.layers: dict[int, _LayerGraphs] = {}
 
@@ -128,6 +149,20 @@ class _Buffers:
             entry[1].copy_(cos_sin[1])
             entry = self.rope[kind] = (entry[0], entry[1], cos_sin)
         return entry[0], entry[1]
+
+    def masks_for(self, kind: str, masks):
+        """`masks` (a LayerMasks) as the graphs of `kind` read them: as they are when they hold no tensor,
+        else a StaticMasks whose buffer holds this forward's mask (copied in when `masks` built another)."""
+        mask = mask_of(masks)
+        if mask is None:
+            return masks
+        static = self.masks.get(kind)
+        if static is None or _layout(static.mask) != _layout(mask):  # the signature holds the layout: recaptured
+            static = self.masks[kind] = StaticMasks(torch.empty_like(mask))
+        if static.source is not mask:
+            static.mask.copy_(mask)
+            static.source = mask  # a strong reference: its identity stays unambiguous
+        return static
 
     def flat(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
         key = (dtype, numel)
@@ -192,7 +227,9 @@ class ModelGraphs:
         adapters = tuple(t for t in adapter_tensors(plan.layer(index)) if t.requires_grad)
         if not (params or hidden.requires_grad) or {id(p) for p in params} != {id(t) for t in adapters}:
             return None
-        signature = (layer_signature(plan.layer(index), adapters), hidden.requires_grad, kind, *map(_layout, cos_sin))
+        mask = mask_of(masks)
+        signature = (layer_signature(plan.layer(index), adapters), hidden.requires_grad, kind, *map(_layout, cos_sin),
+                     None if mask is None else _layout(mask))  # the attention's kernels differ with a mask
         graphs = buffers.layers.get(index)
         if graphs is None or graphs.signature != signature:
             graphs = buffers.layers[index] = _LayerGraphs(signature)
@@ -236,7 +273,13 @@ class LayerRun:
         self.autocast = _autocast_state(buffers.hidden.device.type)  # the recomputation runs under the same
 
     def _static_args(self):
-        return self.buffers.rope_for(self.kind, self.cos_sin), self.masks, None
+        """The layer's arguments as its graphs read them, this forward's RoPE tables and mask copied in."""
+        return self.buffers.rope_for(self.kind, self.cos_sin), self.buffers.masks_for(self.kind, self.masks), None
+
+    def _eager_args(self):
+        """The arguments of an eager call: this forward's own, or in a CPU rehearsal the static buffers a replay
+        would read (so tests on the CPU check that each call refreshes them)."""
+        return self._static_args() if self.owner.cpu_rehearsal else (self.cos_sin, self.masks, None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """The layer's output for `hidden` (B, T, C), without autograd."""
@@ -253,8 +296,8 @@ class LayerRun:
                 graphs.forward = self.owner.capture(body, "forward")
         if graphs.forward is None or self.owner.failed is not None:
             with torch.no_grad():
-                return self.function(hidden, self.cos_sin, self.masks, None)
-        self._static_args()  # RoPE tables of this forward
+                return self.function(hidden, *self._eager_args())
+        self._static_args()  # RoPE tables and mask of this forward
         buffers.hidden.copy_(hidden)
         graphs.forward.replay()
         self.owner.replays += 1
@@ -269,7 +312,7 @@ class LayerRun:
             if graphs.backward_calls > _WARMUP_CALLS and hidden.is_cuda:
                 graphs.backward = self._capture_backward()
         if graphs.backward is None or self.owner.failed is not None:
-            return self._differentiate(hidden, (self.cos_sin, self.masks, None), grad_out)
+            return self._differentiate(hidden, self._eager_args(), grad_out)
         self._static_args()
         buffers.hidden.copy_(hidden)
         buffers.grad.copy_(grad_out)

@@ -223,7 +223,7 @@ class DecoderModel(FastPathDecoder):
         ours = plan.checkpoint != "plain" or plain is plain_checkpoint
         rng = {} if plan.replay_rng or not ours else {"preserve_rng_state": False}
         graphs = None
-        if plan.graphs and any(m.tensor_free() for m in masks.values()):  # padding/packing masks: eager
+        if plan.graphs and all(m.graphable() for m in masks.values()):
             graphs = self._graphs.begin(h)
         for index, (layer, kind) in enumerate(zip(self.layers, self.layer_types)):
             if index in self.borrowed_layers:
@@ -237,7 +237,7 @@ class DecoderModel(FastPathDecoder):
                 h = plain(run, h, cos_sin[kind], masks[kind], None, **rng)
                 continue
             graphed = None
-            if graphs is not None and masks[kind].tensor_free():
+            if graphs is not None:
                 graphed = self._graphs.layer(graphs, index, layer, plan, kind, cos_sin[kind], masks[kind], h)
             recompute = functools.partial(layer.__call__, plan=plan.for_recomputation())
             h = self._checkpointer(run, h, cos_sin[kind], masks[kind], None, recompute=recompute, graphed=graphed,

@@ -16,6 +16,10 @@ from dataclasses import dataclass
 import torch
 
 
+# The largest mask (B x T x T bools) a CUDA-graphed layer reads from a buffer of its own: 16 MiB (batch 4 of 2,048).
+MAX_GRAPHED_MASK_ELEMENTS = 16 * 2**20
+
+
 @dataclass(frozen=True)
 class MaskInputs:
     """Everything the per-layer masks depend on, gathered once per forward pass."""
@@ -72,12 +76,18 @@ class LayerMasks:
         self.window = window
         self._built: dict[int, tuple[torch.Tensor | None, bool]] = {}
 
-    def tensor_free(self) -> bool:
-        """True when these masks hold no tensor (plain causal attention over the whole input, no
-        cache): nothing in them differs between batches, which CUDA graphs of a layer rely on."""
+    def graphable(self) -> bool:
+        """True when a layer reading these masks may run as a CUDA graph (fast/layer_graphs.py): no cache, so a
+        mask has the call's (T, T) shape, and a mask of at most `MAX_GRAPHED_MASK_ELEMENTS`, which the graphs keep
+        a copy of (a packed row of 14K tokens would be a 200 MB buffer)."""
         m = self.inputs
-        window_active = self.window is not None and m.past_len + m.q_len > self.window
-        return m.past_len == 0 and m.padding is None and m.segments is None and not window_active
+        if m.past_len != 0:
+            return False
+        per_row = m.padding if m.padding is not None else m.segments  # (B, T) or None
+        if per_row is None and (self.window is None or m.q_len <= self.window):
+            return True  # plain causal: no mask
+        rows = 1 if per_row is None else per_row.shape[0]
+        return rows * m.q_len * m.q_len <= MAX_GRAPHED_MASK_ELEMENTS
 
     def for_keys(self, k_len: int) -> tuple[torch.Tensor | None, bool]:
         if k_len not in self._built:
