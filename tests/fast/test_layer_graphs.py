@@ -164,7 +164,7 @@ def test_changing_shapes_stop_capturing_after_the_cap(monkeypatch):
     model, graphs = _graphed_model()
     for T in (5, 6, 7):
         model(**_unpadded(T=T)).loss.backward()
-    assert len(graphs.shapes) == 2 and graphs.failed and "shapes keep changing" in graphs.failed
+    assert not graphs.shapes and graphs.failed and "shapes keep changing" in graphs.failed  # buffers let go
     model(**_unpadded(T=5)).loss.backward()  # eager from now on, still exact
 
 

@@ -61,7 +61,7 @@ def keep_on_device(decoder) -> None:
     """The generation engine's claim: `decoder`'s table back on the layers' device, and no later training call moves
     it out again (a GRPO step generates and trains in turn: a move each way per step would cost more than it saves)."""
     decoder.runtime.host_embedding = False
-    to_device(decoder.embed_tokens, decoder.norm.weight.device)
+    to_device(decoder.embed_tokens, decoder.compute_device)
 
 
 def is_on_host(embedding: nn.Module, device: torch.device) -> bool:

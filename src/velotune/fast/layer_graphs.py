@@ -209,6 +209,7 @@ class ModelGraphs:
             return buffers
         if self.captured_shapes >= MAX_CAPTURED_SHAPES:
             self.failed = f"{MAX_CAPTURED_SHAPES} batch shapes captured already; the shapes keep changing"
+            self.shapes.clear()  # their buffers and graphs' pool go once no backward holds them
             logger.info("velotune: CUDA graphs off for this model: %s (pad batches to fixed lengths to keep "
                         "them)", self.failed)
             return None

@@ -166,12 +166,18 @@ class FastPathDecoder(nn.Module):
     Declared here and subclassed there, so the plan recognises our decoder without importing the
     models package, which sits above this one (tests/test_layering.py). A subclass has
     `embed_tokens`, `layers` (each with `mlp.activation` and the PROJECTIONS), `config` and
-    `runtime` (its RuntimeSettings). `borrowed_layers`: the indices of layers that are transformers' own
+    `runtime` (its RuntimeSettings) and `norm`. `borrowed_layers`: the indices of layers that are transformers' own
     modules (Mllama's cross-attention layers): they run their own modules, so the plan, the layer
     checkpointer and the CUDA graphs leave them out (their `layers` entry is None)."""
 
     runtime: RuntimeSettings
     borrowed_layers: frozenset[int] = frozenset()
+
+    @property
+    def compute_device(self):
+        """Where the layers run: the final norm's device, not the input embedding's, which may wait in host memory
+        while training (host_embedding.py)."""
+        return self.norm.weight.device
 
 
 def find_decoder(model: nn.Module):
@@ -346,8 +352,7 @@ def set_fp8_compute(model: nn.Module, enabled: bool) -> None:
 def _device(decoder, device):
     import torch
 
-    # The final norm, not the input embedding: that one may wait in host memory (host_embedding.py)
-    return torch.device(device) if device is not None else decoder.norm.weight.device
+    return torch.device(device) if device is not None else decoder.compute_device
 
 
 def _fast_plan(model: nn.Module, decoder, setting: bool | None, device) -> StepPlan:

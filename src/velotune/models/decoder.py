@@ -160,7 +160,7 @@ class DecoderModel(FastPathDecoder):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, C) on the layers' device, from a table there or in host memory (host_embedding.py:
         a training plan put it there; one that trains goes back first)."""
-        device = self.norm.weight.device
+        device = self.compute_device
         if is_on_host(self.embed_tokens, device) and self.embed_tokens.weight.requires_grad:
             to_device(self.embed_tokens, device)
         if is_on_host(self.embed_tokens, device):
@@ -330,7 +330,7 @@ class DecoderForCausalLM(PreTrainedModel, GenerationMixin):
     def device(self) -> torch.device:
         """Where the layers run (transformers' property reads the first parameter: the input embedding, which may
         wait in host memory while training, host_embedding.py)."""
-        return self.model.norm.weight.device
+        return self.model.compute_device
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
