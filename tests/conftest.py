@@ -1,4 +1,5 @@
-"""Test-wide settings: no hub access, two threads (CI has two cores), the SmolLM2 fixture."""
+"""Test-wide settings: no hub access, the CPU's threads shared out (CI has two cores: two threads in one process, or
+one thread in each of `-n 2`'s two workers), the SmolLM2 fixture."""
 
 import os
 
@@ -8,7 +9,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# Under pytest-xdist each worker takes one thread: two processes of two threads on two cores oversubscribe them
+# (3 SmolLM2 steps took 6 s on one thread, 100 s on two with the cores shared; the `one_thread` fixture).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 if not torch.cuda.is_available():
     # Kernel tests run Triton's interpreter on the CPU; it must be on before triton is first imported.

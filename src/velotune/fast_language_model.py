@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -297,11 +298,18 @@ def _converted_fixture(source: Source) -> Source:
         tokenizer = _load_tokenizer(source, trust_remote_code=False)
         state = {k: v.contiguous() for k, v in model.state_dict().items()
                  if not (config.tie_word_embeddings and k == "lm_head.weight")}
-        partial = target.with_name(target.name + ".partial")
+        # One folder per process (two processes converting at once, test workers or scripts, each write their
+        # own), renamed into place at the end: a crash mid-conversion never leaves a folder that looks complete.
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
         partial.mkdir(parents=True, exist_ok=True)
         save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         (partial / "velotune_fixture.json").write_text(json.dumps({"gguf": str(source.folder / source.gguf_file)}))
-        partial.replace(target)  # atomic: a crash mid-conversion never leaves a folder that looks complete
+        try:
+            partial.replace(target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            shutil.rmtree(partial, ignore_errors=True)  # another process finished first: the same conversion
     return Source(target, None, fixture=source.fixture)
