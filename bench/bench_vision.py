@@ -54,7 +54,7 @@ SHAPES["llama32_11b_vision_tower"] = ("mllama", dict(
     text={}, vision={**SHAPES["llama32_11b_vision"][1]["vision"], "image_size": 224},
     image_processor=dict(size={"height": 224, "width": 224}, max_image_tiles=4)))
 # Llama-3.2-11B-Vision's layer counts (32 + 8 tower layers, 40 text layers, 8 of them cross-attention) at tiny widths
-# and 224 px tiles: the step's host work (aten calls, `run --cpu-memory --quant none`) without most of its arithmetic.
+# and 224 px tiles: the step's host work without most of its arithmetic, counted on the CPU by bench/host_ops.py.
 SHAPES["llama32_11b_vision_layers"] = ("mllama", dict(
     text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=40, num_attention_heads=4,
               num_key_value_heads=2, cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38]),
